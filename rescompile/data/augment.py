@@ -1,0 +1,57 @@
+"""The seed's CIFAR pipeline (tensorflow/models research/resnet/cifar_input.py) in NumPy.
+
+Training: zero-pad to (H+pad, W+pad) centered, random crop back to (H, W), random
+horizontal flip with p=0.5, per-image standardization. Eval: standardization only.
+
+Randomness is drawn up front by `draw_crops_and_flips`, in a fixed order (row offsets,
+column offsets, flips), so a caller holding the same Generator state can recompute a
+batch exactly, and the batch itself is then a pure function of those draws.
+"""
+import numpy as np
+
+
+def train_transform(images, rng, pad=4):
+    """uint8 NHWC -> float32 NHWC, augmented and standardized."""
+    _, height, width, _ = images.shape
+    rows, cols, flips = draw_crops_and_flips(rng, len(images), pad)
+    padded = pad_centered(images, pad)
+    return standardize(crop_and_flip(padded, rows, cols, flips, height, width))
+
+
+def eval_transform(images):
+    """uint8 NHWC -> float32 NHWC, standardized."""
+    return standardize(images)
+
+
+def draw_crops_and_flips(rng, n, pad):
+    """Crop offsets in [0, pad] (as tf.random_crop) and flip flags, drawn in this order."""
+    rows = rng.integers(0, pad + 1, size=n)
+    cols = rng.integers(0, pad + 1, size=n)
+    flips = rng.random(n) < 0.5
+    return rows, cols, flips
+
+
+def pad_centered(images, pad):
+    """Zero-pad H and W by `pad` in total; the odd pixel goes after, as TF's crop_or_pad."""
+    before, after = pad // 2, pad - pad // 2
+    return np.pad(images, ((0, 0), (before, after), (before, after), (0, 0)))
+
+
+def crop_and_flip(padded, rows, cols, flips, height, width):
+    """Crop a (height, width) window from each padded image at its (row, col) offset,
+    mirrored left-right where flipped. One gather does the whole batch."""
+    row_idx = rows[:, None] + np.arange(height)
+    col_step = np.where(flips[:, None], np.arange(width)[::-1], np.arange(width))
+    col_idx = cols[:, None] + col_step
+    batch_idx = np.arange(len(padded))[:, None, None]
+    return padded[batch_idx, row_idx[:, :, None], col_idx[:, None, :]]
+
+
+def standardize(images):
+    """tf.image.per_image_standardization: (x - mean) / max(std, 1/sqrt(num_elements))."""
+    x = images.astype(np.float64)
+    axes = tuple(range(1, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    floor = 1.0 / np.sqrt(np.prod(x.shape[1:]))
+    std = np.maximum(x.std(axis=axes, keepdims=True), floor)
+    return ((x - mean) / std).astype(np.float32)
