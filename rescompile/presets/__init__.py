@@ -1,0 +1,1 @@
+"""Shipped spec presets (TOML), found by rescompile.spec.preset(); examples/ holds copies."""

@@ -1,0 +1,506 @@
+"""The ResNet spec: a validated, immutable description of one model and how to train it.
+
+A spec arrives as TOML, JSON or a dict and leaves as frozen dataclasses. Validation is
+table-driven: each section is a table mapping a key to a *check*, a function
+``(raw value, dotted path) -> canonical value`` that raises :class:`SpecError` naming the path
+and what is allowed. Cross-field rules (filters divisible by 4, input large enough for the
+strides, ...) run after a section's keys have been checked one by one.
+
+Canonical values are tuples (never lists) and floats (never ints where a float is meant), so
+two equal specs hash and digest alike however they were written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import operator
+import re
+import sys
+from bisect import bisect_right
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "SpecError", "StageSpec", "ModelSpec", "BatchNormSpec", "TrainSpec", "ResNetSpec",
+    "load_spec", "spec_from_dict", "preset",
+]
+
+
+class SpecError(ValueError):
+    """A spec is malformed. The message starts with the dotted path of the offending field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec as dataclasses
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageSpec:
+    filters: int
+    units: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    input: tuple[int, int, int]  # H, W, C (NHWC)
+    num_classes: int
+    stem: str
+    stem_filters: int
+    unit: str
+    preactivation: bool
+    stride_on: str
+    padding: str
+    stages: tuple[StageSpec, ...]
+    activate_before_residual: tuple[bool, ...]
+    relu_leakiness: float
+
+
+@dataclass(frozen=True)
+class BatchNormSpec:
+    epsilon: float = 1e-3
+    decay: float = 0.9
+    zero_debias: bool = False
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    optimizer: str = "momentum"
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    learning_rate: tuple[tuple[int, float], ...] = (
+        (0, 0.1), (40000, 0.01), (60000, 0.001), (80000, 0.0001))
+    batch_size: int = 128
+
+    def lr_at(self, step: int) -> float:
+        """Piecewise constant: the lr of the last entry whose from_step <= step."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        starts = [from_step for from_step, _ in self.learning_rate]
+        return self.learning_rate[bisect_right(starts, step) - 1][1]
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    name: str
+    model: ModelSpec
+    batch_norm: BatchNormSpec = field(default_factory=BatchNormSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    def __post_init__(self) -> None:
+        # Constructing a ResNetSpec directly (or via dataclasses.replace) must not bypass
+        # validation: re-check everything and store the canonical sub-specs.
+        for key, value in _assemble(_SPEC(_plain(self), "")).items():
+            object.__setattr__(self, key, value)
+
+    def to_dict(self) -> dict:
+        """Plain dicts, lists and scalars; spec_from_dict(spec.to_dict()) == spec."""
+        return _plain(self)
+
+    def to_toml(self) -> str:
+        return _toml_document(self.to_dict())
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def replace(self, **changes: Any) -> ResNetSpec:
+        """A copy with top-level fields replaced; a dict for a section updates only its keys,
+        e.g. ``spec.replace(train={"batch_size": 32})``."""
+        d = self.to_dict()
+        for key, value in changes.items():
+            if key not in d:
+                raise SpecError(f"{key}: unknown key; allowed keys: {', '.join(d)}")
+            value = _plain(value)
+            d[key] = {**d[key], **value} if isinstance(value, dict) else value
+        return spec_from_dict(d)
+
+    def digest(self) -> str:
+        """Stable sha256 hex of the canonical JSON: a cache key and checkpoint check."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclasses to dicts and tuples to lists, recursively: the JSON/TOML shape."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {key: _plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(item) for item in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: (raw value, dotted path) -> canonical value, or SpecError
+# ---------------------------------------------------------------------------------------------
+
+Check = Callable[[Any, str], Any]
+_REQUIRED = object()   # a table default meaning "this key must be given"
+_DERIVED = object()    # a table default filled in by the section's cross-field rule
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "bool", int: "integer", float: "float", str: "string"}.get(
+        type(value), type(value).__name__)
+
+
+_COMPARISONS = {"ge": (">=", operator.ge), "gt": (">", operator.gt),
+                "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def _check_bounds(value: float, path: str, bounds: dict[str, float]) -> None:
+    if not all(_COMPARISONS[op][1](value, bound) for op, bound in bounds.items()):
+        allowed = " and ".join(f"{_COMPARISONS[op][0]} {bound}" for op, bound in bounds.items())
+        raise SpecError(f"{path}: must be {allowed}, got {value!r}")
+
+
+def _int(**bounds: int) -> Check:
+    def check(value: Any, path: str) -> int:
+        # bool is a subclass of int, and a float such as 2.0 is a typo we will not guess at.
+        if type(value) is not int:
+            raise SpecError(f"{path}: expected an integer, got {_type_name(value)} {value!r}")
+        _check_bounds(value, path, bounds)
+        return value
+    return check
+
+
+def _float(**bounds: float) -> Check:
+    def check(value: Any, path: str) -> float:
+        if type(value) not in (int, float):
+            raise SpecError(f"{path}: expected a number, got {_type_name(value)} {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            number = math.inf
+        if not math.isfinite(number):
+            raise SpecError(f"{path}: must be a finite number, got {value!r}")
+        _check_bounds(number, path, bounds)
+        return number
+    return check
+
+
+def _bool(value: Any, path: str) -> bool:
+    if type(value) is not bool:
+        raise SpecError(f"{path}: expected true or false, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _choice(*options: str) -> Check:
+    def check(value: Any, path: str) -> str:
+        if type(value) is not str or value not in options:
+            allowed = ", ".join(repr(o) for o in options)
+            raise SpecError(f"{path}: must be one of {allowed}, got {value!r}")
+        return value
+    return check
+
+
+# The name lands in file names and comments of generated code, so only a safe alphabet.
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _name(value: Any, path: str) -> str:
+    if type(value) is not str or not _NAME_RE.fullmatch(value):
+        raise SpecError(f"{path}: must be a string of 1-64 characters from [A-Za-z0-9._-] "
+                        f"(it is used in file names and generated code), got {value!r}")
+    return value
+
+
+def _list(item: Check, length: int | None = None, what: str = "") -> Check:
+    """A non-empty list (of exactly `length` items if given) of values passing `item`."""
+    def check(value: Any, path: str) -> tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"{path}: expected a list{what}, got {_type_name(value)} {value!r}")
+        if length is not None and len(value) != length:
+            raise SpecError(f"{path}: must have exactly {length} entries{what}, "
+                            f"got {len(value)}")
+        if not value:
+            raise SpecError(f"{path}: must not be empty")
+        return tuple(item(entry, f"{path}[{i}]") for i, entry in enumerate(value))
+    return check
+
+
+def _table(checks: dict[str, Check], defaults: Mapping[str, Any],
+           rule: Callable[[dict, str], None] | None = None) -> Check:
+    """A table with exactly the keys of `checks`; missing keys take `defaults`, then `rule`
+    checks the fields against each other (and may fill in derived defaults)."""
+    def check(value: Any, path: str) -> dict:
+        if not isinstance(value, Mapping):
+            raise SpecError(f"{path or 'spec'}: expected a table, "
+                            f"got {_type_name(value)} {value!r}")
+        prefix = f"{path}." if path else ""
+        for key in value:
+            if key not in checks:
+                raise SpecError(f"{prefix}{key}: unknown key; allowed keys in "
+                                f"{path or 'the top level'}: {', '.join(checks)}")
+        out = {}
+        for key, key_check in checks.items():
+            default = defaults.get(key, _REQUIRED)
+            if key in value:
+                out[key] = key_check(value[key], prefix + key)
+            elif default is _REQUIRED:
+                raise SpecError(f"{prefix}{key}: missing required key")
+            else:
+                out[key] = default
+        if rule is not None:
+            rule(out, path)
+        return out
+    return check
+
+
+def _dataclass_defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema
+# ---------------------------------------------------------------------------------------------
+
+# Downsampling of each stem before the first stage: the ImageNet stem is a 7x7/2 conv then a
+# 3x3/2 max pool.
+_STEM_STRIDE = {"cifar": 1, "imagenet": 4}
+# Each unit kind's constraint on a stage's filters, as (divisor, why).
+_UNIT_FILTER_DIVISOR = {"bottleneck": (4, "a bottleneck unit has filters/4 inner channels")}
+
+_STAGE = _table(
+    {"filters": _int(ge=1), "units": _int(ge=1), "stride": _int(ge=1, le=4)},
+    defaults={})
+
+
+def _learning_rate_entry(value: Any, path: str) -> tuple[int, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise SpecError(f"{path}: expected a [from_step, lr] pair, got {value!r}")
+    from_step, lr = value
+    return _int(ge=0)(from_step, f"{path}[0]"), _float(gt=0)(lr, f"{path}[1]")
+
+
+def _learning_rate(value: Any, path: str) -> tuple[tuple[int, float], ...]:
+    schedule = _list(_learning_rate_entry, what=" of [from_step, lr] pairs")(value, path)
+    if schedule[0][0] != 0:
+        raise SpecError(f"{path}[0]: the first from_step must be 0, got {schedule[0][0]}")
+    for i in range(1, len(schedule)):
+        if schedule[i][0] <= schedule[i - 1][0]:
+            raise SpecError(f"{path}[{i}]: from_step must be greater than the previous "
+                            f"entry's {schedule[i - 1][0]}, got {schedule[i][0]}")
+    return schedule
+
+
+def _model_rule(model: dict, path: str) -> None:
+    stages = model["stages"]
+    divisor, why = _UNIT_FILTER_DIVISOR[model["unit"]]
+    for i, stage in enumerate(stages):
+        if stage["filters"] % divisor:
+            raise SpecError(f"{path}.stages[{i}].filters: must be divisible by {divisor} "
+                            f"({why}), got {stage['filters']}")
+
+    if model["activate_before_residual"] is _DERIVED:
+        # The seed's rule: only the first stage activates before taking the shortcut.
+        model["activate_before_residual"] = (True,) + (False,) * (len(stages) - 1)
+    if len(model["activate_before_residual"]) != len(stages):
+        raise SpecError(f"{path}.activate_before_residual: must have one entry per stage "
+                        f"({len(stages)}), got {len(model['activate_before_residual'])}")
+
+    # Every stride needs at least one input pixel, i.e. the final map is at least 1x1.
+    strides = [_STEM_STRIDE[model["stem"]]] + [stage["stride"] for stage in stages]
+    total = math.prod(strides)
+    height, width, _ = model["input"]
+    if min(height, width) < total:
+        raise SpecError(f"{path}.input: height and width must be >= the total stride {total} "
+                        f"(stem {strides[0]} x stages {'*'.join(map(str, strides[1:]))}), "
+                        f"got {height}x{width}")
+
+
+_MODEL_DEFAULTS = {
+    "stem": "cifar", "stem_filters": 16, "unit": "bottleneck", "preactivation": True,
+    "stride_on": "conv1", "padding": "same", "activate_before_residual": _DERIVED,
+    "relu_leakiness": 0.1,
+}
+
+_MODEL = _table(
+    {
+        "input": _list(_int(ge=1), length=3, what=" [H, W, C]"),
+        "num_classes": _int(ge=2),
+        "stem": _choice(*_STEM_STRIDE),
+        "stem_filters": _int(ge=1),
+        "unit": _choice(*_UNIT_FILTER_DIVISOR),
+        "preactivation": _bool,
+        "stride_on": _choice("conv1", "conv2"),
+        "padding": _choice("same", "symmetric"),
+        "stages": _list(_STAGE, what=" of stage tables"),
+        "activate_before_residual": _list(_bool, what=" of booleans"),
+        "relu_leakiness": _float(ge=0, lt=1),
+    },
+    defaults=_MODEL_DEFAULTS, rule=_model_rule)
+
+_BATCH_NORM = _table(
+    {"epsilon": _float(gt=0), "decay": _float(ge=0, lt=1), "zero_debias": _bool},
+    defaults=_dataclass_defaults(BatchNormSpec))
+
+_TRAIN = _table(
+    {
+        "optimizer": _choice("momentum", "sgd"),
+        "momentum": _float(ge=0, lt=1),
+        "weight_decay": _float(ge=0),
+        "learning_rate": _learning_rate,
+        "batch_size": _int(ge=1),
+    },
+    defaults=_dataclass_defaults(TrainSpec))
+
+_SPEC = _table(
+    {"name": _name, "model": _MODEL, "batch_norm": _BATCH_NORM, "train": _TRAIN},
+    defaults={"name": "resnet", "batch_norm": _BATCH_NORM({}, "batch_norm"),
+              "train": _TRAIN({}, "train")})
+
+
+def _assemble(canonical: dict) -> dict[str, Any]:
+    """The canonical dict's sections as dataclasses, keyed by ResNetSpec field."""
+    model = dict(canonical["model"])
+    model["stages"] = tuple(StageSpec(**stage) for stage in model["stages"])
+    return {
+        "name": canonical["name"],
+        "model": ModelSpec(**model),
+        "batch_norm": BatchNormSpec(**canonical["batch_norm"]),
+        "train": TrainSpec(**canonical["train"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def spec_from_dict(d: Mapping) -> ResNetSpec:
+    return ResNetSpec(**_assemble(_SPEC(d, "")))
+
+
+def _parse(text: str, kind: str, origin: str) -> Any:
+    try:
+        return tomllib.loads(text) if kind == "toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise SpecError(f"{origin}: invalid {kind.upper()}: {e}") from None
+
+
+def _load_file(path: Path) -> ResNetSpec:
+    kind = {".toml": "toml", ".json": "json"}.get(path.suffix.lower())
+    if kind is None:
+        raise SpecError(f"{path}: unknown spec file suffix {path.suffix!r}; "
+                        f"expected .toml or .json")
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    return spec_from_dict(_parse(path.read_text(encoding="utf-8"), kind, str(path)))
+
+
+def _looks_like_path(text: str) -> bool:
+    # A one-line string with no '=', no '{' and no leading '[' is no TOML or JSON spec.
+    stripped = text.strip()
+    return "\n" not in stripped and "=" not in stripped and "{" not in stripped and \
+        not stripped.startswith("[")
+
+
+def _is_existing_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # e.g. a long TOML string is not a valid file name
+        return False
+
+
+def load_spec(source: ResNetSpec | Mapping | Path | str) -> ResNetSpec:
+    """A spec from a ResNetSpec (returned as is), a dict, a .toml/.json path, or TOML/JSON
+    text. A string naming an existing file is read as that file; otherwise a string starting
+    with '{' is JSON and anything else TOML."""
+    if isinstance(source, ResNetSpec):
+        return source
+    if isinstance(source, Mapping):
+        return spec_from_dict(source)
+    if isinstance(source, Path):
+        return _load_file(source)
+    if isinstance(source, str):
+        if _looks_like_path(source) or _is_existing_file(source):
+            return _load_file(Path(source))
+        kind = "json" if source.lstrip().startswith("{") else "toml"
+        return spec_from_dict(_parse(source, kind, "spec"))
+    raise SpecError(f"spec: expected a ResNetSpec, dict, path or TOML/JSON string, "
+                    f"got {type(source).__name__}")
+
+
+@lru_cache(maxsize=None)
+def _presets() -> dict[str, ResNetSpec]:
+    """Shipped presets keyed by both their spec name and their file stem."""
+    found = {}
+    for entry in sorted(resources.files("rescompile.presets").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            spec = spec_from_dict(_parse(entry.read_text(encoding="utf-8"), "toml", entry.name))
+            found[spec.name] = found[entry.name.removesuffix(".toml")] = spec
+    return found
+
+
+def preset(name: str) -> ResNetSpec:
+    """A shipped spec by spec name ("cifar-resnet164") or file stem ("resnet164_cifar")."""
+    presets = _presets()
+    if name not in presets:
+        raise SpecError(f"preset: unknown name {name!r}; known: {', '.join(sorted(presets))}")
+    return presets[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# TOML writing (the schema only needs scalars, arrays, inline tables and one level of tables)
+# ---------------------------------------------------------------------------------------------
+
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_string(s: str) -> str:
+    # Quote, backslash and control characters (DEL included) must be escaped in TOML.
+    escaped = "".join(
+        "\\" + ch if ch in '"\\' else
+        f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+        for ch in s)
+    return f'"{escaped}"'
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY_RE.fullmatch(key) else _toml_string(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):  # before int: bool is an int
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"cannot write non-finite float {value!r}")
+        return repr(value)  # shortest round-tripping form, always with '.' or 'e'
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return f"{{ {items} }}"
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(item, Mapping) for item in value):
+            # Inline tables one per line: TOML 1.0 allows newlines in arrays, not in them.
+            return "[\n" + "".join(f"  {_toml_value(item)},\n" for item in value) + "]"
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_document(d: Mapping) -> str:
+    """Top-level scalars first, then each nested table as a [section]."""
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in d.items()
+             if not isinstance(v, Mapping)]
+    for key, table in d.items():
+        if isinstance(table, Mapping):
+            lines += ["", f"[{_toml_key(key)}]"]
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
