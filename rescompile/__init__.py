@@ -1,0 +1,15 @@
+"""rescompile: a graph-compiling code generator for residual networks."""
+
+from .spec import ResNetSpec, SpecError, load_spec, preset
+from .runtime import Executable, compile
+from .errors import CheckpointError, GraphError, InputError
+
+__all__ = ["ResNetSpec", "SpecError", "load_spec", "preset", "Executable", "compile",
+           "CheckpointError", "GraphError", "InputError", "load"]
+__version__ = "0.1.0"
+
+
+def load(path, **options):
+    """Load a checkpoint (`Executable.save`) or a compiled artifact (`rescompile compile`)."""
+    from .checkpoint import load as _load
+    return _load(path, **options)

@@ -1,0 +1,163 @@
+"""Spec -> forward graph, with every variable named as in the seed's TensorFlow scopes.
+
+The seed's pre-activation bottleneck (v2) and ResNet v1's post-activation bottleneck are both
+built here; they share the scope scheme (`unit_1_0/sub1/conv1/DW`, `.../sub2/bn2/gamma`,
+`.../sub_add/project/DW`), v1 adding `sub1/bn1` and `sub_add/project_bn`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .ir import BATCH, Graph, verify
+
+MODES = ("train", "infer")
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class Variable:
+    """A model variable: its TF name, shape, role and how the seed initialises it."""
+    name: str
+    shape: tuple
+    role: str  # "param" (trainable) or "state" (moving statistics)
+    init: str  # "he_normal", "unit_scaling", "zeros", "ones"
+
+
+@dataclass
+class Model:
+    """A built forward graph and the variables it reads."""
+    graph: Graph
+    variables: dict[str, Variable]
+    activations: dict[str, str]  # scope of each unit ("init", "unit_1_0", "unit_last") -> value
+
+
+def build(spec, mode: str = "infer", dtype: str = "float64") -> Model:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    builder = _Builder(spec, mode, dtype)
+    logits = builder.network()
+    builder.graph.outputs["logits"] = logits
+    verify(builder.graph)
+    return Model(builder.graph, builder.variables, builder.activations)
+
+
+class _Builder:
+    def __init__(self, spec, mode: str, dtype: str):
+        self.spec, self.model, self.mode = spec, spec.model, mode
+        self.graph = Graph(dtype=dtype)
+        self.variables: dict[str, Variable] = {}
+        self.activations: dict[str, str] = {}
+
+    # -- variables and nodes ----------------------------------------------------------------
+    def variable(self, name: str, shape: tuple, role: str, init: str) -> str:
+        self.variables[name] = Variable(name, tuple(shape), role, init)
+        return self.graph.add_input(name, shape, role)
+
+    def node(self, op: str, inputs, attrs, scope: str, name: str | None = None):
+        outs = self.graph.add_node(op, inputs, attrs, name=name or scope, scope=scope)
+        return outs[0] if len(outs) == 1 else outs
+
+    def channels(self, value: str) -> int:
+        return self.graph.value(value).shape[-1]
+
+    # -- layers ---------------------------------------------------------------------------
+    def conv(self, scope: str, x: str, k: int, out: int, stride: int) -> str:
+        w = self.variable(f"{scope}/DW", (k, k, self.channels(x), out), "param", "he_normal")
+        return self.node("conv2d", [x, w], {"stride": stride, "padding": self.model.padding},
+                         scope)
+
+    def batch_norm(self, scope: str, x: str) -> str:
+        c = (self.channels(x),)
+        beta = self.variable(f"{scope}/beta", c, "param", "zeros")
+        gamma = self.variable(f"{scope}/gamma", c, "param", "ones")
+        mean = self.variable(f"{scope}/moving_mean", c, "state", "zeros")
+        var = self.variable(f"{scope}/moving_variance", c, "state", "ones")
+        attrs = {"epsilon": self.spec.batch_norm.epsilon, "training": self.mode == "train"}
+        if self.mode == "train":
+            # The moving statistics are read only by the update that training appends.
+            return self.node("batch_norm", [x, gamma, beta], attrs, scope)[0]
+        return self.node("batch_norm", [x, gamma, beta, mean, var], attrs, scope)
+
+    def relu(self, scope: str, x: str) -> str:
+        return self.node("relu", [x], {"alpha": self.model.relu_leakiness}, f"{scope}/relu")
+
+    def bn_relu(self, bn_scope: str, x: str) -> str:
+        return self.relu(bn_scope.rsplit("/", 1)[0], self.batch_norm(bn_scope, x))
+
+    # -- network --------------------------------------------------------------------------
+    def network(self) -> str:
+        h, w, c = self.model.input
+        x = self.graph.add_input("images", (BATCH, h, w, c), "data")
+        x = self.stem(x)
+        in_filters = self.model.stem_filters
+        for i, stage in enumerate(self.model.stages, start=1):
+            for j in range(stage.units):
+                stride = stage.stride if j == 0 else 1
+                before = self.model.activate_before_residual[i - 1] and j == 0
+                x = self.unit(f"unit_{i}_{j}", x, in_filters, stage.filters, stride, before)
+                in_filters = stage.filters
+        return self.head(x)
+
+    def stem(self, x: str) -> str:
+        imagenet = self.model.stem == "imagenet"
+        x = self.conv("init/init_conv", x, 7 if imagenet else 3, self.model.stem_filters,
+                      2 if imagenet else 1)
+        if not self.model.preactivation:
+            x = self.bn_relu("init/init_bn", x)
+        if imagenet:
+            x = self.node("max_pool", [x], {"k": 3, "stride": 2, "padding": self.model.padding},
+                          "init/pool")
+        self.activations["init"] = x
+        return x
+
+    def unit(self, scope: str, x: str, in_f: int, out_f: int, stride: int, before: bool) -> str:
+        build_unit = self.preact_unit if self.model.preactivation else self.postact_unit
+        y = build_unit(scope, x, in_f, out_f, stride, before)
+        self.activations[scope] = y
+        return y
+
+    def strides(self, stride: int) -> tuple[int, int]:
+        """(conv1 stride, conv2 stride): the spec says which conv of a unit downsamples."""
+        return (stride, 1) if self.model.stride_on == "conv1" else (1, stride)
+
+    def preact_unit(self, scope, x, in_f, out_f, stride, activate_before_residual):
+        s1, s2 = self.strides(stride)
+        if activate_before_residual:
+            x = self.bn_relu(f"{scope}/common_bn_relu/init_bn", x)
+            shortcut = x
+        else:
+            shortcut = x
+            x = self.bn_relu(f"{scope}/residual_bn_relu/init_bn", x)
+        x = self.conv(f"{scope}/sub1/conv1", x, 1, out_f // 4, s1)
+        x = self.bn_relu(f"{scope}/sub2/bn2", x)
+        x = self.conv(f"{scope}/sub2/conv2", x, 3, out_f // 4, s2)
+        x = self.bn_relu(f"{scope}/sub3/bn3", x)
+        x = self.conv(f"{scope}/sub3/conv3", x, 1, out_f, 1)
+        if in_f != out_f or stride != 1:
+            shortcut = self.conv(f"{scope}/sub_add/project", shortcut, 1, out_f, stride)
+        return self.node("add", [x, shortcut], {}, f"{scope}/sub_add/add")
+
+    def postact_unit(self, scope, x, in_f, out_f, stride, _activate_before_residual):
+        s1, s2 = self.strides(stride)
+        shortcut = x
+        x = self.bn_relu(f"{scope}/sub1/bn1", self.conv(f"{scope}/sub1/conv1", x, 1, out_f // 4, s1))
+        x = self.bn_relu(f"{scope}/sub2/bn2", self.conv(f"{scope}/sub2/conv2", x, 3, out_f // 4, s2))
+        x = self.batch_norm(f"{scope}/sub3/bn3", self.conv(f"{scope}/sub3/conv3", x, 1, out_f, 1))
+        if in_f != out_f or stride != 1:
+            shortcut = self.conv(f"{scope}/sub_add/project", shortcut, 1, out_f, stride)
+            shortcut = self.batch_norm(f"{scope}/sub_add/project_bn", shortcut)
+        return self.relu(f"{scope}/sub_add", self.node("add", [x, shortcut], {},
+                                                       f"{scope}/sub_add/add"))
+
+    def head(self, x: str) -> str:
+        if self.model.preactivation:
+            x = self.bn_relu("unit_last/final_bn", x)
+        x = self.node("global_avg_pool", [x], {}, "unit_last/pool")
+        self.activations["unit_last"] = x
+        c = self.channels(x)
+        w = self.variable("logit/DW", (c, self.model.num_classes), "param", "unit_scaling")
+        b = self.variable("logit/biases", (self.model.num_classes,), "param", "zeros")
+        return self.node("dense", [x, w, b], {}, "logit/dense")

@@ -1,0 +1,60 @@
+"""Entry points: which part of a graph each API call runs.
+
+An entry names the values the caller feeds and the values it fetches; its schedule is the
+nodes needed for the fetches, in graph order, stopping at fed values and at values a previous
+entry left behind (`backward` reuses what `forward` computed). Backends compile schedules, so
+nothing is decided per node at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .autodiff import LEARNING_RATE, SEED
+from .ir import Graph, Node
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    feeds: tuple[str, ...]  # data inputs (and overridden values) the caller supplies
+    fetches: tuple[str, ...]  # value names returned
+    nodes: tuple[Node, ...]
+    after: str | None = None  # entry whose values this one reads
+
+    def computed(self) -> set[str]:
+        return set(self.feeds) | {o for n in self.nodes for o in n.outputs}
+
+
+def schedule(graph: Graph, available: set[str], fetches) -> tuple[Node, ...]:
+    needed = {f for f in fetches if f not in available}
+    chosen = []
+    for node in reversed(graph.nodes):
+        if needed.intersection(node.outputs):
+            chosen.append(node)
+            needed.update(i for i in node.inputs if i not in available)
+    missing = needed - {o for n in chosen for o in n.outputs}
+    if missing:
+        raise ValueError(f"values {sorted(missing)} cannot be computed from the feeds")
+    return tuple(reversed(chosen))
+
+
+def make_entries(graph: Graph, mode: str) -> dict[str, Entry]:
+    variables = {n for n, role in graph.inputs.items() if role != "data"}
+
+    def entry(name, feeds, fetches, after=None):
+        available = variables | set(feeds) | (entries[after].computed() if after else set())
+        entries[name] = Entry(name, tuple(feeds), tuple(fetches),
+                              schedule(graph, available, fetches), after)
+
+    entries: dict[str, Entry] = {}
+    logits = graph.outputs["logits"]
+    entry("forward", ["images"], [logits])
+    if mode == "train":
+        grads = [v for k, v in graph.outputs.items() if k.startswith("grad/") and k != "grad/logits"]
+        updates = [v for k, v in graph.outputs.items() if k.startswith("new/")]
+        loss = graph.outputs["loss"]
+        entry("backward", [graph.outputs["grad/logits"], SEED], grads, after="forward")
+        entry("loss_and_grads", ["images", "labels", SEED], [loss, logits] + grads)
+        entry("train_step", ["images", "labels", SEED, LEARNING_RATE], [loss, logits] + updates)
+    return entries

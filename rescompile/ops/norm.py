@@ -1,0 +1,81 @@
+"""batch_norm in both modes, its gradient, and the per-channel affine that folding leaves.
+
+Train mode normalises with the batch statistics over N, H, W (biased variance, as
+tf.nn.moments) and also outputs them for the moving-average update. Infer mode reads the moving
+statistics. The arithmetic follows tf.nn.batch_normalization: inv = gamma / sqrt(var + eps),
+y = x * inv + (beta - mean * inv).
+"""
+
+import numpy as np
+
+from .registry import define, require
+
+AXES = (0, 1, 2)
+
+
+def _channels(x, *vectors):
+    for v in vectors:
+        require(len(v) == 1 and v[0] == x[-1], f"per-channel vector {list(v)} does not match "
+                                               f"{x[-1]} channels")
+
+
+def _bn_shape(attrs, x, gamma, beta, *stats):
+    require(len(x) == 4, "input must be NHWC (rank 4)")
+    _channels(x, gamma, beta, *stats)
+    if attrs["training"]:
+        require(not stats, "train-mode batch_norm takes (x, gamma, beta)")
+        return [x, (x[3],), (x[3],)]
+    require(len(stats) == 2, "infer-mode batch_norm takes (x, gamma, beta, mean, variance)")
+    return [x]
+
+
+def batch_moments(x):
+    mean = x.mean(axis=AXES)
+    var = np.square(x - mean).mean(axis=AXES)
+    return mean, var
+
+
+def normalize(x, gamma, beta, mean, var, eps):
+    inv = gamma / np.sqrt(var + x.dtype.type(eps))
+    return x * inv + (beta - mean * inv)
+
+
+def _bn_ref(attrs, x, gamma, beta, *stats):
+    if attrs["training"]:
+        mean, var = batch_moments(x)
+        return normalize(x, gamma, beta, mean, var, attrs["epsilon"]), mean, var
+    return (normalize(x, gamma, beta, *stats, attrs["epsilon"]),)
+
+
+def _bn_vjp(g, node, dy, dmean=None, dvar=None):
+    if not node.attrs["training"]:
+        raise NotImplementedError("gradients flow through train-mode batch_norm only")
+    x, gamma, _ = node.inputs
+    _, mean, var = node.outputs
+    dx, dgamma, dbeta = g.emit("batch_norm_grad", [dy, x, gamma, mean, var],
+                               {"epsilon": node.attrs["epsilon"]}, "d", n_outputs=3)
+    return [dx, dgamma, dbeta]
+
+
+def _bn_grad_ref(attrs, dy, x, gamma, mean, var):
+    """Full gradient through the batch mean and variance."""
+    count = x.dtype.type(x.shape[0] * x.shape[1] * x.shape[2])
+    inv_std = 1 / np.sqrt(var + x.dtype.type(attrs["epsilon"]))
+    xhat = (x - mean) * inv_std
+    dbeta = dy.sum(axis=AXES)
+    dgamma = (dy * xhat).sum(axis=AXES)
+    dx = (gamma * inv_std / count) * (count * dy - dbeta - xhat * dgamma)
+    return dx, dgamma, dbeta
+
+
+def _affine_shape(attrs, x, scale, shift):
+    _channels(x, scale, shift)
+    return [x]
+
+
+define("batch_norm", shape=_bn_shape, reference=_bn_ref, vjp=_bn_vjp,
+       outputs=lambda attrs: ("y", "mean", "var") if attrs["training"] else ("y",))
+define("batch_norm_grad", shape=lambda a, dy, x, gamma, mean, var: [x, gamma, gamma],
+       reference=_bn_grad_ref, outputs=("dx", "dgamma", "dbeta"))
+define("affine", shape=_affine_shape,
+       reference=lambda a, x, scale, shift: (x * scale + shift,))

@@ -1,0 +1,66 @@
+"""Pooling: max_pool (ImageNet stem) and global_avg_pool (the head), with gradients."""
+
+import numpy as np
+
+from ..padding import pads_2d, out_size
+from .registry import define, require
+
+
+def _pool_shape(attrs, x):
+    require(len(x) == 4, "input must be NHWC (rank 4)")
+    k, s, p = attrs["k"], attrs["stride"], attrs["padding"]
+    return [(x[0], out_size(x[1], k, s, p), out_size(x[2], k, s, p), x[3])]
+
+
+def _windows(attrs, x):
+    """The padded input (-inf border) and the k*k strided views of it, tap by tap."""
+    k, s = attrs["k"], attrs["stride"]
+    t, b, l, r = pads_2d(x.shape[1], x.shape[2], k, s, attrs["padding"])
+    xp = np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), constant_values=-np.inf)
+    oh = (xp.shape[1] - k) // s + 1
+    ow = (xp.shape[2] - k) // s + 1
+    taps = [(slice(i, i + s * (oh - 1) + 1, s), slice(j, j + s * (ow - 1) + 1, s))
+            for i in range(k) for j in range(k)]
+    return xp, (t, l), taps
+
+
+def _max_pool_ref(attrs, x):
+    xp, _, taps = _windows(attrs, x)
+    return (np.max([xp[:, r, c, :] for r, c in taps], axis=0),)
+
+
+def _max_pool_grad_ref(attrs, dy, x):
+    """Each window's gradient goes to its first maximum, as TensorFlow's MaxPoolGrad."""
+    xp, (t, l), taps = _windows(attrs, x)
+    stacked = np.stack([xp[:, r, c, :] for r, c in taps])
+    first = np.argmax(stacked, axis=0)
+    dxp = np.zeros(xp.shape, dtype=dy.dtype)
+    for tap, (r, c) in enumerate(taps):
+        dxp[:, r, c, :] += np.where(first == tap, dy, 0)
+    return (dxp[:, t:t + x.shape[1], l:l + x.shape[2], :],)
+
+
+def _gap_shape(attrs, x):
+    require(len(x) == 4, "input must be NHWC (rank 4)")
+    return [(x[0], x[3])]
+
+
+def _gap_grad_ref(attrs, dy):
+    h, w = attrs["in_hw"]
+    scaled = dy / dy.dtype.type(h * w)
+    return (np.broadcast_to(scaled[:, None, None, :], (dy.shape[0], h, w, dy.shape[1])).copy(),)
+
+
+def _gap_vjp(g, node, dy):
+    shape = g.shape(node.inputs[0])
+    return [g.emit("global_avg_pool_grad", [dy], {"in_hw": (shape[1], shape[2])}, "dx")]
+
+
+define("max_pool", shape=_pool_shape, reference=_max_pool_ref,
+       vjp=lambda g, node, dy: [g.emit("max_pool_grad", [dy, node.inputs[0]], node.attrs, "dx")])
+define("max_pool_grad", shape=lambda a, dy, x: [x], reference=_max_pool_grad_ref)
+define("global_avg_pool", shape=_gap_shape,
+       reference=lambda a, x: (x.mean(axis=(1, 2)),), vjp=_gap_vjp)
+define("global_avg_pool_grad",
+       shape=lambda a, dy: [(dy[0], a["in_hw"][0], a["in_hw"][1], dy[1])],
+       reference=_gap_grad_ref)

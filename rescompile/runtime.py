@@ -1,0 +1,174 @@
+"""Executable: owns variables, checks inputs, and runs a backend's compiled entries."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .autodiff import LEARNING_RATE, SEED
+from .build import Variable
+from .compiler import backend_module, lower
+from .entries import make_entries
+from .errors import InputError
+from .init import initial_values
+
+
+class Executable:
+    def __init__(self, lowered, backend: str = "reference", seed: int = 0,
+                 variables: dict[str, np.ndarray] | None = None, step: int = 0, **options):
+        self.spec, self.mode, self.dtype = lowered.spec, lowered.mode, lowered.dtype
+        self.lowered = lowered
+        self.graph = lowered.graph
+        self.backend = backend
+        self.entries = make_entries(self.graph, self.mode)
+        self.program = backend_module(backend).compile_program(self.graph, self.entries,
+                                                               dtype=self.dtype, **options)
+        self._variables: dict[str, Variable] = lowered.variables
+        self._values = initial_values(self._variables, seed, self.dtype)
+        self.step = step
+        self._forward_done = False
+        if variables is not None:
+            self.load_state(variables)
+
+    # -- variables ----------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """Trainables and moving statistics by TF name (the model's variables)."""
+        return {n: self._values[n] for n in self.lowered.model.variables}
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """Every variable the executable owns: params, moving statistics, optimizer slots."""
+        return dict(self._values)
+
+    def load_params(self, values: dict) -> None:
+        """Replace model variables; every name, shape and dtype is checked first."""
+        self._assign(values, self.lowered.model.variables, require_all=True)
+
+    def load_state(self, values: dict) -> None:
+        self._assign(values, self._variables, require_all=False)
+
+    def _assign(self, values: dict, allowed: dict[str, Variable], require_all: bool) -> None:
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            raise InputError(f"unknown variable {unknown[0]!r} ({len(unknown)} unknown in all)")
+        missing = sorted(set(allowed) - set(values))
+        if require_all and missing:
+            raise InputError(f"missing variable {missing[0]!r} ({len(missing)} missing in all)")
+        checked = {name: _variable_array(name, value, allowed[name].shape, self.dtype)
+                   for name, value in values.items()}
+        self._values.update(checked)
+        self._forward_done = False
+
+    # -- running ------------------------------------------------------------------------
+    def _run(self, entry: str, feeds: dict) -> dict:
+        inputs = {n: self._values[n] for n, r in self.graph.inputs.items() if r != "data"
+                  and n in self._values}
+        inputs[LEARNING_RATE] = np.asarray(self.learning_rate(), self.dtype)
+        inputs.update(feeds)
+        return self.program.run(entry, inputs)
+
+    def learning_rate(self) -> float:
+        return self.spec.train.lr_at(self.step)
+
+    def forward(self, images) -> np.ndarray:
+        images = self._images(images)
+        logits = self._run("forward", {"images": images})[self.graph.outputs["logits"]]
+        self._forward_done = True
+        self._batch = images.shape[0]
+        return logits
+
+    def backward(self, dlogits) -> dict[str, np.ndarray]:
+        """Vector-Jacobian product of the last train-mode forward with d(logits)."""
+        if self.mode != "train":
+            raise RuntimeError("backward needs an executable compiled with mode='train'")
+        if not self._forward_done:
+            raise RuntimeError("backward needs a forward(images) first")
+        shape = (self._batch, self.spec.model.num_classes)
+        dlogits = _float_array("dlogits", dlogits, shape, self.dtype)
+        feeds = {self.graph.outputs["grad/logits"]: dlogits, SEED: np.asarray(0, self.dtype)}
+        return self._grads(self._run("backward", feeds))
+
+    def loss_and_grads(self, images, labels):
+        self._check_train("loss_and_grads")
+        feeds = self._batch_feeds(images, labels)
+        results = self._run("loss_and_grads", feeds)
+        return float(results[self.graph.outputs["loss"]]), self._grads(results)
+
+    def train_step(self, images, labels) -> float:
+        """One optimizer step: gradients, update, moving statistics, step count."""
+        self._check_train("train_step")
+        results = self._run("train_step", self._batch_feeds(images, labels))
+        for key, value in self.graph.outputs.items():
+            if key.startswith("new/"):
+                self._values[key[4:]] = results[value]
+        self.step += 1
+        self._forward_done = False
+        return float(results[self.graph.outputs["loss"]])
+
+    # -- checks -------------------------------------------------------------------------
+    def _check_train(self, what: str) -> None:
+        if self.mode != "train":
+            raise RuntimeError(f"{what} needs an executable compiled with mode='train'")
+
+    def _grads(self, results: dict) -> dict[str, np.ndarray]:
+        return {key[5:]: results[v] for key, v in self.graph.outputs.items()
+                if key.startswith("grad/") and key != "grad/logits"}
+
+    def _images(self, images) -> np.ndarray:
+        h, w, c = self.spec.model.input
+        return _float_array("images", images, (None, h, w, c), self.dtype)
+
+    def _batch_feeds(self, images, labels) -> dict:
+        images = self._images(images)
+        onehot = _one_hot(labels, images.shape[0], self.spec.model.num_classes, self.dtype)
+        return {"images": images, "labels": onehot, SEED: np.asarray(1, self.dtype)}
+
+    def save(self, path) -> None:
+        from .checkpoint import save
+        save(self, path)
+
+
+def _float_array(name: str, value, shape, dtype: str) -> np.ndarray:
+    """Check rank, shape and dtype of a run-time tensor; `None` in shape is any size >= 1."""
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        raise InputError(f"{name}: dtype {array.dtype} is not a float type; pass float32 or "
+                         f"float64")
+    expected = "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+    if array.ndim != len(shape):
+        raise InputError(f"{name}: expected rank {len(shape)} {expected}, got shape "
+                         f"{list(array.shape)}")
+    if any(d is not None and d != a for d, a in zip(shape, array.shape)) or array.shape[0] < 1:
+        raise InputError(f"{name}: expected shape {expected}, got {list(array.shape)}")
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def _variable_array(name: str, value, shape: tuple, dtype: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        raise InputError(f"variable {name!r}: dtype {array.dtype} is not a float type")
+    if tuple(array.shape) != tuple(shape):
+        raise InputError(f"variable {name!r}: expected shape {list(shape)}, got "
+                         f"{list(array.shape)}")
+    return np.array(array, dtype=dtype)
+
+
+def _one_hot(labels, batch: int, classes: int, dtype: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim == 1 and labels.dtype.kind in "iu":
+        if labels.shape[0] != batch:
+            raise InputError(f"labels: expected {batch} class ids, got {labels.shape[0]}")
+        if labels.size and (labels.min() < 0 or labels.max() >= classes):
+            raise InputError(f"labels: class ids must be in [0, {classes}), got "
+                             f"[{labels.min()}, {labels.max()}]")
+        return np.eye(classes, dtype=dtype)[labels]
+    if labels.ndim == 2:
+        return _float_array("labels", labels, (batch, classes), dtype)
+    raise InputError(f"labels: expected int class ids [N] or one-hot [N, {classes}], got "
+                     f"{labels.dtype} {list(labels.shape)}")
+
+
+def compile(spec, mode: str = "infer", backend: str = "reference", dtype: str = "float32",
+            seed: int = 0, **options) -> Executable:
+    """Compile a spec (path, TOML/JSON text, dict or ResNetSpec) into an Executable."""
+    return Executable(lower(spec, mode, dtype), backend=backend, seed=seed, **options)
