@@ -39,16 +39,35 @@ def schedule(graph: Graph, available: set[str], fetches) -> tuple[Node, ...]:
     return tuple(reversed(chosen))
 
 
+def parameter_only(graph: Graph) -> tuple[Node, ...]:
+    """Nodes computed from variables alone (folded BN weights, say): constants between loads."""
+    constant = {n for n, role in graph.inputs.items() if role in ("param", "state")}
+    nodes = []
+    for node in graph.nodes:
+        if node.inputs and constant.issuperset(node.inputs):
+            constant.update(node.outputs)
+            nodes.append(node)
+    return tuple(nodes)
+
+
 def make_entries(graph: Graph, mode: str) -> dict[str, Entry]:
+    """Infer mode: `prepare` (parameter-only nodes, run once per variable load) and `forward`.
+    Train mode: `forward`, `backward` (after forward), `loss_and_grads`, `train_step`."""
     variables = {n for n, role in graph.inputs.items() if role != "data"}
 
-    def entry(name, feeds, fetches, after=None):
+    def entry(name, feeds, fetches, after=None, nodes=None):
         available = variables | set(feeds) | (entries[after].computed() if after else set())
-        entries[name] = Entry(name, tuple(feeds), tuple(fetches),
-                              schedule(graph, available, fetches), after)
+        if nodes is None:
+            nodes = schedule(graph, available, fetches)
+        entries[name] = Entry(name, tuple(feeds), tuple(fetches), nodes, after)
 
     entries: dict[str, Entry] = {}
     logits = graph.outputs["logits"]
+    if mode == "infer":
+        constants = parameter_only(graph)
+        entry("prepare", [], [o for n in constants for o in n.outputs], nodes=constants)
+        entry("forward", ["images"], [logits], after="prepare")
+        return entries
     entry("forward", ["images"], [logits])
     if mode == "train":
         grads = [v for k, v in graph.outputs.items() if k.startswith("grad/") and k != "grad/logits"]

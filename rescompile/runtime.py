@@ -26,6 +26,7 @@ class Executable:
         self._values = initial_values(self._variables, seed, self.dtype)
         self.step = step
         self._forward_done = False
+        self._prepared = False
         if variables is not None:
             self.load_state(variables)
 
@@ -58,6 +59,7 @@ class Executable:
                    for name, value in values.items()}
         self._values.update(checked)
         self._forward_done = False
+        self._prepared = False
 
     # -- running ------------------------------------------------------------------------
     def _run(self, entry: str, feeds: dict) -> dict:
@@ -72,6 +74,9 @@ class Executable:
 
     def forward(self, images) -> np.ndarray:
         images = self._images(images)
+        if "prepare" in self.entries and not self._prepared:
+            self._run("prepare", {})
+            self._prepared = True
         logits = self._run("forward", {"images": images})[self.graph.outputs["logits"]]
         self._forward_done = True
         self._batch = images.shape[0]

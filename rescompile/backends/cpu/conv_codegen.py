@@ -1,0 +1,543 @@
+"""Generate fused NHWC convolution kernels (forward, grad-input, grad-filter) for Numba.
+
+Design note
+-----------
+One ``ConvSig`` becomes one self-contained ``@numba.njit(cache=True)`` function,
+written as readable Python source; ``kernel_cache.compile_source`` imports it
+from a file so Numba caches the machine code.  Shapes (H, W, C, k, stride,
+pads) are baked in as literals; the batch size N comes from the arrays.  The
+arithmetic is OpenBLAS GEMM called from njit (``blas.gemm``); the generated
+loops only move data and apply the epilogue.
+
+Layouts: x ``[N, H, W, cin]``, w ``[k, k, cin, cout]`` (HWIO, which flattens
+to the row-major ``[k*k*cin, cout]`` GEMM operand), out ``[N, OH, OW, cout]``.
+All arrays must be C-contiguous (the kernels use flat views).
+
+Strategies (``ConvSig.strategy``, "auto" picks as listed):
+
+* ``direct`` — 1×1, stride 1, no padding: x is already the ``[N*H*W, cin]``
+  GEMM operand.  GEMM over chunks of rows straight into ``out``, then the
+  epilogue on that chunk while it is in cache.
+* ``shifted`` — stride 1, any k: copy each image into a zero-bordered padded
+  buffer ``[HP, WP, cin]`` (no copy without padding) and compute the output
+  over the padded row width: output row ``q = oh*WP + ow'`` reads input row
+  ``q + i*WP + j`` for tap (i, j), so each tap is one GEMM on a contiguous
+  shifted view, accumulated with beta = 1 (k*k GEMMs, no im2col).  The
+  ``k-1`` junk columns per row are skipped by the epilogue.
+* ``im2col`` — any stride: gather k*k*cin patches for a chunk of output rows
+  into a small buffer, one GEMM with K = k*k*cin, epilogue.  Used for strided
+  k×k and for strided 1×1 (where the "patch" is a strided row gather).
+
+Measured on this machine (benchmarks/kernels/bench_conv.py, batch 128,
+ResNet-164 bottleneck shapes, float32): see the table in that file's header.
+The shifted GEMMs beat chunked im2col on every stride-1 3×3 shape, so auto
+uses shifted for stride 1 and im2col only where stride > 1.
+
+Backward kernels mirror this: grad_input is ``dy @ W^T`` scattered back
+(shifted GEMMs into a padded dx buffer for stride 1, col2im for stride > 1);
+grad_filter is ``patches^T @ dy`` accumulated per thread and reduced at the end.
+
+Threads: ``parallel=True`` (default) spreads images (or row chunks for
+``direct``) over ``prange`` with BLAS held to 1 thread by the caller
+(``blas.blas_threads(1)``); ``parallel=False`` kernels are serial and BLAS may
+take both cores.  Use the ``workqueue`` threading layer (NUMBA-NOTES: omp
+threads and OpenBLAS threads fight on 2 cores).
+
+Epilogue steps (forward only), applied in the given order to the accumulator v
+per output channel c: ``("bias",)`` v += bias[c]; ``("affine",)`` v = v*scale[c]
++ shift[c]; ``("relu", alpha)`` v = v if v >= 0 else alpha*v; ``("add",)``
+v += residual[n, h, w, c].  With ``has_out2``: out2 = relu(out*scale2[c] +
+shift2[c], alpha2).  The chain is generated literally: no runtime branching.
+"""
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+OPS = ("forward", "grad_input", "grad_filter")
+STRATEGIES = ("auto", "direct", "shifted", "im2col")
+DTYPES = ("float32", "float64")
+STEP_ARITY = {"bias": 0, "affine": 0, "relu": 1, "add": 0}
+
+# Target GEMM rows per chunk: small enough that the chunk stays in L2 while
+# the epilogue runs on it, large enough that BLAS call overhead is negligible.
+CHUNK_ROWS_TARGET = 1024
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"ConvSig.{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_float(name, value):
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"ConvSig.{name} must be finite, got {value!r}")
+    return value
+
+
+def _normalize_step(step):
+    step = tuple(step)
+    if not step or step[0] not in STEP_ARITY:
+        raise ValueError(f"unknown epilogue step {step!r}; known: {sorted(STEP_ARITY)}")
+    if len(step) != 1 + STEP_ARITY[step[0]]:
+        raise ValueError(f"epilogue step {step!r} needs {STEP_ARITY[step[0]]} argument(s)")
+    if step[0] == "relu":
+        return ("relu", _check_float("epilogue relu alpha", step[1]))
+    return step
+
+
+@dataclass(frozen=True)
+class ConvSig:
+    """Everything that determines one generated conv kernel (N is left free).
+
+    ``h, w``: the forward input's spatial size; ``pads``: (top, bottom, left,
+    right) as computed by the caller.  ``epilogue``/``has_out2``/``alpha2`` only
+    for ``op == "forward"``.  ``chunk_rows`` 0 = automatic.
+    """
+    op: str
+    h: int
+    w: int
+    cin: int
+    cout: int
+    k: int
+    stride: int = 1
+    pads: tuple = (0, 0, 0, 0)
+    dtype: str = "float32"
+    epilogue: tuple = ()
+    has_out2: bool = False
+    alpha2: float = 0.0
+    parallel: bool = True
+    strategy: str = "auto"
+    chunk_rows: int = 0
+
+    def __post_init__(self):
+        setf = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if self.op not in OPS:
+            raise ValueError(f"ConvSig.op must be one of {OPS}, got {self.op!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ConvSig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("h", "w", "cin", "cout", "k", "stride"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("chunk_rows", self.chunk_rows, 0)
+        pads = tuple(self.pads)
+        if len(pads) != 4:
+            raise ValueError(f"ConvSig.pads must be (top, bottom, left, right), got {pads!r}")
+        for p in pads:
+            _check_int("pads", p, 0)
+        setf("pads", pads)
+        setf("epilogue", tuple(_normalize_step(s) for s in self.epilogue))
+        setf("alpha2", _check_float("alpha2", self.alpha2))
+        setf("has_out2", bool(self.has_out2))
+        setf("parallel", bool(self.parallel))
+        if self.op != "forward" and (self.epilogue or self.has_out2):
+            raise ValueError(f"{self.op} kernels take no epilogue")
+        if self.oh < 1 or self.ow < 1:
+            raise ValueError(f"empty output for {self}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"ConvSig.strategy must be one of {STRATEGIES}")
+        if self.strategy == "direct" and not self.direct_ok:
+            raise ValueError("strategy 'direct' needs k=1, stride 1 and no padding")
+        if self.strategy == "shifted" and self.stride != 1:
+            raise ValueError("strategy 'shifted' needs stride 1")
+
+    # derived sizes
+    hp = property(lambda s: s.h + s.pads[0] + s.pads[1])
+    wp = property(lambda s: s.w + s.pads[2] + s.pads[3])
+    oh = property(lambda s: (s.hp - s.k) // s.stride + 1)
+    ow = property(lambda s: (s.wp - s.k) // s.stride + 1)
+    padded = property(lambda s: any(s.pads))
+    direct_ok = property(lambda s: s.k == 1 and s.stride == 1 and not s.padded)
+
+    @property
+    def resolved_strategy(self):
+        if self.strategy != "auto":
+            return self.strategy
+        if self.direct_ok:
+            return "direct"
+        return "shifted" if self.stride == 1 else "im2col"
+
+    def digest(self):
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:16]
+
+
+def kernel_arg_names(sig):
+    """Positional argument names of the generated kernel, in order.
+
+    forward: x, w, then per epilogue step i: bias_i | scale_i, shift_i | res_i,
+    then scale2, shift2 (if has_out2), out, out2 (if has_out2).
+    grad_input: dy, w, dx.  grad_filter: x, dy, dw.
+    """
+    if sig.op == "grad_input":
+        return ["dy", "w", "dx"]
+    if sig.op == "grad_filter":
+        return ["x", "dy", "dw"]
+    names = ["x", "w"]
+    for i, step in enumerate(sig.epilogue):
+        names += {"bias": [f"bias_{i}"], "affine": [f"scale_{i}", f"shift_{i}"],
+                  "relu": [], "add": [f"res_{i}"]}[step[0]]
+    if sig.has_out2:
+        names += ["scale2", "shift2"]
+    names.append("out")
+    if sig.has_out2:
+        names.append("out2")
+    return names
+
+
+# --- source building -----------------------------------------------------------------
+
+class _Source:
+    """Lines with indentation; ``with src.block("for ...:")`` indents."""
+
+    def __init__(self):
+        self.lines = []
+        self.depth = 0
+
+    def __call__(self, text=""):
+        for line in text.splitlines() or [""]:
+            self.lines.append("    " * self.depth + line if line else "")
+
+    def block(self, header):
+        self(header)
+        source = self
+
+        class _Indent:
+            def __enter__(self):
+                source.depth += 1
+
+            def __exit__(self, *exc):
+                source.depth -= 1
+        return _Indent()
+
+    def text(self):
+        return "\n".join(self.lines) + "\n"
+
+
+def _lit(sig, value):
+    """A validated float as a literal of the kernel's dtype."""
+    return f"np.{sig.dtype}({float(value)!r})"
+
+
+def _chunk_rows(sig, row_len):
+    """Output rows per chunk so that a chunk has about CHUNK_ROWS_TARGET GEMM rows."""
+    if sig.chunk_rows:
+        return min(sig.chunk_rows, sig.oh)
+    return max(1, min(sig.oh, CHUNK_ROWS_TARGET // row_len))
+
+
+def _header(src, sig, fn_name):
+    src("# Generated by rescompile.backends.cpu.conv_codegen; do not edit.")
+    src(f"# {sig!r}")
+    src("# strategy: " + sig.resolved_strategy)
+    src("import numba")
+    src("import numpy as np")
+    src("from rescompile.backends.cpu.blas import gemm")
+    src("")
+    src("")
+    parallel = "True" if sig.parallel else "False"
+    src("@numba.njit(cache=True, nogil=True, parallel=" + parallel + ", error_model='numpy',")
+    src("            fastmath={'nsz', 'arcp', 'contract', 'afn', 'reassoc'})")
+    src(f"def {fn_name}({', '.join(kernel_arg_names(sig))}):")
+
+
+def _check_shape(src, array, shape_text):
+    with src.block(f"if {array}.shape != {shape_text}:"):
+        src(f"raise ValueError('{array}: wrong shape')")
+
+
+def _prologue(src, sig, in_name, in_shape, flat_names):
+    """Common start: batch size, shape checks, flat views, constants."""
+    src(f"n_img = {in_name}.shape[0]")
+    for name, shape in in_shape.items():
+        _check_shape(src, name, shape)
+    for name in flat_names:
+        src(f"{name}f = {name}.reshape({name}.size)")
+    src(f"zero = np.{sig.dtype}(0.0)")
+    src(f"one = np.{sig.dtype}(1.0)")
+
+
+def _thread_split(src, sig, count):
+    """Emit the outer loop over ``n_par`` contiguous ranges of ``count`` work items."""
+    if sig.parallel:
+        src(f"n_par = min(numba.get_num_threads(), {count})")
+        header = "for t in numba.prange(n_par):"
+    else:
+        src("n_par = 1")
+        header = "for t in range(n_par):"
+    return header
+
+
+def _fill_pad(src, sig, source_flat):
+    """Copy image n into the interior of the zero-bordered padded buffer."""
+    h, w, cin, wp = sig.h, sig.w, sig.cin, sig.wp
+    top, left = sig.pads[0], sig.pads[2]
+    with src.block(f"for hh in range({h}):"):
+        src(f"s0 = (n * {h} + hh) * {w * cin}")
+        src(f"d0 = ((hh + {top}) * {wp} + {left}) * {cin}")
+        with src.block(f"for q in range({w * cin}):"):
+            src(f"pad[d0 + q] = {source_flat}[s0 + q]")
+
+
+def _source_view(sig):
+    """(array, base offset expression) the conv reads image n from."""
+    if sig.padded:
+        return "pad", "0"
+    return "xf", f"n * {sig.h * sig.w * sig.cin}"
+
+
+def _fill_im2col(src, sig, row0, rows):
+    """Gather k*k*cin patches of output rows [row0, row0 + rows) into ``cols``."""
+    k, s, cin, ow, wp = sig.k, sig.stride, sig.cin, sig.ow, sig.wp
+    kkc = k * k * cin
+    array, base = _source_view(sig)
+    with src.block(f"for r in range({rows}):"):
+        src(f"ih0 = ({row0} + r) * {s}")
+        with src.block(f"for ow in range({ow}):"):
+            src(f"dst = (r * {ow} + ow) * {kkc}")
+            with src.block(f"for i in range({k}):"):
+                with src.block(f"for j in range({k}):"):
+                    src(f"s0 = {base} + ((ih0 + i) * {wp} + ow * {s} + j) * {cin}")
+                    src(f"d0 = dst + (i * {k} + j) * {cin}")
+                    with src.block(f"for c in range({cin}):"):
+                        src(f"cols[d0 + c] = {array}[s0 + c]")
+
+
+def _epilogue(src, sig, acc, a, o):
+    """Per channel: v = acc[a + c], the chain, out[o + c] = v (and out2)."""
+    with src.block(f"for c in range({sig.cout}):"):
+        src(f"v = {acc}[{a} + c]")
+        for i, step in enumerate(sig.epilogue):
+            kind = step[0]
+            if kind == "bias":
+                src(f"v += bias_{i}[c]")
+            elif kind == "affine":
+                src(f"v = v * scale_{i}[c] + shift_{i}[c]")
+            elif kind == "relu":
+                src(_relu_line(sig, "v", step[1]))
+            elif kind == "add":
+                src(f"v += res_{i}f[{o} + c]")
+        src(f"outf[{o} + c] = v")
+        if sig.has_out2:
+            src("v2 = v * scale2[c] + shift2[c]")
+            src(_relu_line(sig, "v2", sig.alpha2))
+            src(f"out2f[{o} + c] = v2")
+
+
+def _relu_line(sig, var, alpha):
+    if alpha == 0.0:
+        return f"{var} = {var} if {var} > zero else zero"
+    return f"{var} = {var} if {var} >= zero else {_lit(sig, alpha)} * {var}"
+
+
+# --- forward ------------------------------------------------------------------------
+
+def _forward_body(src, sig):
+    h, w, cin, cout, k, oh, ow = sig.h, sig.w, sig.cin, sig.cout, sig.k, sig.oh, sig.ow
+    shapes = {"x": f"(n_img, {h}, {w}, {cin})", "w": f"({k}, {k}, {cin}, {cout})",
+              "out": f"(n_img, {oh}, {ow}, {cout})"}
+    flat = ["x", "w", "out"]
+    for i, step in enumerate(sig.epilogue):
+        if step[0] == "bias":
+            shapes[f"bias_{i}"] = f"({cout},)"
+        elif step[0] == "affine":
+            shapes[f"scale_{i}"] = shapes[f"shift_{i}"] = f"({cout},)"
+        elif step[0] == "add":
+            shapes[f"res_{i}"] = shapes["out"]
+            flat.append(f"res_{i}")
+    if sig.has_out2:
+        shapes["scale2"] = shapes["shift2"] = f"({cout},)"
+        shapes["out2"] = shapes["out"]
+        flat.append("out2")
+    _prologue(src, sig, "x", shapes, flat)
+    strategy = sig.resolved_strategy
+
+    if strategy == "direct":
+        chunk = CHUNK_ROWS_TARGET if not sig.chunk_rows else sig.chunk_rows
+        src(f"total = n_img * {h * w}")
+        src(f"n_chunks = (total + {chunk - 1}) // {chunk}")
+        with src.block(_thread_split(src, sig, "n_chunks")):
+            with src.block("for ch in range(t * n_chunks // n_par, (t + 1) * n_chunks // n_par):"):
+                src(f"r0 = ch * {chunk}")
+                src(f"rows = min({chunk}, total - r0)")
+                src(f"gemm(False, False, rows, {cout}, {cin}, one, xf[r0 * {cin}:], {cin},"
+                    f" wf, {cout}, zero, outf[r0 * {cout}:], {cout})")
+                with src.block("for r in range(r0, r0 + rows):"):
+                    src(f"o = r * {cout}")
+                    _epilogue(src, sig, "outf", "o", "o")
+        return
+
+    row_len = sig.wp if strategy == "shifted" else ow
+    rows_per_chunk = _chunk_rows(sig, row_len)
+    with src.block(_thread_split(src, sig, "n_img")):
+        if sig.padded:
+            src(f"pad = np.zeros({sig.hp * sig.wp * cin}, np.{sig.dtype})")
+        src(f"acc = np.empty({rows_per_chunk * row_len * cout}, np.{sig.dtype})")
+        if strategy == "im2col":
+            src(f"cols = np.empty({rows_per_chunk * ow * k * k * cin}, np.{sig.dtype})")
+        with src.block("for n in range(t * n_img // n_par, (t + 1) * n_img // n_par):"):
+            if sig.padded:
+                _fill_pad(src, sig, "xf")
+            with src.block(f"for oh0 in range(0, {oh}, {rows_per_chunk}):"):
+                src(f"rows = min({rows_per_chunk}, {oh} - oh0)")
+                if strategy == "shifted":
+                    array, base = _source_view(sig)
+                    src(f"m = (rows - 1) * {sig.wp} + {ow}")
+                    with src.block(f"for i in range({k}):"):
+                        with src.block(f"for j in range({k}):"):
+                            src("beta = one if i + j > 0 else zero")
+                            src(f"gemm(False, False, m, {cout}, {cin}, one,"
+                                f" {array}[{base} + ((oh0 + i) * {sig.wp} + j) * {cin}:], {cin},"
+                                f" wf[(i * {k} + j) * {cin * cout}:], {cout}, beta, acc, {cout})")
+                else:
+                    _fill_im2col(src, sig, "oh0", "rows")
+                    src(f"gemm(False, False, rows * {ow}, {cout}, {k * k * cin}, one,"
+                        f" cols, {k * k * cin}, wf, {cout}, zero, acc, {cout})")
+                with src.block("for r in range(rows):"):
+                    with src.block(f"for ow in range({ow}):"):
+                        src(f"a = (r * {row_len} + ow) * {cout}")
+                        src(f"o = ((n * {oh} + oh0 + r) * {ow} + ow) * {cout}")
+                        _epilogue(src, sig, "acc", "a", "o")
+
+
+# --- backward -----------------------------------------------------------------------
+
+def _fill_dy_padded_width(src, sig):
+    """dy of image n into D laid out on the padded row width (junk columns stay 0)."""
+    oh, ow, cout, wp = sig.oh, sig.ow, sig.cout, sig.wp
+    with src.block(f"for r in range({oh}):"):
+        src(f"s0 = (n * {oh} + r) * {ow * cout}")
+        src(f"d0 = r * {wp * cout}")
+        with src.block(f"for q in range({ow * cout}):"):
+            src("D[d0 + q] = dyf[s0 + q]")
+
+
+def _grad_input_body(src, sig):
+    h, w, cin, cout, k, s, oh, ow, wp = (sig.h, sig.w, sig.cin, sig.cout, sig.k,
+                                         sig.stride, sig.oh, sig.ow, sig.wp)
+    shapes = {"dy": f"(n_img, {oh}, {ow}, {cout})", "w": f"({k}, {k}, {cin}, {cout})",
+              "dx": f"(n_img, {h}, {w}, {cin})"}
+    _prologue(src, sig, "dy", shapes, ["dy", "w", "dx"])
+    strategy = sig.resolved_strategy
+    if strategy == "direct":
+        chunk = CHUNK_ROWS_TARGET
+        src(f"total = n_img * {h * w}")
+        src(f"n_chunks = (total + {chunk - 1}) // {chunk}")
+        with src.block(_thread_split(src, sig, "n_chunks")):
+            with src.block("for ch in range(t * n_chunks // n_par, (t + 1) * n_chunks // n_par):"):
+                src(f"r0 = ch * {chunk}")
+                src(f"rows = min({chunk}, total - r0)")
+                src(f"gemm(False, True, rows, {cin}, {cout}, one, dyf[r0 * {cout}:], {cout},"
+                    f" wf, {cout}, zero, dxf[r0 * {cin}:], {cin})")
+        return
+
+    kkc = k * k * cin
+    with src.block(_thread_split(src, sig, "n_img")):
+        src(f"dpad = np.empty({sig.hp * wp * cin}, np.{sig.dtype})")
+        if strategy == "shifted":
+            src(f"D = np.zeros({oh * wp * cout}, np.{sig.dtype})")
+        else:
+            src(f"cols = np.empty({oh * ow * kkc}, np.{sig.dtype})")
+        with src.block("for n in range(t * n_img // n_par, (t + 1) * n_img // n_par):"):
+            src("dpad[:] = zero")
+            if strategy == "shifted":
+                _fill_dy_padded_width(src, sig)
+                src(f"m = {(oh - 1) * wp + ow}")
+                with src.block(f"for i in range({k}):"):
+                    with src.block(f"for j in range({k}):"):
+                        src(f"gemm(False, True, m, {cin}, {cout}, one, D, {cout},"
+                            f" wf[(i * {k} + j) * {cin * cout}:], {cout}, one,"
+                            f" dpad[(i * {wp} + j) * {cin}:], {cin})")
+            else:
+                # col2im: cols = dy_n @ W^T, then scatter-add the patches.
+                src(f"gemm(False, True, {oh * ow}, {kkc}, {cout}, one,"
+                    f" dyf[n * {oh * ow * cout}:], {cout}, wf, {cout}, zero, cols, {kkc})")
+                with src.block(f"for r in range({oh}):"):
+                    with src.block(f"for ow in range({ow}):"):
+                        with src.block(f"for i in range({k}):"):
+                            with src.block(f"for j in range({k}):"):
+                                src(f"s0 = ((r * {ow} + ow) * {k * k} + i * {k} + j) * {cin}")
+                                src(f"d0 = ((r * {s} + i) * {wp} + ow * {s} + j) * {cin}")
+                                with src.block(f"for c in range({cin}):"):
+                                    src("dpad[d0 + c] += cols[s0 + c]")
+            top, left = sig.pads[0], sig.pads[2]
+            with src.block(f"for hh in range({h}):"):
+                src(f"s0 = ((hh + {top}) * {wp} + {left}) * {cin}")
+                src(f"d0 = (n * {h} + hh) * {w * cin}")
+                with src.block(f"for q in range({w * cin}):"):
+                    src("dxf[d0 + q] = dpad[s0 + q]")
+
+
+def _grad_filter_body(src, sig):
+    h, w, cin, cout, k, oh, ow, wp = (sig.h, sig.w, sig.cin, sig.cout, sig.k,
+                                      sig.oh, sig.ow, sig.wp)
+    kkc = k * k * cin
+    shapes = {"x": f"(n_img, {h}, {w}, {cin})", "dy": f"(n_img, {oh}, {ow}, {cout})",
+              "dw": f"({k}, {k}, {cin}, {cout})"}
+    _prologue(src, sig, "x", shapes, ["x", "dy", "dw"])
+    strategy = sig.resolved_strategy
+    count = "n_chunks" if strategy == "direct" else "n_img"
+    if strategy == "direct":
+        chunk = CHUNK_ROWS_TARGET
+        src(f"total = n_img * {h * w}")
+        src(f"n_chunks = (total + {chunk - 1}) // {chunk}")
+    header = _thread_split(src, sig, count)
+    # Per-thread partial sums, reduced after the parallel loop.
+    src(f"part = np.zeros(max(n_par, 1) * {kkc * cout}, np.{sig.dtype})")
+    with src.block(header):
+        src(f"p0 = t * {kkc * cout}")
+        if strategy == "direct":
+            with src.block("for ch in range(t * n_chunks // n_par, (t + 1) * n_chunks // n_par):"):
+                src(f"r0 = ch * {chunk}")
+                src(f"rows = min({chunk}, total - r0)")
+                src(f"gemm(True, False, {cin}, {cout}, rows, one, xf[r0 * {cin}:], {cin},"
+                    f" dyf[r0 * {cout}:], {cout}, one, part[p0:], {cout})")
+        else:
+            if sig.padded:
+                src(f"pad = np.zeros({sig.hp * wp * cin}, np.{sig.dtype})")
+            if strategy == "shifted":
+                src(f"D = np.zeros({oh * wp * cout}, np.{sig.dtype})")
+            else:
+                src(f"cols = np.empty({oh * ow * kkc}, np.{sig.dtype})")
+            with src.block("for n in range(t * n_img // n_par, (t + 1) * n_img // n_par):"):
+                if sig.padded:
+                    _fill_pad(src, sig, "xf")
+                if strategy == "shifted":
+                    array, base = _source_view(sig)
+                    _fill_dy_padded_width(src, sig)
+                    src(f"m = {(oh - 1) * wp + ow}")
+                    with src.block(f"for i in range({k}):"):
+                        with src.block(f"for j in range({k}):"):
+                            src(f"gemm(True, False, {cin}, {cout}, m, one,"
+                                f" {array}[{base} + (i * {wp} + j) * {cin}:], {cin}, D, {cout},"
+                                f" one, part[p0 + (i * {k} + j) * {cin * cout}:], {cout})")
+                else:
+                    _fill_im2col(src, sig, "0", oh)
+                    src(f"gemm(True, False, {kkc}, {cout}, {oh * ow}, one, cols, {kkc},"
+                        f" dyf[n * {oh * ow * cout}:], {cout}, one, part[p0:], {cout})")
+    with src.block(f"for q in range({kkc * cout}):"):
+        src("acc = zero")
+        with src.block("for t in range(n_par):"):
+            src(f"acc += part[t * {kkc * cout} + q]")
+        src("dwf[q] = acc")
+
+
+_BODIES = {"forward": _forward_body, "grad_input": _grad_input_body,
+           "grad_filter": _grad_filter_body}
+_PREFIX = {"forward": "conv_fwd", "grad_input": "conv_dx", "grad_filter": "conv_dw"}
+
+
+def conv_kernel_source(sig):
+    """Return ``(fn_name, source)``: a module defining one njit kernel for ``sig``."""
+    fn_name = f"{_PREFIX[sig.op]}_{sig.digest()}"
+    src = _Source()
+    _header(src, sig, fn_name)
+    src.depth += 1
+    _BODIES[sig.op](src, sig)
+    return fn_name, src.text()
+
+
+def conv_kernel(sig, cache_dir=None):
+    """Generate, write, import: the compiled-on-first-call kernel for ``sig``."""
+    from rescompile.backends.cpu.kernel_cache import compile_source
+    return compile_source(*conv_kernel_source(sig), cache_dir=cache_dir)

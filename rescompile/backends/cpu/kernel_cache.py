@@ -1,0 +1,89 @@
+"""Load generated kernel source as a real module so Numba can cache it on disk.
+
+Design note
+-----------
+``cache=True`` does not work for functions made by ``exec()`` (Numba finds no
+source file to key its cache on).  So each generated source is written to
+``<cache dir>/rk_<sha256>.py`` and imported from there; Numba keeps its cache
+files beside it in ``__pycache__``, and a second process imports the same file
+and loads machine code instead of compiling (30 kernels: 14 s cold, 0.5 s warm
+in NUMBA-NOTES).
+
+The file name hashes the source together with the numba and llvmlite versions
+and the text of ``blas.py`` (generated kernels inline its GEMM wrapper; Numba
+does not track that dependency itself).  Files are written atomically (temp
+file in the same directory, then ``os.replace``), so concurrent processes
+either see no file or a complete one.
+
+Cache directory: the ``cache_dir`` argument, else ``$RESCOMPILE_CACHE_DIR``,
+else ``$XDG_CACHE_HOME/rescompile``, else ``~/.cache/rescompile``.
+"""
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import llvmlite
+import numba
+
+_BLAS_SOURCE = Path(__file__).with_name("blas.py").read_bytes()
+_loaded = {}  # module path -> module, so a kernel is imported once per process
+
+
+def default_cache_dir():
+    """Cache directory from the environment (see module docstring)."""
+    explicit = os.environ.get("RESCOMPILE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "rescompile"
+
+
+def source_digest(source):
+    """sha256 of the source plus everything the compiled code depends on."""
+    h = hashlib.sha256()
+    for part in (source.encode(), numba.__version__.encode(),
+                 llvmlite.__version__.encode(), _BLAS_SOURCE):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _write_atomically(path, text):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".py")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def compile_source(fn_name, source, cache_dir=None):
+    """Write ``source`` to the cache directory, import it, return ``fn_name`` from it.
+
+    ``source`` must be a complete module whose kernels are decorated with
+    ``@numba.njit(cache=True, ...)``.  Compilation happens at the first call
+    (or is loaded from Numba's cache).
+    """
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    digest = source_digest(source)
+    path = directory / f"rk_{digest}.py"
+    module = _loaded.get(str(path))
+    if module is None:
+        if not path.exists() or path.read_text() != source:
+            _write_atomically(path, source)
+        module_name = f"rescompile_kernel_{digest[:32]}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        _loaded[str(path)] = module
+    return getattr(module, fn_name)

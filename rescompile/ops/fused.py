@@ -1,0 +1,110 @@
+"""Ops that only passes create. Each is defined by composing the core ops' references, so a
+fused op can never mean something its parts do not.
+
+An epilogue is a list of steps applied in order to a value, each a dict
+`{"op": name, "args": [operand indices], **attrs}` naming a core elementwise op
+(`bias_add`, `affine`, `relu`, `add`); the value flows in as the op's first input and
+`args` index the node's inputs for the rest. `out2` is a second epilogue applied to the first
+output, giving a second output (a unit's `x + shortcut` and the next unit's BN-ReLU of it).
+"""
+
+import numpy as np
+
+from .conv import _conv_ref, _conv_shape, conv_flops
+from .norm import _channels
+from .registry import define, get, require
+
+EPILOGUE_OPS = ("bias_add", "affine", "relu", "add")
+
+
+def step_attrs(step: dict) -> dict:
+    return {k: v for k, v in step.items() if k not in ("op", "args")}
+
+
+def apply_epilogue(steps, value, operands):
+    for step in steps:
+        args = [operands[i] for i in step["args"]]
+        (value,) = get(step["op"]).run_reference(step_attrs(step), value, *args)
+    return value
+
+
+def _check_epilogue(steps, out_shape, shapes) -> None:
+    for step in steps:
+        require(step["op"] in EPILOGUE_OPS, f"epilogue step {step['op']!r} is not one of "
+                                            f"{EPILOGUE_OPS}")
+        get(step["op"]).shape(step_attrs(step), out_shape, *[shapes[i] for i in step["args"]])
+
+
+def _outputs(attrs, out_shape):
+    return [out_shape] * (2 if attrs.get("out2") else 1)
+
+
+def _fused_conv_shape(attrs, x, w, *rest):
+    (out,) = _conv_shape(attrs, x, w)
+    shapes = (x, w) + rest
+    _check_epilogue(attrs["epilogue"], out, shapes)
+    _check_epilogue(attrs.get("out2", ()), out, shapes)
+    return _outputs(attrs, out)
+
+
+def _fused_conv_ref(attrs, x, w, *rest):
+    operands = (x, w) + rest
+    (y,) = _conv_ref(attrs, x, w)
+    y = apply_epilogue(attrs["epilogue"], y, operands)
+    if attrs.get("out2"):
+        return y, apply_epilogue(attrs["out2"], y, operands)
+    return (y,)
+
+
+def _fused_elementwise_shape(attrs, x, *rest):
+    shapes = (x,) + rest
+    _check_epilogue(attrs["epilogue"], x, shapes)
+    _check_epilogue(attrs.get("out2", ()), x, shapes)
+    return _outputs(attrs, x)
+
+
+def _fused_elementwise_ref(attrs, x, *rest):
+    operands = (x,) + rest
+    y = apply_epilogue(attrs["epilogue"], x, operands)
+    if attrs.get("out2"):
+        return y, apply_epilogue(attrs["out2"], y, operands)
+    return (y,)
+
+
+def bn_scale_shift(gamma, beta, mean, var, eps):
+    """The affine a batch_norm with fixed statistics is, computed in float64."""
+    scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
+    return scale, beta.astype(np.float64) - mean.astype(np.float64) * scale
+
+
+def _fold_ref(attrs, w, gamma, beta, mean, var):
+    """W' = W * gamma / sqrt(var + eps) per output channel, b' = beta - mean * that; in
+    float64, cast once to the model's dtype."""
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, attrs["epsilon"])
+    return (w.astype(np.float64) * scale).astype(w.dtype), shift.astype(w.dtype)
+
+
+def _affine_params_ref(attrs, gamma, beta, mean, var):
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, attrs["epsilon"])
+    return scale.astype(gamma.dtype), shift.astype(gamma.dtype)
+
+
+def _bias_shape(attrs, x, b):
+    _channels(x, b)
+    return [x]
+
+
+def _fold_shape(attrs, w, gamma, beta, mean, var):
+    require(tuple(gamma) == (w[-1],), f"BN has {gamma[0]} channels, the conv makes {w[-1]}")
+    return [w, gamma]
+
+
+define("bias_add", shape=_bias_shape, reference=lambda a, x, b: (x + b,))
+define("fused_conv2d", shape=_fused_conv_shape, reference=_fused_conv_ref,
+       outputs=lambda attrs: ("y", "y2") if attrs.get("out2") else ("y",),
+       flops=lambda a, ins, outs: conv_flops(outs[0], ins[1][0], ins[1][2]))
+define("fused_elementwise", shape=_fused_elementwise_shape, reference=_fused_elementwise_ref,
+       outputs=lambda attrs: ("y", "y2") if attrs.get("out2") else ("y",))
+define("fold_bn_weights", shape=_fold_shape, reference=_fold_ref, outputs=("w", "b"))
+define("bn_affine_params", shape=lambda a, gamma, beta, mean, var: [gamma, gamma],
+       reference=_affine_params_ref, outputs=("scale", "shift"))
