@@ -28,7 +28,8 @@ class Lowered:
     stages: list[tuple[str, Graph]]
 
 
-def lower(spec, mode: str = "infer", dtype: str = "float32", verify_each: bool = False) -> Lowered:
+def lower(spec, mode: str = "infer", dtype: str = "float32", optimize: bool = True,
+          verify_each: bool = False) -> Lowered:
     spec = load_spec(spec)
     model = build(spec, mode, dtype)
     stages = [("build", model.graph)]

@@ -174,6 +174,8 @@ def _one_hot(labels, batch: int, classes: int, dtype: str) -> np.ndarray:
 
 
 def compile(spec, mode: str = "infer", backend: str = "reference", dtype: str = "float32",
-            seed: int = 0, **options) -> Executable:
-    """Compile a spec (path, TOML/JSON text, dict or ResNetSpec) into an Executable."""
-    return Executable(lower(spec, mode, dtype), backend=backend, seed=seed, **options)
+            seed: int = 0, optimize: bool = True, **options) -> Executable:
+    """Compile a spec (path, TOML/JSON text, dict or ResNetSpec) into an Executable.
+    `optimize=False` skips the passes (the graph as built and differentiated)."""
+    return Executable(lower(spec, mode, dtype, optimize=optimize), backend=backend, seed=seed,
+                      **options)
