@@ -34,5 +34,5 @@ def initial_values(variables, seed: int, dtype: str) -> dict[str, np.ndarray]:
     values = {}
     for var in variables.values():
         rng = np.random.default_rng([seed, zlib.crc32(var.name.encode())])
-        values[var.name] = np.ascontiguousarray(INITIALIZERS[var.init](rng, var.shape), dtype=dtype)
+        values[var.name] = np.array(INITIALIZERS[var.init](rng, var.shape), dtype=dtype)
     return values

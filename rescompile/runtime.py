@@ -63,9 +63,9 @@ class Executable:
 
     # -- running ------------------------------------------------------------------------
     def _run(self, entry: str, feeds: dict) -> dict:
-        inputs = {n: self._values[n] for n, r in self.graph.inputs.items() if r != "data"
-                  and n in self._values}
-        inputs[LEARNING_RATE] = np.asarray(self.learning_rate(), self.dtype)
+        inputs = {n: self._values[n] for n, r in self.graph.inputs.items() if r in ("param", "state")}
+        if LEARNING_RATE in self.graph.inputs:
+            inputs[LEARNING_RATE] = np.asarray(self.learning_rate(), self.dtype)
         inputs.update(feeds)
         return self.program.run(entry, inputs)
 

@@ -1,0 +1,58 @@
+"""Shared fixtures: the TensorFlow oracle, small specs, and executables compiled once."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rescompile as rc
+
+DATA = Path(__file__).parent / "data"
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    with np.load(DATA / "tf_resnet_small.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def seed_spec():
+    return rc.load_spec(EXAMPLES / "seed_small.toml")
+
+
+def oracle_params(oracle, names):
+    return {n: oracle[f"before/{n}"] for n in names}
+
+
+def rel_err(actual, expected) -> float:
+    """Max absolute difference relative to the expected tensor's max magnitude."""
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = max(np.abs(expected).max(), 1e-30)
+    return float(np.abs(np.asarray(actual, dtype=np.float64) - expected).max() / scale)
+
+
+def tiny_spec(**model):
+    """A tiny valid spec for fast tests; keyword arguments override [model] fields."""
+    base = {"input": [8, 8, 3], "num_classes": 5, "stem_filters": 4,
+            "stages": [{"filters": 8, "units": 1, "stride": 1},
+                       {"filters": 16, "units": 1, "stride": 2}],
+            "activate_before_residual": [True, False]}
+    base.update(model)
+    return rc.load_spec({"name": "tiny", "model": base})
+
+
+def random_bn_state(exe, seed=0):
+    """Non-trivial BN parameters and statistics, so folding and normalising are exercised."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for name, value in exe.params.items():
+        leaf = name.rsplit("/", 1)[1]
+        if leaf == "gamma" or leaf == "moving_variance":
+            values[name] = rng.uniform(0.5, 1.5, value.shape)
+        elif leaf in ("beta", "moving_mean", "biases"):
+            values[name] = rng.normal(0, 0.1, value.shape)
+        else:
+            values[name] = value
+    return values

@@ -1,0 +1,68 @@
+"""The command line: help, dump in every format, run, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rescompile.cli import main
+
+SEED = "examples/seed_small.toml"
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "rescompile", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for command in ("dump", "run"):
+        assert command in out
+
+
+def test_dump_text_has_one_line_per_node_and_a_summary(capsys):
+    assert main(["dump", SEED, "--after", "build"]) == 0
+    out = capsys.readouterr().out
+    assert "%unit_1_0/sub1/conv1 = conv2d(%unit_1_0/common_bn_relu/relu, " \
+           "%unit_1_0/sub1/conv1/DW) s=1 pad=same -> [N,16,16,16]" in out
+    assert "eps=0.001" in out and "alpha=0.1" in out
+    assert "# trainable parameters: 219,482" in out
+
+
+def test_dump_json_counts_ops(capsys, tmp_path):
+    target = tmp_path / "g.json"
+    assert main(["dump", SEED, "--after", "build", "--format", "json", "-o", str(target)]) == 0
+    doc = json.loads(target.read_text())
+    ops = [n["op"] for n in doc["nodes"]]
+    assert ops.count("conv2d") == 22 and ops.count("batch_norm") == 19
+    assert {"name", "op", "inputs", "outputs", "attrs"} <= set(doc["nodes"][0])
+
+
+def test_dump_train_shows_every_phase(capsys):
+    assert main(["dump", SEED, "--mode", "train", "--after", "autodiff", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {n["phase"] for n in doc["nodes"]} == {"forward", "loss", "backward", "update"}
+
+
+def test_dump_dot(capsys):
+    assert main(["dump", SEED, "--after", "build", "--format", "dot"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("digraph rescompile {") and out.rstrip().endswith("}")
+    assert '"unit_1_0/sub1/conv1" -> ' in out
+
+
+def test_run_reports_what_it_did(capsys):
+    assert main(["run", SEED, "--backend", "reference", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "219,482 trainable" in out and "logits [2, 10]" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dump", "no-such-preset"], "unknown name 'no-such-preset'"),
+    (["dump", SEED, "--after", "nope"], "unknown stage 'nope'"),
+    (["run", SEED, "--backend", "reference", "--batch", "0"], "--batch must be >= 1"),
+    (["dump", 'name = "x"\n[model]\ninput = [8, 8, 3]\nnum_classes = 3\nstages = []'],
+     "model.stages"),
+])
+def test_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
