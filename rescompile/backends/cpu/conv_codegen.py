@@ -94,7 +94,9 @@ class ConvSig:
 
     ``h, w``: the forward input's spatial size; ``pads``: (top, bottom, left,
     right) as computed by the caller.  ``epilogue``/``has_out2``/``alpha2`` only
-    for ``op == "forward"``.  ``chunk_rows`` 0 = automatic.
+    for ``op == "forward"``.  ``chunk_rows`` 0 = automatic.  ``groups``: how many
+    contiguous work ranges a parallel kernel splits into (0 = NUMBA_NUM_THREADS
+    at generation time).
     """
     op: str
     h: int
@@ -111,6 +113,7 @@ class ConvSig:
     parallel: bool = True
     strategy: str = "auto"
     chunk_rows: int = 0
+    groups: int = 0
 
     def __post_init__(self):
         setf = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -121,6 +124,7 @@ class ConvSig:
         for name in ("h", "w", "cin", "cout", "k", "stride"):
             _check_int(name, getattr(self, name), 1)
         _check_int("chunk_rows", self.chunk_rows, 0)
+        _check_int("groups", self.groups, 0)
         pads = tuple(self.pads)
         if len(pads) != 4:
             raise ValueError(f"ConvSig.pads must be (top, bottom, left, right), got {pads!r}")
@@ -257,10 +261,19 @@ def _prologue(src, sig, in_name, in_shape, flat_names):
     src(f"one = np.{sig.dtype}(1.0)")
 
 
+def _work_groups(sig):
+    if sig.groups:
+        return sig.groups
+    import numba
+    return numba.config.NUMBA_NUM_THREADS
+
+
 def _thread_split(src, sig, count):
     """Emit the outer loop over ``n_par`` contiguous ranges of ``count`` work items."""
     if sig.parallel:
-        src(f"n_par = min(numba.get_num_threads(), {count})")
+        # A literal group count: numba.get_num_threads() would make the kernel uncacheable
+        # (Numba compiles it as a dynamic address).  Extra groups just queue up.
+        src(f"n_par = min({_work_groups(sig)}, {count})")
         header = "for t in numba.prange(n_par):"
     else:
         src("n_par = 1")
@@ -268,13 +281,13 @@ def _thread_split(src, sig, count):
     return header
 
 
-def _fill_pad(src, sig, source_flat):
-    """Copy image n into the interior of the zero-bordered padded buffer."""
+def _fill_pad(src, sig, source_flat, image="n", slot="0"):
+    """Copy image ``image`` into the interior of padded image ``slot`` of ``pad``."""
     h, w, cin, wp = sig.h, sig.w, sig.cin, sig.wp
     top, left = sig.pads[0], sig.pads[2]
     with src.block(f"for hh in range({h}):"):
-        src(f"s0 = (n * {h} + hh) * {w * cin}")
-        src(f"d0 = ((hh + {top}) * {wp} + {left}) * {cin}")
+        src(f"s0 = (({image}) * {h} + hh) * {w * cin}")
+        src(f"d0 = {slot} * {sig.hp * wp * cin} + ((hh + {top}) * {wp} + {left}) * {cin}")
         with src.block(f"for q in range({w * cin}):"):
             src(f"pad[d0 + q] = {source_flat}[s0 + q]")
 
@@ -367,6 +380,9 @@ def _forward_body(src, sig):
                     _epilogue(src, sig, "outf", "o", "o")
         return
 
+    if strategy == "shifted" and _images_per_chunk(sig) > 1:
+        _forward_shifted_multi_image(src, sig)
+        return
     row_len = sig.wp if strategy == "shifted" else ow
     rows_per_chunk = _chunk_rows(sig, row_len)
     with src.block(_thread_split(src, sig, "n_img")):
@@ -397,6 +413,49 @@ def _forward_body(src, sig):
                     with src.block(f"for ow in range({ow}):"):
                         src(f"a = (r * {row_len} + ow) * {cout}")
                         src(f"o = ((n * {oh} + oh0 + r) * {ow} + ow) * {cout}")
+                        _epilogue(src, sig, "acc", "a", "o")
+
+
+def _images_per_chunk(sig):
+    """Small images: stack several padded images so one GEMM covers them all."""
+    if sig.chunk_rows:
+        return 1
+    return max(1, CHUNK_ROWS_TARGET // (sig.hp * sig.wp))
+
+
+def _forward_shifted_multi_image(src, sig):
+    """Shifted GEMMs over ``g`` padded images stacked into one tall image.
+
+    Output "virtual" row vr = g*HP + oh; the k-1 rows between images are junk,
+    like the k-1 columns per row, and the epilogue skips both.
+    """
+    cin, cout, k, oh, ow, hp, wp = sig.cin, sig.cout, sig.k, sig.oh, sig.ow, sig.hp, sig.wp
+    ipc = _images_per_chunk(sig)
+    with src.block(_thread_split(src, sig, "n_img")):
+        if sig.padded:
+            src(f"pad = np.zeros({ipc * hp * wp * cin}, np.{sig.dtype})")
+        src(f"acc = np.empty({ipc * hp * wp * cout}, np.{sig.dtype})")
+        src("n_end = (t + 1) * n_img // n_par")
+        with src.block(f"for n0 in range(t * n_img // n_par, n_end, {ipc}):"):
+            src(f"g_count = min({ipc}, n_end - n0)")
+            if sig.padded:
+                with src.block("for g in range(g_count):"):
+                    _fill_pad(src, sig, "xf", image="n0 + g", slot="g")
+                array, base = "pad", "0"
+            else:
+                array, base = "xf", f"n0 * {sig.h * sig.w * cin}"
+            src(f"m = ((g_count - 1) * {hp} + {oh - 1}) * {wp} + {ow}")
+            with src.block(f"for i in range({k}):"):
+                with src.block(f"for j in range({k}):"):
+                    src("beta = one if i + j > 0 else zero")
+                    src(f"gemm(False, False, m, {cout}, {cin}, one,"
+                        f" {array}[{base} + (i * {wp} + j) * {cin}:], {cin},"
+                        f" wf[(i * {k} + j) * {cin * cout}:], {cout}, beta, acc, {cout})")
+            with src.block("for g in range(g_count):"):
+                with src.block(f"for r in range({oh}):"):
+                    with src.block(f"for ow in range({ow}):"):
+                        src(f"a = ((g * {hp} + r) * {wp} + ow) * {cout}")
+                        src(f"o = (((n0 + g) * {oh} + r) * {ow} + ow) * {cout}")
                         _epilogue(src, sig, "acc", "a", "o")
 
 
