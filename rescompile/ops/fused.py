@@ -3,18 +3,20 @@ fused op can never mean something its parts do not.
 
 An epilogue is a list of steps applied in order to a value, each a dict
 `{"op": name, "args": [operand indices], **attrs}` naming a core elementwise op
-(`bias_add`, `affine`, `relu`, `add`); the value flows in as the op's first input and
-`args` index the node's inputs for the rest. `out2` is a second epilogue applied to the first
-output, giving a second output (a unit's `x + shortcut` and the next unit's BN-ReLU of it).
+(`bias_add`, `affine`, `relu`, `add`, `batch_normalize`); the value flows in as the op's first
+input and `args` index the node's inputs for the rest. `out2` is a second epilogue applied to
+the first output, giving a second output (a unit's `x + shortcut` and the next unit's BN-ReLU of
+it). `stats` (training) appends the batch mean and variance of the first output, exactly as
+`batch_moments` computes them, so a batch norm's reduction runs in its producer's kernel.
 """
 
 import numpy as np
 
 from .conv import _conv_ref, _conv_shape, conv_flops
-from .norm import _channels
+from .norm import _channels, batch_moments
 from .registry import define, get, require
 
-EPILOGUE_OPS = ("bias_add", "affine", "relu", "add")
+EPILOGUE_OPS = ("bias_add", "affine", "relu", "add", "batch_normalize")
 
 
 def step_attrs(step: dict) -> dict:
@@ -36,7 +38,21 @@ def _check_epilogue(steps, out_shape, shapes) -> None:
 
 
 def _outputs(attrs, out_shape):
-    return [out_shape] * (2 if attrs.get("out2") else 1)
+    shapes = [out_shape] * (2 if attrs.get("out2") else 1)
+    return shapes + [(out_shape[-1],)] * 2 if attrs.get("stats") else shapes
+
+
+def _output_names(attrs):
+    names = ("y", "y2") if attrs.get("out2") else ("y",)
+    return names + ("mean", "var") if attrs.get("stats") else names
+
+
+def _finish(attrs, y, operands):
+    """The outputs of a fused op whose first epilogue gave `y`."""
+    results = (y,)
+    if attrs.get("out2"):
+        results += (apply_epilogue(attrs["out2"], y, operands),)
+    return results + batch_moments(y) if attrs.get("stats") else results
 
 
 def _fused_conv_shape(attrs, x, w, *rest):
@@ -50,10 +66,7 @@ def _fused_conv_shape(attrs, x, w, *rest):
 def _fused_conv_ref(attrs, x, w, *rest):
     operands = (x, w) + rest
     (y,) = _conv_ref(attrs, x, w)
-    y = apply_epilogue(attrs["epilogue"], y, operands)
-    if attrs.get("out2"):
-        return y, apply_epilogue(attrs["out2"], y, operands)
-    return (y,)
+    return _finish(attrs, apply_epilogue(attrs["epilogue"], y, operands), operands)
 
 
 def _fused_elementwise_shape(attrs, x, *rest):
@@ -65,10 +78,7 @@ def _fused_elementwise_shape(attrs, x, *rest):
 
 def _fused_elementwise_ref(attrs, x, *rest):
     operands = (x,) + rest
-    y = apply_epilogue(attrs["epilogue"], x, operands)
-    if attrs.get("out2"):
-        return y, apply_epilogue(attrs["out2"], y, operands)
-    return (y,)
+    return _finish(attrs, apply_epilogue(attrs["epilogue"], x, operands), operands)
 
 
 def bn_scale_shift(gamma, beta, mean, var, eps):
@@ -100,11 +110,10 @@ def _fold_shape(attrs, w, gamma, beta, mean, var):
 
 
 define("bias_add", shape=_bias_shape, reference=lambda a, x, b: (x + b,))
-define("fused_conv2d", shape=_fused_conv_shape, reference=_fused_conv_ref,
-       outputs=lambda attrs: ("y", "y2") if attrs.get("out2") else ("y",),
+define("fused_conv2d", shape=_fused_conv_shape, reference=_fused_conv_ref, outputs=_output_names,
        flops=lambda a, ins, outs: conv_flops(outs[0], ins[1][0], ins[1][2]))
 define("fused_elementwise", shape=_fused_elementwise_shape, reference=_fused_elementwise_ref,
-       outputs=lambda attrs: ("y", "y2") if attrs.get("out2") else ("y",))
+       outputs=_output_names)
 define("fold_bn_weights", shape=_fold_shape, reference=_fold_ref, outputs=("w", "b"))
 define("bn_affine_params", shape=lambda a, gamma, beta, mean, var: [gamma, gamma],
        reference=_affine_params_ref, outputs=("scale", "shift"))

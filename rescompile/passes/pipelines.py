@@ -1,0 +1,27 @@
+"""The pass pipeline of each mode: plain, named lists, run in order by `manager.run_pipeline`."""
+
+from .base import Pass
+from .constants import fold_constants
+from .dce import dce
+from .fold_bn import fold_bn
+from .fuse import fuse_elementwise, fuse_epilogues
+from .train_fusion import fuse_relu_grad, fuse_stats, split_bn
+
+INFER = [
+    Pass("dce", dce),                            # drop what no output needs
+    Pass("fold_bn", fold_bn),                    # BN into conv weights, else a per-channel affine
+    Pass("fuse_epilogues", fuse_epilogues),      # bias, affine, relu, residual add into convs
+    Pass("fuse_elementwise", fuse_elementwise),  # what is left: one kernel per chain
+    Pass("fold_constants", fold_constants),      # parameter-only nodes run once, in prepare
+]
+
+TRAIN = [
+    Pass("dce", dce),                            # drop what no output needs
+    Pass("split_bn", split_bn),                  # BN -> batch statistics + normalise
+    Pass("fuse_relu_grad", fuse_relu_grad),      # relu backward into the BN gradient kernel
+    Pass("fuse_epilogues", fuse_epilogues),      # residual add into conv3
+    Pass("fuse_stats", fuse_stats),              # batch statistics into the producing conv
+    Pass("fuse_elementwise", fuse_elementwise),  # normalise + relu, and other chains
+]
+
+PIPELINES = {"infer": INFER, "train": TRAIN}

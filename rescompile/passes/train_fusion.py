@@ -1,0 +1,129 @@
+"""Training fusions: split_bn, fuse_relu_grad, fuse_stats.
+
+A train-mode batch norm normalises with the statistics of its own batch, so no weight can hold
+it (fold_bn refuses it). It can still share kernels once it is split in two:
+
+- split_bn: `batch_norm(x)` -> `batch_moments(x)` (mean, var) + `batch_normalize(x, ...)`.
+  The value names stay, so the moving-average updates and the gradient read what they read.
+- fuse_relu_grad: `batch_norm_grad(relu_grad(dr, y), x, ...)`, where y is that batch norm's
+  normalised output, becomes `batch_norm_relu_grad(dr, x, ...)`: the ReLU backward runs inside
+  the BN gradient kernel, which recomputes y from x, so y need not be saved for the backward.
+- fuse_stats: `batch_moments(conv(...))` joins the conv's kernel (`fused_conv2d` with
+  `stats`), so the reduction reads the conv output while it is being written.
+  (`fuse_elementwise` then merges `batch_normalize` with its ReLU.)
+
+Preconditions, each refusal reported: the relu_grad's only consumer is the gradient of the batch
+norm that produced its input; the moments' input is a conv kernel's first output.
+Numerics: none. Every new op runs the same NumPy arithmetic, in the same order, as the ops it
+replaces (`ops/fused_train.py`), so the training graph's numbers do not move by a bit.
+"""
+
+from __future__ import annotations
+
+from ..ir import Graph, Node
+from .base import PassResult
+from .rewrite import make_node, rebuild
+
+CONVS = ("conv2d", "fused_conv2d")
+
+
+def split_bn(graph: Graph) -> PassResult:
+    values = dict(graph.values)
+    nodes = []
+    for node in graph.nodes:
+        if node.op == "batch_norm" and node.attrs["training"]:
+            nodes += _split(values, node)
+        else:
+            nodes.append(node)
+    changed = len(nodes) > len(graph.nodes)
+    return PassResult(rebuild(graph, nodes, values) if changed else graph, changed)
+
+
+def _split(values, bn: Node) -> list[Node]:
+    x, gamma, beta = bn.inputs
+    y, mean, var = bn.outputs
+    where = {"scope": bn.scope, "phase": bn.phase}
+    moments = make_node(values, "batch_moments", [x], {}, name=f"{bn.name}/moments",
+                        outputs=[mean, var], **where)
+    norm = make_node(values, "batch_normalize", [x, gamma, beta, mean, var],
+                     {"epsilon": bn.attrs["epsilon"]}, name=bn.name, outputs=[y], **where)
+    return [moments, norm]
+
+
+def fuse_relu_grad(graph: Graph) -> PassResult:
+    producers, consumers = graph.producers(), graph.consumers()
+    protected = set(graph.outputs.values())
+    values = dict(graph.values)
+    replaced: dict[str, Node] = {}  # batch_norm_grad name -> fused node
+    dropped, remarks = set(), []
+    for node in graph.nodes:
+        if node.op != "relu_grad":
+            continue
+        reason = _relu_grad_refusal(node, producers, consumers, protected)
+        if reason:
+            remarks.append((node.name, f"not fused into a batch-norm gradient: {reason}"))
+            continue
+        grad = consumers[node.outputs[0]][0]
+        norm = producers[node.inputs[1]]
+        replaced[grad.name] = make_node(
+            values, "batch_norm_relu_grad", [node.inputs[0], *norm.inputs],
+            {"epsilon": grad.attrs["epsilon"], "alpha": node.attrs["alpha"]}, name=grad.name,
+            scope=grad.scope, phase=grad.phase, outputs=grad.outputs)
+        dropped.add(node.name)
+    if not replaced:
+        return PassResult(graph, False, remarks)
+    nodes = [replaced.get(n.name, n) for n in graph.nodes if n.name not in dropped]
+    return PassResult(rebuild(graph, nodes, values), True, remarks)
+
+
+def _relu_grad_refusal(relu_grad: Node, producers, consumers, protected) -> str | None:
+    out = relu_grad.outputs[0]
+    users = consumers[out]
+    if len(users) != 1 or users[0].op != "batch_norm_grad" or users[0].inputs[0] != out:
+        return f"its output feeds {', '.join(u.op for u in users)}, not one batch_norm_grad"
+    if out in protected:
+        return f"{out} is a public output"
+    norm = producers.get(relu_grad.inputs[1])
+    if norm is None or norm.op != "batch_normalize":
+        return f"its input is made by {norm.op if norm else 'a graph input'}, not batch_normalize"
+    grad = users[0]
+    x, gamma, _, mean, var = norm.inputs
+    if (x, gamma, mean, var) != grad.inputs[1:] or norm.attrs["epsilon"] != grad.attrs["epsilon"]:
+        return f"{grad.name} is not the gradient of {norm.name}"
+    return None
+
+
+def fuse_stats(graph: Graph) -> PassResult:
+    producers = graph.producers()
+    values = dict(graph.values)
+    replaced: dict[str, Node] = {}  # conv name -> conv with stats
+    dropped, remarks = set(), []
+    for node in graph.nodes:
+        if node.op != "batch_moments":
+            continue
+        conv = producers.get(node.inputs[0])
+        reason = _stats_refusal(node, conv, replaced)
+        if reason:
+            remarks.append((node.name, f"statistics stay a separate reduction: {reason}"))
+            continue
+        attrs = {**conv.attrs, "epilogue": conv.attrs.get("epilogue", []), "stats": True}
+        replaced[conv.name] = make_node(values, "fused_conv2d", conv.inputs, attrs,
+                                        name=conv.name, scope=conv.scope, phase=conv.phase,
+                                        outputs=conv.outputs + node.outputs)
+        dropped.add(node.name)
+    if not replaced:
+        return PassResult(graph, False, remarks)
+    nodes = [replaced.get(n.name, n) for n in graph.nodes if n.name not in dropped]
+    return PassResult(rebuild(graph, nodes, values), True, remarks)
+
+
+def _stats_refusal(moments: Node, conv: Node | None, replaced) -> str | None:
+    if conv is None:
+        return f"its input {moments.inputs[0]} is a graph input"
+    if conv.op not in CONVS:
+        return f"producer is {conv.op}"
+    if conv.outputs[0] != moments.inputs[0]:
+        return f"it reads {conv.name}'s second output"
+    if conv.attrs.get("stats") or conv.name in replaced:
+        return f"{conv.name} already computes statistics"
+    return None
