@@ -1,7 +1,8 @@
 """The compiler's steps, spec to backend program, each a plain function of the previous value.
 
-`stages()` returns the graph after every step by name, which is what `rescompile dump --after`
-prints; `compile()` runs the same steps and hands the last graph to a backend.
+`lower()` returns the graph after every step by name (build, autodiff in train, then one stage
+per pass of the mode's pipeline), which is what `rescompile dump --after` prints, with the pass
+log and the passes' remarks; `compile()` hands the last graph to a backend.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from .autodiff import training_graph
 from .build import Model, Variable, build
 from .ir import Graph
+from .passes import PIPELINES, PassRecord, Remark, run_pipeline
 from .spec import load_spec
 
 BACKENDS = ("reference", "cpu", "cuda")
@@ -26,10 +28,14 @@ class Lowered:
     variables: dict[str, Variable]
     model: Model
     stages: list[tuple[str, Graph]]
+    pass_log: list[PassRecord]
+    remarks: list[Remark]
 
 
 def lower(spec, mode: str = "infer", dtype: str = "float32", optimize: bool = True,
-          verify_each: bool = False) -> Lowered:
+          verify_each: bool = False, pipeline=None) -> Lowered:
+    """`optimize=False` stops after build/autodiff; `pipeline` (a list of passes) replaces the
+    mode's; `verify_each` runs the verifier after every pass."""
     spec = load_spec(spec)
     model = build(spec, mode, dtype)
     stages = [("build", model.graph)]
@@ -37,7 +43,10 @@ def lower(spec, mode: str = "infer", dtype: str = "float32", optimize: bool = Tr
     if mode == "train":
         graph, variables = training_graph(model, spec)
         stages.append(("autodiff", graph))
-    return Lowered(spec, mode, dtype, graph, variables, model, stages)
+    passes = (PIPELINES[mode] if pipeline is None else pipeline) if optimize else []
+    run = run_pipeline(graph, passes, verify_each)
+    return Lowered(spec, mode, dtype, run.graph, variables, model, stages + run.stages,
+                   run.log, run.remarks)
 
 
 def backend_module(name: str):
