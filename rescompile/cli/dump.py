@@ -1,8 +1,19 @@
-"""`rescompile dump`: print the graph after any compiler step."""
+"""`rescompile dump`: print the graph after any compiler step, the passes' log and remarks, or
+the memory plan.
+
+`--after all` writes every stage as a numbered file (`03-fold_bn.txt`) into the directory `-o`
+names. The text format ends with a footer: the pass log and every refused fold or fusion.
+"""
+
+from pathlib import Path
 
 from ..compiler import lower
 from ..dump import FORMATS, render
+from ..entries import make_entries
+from ..passes.memory import plan_memory
 from .common import add_dtype, add_mode, add_spec, resolve_spec, write_or_print
+
+EXTENSIONS = {"text": "txt", "json": "json", "dot": "dot"}
 
 
 def register(sub) -> None:
@@ -10,17 +21,61 @@ def register(sub) -> None:
     add_spec(p)
     add_mode(p)
     add_dtype(p)
-    p.add_argument("--after", metavar="STAGE", help="a stage name (default: the last)")
+    p.add_argument("--after", metavar="STAGE", help="a stage name, or 'all' (default: the last)")
     p.add_argument("--format", choices=FORMATS, default="text")
-    p.add_argument("-o", "--output", metavar="FILE")
+    p.add_argument("-o", "--output", metavar="PATH", help="file (a directory with --after all)")
+    p.add_argument("--no-optimize", dest="optimize", action="store_false",
+                   help="stop after build (and autodiff): no passes")
+    p.add_argument("--remarks", action="store_true",
+                   help="print the pass log and refused folds and fusions instead of a graph")
+    p.add_argument("--memory", action="store_true",
+                   help="print the memory plan of the main entry instead of a graph")
+    p.add_argument("--batch", type=int, default=128, help="batch size for --memory")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    lowered = lower(resolve_spec(args.spec), args.mode, args.dtype)
-    stages = dict(lowered.stages)
-    stage = args.after or lowered.stages[-1][0]
-    if stage not in stages:
-        raise ValueError(f"--after: unknown stage {stage!r}; stages: {', '.join(stages)}")
-    write_or_print(render(stages[stage], args.format), args.output)
+    lowered = lower(resolve_spec(args.spec), args.mode, args.dtype, optimize=args.optimize)
+    if args.remarks:
+        write_or_print(footer(lowered), args.output)
+    elif args.memory:
+        write_or_print(memory_plan(lowered, args.batch).summary(), args.output)
+    elif args.after == "all":
+        _dump_all(lowered, args.format, args.output)
+    else:
+        write_or_print(_render_stage(lowered, args.after, args.format), args.output)
     return 0
+
+
+def _render_stage(lowered, stage, fmt: str) -> str:
+    stages = dict(lowered.stages)
+    stage = stage or lowered.stages[-1][0]
+    if stage not in stages:
+        raise ValueError(f"--after: unknown stage {stage!r}; stages: {', '.join(stages)}, all")
+    text = render(stages[stage], fmt)
+    return text + footer(lowered) if fmt == "text" else text
+
+
+def _dump_all(lowered, fmt: str, directory) -> None:
+    if not directory:
+        raise ValueError("--after all writes one file per stage: name a directory with -o")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (name, graph) in enumerate(lowered.stages, start=1):
+        (out / f"{i:02d}-{name}.{EXTENSIONS[fmt]}").write_text(render(graph, fmt))
+    print(f"wrote {len(lowered.stages)} stages to {out}/")
+
+
+def footer(lowered) -> str:
+    lines = [f"# pass {record}" for record in lowered.pass_log]
+    lines += [f"# remark {remark}" for remark in lowered.remarks]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def memory_plan(lowered, batch: int):
+    """The plan of the entry a user runs most: forward (infer) or train_step (train)."""
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    entry = make_entries(lowered.graph, lowered.mode)[
+        "train_step" if lowered.mode == "train" else "forward"]
+    return plan_memory(lowered.graph, entry.nodes, batch, set(entry.fetches))
