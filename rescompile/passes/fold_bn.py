@@ -17,7 +17,8 @@ Numerics: W' and b' are computed in float64 from the current variables and cast 
 model dtype (in the prepare entry, once per variable load), so a float32 model sees one
 rounding of W' instead of the unfolded graph's rounding of conv then normalise; the result
 agrees with the unfolded graph to float rounding (about 1e-7 relative in float32, 1e-15 in
-float64). The batch norm's output value keeps its name, so consumers are untouched.
+float64). The batch norm's output value keeps its name, so consumers are untouched; the
+scaled conv output gets a new name (`<conv>:folded`), since it no longer means the conv's.
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ def _fold(values, conv: Node, bn: Node) -> list[Node]:
                      {"epsilon": bn.attrs["epsilon"]}, name=f"{bn.name}/fold", scope=bn.scope,
                      phase=bn.phase)
     new_w, bias = fold.outputs
-    new_conv = conv.replace(inputs=(x, new_w))
-    add = make_node(values, "bias_add", [conv.outputs[0], bias], {}, name=bn.name,
+    # The scaled conv output is a new value: no reader may take it for the unscaled one.
+    new_conv = make_node(values, "conv2d", [x, new_w], conv.attrs, name=conv.name,
+                         scope=conv.scope, phase=conv.phase, outputs=[f"{conv.outputs[0]}:folded"])
+    add = make_node(values, "bias_add", [new_conv.outputs[0], bias], {}, name=bn.name,
                     scope=bn.scope, phase=bn.phase, outputs=bn.outputs)
     return [fold, new_conv, add]
 
