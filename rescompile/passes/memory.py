@@ -63,7 +63,8 @@ class MemoryPlan:
         mib = 2.0 ** 20
         lines = [f"memory plan, batch {self.batch}: {len(self.value_bytes)} activations in "
                  f"{len(self.buffer_bytes)} buffers",
-                 f"  peak activation bytes  {self.peak_bytes:>14,} ({self.peak_bytes / mib:.1f} MiB)",
+                 f"  peak activation bytes  {self.peak_bytes:>14,} "
+                 f"({self.peak_bytes / mib:.1f} MiB)",
                  f"  live at once (max)     {self.live_peak_bytes:>14,}",
                  f"  largest activation     {self.largest_bytes:>14,} "
                  f"(peak = {self.peak_bytes / max(self.largest_bytes, 1):.2f}x)",
