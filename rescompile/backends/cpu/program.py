@@ -1,0 +1,178 @@
+"""The CPU program: one compiled kernel per node, and per (entry, batch size) an arena of
+preallocated buffers and a generated straight-line driver that calls the kernels in schedule
+order. Nothing is interpreted per node at run time.
+
+The `prepare` entry (parameter-only nodes: folded BN weights) runs once per variable load with
+the ops' float64 definitions, which is what those nodes are: constants of the loaded weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ... import ops
+from ...errors import InputError
+from .kernel_cache import compile_source
+from .source import Lowering
+from .templates import lower_node
+
+
+class CpuProgram:
+    name = "cpu"
+
+    def __init__(self, graph, entries, dtype: str, cache_dir=None, check_finite: bool = False):
+        self.graph, self.entries, self.dtype = graph, entries, dtype
+        self.check_finite = check_finite
+        self.lowerings: dict[str, Lowering] = {}
+        self.functions: dict[str, object] = {}  # kernel name -> compiled function
+        for entry in entries.values():
+            if entry.name != "prepare":
+                for node in entry.nodes:
+                    self._compile(node, cache_dir)
+        self.arenas: dict[tuple[str, int], Arena] = {}
+        self.prepared: dict[str, np.ndarray] = {}
+        self.profile: dict[str, list[float]] | None = None
+
+    def _compile(self, node, cache_dir) -> None:
+        if node.name in self.lowerings:
+            return
+        lowering = self.lowerings[node.name] = lower_node(node, self.graph, self.dtype)
+        for call in lowering.calls:
+            kernel = call.kernel
+            if kernel.name not in self.functions:
+                self.functions[kernel.name] = compile_source(kernel.name, kernel.source,
+                                                             cache_dir)
+
+    def kernel_sources(self) -> dict[str, str]:
+        """Generated source of every distinct kernel, by kernel name."""
+        return {c.kernel.name: c.kernel.source for low in self.lowerings.values()
+                for c in low.calls}
+
+    def run(self, entry_name: str, feeds: dict) -> dict:
+        entry = self.entries[entry_name]
+        if entry_name == "prepare":
+            return self._prepare(entry, feeds)
+        batch = self._batch(entry, feeds)
+        arena = self.arenas.get((entry_name, batch))
+        if arena is None:
+            arena = self.arenas[(entry_name, batch)] = Arena(self, entry, batch)
+        values = dict(feeds)
+        values.update(self.prepared)
+        if entry.after and entry.after != "prepare":
+            values.update(self.arenas[(entry.after, batch)].buffers)
+        arena.run(values)
+        return {name: np.array(arena.lookup(name, values)).reshape(self._shape(name, batch))
+                for name in entry.fetches}
+
+    def _prepare(self, entry, feeds: dict) -> dict:
+        env = dict(feeds)
+        for node in entry.nodes:
+            outs = ops.get(node.op).run_reference(node.attrs, *[env[i] for i in node.inputs])
+            env.update(zip(node.outputs, outs))
+        self.prepared = {name: np.ascontiguousarray(env[name]) for name in entry.fetches}
+        return dict(self.prepared)
+
+    def _batch(self, entry, feeds: dict) -> int:
+        for name in entry.feeds:
+            value = self.graph.value(name)
+            if value.shape and value.shape[0] == "N":
+                return int(feeds[name].shape[0])
+        return self._last_batch(entry)
+
+    def _last_batch(self, entry) -> int:
+        batches = [b for (name, b) in self.arenas if name == entry.after]
+        if not batches:
+            raise InputError(f"entry {entry.name!r} needs {entry.after!r} to run first")
+        return batches[-1]
+
+    def _shape(self, name: str, batch: int) -> tuple:
+        return self.graph.value(name).concrete_shape(batch)
+
+    def values(self, entry_name: str) -> dict:
+        """Every buffer of the entry's last run (for tests); reused buffers hold their last
+        occupant."""
+        (arena,) = [a for (e, _), a in self.arenas.items() if e == entry_name][-1:]
+        return dict(arena.buffers)
+
+
+@dataclass
+class Arena:
+    """Buffers for one entry at one batch size, and its generated driver."""
+    program: CpuProgram
+    entry: object
+    batch: int
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self):
+        graph, dtype = self.program.graph, self.program.dtype
+        for node in self.entry.nodes:
+            for out in node.outputs:
+                shape = graph.value(out).concrete_shape(self.batch) or (1,)
+                self.buffers[out] = np.empty(shape, dtype=dtype)
+            for temp, shape in self.program.lowerings[node.name].temps.items():
+                shape = tuple(self.batch if d == "N" else d for d in shape)
+                self.buffers[temp] = np.empty(shape, dtype=dtype)
+        self.calls = [self._call(node, call) for node in self.entry.nodes
+                      for call in self.program.lowerings[node.name].calls]
+        self.kernel_fns = [fn for fn, _, _ in self.calls]
+        self.driver = _driver(len(self.calls))
+        # Buffer views are bound once; only fed values (inputs, variables, values another
+        # entry left) are rebound per call.
+        self.args = [[_view(self.buffers[n], how) if n in self.buffers else None
+                      for n, how in views] for _, views, _ in self.calls]
+        self.fed = [(i, j, n, how) for i, (_, views, _) in enumerate(self.calls)
+                    for j, (n, how) in enumerate(views) if n not in self.buffers]
+
+    def _call(self, node, call):
+        fn = self.program.functions[call.kernel.name]
+        return fn, list(zip(call.args, call.kernel.views)), node
+
+    def lookup(self, name: str, values: dict) -> np.ndarray:
+        return self.buffers[name] if name in self.buffers else values[name]
+
+    def run(self, values: dict) -> None:
+        args = self.args
+        for i, j, name, how in self.fed:
+            args[i][j] = _view(values[name], how)
+        if self.program.check_finite:
+            return self._run_checked(args)
+        if self.program.profile is not None:
+            return self._run_profiled(args)
+        self.driver(self.kernel_fns, args)
+
+    def _run_checked(self, args) -> None:
+        for (fn, _, node), call_args in zip(self.calls, args):
+            fn(*call_args)
+            for out in node.outputs:
+                if not np.all(np.isfinite(self.buffers[out])):
+                    raise FloatingPointError(f"kernel for node {node.name!r} ({node.op}) "
+                                             f"produced NaN or Inf in {out!r}")
+
+    def _run_profiled(self, args) -> None:
+        for (fn, _, node), call_args in zip(self.calls, args):
+            start = time.perf_counter()
+            fn(*call_args)
+            record = self.program.profile.setdefault(node.name, [0, 0.0])
+            record[0] += 1
+            record[1] += time.perf_counter() - start
+
+
+def _view(array: np.ndarray, how: str) -> np.ndarray:
+    if how == "rows":
+        return array.reshape(-1, array.shape[-1])
+    if how == "flat":
+        return array.reshape(-1)
+    return array.reshape(array.shape or (1,))
+
+
+def _driver(count: int):
+    """A straight-line function calling kernel i with argument list i, generated once."""
+    lines = ["def drive(K, A):"] + [f"    K[{i}](*A[{i}])" for i in range(count)]
+    if count == 0:
+        lines.append("    return None")
+    namespace: dict = {}
+    exec("\n".join(lines), namespace)
+    return namespace["drive"]
