@@ -122,15 +122,17 @@ FORWARD_CASES = [
     (2, 6, 5, 8, 12, 1, 1, (0, 0, 0, 0), "float32", (("bias",), ("relu", 0.0)), False, 0.0,
      dict(chunk_rows=25)),
     (2, 8, 8, 6, 10, 1, 2, (0, 0, 0, 0), "float64", (("relu", 0.1), ("affine",), ("bias",)),
-     False, 0.0, {}),
-    (2, 7, 5, 6, 8, 3, 1, (1, 1, 1, 1), "float32", (("add",),), True, 0.0, dict(chunk_rows=3)),
+     False, 0.0, dict(parallel=False)),
+    (2, 7, 5, 6, 8, 3, 1, (1, 1, 1, 1), "float32", (("add",),), True, 0.0,
+     dict(strategy="shifted", chunk_rows=3)),
     (3, 8, 8, 5, 7, 3, 2, (0, 1, 0, 1), "float64",
      (("bias",), ("affine",), ("relu", 0.2), ("add",)), True, 0.1, dict(parallel=False)),
-    (2, 10, 11, 3, 8, 7, 2, (2, 3, 3, 3), "float32", (), False, 0.0, {}),
+    (2, 10, 11, 3, 8, 7, 2, (2, 3, 3, 3), "float32", (), False, 0.0, dict(parallel=False)),
     # Small images stacked 24 per GEMM (shifted, multi-image); groups=2: 25 + 25 -> 24 + 1.
-    (50, 4, 5, 4, 6, 3, 1, (1, 1, 1, 1), "float32", (("bias",),), False, 0.0, dict(groups=2)),
+    (50, 4, 5, 4, 6, 3, 1, (1, 1, 1, 1), "float32", (("bias",),), False, 0.0,
+     dict(strategy="shifted", groups=2)),
     (2, 6, 7, 16, 16, 3, 1, (1, 1, 1, 1), "float32", (("affine",), ("relu", 0.0)), True, 0.0,
-     dict(strategy="im2col")),
+     dict(strategy="im2col", parallel=False)),
 ]
 
 
@@ -177,21 +179,23 @@ def test_float32_kernel_has_no_float64_arithmetic(cache_dir):
 # --- backward kernels ---------------------------------------------------------------
 
 BACKWARD_CASES = [
-    # (n, h, w, cin, cout, k, s, pads, dtype)
-    (2, 5, 6, 8, 6, 1, 1, (0, 0, 0, 0), "float32"),
-    (2, 7, 6, 5, 4, 3, 1, (1, 1, 1, 1), "float64"),
-    (2, 8, 8, 4, 6, 3, 2, (0, 1, 0, 1), "float32"),
-    (2, 8, 7, 4, 5, 1, 2, (0, 0, 0, 0), "float64"),
-    (1, 10, 9, 3, 4, 7, 2, (2, 3, 3, 3), "float32"),
+    # (n, h, w, cin, cout, k, s, pads, dtype, parallel, strategy);
+    # parallel kernels compile ~2.5x slower, so only a few are parallel.
+    (2, 5, 6, 8, 6, 1, 1, (0, 0, 0, 0), "float32", True, "auto"),
+    (2, 7, 6, 5, 4, 3, 1, (1, 1, 1, 1), "float64", True, "shifted"),
+    (2, 6, 6, 4, 6, 3, 1, (1, 1, 1, 1), "float32", False, "im2col"),
+    (2, 8, 8, 4, 6, 3, 2, (0, 1, 0, 1), "float32", False, "auto"),
+    (2, 8, 7, 4, 5, 1, 2, (0, 0, 0, 0), "float64", False, "auto"),
+    (1, 10, 9, 3, 4, 7, 2, (2, 3, 3, 3), "float32", False, "auto"),
 ]
 
 
-@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: f"k{c[5]}s{c[6]}{c[8]}")
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: f"k{c[5]}s{c[6]}{c[8]}{c[10]}")
 def test_backward_kernels(case, cache_dir):
-    n, h, w, cin, cout, k, s, pads, dtype = case
+    n, h, w, cin, cout, k, s, pads, dtype, parallel, strategy = case
     rng = np.random.default_rng(sum(case[:7]))
-    sig_dx = ConvSig("grad_input", h, w, cin, cout, k, s, pads, dtype)
-    sig_dw = ConvSig("grad_filter", h, w, cin, cout, k, s, pads, dtype, parallel=False)
+    sig_dx, sig_dw = (ConvSig(op, h, w, cin, cout, k, s, pads, dtype, parallel=parallel,
+                              strategy=strategy) for op in ("grad_input", "grad_filter"))
     x = rng.standard_normal((n, h, w, cin))
     wt = rng.standard_normal((k, k, cin, cout))
     dy = rng.standard_normal((n, sig_dx.oh, sig_dx.ow, cout))
@@ -200,7 +204,7 @@ def test_backward_kernels(case, cache_dir):
     dw = np.full(wt.shape, np.nan, dtype)
     with blas.blas_threads(1):
         conv_kernel(sig_dx, cache_dir)(cast(dy), cast(wt), dx)
-    conv_kernel(sig_dw, cache_dir)(cast(x), cast(dy), dw)
+        conv_kernel(sig_dw, cache_dir)(cast(x), cast(dy), dw)
     assert_close(dx, ref_grad_input(dy, wt, x.shape, s, pads), dtype)
     assert_close(dw, ref_grad_filter(x, dy, k, s, pads), dtype)
 
@@ -218,6 +222,17 @@ def test_sig_validation_and_names():
                 dict(strategy="shifted"), dict(strategy="direct")]:
         with pytest.raises(ValueError):
             ConvSig(**{**sig.__dict__, **bad})
+
+
+def test_auto_strategy_on_resnet164_shapes():
+    def pick(hw, c, k, s, pads):
+        return ConvSig("forward", hw, hw, c, c, k, s, pads).resolved_strategy
+    assert pick(32, 64, 1, 1, (0, 0, 0, 0)) == "direct"
+    assert pick(32, 16, 3, 1, (1, 1, 1, 1)) == "shifted"
+    assert pick(16, 32, 3, 1, (1, 1, 1, 1)) == "shifted"
+    assert pick(8, 64, 3, 1, (1, 1, 1, 1)) == "im2col"
+    assert pick(32, 16, 3, 2, (0, 1, 0, 1)) == "im2col"
+    assert pick(32, 64, 1, 2, (0, 0, 0, 0)) == "im2col"
 
 
 def test_second_process_loads_from_cache(tmp_path):

@@ -13,7 +13,8 @@ Layouts: x ``[N, H, W, cin]``, w ``[k, k, cin, cout]`` (HWIO, which flattens
 to the row-major ``[k*k*cin, cout]`` GEMM operand), out ``[N, OH, OW, cout]``.
 All arrays must be C-contiguous (the kernels use flat views).
 
-Strategies (``ConvSig.strategy``, "auto" picks as listed):
+Strategies (``ConvSig.strategy``; "auto" picks direct where it applies, else
+shifted for stride 1 when the padded grid is mostly real output, else im2col):
 
 * ``direct`` — 1×1, stride 1, no padding: x is already the ``[N*H*W, cin]``
   GEMM operand.  GEMM over chunks of rows straight into ``out``, then the
@@ -23,15 +24,27 @@ Strategies (``ConvSig.strategy``, "auto" picks as listed):
   over the padded row width: output row ``q = oh*WP + ow'`` reads input row
   ``q + i*WP + j`` for tap (i, j), so each tap is one GEMM on a contiguous
   shifted view, accumulated with beta = 1 (k*k GEMMs, no im2col).  The
-  ``k-1`` junk columns per row are skipped by the epilogue.
+  ``k-1`` junk columns per row are skipped by the epilogue.  Small images are
+  stacked (several padded images in one buffer, one GEMM per tap over all of
+  them; the junk rows between images are skipped too); large ones are split
+  into balanced chunks of output rows.
 * ``im2col`` — any stride: gather k*k*cin patches for a chunk of output rows
   into a small buffer, one GEMM with K = k*k*cin, epilogue.  Used for strided
   k×k and for strided 1×1 (where the "patch" is a strided row gather).
 
-Measured on this machine (benchmarks/kernels/bench_conv.py, batch 128,
-ResNet-164 bottleneck shapes, float32): see the table in that file's header.
-The shifted GEMMs beat chunked im2col on every stride-1 3×3 shape, so auto
-uses shifted for stride 1 and im2col only where stride > 1.
+Measured here (2026-11, OpenBLAS Haswell kernels, serial kernel + 1 BLAS
+thread, batch 32, 3×3 with BN-ReLU epilogue, CPU time per call, shared and
+loaded machine, two runs agreeing within 10%):
+
+    shape        shifted  im2col   ratio of useful outputs in the padded grid
+    32×32×16     3.6 ms   4.6-4.9  0.89
+    16×16×32     2.8 ms   3.1-3.3  0.79
+    8×8×64       3.1 ms   2.9      0.64
+
+So shifted wins where little of the padded grid is junk, im2col (one GEMM with
+K = 9*cin, which OpenBLAS runs better than 9 GEMMs with K = cin) on small
+images: the rule is ``SHIFTED_MIN_USEFUL``.  OpenBLAS itself is the limit at
+these widths: a 1088×16×16 GEMM runs at 35 GFLOP/s per core, 1000×64×64 at 83.
 
 Backward kernels mirror this: grad_input is ``dy @ W^T`` scattered back
 (shifted GEMMs into a padded dx buffer for stride 1, col2im for stride > 1);
@@ -58,6 +71,11 @@ OPS = ("forward", "grad_input", "grad_filter")
 STRATEGIES = ("auto", "direct", "shifted", "im2col")
 DTYPES = ("float32", "float64")
 STEP_ARITY = {"bias": 0, "affine": 0, "relu": 1, "add": 0}
+
+# Stride-1 convs use shifted GEMMs only when at least this fraction of the
+# padded positions they compute are real outputs (32x32: 0.89, 16x16: 0.79 ->
+# shifted; 8x8: 0.64 -> im2col), see the measurements in the design note.
+SHIFTED_MIN_USEFUL = 0.75
 
 # Target GEMM rows per chunk: small enough that the chunk stays in L2 while
 # the epilogue runs on it, large enough that BLAS call overhead is negligible.
@@ -160,7 +178,9 @@ class ConvSig:
             return self.strategy
         if self.direct_ok:
             return "direct"
-        return "shifted" if self.stride == 1 else "im2col"
+        if self.stride == 1 and self.oh * self.ow >= SHIFTED_MIN_USEFUL * self.hp * self.wp:
+            return "shifted"
+        return "im2col"
 
     def digest(self):
         return hashlib.sha256(repr(self).encode()).hexdigest()[:16]
@@ -227,7 +247,9 @@ def _chunk_rows(sig, row_len):
     """Output rows per chunk so that a chunk has about CHUNK_ROWS_TARGET GEMM rows."""
     if sig.chunk_rows:
         return min(sig.chunk_rows, sig.oh)
-    return max(1, min(sig.oh, CHUNK_ROWS_TARGET // row_len))
+    rows = max(1, min(sig.oh, CHUNK_ROWS_TARGET // row_len))
+    n_chunks = -(-sig.oh // rows)
+    return -(-sig.oh // n_chunks)  # balanced: 32 rows in chunks of 16 + 16, not 30 + 2
 
 
 def _header(src, sig, fn_name):
