@@ -1,0 +1,91 @@
+"""A training run's checkpoint directory.
+
+Each checkpoint is a pair: `step-000123.npz` (rescompile.checkpoint.save: variables, optimizer
+slots, step, spec) and `step-000123.json` beside it, the data stream's state (data set, seed,
+batch size, augmentation). BatchStream's batch k is a pure function of (seed, k), so that
+state plus the step resumes the data order and augmentation exactly.
+
+Both files are written atomically, the .npz first: a .json marks a complete pair, so a crash
+between the two writes leaves an .npz that is ignored, never a half checkpoint. Pruning
+removes the .json first for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .. import checkpoint
+from ..errors import CheckpointError
+
+NAME = re.compile(r"step-(\d+)\.json")
+
+
+class CheckpointDir:
+    def __init__(self, path, keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"--keep must be >= 1, got {keep}")
+        self.path = Path(path)
+        self.keep = keep
+        if self.path.exists() and not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: --checkpoint must be a directory")
+
+    def paths(self, step: int) -> tuple[Path, Path]:
+        stem = self.path / f"step-{step:06d}"
+        return stem.with_suffix(".npz"), stem.with_suffix(".json")
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        if not self.path.is_dir():
+            return []
+        found = (NAME.fullmatch(p.name) for p in self.path.iterdir())
+        steps = (int(m.group(1)) for m in found if m)
+        return sorted(s for s in steps if self.paths(s)[0].is_file())
+
+    def newest(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, exe, stream_state: dict) -> Path:
+        weights, state = self.paths(exe.step)
+        checkpoint.save(exe, weights)
+        text = json.dumps({**stream_state, "step": exe.step}, indent=2) + "\n"
+        checkpoint.atomic_write(state, lambda f: f.write(text.encode()))
+        self._prune()
+        return weights
+
+    def stream_state(self, step: int) -> dict:
+        path = self.paths(step)[1]
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: unreadable data stream state ({exc})") from None
+
+    def _prune(self) -> None:
+        for step in self.steps()[:-self.keep]:
+            weights, state = self.paths(step)
+            state.unlink()
+            weights.unlink(missing_ok=True)
+
+
+def resolve(path) -> Path:
+    """A checkpoint file as given, or the newest complete one in a directory."""
+    path = Path(path)
+    if path.is_dir():
+        step = CheckpointDir(path).newest()
+        if step is None:
+            raise CheckpointError(f"{path}: no checkpoint step-*.npz (with its .json) in this "
+                                  f"directory")
+        return CheckpointDir(path).paths(step)[0]
+    return path
+
+
+def load_for_spec(path, spec, mode: str, backend: str):
+    """An executable restored from `path`, which must hold `spec`'s model.
+
+    Shapes are checked against the given spec first, so a mismatch names the tensor and both
+    shapes rather than only saying that the specs differ."""
+    manifest, variables = checkpoint.read(path)
+    checkpoint.check_variables(path, variables, spec, manifest["dtype"])
+    return checkpoint.load(path, spec=spec, mode=mode, backend=backend)

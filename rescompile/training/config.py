@@ -1,0 +1,81 @@
+"""What a training run is asked to do, and the defaults it falls back on.
+
+None means "the default", or on --resume "what the checkpoint says": a resumed run takes the
+data stream's settings from the checkpoint, and a value given again must agree with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import CheckpointError
+
+DEFAULT_SEED = 0
+DEFAULT_DTYPE = "float32"
+DEFAULT_EPOCHS = 10   # when the learning-rate schedule has no decay step to go by
+# The seed's CIFAR augmentation (4-pixel pad-and-crop, mirroring) wrecks 8x8 digits: the crop
+# can cut off a quarter of a digit, and a mirrored digit is another glyph.
+NOT_AUGMENTED = {"digits"}
+
+
+@dataclass
+class TrainConfig:
+    spec: object                    # ResNetSpec
+    data: str
+    data_dir: str | None = None
+    steps: int | None = None        # the step to train up to (a resumed run counts from 0 too)
+    epochs: int | None = None
+    batch_size: int | None = None
+    backend: str | None = None
+    dtype: str | None = None
+    seed: int | None = None
+    augment: bool | None = None
+    checkpoint: str | None = None   # directory
+    resume: bool = False
+    eval_every: int | None = None   # default: once an epoch
+    checkpoint_every: int = 1000
+    keep: int = 3
+    log: str | None = None
+    plot: str | None = None
+
+
+def default_backend() -> str:
+    """"cpu" once rescompile.backends.cpu can compile programs, else "reference"."""
+    try:
+        from ..backends import cpu
+    except ImportError:
+        return "reference"
+    return "cpu" if hasattr(cpu, "compile_program") else "reference"
+
+
+def stream_settings(config: TrainConfig, saved: dict | None) -> dict:
+    """The data stream's settings: given, else saved (on resume), else the defaults."""
+    settings = {"data": config.data, "seed": config.seed, "batch_size": config.batch_size,
+                "augment": config.augment}
+    for key, given in settings.items():
+        if saved is not None and given is not None and given != saved[key]:
+            flag = "--data" if key == "data" else f"--{key.replace('_', '-')}"
+            raise CheckpointError(f"{flag} {given} differs from the checkpoint's {saved[key]}; "
+                                  f"drop it to resume as the checkpoint was trained")
+    defaults = {"seed": DEFAULT_SEED, "batch_size": config.spec.train.batch_size,
+                "augment": config.data not in NOT_AUGMENTED}
+    if saved is not None:
+        defaults = saved
+    return {key: defaults[key] if given is None else given for key, given in settings.items()}
+
+
+def target_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """--steps, else --epochs, else twice the schedule's last decay step (the decayed rate
+    gets as many steps as came before it), else DEFAULT_EPOCHS epochs."""
+    if config.steps is not None and config.epochs is not None:
+        raise ValueError("give --steps or --epochs, not both")
+    if config.steps is not None:
+        steps = config.steps
+    elif config.epochs is not None:
+        steps = config.epochs * steps_per_epoch
+    else:
+        last_decay = config.spec.train.learning_rate[-1][0]
+        steps = 2 * last_decay if last_decay else DEFAULT_EPOCHS * steps_per_epoch
+    if steps < 1:
+        raise ValueError(f"the number of steps must be >= 1, got {steps}")
+    return steps

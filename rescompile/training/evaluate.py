@@ -1,0 +1,48 @@
+"""Accuracy and confusion matrix of an inference executable on a held-out split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data import eval_batches
+
+BATCH = 256
+
+
+@dataclass
+class Evaluation:
+    confusion: np.ndarray  # [true class, predicted class] -> count
+
+    @property
+    def correct(self) -> int:
+        return int(np.trace(self.confusion))
+
+    @property
+    def total(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+
+def evaluate(exe, images, labels, num_classes: int) -> Evaluation:
+    """uint8 test images, standardized as the data pipeline's eval transform does."""
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    for batch, truth in eval_batches(images, labels, BATCH):
+        predicted = np.argmax(exe.forward(batch), axis=1)
+        np.add.at(confusion, (truth, predicted), 1)
+    return Evaluation(confusion)
+
+
+def confusion_table(confusion: np.ndarray) -> str:
+    """Rows are true classes, columns predicted ones."""
+    width = max(len(str(confusion.max())), len(str(len(confusion) - 1))) + 1
+
+    def row(label, values) -> str:
+        return f"{label:>10}" + "".join(f"{v:>{width}}" for v in values)
+
+    header = row("true\\pred", range(len(confusion)))
+    return "\n".join([header] + [row(k, counts) for k, counts in enumerate(confusion)])
