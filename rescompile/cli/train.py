@@ -1,0 +1,50 @@
+"""`rescompile train`: train a spec on a data set, with evaluation, checkpoints and progress."""
+
+import argparse
+
+from ..data import DATASETS
+from .common import add_backend, add_dtype, add_spec, resolve_spec
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train on a data set, with checkpoints and progress")
+    add_spec(p)
+    add_data(p)
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="train up to this step (default: twice the "
+                        "learning-rate schedule's last decay step, else 10 epochs)")
+    length.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="default: the spec's train.batch_size")
+    add_backend(p, default=None)
+    add_dtype(p, default=None)
+    p.add_argument("--seed", type=int, help="initial values, shuffling, augmentation (0)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="the seed's pad-crop-mirror augmentation (default: on, off for digits)")
+    p.add_argument("--checkpoint", metavar="DIR", help="directory for step-NNNNNN.npz files")
+    p.add_argument("--resume", action="store_true", help="continue from the newest in DIR")
+    p.add_argument("--eval-every", type=int, metavar="K", help="steps (default: an epoch)")
+    p.add_argument("--checkpoint-every", type=int, metavar="K", default=1000)
+    p.add_argument("--keep", type=int, metavar="K", default=3, help="checkpoints to keep")
+    p.add_argument("--log", metavar="FILE", help="JSONL metrics log")
+    p.add_argument("--plot", metavar="FILE", help="PNG of loss and accuracy (needs matplotlib)")
+    p.set_defaults(func=run)
+
+
+def add_data(p) -> None:
+    p.add_argument("--data", choices=DATASETS, required=True)
+    p.add_argument("--data-dir", metavar="D", help="where the CIFAR binary files are")
+
+
+def run(args) -> int:
+    from ..training import TrainConfig, train
+    config = TrainConfig(
+        spec=resolve_spec(args.spec), data=args.data, data_dir=args.data_dir, steps=args.steps,
+        epochs=args.epochs, batch_size=args.batch_size, backend=args.backend, dtype=args.dtype,
+        seed=args.seed, augment=args.augment, checkpoint=args.checkpoint, resume=args.resume,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, keep=args.keep,
+        log=args.log, plot=args.plot)
+    _, evaluation = train(config)
+    if evaluation is not None:
+        print(f"test accuracy {evaluation.accuracy:.2%} ({evaluation.correct}/"
+              f"{evaluation.total})")
+    return 0
