@@ -1,0 +1,75 @@
+"""Where kernels run: availability checks, device buffers and host<->device copies.
+
+Everything that touches `numba.cuda` memory lives here, so the rest of the backend only
+deals in flat device arrays. Under the simulator (`NUMBA_ENABLE_CUDASIM=1`) device arrays
+are `FakeCUDAArray`s and there is no `as_cuda_array`; `as_device` accepts both worlds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import config, cuda
+
+
+class CudaUnavailableError(RuntimeError):
+    """backend='cuda' was asked for on a machine without a usable GPU."""
+
+
+def simulated() -> bool:
+    return bool(config.ENABLE_CUDASIM)
+
+
+def available() -> bool:
+    try:
+        return bool(cuda.is_available())
+    except Exception:  # a broken driver install raises from is_available itself
+        return False
+
+
+def require_device() -> None:
+    if not available():
+        raise CudaUnavailableError(
+            "backend 'cuda' needs an NVIDIA GPU with a working driver, or "
+            "NUMBA_ENABLE_CUDASIM=1 (set before numba is imported) for the simulator")
+
+
+def is_device_array(obj) -> bool:
+    if hasattr(obj, "__cuda_array_interface__"):
+        return True
+    return simulated() and type(obj).__name__ == "FakeCUDAArray"
+
+
+def as_device(obj):
+    """A device array viewing `obj` (no copy): numba's own, or via __cuda_array_interface__."""
+    if simulated() or cuda.devicearray.is_cuda_ndarray(obj):
+        return obj
+    return cuda.as_cuda_array(obj)
+
+
+def empty(size: int, dtype: str):
+    return cuda.device_array(max(size, 1), dtype=np.dtype(dtype))
+
+
+def flat(array):
+    """A 1-D view of a contiguous device array (kernels index everything flat)."""
+    return array.reshape(array.size) if array.ndim != 1 else array
+
+
+def upload_into(target, value, dtype: str, name: str) -> None:
+    """Copy a host or device array into an existing flat device buffer of the same size."""
+    if is_device_array(value):
+        source = flat(as_device(value))
+        if np.dtype(source.dtype) != np.dtype(dtype):
+            raise TypeError(f"{name}: device array is {source.dtype}, program is {dtype}")
+    else:
+        source = np.ascontiguousarray(value, dtype=dtype).reshape(-1)
+    if source.size != target.size:
+        raise ValueError(f"{name}: {source.size} elements given, {target.size} expected")
+    target.copy_to_device(source)
+
+
+def freeze(value) -> None:
+    """Make a host array we mirror on the device read-only: an in-place edit would otherwise
+    leave the device copy silently stale (the mirror is keyed by the array's identity)."""
+    if isinstance(value, np.ndarray) and value.base is None and value.flags.writeable:
+        value.flags.writeable = False

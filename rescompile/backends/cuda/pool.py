@@ -1,0 +1,66 @@
+"""max_pool and its gradient (ops/pool.py) as elementwise loops over windows.
+
+The gradient is written as a gather (each input pixel visits the windows that contain it and
+takes dy from those whose *first* maximum it is, as TensorFlow's MaxPoolGrad) so no two
+threads write one address: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+from ...padding import pads_2d
+from .elementwise import Operand, loop_launch
+from .launch import Context, Launch, value
+from .source import indent
+
+
+def _geometry(ctx, node, x):
+    _, h, w, c = ctx.shape(x)
+    k, s = node.attrs["k"], node.attrs["stride"]
+    top, _, left, _ = pads_2d(h, w, k, s, node.attrs["padding"])
+    return h, w, c, k, s, top, left
+
+
+def _window_max(h, w, c, k, s, top, left, dt) -> list[str]:
+    """best, bi, bj: the first maximum of window (oh, ow) of image b, channel ch (in0 = x)."""
+    return [f"best = {dt}(-np.inf)", "bi = -1", "bj = -1",
+            f"for ti in range({k}):", f"    ih = oh * {s} + ti - {top}",
+            f"    for tj in range({k}):", f"        iw = ow * {s} + tj - {left}",
+            f"        if ih >= 0 and ih < {h} and iw >= 0 and iw < {w}:",
+            f"            v = in0[((b * {h} + ih) * {w} + iw) * {c} + ch]",
+            "            if v > best:", "                best = v", "                bi = ih",
+            "                bj = iw"]
+
+
+def lower_max_pool(ctx: Context, node) -> list[Launch]:
+    (x,) = node.inputs
+    h, w, c, k, s, top, left = _geometry(ctx, node, x)
+    _, oh, ow, _ = ctx.shape(node.outputs[0])
+    dt = f"np.{ctx.dtype}"
+    prelude = [f"ch = i % {c}", f"ow = (i // {c}) % {ow}", f"oh = (i // {c * ow}) % {oh}",
+               f"b = i // {c * ow * oh}"] + _window_max(h, w, c, k, s, top, left, dt)
+    size = ctx.size(node.outputs[0])
+    return [loop_launch(ctx, node.name, size, [Operand(value(x), None, ctx.size(x))],
+                        [Operand(value(node.outputs[0]), "i", size)],
+                        lambda e, loads: ["best"], f"{node.op} {node.name}", prelude)]
+
+
+def lower_max_pool_grad(ctx: Context, node) -> list[Launch]:
+    dy, x = node.inputs
+    h, w, c, k, s, top, left = _geometry(ctx, node, x)
+    _, oh_n, ow_n, _ = ctx.shape(dy)
+    dt = f"np.{ctx.dtype}"
+    window = _window_max(h, w, c, k, s, top, left, dt)
+    prelude = [f"ch = i % {c}", f"pw = (i // {c}) % {w}", f"ph = (i // {c * w}) % {h}",
+               f"b = i // {c * w * h}", f"total = {dt}(0)",
+               # windows whose rows cover ph: oh * s - top <= ph < oh * s - top + k
+               f"for oh in range(max(0, (ph + {top} - {k} + {s}) // {s}), "
+               f"min({oh_n}, (ph + {top}) // {s} + 1)):",
+               f"    for ow in range(max(0, (pw + {left} - {k} + {s}) // {s}), "
+               f"min({ow_n}, (pw + {left}) // {s} + 1)):"]
+    prelude += indent(window + ["if bi == ph and bj == pw:",
+                                f"    total += in1[((b * {oh_n} + oh) * {ow_n} + ow) * {c} + ch]"],
+                      2)
+    size = ctx.size(x)
+    ins = [Operand(value(x), None, size), Operand(value(dy), None, ctx.size(dy))]
+    return [loop_launch(ctx, node.name, size, ins, [Operand(value(node.outputs[0]), "i", size)],
+                        lambda e, loads: ["total"], f"{node.op} {node.name}", prelude)]

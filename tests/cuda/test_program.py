@@ -1,0 +1,86 @@
+"""Determinism, the variable mirror, device-array feeds and results, launch counts, errors."""
+
+import numpy as np
+import pytest
+
+from rescompile.backends import cuda as cuda_backend
+from rescompile.compiler import lower
+from rescompile.entries import make_entries
+from rescompile.ir import Graph
+
+from cuda_helpers import BATCH, TINY, Trio, feeds
+
+
+def test_unchanged_variables_are_not_uploaded_again():
+    trio = Trio("train")
+    feed = feeds(trio.lowered)
+    trio.cuda.run("forward", feed)
+    uploads = trio.cuda.uploads
+    trio.cuda.run("forward", feed)
+    assert trio.cuda.uploads == uploads
+
+
+def test_train_step_results_stay_on_the_device_and_runs_are_bit_identical():
+    """Feeding back what a step returned uploads nothing; the next step's loss matches the
+    reference on those values; two runs give bit-identical outputs (no float atomics)."""
+    trio = Trio("train")
+    feed = feeds(trio.lowered)
+    results = trio.cuda.run("train_step", feed)
+    news = {k[4:]: v for k, v in trio.graph.outputs.items() if k.startswith("new/")}
+    second = dict(feed, **{var: results[value] for var, value in news.items()})
+    uploads = trio.cuda.uploads
+    again = trio.cuda.run("loss_and_grads", second)
+    assert trio.cuda.uploads == uploads
+    expected = trio.ref32.run("loss_and_grads", second)
+    loss = trio.graph.outputs["loss"]
+    assert abs(float(again[loss]) - float(expected[loss])) <= 1e-5 * abs(float(expected[loss]))
+    repeat = trio.cuda.run("loss_and_grads", second)
+    for name in again:
+        assert np.array_equal(again[name], repeat[name]), name
+
+
+def test_device_arrays_in_and_out():
+    from numba import cuda
+    trio = Trio("infer", return_device=True)
+    feed = feeds(trio.lowered)
+    trio.cuda.run("prepare", feed)
+    host = trio.cuda.run("forward", dict(feed))
+    feed["images"] = cuda.to_device(feed["images"])
+    (logits,) = trio.cuda.run("forward", feed).values()
+    assert not isinstance(logits, np.ndarray)
+    assert np.array_equal(logits.copy_to_host(), next(iter(host.values())).copy_to_host())
+
+
+def test_launch_counts_are_reported():
+    trio = Trio("infer")
+    trio.cuda.run("prepare", feeds(trio.lowered))
+    trio.cuda.run("forward", feeds(trio.lowered))
+    assert trio.cuda.launch_counts["forward"] == cuda_backend.count_launches(
+        trio.graph, make_entries(trio.graph, "infer"), BATCH, target=cuda_backend.SIMULATOR)["forward"]
+    train = Trio("train")
+    counts = cuda_backend.count_launches(train.graph, make_entries(train.graph, "train"), BATCH,
+                                         target=cuda_backend.SIMULATOR)
+    assert counts["train_step"] == counts["loss_and_grads"] + 1  # the update is ONE kernel
+
+
+def test_unknown_op_fails_at_compile_time_naming_the_node():
+    from rescompile.ops.registry import OPS, OpDef
+    OPS["mystery"] = OpDef("mystery", shape=lambda a, x: [x], reference=lambda a, x: (x,))
+    try:
+        graph = Graph(dtype="float32")
+        graph.add_input("images", ("N", 2), "data")
+        graph.add_node("mystery", ["images"], name="odd")
+        entry = type("E", (), {"nodes": tuple(graph.nodes), "name": "e"})
+        with pytest.raises(cuda_backend.UnsupportedOpError, match="'odd'.*'mystery'"):
+            cuda_backend.compile_program(graph, {"e": entry})
+    finally:
+        del OPS["mystery"]
+
+
+def test_kernel_sources_are_cached_by_hash(tmp_path):
+    lowered = lower(TINY, "infer", "float32")
+    entries = make_entries(lowered.graph, "infer")
+    program = cuda_backend.compile_program(lowered.graph, entries, cache_dir=tmp_path)
+    program.run("prepare", feeds(lowered))
+    files = sorted((tmp_path / "cuda").glob("k_*.py"))
+    assert files and all("@cuda.jit(cache=True)" in f.read_text() for f in files)
