@@ -10,6 +10,9 @@ Shapes (NHWC float32, BN folded, pre-activation unit):
     conv3 1x1 C/4 -> C, epilogue add (residual) + out2 = relu(affine(out))
 with C = 64 / 128 / 256 at 32x32 / 16x16 / 8x8.
 
+With --cpu-time: serial kernels + 1 BLAS thread against PyTorch at 1 thread,
+timed in this thread's CPU time: per-core efficiency, robust to other load.
+
 Each row also prints the minimum of each timed variant (same order, i2c only
 for 3x3): the machine is shared, so compare medians only at low load average.
 
@@ -45,13 +48,17 @@ def unit_layers(hw, c):
     ]
 
 
+CLOCK = [time.perf_counter]  # --cpu-time swaps in time.thread_time
+
+
 def median_ms(fn, reps):
     fn()
     times = []
+    clock = CLOCK[0]
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     MINIMA.append(1e3 * min(times))
     return 1e3 * statistics.median(times)
 
@@ -70,9 +77,9 @@ def ours(sig, batch, rng, reps, blas_n=1):
         return median_ms(lambda: kernel(*args), reps)
 
 
-def torch_times(spec, batch, reps):
+def torch_times(spec, batch, reps, threads=2):
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     conv = torch.nn.Conv2d(spec["cin"], spec["cout"], spec["k"], padding=spec.get("pads", (0,))[0],
                            bias=False).to(memory_format=torch.channels_last).eval()
     x = torch.randn(batch, spec["cin"], spec["h"], spec["w"]).to(memory_format=torch.channels_last)
@@ -97,7 +104,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 1])
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one core each: serial kernel + 1 BLAS thread against PyTorch at 1 "
+                             "thread, timed by this thread's CPU time (robust on a loaded machine)")
     args = parser.parse_args()
+    if args.cpu_time:
+        CLOCK[0] = time.thread_time
+        return main_cpu_time(args)
     print("load average:", os.getloadavg())
     print("BLAS:", "; ".join(blas.blas_info()))
     print("OPENBLAS_CORETYPE =", os.environ.get("OPENBLAS_CORETYPE"),
@@ -121,6 +134,26 @@ def main():
                 print(f"{batch:5d} {stage:7} {layer:10} {gflop:6.3f} {par:7.3f} {ser1:7.3f} {ser:7.3f}"
                       f" {i2c:7.3f} {t_conv:7.3f} {t_fused:8.3f} {t_conv / best:9.2f}x"
                       f" {gflop / best * 1e3:7.1f}   min: " + " ".join(f"{m:.3f}" for m in mins))
+
+
+def main_cpu_time(args):
+    print("load average:", os.getloadavg())
+    print("BLAS:", "; ".join(blas.blas_info()))
+    print("CPU ms per call, one core each (min over reps in brackets)")
+    print(f"{'batch':>5} {'stage':7} {'layer':10} {'ours':>15} {'torch conv':>15} {'torch+epi':>15}"
+          f" {'torch/ours':>10} {'GFLOP/s':>7}")
+    rng = np.random.default_rng(0)
+    for batch in args.batch:
+        for stage, hw, c in STAGES:
+            for layer, spec in unit_layers(hw, c):
+                gflop = 2 * batch * hw * hw * spec["k"] ** 2 * spec["cin"] * spec["cout"] / 1e9
+                ours_ms = ours(ConvSig("forward", parallel=False, **spec), batch, rng, args.reps)
+                ours_min = MINIMA[-1]
+                t_conv, t_fused = torch_times(spec, batch, args.reps, threads=1)
+                conv_min, fused_min = MINIMA[-2], MINIMA[-1]
+                print(f"{batch:5d} {stage:7} {layer:10} {ours_ms:7.3f} [{ours_min:6.3f}]"
+                      f" {t_conv:7.3f} [{conv_min:6.3f}] {t_fused:7.3f} [{fused_min:6.3f}]"
+                      f" {t_conv / ours_ms:9.2f}x {gflop / ours_ms * 1e3:7.1f}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ Scalars are stored in stack slots of the calling function's entry block
 
 Threads: two OpenBLAS copies are loaded, NumPy's and SciPy's.  ``gemm`` calls
 SciPy's.  ``set_blas_threads`` / ``blas_threads`` limit both (threadpoolctl).
-Kernels that run ``gemm`` inside ``prange`` need ``set_blas_threads(1)``
-around the call; serial kernels may give BLAS all cores.
+The conv kernels assume ``set_blas_threads(1)`` (called once by whoever runs
+them): kernels that call ``gemm`` inside ``prange`` would otherwise start
+OpenBLAS threads from each worker and oversubscribe the cores.
 """
 
 import contextlib

@@ -50,11 +50,20 @@ Backward kernels mirror this: grad_input is ``dy @ W^T`` scattered back
 (shifted GEMMs into a padded dx buffer for stride 1, col2im for stride > 1);
 grad_filter is ``patches^T @ dy`` accumulated per thread and reduced at the end.
 
-Threads: ``parallel=True`` (default) spreads images (or row chunks for
-``direct``) over ``prange`` with BLAS held to 1 thread by the caller
-(``blas.blas_threads(1)``); ``parallel=False`` kernels are serial and BLAS may
-take both cores.  Use the ``workqueue`` threading layer (NUMBA-NOTES: omp
-threads and OpenBLAS threads fight on 2 cores).
+Threads (the scheme): BLAS always runs on 1 thread (``blas.set_blas_threads(1)``
+once, before the first kernel; it limits NumPy's and SciPy's OpenBLAS copies);
+the kernels own the cores.  ``parallel=True`` kernels split the batch into
+``groups`` contiguous ranges of images (row chunks for ``direct``) over
+``prange``; use them for batch >= 2, and the ``parallel=False`` variant for
+batch 1 (a prange launch cost about 0.1 ms here, more than a whole batch-1
+layer).  Run with the ``workqueue`` threading layer (NUMBA-NOTES: omp threads
+and OpenBLAS threads fight on 2 cores).  Why: serial kernels with 2 BLAS
+threads won some stage-2/3 1×1 layers at batch 128 when the shared machine
+was lightly loaded (3.1 vs 7.4 ms at load ~2) and lost stage 1, but collapsed
+under load (7 ms -> 490 ms for one layer at load 5-7: OpenBLAS's spinning
+threads), while prange + 1 BLAS thread degraded gracefully; NUMBA-NOTES'
+whole-unit measurement on a quiet machine chose the same scheme.  Not yet
+re-measured on a quiet machine: rerun benchmarks/kernels/bench_conv.py.
 
 Epilogue steps (forward only), applied in the given order to the accumulator v
 per output channel c: ``("bias",)`` v += bias[c]; ``("affine",)`` v = v*scale[c]
