@@ -92,7 +92,16 @@ def test_checkpoint_of_another_spec_is_refused(trained, tmp_path, capsys):
     path, ck = trained
     other = spec_file(tmp_path, SPEC.replace(name="other"))
     refused(capsys, ["train", other, *BASE, "--checkpoint", str(ck), "--resume"],
-            "checkpoint is of spec 'tiny', which differs from the given spec 'other'", ck)
+            "checkpoint was trained with name = \"tiny\", the given spec 'other' has \"other\"",
+            ck)
+
+
+def test_checkpoint_of_another_schedule_names_the_field(trained, tmp_path, capsys):
+    path, ck = trained
+    slower = spec_file(tmp_path, SPEC.replace(train={"learning_rate": [[0, 0.1]]}))
+    refused(capsys, ["eval", slower, "--checkpoint", str(ck), "--data", "synthetic"],
+            "trained with train.learning_rate = [[0, 0.1], [5, 0.02]], the given spec 'tiny' "
+            "has [[0, 0.1]]", ck)
 
 
 @pytest.mark.parametrize("command", ["train", "eval"])

@@ -82,10 +82,26 @@ def resolve(path) -> Path:
 
 
 def load_for_spec(path, spec, mode: str, backend: str):
-    """An executable restored from `path`, which must hold `spec`'s model.
+    """An executable restored from `path`, which must hold exactly `spec`.
 
-    Shapes are checked against the given spec first, so a mismatch names the tensor and both
-    shapes rather than only saying that the specs differ."""
+    Shapes are checked first, so a mismatch names the tensor and both shapes; any other
+    difference names the first spec field that differs, not only that the specs do."""
     manifest, variables = checkpoint.read(path)
     checkpoint.check_variables(path, variables, spec, manifest["dtype"])
+    field = _first_difference(manifest["spec"], spec.to_dict())
+    if field is not None:
+        name, saved, given = field
+        raise CheckpointError(f"{path}: checkpoint was trained with {name} = {saved}, the "
+                              f"given spec {spec.name!r} has {given}")
     return checkpoint.load(path, spec=spec, mode=mode, backend=backend)
+
+
+def _first_difference(saved, given, name: str = ""):
+    """(dotted field name, saved value, given value) of the first difference, or None."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        for key in sorted(set(saved) | set(given)):
+            found = _first_difference(saved.get(key), given.get(key), f"{name}.{key}".lstrip("."))
+            if found:
+                return found
+        return None
+    return None if saved == given else (name, json.dumps(saved), json.dumps(given))
