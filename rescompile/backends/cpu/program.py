@@ -15,8 +15,10 @@ import numpy as np
 
 from ... import ops
 from ...errors import InputError
+from ...passes.memory import plan_memory
+from .blas import set_blas_threads
 from .kernel_cache import compile_source
-from .source import Lowering
+from .source import Lowering, serial
 from .templates import lower_node
 
 
@@ -25,26 +27,28 @@ class CpuProgram:
 
     def __init__(self, graph, entries, dtype: str, cache_dir=None, check_finite: bool = False):
         self.graph, self.entries, self.dtype = graph, entries, dtype
-        self.check_finite = check_finite
-        self.lowerings: dict[str, Lowering] = {}
+        self.check_finite, self.cache_dir = check_finite, cache_dir
+        self.lowerings: dict[tuple[str, bool], Lowering] = {}  # (node, threaded) -> lowering
         self.functions: dict[str, object] = {}  # kernel name -> compiled function
         for entry in entries.values():
             if entry.name != "prepare":
                 for node in entry.nodes:
-                    self._compile(node, cache_dir)
+                    self.lowering(node, threaded=True)
         self.arenas: dict[tuple[str, int], Arena] = {}
         self.prepared: dict[str, np.ndarray] = {}
         self.profile: dict[str, list[float]] | None = None
 
-    def _compile(self, node, cache_dir) -> None:
-        if node.name in self.lowerings:
-            return
-        lowering = self.lowerings[node.name] = lower_node(node, self.graph, self.dtype)
-        for call in lowering.calls:
-            kernel = call.kernel
-            if kernel.name not in self.functions:
-                self.functions[kernel.name] = compile_source(kernel.name, kernel.source,
-                                                             cache_dir)
+    def lowering(self, node, threaded: bool) -> Lowering:
+        key = (node.name, threaded)
+        if key not in self.lowerings:
+            lowering = lower_node(node, self.graph, self.dtype)
+            self.lowerings[key] = lowering if threaded else serial(lowering)
+            for call in self.lowerings[key].calls:
+                kernel = call.kernel
+                if kernel.name not in self.functions:
+                    self.functions[kernel.name] = compile_source(kernel.name, kernel.source,
+                                                                 self.cache_dir)
+        return self.lowerings[key]
 
     def kernel_sources(self) -> dict[str, str]:
         """Generated source of every distinct kernel, by kernel name."""
@@ -63,6 +67,8 @@ class CpuProgram:
         values.update(self.prepared)
         if entry.after and entry.after != "prepare":
             values.update(self.arenas[(entry.after, batch)].buffers)
+        # Kernels own the cores (prange); BLAS inside them must stay on one thread.
+        set_blas_threads(1)
         arena.run(values)
         return {name: np.array(arena.lookup(name, values)).reshape(self._shape(name, batch))
                 for name in entry.fetches}
@@ -88,6 +94,11 @@ class CpuProgram:
             raise InputError(f"entry {entry.name!r} needs {entry.after!r} to run first")
         return batches[-1]
 
+    def keep(self, entry) -> set[str]:
+        """Values that must survive an entry: its fetches and what later entries read."""
+        later = [e for e in self.entries.values() if e.after == entry.name]
+        return set(entry.fetches) | {i for e in later for n in e.nodes for i in n.inputs}
+
     def _shape(self, name: str, batch: int) -> tuple:
         return self.graph.value(name).concrete_shape(batch)
 
@@ -108,15 +119,21 @@ class Arena:
 
     def __post_init__(self):
         graph, dtype = self.program.graph, self.program.dtype
+        self.plan = plan_memory(graph, self.entry.nodes, self.batch, self.program.keep(self.entry))
+        threaded = self.batch > 1
+        self.lowerings = {n.name: self.program.lowering(n, threaded) for n in self.entry.nodes}
+        pool = [np.empty(size, dtype=np.uint8) for size in self.plan.buffer_bytes]
         for node in self.entry.nodes:
             for out in node.outputs:
                 shape = graph.value(out).concrete_shape(self.batch) or (1,)
-                self.buffers[out] = np.empty(shape, dtype=dtype)
-            for temp, shape in self.program.lowerings[node.name].temps.items():
+                raw = pool[self.plan.buffer_of[out]]
+                count = int(np.prod(shape))
+                self.buffers[out] = raw.view(dtype)[:count].reshape(shape)
+            for temp, shape in self.lowerings[node.name].temps.items():
                 shape = tuple(self.batch if d == "N" else d for d in shape)
                 self.buffers[temp] = np.empty(shape, dtype=dtype)
         self.calls = [self._call(node, call) for node in self.entry.nodes
-                      for call in self.program.lowerings[node.name].calls]
+                      for call in self.lowerings[node.name].calls]
         self.kernel_fns = [fn for fn, _, _ in self.calls]
         self.driver = _driver(len(self.calls))
         # Buffer views are bound once; only fed values (inputs, variables, values another

@@ -46,6 +46,18 @@ def single(kernel: Kernel, node) -> Lowering:
     return Lowering((Call(kernel, tuple(node.inputs) + tuple(node.outputs)),), {})
 
 
+def serial(lowering: Lowering) -> Lowering:
+    """The same kernels compiled without threads: at batch 1 starting prange workers costs
+    more than a whole layer (about 0.1 ms each, measured), and prange runs as range."""
+    def one(kernel: Kernel) -> Kernel:
+        name = f"{kernel.name}_serial"
+        source = kernel.source.replace("parallel=True", "parallel=False")
+        return Kernel(name, source.replace(f"def {kernel.name}(", f"def {name}("), kernel.views,
+                      kernel.flops)
+    calls = tuple(Call(one(c.kernel), c.args) for c in lowering.calls)
+    return Lowering(calls, lowering.temps)
+
+
 def literal(value, dtype: str) -> str:
     """A float as typed source text; refuses anything that is not a finite number."""
     number = float(value)
