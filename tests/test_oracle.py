@@ -13,7 +13,7 @@ import pytest
 import rescompile as rc
 from conftest import oracle_params, rel_err
 
-BACKENDS = ["reference"]
+BACKENDS = ["reference", "cpu"]
 PRECISIONS = {"float64": ("f64/", 1e-10, 1e-9), "float32": ("", 1e-5, 2e-5)}
 
 

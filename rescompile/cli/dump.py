@@ -31,12 +31,18 @@ def register(sub) -> None:
     p.add_argument("--memory", action="store_true",
                    help="print the memory plan of the main entry instead of a graph")
     p.add_argument("--batch", type=int, default=128, help="batch size for --memory")
+    p.add_argument("--kernels", action="store_true",
+                   help="print the CPU backend's generated kernel source instead of a graph")
+    p.add_argument("--node", metavar="SUBSTRING",
+                   help="with --kernels: only the kernels of nodes whose name contains this")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     lowered = lower(resolve_spec(args.spec), args.mode, args.dtype, optimize=args.optimize)
-    if args.remarks:
+    if args.kernels:
+        write_or_print(kernel_listing(lowered, args.node), args.output)
+    elif args.remarks:
         write_or_print(footer(lowered), args.output)
     elif args.memory:
         write_or_print(memory_plan(lowered, args.batch).summary(), args.output)
@@ -64,6 +70,25 @@ def _dump_all(lowered, fmt: str, directory) -> None:
     for i, (name, graph) in enumerate(lowered.stages, start=1):
         (out / f"{i:02d}-{name}.{EXTENSIONS[fmt]}").write_text(render(graph, fmt))
     print(f"wrote {len(lowered.stages)} stages to {out}/")
+
+
+def kernel_listing(lowered, node_filter=None) -> str:
+    """Each node's generated kernels, in schedule order, each distinct kernel once."""
+    from ..backends.cpu import compile_program
+    program = compile_program(lowered.graph, make_entries(lowered.graph, lowered.mode),
+                              lowered.dtype)
+    seen, parts = set(), []
+    for (node, threaded), lowering in program.lowerings.items():
+        if not threaded or (node_filter and node_filter not in node):
+            continue
+        for call in lowering.calls:
+            header = f"# node {node}: {call.kernel.name}({', '.join(call.args)})"
+            body = "" if call.kernel.name in seen else call.kernel.source
+            seen.add(call.kernel.name)
+            parts.append(header + "\n" + body)
+    if not parts:
+        raise ValueError(f"--node: no node name contains {node_filter!r}")
+    return "\n".join(parts)
 
 
 def footer(lowered) -> str:

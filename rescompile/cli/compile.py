@@ -1,0 +1,36 @@
+"""`rescompile compile`: lower a spec and write a self-contained `.rcx` artifact."""
+
+import time
+
+from ..artifact import save_artifact
+from ..checkpoint import load as load_checkpoint
+from ..runtime import compile
+from .common import add_backend, add_dtype, add_mode, add_spec, resolve_spec
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compile", help="write a compiled artifact (.rcx) that rc.load runs")
+    add_spec(p)
+    add_mode(p)
+    add_dtype(p)
+    add_backend(p)
+    p.add_argument("-o", "--output", required=True, metavar="FILE.rcx")
+    p.add_argument("--checkpoint", metavar="FILE", help="take the variables from a checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    spec = resolve_spec(args.spec)
+    start = time.perf_counter()
+    if args.checkpoint:
+        exe = load_checkpoint(args.checkpoint, spec=spec, mode=args.mode, backend=args.backend)
+    else:
+        exe = compile(spec, mode=args.mode, backend=args.backend, dtype=args.dtype,
+                      seed=args.seed)
+    save_artifact(exe, args.output)
+    kernels = len(exe.program.kernel_sources()) if hasattr(exe.program, "kernel_sources") else 0
+    print(f"wrote {args.output}: {spec.name} {args.mode} {exe.dtype} ({args.backend}), "
+          f"{len(exe.graph.nodes)} nodes, {kernels} kernels, "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0

@@ -1,0 +1,1 @@
+"""Bridges to other frameworks, for outside checks and benchmarks."""
