@@ -46,7 +46,9 @@ def default_cache_dir():
 def source_digest(source):
     """sha256 of the source plus everything the compiled code depends on."""
     h = hashlib.sha256()
-    for part in (source.encode(), numba.__version__.encode(),
+    # The optimisation level is not in Numba's own cache key: code compiled at NUMBA_OPT=0
+    # (the test suite's setting) must never be loaded by a process that expects full speed.
+    for part in (source.encode(), numba.__version__.encode(), str(numba.config.OPT).encode(),
                  llvmlite.__version__.encode(), _BLAS_SOURCE):
         h.update(part)
         h.update(b"\0")
