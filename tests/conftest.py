@@ -1,6 +1,13 @@
 """Shared fixtures: the TensorFlow oracle, small specs, and executables compiled once."""
 
+import os
 from pathlib import Path
+
+# Tests check numbers, not speed: LLVM at -O0 compiles the generated kernels about 3x faster,
+# and a cache of the suite's own keeps those kernels away from the user's full-speed cache.
+os.environ.setdefault("NUMBA_OPT", "0")
+os.environ.setdefault("RESCOMPILE_CACHE_DIR",
+                      str(Path(__file__).resolve().parent.parent / ".cache" / "test-kernels"))
 
 import numpy as np
 import pytest

@@ -10,7 +10,7 @@ import sys
 from ..errors import CheckpointError, GraphError, InputError
 from ..spec import SpecError
 
-COMMANDS = ("dump", "run", "check", "compile", "cache", "train", "eval", "predict")
+COMMANDS = ("dump", "run", "check", "compile", "cache", "bench", "train", "eval", "predict")
 USER_ERRORS = (SpecError, GraphError, InputError, CheckpointError, FileNotFoundError, ValueError)
 
 

@@ -24,7 +24,7 @@ def resolve_spec(text: str):
     """A path or TOML/JSON text, else a preset name."""
     from pathlib import Path
     from ..spec import load_spec, preset
-    if Path(text).exists() or "=" in text or text.lstrip().startswith("{"):
+    if "=" in text or text.lstrip().startswith("{") or Path(text).exists():
         return load_spec(text)
     return preset(text)
 
