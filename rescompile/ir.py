@@ -16,7 +16,7 @@ from .errors import GraphError
 
 BATCH = "N"
 ROLES = ("data", "param", "state", "hyper")
-PHASES = ("forward", "loss", "backward", "update")
+PHASES = ("prepare", "forward", "loss", "backward", "update")
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,8 @@ def _verify_node(graph: Graph, node: Node, defined: dict[str, str]) -> None:
     where = f"node {node.name!r} ({node.op})"
     if node.op not in ops.OPS:
         raise GraphError(f"{where}: unknown op")
+    if node.phase not in PHASES:
+        raise GraphError(f"{where}: phase {node.phase!r} is not one of {PHASES}")
     for v in node.inputs:
         if v not in defined:
             raise GraphError(f"{where}: input {v!r} is used before it is defined "
