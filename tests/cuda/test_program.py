@@ -5,7 +5,7 @@ import pytest
 
 from rescompile.backends import cuda as cuda_backend
 from rescompile.backends.cuda.memory import variable_layout
-from rescompile.backends.cuda.plan import build_plan
+from rescompile.backends.cuda.plan import build_plan, kept_values
 from rescompile.compiler import lower
 from rescompile.entries import make_entries
 from rescompile.ir import Graph
@@ -69,6 +69,43 @@ def test_launch_counts_are_reported():
     updates = [launch.node for launch in plan.launches if launch.node.startswith("update/") or
                launch.node.startswith(("momentum_update", "moving_average"))]
     assert len(updates) == 2, updates  # every optimizer update in one kernel, stats in one
+
+
+def test_activations_share_planned_buffers_and_results_are_unchanged():
+    """Activations live in one arena laid out by passes.memory, smaller than all of them side by
+    side; forward, backward (reading forward's kept values) and train_step (in-place updates)
+    give bit-identical results with and without the reuse."""
+    shared, alone = Trio("train"), Trio("train", reuse_memory=False)
+    feed = feeds(shared.lowered)
+    dlogits = np.random.default_rng(1).standard_normal((BATCH, 10)).astype(np.float32)
+    backward = dict(feed, **{shared.graph.outputs["grad/logits"]: dlogits})
+    for entry, fed in [("forward", feed), ("backward", backward), ("train_step", feed)]:
+        got, expected = shared.cuda.run(entry, fed), alone.cuda.run(entry, fed)
+        for name in expected:
+            assert np.array_equal(got[name], expected[name]), (entry, name)
+        plan = shared.cuda._bound[(entry, BATCH)].plan
+        assert len(plan.memory.buffer_bytes) < len(plan.memory.buffer_of)
+        activations = shared.cuda.device_bytes(entry, BATCH)["activations"]
+        assert plan.memory.total_bytes <= alone.cuda.device_bytes(entry, BATCH)["activations"]
+        if entry != "forward":  # forward keeps nearly everything for backward
+            assert activations < plan.memory.total_bytes, entry
+
+
+def test_scratch_is_pooled_and_planned_values_never_alias_variables():
+    """Kernel scratch is one pool per dtype, not one buffer per node; the in-place updates write
+    the variable arena V, which no planned activation shares."""
+    train = Trio("train")
+    entries = make_entries(train.graph, "train")
+    layout = variable_layout(train.graph)
+    entry = entries["train_step"]
+    plan = build_plan(train.graph, entry, layout, BATCH, "float32", cuda_backend.SIMULATOR,
+                      kept_values(entries, entry))
+    assert set(plan.pools) == {d for _, d in plan.scratch.values()}
+    assert sum(plan.pools.values()) < sum(n for n, _ in plan.scratch.values())
+    assert all(ref.kind != "scratch" for launch in plan.launches for ref in launch.args)
+    in_v = {v for v, ref in plan.views.items() if ref.name == "V"}
+    assert in_v and in_v.isdisjoint(plan.memory.buffer_of)
+    assert in_v == {v for k, v in train.graph.outputs.items() if k.startswith("new/")} & in_v
 
 
 def test_unknown_op_fails_at_compile_time_naming_the_node():

@@ -6,7 +6,8 @@
 
 Runs on an NVIDIA GPU, or on Numba's CUDA simulator with NUMBA_ENABLE_CUDASIM=1 (set before
 numba is imported; tests use tiny shapes). Options: `cache_dir`, `return_device` (fetch device
-arrays instead of numpy), `target` (launch sizes, target.GPU or target.SIMULATOR).
+arrays instead of numpy), `target` (launch sizes, target.GPU or target.SIMULATOR),
+`reuse_memory` (False: no buffer sharing between activations, for differential tests).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ __all__ = ["compile_program", "count_launches", "CudaProgram", "CudaUnavailableE
 
 
 def compile_program(graph, entries, dtype: str = "float32", cache_dir=None,
-                    return_device: bool = False, target=None) -> CudaProgram:
+                    return_device: bool = False, target=None,
+                    reuse_memory: bool = True) -> CudaProgram:
     device.require_device()
     if target is None:
         target = SIMULATOR if device.simulated() else GPU
-    return CudaProgram(graph, entries, dtype, target, cache_dir, return_device)
+    return CudaProgram(graph, entries, dtype, target, cache_dir, return_device, reuse_memory)

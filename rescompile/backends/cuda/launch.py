@@ -15,7 +15,8 @@ from ...ops.registry import numel
 
 @dataclass(frozen=True)
 class Ref:
-    kind: str  # "value" (a graph value), "scratch" (plan-private), "region" (slice of an arena)
+    kind: str  # "value" (a graph value), "scratch" (node-private, as lowered; the plan turns
+    #            it into a "region" of a scratch pool), "region" (slice of an arena or pool)
     name: str
     offset: int = 0
     size: int = 0

@@ -11,15 +11,27 @@ Design note
   group's computed operands (gradients, batch statistics) side by side in an entry arena `G`.
   The group writes its outputs in place over the variables: every reader of the old values
   runs before it (updates are the last phase; checked per entry, else no grouping).
-- Every other computed value gets its own buffer, allocated once per (entry, batch size).
-  There is no liveness-based reuse yet (rescompile/passes/memory.py does not exist yet).
+- Activations: per (entry, batch size) one device arena `A`. The values the entry computes
+  (outside the groups) are placed by `passes.memory.plan_memory`, as on the CPU: values whose
+  lifetimes do not overlap share a planned buffer, and a buffer is a slice of A starting on a
+  256-byte boundary. `keep` (the entry's fetches and whatever a later entry reads: backward
+  reads forward's activations) makes a value live to the end of the entry, so it is never
+  overwritten within the run. The group operands follow the planned buffers in A, unplanned.
+  Nothing in A aliases V: the in-place updates write V only, and their outputs are V's slices.
+  Feeds (images, labels, scalars) are uploaded into small buffers of their own.
+- Kernel scratch (split-K partials, reduction partials) is neither planned nor in A: one pool
+  per dtype, shared by all nodes. A node's scratch is only touched by that node's launches,
+  which run back to back on one stream, so nodes reuse the same addresses; scratch of one node
+  with several tags gets disjoint offsets. A pool is as large as the most one node needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ...ops.registry import numel
+from .launch import Ref
 
 # update op -> the input each output overwrites in place
 IN_PLACE = {"momentum_update": (0, 1), "sgd_update": (0,), "moving_average": (0,)}
@@ -91,3 +103,57 @@ def variable_layout(graph) -> Layout:
         if role in ("param", "state") and name not in slots:
             place(name)
     return Layout(slots, offset, groups)
+
+
+ALIGN = 64  # elements: every planned buffer and scratch slice starts 256 bytes aligned (fp32)
+
+
+def align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def arena_views(memory, sizes: dict[str, int], name: str = "A") -> tuple[dict[str, Ref], int]:
+    """Each planned value as a slice of one arena: buffer b of `memory` (a passes.memory
+    MemoryPlan) starts at an aligned offset and is as long as its largest value (`sizes`, in
+    elements). Returns (value -> Ref, arena elements)."""
+    lengths = [0] * len(memory.buffer_bytes)
+    for v, b in memory.buffer_of.items():
+        lengths[b] = max(lengths[b], sizes[v])
+    starts, offset = [], 0
+    for length in lengths:
+        starts.append(offset)
+        offset += align(length)
+    views = {v: Ref("region", name, starts[b], sizes[v]) for v, b in memory.buffer_of.items()}
+    return views, offset
+
+
+def pool_scratch(launches, scratch: dict[str, tuple[int, str]]):
+    """Rewrite the launches' scratch Refs as slices of one pool per dtype ("scratch/<dtype>").
+    Returns (launches, dtype -> pool elements). Relies on scratch being named by its node
+    (Context.temp) and a node's launches being consecutive; checked here."""
+    placed: dict[str, Ref] = {}
+    pools: dict[str, int] = {}
+    node, used = None, {}
+    out = []
+    for launch in launches:
+        if launch.node != node:
+            node, used = launch.node, {}
+        args = []
+        for ref in launch.args:
+            if ref.kind == "scratch":
+                if ref.name not in placed:
+                    if not ref.name.startswith(launch.node + "#"):
+                        raise AssertionError(f"scratch {ref.name!r} used by a launch of "
+                                             f"{launch.node!r}: pooling assumes node-private "
+                                             f"scratch")
+                    size, dtype = scratch[ref.name]
+                    start = used.get(dtype, 0)
+                    placed[ref.name] = Ref("region", f"scratch/{dtype}", start, size)
+                    used[dtype] = align(start + size)
+                    pools[dtype] = max(pools.get(dtype, 0), used[dtype])
+                elif not ref.name.startswith(launch.node + "#"):
+                    raise AssertionError(f"scratch {ref.name!r} read outside its node")
+                ref = placed[ref.name]
+            args.append(ref)
+        out.append(dataclasses.replace(launch, args=tuple(args)))
+    return out, pools

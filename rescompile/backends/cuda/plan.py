@@ -1,28 +1,47 @@
 """An entry at one batch size as a list of kernel launches and the buffers they need.
 
-Pure description: making a plan generates kernel source but touches no device, so launch
-counts can be had anywhere (`count_launches`).
+Pure description: making a plan generates kernel source and places every value and scratch
+buffer (memory.py's design note) but touches no device, so launch counts and device bytes can
+be had anywhere (`count_launches`, `Plan.device_bytes`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import exprs, kernels
 from .elementwise import Operand, loop_launch
 from .launch import Context, Launch, Ref, value
-from .memory import IN_PLACE, Group, Layout, variable_layout
+from .memory import IN_PLACE, Group, Layout, arena_views, pool_scratch, variable_layout
 from .target import GPU
+from ...passes.memory import MemoryPlan, plan_memory
 
 
 @dataclass
 class Plan:
     launches: list[Launch]
-    views: dict[str, Ref]               # values living in an arena ("V" or "G")
-    buffers: dict[str, int]             # values with their own buffer -> element count
-    scratch: dict[str, tuple[int, str]]  # plan-private buffers (partials, split-K)
-    arena: int                          # size of this entry's G arena
+    views: dict[str, Ref]               # computed values: slices of "A" (activations) or "V"
+    feeds: dict[str, int]               # fed values with a buffer of their own -> elements
+    scratch: dict[str, tuple[int, str]]  # node-private scratch as lowered -> (size, dtype)
+    pools: dict[str, int]               # scratch pool per dtype -> elements (shared by nodes)
+    arena: int                          # elements of this entry's activation arena "A"
+    memory: MemoryPlan                  # passes.memory's plan of the values in A's buffers
     shapes: dict[str, tuple] = field(default_factory=dict)
+
+    def device_bytes(self, dtype: str) -> dict[str, int]:
+        """What binding this plan allocates (the variables' arena V is the program's)."""
+        item = np.dtype(dtype).itemsize
+        return {"activations": self.arena * item,
+                "feeds": sum(max(1, n) for n in self.feeds.values()) * item,
+                "scratch": sum(n * np.dtype(d).itemsize for d, n in self.pools.items())}
+
+
+def kept_values(entries, entry) -> set[str]:
+    """Values that must survive an entry: its fetches and what later entries read."""
+    later = [e for e in entries.values() if e.after == entry.name]
+    return set(entry.fetches) | {i for e in later for n in e.nodes for i in n.inputs}
 
 
 def _usable(group: Group, entry, position: dict[str, int]) -> bool:
@@ -61,22 +80,30 @@ def layout_ref(layout: Layout, name: str) -> Ref:
     return Ref("region", "V", offset, size)
 
 
-def build_plan(graph, entry, layout: Layout, batch, dtype: str, target) -> Plan:
+def build_plan(graph, entry, layout: Layout, batch, dtype: str, target,
+               keep=frozenset(), reuse: bool = True) -> Plan:
+    """`keep`: values that must outlive the entry (`kept_values`); `reuse=False` gives every
+    value a buffer of its own (for differential tests)."""
     ctx = Context(graph, batch, dtype, target)
     position = {node.name: i for i, node in enumerate(entry.nodes)}
     groups = [g for g in layout.groups if _usable(g, entry, position)]
-    views: dict[str, Ref] = {}
-    arena_size = 0
-    for group in groups:
-        for p, kind in enumerate(group.operand_kinds(graph)):
-            for node in group.nodes:
-                if kind == "computed":
-                    size = ctx.size(node.inputs[p])
-                    views[node.inputs[p]] = Ref("region", "G", arena_size, size)
-                    arena_size += size
-        for node in group.nodes:
-            for out, p in zip(node.outputs, IN_PLACE[group.op]):
-                views[out] = layout_ref(layout, node.inputs[p])
+    # Group operands, contiguous per (group, position) in node order; outputs in place in V.
+    operands = [node.inputs[p] for group in groups
+                for p, kind in enumerate(group.operand_kinds(graph)) if kind == "computed"
+                for node in group.nodes]
+    in_place = {out: layout_ref(layout, node.inputs[p]) for group in groups
+                for node in group.nodes for out, p in zip(node.outputs, IN_PLACE[group.op])}
+    # Everything else the entry computes gets a buffer from the memory plan.
+    unplanned = set(operands) | set(in_place) | set(layout.slots)
+    nodes = [n.replace(outputs=tuple(o for o in n.outputs if o not in unplanned))
+             for n in entry.nodes]
+    computed = {o for n in nodes for o in n.outputs}
+    memory = plan_memory(graph, nodes, batch, computed if not reuse else keep)
+    views, arena_size = arena_views(memory, {v: ctx.size(v) for v in computed})
+    for name in operands:
+        views[name] = Ref("region", "A", arena_size, ctx.size(name))
+        arena_size += ctx.size(name)
+    views.update(in_place)
     grouped = {n.name: g for g in groups for n in g.nodes}
     launches: list[Launch] = []
     for node in entry.nodes:
@@ -85,9 +112,10 @@ def build_plan(graph, entry, layout: Layout, batch, dtype: str, target) -> Plan:
             launches += kernels.lower(ctx, node)
         elif node is group.nodes[-1]:
             launches.append(_group_launch(ctx, group, layout, views))
+    launches, pools = pool_scratch(launches, ctx.scratch)
+    feeds = {v: ctx.size(v) for v in entry.feeds if v not in layout.slots}
     produced = {o for n in entry.nodes for o in n.outputs} | set(entry.feeds)
-    buffers = {v: ctx.size(v) for v in produced if v not in views and v not in layout.slots}
-    return Plan(launches, views, buffers, ctx.scratch, arena_size,
+    return Plan(launches, views, feeds, ctx.scratch, pools, arena_size, memory,
                 {v: ctx.shape(v) for v in produced | set(entry.fetches)})
 
 
@@ -97,5 +125,6 @@ def count_launches(graph, entries, batch: int, dtype: str = "float32", target=GP
     for entry in entries.values():
         kernels.check_supported(entry.nodes)
     layout = variable_layout(graph)
-    return {name: len(build_plan(graph, entry, layout, batch, dtype, target).launches)
+    return {name: len(build_plan(graph, entry, layout, batch, dtype, target,
+                                 kept_values(entries, entry)).launches)
             for name, entry in entries.items()}

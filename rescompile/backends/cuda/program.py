@@ -5,7 +5,10 @@ buffers allocated once per (entry, batch size); variables are uploaded only when
 fed for them is not the one the device copy mirrors (the runtime passes the same arrays until
 they change, and stores the arrays a train step returns, which this program has registered
 as already on the device). Fetches come back as numpy arrays, or as device arrays with
-`return_device=True` (views of program memory, valid until the entry runs again).
+`return_device=True`: views of program memory, valid until the entry runs again. Activations
+share planned buffers (memory.py), but fetches are kept live to the end of their entry, so a
+fetched view is not overwritten by its own run; an updated variable fetched from a grouped
+update is a view of the variable arena V, which a later update or upload overwrites.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 from . import cache, device, kernels
 from .launch import Ref
 from .memory import variable_layout
-from .plan import Plan, build_plan, layout_ref
+from .plan import Plan, build_plan, kept_values, layout_ref
 from ...errors import InputError
 
 
@@ -26,19 +29,20 @@ class Bound:
     """A plan with its buffers allocated and kernels loaded."""
     plan: Plan
     kernels: list
-    values: dict        # value name -> flat device array (own buffers and arena views)
-    fixed: dict         # Ref -> flat device array (scratch and regions)
+    values: dict        # value name -> flat device array (arena views and feed buffers)
+    fixed: dict         # Ref -> flat device array (regions: scratch pools, arena slices)
 
 
 class CudaProgram:
     name = "cuda"
 
     def __init__(self, graph, entries, dtype: str, target, cache_dir=None,
-                 return_device: bool = False):
+                 return_device: bool = False, reuse_memory: bool = True):
         for entry in entries.values():
             kernels.check_supported(entry.nodes)
         self.graph, self.entries, self.dtype, self.target = graph, entries, dtype, target
         self.cache_dir, self.return_device = cache_dir, return_device
+        self.reuse = reuse_memory  # False: every activation its own buffer (differential tests)
         self.layout = variable_layout(graph)
         self.arena = device.empty(self.layout.size, dtype)
         self.launch_counts: dict[str, int] = {}
@@ -51,30 +55,32 @@ class CudaProgram:
 
     # -- binding ----------------------------------------------------------------------------
     def _bind(self, entry_name: str, batch) -> Bound:
+        """Per (entry, batch size): one activation arena, one scratch pool per dtype and the
+        feed buffers, allocated once; every value a view into them (memory.py)."""
         key = (entry_name, batch)
         if key not in self._bound:
             entry = self.entries[entry_name]
-            plan = build_plan(self.graph, entry, self.layout, batch, self.dtype, self.target)
-            g_arena = device.empty(plan.arena, self.dtype)
-            arenas = {"V": self.arena, "G": g_arena}
+            plan = build_plan(self.graph, entry, self.layout, batch, self.dtype, self.target,
+                              kept_values(self.entries, entry), self.reuse)
+            arenas = {"V": self.arena, "A": device.empty(plan.arena, self.dtype)}
+            arenas.update({f"scratch/{dtype}": device.empty(size, dtype)
+                           for dtype, size in plan.pools.items()})
             region = lambda ref: arenas[ref.name][ref.offset:ref.offset + ref.size]  # noqa: E731
             values = {name: region(ref) for name, ref in plan.views.items()}
             values.update({name: region(layout_ref(self.layout, name))
                            for name in self.layout.slots})
             values.update({name: device.empty(size, self.dtype)
-                           for name, size in plan.buffers.items()})
-            fixed = {}
-            for launch in plan.launches:
-                for ref in launch.args:
-                    if ref.kind == "region":
-                        fixed[ref] = region(ref)
-                    elif ref.kind == "scratch" and ref not in fixed:
-                        size, dtype = plan.scratch[ref.name]
-                        fixed[ref] = device.empty(size, dtype)
+                           for name, size in plan.feeds.items()})
+            fixed = {ref: region(ref) for launch in plan.launches for ref in launch.args
+                     if ref.kind == "region"}
             loaded = [cache.load_kernel(l.source, self.cache_dir) for l in plan.launches]
             self._bound[key] = Bound(plan, loaded, values, fixed)
             self.launch_counts[entry_name] = len(plan.launches)
         return self._bound[key]
+
+    def device_bytes(self, entry_name: str, batch) -> dict[str, int]:
+        """Bytes allocated for one bound (entry, batch): activations, feeds, scratch."""
+        return self._bound[(entry_name, batch)].plan.device_bytes(self.dtype)
 
     def _batch_of(self, entry, feeds) -> int | None:
         for name in entry.feeds:
@@ -96,7 +102,7 @@ class CudaProgram:
         for name, value in feeds.items():
             if name in self.layout.slots:
                 self._mirror(name, value, env[name])
-            elif name in bound.plan.buffers:
+            elif name in bound.plan.feeds:
                 env[name] = self._feed(name, value, bound.values[name])
         for launch, kernel in zip(bound.plan.launches, bound.kernels):
             args = [env[r.name] if r.kind == "value" else bound.fixed[r] for r in launch.args]
@@ -149,7 +155,8 @@ class CudaProgram:
             self._mirrors[variable] = results[name]
 
     def values(self, entry_name: str) -> dict:
-        """Every value of the entry's last run, as host arrays (for tests)."""
+        """Every value of the entry's last run, as host arrays (for tests); values that share a
+        planned buffer all read its last occupant."""
         shapes = {n: self.graph.value(n).concrete_shape(self._batch[entry_name])
                   for n in self._saved[entry_name]}
         return {n: a.copy_to_host().reshape(shapes[n]) for n, a in self._saved[entry_name].items()}
