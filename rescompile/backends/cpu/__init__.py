@@ -9,5 +9,7 @@ from .program import CpuProgram  # noqa: E402
 
 
 def compile_program(graph, entries, dtype: str, cache_dir=None, check_finite: bool = False,
-                    **_options) -> CpuProgram:
-    return CpuProgram(graph, entries, dtype, cache_dir=cache_dir, check_finite=check_finite)
+                    fuse_units: bool = True, **_options) -> CpuProgram:
+    """`fuse_units=False` lowers every node on its own (no cross-layer unit kernels)."""
+    return CpuProgram(graph, entries, dtype, cache_dir=cache_dir, check_finite=check_finite,
+                      fuse_units=fuse_units)

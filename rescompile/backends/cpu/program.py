@@ -1,6 +1,11 @@
-"""The CPU program: one compiled kernel per node, and per (entry, batch size) an arena of
-preallocated buffers and a generated straight-line driver that calls the kernels in schedule
+"""The CPU program: one compiled kernel per schedule step, and per (entry, batch size) an arena
+of preallocated buffers and a generated straight-line driver that calls the kernels in step
 order. Nothing is interpreted per node at run time.
+
+A step is a node, or a group of nodes lowered together: a chain of fused convs (a bottleneck
+unit, `templates/unit.find_units`) becomes one cross-layer tiled kernel placed at the chain's
+last node; its members' intermediate values then live in kernel scratch and get no buffers.
+`fuse_units=False` keeps every node on its own kernel (for differential tests).
 
 The `prepare` entry (parameter-only nodes: folded BN weights) runs once per variable load with
 the ops' float64 definitions, which is what those nodes are: constants of the loaded weights.
@@ -8,6 +13,7 @@ the ops' float64 definitions, which is what those nodes are: constants of the lo
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 
@@ -20,28 +26,57 @@ from .blas import set_blas_threads
 from .kernel_cache import compile_source
 from .source import Lowering, serial
 from .templates import lower_node
+from .templates.unit import GROUP_OP, find_units, lower_group
 
 
 class CpuProgram:
     name = "cpu"
 
-    def __init__(self, graph, entries, dtype: str, cache_dir=None, check_finite: bool = False):
+    def __init__(self, graph, entries, dtype: str, cache_dir=None, check_finite: bool = False,
+                 fuse_units: bool = True):
         self.graph, self.entries, self.dtype = graph, entries, dtype
         self.check_finite, self.cache_dir = check_finite, cache_dir
-        self.lowerings: dict[tuple[str, bool], Lowering] = {}  # (node, threaded) -> lowering
+        self.fuse_units = fuse_units
+        self.lowerings: dict[tuple[str, bool], Lowering] = {}  # (step, threaded) -> lowering
         self.functions: dict[str, object] = {}  # kernel name -> compiled function
+        self.groups: dict = {}  # group step name -> templates.unit.Group
+        self.refusals: dict[str, dict[str, str]] = {}  # entry -> {node: why it joined no unit}
+        self._steps: dict[str, list] = {}
         for entry in entries.values():
             if entry.name != "prepare":
-                for node in entry.nodes:
+                for node in self.steps(entry):
                     self.lowering(node, threaded=True)
         self.arenas: dict[tuple[str, int], Arena] = {}
         self.prepared: dict[str, np.ndarray] = {}
         self.profile: dict[str, list[float]] | None = None
 
+    def steps(self, entry) -> list:
+        """The entry's schedule with each unit chain replaced by one group step."""
+        if entry.name not in self._steps:
+            groups, refused = ([], {})
+            if self.fuse_units:
+                groups, refused = find_units(self.graph, entry.nodes, self.keep(entry))
+            self.refusals[entry.name] = refused
+            at_last = {g.members[-1].name: g for g in groups}
+            members = {m.name for g in groups for m in g.members}
+            steps = []
+            for node in entry.nodes:
+                if node.name in at_last:
+                    group = at_last[node.name]
+                    steps.append(group.node)
+                    self.groups[steps[-1].name] = group
+                elif node.name not in members:
+                    steps.append(node)
+            self._steps[entry.name] = steps
+        return self._steps[entry.name]
+
     def lowering(self, node, threaded: bool) -> Lowering:
         key = (node.name, threaded)
         if key not in self.lowerings:
-            lowering = lower_node(node, self.graph, self.dtype)
+            if node.op == GROUP_OP:
+                lowering = lower_group(self.groups[node.name], self.graph, self.dtype)
+            else:
+                lowering = lower_node(node, self.graph, self.dtype)
             self.lowerings[key] = lowering if threaded else serial(lowering)
             for call in self.lowerings[key].calls:
                 kernel = call.kernel
@@ -119,11 +154,12 @@ class Arena:
 
     def __post_init__(self):
         graph, dtype = self.program.graph, self.program.dtype
-        self.plan = plan_memory(graph, self.entry.nodes, self.batch, self.program.keep(self.entry))
+        steps = self.program.steps(self.entry)
+        self.plan = plan_memory(graph, steps, self.batch, self.program.keep(self.entry))
         threaded = self.batch > 1
-        self.lowerings = {n.name: self.program.lowering(n, threaded) for n in self.entry.nodes}
+        self.lowerings = {n.name: self.program.lowering(n, threaded) for n in steps}
         pool = [np.empty(size, dtype=np.uint8) for size in self.plan.buffer_bytes]
-        for node in self.entry.nodes:
+        for node in steps:
             for out in node.outputs:
                 shape = graph.value(out).concrete_shape(self.batch) or (1,)
                 raw = pool[self.plan.buffer_of[out]]
@@ -132,7 +168,7 @@ class Arena:
             for temp, shape in self.lowerings[node.name].temps.items():
                 shape = tuple(self.batch if d == "N" else d for d in shape)
                 self.buffers[temp] = np.empty(shape, dtype=dtype)
-        self.calls = [self._call(node, call) for node in self.entry.nodes
+        self.calls = [self._call(node, call) for node in steps
                       for call in self.lowerings[node.name].calls]
         self.kernel_fns = [fn for fn, _, _ in self.calls]
         self.driver = _driver(len(self.calls))
@@ -140,8 +176,14 @@ class Arena:
         # entry left) are rebound per call.
         self.args = [[_view(self.buffers[n], how) if n in self.buffers else None
                       for n, how in views] for _, views, _ in self.calls]
-        self.fed = [(i, j, n, how) for i, (_, views, _) in enumerate(self.calls)
-                    for j, (n, how) in enumerate(views) if n not in self.buffers]
+        fed = {}
+        for i, (_, views, _) in enumerate(self.calls):
+            for j, (n, how) in enumerate(views):
+                if n not in self.buffers:
+                    fed.setdefault(n, []).append((i, j, how))
+        self.fed_names = list(fed)
+        self.fed_slots = [fed[n] for n in self.fed_names]
+        self.bound: list | None = None  # the fed arrays the arguments now view
 
     def _call(self, node, call):
         fn = self.program.functions[call.kernel.name]
@@ -152,8 +194,16 @@ class Arena:
 
     def run(self, values: dict) -> None:
         args = self.args
-        for i, j, name, how in self.fed:
-            args[i][j] = _view(values[name], how)
+        current = [values[n] for n in self.fed_names]
+        bound = self.bound
+        if bound is None or not all(map(operator.is_, current, bound)):
+            # Rebind only the arrays that changed (usually just the images): variables and
+            # prepared weights are the same objects from one call to the next.
+            for k, array in enumerate(current):
+                if bound is None or array is not bound[k]:
+                    for i, j, how in self.fed_slots[k]:
+                        args[i][j] = _view(array, how)
+            self.bound = current
         if self.program.check_finite:
             return self._run_checked(args)
         if self.program.profile is not None:
