@@ -22,7 +22,7 @@ import numpy as np
 
 from . import __version__
 from .build import Model, Variable
-from .checkpoint import atomic_write
+from .fileio import atomic_write
 from .compiler import Lowered
 from .errors import CheckpointError, GraphError
 from .ir import Graph, Value, Node, verify

@@ -10,8 +10,6 @@ CheckpointError naming the problem, never a half-loaded model.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -20,27 +18,12 @@ import numpy as np
 from .autodiff import training_graph
 from .build import build
 from .errors import CheckpointError
+from .fileio import atomic_write
 from .spec import SpecError, load_spec
 
 FORMAT = "rescompile-checkpoint"
 VERSION = 1
 MANIFEST = "__manifest__"
-
-
-def atomic_write(path, write) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(exe, path) -> None:

@@ -15,7 +15,8 @@ import pytest
 
 from rescompile.backends.cpu import blas
 from rescompile.backends.cpu.conv_codegen import ConvSig, conv_kernel, conv_kernel_source, kernel_arg_names
-from rescompile.backends.cpu.kernel_cache import compile_source, default_cache_dir
+from rescompile.backends.cpu.kernel_cache import compile_source
+from rescompile.fileio import cache_root
 from rescompile.backends.cpu.unit_codegen import Layer, UnitSig, unit_arg_names, unit_kernel
 
 RTOL = {"float32": 1e-5, "float64": 1e-12}
@@ -82,7 +83,7 @@ def assert_close(got, ref, dtype):
 
 @pytest.fixture(scope="module")
 def cache_dir():
-    return default_cache_dir()
+    return cache_root()
 
 
 # --- BLAS ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ and Numba's compiled code beside them in `__pycache__`."""
 
 from pathlib import Path
 
-from ..backends.cpu.kernel_cache import default_cache_dir
+from ..fileio import cache_root
 
 PATTERNS = ("rk_*.py", "cuda/k_*.py", "__pycache__/*", "cuda/__pycache__/*")
 
@@ -23,7 +23,7 @@ def cache_files(directory: Path) -> list[Path]:
 
 
 def run(args) -> int:
-    directory = Path(args.dir) if args.dir else default_cache_dir()
+    directory = cache_root(args.dir)
     files = cache_files(directory)
     if args.action == "info":
         modules = [p for p in files if p.suffix == ".py"]

@@ -62,7 +62,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _write(path, probabilities: np.ndarray, top: np.ndarray) -> None:
-    from ..checkpoint import atomic_write
+    from ..fileio import atomic_write
     if Path(path).suffix == ".npy":
         atomic_write(path, lambda f: np.save(f, probabilities))
         return

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..errors import CheckpointError
+from ..fileio import atomic_write
 
 NAME = re.compile(r"step-(\d+)\.json")
 
@@ -51,7 +52,7 @@ class CheckpointDir:
         weights, state = self.paths(exe.step)
         checkpoint.save(exe, weights)
         text = json.dumps({**stream_state, "step": exe.step}, indent=2) + "\n"
-        checkpoint.atomic_write(state, lambda f: f.write(text.encode()))
+        atomic_write(state, lambda f: f.write(text.encode()))
         self._prune()
         return weights
 

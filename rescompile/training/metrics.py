@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import atomic_write
+from ..fileio import atomic_write
 
 
 class MetricsLog:

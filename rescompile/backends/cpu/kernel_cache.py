@@ -20,27 +20,14 @@ else ``$XDG_CACHE_HOME/rescompile``, else ``~/.cache/rescompile``.
 """
 
 import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
 from pathlib import Path
 
 import llvmlite
 import numba
 
+from ...fileio import cache_root, generated_module
+
 _BLAS_SOURCE = Path(__file__).with_name("blas.py").read_bytes()
-_loaded = {}  # module path -> module, so a kernel is imported once per process
-
-
-def default_cache_dir():
-    """Cache directory from the environment (see module docstring)."""
-    explicit = os.environ.get("RESCOMPILE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "rescompile"
 
 
 def source_digest(source):
@@ -55,18 +42,6 @@ def source_digest(source):
     return h.hexdigest()
 
 
-def _write_atomically(path, text):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".py")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def compile_source(fn_name, source, cache_dir=None):
     """Write ``source`` to the cache directory, import it, return ``fn_name`` from it.
 
@@ -74,18 +49,6 @@ def compile_source(fn_name, source, cache_dir=None):
     ``@numba.njit(cache=True, ...)``.  Compilation happens at the first call
     (or is loaded from Numba's cache).
     """
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     digest = source_digest(source)
-    path = directory / f"rk_{digest}.py"
-    module = _loaded.get(str(path))
-    if module is None:
-        if not path.exists() or path.read_text() != source:
-            _write_atomically(path, source)
-        module_name = f"rescompile_kernel_{digest[:32]}"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-        _loaded[str(path)] = module
-    return getattr(module, fn_name)
+    path = cache_root(cache_dir) / f"rk_{digest}.py"
+    return getattr(generated_module(source, path, f"rescompile_kernel_{digest[:32]}"), fn_name)
