@@ -64,6 +64,7 @@ class Layer:
     stride: int = 1
     pads: tuple = (0, 0, 0, 0)
     epilogue: tuple = ()
+    im2col: bool = False  # a stride-1 k x k layer as im2col (one GEMM, K = k*k*cin)
 
     def __post_init__(self):
         for name in ("h", "w", "cin", "cout", "k", "stride"):
@@ -87,7 +88,7 @@ class Layer:
     @property
     def method(self) -> str:
         if self.padded_input:
-            return "shifted" if self.stride == 1 else "im2col"
+            return "shifted" if self.stride == 1 and not self.im2col else "im2col"
         return "gemm" if self.stride == 1 else "gather"
 
     @property
