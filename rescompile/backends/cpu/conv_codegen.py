@@ -347,25 +347,36 @@ def _fill_im2col(src, sig, row0, rows):
                         src(f"cols[d0 + c] = {array}[s0 + c]")
 
 
+def epilogue_lines(sig, steps, tag: str, index: str) -> list[str]:
+    """The chain applied to ``v`` at channel ``c``: the operands of step j are named
+    ``bias_<tag><j>``, ``scale_/shift_<tag><j>``, ``res_<tag><j>f[<index> + c]``. Shared by the
+    conv and unit generators, so an epilogue step means the same in both."""
+    lines = []
+    for j, step in enumerate(steps):
+        name = f"{tag}{j}"
+        lines.append({"bias": f"v += bias_{name}[c]",
+                      "affine": f"v = v * scale_{name}[c] + shift_{name}[c]",
+                      "add": f"v += res_{name}f[{index} + c]"}.get(step[0])
+                     or _relu_line(sig, "v", step[1]))
+    return lines
+
+
+def out2_lines(sig, index: str) -> list[str]:
+    """The second output, relu(v * scale2 + shift2), stored at ``out2f[index + c]``."""
+    return ["v2 = v * scale2[c] + shift2[c]", _relu_line(sig, "v2", sig.alpha2),
+            f"out2f[{index} + c] = v2"]
+
+
 def _epilogue(src, sig, acc, a, o):
     """Per channel: v = acc[a + c], the chain, out[o + c] = v (and out2)."""
     with src.block(f"for c in range({sig.cout}):"):
         src(f"v = {acc}[{a} + c]")
-        for i, step in enumerate(sig.epilogue):
-            kind = step[0]
-            if kind == "bias":
-                src(f"v += bias_{i}[c]")
-            elif kind == "affine":
-                src(f"v = v * scale_{i}[c] + shift_{i}[c]")
-            elif kind == "relu":
-                src(_relu_line(sig, "v", step[1]))
-            elif kind == "add":
-                src(f"v += res_{i}f[{o} + c]")
+        for line in epilogue_lines(sig, sig.epilogue, "", o):
+            src(line)
         src(f"outf[{o} + c] = v")
         if sig.has_out2:
-            src("v2 = v * scale2[c] + shift2[c]")
-            src(_relu_line(sig, "v2", sig.alpha2))
-            src(f"out2f[{o} + c] = v2")
+            for line in out2_lines(sig, o):
+                src(line)
 
 
 def _relu_line(sig, var, alpha):

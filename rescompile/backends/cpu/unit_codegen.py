@@ -45,7 +45,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from .conv_codegen import DTYPES, _check_float, _check_int, _normalize_step, _Source
+from .conv_codegen import (DTYPES, _check_float, _check_int, _normalize_step, _Source,
+                           epilogue_lines, out2_lines)
 
 # Rows of the first layer's input per work item: whole images at 32x32 and 16x16, four
 # images at 8x8 (NUMBA-NOTES: whole images for stages 1-2, groups of 4-8 for stage 3).
@@ -150,16 +151,6 @@ def unit_arg_names(sig: UnitSig) -> list[str]:
     if sig.has_out2:
         names.append("out2")
     return names
-
-
-def _lit(sig, value) -> str:
-    return f"np.{sig.dtype}({float(value)!r})"
-
-
-def _relu(sig, var: str, alpha: float) -> str:
-    if alpha == 0.0:
-        return f"{var} = {var} if {var} > zero else zero"
-    return f"{var} = {var} if {var} >= zero else {_lit(sig, alpha)} * {var}"
 
 
 class _Gen:
@@ -366,21 +357,12 @@ class _Gen:
                     src(f"d = {d_expr}")
                     with src.block(f"for c in range({cout}):"):
                         src(f"v = {acc}[a + c]")
-                        for j, step in enumerate(layer.epilogue):
-                            kind = step[0]
-                            if kind == "bias":
-                                src(f"v += bias_{i}_{j}[c]")
-                            elif kind == "affine":
-                                src(f"v = v * scale_{i}_{j}[c] + shift_{i}_{j}[c]")
-                            elif kind == "relu":
-                                src(_relu(sig, "v", step[1]))
-                            elif kind == "add":
-                                src(f"v += res_{i}_{j}f[d + c]")
+                        for line in epilogue_lines(sig, layer.epilogue, f"{i}_", "d"):
+                            src(line)
                         src(f"{dst}[d + c] = v")
                         if i == self.last and sig.has_out2:
-                            src("v2 = v * scale2[c] + shift2[c]")
-                            src(_relu(sig, "v2", sig.alpha2))
-                            src("out2f[d + c] = v2")
+                            for line in out2_lines(sig, "d"):
+                                src(line)
 
 
 def unit_kernel_source(sig: UnitSig) -> tuple[str, str]:
