@@ -8,13 +8,11 @@ The machine is shared and noisy: only medians and ratios measured in one run mea
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -181,47 +179,25 @@ def baseline_timings(spec, exe, mode, images, labels, repeats, threads) -> dict:
 
 def _torch_runner(spec, exe, mode, images, labels, threads):
     import torch
-    from .interop.torch_model import to_nchw, torch_module
+    from .interop.torch_model import to_nchw, torch_module, train_step_fn
     torch.set_num_threads(threads)
     module = torch_module(spec, exe.params, mode, exe.dtype)
-    x, y = to_nchw(images), torch.from_numpy(labels)
-    if mode == "infer":
-        module.eval()
+    x = to_nchw(images)
+    if mode == "train":
+        return train_step_fn(module, spec, x, torch.from_numpy(labels))
+    module.eval()
 
-        def infer():
-            with torch.no_grad():
-                module(x)
-        return infer
-    decayed = [p for n, p in zip(module.names, module.parameters()) if n.endswith("/DW")]
-    opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=spec.train.momentum)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(module(x), y)
-        loss = loss + spec.train.weight_decay * sum((p * p).sum() / 2 for p in decayed)
-        loss.backward()
-        opt.step()
-    return step
+    def infer():
+        with torch.no_grad():
+            module(x)
+    return infer
 
 
 def _ort_runner(spec, exe, mode, images, labels, threads):
     if mode != "infer":
         raise RuntimeError("ONNX Runtime runs inference only here")
-    import onnxruntime as ort
-    import torch
-    from .interop.torch_model import to_nchw, torch_module
-    module = torch_module(spec, exe.params, "infer", exe.dtype).eval()
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic
-        path = os.path.join(tmp, "model.onnx")
-        torch.onnx.export(module, (to_nchw(images),), path, input_names=["images"],
-                          dynamo=False)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {"images": np.ascontiguousarray(images.transpose(0, 3, 1, 2))}
-    return lambda: session.run(None, feed)
+    from .interop.onnx_model import ort_runner
+    return ort_runner(spec, exe.params, images, threads)
 
 
 def format_report(r: Report) -> str:

@@ -57,3 +57,16 @@ def test_gradients_match_pytorch_autograd():
             if expected.ndim == 4:
                 expected = expected.transpose(2, 3, 1, 0)
             assert rel_err(grads[name], expected) < 1e-10, name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_onnx_runtime_agrees(variant):
+    """The ONNX export used by the benchmarks computes the same model (float32, 1e-5)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from rescompile.interop.onnx_model import ort_runner
+    spec = tiny_spec(**VARIANTS[variant])
+    exe = rc.compile(spec, mode="infer", dtype="float32", seed=1)
+    exe.load_params(random_bn_state(exe, seed=2))
+    images = np.random.default_rng(3).standard_normal((3, *spec.model.input)).astype(np.float32)
+    assert rel_err(ort_runner(spec, exe.params, images)(), exe.forward(images)) < 1e-5

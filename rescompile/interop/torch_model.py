@@ -14,7 +14,8 @@ from ..build import build
 from ..padding import pads_2d
 
 
-def torch_module(spec, params: dict, mode: str = "infer", dtype: str = "float32"):
+def torch_module(spec, params: dict, mode: str = "infer", dtype: str = "float32",
+                 device: str = "cpu"):
     import torch
 
     graph = build(spec, mode, dtype).graph
@@ -43,7 +44,26 @@ def torch_module(spec, params: dict, mode: str = "infer", dtype: str = "float32"
                 env.update(zip(node.outputs, outs if isinstance(outs, tuple) else (outs,)))
             return env[self.graph.outputs["logits"]]
 
-    return SpecModule().to(memory_format=torch.channels_last)
+    return SpecModule().to(device=device, memory_format=torch.channels_last)
+
+
+def train_step_fn(module, spec, images, labels):
+    """One step as the spec trains: mean cross-entropy plus weight decay on every DW, SGD with
+    TensorFlow's momentum (torch's dampening-free momentum is the same update)."""
+    import torch
+    decayed = [getattr(module, key) for name, key in module.names.items()
+               if name.endswith("/DW")]
+    params = [p for p in module.parameters()]
+    opt = torch.optim.SGD(params, lr=spec.train.lr_at(0), momentum=spec.train.momentum)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(module(images), labels)
+        loss = loss + spec.train.weight_decay * sum((w * w).sum() / 2 for w in decayed)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    return step
 
 
 def _torch_layout(name: str, value: np.ndarray) -> np.ndarray:
@@ -93,7 +113,7 @@ TORCH_OPS = {
 }
 
 
-def to_nchw(images: np.ndarray):
+def to_nchw(images: np.ndarray, device: str = "cpu"):
     import torch
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous(
-        memory_format=torch.channels_last)
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2) \
+        .contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,70 @@
+"""The same model as ONNX: a spec's inference graph (as built, BN unfolded, NCHW) with the
+executable's weights, for ONNX Runtime baselines. ORT then fuses what it likes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..build import build
+from ..padding import pads_2d
+
+OPSET = 17
+
+
+def _node(helper, graph, node):
+    a, ins, out = node.attrs, list(node.inputs), [node.outputs[0]]
+    if node.op == "conv2d":
+        x, w = (graph.value(v).shape for v in ins)
+        t, b, l, r = pads_2d(x[1], x[2], w[0], a["stride"], a["padding"])
+        return helper.make_node("Conv", ins, out, strides=[a["stride"]] * 2,
+                                pads=[t, l, b, r], kernel_shape=[w[0], w[1]])
+    if node.op == "max_pool":
+        x = graph.value(ins[0]).shape
+        t, b, l, r = pads_2d(x[1], x[2], a["k"], a["stride"], a["padding"])
+        return helper.make_node("MaxPool", ins, out, kernel_shape=[a["k"]] * 2,
+                                strides=[a["stride"]] * 2, pads=[t, l, b, r])
+    if node.op == "relu":
+        extra = {"alpha": a["alpha"]} if a["alpha"] else {}
+        return helper.make_node("LeakyRelu" if a["alpha"] else "Relu", ins, out, **extra)
+    simple = {"batch_norm": ("BatchNormalization", {"epsilon": a.get("epsilon")}),
+              "add": ("Add", {}), "dense": ("Gemm", {}),
+              "global_avg_pool": ("ReduceMean", {"axes": [2, 3], "keepdims": 0})}
+    if node.op not in simple:
+        raise ValueError(f"node {node.name!r}: no ONNX mapping for op {node.op!r}")
+    kind, attrs = simple[node.op]
+    return helper.make_node(kind, ins, out, **attrs)
+
+
+def onnx_model(spec, params: dict):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    graph = build(spec, "infer", "float32").graph
+    inits = [numpy_helper.from_array(np.ascontiguousarray(
+        v.transpose(3, 2, 0, 1) if v.ndim == 4 else v, dtype=np.float32), k)
+        for k, v in params.items()]
+    h, w, c = graph.value("images").shape[1:]
+    logits = graph.outputs["logits"]
+    model = helper.make_model(
+        helper.make_graph([_node(helper, graph, n) for n in graph.nodes], "resnet",
+                          [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                         ["N", c, h, w])],
+                          [helper.make_tensor_value_info(logits, TensorProto.FLOAT,
+                                                         ["N", graph.value(logits).shape[1]])],
+                          inits),
+        opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def ort_runner(spec, params: dict, images: np.ndarray, threads: int = 2):
+    """A function running the model on `images` (NHWC) in ONNX Runtime, all optimisations."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(onnx_model(spec, params).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = {"images": np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)}
+    return lambda: session.run(None, feed)[0]
