@@ -158,7 +158,8 @@ def _profile(exe, fn, batch: int) -> list[dict]:
     total = sum(seconds for _, seconds in records.values())
     rows = []
     for name, (calls, seconds) in sorted(records.items(), key=lambda kv: -kv[1][1]):
-        members = [nodes[n] for n in name.split("+")]  # a fused group names its nodes with +
+        group = exe.program.groups.get(name) if hasattr(exe.program, "groups") else None
+        members = list(group.members) if group else [nodes[name]]
         flops = sum(node_flops(exe.graph, n) for n in members) * batch * calls
         op = members[0].op if len(members) == 1 else f"group of {len(members)}"
         rows.append({"name": name, "op": op, "calls": calls, "ms": seconds * 1e3,

@@ -2,10 +2,11 @@
 of preallocated buffers and a generated straight-line driver that calls the kernels in step
 order. Nothing is interpreted per node at run time.
 
-A step is a node, or a group of nodes lowered together: a chain of fused convs (a bottleneck
-unit, `templates/unit.find_units`) becomes one cross-layer tiled kernel placed at the chain's
-last node; its members' intermediate values then live in kernel scratch and get no buffers.
-`fuse_units=False` keeps every node on its own kernel (for differential tests).
+A step is a node, or a group of nodes lowered together at its last member's place: a chain of
+fused convs (a bottleneck unit, `templates/unit.find_units`) becomes one cross-layer tiled
+kernel whose intermediate values live in kernel scratch and get no buffers; every momentum
+update of a training step becomes one kernel (`templates/update.find_update_group`).
+`fuse_units=False` keeps every conv on its own kernel (for differential tests).
 
 The `prepare` entry (parameter-only nodes: folded BN weights) runs once per variable load with
 the ops' float64 definitions, which is what those nodes are: constants of the loaded weights.
@@ -26,7 +27,8 @@ from .blas import set_blas_threads
 from .kernel_cache import compile_source
 from .source import Lowering, serial
 from .templates import lower_node
-from .templates.unit import GROUP_OP, find_units, lower_group
+from .templates.unit import find_units
+from .templates.update import find_update_group
 
 
 class CpuProgram:
@@ -57,6 +59,8 @@ class CpuProgram:
             if self.fuse_units:
                 groups, refused = find_units(self.graph, entry.nodes, self.keep(entry))
             self.refusals[entry.name] = refused
+            update = find_update_group(entry.nodes)
+            groups = groups + ([update] if update else [])
             at_last = {g.members[-1].name: g for g in groups}
             members = {m.name for g in groups for m in g.members}
             steps = []
@@ -73,8 +77,8 @@ class CpuProgram:
     def lowering(self, node, threaded: bool) -> Lowering:
         key = (node.name, threaded)
         if key not in self.lowerings:
-            if node.op == GROUP_OP:
-                lowering = lower_group(self.groups[node.name], self.graph, self.dtype)
+            if node.name in self.groups:
+                lowering = self.groups[node.name].lower(self.graph, self.dtype)
             else:
                 lowering = lower_node(node, self.graph, self.dtype)
             self.lowerings[key] = lowering if threaded else serial(lowering)
@@ -174,12 +178,15 @@ class Arena:
         self.driver = _driver(len(self.calls))
         # Buffer views are bound once; only fed values (inputs, variables, values another
         # entry left) are rebound per call.
-        self.args = [[_view(self.buffers[n], how) if n in self.buffers else None
-                      for n, how in views] for _, views, _ in self.calls]
-        fed = {}
+        self.args = [[_view(self.buffers[n], how) if how != "pack" and n in self.buffers
+                       else None for n, how in views] for _, views, _ in self.calls]
+        fed, self.packs = {}, []
         for i, (_, views, _) in enumerate(self.calls):
             for j, (n, how) in enumerate(views):
-                if n not in self.buffers:
+                if how == "pack":
+                    self.packs.append((i, j, n))
+                    fed.update({m: fed.get(m, []) for m in n if m not in self.buffers})
+                elif n not in self.buffers:
                     fed.setdefault(n, []).append((i, j, how))
         self.fed_names = list(fed)
         self.fed_slots = [fed[n] for n in self.fed_names]
@@ -203,6 +210,8 @@ class Arena:
                 if bound is None or array is not bound[k]:
                     for i, j, how in self.fed_slots[k]:
                         args[i][j] = _view(array, how)
+            for i, j, names in self.packs:
+                args[i][j] = tuple(_view(self.lookup(n, values), "flat") for n in names)
             self.bound = current
         if self.program.check_finite:
             return self._run_checked(args)

@@ -40,6 +40,9 @@ class Group:
                     inputs=tuple(inputs), outputs=last.outputs, scope=last.scope,
                     phase=last.phase)
 
+    def lower(self, graph, dtype: str) -> Lowering:
+        return lower_group(self, graph, dtype)
+
 
 def _inner_refusal(node: Node) -> str | None:
     """Why `node` cannot be a non-last member (its output stays in scratch), or None."""
