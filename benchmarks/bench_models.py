@@ -13,8 +13,9 @@ kernel ran). Cases, all float32 on 2 threads, same weights everywhere:
 
 PyTorch: the unoptimised rescompile graph run op by op with torch.nn.functional (eager),
 channels_last, torch.set_num_threads(2); its train step is SGD with momentum and the same L2
-term. ONNX Runtime: the same unoptimised graph written as an ONNX model (NCHW, BN unfolded;
-ORT fuses what it likes), intra_op_num_threads=2, all graph optimisations. rescompile: the cpu
+term (rescompile.interop.torch_model). ONNX Runtime: the same unoptimised graph written as an
+ONNX model (rescompile.interop.onnx_model: NCHW, BN unfolded; ORT fuses what it likes),
+intra_op_num_threads=2, all graph optimisations. rescompile: the cpu
 backend (its numba threads, BLAS held at one thread inside kernels).
 
 Timing: a warm-up call, then `--reps` timed calls per implementation in each of `--rounds`
@@ -43,8 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import rescompile  # noqa: E402
-from rescompile.compiler import lower  # noqa: E402
-from rescompile.padding import pads_2d  # noqa: E402
 
 PRESETS = ROOT / "rescompile" / "presets"
 CASES = {  # name -> (preset file, mode, batch)
@@ -56,147 +55,26 @@ CASES = {  # name -> (preset file, mode, batch)
 THREADS = 2
 
 
-# -- PyTorch eager ------------------------------------------------------------------------------
-def torch_runner(graph, values):
-    """images (NCHW, channels_last) -> logits, running `graph` op by op in torch."""
-    import torch
-    import torch.nn.functional as F
-    tensors = {}
-    for k, v in values.items():
-        t = torch.tensor(np.asarray(v, np.float32))
-        if t.ndim == 4:  # HWIO -> OIHW, channels_last like the activations
-            t = t.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
-        tensors[k] = t
-
-    def pad(x, attrs, k, fill=0.0):
-        t, b, l, r = pads_2d(x.shape[2], x.shape[3], k, attrs["stride"], attrs["padding"])
-        if t == b and l == r:
-            return x, t
-        return F.pad(x, (l, r, t, b), value=fill), 0
-
-    def conv(a, x, w):
-        x, p = pad(x, a, w.shape[2])
-        return F.conv2d(x, w, stride=a["stride"], padding=p)
-
-    def bn(a, x, gamma, beta, *stats):
-        if a["training"]:
-            return F.batch_norm(x, None, None, gamma, beta, True, 0.0, a["epsilon"])
-        return F.batch_norm(x, stats[0], stats[1], gamma, beta, False, 0.0, a["epsilon"])
-
-    def max_pool(a, x):
-        x2, p = pad(x, a, a["k"], float("-inf"))
-        return F.max_pool2d(x2, a["k"], a["stride"], padding=p)
-
-    ops = {
-        "conv2d": conv, "batch_norm": bn, "max_pool": max_pool,
-        "relu": lambda a, x: F.leaky_relu(x, a["alpha"]) if a["alpha"] else F.relu(x),
-        "add": lambda a, x, y: x + y,
-        "global_avg_pool": lambda a, x: x.mean(dim=(2, 3)),
-        "dense": lambda a, x, w, b: x @ w + b,
-    }
-
-    def run(images):
-        env = dict(tensors, images=images)
-        for node in graph.nodes:
-            env[node.outputs[0]] = ops[node.op](node.attrs, *[env[i] for i in node.inputs])
-        return env[graph.outputs["logits"]]
-    return run, tensors
-
-
+# -- baselines: the same graph and weights (rescompile.interop) -------------------------------
 def torch_case(spec, mode, exe, images, labels):
     import torch
+    from rescompile.interop.torch_model import to_nchw, torch_module, train_step_fn
     torch.set_num_threads(THREADS)
-    graph = lower(spec, mode, "float32", optimize=False).model.graph
-    run, tensors = torch_runner(graph, exe.params)
-    x = torch.tensor(images).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-    if mode == "infer":
-        def infer():
-            with torch.no_grad():
-                return run(x).numpy()
-        return infer
-    y = torch.tensor(labels)
-    variables = exe.lowered.model.variables
-    params = [tensors[k] for k in variables if variables[k].role == "param"]
-    for p in params:
-        p.requires_grad_(True)
-    decayed = [tensors[k] for k in variables if k.endswith("/DW")]
-    train = exe.spec.train
-    opt = torch.optim.SGD(params, lr=0.1, momentum=train.momentum)
+    module = torch_module(spec, exe.params, mode)
+    x = to_nchw(images)
+    if mode == "train":
+        return train_step_fn(module, spec, x, torch.from_numpy(labels))
+    module.eval()
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(run(x), y)
-        loss = loss + train.weight_decay * sum((w * w).sum() / 2 for w in decayed)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-    return step
-
-
-# -- ONNX Runtime ----------------------------------------------------------------------------
-def onnx_model(graph, values):
-    """The unoptimised inference graph as an ONNX model (NCHW)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    inits, nodes = [], []
-    for k, v in values.items():
-        v = np.asarray(v, np.float32)
-        if v.ndim == 4:
-            v = v.transpose(3, 2, 0, 1)
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(v), k))
-    shapes = {n: graph.value(n).shape for node in graph.nodes for n in node.inputs}
-    for node in graph.nodes:
-        a, ins, out = node.attrs, list(node.inputs), node.outputs[0]
-        if node.op == "conv2d":
-            x, w = (graph.value(v).shape for v in ins)
-            t, b, l, r = pads_2d(x[1], x[2], w[0], a["stride"], a["padding"])
-            nodes.append(helper.make_node("Conv", ins, [out], strides=[a["stride"]] * 2,
-                                          pads=[t, l, b, r], kernel_shape=[w[0], w[1]]))
-        elif node.op == "batch_norm":
-            nodes.append(helper.make_node("BatchNormalization", ins, [out],
-                                          epsilon=a["epsilon"]))
-        elif node.op == "relu":
-            kind = "LeakyRelu" if a["alpha"] else "Relu"
-            extra = {"alpha": a["alpha"]} if a["alpha"] else {}
-            nodes.append(helper.make_node(kind, ins, [out], **extra))
-        elif node.op == "add":
-            nodes.append(helper.make_node("Add", ins, [out]))
-        elif node.op == "global_avg_pool":
-            nodes.append(helper.make_node("ReduceMean", ins, [out], axes=[2, 3], keepdims=0))
-        elif node.op == "dense":
-            nodes.append(helper.make_node("Gemm", ins, [out]))
-        elif node.op == "max_pool":
-            x = shapes[ins[0]]
-            t, b, l, r = pads_2d(x[1], x[2], a["k"], a["stride"], a["padding"])
-            nodes.append(helper.make_node("MaxPool", ins, [out], kernel_shape=[a["k"]] * 2,
-                                          strides=[a["stride"]] * 2, pads=[t, l, b, r]))
-        else:
-            raise ValueError(f"no ONNX mapping for {node.op}")
-    h, w, c = graph.value("images").shape[1:]
-    logits = graph.outputs["logits"]
-    model = helper.make_model(
-        helper.make_graph(nodes, "resnet", [helper.make_tensor_value_info(
-            "images", TensorProto.FLOAT, ["N", c, h, w])],
-            [helper.make_tensor_value_info(logits, TensorProto.FLOAT,
-                                           ["N", graph.value(logits).shape[1]])], inits),
-        opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    def infer():
+        with torch.no_grad():
+            return module(x).numpy()
+    return infer
 
 
 def ort_case(spec, exe, images):
-    import onnxruntime as ort
-    graph = lower(spec, "infer", "float32", optimize=False).model.graph
-    model = onnx_model(graph, exe.params)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    x = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    return lambda: session.run(None, {"images": x})[0]
+    from rescompile.interop.onnx_model import ort_runner
+    return ort_runner(spec, exe.params, images, THREADS)
 
 
 # -- timing ---------------------------------------------------------------------------------------

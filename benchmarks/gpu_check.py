@@ -28,8 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import rescompile  # noqa: E402
-from rescompile.compiler import lower  # noqa: E402
-from rescompile.padding import pads_2d  # noqa: E402
 
 PRESETS = ROOT / "rescompile" / "presets"
 TINY = {"name": "tiny", "model": {
@@ -72,47 +70,6 @@ def parity(spec, n) -> dict:
 
 
 # -- PyTorch: the same graph, op by op ------------------------------------------------------------
-def torch_runner(graph, values, device):
-    """A function images -> logits running `graph` (unoptimised forward) in torch, NCHW, with
-    the rescompile variables; returns it and the trainable tensors."""
-    import torch
-    import torch.nn.functional as F
-    tensors = {k: torch.tensor(v, device=device) for k, v in values.items()}
-    for k, v in list(tensors.items()):
-        if v.ndim == 4:  # HWIO -> OIHW
-            tensors[k] = v.permute(3, 2, 0, 1).contiguous()
-
-    def pad(x, attrs, k, fill=0.0):
-        t, b, l, r = pads_2d(x.shape[2], x.shape[3], k, attrs["stride"], attrs["padding"])
-        return F.pad(x, (l, r, t, b), value=fill)
-
-    def conv(a, x, w):
-        return F.conv2d(pad(x, a, w.shape[2]), w, stride=a["stride"])
-
-    def bn(a, x, gamma, beta, *stats):
-        if a["training"]:
-            return F.batch_norm(x, None, None, gamma, beta, True, 0.0, a["epsilon"])
-        return F.batch_norm(x, stats[0], stats[1], gamma, beta, False, 0.0, a["epsilon"])
-
-    ops = {
-        "conv2d": conv, "batch_norm": bn,
-        "relu": lambda a, x: F.leaky_relu(x, a["alpha"]) if a["alpha"] else F.relu(x),
-        "add": lambda a, x, y: x + y,
-        "global_avg_pool": lambda a, x: x.mean(dim=(2, 3)),
-        "dense": lambda a, x, w, b: x @ w + b,
-        "max_pool": lambda a, x: F.max_pool2d(pad(x, a, a["k"], float("-inf")), a["k"],
-                                              a["stride"]),
-    }
-
-    def run(images):
-        env = dict(tensors, images=images)
-        for node in graph.nodes:
-            results = ops[node.op](node.attrs, *[env[i] for i in node.inputs])
-            env[node.outputs[0]] = results
-        return env[graph.outputs["logits"]]
-    return run, tensors
-
-
 def time_call(fn, sync, repeats) -> float:
     fn()
     sync()
@@ -148,30 +105,17 @@ def timings(spec, mode, n, repeats, torch_ok) -> list[dict]:
 
 
 def torch_time(spec, mode, exe, images, labels, repeats) -> float:
+    """The same graph and weights in torch on the GPU (rescompile.interop.torch_model)."""
     import torch
-    graph = lower(spec, "train" if mode == "train" else "infer", "float32",
-                  optimize=False).model.graph
-    run, tensors = torch_runner(graph, exe.params, "cuda")
-    x = torch.tensor(images, device="cuda").permute(0, 3, 1, 2).contiguous()
-    if mode == "infer":
-        with torch.no_grad():
-            return time_call(lambda: run(x), torch.cuda.synchronize, repeats)
-    y = torch.tensor(labels, device="cuda")
-    params = [tensors[k] for k in exe.lowered.model.variables
-              if exe.lowered.model.variables[k].role == "param"]
-    for p in params:
-        p.requires_grad_(True)
-    decayed = [tensors[k] for k in exe.lowered.model.variables if k.endswith("/DW")]
-    train = exe.spec.train
-    opt = torch.optim.SGD(params, lr=0.1, momentum=train.momentum)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(run(x), y)
-        loss = loss + train.weight_decay * sum((w * w).sum() / 2 for w in decayed)
-        loss.backward()
-        opt.step()
-    return time_call(step, torch.cuda.synchronize, repeats)
+    from rescompile.interop.torch_model import to_nchw, torch_module, train_step_fn
+    module = torch_module(spec, exe.params, mode, device="cuda")
+    x = to_nchw(images, device="cuda")
+    if mode == "train":
+        step = train_step_fn(module, spec, x, torch.tensor(labels, device="cuda"))
+        return time_call(step, torch.cuda.synchronize, repeats)
+    module.eval()
+    with torch.no_grad():
+        return time_call(lambda: module(x), torch.cuda.synchronize, repeats)
 
 
 def main(argv=None) -> int:
