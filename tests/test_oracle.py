@@ -7,7 +7,6 @@ for the forward pass and 1e-9 for gradients and the step (TF's own float32/float
 activations deep in the net.
 """
 
-import numpy as np
 import pytest
 
 import rescompile as rc

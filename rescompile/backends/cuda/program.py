@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import cache, device, kernels
-from .launch import Ref
 from .memory import variable_layout
 from .plan import Plan, build_plan, kept_values, layout_ref
 from ...errors import InputError
@@ -30,7 +29,7 @@ class Bound:
     plan: Plan
     kernels: list
     values: dict        # value name -> flat device array (arena views and feed buffers)
-    fixed: dict         # Ref -> flat device array (regions: scratch pools, arena slices)
+    fixed: dict         # launch.Ref -> flat device array (regions: scratch pools, arena slices)
 
 
 class CudaProgram:

@@ -164,7 +164,7 @@ def lower_global_avg_pool(ctx: Context, node) -> list[Launch]:
 def lower_l2_penalty(ctx: Context, node) -> list[Launch]:
     """ops/update.py _l2_ref: level one per weight tensor into one shared partial buffer, level
     two sums them all: scale * sum(w**2) / 2."""
-    reds = [Reduction(ctx.size(w), 1, (), (f"np.float64(in0[r]) * np.float64(in0[r])",))
+    reds = [Reduction(ctx.size(w), 1, (), ("np.float64(in0[r]) * np.float64(in0[r])",))
             for w in node.inputs]
     counts = [parts_of(red, ctx.target) for red in reds]
     total = sum(counts)
