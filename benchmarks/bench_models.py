@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import rescompile  # noqa: E402
+from rescompile.bench import ort_runner, torch_runner  # noqa: E402
 
 PRESETS = ROOT / "rescompile" / "presets"
 CASES = {  # name -> (preset file, mode, batch)
@@ -55,26 +56,13 @@ CASES = {  # name -> (preset file, mode, batch)
 THREADS = 2
 
 
-# -- baselines: the same graph and weights (rescompile.interop) -------------------------------
+# -- baselines: the same graph and weights (rescompile.bench, rescompile.interop) --------------
 def torch_case(spec, mode, exe, images, labels):
-    import torch
-    from rescompile.interop.torch_model import to_nchw, torch_module, train_step_fn
-    torch.set_num_threads(THREADS)
-    module = torch_module(spec, exe.params, mode)
-    x = to_nchw(images)
-    if mode == "train":
-        return train_step_fn(module, spec, x, torch.from_numpy(labels))
-    module.eval()
-
-    def infer():
-        with torch.no_grad():
-            return module(x).numpy()
-    return infer
+    return torch_runner(spec, exe, mode, images, labels, THREADS)
 
 
 def ort_case(spec, exe, images):
-    from rescompile.interop.onnx_model import ort_runner
-    return ort_runner(spec, exe.params, images, THREADS)
+    return ort_runner(spec, exe, "infer", images, None, THREADS)
 
 
 # -- timing ---------------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def _profile(exe, fn, batch: int) -> list[dict]:
 
 def baseline_timings(spec, exe, mode, images, labels, repeats, threads) -> dict:
     results = {}
-    for name, runner in (("pytorch", _torch_runner), ("onnxruntime", _ort_runner)):
+    for name, runner in (("pytorch", torch_runner), ("onnxruntime", ort_runner)):
         try:
             results[name] = Timing.of(runner(spec, exe, mode, images, labels, threads), repeats)
         except Exception as exc:  # a missing or failing baseline is reported, not fatal
@@ -178,7 +178,9 @@ def baseline_timings(spec, exe, mode, images, labels, repeats, threads) -> dict:
     return results
 
 
-def _torch_runner(spec, exe, mode, images, labels, threads):
+def torch_runner(spec, exe, mode, images, labels, threads):
+    """The same model in PyTorch eager (channels_last): a call returning the logits (infer)
+    or running one train step."""
     import torch
     from .interop.torch_model import to_nchw, torch_module, train_step_fn
     torch.set_num_threads(threads)
@@ -190,11 +192,11 @@ def _torch_runner(spec, exe, mode, images, labels, threads):
 
     def infer():
         with torch.no_grad():
-            module(x)
+            return module(x).numpy()
     return infer
 
 
-def _ort_runner(spec, exe, mode, images, labels, threads):
+def ort_runner(spec, exe, mode, images, labels, threads):
     if mode != "infer":
         raise RuntimeError("ONNX Runtime runs inference only here")
     from .interop.onnx_model import ort_runner

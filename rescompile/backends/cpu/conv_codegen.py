@@ -206,16 +206,22 @@ def kernel_arg_names(sig):
         return ["dy", "w", "dx"]
     if sig.op == "grad_filter":
         return ["x", "dy", "dw"]
-    names = ["x", "w"]
-    for i, step in enumerate(sig.epilogue):
-        names += {"bias": [f"bias_{i}"], "affine": [f"scale_{i}", f"shift_{i}"],
-                  "relu": [], "add": [f"res_{i}"]}[step[0]]
-    if sig.has_out2:
-        names += ["scale2", "shift2"]
-    names.append("out")
-    if sig.has_out2:
-        names.append("out2")
+    return ["x", "w"] + epilogue_arg_names(sig.epilogue, "") + output_arg_names(sig)
+
+
+def epilogue_arg_names(steps, tag: str) -> list[str]:
+    """The kernel arguments an epilogue's steps read, named as `epilogue_lines` uses them."""
+    names = []
+    for j, step in enumerate(steps):
+        name = f"{tag}{j}"
+        names += {"bias": [f"bias_{name}"], "affine": [f"scale_{name}", f"shift_{name}"],
+                  "relu": [], "add": [f"res_{name}"]}[step[0]]
     return names
+
+
+def output_arg_names(sig) -> list[str]:
+    """The second output's scale and shift, then the outputs."""
+    return ["scale2", "shift2", "out", "out2"] if sig.has_out2 else ["out"]
 
 
 # --- source building -----------------------------------------------------------------

@@ -46,7 +46,7 @@ import hashlib
 from dataclasses import dataclass
 
 from .conv_codegen import (DTYPES, _check_float, _check_int, _normalize_step, _Source,
-                           epilogue_lines, out2_lines)
+                           epilogue_arg_names, epilogue_lines, out2_lines, output_arg_names)
 
 # Rows of the first layer's input per work item: whole images at 32x32 and 16x16, four
 # images at 8x8 (NUMBA-NOTES: whole images for stages 1-2, groups of 4-8 for stage 3).
@@ -141,16 +141,8 @@ class UnitSig:
 def unit_arg_names(sig: UnitSig) -> list[str]:
     names = ["x"]
     for i, layer in enumerate(sig.layers):
-        names.append(f"w_{i}")
-        for j, step in enumerate(layer.epilogue):
-            names += {"bias": [f"bias_{i}_{j}"], "affine": [f"scale_{i}_{j}", f"shift_{i}_{j}"],
-                      "relu": [], "add": [f"res_{i}_{j}"]}[step[0]]
-    if sig.has_out2:
-        names += ["scale2", "shift2"]
-    names.append("out")
-    if sig.has_out2:
-        names.append("out2")
-    return names
+        names += [f"w_{i}"] + epilogue_arg_names(layer.epilogue, f"{i}_")
+    return names + output_arg_names(sig)
 
 
 class _Gen:
