@@ -1,6 +1,10 @@
 """Shared fixtures: the TensorFlow oracle, small specs, and executables compiled once."""
 
 import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 # Tests check numbers, not speed: LLVM at -O0 compiles the generated kernels about 3x faster,
@@ -16,6 +20,36 @@ import rescompile as rc
 
 DATA = Path(__file__).parent / "data"
 EXAMPLES = Path(__file__).parent.parent / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+SIMULATOR_TEST = "test_cuda_backend_under_the_simulator"
+
+
+@dataclass
+class SimulatorRun:
+    """`pytest tests/cuda` under NUMBA_ENABLE_CUDASIM=1 in a process of its own."""
+    process: subprocess.Popen
+    log: object
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if any(item.name == SIMULATOR_TEST for item in items):
+        log = tempfile.TemporaryFile()
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             str(ROOT / "tests" / "cuda")], cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT)
+        config.simulator_run = SimulatorRun(process, log)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    run = getattr(session.config, "simulator_run", None)
+    if run is not None and run.process.poll() is None:
+        run.process.kill()
 
 
 @pytest.fixture(scope="session")
