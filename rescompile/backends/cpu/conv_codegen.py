@@ -72,6 +72,7 @@ v += residual[n, h, w, c].  With ``has_out2``: out2 = relu(out*scale2[c] +
 shift2[c], alpha2).  The chain is generated literally: no runtime branching.
 """
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -318,6 +319,19 @@ def _thread_split(src, sig, count):
     return header
 
 
+@contextlib.contextmanager
+def _row_chunks(src, sig, chunk, rows_per_image):
+    """Open the loop over chunks ``[r0, r0 + rows)`` of all images' rows, split over threads;
+    the caller emits the chunk's body inside."""
+    src(f"total = n_img * {rows_per_image}")
+    src(f"n_chunks = (total + {chunk - 1}) // {chunk}")
+    with src.block(_thread_split(src, sig, "n_chunks")):
+        with src.block("for ch in range(t * n_chunks // n_par, (t + 1) * n_chunks // n_par):"):
+            src(f"r0 = ch * {chunk}")
+            src(f"rows = min({chunk}, total - r0)")
+            yield
+
+
 def _fill_pad(src, sig, source_flat, image="n", slot="0"):
     """Copy image ``image`` into the interior of padded image ``slot`` of ``pad``."""
     h, w, cin, wp = sig.h, sig.w, sig.cin, sig.wp
@@ -415,17 +429,12 @@ def _forward_body(src, sig):
 
     if strategy == "direct":
         chunk = CHUNK_ROWS_TARGET if not sig.chunk_rows else sig.chunk_rows
-        src(f"total = n_img * {h * w}")
-        src(f"n_chunks = (total + {chunk - 1}) // {chunk}")
-        with src.block(_thread_split(src, sig, "n_chunks")):
-            with src.block("for ch in range(t * n_chunks // n_par, (t + 1) * n_chunks // n_par):"):
-                src(f"r0 = ch * {chunk}")
-                src(f"rows = min({chunk}, total - r0)")
-                src(f"gemm(False, False, rows, {cout}, {cin}, one, xf[r0 * {cin}:], {cin},"
-                    f" wf, {cout}, zero, outf[r0 * {cout}:], {cout})")
-                with src.block("for r in range(r0, r0 + rows):"):
-                    src(f"o = r * {cout}")
-                    _epilogue(src, sig, "outf", "o", "o")
+        with _row_chunks(src, sig, chunk, h * w):
+            src(f"gemm(False, False, rows, {cout}, {cin}, one, xf[r0 * {cin}:], {cin},"
+                f" wf, {cout}, zero, outf[r0 * {cout}:], {cout})")
+            with src.block("for r in range(r0, r0 + rows):"):
+                src(f"o = r * {cout}")
+                _epilogue(src, sig, "outf", "o", "o")
         return
 
     if strategy == "shifted" and _images_per_chunk(sig) > 1:
@@ -527,15 +536,9 @@ def _grad_input_body(src, sig):
     _prologue(src, sig, "dy", shapes, ["dy", "w", "dx"])
     strategy = sig.resolved_strategy
     if strategy == "direct":
-        chunk = CHUNK_ROWS_TARGET
-        src(f"total = n_img * {h * w}")
-        src(f"n_chunks = (total + {chunk - 1}) // {chunk}")
-        with src.block(_thread_split(src, sig, "n_chunks")):
-            with src.block("for ch in range(t * n_chunks // n_par, (t + 1) * n_chunks // n_par):"):
-                src(f"r0 = ch * {chunk}")
-                src(f"rows = min({chunk}, total - r0)")
-                src(f"gemm(False, True, rows, {cin}, {cout}, one, dyf[r0 * {cout}:], {cout},"
-                    f" wf, {cout}, zero, dxf[r0 * {cin}:], {cin})")
+        with _row_chunks(src, sig, CHUNK_ROWS_TARGET, h * w):
+            src(f"gemm(False, True, rows, {cin}, {cout}, one, dyf[r0 * {cout}:], {cout},"
+                f" wf, {cout}, zero, dxf[r0 * {cin}:], {cin})")
         return
 
     kkc = k * k * cin
