@@ -116,8 +116,33 @@ def _normalize_step(step):
     return step
 
 
+class ConvGeometry:
+    """What a conv kernel signature and a unit layer share: one k x k conv of an h x w x cin
+    input with a stride and explicit (top, bottom, left, right) pads, and its epilogue."""
+
+    hp = property(lambda s: s.h + s.pads[0] + s.pads[1])
+    wp = property(lambda s: s.w + s.pads[2] + s.pads[3])
+    oh = property(lambda s: (s.hp - s.k) // s.stride + 1)
+    ow = property(lambda s: (s.wp - s.k) // s.stride + 1)
+
+    def _check_geometry(self) -> None:
+        """Validate sizes and pads; store pads and epilogue in canonical (tuple) form."""
+        for name in ("h", "w", "cin", "cout", "k", "stride"):
+            _check_int(name, getattr(self, name), 1)
+        pads = tuple(self.pads)
+        if len(pads) != 4:
+            raise ValueError(f"{type(self).__name__}.pads must be (top, bottom, left, right), "
+                             f"got {pads!r}")
+        for p in pads:
+            _check_int("pads", p, 0)
+        object.__setattr__(self, "pads", pads)
+        object.__setattr__(self, "epilogue", tuple(_normalize_step(s) for s in self.epilogue))
+        if self.oh < 1 or self.ow < 1:
+            raise ValueError(f"empty output for {self}")
+
+
 @dataclass(frozen=True)
-class ConvSig:
+class ConvSig(ConvGeometry):
     """Everything that determines one generated conv kernel (N is left free).
 
     ``h, w``: the forward input's spatial size; ``pads``: (top, bottom, left,
@@ -149,24 +174,14 @@ class ConvSig:
             raise ValueError(f"ConvSig.op must be one of {OPS}, got {self.op!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"ConvSig.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("h", "w", "cin", "cout", "k", "stride"):
-            _check_int(name, getattr(self, name), 1)
+        self._check_geometry()
         _check_int("chunk_rows", self.chunk_rows, 0)
         _check_int("groups", self.groups, 0)
-        pads = tuple(self.pads)
-        if len(pads) != 4:
-            raise ValueError(f"ConvSig.pads must be (top, bottom, left, right), got {pads!r}")
-        for p in pads:
-            _check_int("pads", p, 0)
-        setf("pads", pads)
-        setf("epilogue", tuple(_normalize_step(s) for s in self.epilogue))
         setf("alpha2", _check_float("alpha2", self.alpha2))
         setf("has_out2", bool(self.has_out2))
         setf("parallel", bool(self.parallel))
         if self.op != "forward" and (self.epilogue or self.has_out2):
             raise ValueError(f"{self.op} kernels take no epilogue")
-        if self.oh < 1 or self.ow < 1:
-            raise ValueError(f"empty output for {self}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"ConvSig.strategy must be one of {STRATEGIES}")
         if self.strategy == "direct" and not self.direct_ok:
@@ -175,10 +190,6 @@ class ConvSig:
             raise ValueError("strategy 'shifted' needs stride 1")
 
     # derived sizes
-    hp = property(lambda s: s.h + s.pads[0] + s.pads[1])
-    wp = property(lambda s: s.w + s.pads[2] + s.pads[3])
-    oh = property(lambda s: (s.hp - s.k) // s.stride + 1)
-    ow = property(lambda s: (s.wp - s.k) // s.stride + 1)
     padded = property(lambda s: any(s.pads))
     direct_ok = property(lambda s: s.k == 1 and s.stride == 1 and not s.padded)
 

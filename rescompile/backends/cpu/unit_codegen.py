@@ -45,7 +45,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from .conv_codegen import (DTYPES, _check_float, _check_int, _normalize_step, _Source,
+from .conv_codegen import (DTYPES, ConvGeometry, _check_float, _check_int, _Source,
                            epilogue_arg_names, epilogue_lines, out2_lines, output_arg_names)
 
 # Rows of the first layer's input per work item: whole images at 32x32 and 16x16, four
@@ -54,7 +54,7 @@ ITEM_ROWS_TARGET = 256
 
 
 @dataclass(frozen=True)
-class Layer:
+class Layer(ConvGeometry):
     """One conv of the chain: input h x w x cin, k x k filter, stride, (top, bottom, left,
     right) pads, epilogue steps."""
     h: int
@@ -68,22 +68,8 @@ class Layer:
     im2col: bool = False  # a stride-1 k x k layer as im2col (one GEMM, K = k*k*cin)
 
     def __post_init__(self):
-        for name in ("h", "w", "cin", "cout", "k", "stride"):
-            _check_int(name, getattr(self, name), 1)
-        pads = tuple(self.pads)
-        if len(pads) != 4:
-            raise ValueError(f"Layer.pads must be (top, bottom, left, right), got {pads!r}")
-        for p in pads:
-            _check_int("pads", p, 0)
-        object.__setattr__(self, "pads", pads)
-        object.__setattr__(self, "epilogue", tuple(_normalize_step(s) for s in self.epilogue))
-        if self.oh < 1 or self.ow < 1:
-            raise ValueError(f"empty output for {self}")
+        self._check_geometry()
 
-    hp = property(lambda s: s.h + s.pads[0] + s.pads[1])
-    wp = property(lambda s: s.w + s.pads[2] + s.pads[3])
-    oh = property(lambda s: (s.hp - s.k) // s.stride + 1)
-    ow = property(lambda s: (s.wp - s.k) // s.stride + 1)
     padded_input = property(lambda s: s.k > 1 or any(s.pads))
 
     @property
