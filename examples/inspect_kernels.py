@@ -1,5 +1,5 @@
-"""Compile a spec, show what the compiler did to it, and print the kernel generated for one
-bottleneck unit.
+"""Compile a spec, show what the compiler did to it, and print the micro-kernels (LLVM IR) one
+bottleneck unit runs on.
 
     python examples/inspect_kernels.py [SPEC] [UNIT]
 """
@@ -20,9 +20,5 @@ for record in exe.lowered.pass_log:
 print("# the optimized graph of", unit)
 print("\n".join(line for line in render(exe.graph, "text").splitlines() if f"# {unit}/" in line))
 
-print(f"\n# kernels generated for {unit}")
-for (node, threaded), lowering in exe.program.lowerings.items():
-    if threaded and node.startswith(unit + "/"):
-        for call in lowering.calls:
-            print(f"# {node}: {call.kernel.name}({', '.join(call.args)})")
-            print(call.kernel.source)
+print(f"\n# the kernel calls of {unit} and the micro-kernels they use")
+print(exe.program.kernel_listing(unit + "/"))

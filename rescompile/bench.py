@@ -1,8 +1,15 @@
 """Benchmarks: compile time (cold and warm), run time as median/min/max of several runs,
-throughput, GFLOP/s and its share of the machine's measured GEMM rate, memory, and the same
-model in PyTorch (eager, channels_last) and ONNX Runtime in the same run, as ratios.
+throughput, GFLOP/s and its share of the machine's FMA peak, memory, and the same model in the
+runtimes a user would pick instead, in the same process, as ratios:
 
-The machine is shared and noisy: only medians and ratios measured in one run mean anything.
+    pytorch        PyTorch eager, channels_last
+    torch.compile  PyTorch's inductor with freezing (inference) or compiled train step
+    onnxruntime    ONNX Runtime, all graph optimisations (inference)
+
+The peak is measured with the kernel library's own FMA loop on the same number of threads
+(`backends/cpu/llvm/measure.py`), so "% of peak" is of this machine, now. The machine is shared
+and noisy: implementations are timed in interleaved rounds (A B C, A B C: drift hits all alike)
+and only medians and ratios measured in one run mean anything.
 """
 
 from __future__ import annotations
@@ -29,15 +36,14 @@ class Timing:
     runs: int
 
     @classmethod
-    def of(cls, fn, repeats: int, warmup: int = 1) -> "Timing":
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return cls(float(np.median(times)), min(times), max(times), repeats)
+    def of_samples(cls, samples: list[float]) -> "Timing":
+        return cls(float(np.median(samples)), min(samples), max(samples), len(samples))
+
+
+@dataclass
+class Peer:
+    setup_s: float  # building it and its first call (torch.compile: the compile)
+    timing: Timing
 
 
 @dataclass
@@ -48,15 +54,15 @@ class Report:
     backend: str
     dtype: str
     threads: int
-    blas: str
-    gemm_gflops: float
+    target: str
+    fma_peak_gflops: float
     compile_cold_s: float
     compile_warm_s: float | None
     timing: Timing
     gflop_per_call: float
-    peak_activation_bytes: int | None
+    allocated_bytes: int | None
     max_rss_bytes: int
-    baselines: dict = field(default_factory=dict)  # name -> Timing or reason it did not run
+    peers: dict = field(default_factory=dict)  # name -> Peer, or why it did not run
     profile: list = field(default_factory=list)
 
     @property
@@ -68,23 +74,6 @@ class Report:
         return self.gflop_per_call / self.timing.median_s
 
 
-def blas_kernel() -> str:
-    from threadpoolctl import threadpool_info
-    infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    return "; ".join(f"{i.get('internal_api')} {i.get('architecture')} "
-                     f"({i.get('num_threads')} threads)" for i in infos) or "unknown"
-
-
-def gemm_rate(dtype: str = "float32", threads: int = 2, n: int = 1024, repeats: int = 5) -> float:
-    """GFLOP/s of NumPy's BLAS on an n^3 GEMM with `threads` threads: the machine's peak as far
-    as this process can reach it."""
-    from threadpoolctl import threadpool_limits
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(dtype)
-    with threadpool_limits(threads, user_api="blas"):
-        timing = Timing.of(lambda: a @ a, repeats)
-    return 2 * n ** 3 / timing.median_s / 1e9
-
-
 def _inputs(spec, batch: int, dtype: str):
     rng = np.random.default_rng(0)
     images = rng.standard_normal((batch, *spec.model.input)).astype(dtype)
@@ -92,7 +81,7 @@ def _inputs(spec, batch: int, dtype: str):
 
 
 def _compile_and_warm(spec, mode, backend, dtype, batch, cache_dir):
-    """Compile and run once (Numba compiles kernels at their first call)."""
+    """Compile and run once (Numba compiles its driver at the first call)."""
     images, labels = _inputs(spec, batch, dtype)
     start = time.perf_counter()
     exe = compile(spec, mode=mode, backend=backend, dtype=dtype, cache_dir=cache_dir)
@@ -117,22 +106,47 @@ def _warm_compile_time(spec, mode, backend, dtype, batch, cache_dir) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def bench(spec, mode="infer", batch=128, backend="cpu", dtype="float32", repeats=5,
-          profile=False, baselines=True, warm=True, threads=2) -> Report:
+def interleaved(calls: dict, rounds: int, reps: int) -> dict[str, Timing]:
+    """Each callable timed `reps` times per round, rounds interleaved, after a warm-up call."""
+    samples = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            fn()
+            for _ in range(reps):
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
+    return {name: Timing.of_samples(s) for name, s in samples.items()}
+
+
+def bench(spec, mode="infer", batch=128, backend="cpu", dtype="float32", repeat=5,
+          profile=False, peers=True, warm=True, threads=2, rounds=2) -> Report:
+    from .backends.cpu.llvm.measure import fma_peak_gflops
+    from .backends.cpu.target import host_target
     with tempfile.TemporaryDirectory(prefix="rescompile-bench-") as cache_dir:
         exe, cold = _compile_and_warm(spec, mode, backend, dtype, batch, cache_dir)
         warm_s = _warm_compile_time(spec, mode, backend, dtype, batch, cache_dir) \
             if warm and backend != "reference" else None
     images, labels = _inputs(spec, batch, dtype)
-    timing = Timing.of(_call(exe, mode, images, labels), repeats)
-    report = Report(spec.name, mode, batch, backend, dtype, threads, blas_kernel(),
-                    gemm_rate(dtype, threads), cold, warm_s, timing, _gflop(exe, batch),
-                    _peak_bytes(exe, batch), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                    * 1024)
-    if profile:
-        report.profile = _profile(exe, _call(exe, mode, images, labels), batch)
-    if baselines:
-        report.baselines = baseline_timings(spec, exe, mode, images, labels, repeats, threads)
+    ours = _call(exe, mode, images, labels)
+    runners = peer_runners(spec, exe, mode, images, labels, threads) if peers else {}
+    ready = {name: r for name, r in runners.items() if not isinstance(r, str)}
+    timings = interleaved({"rescompile": ours, **{n: fn for n, (fn, _) in ready.items()}},
+                          rounds, max(1, repeat // rounds))
+    target = getattr(getattr(exe.program, "target", None), "isa", None) or host_target().isa
+    report = Report(spec.name, mode, batch, backend, dtype, threads,
+                    f"{target} ({host_target().cpu})",
+                    fma_peak_gflops(host_target(), threads, dtype), cold, warm_s,
+                    timings["rescompile"], _gflop(exe, batch),
+                    getattr(exe.program, "allocated_bytes", lambda b: None)(batch),
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    for name, runner in runners.items():
+        report.peers[name] = Peer(runner[1], timings[name]) if name in ready else runner
+    if profile and hasattr(exe.program, "start_profile"):
+        exe.program.start_profile()
+        ours()
+        report.profile = exe.program.profile_rows(batch)
+        exe.program.profile = None
     return report
 
 
@@ -142,53 +156,38 @@ def _gflop(exe, batch: int) -> float:
     return batch * sum(flops.get(p, 0.0) for p in phases) / 1e9
 
 
-def _peak_bytes(exe, batch: int):
-    arenas = getattr(exe.program, "arenas", {})
-    peaks = [a.plan.peak_bytes for (e, b), a in arenas.items() if b == batch]
-    return max(peaks) if peaks else None
-
-
-def _profile(exe, fn, batch: int) -> list[dict]:
-    """Per node: calls, total ms, share, GFLOP/s (for nodes that do arithmetic)."""
-    from .dump import node_flops
-    exe.program.profile = {}
-    fn()
-    records, exe.program.profile = exe.program.profile, None
-    nodes = {n.name: n for n in exe.graph.nodes}
-    total = sum(seconds for _, seconds in records.values())
-    rows = []
-    for name, (calls, seconds) in sorted(records.items(), key=lambda kv: -kv[1][1]):
-        group = exe.program.groups.get(name) if hasattr(exe.program, "groups") else None
-        members = list(group.members) if group else [nodes[name]]
-        flops = sum(node_flops(exe.graph, n) for n in members) * batch * calls
-        op = members[0].op if len(members) == 1 else f"group of {len(members)}"
-        rows.append({"name": name, "op": op, "calls": calls, "ms": seconds * 1e3,
-                     "percent": 100 * seconds / total,
-                     "gflops": flops / seconds / 1e9 if flops else None})
-    return rows
-
-
-def baseline_timings(spec, exe, mode, images, labels, repeats, threads) -> dict:
+def peer_runners(spec, exe, mode, images, labels, threads) -> dict:
+    """name -> (a call running the same model, seconds to build it and make its first call),
+    or the reason it could not run."""
     results = {}
-    for name, runner in (("pytorch", torch_runner), ("onnxruntime", ort_runner)):
+    for name, make in PEERS.items():
         try:
-            results[name] = Timing.of(runner(spec, exe, mode, images, labels, threads), repeats)
-        except Exception as exc:  # a missing or failing baseline is reported, not fatal
+            start = time.perf_counter()
+            fn = make(spec, exe, mode, images, labels, threads)
+            fn()
+            results[name] = (fn, time.perf_counter() - start)
+        except Exception as exc:  # a missing or failing peer is reported, not fatal
             results[name] = f"not run: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     return results
 
 
-def torch_runner(spec, exe, mode, images, labels, threads):
-    """The same model in PyTorch eager (channels_last): a call returning the logits (infer)
-    or running one train step."""
+def torch_runner(spec, exe, mode, images, labels, threads, compiled: bool = False):
+    """The same model in PyTorch (channels_last): a call returning the logits (infer) or
+    running one train step. `compiled`: through torch.compile (inductor; with freezing in
+    inference, which folds the weights into the generated code as ORT folds them)."""
     import torch
     from .interop.torch_model import to_nchw, torch_module, train_step_fn
     torch.set_num_threads(threads)
     module = torch_module(spec, exe.params, mode, exe.dtype)
     x = to_nchw(images)
     if mode == "train":
-        return train_step_fn(module, spec, x, torch.from_numpy(labels))
+        return train_step_fn(torch.compile(module) if compiled else module, spec, x,
+                             torch.from_numpy(labels))
     module.eval()
+    if compiled:
+        import torch._inductor.config as inductor
+        inductor.freezing = True
+        module = torch.compile(module)
 
     def infer():
         with torch.no_grad():
@@ -199,35 +198,49 @@ def torch_runner(spec, exe, mode, images, labels, threads):
 def ort_runner(spec, exe, mode, images, labels, threads):
     if mode != "infer":
         raise RuntimeError("ONNX Runtime runs inference only here")
-    from .interop.onnx_model import ort_runner
-    return ort_runner(spec, exe.params, images, threads)
+    from .interop.onnx_model import ort_runner as runner
+    return runner(spec, exe.params, images, threads)
+
+
+PEERS = {
+    "pytorch": torch_runner,
+    "torch.compile": lambda *args: torch_runner(*args, compiled=True),
+    "onnxruntime": ort_runner,
+}
 
 
 def format_report(r: Report) -> str:
+    peak = r.fma_peak_gflops
     lines = [f"{r.spec} {r.mode} batch {r.batch} {r.dtype}, backend {r.backend}, "
              f"{r.threads} threads",
-             f"BLAS        {r.blas}; measured GEMM peak {r.gemm_gflops:.0f} GFLOP/s",
+             f"target      {r.target}; FMA peak {peak:.0f} GFLOP/s on {r.threads} threads "
+             f"(the kernel library's peak loop)",
              f"compile     cold {r.compile_cold_s:.1f} s" +
-             (f", warm {r.compile_warm_s:.2f} s" if r.compile_warm_s is not None else ""),
+             (f", warm {r.compile_warm_s:.2f} s" if r.compile_warm_s is not None else "") +
+             " (fresh process, first call included)",
              f"run         median {r.timing.median_s * 1e3:.2f} ms (min {r.timing.min_s * 1e3:.2f}, "
              f"max {r.timing.max_s * 1e3:.2f}, {r.timing.runs} runs)",
              f"throughput  {r.images_per_s:.1f} images/s, {r.gflops:.1f} GFLOP/s "
-             f"({100 * r.gflops / r.gemm_gflops:.0f}% of GEMM peak)",
-             f"memory      peak activations {(r.peak_activation_bytes or 0) / 1e6:.1f} MB, "
-             f"process max RSS {r.max_rss_bytes / 1e6:.0f} MB"]
-    for name, base in r.baselines.items():
-        if isinstance(base, Timing):
-            lines.append(f"{name:<11} median {base.median_s * 1e3:.2f} ms -> rescompile is "
-                         f"{base.median_s / r.timing.median_s:.2f}x its throughput")
+             f"({100 * r.gflops / peak:.0f}% of FMA peak)",
+             f"memory      allocated {(r.allocated_bytes or 0) / 2**20:.1f} MiB, "
+             f"process max RSS {r.max_rss_bytes / 2**20:.0f} MiB"]
+    for name, peer in r.peers.items():
+        if isinstance(peer, Peer):
+            gflops = r.gflop_per_call / peer.timing.median_s
+            lines.append(f"{name:<14} median {peer.timing.median_s * 1e3:.2f} ms, "
+                         f"{gflops:.1f} GFLOP/s ({100 * gflops / peak:.0f}% of peak), setup "
+                         f"{peer.setup_s:.1f} s -> rescompile is "
+                         f"{peer.timing.median_s / r.timing.median_s:.2f}x its throughput")
         else:
-            lines.append(f"{name:<11} {base}")
+            lines.append(f"{name:<14} {peer}")
     if r.profile:
-        lines.append(f"{'kernel (node)':<44} {'op':<22} {'calls':>5} {'ms':>8} {'%':>5} "
-                     f"{'GFLOP/s':>8}")
+        lines.append(f"{'kernel (node)':<40} {'op':<16} {'calls':>5} {'ms':>8} {'wait':>6} "
+                     f"{'%':>5} {'GFLOP/s':>8}")
         for row in r.profile:
             gf = f"{row['gflops']:.1f}" if row["gflops"] else "-"
-            lines.append(f"{row['name'][:44]:<44} {row['op'][:22]:<22} {row['calls']:>5} "
-                         f"{row['ms']:>8.2f} {row['percent']:>5.1f} {gf:>8}")
+            lines.append(f"{row['name'][:40]:<40} {row['op'][:16]:<16} {row['calls']:>5} "
+                         f"{row['ms']:>8.3f} {row['wait_ms']:>6.3f} {row['percent']:>5.1f} "
+                         f"{gf:>8}")
     return "\n".join(lines)
 
 

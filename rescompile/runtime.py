@@ -27,6 +27,7 @@ class Executable:
         self.step = step
         self._forward_done = False
         self._prepared = False
+        self._variable_feeds: dict | None = None  # the variables as fed, rebuilt on change
         if variables is not None:
             self.load_state(variables)
 
@@ -58,12 +59,16 @@ class Executable:
         checked = {name: _variable_array(name, value, allowed[name].shape, self.dtype)
                    for name, value in values.items()}
         self._values.update(checked)
+        self._variable_feeds = None
         self._forward_done = False
         self._prepared = False
 
     # -- running ------------------------------------------------------------------------
     def _run(self, entry: str, feeds: dict) -> dict:
-        inputs = {n: self._values[n] for n, r in self.graph.inputs.items() if r in ("param", "state")}
+        if self._variable_feeds is None:
+            self._variable_feeds = {n: self._values[n] for n, r in self.graph.inputs.items()
+                                    if r in ("param", "state")}
+        inputs = dict(self._variable_feeds)
         if LEARNING_RATE in self.graph.inputs:
             inputs[LEARNING_RATE] = np.asarray(self.learning_rate(), self.dtype)
         inputs.update(feeds)
@@ -106,6 +111,7 @@ class Executable:
         for key, value in self.graph.outputs.items():
             if key.startswith("new/"):
                 self._values[key[4:]] = results[value]
+        self._variable_feeds = None
         self.step += 1
         self._forward_done = False
         return float(results[self.graph.outputs["loss"]])

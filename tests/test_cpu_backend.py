@@ -113,12 +113,16 @@ def test_cache_info_and_clear(tmp_path, capsys):
 def test_dump_kernels_prints_generated_source(capsys):
     assert main(["dump", "examples/seed_small.toml", "--kernels", "--node", "unit_1_1/sub1"]) == 0
     out = capsys.readouterr().out
-    assert "# node unit_1_1/sub1/conv1" in out and "@numba.njit" in out
+    assert "# node unit_1_1/sub1/conv1: conv_float32_" in out and "define void @" in out
+    assert main(["dump", "examples/seed_small.toml", "--kernels", "--asm", "--node",
+                 "unit_1_1/sub1"]) == 0
+    assert "ret" in capsys.readouterr().out
 
 
 def test_bench_reports_a_table(capsys):
     spec = tiny_spec().to_toml()
-    assert main(["bench", spec, "--batch", "2", "--repeat", "2", "--no-baselines",
+    assert main(["bench", spec, "--batch", "2", "--repeat", "2", "--no-peers",
                  "--no-warm", "--profile"]) == 0
     out = capsys.readouterr().out
-    assert "images/s" in out and "GFLOP/s" in out and "BLAS" in out and "kernel (node)" in out
+    assert "images/s" in out and "% of FMA peak" in out and "kernel (node)" in out
+    assert "init/init_conv" in out

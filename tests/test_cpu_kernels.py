@@ -1,5 +1,5 @@
-"""The CPU backend's BLAS wrapper, generated conv and unit kernels against NumPy float64
-references, and whole tiny models (cpu backend, unit kernels on and off) against the reference
+"""The training program's kernels (the CPU backend's BLAS wrapper and generated conv kernels)
+against NumPy float64 references, and a whole tiny model's train step against the reference
 backend.
 
 Kernels go to the user's kernel cache (content-hashed, so sharing it is safe and reruns are
@@ -17,7 +17,6 @@ from rescompile.backends.cpu import blas
 from rescompile.backends.cpu.conv_codegen import ConvSig, conv_kernel, conv_kernel_source, kernel_arg_names
 from rescompile.backends.cpu.kernel_cache import compile_source
 from rescompile.fileio import cache_root
-from rescompile.backends.cpu.unit_codegen import Layer, UnitSig, unit_arg_names, unit_kernel
 
 RTOL = {"float32": 1e-5, "float64": 1e-12}
 
@@ -180,16 +179,8 @@ def test_float32_kernel_has_no_float64_arithmetic(tmp_path):
     conv = conv_kernel(sig, tmp_path)
     conv(np.ones((1, 6, 6, 4), f), np.ones((3, 3, 4, 4), f), np.ones(4, f), np.ones(4, f),
          np.ones(4, f), np.ones(4, f), np.empty((1, 6, 6, 4), f), np.empty((1, 6, 6, 4), f))
-    usig = UnitSig((Layer(4, 4, 4, 2, 1, epilogue=(("affine",), ("relu", 0.1))),
-                    Layer(4, 4, 2, 4, 3, 1, (1, 1, 1, 1), (("bias",), ("add",)))),
-                   "float32", True, 0.2, parallel=False)
-    unit = unit_kernel(usig, tmp_path)
-    unit(np.ones((1, 4, 4, 4), f), np.ones((1, 1, 4, 2), f), np.ones(2, f), np.ones(2, f),
-         np.ones((3, 3, 2, 4), f), np.ones(4, f), np.ones((1, 4, 4, 4), f), np.ones(4, f),
-         np.ones(4, f), np.empty((1, 4, 4, 4), f), np.empty((1, 4, 4, 4), f))
-    for kernel in (conv, unit):
-        llvm = kernel.inspect_llvm(kernel.signatures[0])
-        assert "fmul double" not in llvm and "fadd double" not in llvm and "fpext" not in llvm
+    llvm = conv.inspect_llvm(conv.signatures[0])
+    assert "fmul double" not in llvm and "fadd double" not in llvm and "fpext" not in llvm
 
 
 # --- backward kernels ---------------------------------------------------------------
@@ -276,103 +267,7 @@ def test_compile_source_uses_env_cache_dir(tmp_path, monkeypatch):
     assert fn(1) == 2 and len(list(tmp_path.glob("rk_*.py"))) == 1
 
 
-# --- unit kernels (cross-layer tiled chains) ---------------------------------------------
-
-BR = (("bias",), ("relu", 0.1))
-UNIT_CASES = [
-    # (layers, batch, dtype, has_out2, parallel, images_per_item)
-    # pre-activation bottleneck, stacked 3x3 over 2 images per item: gemm, shifted, gemm
-    ((Layer(6, 6, 8, 4, 1, 1, (0,) * 4, BR), Layer(6, 6, 4, 4, 3, 1, (1, 1, 1, 1), BR),
-      Layer(6, 6, 4, 8, 1, 1, (0,) * 4, (("add",),))), 5, "float32", True, True, 2),
-    # stride in conv1 (gather), affine + plain relu, v1 tail: bias, add, relu
-    ((Layer(7, 7, 8, 4, 1, 2, (0,) * 4, (("affine",), ("relu", 0.0))),
-      Layer(4, 4, 4, 4, 3, 1, (1, 1, 1, 1), BR),
-      Layer(4, 4, 4, 8, 1, 1, (0,) * 4, (("bias",), ("add",), ("relu", 0.0)))),
-     3, "float64", False, False, 0),
-    # stride in the 3x3 with SAME (asymmetric) pads: im2col
-    ((Layer(8, 8, 8, 4, 1, 1, (0,) * 4, BR), Layer(8, 8, 4, 4, 3, 2, (0, 1, 0, 1), BR),
-      Layer(4, 4, 4, 8, 1, 1, (0,) * 4, (("add",),))), 3, "float32", True, False, 0),
-    # two 3x3 convs (basic block): the first input copied into a padded buffer
-    ((Layer(6, 5, 3, 4, 3, 1, (1, 1, 1, 1), BR), Layer(6, 5, 4, 5, 3, 1, (1, 1, 1, 1),
-                                                      (("add",),))), 4, "float64", False,
-     False, 0),
-]
-
-
-@pytest.mark.parametrize("case", UNIT_CASES, ids=lambda c: "-".join(l.method for l in c[0]))
-def test_unit_kernel(case, cache_dir):
-    layers, n, dtype, has_out2, parallel, ipi = case
-    sig = UnitSig(layers, dtype, has_out2, 0.1, parallel, ipi)
-    rng = np.random.default_rng(len(layers) + n)
-    x = rng.standard_normal((n, layers[0].h, layers[0].w, layers[0].cin))
-    out_shape = (n, layers[-1].oh, layers[-1].ow, layers[-1].cout)
-    args, v = [x], x
-    for layer in layers:
-        w = rng.standard_normal((layer.k, layer.k, layer.cin, layer.cout))
-        args.append(w)
-        params = {}
-        for i, step in enumerate(layer.epilogue):
-            if step[0] == "bias":
-                params[f"bias_{i}"] = rng.standard_normal(layer.cout)
-            elif step[0] == "affine":
-                params[f"scale_{i}"], params[f"shift_{i}"] = rng.standard_normal((2, layer.cout))
-            elif step[0] == "add":
-                params[f"res_{i}"] = rng.standard_normal(out_shape)
-        args += list(params.values())
-        step_sig = ConvSig("forward", 1, 1, 1, 1, 1, epilogue=layer.epilogue)
-        v, _ = ref_epilogue(ref_conv(v, w, layer.stride, layer.pads), step_sig, params)
-    refs = [v]
-    if has_out2:
-        scale2, shift2 = rng.standard_normal((2, layers[-1].cout))
-        args += [scale2, shift2]
-        refs.append(np.where(v * scale2 + shift2 >= 0, 1, 0.1) * (v * scale2 + shift2))
-    outs = [np.full(out_shape, np.nan, dtype) for _ in refs]
-    args = [np.ascontiguousarray(a, dtype=dtype) for a in args] + outs
-    assert len(args) == len(unit_arg_names(sig))
-    with blas.blas_threads(1):
-        unit_kernel(sig, cache_dir)(*args)
-    for got, ref in zip(outs, refs):
-        assert_close(got, ref, dtype)
-
-
-def test_unit_sig_refuses_bad_chains():
-    a = Layer(6, 6, 8, 4, 1)
-    with pytest.raises(ValueError, match="does not take"):
-        UnitSig((a, Layer(6, 6, 5, 4, 1)))
-    with pytest.raises(ValueError, match="residual"):
-        UnitSig((Layer(6, 6, 8, 4, 1, epilogue=(("add",),)), Layer(6, 6, 4, 4, 1)))
-    with pytest.raises(ValueError, match="at least two"):
-        UnitSig((a,))
-
-
-# --- whole tiny models against the reference backend --------------------------------------
-
-MODELS = {
-    "v2-conv1stride-same": dict(),
-    "v1-conv2stride-symmetric": dict(preactivation=False, stride_on="conv2",
-                                     padding="symmetric", relu_leakiness=0.0),
-}
-
-
-@pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_model_infer_matches_reference(model, dtype):
-    """Unit kernels on (batch 3: threaded, batch 1: serial) and off, against the reference."""
-    import rescompile as rc
-    from conftest import random_bn_state, rel_err, tiny_spec
-    spec = tiny_spec(unit="bottleneck", **MODELS[model])
-    ref = rc.compile(spec, mode="infer", dtype=dtype)
-    state = random_bn_state(ref)
-    ref.load_params(state)
-    x = np.random.default_rng(0).standard_normal((3, *spec.model.input))
-    tol = RTOL[dtype] * 10
-    for fuse in ((True, False) if dtype == "float32" else (True,)):
-        exe = rc.compile(spec, mode="infer", dtype=dtype, backend="cpu", fuse_units=fuse)
-        exe.load_params(state)
-        assert len(exe.program.groups) == (2 if fuse else 0)
-        assert rel_err(exe.forward(x), ref.forward(x)) < tol
-        assert rel_err(exe.forward(x[:1]), ref.forward(x[:1])) < tol
-
+# --- the training program's kernels in a whole tiny model ----------------------------
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_model_train_step_matches_reference(dtype):

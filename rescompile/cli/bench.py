@@ -1,8 +1,9 @@
-"""`rescompile bench`: time a compiled model beside PyTorch and ONNX Runtime (see bench.py).
+"""`rescompile bench`: time a compiled model beside PyTorch eager, torch.compile and ONNX
+Runtime (see bench.py).
 
 Run it as a user's machine runs: where OPENBLAS_CORETYPE is forced, unset it for this one
-command (`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE rescompile bench ...`); the report says
-which BLAS kernel ran."""
+command (`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE rescompile bench ...`): the peers and
+the training kernels use OpenBLAS."""
 
 from ..bench import bench, format_report, report_json
 from .common import add_backend, add_dtype, add_mode, add_spec, resolve_spec
@@ -15,10 +16,13 @@ def register(sub) -> None:
     add_dtype(p)
     add_backend(p)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=5, help="timed runs (the median is reported)")
+    p.add_argument("--repeat", type=int, default=6,
+                   help="timed runs in all, over the rounds (the median is reported)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="interleaved rounds of rescompile and every peer")
     p.add_argument("--profile", action="store_true", help="per-kernel table")
-    p.add_argument("--no-baselines", dest="baselines", action="store_false",
-                   help="skip PyTorch and ONNX Runtime")
+    p.add_argument("--no-peers", dest="peers", action="store_false",
+                   help="skip PyTorch, torch.compile and ONNX Runtime")
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="skip the warm-compile measurement (a second process)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
@@ -26,10 +30,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    if args.batch < 1 or args.repeat < 1:
-        raise ValueError("--batch and --repeat must be >= 1")
+    if args.batch < 1 or args.repeat < 1 or args.rounds < 1:
+        raise ValueError("--batch, --repeat and --rounds must be >= 1")
     report = bench(resolve_spec(args.spec), args.mode, args.batch, args.backend, args.dtype,
-                   args.repeat, args.profile, args.baselines, args.warm)
+                   args.repeat, args.profile, args.peers, args.warm, rounds=args.rounds)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:

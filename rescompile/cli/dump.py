@@ -32,20 +32,28 @@ def register(sub) -> None:
                    help="print the memory plan of the main entry instead of a graph")
     p.add_argument("--batch", type=int, default=128, help="batch size for --memory")
     p.add_argument("--kernels", action="store_true",
-                   help="print the CPU backend's generated kernel source instead of a graph")
+                   help="print the CPU backend's generated kernels (LLVM IR in inference) "
+                        "instead of a graph")
+    p.add_argument("--asm", action="store_true",
+                   help="with --kernels: the optimised assembly instead of the IR")
     p.add_argument("--node", metavar="SUBSTRING",
                    help="with --kernels: only the kernels of nodes whose name contains this")
+    p.add_argument("--schedule", action="store_true",
+                   help="print the CPU backend's schedule (segments, steps, placements, "
+                        "remarks) instead of a graph")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     lowered = lower(resolve_spec(args.spec), args.mode, args.dtype, optimize=args.optimize)
     if args.kernels:
-        write_or_print(kernel_listing(lowered, args.node), args.output)
+        write_or_print(kernel_listing(lowered, args.node, args.asm), args.output)
+    elif args.schedule:
+        write_or_print(cpu_program(lowered).schedule.describe(), args.output)
     elif args.remarks:
         write_or_print(footer(lowered), args.output)
     elif args.memory:
-        write_or_print(memory_plan(lowered, args.batch).summary(), args.output)
+        write_or_print(memory_report(lowered, args.batch), args.output)
     elif args.after == "all":
         _dump_all(lowered, args.format, args.output)
     else:
@@ -72,29 +80,31 @@ def _dump_all(lowered, fmt: str, directory) -> None:
     print(f"wrote {len(lowered.stages)} stages to {out}/")
 
 
-def kernel_listing(lowered, node_filter=None) -> str:
-    """Each node's generated kernels, in schedule order, each distinct kernel once."""
+def cpu_program(lowered):
     from ..backends.cpu import compile_program
-    program = compile_program(lowered.graph, make_entries(lowered.graph, lowered.mode),
-                              lowered.dtype)
-    seen, parts = set(), []
-    for (node, threaded), lowering in program.lowerings.items():
-        if not threaded or (node_filter and node_filter not in node):
-            continue
-        for call in lowering.calls:
-            header = f"# node {node}: {call.kernel.name}({', '.join(call.args)})"
-            body = "" if call.kernel.name in seen else call.kernel.source
-            seen.add(call.kernel.name)
-            parts.append(header + "\n" + body)
-    if not parts:
+    return compile_program(lowered.graph, make_entries(lowered.graph, lowered.mode),
+                           lowered.dtype)
+
+
+def kernel_listing(lowered, node_filter=None, assembly: bool = False) -> str:
+    text = cpu_program(lowered).kernel_listing(node_filter, assembly)
+    if not text.strip():
         raise ValueError(f"--node: no node name contains {node_filter!r}")
-    return "\n".join(parts)
+    return text
 
 
 def footer(lowered) -> str:
     lines = [f"# pass {record}" for record in lowered.pass_log]
     lines += [f"# remark {remark}" for remark in lowered.remarks]
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def memory_report(lowered, batch: int) -> str:
+    """The graph's memory plan, and in inference the buffers the CPU backend allocates."""
+    text = memory_plan(lowered, batch).summary()
+    if lowered.mode == "infer":
+        text += cpu_program(lowered).arena(batch).summary()
+    return text
 
 
 def memory_plan(lowered, batch: int):

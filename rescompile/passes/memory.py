@@ -78,9 +78,10 @@ class MemoryPlan:
 def plan_memory(graph: Graph, nodes, batch: int, keep=frozenset()) -> MemoryPlan:
     nodes = list(nodes)
     sizes = {v: _bytes(graph, v, batch) for n in nodes for v in n.outputs}
-    lifetime = _lifetimes(nodes, set(keep))
-    assign, buffers, live_peak = _assign(nodes, sizes, lifetime)
-    return MemoryPlan(batch, assign, buffers, lifetime, sizes, live_peak,
+    lifetime = lifetimes(nodes, set(keep))
+    assign, buffers = assign_buffers(sizes, lifetime)
+    return MemoryPlan(batch, assign, buffers, lifetime, sizes,
+                      _live_peak(len(nodes), sizes, lifetime),
                       max((_scratch(graph, n, batch) for n in nodes), default=0),
                       _saved(nodes, sizes, lifetime))
 
@@ -90,7 +91,9 @@ def _bytes(graph: Graph, value: str, batch: int) -> int:
     return int(np.prod(v.concrete_shape(batch), dtype=np.int64)) * np.dtype(v.dtype).itemsize
 
 
-def _lifetimes(nodes, keep: set[str]) -> dict[str, tuple[int, int]]:
+def lifetimes(nodes, keep: set[str]) -> dict[str, tuple[int, int]]:
+    """value -> (step computing it, last step reading it; the end if kept). `nodes` are
+    anything with `inputs` and `outputs` (graph nodes, or a backend's steps)."""
     lifetime = {}
     for step, node in enumerate(nodes):
         for v in node.outputs:
@@ -101,23 +104,28 @@ def _lifetimes(nodes, keep: set[str]) -> dict[str, tuple[int, int]]:
     return lifetime
 
 
-def _assign(nodes, sizes, lifetime):
-    """Greedy by size; returns (value -> buffer, buffer sizes, live peak)."""
+def assign_buffers(sizes, lifetime, kinds=None) -> tuple[dict[str, int], list[int]]:
+    """Greedy by size: (value -> buffer, buffer sizes). With `kinds` (value -> a hashable),
+    values share a buffer only with values of the same kind (a zero-bordered layout, say)."""
+    kinds = kinds or {}
     buffers: list[int] = []
+    kind_of: list = []
     busy: list[list[tuple[int, int]]] = []  # per buffer: disjoint lifetimes, sorted
     assign: dict[str, int] = {}
     for v in sorted(sizes, key=lambda v: (-sizes[v], lifetime[v][0])):
         fitting = [b for b in range(len(buffers))
-                   if buffers[b] >= sizes[v] and _free(busy[b], lifetime[v])]
+                   if buffers[b] >= sizes[v] and kind_of[b] == kinds.get(v)
+                   and _free(busy[b], lifetime[v])]
         if fitting:
             b = min(fitting, key=lambda b: buffers[b])
         else:
             b = len(buffers)
             buffers.append(sizes[v])
+            kind_of.append(kinds.get(v))
             busy.append([])
         bisect.insort(busy[b], lifetime[v])
         assign[v] = b
-    return assign, buffers, _live_peak(len(nodes), sizes, lifetime)
+    return assign, buffers
 
 
 def _free(intervals: list[tuple[int, int]], span: tuple[int, int]) -> bool:

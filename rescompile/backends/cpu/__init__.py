@@ -1,4 +1,5 @@
-"""The CPU backend: generated Numba kernels, cached on disk, driven by generated code."""
+"""The CPU backend: inference on micro-kernels written in LLVM IR, driven by one Numba
+function (`program.py`); training on generated Numba kernels (`train_program.py`)."""
 
 import numba
 
@@ -6,10 +7,14 @@ import numba
 numba.config.THREADING_LAYER = "workqueue"
 
 from .program import CpuProgram  # noqa: E402
+from .train_program import TrainProgram  # noqa: E402
 
 
 def compile_program(graph, entries, dtype: str, cache_dir=None, check_finite: bool = False,
-                    fuse_units: bool = True, **_options) -> CpuProgram:
-    """`fuse_units=False` lowers every node on its own (no cross-layer unit kernels)."""
-    return CpuProgram(graph, entries, dtype, cache_dir=cache_dir, check_finite=check_finite,
-                      fuse_units=fuse_units)
+                    isa: str | None = None, **_options):
+    """`isa` ("avx512", "avx2", "portable") overrides the host's instruction set for the
+    micro-kernels (it must run here)."""
+    if "prepare" in entries:
+        return CpuProgram(graph, entries, dtype, cache_dir=cache_dir, check_finite=check_finite,
+                          isa=isa)
+    return TrainProgram(graph, entries, dtype, cache_dir=cache_dir, check_finite=check_finite)

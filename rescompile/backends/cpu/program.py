@@ -1,254 +1,166 @@
-"""The CPU program: one compiled kernel per schedule step, and per (entry, batch size) an arena
-of preallocated buffers and a generated straight-line driver that calls the kernels in step
-order. Nothing is interpreted per node at run time.
+"""The CPU inference program: the schedule's micro-kernels, compiled once, run by the driver.
 
-A step is a node, or a group of nodes lowered together at its last member's place: a chain of
-fused convs (a bottleneck unit, `templates/unit.find_units`) becomes one cross-layer tiled
-kernel whose intermediate values live in kernel scratch and get no buffers; every momentum
-update of a training step becomes one kernel (`templates/update.find_update_group`).
-`fuse_units=False` keeps every conv on its own kernel (for differential tests).
+`prepare` (parameter-only nodes: folded BN weights) runs once per variable load with the ops'
+float64 definitions, which is what those nodes are: constants of the loaded weights. Conv
+weights are then packed into the panels the micro-kernel reads, once per weight array.
+`forward` binds the fed images and current weights to an arena for the batch size and runs the
+whole schedule in one call of the driver.
 
-The `prepare` entry (parameter-only nodes: folded BN weights) runs once per variable load with
-the ops' float64 definitions, which is what those nodes are: constants of the loaded weights.
+Nothing is compiled per layer: the kernels are the distinct micro-kernels the schedule uses
+(one per dtype, instruction set and epilogue), the driver is one Numba function for all.
 """
 
 from __future__ import annotations
 
-import operator
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from ... import ops
-from ...errors import InputError
-from ...passes.memory import plan_memory
-from .blas import set_blas_threads
-from .kernel_cache import compile_source
-from .source import Lowering, serial
-from .templates import lower_node
-from .templates.unit import find_units
-from .templates.update import find_update_group
+from ..reference import interpret
+from . import driver
+from .arena import Arena, aligned_empty
+from .llvm import jit, measure, sync
+from .schedule import build_schedule
+from .target import target_for
+
+
+def pack_weights(w: np.ndarray, nr: int, out: np.ndarray | None = None) -> np.ndarray:
+    """HWIO (or [C, K]) weights as [panel][kh * kw * cin][nr], zero-padded past the last
+    output channel, on a cache-line boundary (the kernel's aligned loads need it)."""
+    flat = w.reshape(-1, w.shape[-1])
+    depth, cout = flat.shape
+    panels = -(-cout // nr)
+    if out is None:
+        out = aligned_empty(panels * depth * nr * w.itemsize).view(w.dtype)
+    padded = np.zeros((depth, panels * nr), w.dtype)
+    padded[:, :cout] = flat
+    out.reshape(panels, depth, nr)[:] = padded.reshape(depth, panels, nr).transpose(1, 0, 2)
+    return out
 
 
 class CpuProgram:
     name = "cpu"
 
     def __init__(self, graph, entries, dtype: str, cache_dir=None, check_finite: bool = False,
-                 fuse_units: bool = True):
+                 isa: str | None = None):
         self.graph, self.entries, self.dtype = graph, entries, dtype
-        self.check_finite, self.cache_dir = check_finite, cache_dir
-        self.fuse_units = fuse_units
-        self.lowerings: dict[tuple[str, bool], Lowering] = {}  # (step, threaded) -> lowering
-        self.functions: dict[str, object] = {}  # kernel name -> compiled function
-        self.groups: dict = {}  # group step name -> templates.unit.Group
-        self.refusals: dict[str, dict[str, str]] = {}  # entry -> {node: why it joined no unit}
-        self._steps: dict[str, list] = {}
-        for entry in entries.values():
-            if entry.name != "prepare":
-                for node in self.steps(entry):
-                    self.lowering(node, threaded=True)
-        self.arenas: dict[tuple[str, int], Arena] = {}
+        self.check_finite = check_finite
+        self.target = target_for(isa)
+        start = time.perf_counter()
+        self.schedule = build_schedule(graph, entries["forward"], self.target, dtype)
+        self.kernels = list(dict.fromkeys(step.kernel for step in self.schedule.steps))
+        self.addresses = {k: jit.address(k.ir(), k.symbol, self.target, cache_dir)
+                          for k in self.kernels}
+        self.barrier = jit.address(sync.barrier_ir(), sync.SYMBOL, self.target, cache_dir)
+        self.kernel_seconds = time.perf_counter() - start
+        self.arenas: dict[tuple[int, int], Arena] = {}
         self.prepared: dict[str, np.ndarray] = {}
-        self.profile: dict[str, list[float]] | None = None
+        self._packed: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.profile: np.ndarray | None = None  # per (thread, step): cycles, wait, calls
 
-    def steps(self, entry) -> list:
-        """The entry's schedule with each unit chain replaced by one group step."""
-        if entry.name not in self._steps:
-            groups, refused = ([], {})
-            if self.fuse_units:
-                groups, refused = find_units(self.graph, entry.nodes, self.keep(entry))
-            self.refusals[entry.name] = refused
-            update = find_update_group(entry.nodes)
-            groups = groups + ([update] if update else [])
-            at_last = {g.members[-1].name: g for g in groups}
-            members = {m.name for g in groups for m in g.members}
-            steps = []
-            for node in entry.nodes:
-                if node.name in at_last:
-                    group = at_last[node.name]
-                    steps.append(group.node)
-                    self.groups[steps[-1].name] = group
-                elif node.name not in members:
-                    steps.append(node)
-            self._steps[entry.name] = steps
-        return self._steps[entry.name]
-
-    def lowering(self, node, threaded: bool) -> Lowering:
-        key = (node.name, threaded)
-        if key not in self.lowerings:
-            if node.name in self.groups:
-                lowering = self.groups[node.name].lower(self.graph, self.dtype)
-            else:
-                lowering = lower_node(node, self.graph, self.dtype)
-            self.lowerings[key] = lowering if threaded else serial(lowering)
-            for call in self.lowerings[key].calls:
-                kernel = call.kernel
-                if kernel.name not in self.functions:
-                    self.functions[kernel.name] = compile_source(kernel.name, kernel.source,
-                                                                 self.cache_dir)
-        return self.lowerings[key]
-
+    # -- kernels --------------------------------------------------------------------------
     def kernel_sources(self) -> dict[str, str]:
-        """Generated source of every distinct kernel, by kernel name."""
-        return {c.kernel.name: c.kernel.source for low in self.lowerings.values()
-                for c in low.calls}
+        """The IR of every distinct micro-kernel, by symbol."""
+        sources = {k.symbol: k.ir() for k in self.kernels}
+        sources[sync.SYMBOL] = sync.barrier_ir()
+        return sources
 
+    def kernel_listing(self, node_filter: str | None = None, assembly: bool = False) -> str:
+        """Each step's kernel call in schedule order, and each distinct kernel's IR (or its
+        optimised assembly) once, after its first call."""
+        seen, parts = set(), []
+        for step in self.schedule.steps:
+            if node_filter and node_filter not in step.name:
+                continue
+            args = ", ".join(f"{role}={use.value}" for role, use in step.uses.items())
+            parts.append(f"# node {step.name}: {step.kernel.symbol}({args})")
+            if step.kernel not in seen:
+                seen.add(step.kernel)
+                ir_text = step.kernel.ir()
+                parts.append(jit.assembly(ir_text, self.target) if assembly else ir_text)
+        return "\n".join(parts) + "\n"
+
+    def packed_arrays(self) -> list[tuple[tuple[str, int], np.ndarray]]:
+        return [(key, packed) for key, (_, packed) in self._packed.items()]
+
+    def packed(self, value: str, nr: int, arrays: dict) -> np.ndarray:
+        """`value`'s weights packed for panels of nr channels, repacked if the array changed."""
+        source = arrays[value]
+        have = self._packed.get((value, nr))
+        if have is None or have[0] is not source:
+            out = have[1] if have is not None else None
+            self._packed[(value, nr)] = (source, pack_weights(source, nr, out))
+        return self._packed[(value, nr)][1]
+
+    # -- running --------------------------------------------------------------------------
     def run(self, entry_name: str, feeds: dict) -> dict:
         entry = self.entries[entry_name]
         if entry_name == "prepare":
-            return self._prepare(entry, feeds)
-        batch = self._batch(entry, feeds)
-        arena = self.arenas.get((entry_name, batch))
-        if arena is None:
-            arena = self.arenas[(entry_name, batch)] = Arena(self, entry, batch)
-        values = dict(feeds)
-        values.update(self.prepared)
-        if entry.after and entry.after != "prepare":
-            values.update(self.arenas[(entry.after, batch)].buffers)
-        # Kernels own the cores (prange); BLAS inside them must stay on one thread.
-        set_blas_threads(1)
-        arena.run(values)
-        return {name: np.array(arena.lookup(name, values)).reshape(self._shape(name, batch))
+            env = interpret(entry.nodes, dict(feeds))
+            self.prepared = {name: np.ascontiguousarray(env[name]) for name in entry.fetches}
+            return dict(self.prepared)
+        arrays = dict(feeds)
+        arrays.update(self.prepared)
+        batch = int(arrays[entry.feeds[0]].shape[0])
+        arena = self.arena(batch)
+        arena.bind(arrays)
+        if self.check_finite:
+            self._run_checked(arena)
+        else:
+            arena.run(self._profile_table(arena))
+        return {name: arena.fetch(name, self.graph.value(name).concrete_shape(batch))
                 for name in entry.fetches}
 
-    def _prepare(self, entry, feeds: dict) -> dict:
-        env = dict(feeds)
-        for node in entry.nodes:
-            outs = ops.get(node.op).run_reference(node.attrs, *[env[i] for i in node.inputs])
-            env.update(zip(node.outputs, outs))
-        self.prepared = {name: np.ascontiguousarray(env[name]) for name in entry.fetches}
-        return dict(self.prepared)
+    def arena(self, batch: int) -> Arena:
+        key = (batch, driver.threads())
+        if key not in self.arenas:
+            self.arenas[key] = Arena(self, *key, shared_only=self.check_finite)
+        return self.arenas[key]
 
-    def _batch(self, entry, feeds: dict) -> int:
-        for name in entry.feeds:
-            value = self.graph.value(name)
-            if value.shape and value.shape[0] == "N":
-                return int(feeds[name].shape[0])
-        return self._last_batch(entry)
+    def _profile_table(self, arena: Arena) -> np.ndarray:
+        """The profile counters the driver adds to: a `profile` of another shape (none yet,
+        or another thread count) starts again from zero."""
+        if self.profile is None:
+            return driver.empty_profile()
+        rows = arena.steps.shape[0]
+        if self.profile.shape[:2] != (arena.threads, rows):
+            self.profile = np.zeros((arena.threads, rows, 3), np.int64)
+        return self.profile
 
-    def _last_batch(self, entry) -> int:
-        batches = [b for (name, b) in self.arenas if name == entry.after]
-        if not batches:
-            raise InputError(f"entry {entry.name!r} needs {entry.after!r} to run first")
-        return batches[-1]
+    def start_profile(self) -> None:
+        self.profile = np.zeros((0, 0, 3), np.int64)
 
-    def keep(self, entry) -> set[str]:
-        """Values that must survive an entry: its fetches and what later entries read."""
-        later = [e for e in self.entries.values() if e.after == entry.name]
-        return set(entry.fetches) | {i for e in later for n in e.nodes for i in n.inputs}
+    def profile_rows(self, batch: int, calls: int = 1) -> list[dict]:
+        """The profile of `calls` runs at `batch` as rows per step, slowest first: kernel
+        milliseconds per run (thread time over the threads, about its share of the wall time),
+        waits at barriers, and the kernel's GFLOP/s per thread."""
+        hz = measure.cycles_per_second(self.target)
+        table = self.profile
+        steps = self.schedule.steps
+        kernel = (table[:, :len(steps), 0] + table[:, len(steps):, 0]).sum(axis=0) / hz
+        wait = (table[:, :len(steps), 1] + table[:, len(steps):, 1]).sum(axis=0) / hz
+        counted = (table[:, :len(steps), 2] + table[:, len(steps):, 2]).sum(axis=0)
+        threads, total = table.shape[0], kernel.sum()
+        rows = []
+        for i, step in enumerate(steps):
+            rows.append({"name": step.name, "op": step.op, "kernel": step.kernel.symbol,
+                         "calls": int(counted[i]) // calls,
+                         "ms": 1e3 * kernel[i] / threads / calls,
+                         "wait_ms": 1e3 * wait[i] / threads / calls,
+                         "percent": 100 * kernel[i] / total if total else 0.0,
+                         "gflops": (step.flops * batch * calls / kernel[i] / 1e9
+                                    if kernel[i] and step.flops else None)})
+        return sorted(rows, key=lambda r: -r["ms"])
 
-    def _shape(self, name: str, batch: int) -> tuple:
-        return self.graph.value(name).concrete_shape(batch)
+    def allocated_bytes(self, batch: int) -> int:
+        return self.arena(batch).allocated_bytes
 
-    def values(self, entry_name: str) -> dict:
-        """Every buffer of the entry's last run (for tests); reused buffers hold their last
-        occupant."""
-        (arena,) = [a for (e, _), a in self.arenas.items() if e == entry_name][-1:]
-        return dict(arena.buffers)
-
-
-@dataclass
-class Arena:
-    """Buffers for one entry at one batch size, and its generated driver."""
-    program: CpuProgram
-    entry: object
-    batch: int
-    buffers: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __post_init__(self):
-        graph, dtype = self.program.graph, self.program.dtype
-        steps = self.program.steps(self.entry)
-        self.plan = plan_memory(graph, steps, self.batch, self.program.keep(self.entry))
-        threaded = self.batch > 1
-        self.lowerings = {n.name: self.program.lowering(n, threaded) for n in steps}
-        pool = [np.empty(size, dtype=np.uint8) for size in self.plan.buffer_bytes]
-        for node in steps:
-            for out in node.outputs:
-                shape = graph.value(out).concrete_shape(self.batch) or (1,)
-                raw = pool[self.plan.buffer_of[out]]
-                count = int(np.prod(shape))
-                self.buffers[out] = raw.view(dtype)[:count].reshape(shape)
-            for temp, shape in self.lowerings[node.name].temps.items():
-                shape = tuple(self.batch if d == "N" else d for d in shape)
-                self.buffers[temp] = np.empty(shape, dtype=dtype)
-        self.calls = [self._call(node, call) for node in steps
-                      for call in self.lowerings[node.name].calls]
-        self.kernel_fns = [fn for fn, _, _ in self.calls]
-        self.driver = _driver(len(self.calls))
-        # Buffer views are bound once; only fed values (inputs, variables, values another
-        # entry left) are rebound per call.
-        self.args = [[_view(self.buffers[n], how) if how != "pack" and n in self.buffers
-                       else None for n, how in views] for _, views, _ in self.calls]
-        fed, self.packs = {}, []
-        for i, (_, views, _) in enumerate(self.calls):
-            for j, (n, how) in enumerate(views):
-                if how == "pack":
-                    self.packs.append((i, j, n))
-                    fed.update({m: fed.get(m, []) for m in n if m not in self.buffers})
-                elif n not in self.buffers:
-                    fed.setdefault(n, []).append((i, j, how))
-        self.fed_names = list(fed)
-        self.fed_slots = [fed[n] for n in self.fed_names]
-        self.bound: list | None = None  # the fed arrays the arguments now view
-
-    def _call(self, node, call):
-        fn = self.program.functions[call.kernel.name]
-        return fn, list(zip(call.args, call.kernel.views)), node
-
-    def lookup(self, name: str, values: dict) -> np.ndarray:
-        return self.buffers[name] if name in self.buffers else values[name]
-
-    def run(self, values: dict) -> None:
-        args = self.args
-        current = [values[n] for n in self.fed_names]
-        bound = self.bound
-        if bound is None or not all(map(operator.is_, current, bound)):
-            # Rebind only the arrays that changed (usually just the images): variables and
-            # prepared weights are the same objects from one call to the next.
-            for k, array in enumerate(current):
-                if bound is None or array is not bound[k]:
-                    for i, j, how in self.fed_slots[k]:
-                        args[i][j] = _view(array, how)
-            for i, j, names in self.packs:
-                args[i][j] = tuple(_view(self.lookup(n, values), "flat") for n in names)
-            self.bound = current
-        if self.program.check_finite:
-            return self._run_checked(args)
-        if self.program.profile is not None:
-            return self._run_profiled(args)
-        self.driver(self.kernel_fns, args)
-
-    def _run_checked(self, args) -> None:
-        for (fn, _, node), call_args in zip(self.calls, args):
-            fn(*call_args)
-            for out in node.outputs:
-                if not np.all(np.isfinite(self.buffers[out])):
-                    raise FloatingPointError(f"kernel for node {node.name!r} ({node.op}) "
-                                             f"produced NaN or Inf in {out!r}")
-
-    def _run_profiled(self, args) -> None:
-        for (fn, _, node), call_args in zip(self.calls, args):
-            start = time.perf_counter()
-            fn(*call_args)
-            record = self.program.profile.setdefault(node.name, [0, 0.0])
-            record[0] += 1
-            record[1] += time.perf_counter() - start
-
-
-def _view(array: np.ndarray, how: str) -> np.ndarray:
-    if how == "rows":
-        return array.reshape(-1, array.shape[-1])
-    if how == "flat":
-        return array.reshape(-1)
-    return array.reshape(array.shape or (1,))
-
-
-def _driver(count: int):
-    """A straight-line function calling kernel i with argument list i, generated once."""
-    lines = ["def drive(K, A):"] + [f"    K[{i}](*A[{i}])" for i in range(count)]
-    if count == 0:
-        lines.append("    return None")
-    namespace: dict = {}
-    exec("\n".join(lines), namespace)
-    return namespace["drive"]
+    def _run_checked(self, arena: Arena) -> None:
+        """One step at a time, every output checked before the next step overwrites it (a copy
+        computes nothing: the first kernel that reads a bad input is the one named)."""
+        for index, step in enumerate(self.schedule.steps):
+            arena.run(driver.empty_profile(), shared=(index, index + 1))
+            for value in step.outputs if step.op != "copy" else ():
+                if not np.all(np.isfinite(arena.view(value))):
+                    raise FloatingPointError(f"kernel for node {step.name!r} ({step.op}) "
+                                             f"produced NaN or Inf in {value!r}")

@@ -1,0 +1,261 @@
+"""An arena: the buffers and driver tables of one schedule at one batch size and thread count.
+
+Where values live (what `rescompile dump --memory` reports):
+- batch buffers: values in `schedule.batch_values` (fetched, or read by a later segment), for
+  every image of the batch;
+- per-thread buffers: every other value the depth-first segments compute, for the images of
+  one call (a segment's `images`), one region per thread;
+- shared buffers: every value but the fetched ones, for the images that run shared;
+- fed values and variables: the caller's arrays, rebound when a different array comes in;
+- packed weights: the program's, repacked when a weight array changes.
+
+Per-thread and shared regions reuse memory by liveness (`passes.memory.assign_buffers`), a
+zero-bordered value only with values of the same bordered layout, so borders, zeroed when the
+region is allocated, stay zero: kernels write only interiors.
+
+Every tensor has the same layout wherever it lives: images of (H + top + bottom) rows of
+(W + left + right) pixels of C channels, so the strides in a step's constants do not depend on
+the placement, and the depth-first and shared tables share their constants.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...passes.memory import assign_buffers, lifetimes
+from . import driver
+from .target import DTYPE_BYTES
+
+ALIGN = 64  # bytes: every buffer starts on a cache line (the packed weights need 32)
+
+
+def aligned_empty(nbytes: int, zero: bool = True) -> np.ndarray:
+    """A byte array whose data starts on a cache line."""
+    raw = (np.zeros if zero else np.empty)(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Strides (elements) of one image, and where its data starts inside its zero border."""
+    h: int
+    w: int
+    c: int
+    pads: tuple[int, int, int, int]
+
+    @property
+    def row(self) -> int:
+        return (self.w + self.pads[2] + self.pads[3]) * self.c
+
+    @property
+    def image(self) -> int:
+        return (self.h + self.pads[0] + self.pads[1]) * self.row
+
+    @property
+    def data(self) -> int:
+        return self.pads[0] * self.row + self.pads[2] * self.c
+
+    def window(self, top: int, left: int) -> int:
+        return self.data - top * self.row - left * self.c
+
+
+@dataclass
+class Region:
+    """Values packed into one allocation by liveness: value -> byte offset."""
+    offsets: dict[str, int]
+    nbytes: int
+
+
+def plan_region(steps, sizes: dict[str, int], kinds: dict) -> Region:
+    lifetime = lifetimes(steps, set())
+    lifetime = {v: span for v, span in lifetime.items() if v in sizes}
+    assign, buffers = assign_buffers(sizes, lifetime, kinds)
+    starts, total = [], 0
+    for size in buffers:
+        starts.append(total)
+        total += -(-size // ALIGN) * ALIGN
+    return Region({v: starts[b] for v, b in assign.items()}, total)
+
+
+class Arena:
+    """`shared_only` runs every image shared, every value in a shared buffer that outlives its
+    step (for checking each step's outputs)."""
+
+    def __init__(self, program, batch: int, threads: int, shared_only: bool = False):
+        self.program, self.batch, self.threads = program, batch, threads
+        schedule, itemsize = program.schedule, DTYPE_BYTES[program.dtype]
+        self.itemsize = itemsize
+        self.n_shared = batch if shared_only else batch % threads
+        self.n_items = batch - self.n_shared
+        self.layouts = {v: Layout(*shape, schedule.pads.get(v, (0, 0, 0, 0)))
+                        for v, shape in schedule.shapes.items()}
+        self.image_bytes = {v: lay.image * itemsize for v, lay in self.layouts.items()}
+        internal = schedule.internal
+        self.internal = set(internal)
+        kinds = {v: self.layouts[v] if any(self.layouts[v].pads) else None for v in internal}
+        self.batch_buffers = {v: aligned_empty(self.image_bytes[v] * batch)
+                              for v in internal if v in schedule.batch_values}
+        per_call = {}
+        for seg in schedule.segments:
+            for step in schedule.steps[seg.begin:seg.end]:
+                for v in step.outputs:
+                    if v not in self.batch_buffers:
+                        per_call[v] = self.image_bytes[v] * seg.images
+        self.thread_region = plan_region(schedule.steps, per_call, kinds)
+        self.thread_memory = aligned_empty(self.thread_region.nbytes * threads)
+        shared = {v: self.image_bytes[v] * self.n_shared for v in internal
+                  if v not in schedule.fetches}
+        self.shared_region = plan_region(schedule.steps, shared, kinds) if self.n_shared \
+            else Region({}, 0)
+        self.shared_memory = aligned_empty(self.shared_region.nbytes)
+        self._tables()
+
+    # -- tables ---------------------------------------------------------------------------
+    def _tables(self) -> None:
+        schedule = self.program.schedule
+        n = len(schedule.steps)
+        consts, offsets = [], []
+        for step in schedule.steps:
+            offsets.append(sum(len(c) for c in consts))
+            consts.append(self._consts(step))
+        self.consts = np.concatenate(consts) if consts else np.zeros(0, np.int64)
+        self.steps = np.zeros((2 * n, driver.STEP_COLUMNS), np.int64)
+        rows, self.fed_rows = [], []
+        for copy, placement in enumerate(("depth_first", "shared")):
+            for i, step in enumerate(schedule.steps):
+                row = self.steps[copy * n + i]
+                row[driver.FN] = self.program.addresses[step.kernel]
+                row[driver.CONSTS] = offsets[i]
+                row[driver.OPS_BEGIN] = len(rows)
+                for role in step.kernel.pointers:
+                    rows.append(self._operand(step, role, placement, len(rows)))
+                row[driver.OPS_END] = len(rows)
+                row[driver.PIXELS], row[driver.CHANNELS] = step.pixels, step.channels
+                row[driver.PIXEL_ALIGN] = step.pixel_align
+                row[driver.CHANNEL_ALIGN] = step.channel_align
+                row[driver.SPLIT] = (driver.SPLIT_CHANNELS if step.split == "channels"
+                                     else driver.SPLIT_PIXELS)
+        self.operands = np.array(rows, np.int64).reshape(-1, 3)
+        self.segments = np.array([[s.begin, s.end, s.images] for s in schedule.segments],
+                                 np.int64).reshape(-1, 3)
+        self.shared_steps = (n, 2 * n)
+        rows_of: dict[tuple, list] = {}
+        for row, key, offset in self.fed_rows:
+            rows_of.setdefault(key, []).append((row, offset))
+        self.bound_keys = list(rows_of)
+        self.bound_names = [value for _, value, _ in self.bound_keys]
+        self.bound_rows = list(rows_of.values())
+        self.bound: list | None = None  # the arrays the operand rows point at now
+        self.scratch = np.zeros((self.threads, driver.POINTER_BLOCK), np.int64)
+        self.barrier_state = np.zeros(16, np.int64)
+        counters = len(self.program.schedule.segments) + n
+        self.counters = np.zeros(counters * driver.COUNTER_STRIDE, np.int64)
+
+    def _consts(self, step) -> np.ndarray:
+        values = dict(step.fields)
+        for role, value in step.tensors.items():
+            layout = self.layouts[value]
+            values.update({f"{role}.image": layout.image, f"{role}.row": layout.row,
+                           f"{role}.pixel": layout.c})
+        words = []
+        for name in step.kernel.fields:
+            value = values[name]
+            words.append(np.float64(value).view(np.int64) if isinstance(value, float)
+                         else int(value))
+        return np.array(words, np.int64)
+
+    def _operand(self, step, role: str, placement: str, row: int) -> list[int]:
+        """[base, per thread, per image] of one pointer argument (bases of fed values and
+        weights are bound at run time)."""
+        use = step.uses[role]
+        value = use.value
+        if use.how == "packed":
+            self.fed_rows.append((row, ("packed", value, use.nr), 0))
+            return [0, 0, 0]
+        layout = self.layouts.get(value)
+        offset = 0
+        if layout is not None:
+            offset = (layout.window(*use.pads) if use.how == "window" else layout.data) \
+                * self.itemsize
+        schedule = self.program.schedule
+        if value not in self.internal:
+            per_image = self.image_bytes[value] if value in schedule.feeds else 0
+            self.fed_rows.append((row, ("value", value, 0), offset))
+            return [0, 0, per_image]
+        if value in self.batch_buffers and (placement == "depth_first"
+                                            or value in schedule.fetches):
+            return [self.batch_buffers[value].ctypes.data + offset, 0, self.image_bytes[value]]
+        if placement == "depth_first":
+            base = self.thread_memory.ctypes.data + self.thread_region.offsets[value]
+            return [base + offset, self.thread_region.nbytes, 0]
+        if not self.n_shared:
+            return [0, 0, 0]  # the shared steps do not run at this batch size
+        return [self.shared_memory.ctypes.data + self.shared_region.offsets[value] + offset,
+                0, 0]
+
+    # -- running --------------------------------------------------------------------------
+    def bind(self, arrays: dict) -> None:
+        """Point fed values, variables and packed weights at the current arrays: only rows
+        whose array is not the one bound last time (usually just the images') change."""
+        current = [arrays[value] for value in self.bound_names]
+        if self.bound is not None and all(map(operator.is_, current, self.bound)):
+            return
+        for k, array in enumerate(current):
+            if self.bound is None or array is not self.bound[k]:
+                kind, value, nr = self.bound_keys[k]
+                data = self.program.packed(value, nr, arrays) if kind == "packed" else array
+                for row, offset in self.bound_rows[k]:
+                    self.operands[row, driver.BASE] = data.ctypes.data + offset
+        self.bound = current
+
+    def run(self, profile: np.ndarray, shared=None) -> None:
+        """Run the whole schedule; or only the shared steps [begin, end) of `shared`."""
+        begin, end = self.shared_steps
+        if shared is not None:
+            begin, end = begin + shared[0], begin + shared[1]
+        self.counters[:] = 0
+        driver.run_program(self.steps, self.segments, self.operands, self.consts, self.scratch,
+                           self.counters, self.n_items, self.n_shared, begin, end, self.threads,
+                           self.program.barrier, self.barrier_state, profile)
+
+    def view(self, value: str) -> np.ndarray:
+        """The images of `value` in its batch or shared buffer, without their border."""
+        if value in self.batch_buffers:
+            raw, images = self.batch_buffers[value], self.batch
+        else:
+            start = self.shared_region.offsets[value]
+            images = self.n_shared
+            raw = self.shared_memory[start:start + images * self.image_bytes[value]]
+        lay = self.layouts[value]
+        top, bottom, left, right = lay.pads
+        full = raw.view(self.program.dtype).reshape(images, lay.h + top + bottom,
+                                                    lay.w + left + right, lay.c)
+        return full[:, top:top + lay.h, left:left + lay.w, :]
+
+    def fetch(self, value: str, shape: tuple) -> np.ndarray:
+        return np.array(self.view(value)).reshape(shape)
+
+    @property
+    def allocated_bytes(self) -> int:
+        packed = sum(p.nbytes for _, p in self.program.packed_arrays())
+        return (sum(b.nbytes for b in self.batch_buffers.values()) + self.thread_memory.nbytes
+                + self.shared_memory.nbytes + packed)
+
+    def summary(self) -> str:
+        mib = 2.0 ** 20
+        batch = sum(b.nbytes for b in self.batch_buffers.values())
+        lines = [f"cpu arena, batch {self.batch} on {self.threads} threads "
+                 f"({self.n_items} images depth first, {self.n_shared} shared)",
+                 f"  batch buffers    {len(self.batch_buffers):>4} values "
+                 f"{batch:>14,} bytes ({batch / mib:.1f} MiB)",
+                 f"  per thread       {len(self.thread_region.offsets):>4} values "
+                 f"{self.thread_region.nbytes:>14,} bytes x {self.threads} threads",
+                 f"  shared           {len(self.shared_region.offsets):>4} values "
+                 f"{self.shared_region.nbytes:>14,} bytes",
+                 f"  allocated in all      {self.allocated_bytes:>14,} bytes "
+                 f"({self.allocated_bytes / mib:.1f} MiB, packed weights included)"]
+        return "\n".join(lines) + "\n"

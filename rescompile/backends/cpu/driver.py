@@ -1,0 +1,215 @@
+"""The CPU backend's driver: one Numba function that runs a program of micro-kernel calls.
+
+Design note
+-----------
+A program is tables of int64 (`schedule.py` builds them, `arena.py` fills in addresses):
+
+    steps[s]     = fn, consts, first operand, end operand, pixels per image, channels,
+                   pixel alignment, channel alignment, split (0 pixels, 1 channels)
+    segments[g]  = first step, end step, images per work item
+    operands[o]  = base address, bytes per thread, bytes per image
+
+Calling step s on images [n0, n0 + g) by thread t resolves each operand to
+`base + t * per_thread + n0 * per_image` (per-thread scratch moves with t, batch tensors with
+n0, weights with neither), writes the addresses into the thread's own pointer block and calls
+the kernel, `fn(consts, pointers, p_begin, p_end, c_begin, c_end)`, through its address.
+
+One parallel region runs everything, one iteration per thread:
+- depth first: images [0, n_items) go through each segment of the program in work items of the
+  segment's `images`; a thread takes the next item from an atomic counter until none is left,
+  so a core that runs slower (a shared machine) simply takes fewer. In inference an image
+  depends on no other image: only a segment boundary needs a barrier (the next segment reads
+  what every thread wrote);
+- shared: the remaining n_shared < threads images (all of them at batch 1) run step by step,
+  every step's pixels or channel panels cut into a few chunks per thread, taken from the step's
+  counter the same way, with a barrier after each step.
+
+Which thread computes an item or a chunk never changes its arithmetic (a kernel's loops do not
+depend on the range it is given), so results are the same bits however the work was shared.
+Counters are words of `counters`, one cache line each, zeroed by the caller before each run.
+
+The driver is shape-generic: every model, depth and batch runs this one compiled function
+(plus the micro-kernels it calls), so nothing here is compiled per layer. The program tables
+are arrays, so Numba's on-disk cache keeps the compiled driver valid across processes.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# steps columns
+FN, CONSTS, OPS_BEGIN, OPS_END, PIXELS, CHANNELS, PIXEL_ALIGN, CHANNEL_ALIGN, SPLIT = range(9)
+STEP_COLUMNS = 9
+SPLIT_PIXELS, SPLIT_CHANNELS = 0, 1
+# segments columns
+SEG_BEGIN, SEG_END, SEG_IMAGES = range(3)
+# operands columns
+BASE, PER_THREAD, PER_IMAGE = range(3)
+# profile columns: cycles in kernels, cycles waiting at barriers, calls
+KERNEL_CYCLES, WAIT_CYCLES, CALLS = range(3)
+POINTER_BLOCK = 64  # int64 words per thread's pointer block (a multiple of a cache line)
+COUNTER_STRIDE = 8  # int64 words between counters: one cache line each
+CHUNKS_PER_THREAD = 4  # a shared step is cut into this many chunks per thread
+
+_I64 = ir.IntType(64)
+
+
+@intrinsic
+def _call_kernel(typingctx, fn, consts, pointers, p_begin, p_end, c_begin, c_end):
+    sig = types.void(*([types.int64] * 7))
+
+    def codegen(context, builder, signature, args):
+        address, *rest = args
+        fnty = ir.FunctionType(ir.VoidType(), [_I64.as_pointer(), _I64.as_pointer()]
+                               + [_I64] * 4)
+        callee = builder.inttoptr(address, fnty.as_pointer())
+        builder.call(callee, [builder.inttoptr(rest[0], _I64.as_pointer()),
+                              builder.inttoptr(rest[1], _I64.as_pointer())] + rest[2:])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _call_barrier(typingctx, fn, state, threads):
+    sig = types.void(types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        address, state_address, count = args
+        fnty = ir.FunctionType(ir.VoidType(), [_I64.as_pointer(), _I64])
+        callee = builder.inttoptr(address, fnty.as_pointer())
+        builder.call(callee, [builder.inttoptr(state_address, _I64.as_pointer()), count])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _fetch_add(typingctx, address, value):
+    """Atomically add `value` to the int64 at `address`; the old value."""
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        pointer = builder.inttoptr(args[0], _I64.as_pointer())
+        return builder.atomic_rmw("add", pointer, args[1], "monotonic")
+    return sig, codegen
+
+
+@intrinsic
+def _cycles(typingctx):
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I64, []),
+                                            "llvm.readcyclecounter")
+        return builder.call(fn, [])
+    return types.int64(), codegen
+
+
+@intrinsic
+def _address(typingctx, array):
+    if not isinstance(array, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, _I64)
+    return types.int64(array), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _chunk(total, align, c, chunks):
+    """Chunk c of `chunks` of range(total), cut at multiples of align."""
+    units = (total + align - 1) // align
+    begin = min(total, (c * units // chunks) * align)
+    end = min(total, ((c + 1) * units // chunks) * align)
+    return begin, end
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _resolve(operands, begin, end, t, n0, pointers):
+    for o in range(begin, end):
+        pointers[o - begin] = (operands[o, BASE] + t * operands[o, PER_THREAD]
+                               + n0 * operands[o, PER_IMAGE])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _run_step(steps, s, operands, consts_at, pointers, t, n0, p_begin, p_end, c_begin, c_end,
+              profile):
+    _resolve(operands, steps[s, OPS_BEGIN], steps[s, OPS_END], t, n0, pointers)
+    if profile.shape[0] > 0:
+        start = _cycles()
+    _call_kernel(steps[s, FN], consts_at + 8 * steps[s, CONSTS], _address(pointers),
+                 p_begin, p_end, c_begin, c_end)
+    if profile.shape[0] > 0:
+        profile[t, s, KERNEL_CYCLES] += _cycles() - start
+        profile[t, s, CALLS] += 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _wait(barrier, barrier_at, threads, t, s, profile):
+    if profile.shape[0] > 0:
+        start = _cycles()
+    _call_barrier(barrier, barrier_at, threads)
+    if profile.shape[0] > 0:
+        profile[t, s, WAIT_CYCLES] += _cycles() - start
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def run_program(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
+                shared_begin, shared_end, threads, barrier, barrier_state, profile):
+    """Run the depth-first segments on images [0, n_items), then the shared steps
+    [shared_begin, shared_end) on the next n_shared images (see the module's design note).
+    `counters` holds a counter per segment, then one per shared step."""
+    consts_at = _address(consts)
+    barrier_at = _address(barrier_state)
+    counters_at = _address(counters)
+    for t in prange(threads):
+        pointers = scratch[t]
+        for g in range(segments.shape[0]):
+            group = segments[g, SEG_IMAGES]
+            items = (n_items + group - 1) // group
+            counter = counters_at + 8 * COUNTER_STRIDE * g
+            item = _fetch_add(counter, 1)
+            while item < items:
+                n0 = item * group
+                count = min(group, n_items - n0)
+                for s in range(segments[g, SEG_BEGIN], segments[g, SEG_END]):
+                    _run_step(steps, s, operands, consts_at, pointers, t, n0, 0,
+                              count * steps[s, PIXELS], 0, steps[s, CHANNELS], profile)
+                item = _fetch_add(counter, 1)
+            if g + 1 < segments.shape[0]:
+                _wait(barrier, barrier_at, threads, t, segments[g, SEG_END] - 1, profile)
+        if n_shared == 0:
+            continue
+        for s in range(shared_begin, shared_end):
+            split_pixels = steps[s, SPLIT] == SPLIT_PIXELS
+            total = n_shared * steps[s, PIXELS] if split_pixels else steps[s, CHANNELS]
+            align = steps[s, PIXEL_ALIGN] if split_pixels else steps[s, CHANNEL_ALIGN]
+            chunks = min((total + align - 1) // align, threads * CHUNKS_PER_THREAD)
+            counter = counters_at + 8 * COUNTER_STRIDE * (segments.shape[0] + s - shared_begin)
+            c = _fetch_add(counter, 1)
+            while c < chunks:
+                begin, end = _chunk(total, align, c, chunks)
+                if split_pixels:
+                    _run_step(steps, s, operands, consts_at, pointers, t, n_items, begin, end,
+                              0, steps[s, CHANNELS], profile)
+                else:
+                    _run_step(steps, s, operands, consts_at, pointers, t, n_items, 0,
+                              n_shared * steps[s, PIXELS], begin, end, profile)
+                c = _fetch_add(counter, 1)
+            _wait(barrier, barrier_at, threads, t, s, profile)
+
+
+def empty_profile() -> np.ndarray:
+    return np.zeros((0, 0, 3), np.int64)
+
+
+def threads() -> int:
+    return numba.get_num_threads()
+
+
+def compiled_functions() -> list:
+    """The Numba dispatchers this module compiles (for the tests that pin their number)."""
+    return [_chunk, _resolve, _run_step, _wait, run_program]

@@ -1,0 +1,104 @@
+"""What every kernel that walks output pixels shares: the call signature, the (image, row,
+column) of a flat pixel index, and strided tensors.
+
+A call covers pixels [p_begin, p_end) of a grid of `oh` x `ow` pixels per image, counted over
+every image of the call, and channels [c_begin, c_end). A tensor is a base pointer and three
+strides in elements (image, row, pixel), so the same kernel reads and writes compact tensors,
+the interiors of zero-bordered buffers and per-thread scratch alike.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+
+from .emit import I1, I64, Function
+
+CALL_PARAMS = [("consts", I64.as_pointer()), ("ptrs", I64.as_pointer()), ("p_begin", I64),
+               ("p_end", I64), ("c_begin", I64), ("c_end", I64)]
+STRIDES = ("image", "row", "pixel")
+
+
+def stride_fields(tensors) -> list[str]:
+    return [f"{t}.{s}" for t in tensors for s in STRIDES]
+
+
+def load_arguments(f: Function, fields: list[str], pointers: list[str]):
+    """The constants block as named i64 values, and the pointer block as `dtype` pointers."""
+    b = f.b
+    values = {name: b.load(b.gep(f.args["consts"], [f.i64(i)]), name=name)
+              for i, name in enumerate(fields)}
+    ptrs = {}
+    for i, name in enumerate(pointers):
+        address = b.load(b.gep(f.args["ptrs"], [f.i64(i)]))
+        ptrs[name] = b.inttoptr(address, f.scalar.as_pointer(), name=name)
+    return values, ptrs
+
+
+def offset(f: Function, v: dict, tensor: str, n, oh, ow):
+    """Element offset of pixel (n, oh, ow) in `tensor`."""
+    b = f.b
+    return b.add(b.add(b.mul(n, v[f"{tensor}.image"]), b.mul(oh, v[f"{tensor}.row"])),
+                 b.mul(ow, v[f"{tensor}.pixel"]))
+
+
+def next_pixel(f: Function, grid_h, grid_w, n, oh, ow, step=None):
+    """(n, oh, ow) of the pixel after (n, oh, ow) in row-major order; unmoved if the i1 `step`
+    is clear."""
+    b = f.b
+    ow = b.add(ow, f.i64(1) if step is None else b.zext(step, I64))
+    row_done = b.icmp_signed("==", ow, grid_w)
+    ow = b.select(row_done, f.i64(0), ow)
+    oh = b.add(oh, b.zext(row_done, I64))
+    image_done = b.icmp_signed("==", oh, grid_h)
+    oh = b.select(image_done, f.i64(0), oh)
+    return b.add(n, b.zext(image_done, I64)), oh, ow
+
+
+class PixelWalk:
+    """Slots holding (n, oh, ow) of the current pixel, starting at p_begin."""
+
+    def __init__(self, f: Function, grid_h, grid_w):
+        b = f.b
+        self.f, self.grid_h, self.grid_w = f, grid_h, grid_w
+        per_image = b.mul(grid_h, grid_w, name="pixels_per_image")
+        rest = b.urem(f.args["p_begin"], per_image)
+        self.slots = [f.slot(I64, "at_n", b.udiv(f.args["p_begin"], per_image)),
+                      f.slot(I64, "at_oh", b.udiv(rest, grid_w)),
+                      f.slot(I64, "at_ow", b.urem(rest, grid_w))]
+
+    def position(self):
+        return [self.f.get(s) for s in self.slots]
+
+    def move_to(self, n, oh, ow) -> None:
+        for slot, value in zip(self.slots, (n, oh, ow)):
+            self.f.set(slot, value)
+
+    def advance(self) -> None:
+        self.move_to(*next_pixel(self.f, self.grid_h, self.grid_w, *self.position()))
+
+
+def channel_vectors(f: Function, body) -> None:
+    """Call body(c, mask) for each vector of channels in [c_begin, c_end): mask is None for a
+    whole vector, else the lanes below c_end (the last, partial vector)."""
+    b = f.b
+    with f.loop(f.args["c_begin"], f.args["c_end"], f.lanes, "c") as c:
+        width = b.sub(f.args["c_end"], c, name="width")
+        with b.if_else(b.icmp_signed(">=", width, f.i64(f.lanes))) as (whole, partial):
+            with whole:
+                body(c, None)
+            with partial:
+                body(c, f.mask(0, width))
+
+
+def load_vector(f: Function, ptr, mask):
+    return f.vload(ptr) if mask is None else f.masked_load(ptr, mask)
+
+
+def store_vector(f: Function, value, ptr, mask) -> None:
+    if mask is None:
+        f.vstore(value, ptr)
+    else:
+        f.masked_store(value, ptr, mask)
+
+
+TRUE = ir.Constant(I1, 1)

@@ -1,0 +1,176 @@
+"""Kernels that are not GEMMs: the epilogue vocabulary on a tensor (elementwise chains, and a
+plain copy into the interior of a zero-bordered buffer), max pooling and the global mean.
+Each walks output pixels and vectors of channels (`pixels.py`); all are memory-bound, so they
+are written for clarity, not registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..target import Target
+from . import epilogue
+from .emit import Function, new_module
+from .pixels import (CALL_PARAMS, PixelWalk, channel_vectors, load_arguments, load_vector,
+                     offset, store_vector, stride_fields)
+
+
+@dataclass(frozen=True)
+class _PixelKernel:
+    dtype: str
+    target: Target
+
+    @property
+    def lanes(self) -> int:
+        return self.target.lanes(self.dtype)
+
+    def ir(self) -> str:
+        module = new_module(self.symbol)
+        f = Function(module, self.symbol, CALL_PARAMS, self.dtype, self.lanes, self.target.fma)
+        f.b.comment(f"{self.symbol}; fields: {', '.join(self.fields)}")
+        v, ptr = load_arguments(f, self.fields, self.pointers)
+        self.body(f, v, ptr)
+        f.finish()
+        return str(module)
+
+
+@dataclass(frozen=True)
+class EltwiseKernel(_PixelKernel):
+    """out = steps(x) per element, and out2 = out2_steps(out); no steps is a copy."""
+    steps: tuple[str, ...] = ()
+    out2: tuple[str, ...] | None = None
+
+    @property
+    def symbol(self) -> str:
+        steps = "_".join(self.steps) or "copy"
+        if self.out2 is not None:
+            steps += "__out2_" + "_".join(self.out2)
+        return f"eltwise_{self.dtype}_{self.target.isa}_{steps}"
+
+    @property
+    def operands(self) -> list[epilogue.Operand]:
+        return epilogue.operands(self.steps) + epilogue.operands(self.out2 or (),
+                                                                 len(self.steps))
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["out"] + (["out2"] if self.out2 is not None else [])
+
+    @property
+    def pointers(self) -> list[str]:
+        return ["x"] + self.outputs + [op.name for op in self.operands]
+
+    @property
+    def fields(self) -> list[str]:
+        tensors = ["x"] + self.outputs + [op.name for op in self.operands if op.kind == "pixel"]
+        scalars = epilogue.scalar_names(self.steps)
+        scalars += epilogue.scalar_names(self.out2 or (), len(self.steps))
+        return ["oh", "ow"] + stride_fields(tensors) + scalars
+
+    def body(self, f: Function, v, ptr) -> None:
+        b = f.b
+        scalars = {name: f.splat(f.from_bits(v[name])) for name in self.fields
+                   if name.startswith("s")}
+        walk = PixelWalk(f, v["oh"], v["ow"])
+        with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
+            at = walk.position()
+
+            def element(tensor, c):
+                return f.element(ptr[tensor], b.add(offset(f, v, tensor, *at), c))
+
+            def chain(steps, first, value, c, mask):
+                for index, op in enumerate(steps, start=first):
+                    rule = epilogue.rule(op)
+                    operands = []
+                    for position, kind in enumerate(rule.operands):
+                        name = epilogue.Operand(index, kind, position).name
+                        where = f.element(ptr[name], c) if kind == "channel" \
+                            else element(name, c)
+                        operands.append(load_vector(f, where, mask))
+                    value = rule.apply(f, value, operands,
+                                       [scalars[f"s{index}.{s}"] for s in rule.scalars])
+                return value
+
+            def vector(c, mask):
+                value = chain(self.steps, 0, load_vector(f, element("x", c), mask), c, mask)
+                store_vector(f, value, element("out", c), mask)
+                if self.out2 is not None:
+                    second = chain(self.out2, len(self.steps), value, c, mask)
+                    store_vector(f, second, element("out2", c), mask)
+            channel_vectors(f, vector)
+            walk.advance()
+
+
+@dataclass(frozen=True)
+class MaxPoolKernel(_PixelKernel):
+    """out[n, oh, ow, c] = the max over the window's taps inside the input (the reference's
+    -inf border never wins; NaN propagates, as np.max does)."""
+
+    @property
+    def symbol(self) -> str:
+        return f"maxpool_{self.dtype}_{self.target.isa}"
+
+    pointers = ("x", "out")
+
+    @property
+    def fields(self) -> list[str]:
+        return ["k", "stride", "pad_top", "pad_left", "h", "w", "oh", "ow"] + \
+            stride_fields(["x", "out"])
+
+    def body(self, f: Function, v, ptr) -> None:
+        b = f.b
+        walk = PixelWalk(f, v["oh"], v["ow"])
+        with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
+            n, oh, ow = walk.position()
+            top = b.sub(b.mul(oh, v["stride"]), v["pad_top"], name="window_top")
+            left = b.sub(b.mul(ow, v["stride"]), v["pad_left"], name="window_left")
+
+            def vector(c, mask):
+                best = f.slot(f.vector, "best", f.vconst(float("-inf")))
+                with f.loop(0, v["k"], 1, "i") as i:
+                    row = b.add(top, i)
+                    inside = b.and_(b.icmp_signed(">=", row, f.i64(0)),
+                                    b.icmp_signed("<", row, v["h"]))
+                    with b.if_then(inside):
+                        with f.loop(0, v["k"], 1, "j") as j:
+                            col = b.add(left, j)
+                            inside_col = b.and_(b.icmp_signed(">=", col, f.i64(0)),
+                                                b.icmp_signed("<", col, v["w"]))
+                            with b.if_then(inside_col):
+                                at = b.add(offset(f, v, "x", n, row, col), c)
+                                tap = load_vector(f, f.element(ptr["x"], at), mask)
+                                f.set(best, f.binary("maximum", f.get(best), tap))
+                out = b.add(offset(f, v, "out", n, oh, ow), c)
+                store_vector(f, f.get(best), f.element(ptr["out"], out), mask)
+            channel_vectors(f, vector)
+            walk.advance()
+
+
+@dataclass(frozen=True)
+class MeanKernel(_PixelKernel):
+    """out[n, c] = the mean of x[n, :, :, c]: a call's pixels are images."""
+
+    @property
+    def symbol(self) -> str:
+        return f"mean_{self.dtype}_{self.target.isa}"
+
+    pointers = ("x", "out")
+
+    @property
+    def fields(self) -> list[str]:
+        return ["h", "w"] + stride_fields(["x", "out"])
+
+    def body(self, f: Function, v, ptr) -> None:
+        b = f.b
+        count = f.splat(b.uitofp(b.mul(v["h"], v["w"]), f.scalar))
+        with f.loop(f.args["p_begin"], f.args["p_end"], 1, "n") as n:
+            def vector(c, mask):
+                total = f.slot(f.vector, "total", f.vconst(0.0))
+                with f.loop(0, v["h"], 1, "i") as i:
+                    with f.loop(0, v["w"], 1, "j") as j:
+                        at = b.add(offset(f, v, "x", n, i, j), c)
+                        f.set(total, b.fadd(f.get(total),
+                                            load_vector(f, f.element(ptr["x"], at), mask)))
+                out = b.add(b.mul(n, v["out.image"]), c)
+                store_vector(f, b.fdiv(f.get(total), count), f.element(ptr["out"], out), mask)
+            channel_vectors(f, vector)

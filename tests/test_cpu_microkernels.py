@@ -1,0 +1,277 @@
+"""The CPU backend's micro-kernels against float64 NumPy: the conv tile over odd sizes (pixels,
+channels and depth not multiples of the register block; strides 1 and 2; 1x1, 3x3 and 7x7;
+every epilogue; a call covering part of the pixels and channels), the pixelwise kernels, every
+instruction set this CPU can run, and the object cache.
+
+Tolerances, relative to the expected tensor's max: float32 1e-5 (a K <= 300 term float32 dot
+product of unit normals errs by about 1e-6 of the output's max; 1e-5 leaves room for the
+epilogue's own roundings), float64 1e-12.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import numpy as np
+import pytest
+
+from rescompile import ops
+from rescompile.backends.cpu.llvm import jit
+from rescompile.backends.cpu.llvm.conv import ConvKernel
+from rescompile.backends.cpu.llvm.pixelwise import EltwiseKernel, MaxPoolKernel, MeanKernel
+from rescompile.backends.cpu.program import pack_weights
+from rescompile.backends.cpu.target import ISAS, generic_target, host_target
+from rescompile.padding import pads_2d
+from microkernels import (call, close, conv_reference, epilogue_reference, padded,
+                          strides)
+
+TOL = {"float32": 1e-5, "float64": 1e-12}
+RUNNABLE = [host_target()] + [generic_target(isa) for isa in ISAS
+                              if isa != host_target().isa and generic_target(isa).runs_here()]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("objects")
+
+
+def _operands(rng, steps, first, shape, dtype):
+    """Random operands and scalars for epilogue steps numbered from `first`."""
+    operands, scalars = {}, {}
+    for index, op in enumerate(steps, start=first):
+        count = {"bias_add": 1, "affine": 2, "add": 1, "batch_normalize": 4}.get(op, 0)
+        for j in range(count):
+            if op == "add":
+                operands[f"s{index}.arg{j}"] = rng.standard_normal(shape).astype(dtype)
+            elif op == "batch_normalize" and j == 3:
+                operands[f"s{index}.arg{j}"] = rng.uniform(0.5, 2.0, shape[-1]).astype(dtype)
+            else:
+                operands[f"s{index}.arg{j}"] = rng.standard_normal(shape[-1]).astype(dtype)
+        if op == "relu":
+            scalars[f"s{index}.alpha"] = 0.1
+        if op == "batch_normalize":
+            scalars[f"s{index}.epsilon"] = 1e-3
+    return operands, scalars
+
+
+CONV_CASES = [
+    # (n, h, w, cin, cout, k, stride, pads, epilogue, out2)
+    (2, 7, 5, 6, 10, 3, 1, (1, 1, 1, 1), ("bias_add", "relu"), None),
+    (3, 8, 8, 5, 7, 3, 2, (0, 1, 0, 1), ("add",), ("affine", "relu")),
+    (2, 10, 11, 3, 8, 7, 2, (2, 3, 3, 3), (), None),
+    (2, 6, 5, 17, 33, 1, 1, (0, 0, 0, 0), ("bias_add", "add", "relu"), None),
+    (2, 9, 9, 8, 40, 1, 2, (0, 0, 0, 0), ("batch_normalize", "relu"), ("affine",)),
+    (5, 1, 1, 20, 10, 1, 1, (0, 0, 0, 0), ("bias_add",), None),  # a dense layer
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"k{c[5]}s{c[6]}c{c[4]}")
+def test_conv_kernel_matches_numpy(case, dtype, cache_dir):
+    n, h, w, cin, cout, k, stride, pads, steps, out2 = case
+    kernel = ConvKernel(dtype, host_target(), steps, out2)
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    x = rng.standard_normal((n, h, w, cin)).astype(dtype)
+    weights = rng.standard_normal((k, k, cin, cout)).astype(dtype)
+    y = conv_reference(x, weights, stride, pads)
+    operands, scalars = _operands(rng, steps, 0, y.shape, dtype)
+    more, more_scalars = _operands(rng, out2 or (), len(steps), y.shape, dtype)
+    operands.update(more)
+    scalars.update(more_scalars)
+    expected = epilogue_reference(steps, 0, y, operands, scalars)
+    expected2 = epilogue_reference(out2 or (), len(steps), expected, operands, scalars)
+    xp = padded(x, pads)
+    out = np.full(y.shape, np.nan, dtype)
+    out2_array = np.full(y.shape, np.nan, dtype)
+    fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=y.shape[1], ow=y.shape[2],
+                  **strides("x", xp), **strides("out", out), **strides("out2", out2_array),
+                  **scalars)
+    for name, array in operands.items():
+        if array.ndim == 4:
+            fields.update(strides(name, array))
+    pointers = dict(x=xp, w=pack_weights(weights, kernel.nr), out=out, out2=out2_array,
+                    **operands)
+    pixels = n * y.shape[1] * y.shape[2]
+    call(kernel, fields, pointers, (0, pixels), (0, cout), cache_dir)
+    assert close(out, expected) < TOL[dtype]
+    if out2 is not None:
+        assert close(out2_array, expected2) < TOL[dtype]
+
+
+def test_conv_kernel_covers_exactly_its_pixel_and_channel_range(cache_dir):
+    """A call's pixels may start mid-row and mid-tile and span images; its channels start at a
+    panel and may end mid-panel: everything else stays untouched."""
+    kernel = ConvKernel("float32", host_target(), ("bias_add",))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 5, 4, 6)).astype(np.float32)
+    weights = rng.standard_normal((3, 3, 6, 40)).astype(np.float32)
+    bias = rng.standard_normal(40).astype(np.float32)
+    pads = (1, 1, 1, 1)
+    expected = conv_reference(x, weights, 1, pads) + bias
+    out = np.full(expected.shape, np.nan, np.float32)
+    fields = dict(cin=6, kh=3, kw=3, stride=1, oh=5, ow=4, **strides("x", padded(x, pads)),
+                  **strides("out", out))
+    pointers = {"x": padded(x, pads), "w": pack_weights(weights, kernel.nr), "out": out,
+                "s0.arg0": bias}
+    p0, p1, c0, c1 = 7, 43, kernel.nr, 37
+    call(kernel, fields, pointers, (p0, p1), (c0, c1), cache_dir)
+    flat, ref = out.reshape(-1, 40), expected.reshape(-1, 40)
+    assert close(flat[p0:p1, c0:c1], ref[p0:p1, c0:c1]) < 1e-5
+    outside = np.ones(flat.shape, bool)
+    outside[p0:p1, c0:c1] = False
+    assert np.isnan(flat[outside]).all()
+
+
+def test_conv_kernel_writes_the_interior_of_a_bordered_buffer(cache_dir):
+    """A producer writes straight into the next conv's zero-bordered input."""
+    kernel = ConvKernel("float64", host_target(), ("relu",))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 6, 4))
+    weights = rng.standard_normal((1, 1, 4, 5))
+    expected = np.maximum(conv_reference(x, weights, 1, (0,) * 4), 0.25 * conv_reference(
+        x, weights, 1, (0,) * 4))
+    out = np.zeros((2, 8, 9, 5))  # borders: 1 row above and below, 1 left, 2 right
+    interior = out[:, 1:7, 1:7, :]
+    fields = dict(cin=4, kh=1, kw=1, stride=1, oh=6, ow=6, **strides("x", x),
+                  **strides("out", out), **{"s0.alpha": 0.25})
+    pointers = {"x": x, "w": pack_weights(weights, kernel.nr),
+                "out": out.reshape(-1)[9 * 5 + 5:]}  # the interior's first element
+    call(kernel, fields, pointers, (0, 72), (0, 5), cache_dir)
+    assert close(interior, expected) < 1e-12
+    border = np.ones(out.shape, bool)
+    border[:, 1:7, 1:7, :] = False
+    assert not out[border].any()
+
+
+@pytest.mark.parametrize("target", RUNNABLE, ids=lambda t: t.isa)
+def test_every_runnable_instruction_set(target, cache_dir):
+    """Each variant this CPU can run (the host's, and narrower ones) computes the same conv."""
+    kernel = ConvKernel("float32", target, ("add",), ("affine", "relu"))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 5, 7, 9)).astype(np.float32)
+    weights = rng.standard_normal((3, 3, 9, 21)).astype(np.float32)
+    y = conv_reference(x, weights, 1, (1, 1, 1, 1))
+    operands, scalars = _operands(rng, ("add", "affine", "relu"), 0, y.shape, np.float32)
+    expected = epilogue_reference(("add",), 0, y, operands, scalars)
+    expected2 = epilogue_reference(("affine", "relu"), 1, expected, operands, scalars)
+    xp = padded(x, (1, 1, 1, 1))
+    out, out2 = np.empty(y.shape, np.float32), np.empty(y.shape, np.float32)
+    fields = dict(cin=9, kh=3, kw=3, stride=1, oh=5, ow=7, **strides("x", xp),
+                  **strides("out", out), **strides("out2", out2), **strides("s0.arg0", out),
+                  **scalars)
+    call(kernel, fields, dict(x=xp, w=pack_weights(weights, kernel.nr), out=out, out2=out2,
+                              **operands), (0, 70), (0, 21), cache_dir)
+    assert close(out, expected) < 1e-5 and close(out2, expected2) < 1e-5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_instruction_set_compiles(isa):
+    """Variants this CPU cannot run are still generated and compiled, with their registers."""
+    target = generic_target(isa)
+    kernel = ConvKernel("float32", target, ("bias_add", "relu"))
+    assembly = jit.assembly(kernel.ir(), target)
+    register = {"avx512": "zmm", "avx2": "ymm", "portable": "xmm"}[isa]
+    assert f"%{register}" in assembly
+    assert ("vfmadd" in assembly) == (isa != "portable")
+    assert kernel.nr == {"avx512": 32, "avx2": 16, "portable": 8}[isa]
+
+
+def test_tile_fills_the_register_file():
+    assert (ConvKernel("float32", generic_target("avx2")).mr,
+            ConvKernel("float32", generic_target("avx512")).mr) == (6, 14)
+
+
+ELTWISE_CASES = [
+    (("affine", "relu"), ("add",)),
+    (("batch_normalize",), None),
+    (("bias_add", "add", "relu"), ("affine", "relu")),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("chain", ELTWISE_CASES, ids=lambda c: "_".join(c[0]))
+def test_eltwise_kernel(chain, dtype, cache_dir):
+    steps, out2 = chain
+    kernel = EltwiseKernel(dtype, host_target(), steps, out2)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 4, 5, 13)).astype(dtype)
+    x[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]  # NaN and infinities pass through relu
+    operands, scalars = _operands(rng, steps + (out2 or ()), 0, x.shape, dtype)
+    expected = epilogue_reference(steps, 0, x.astype(np.float64), operands, scalars)
+    expected2 = epilogue_reference(out2 or (), len(steps), expected, operands, scalars)
+    out, out2_array = np.empty_like(x), np.empty_like(x)
+    fields = dict(oh=4, ow=5, **strides("x", x), **strides("out", out),
+                  **strides("out2", out2_array), **scalars)
+    for name, array in operands.items():
+        if array.ndim == 4:
+            fields.update(strides(name, array))
+    call(kernel, fields, dict(x=x, out=out, out2=out2_array, **operands), (0, 60), (0, 13),
+         cache_dir)
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    assert close(out[finite], expected[finite]) < TOL[dtype]
+    if out2 is not None:
+        finite2 = np.isfinite(expected2)
+        assert close(out2_array[finite2], expected2[finite2]) < TOL[dtype]
+
+
+def test_copy_into_a_bordered_buffer_keeps_the_border(cache_dir):
+    kernel = EltwiseKernel("float32", host_target())
+    x = np.random.default_rng(7).standard_normal((2, 3, 4, 3)).astype(np.float32)
+    out = np.zeros((2, 5, 6, 3), np.float32)
+    fields = dict(oh=3, ow=4, **strides("x", x), **strides("out", out))
+    call(kernel, fields, {"x": x, "out": out.reshape(-1)[6 * 3 + 3:]}, (0, 24), (0, 3),
+         cache_dir)
+    np.testing.assert_array_equal(out[:, 1:4, 1:5], x)
+    assert out.sum() == x.sum() and not out[:, 0].any() and not out[:, :, 5].any()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_max_pool_kernel(dtype, cache_dir):
+    kernel = MaxPoolKernel(dtype, host_target())
+    x = np.random.default_rng(8).standard_normal((2, 9, 8, 11)).astype(dtype)
+    x[1, 4, 4, 2] = np.nan
+    for padding in ("same", "symmetric"):
+        attrs = {"k": 3, "stride": 2, "padding": padding}
+        (expected,) = ops.get("max_pool").run_reference(attrs, x)
+        top, _, left, _ = pads_2d(9, 8, 3, 2, padding)
+        out = np.empty(expected.shape, dtype)
+        fields = dict(k=3, stride=2, pad_top=top, pad_left=left, h=9, w=8, oh=out.shape[1],
+                      ow=out.shape[2], **strides("x", x), **strides("out", out))
+        call(kernel, fields, {"x": x, "out": out}, (0, out.size // 11), (0, 11), cache_dir)
+        np.testing.assert_array_equal(out, expected)  # a max rounds nothing
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_mean_kernel(dtype, cache_dir):
+    kernel = MeanKernel(dtype, host_target())
+    x = np.random.default_rng(9).standard_normal((3, 5, 7, 19)).astype(dtype)
+    out = np.empty((3, 19), dtype)
+    fields = dict(h=5, w=7, **strides("x", x), **{"out.image": 19, "out.row": 19,
+                                                  "out.pixel": 19})
+    call(kernel, fields, {"x": x, "out": out}, (0, 3), (0, 19), cache_dir)
+    assert close(out, x.astype(np.float64).mean(axis=(1, 2))) < TOL[dtype]
+
+
+def test_object_cache_is_keyed_by_cpu_and_rebuilds_a_corrupt_entry(tmp_path):
+    kernel = ConvKernel("float64", host_target(), ("bias_add",))
+    key = jit.cache_key(kernel.ir(), host_target())
+    other = jit.cache_key(kernel.ir(), host_target().__class__("avx2", "haswell", ""))
+    assert key != other
+    script = textwrap.dedent(f"""
+        from rescompile.backends.cpu.llvm import jit
+        from rescompile.backends.cpu.llvm.conv import ConvKernel
+        from rescompile.backends.cpu.target import host_target
+        k = ConvKernel("float64", host_target(), ("bias_add",))
+        print(jit.address(k.ir(), k.symbol, host_target(), {str(tmp_path)!r}) != 0)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = lambda: subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,  # noqa: E731
+                                 text=True, timeout=120, check=True).stdout.strip()
+    assert run() == "True"
+    (entry,) = (tmp_path / "objects").glob("*.o")
+    assert entry.name == f"{key}.o"
+    entry.write_bytes(entry.read_bytes()[:100])  # torn
+    assert run() == "True" and len(entry.read_bytes()) > 100  # rebuilt, not loaded
