@@ -17,8 +17,9 @@ freezing in inference), ONNX Runtime (all graph optimisations, inference only), 
 timed calls per implementation in each of `--rounds` interleaved rounds; median, min and max
 over all timed calls. GFLOP/s and "% of peak" use the model's FLOPs and the FMA peak measured
 by the kernel library's own loop on 2 threads in the same run. `--compile` also times compiling
-ResNet-164 (infer and train) and ResNet-50 (infer) in fresh processes, the first call included:
-cold (empty kernel cache) and warm (the same cache again).
+ResNet-164 (infer and train) and ResNet-50 (infer) in fresh processes, from `rescompile.compile`
+to the end of the first call at batch 2 (Numba's import included): cold (empty kernel and
+Numba caches) and warm (the same caches again).
 """
 
 from __future__ import annotations
@@ -98,9 +99,9 @@ def run_case(name, reps, rounds, want_peers, peak):
 
 
 def compile_times() -> dict:
-    """Fresh processes, the first call included: an empty kernel cache, then the same again."""
+    """Fresh processes, the first call included: empty caches, then the same again."""
     script = ("import sys, time, numpy as np; sys.path.insert(0, {root!r}); "
-              "t = time.perf_counter(); import rescompile;"
+              "import rescompile; t = time.perf_counter();"
               "s = rescompile.load_spec({preset!r});"
               "e = rescompile.compile(s, mode={mode!r}, backend='cpu', cache_dir={cache!r});"
               "x = np.zeros((2, *s.model.input), np.float32);"

@@ -106,11 +106,18 @@ def _warm_compile_time(spec, mode, backend, dtype, batch, cache_dir) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+# Seconds to wait before timing the next implementation: the one before may have left threads
+# spinning (OpenMP's in PyTorch, ONNX Runtime's pool), which would take the cores from the next.
+SETTLE_S = 0.3
+
+
 def interleaved(calls: dict, rounds: int, reps: int) -> dict[str, Timing]:
-    """Each callable timed `reps` times per round, rounds interleaved, after a warm-up call."""
+    """Each callable timed `reps` times per round, rounds interleaved, each after a pause and
+    a warm-up call."""
     samples = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
+            time.sleep(SETTLE_S)
             fn()
             for _ in range(reps):
                 start = time.perf_counter()

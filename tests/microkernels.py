@@ -20,7 +20,7 @@ def call(kernel, fields: dict, pointers: dict, pixels: tuple, channels: tuple, c
              else int(fields[n]) for n in kernel.fields]
     consts = np.array(words, np.int64)
     addresses = np.array([pointers[n].ctypes.data for n in kernel.pointers], np.int64)
-    fn = _SIGNATURE(jit.address(kernel.ir(), kernel.symbol, kernel.target, cache_dir))
+    fn = _SIGNATURE(jit.address(kernel, cache_dir))
     fn(consts.ctypes.data, addresses.ctypes.data, *pixels, *channels)
 
 

@@ -257,15 +257,17 @@ def test_mean_kernel(dtype, cache_dir):
 
 def test_object_cache_is_keyed_by_cpu_and_rebuilds_a_corrupt_entry(tmp_path):
     kernel = ConvKernel("float64", host_target(), ("bias_add",))
-    key = jit.cache_key(kernel.ir(), host_target())
-    other = jit.cache_key(kernel.ir(), host_target().__class__("avx2", "haswell", ""))
-    assert key != other
+    key = jit.cache_key(kernel)
+    other_cpu = ConvKernel("float64", host_target().__class__("avx2", "haswell", ""),
+                           ("bias_add",))
+    other_steps = ConvKernel("float64", host_target(), ("bias_add", "relu"))
+    assert len({key, jit.cache_key(other_cpu), jit.cache_key(other_steps)}) == 3
     script = textwrap.dedent(f"""
         from rescompile.backends.cpu.llvm import jit
         from rescompile.backends.cpu.llvm.conv import ConvKernel
         from rescompile.backends.cpu.target import host_target
         k = ConvKernel("float64", host_target(), ("bias_add",))
-        print(jit.address(k.ir(), k.symbol, host_target(), {str(tmp_path)!r}) != 0)
+        print(jit.address(k, {str(tmp_path)!r}) != 0)
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = lambda: subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,  # noqa: E731

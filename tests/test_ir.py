@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import rescompile as rc
+from strategies import small_specs
 from rescompile import ops
 from rescompile.build import build
 from rescompile.dump import summary
@@ -64,29 +65,6 @@ def test_resnet50_size():
     info = summary(build(rc.preset("resnet50-imagenet"), "infer").graph)
     assert info["trainable_params"] == 25_557_032
     assert round(info["flops_per_image"]["forward"] / 1e9, 2) == 8.18
-
-
-stage = st.fixed_dictionaries({"filters": st.sampled_from([4, 8, 12]),
-                               "units": st.integers(1, 2), "stride": st.integers(1, 2)})
-
-
-@st.composite
-def small_specs(draw):
-    stages = draw(st.lists(stage, min_size=1, max_size=3))
-    stem = draw(st.sampled_from(["cifar", "imagenet"]))
-    total = (4 if stem == "imagenet" else 1) * int(np.prod([s["stride"] for s in stages]))
-    size = draw(st.integers(total, total + 5))
-    return rc.load_spec({"name": "random", "model": {
-        "input": [size, draw(st.integers(total, total + 5)), draw(st.sampled_from([1, 3]))],
-        "num_classes": draw(st.integers(2, 6)), "stem": stem,
-        "stem_filters": draw(st.sampled_from([4, 8])),
-        "preactivation": draw(st.booleans()),
-        "stride_on": draw(st.sampled_from(["conv1", "conv2"])),
-        "padding": draw(st.sampled_from(["same", "symmetric"])),
-        "stages": stages,
-        "activate_before_residual": draw(st.lists(st.booleans(), min_size=len(stages),
-                                                  max_size=len(stages))),
-        "relu_leakiness": draw(st.sampled_from([0.0, 0.1]))}})
 
 
 @settings(max_examples=30, deadline=None)

@@ -86,7 +86,7 @@ def time_layer(step, images: int, layouts: dict, reps: int) -> float:
             pointers.append(array.ctypes.data + 4 * offset)
         items.append(np.array(pointers, np.int64))
     blocks = [a for a in items if a.dtype == np.int64]
-    fn = _CALL(jit.address(kernel.ir(), kernel.symbol, kernel.target))
+    fn = _CALL(jit.address(kernel))
     pixels = images * step.pixels
     best = float("inf")
     for _ in range(reps):

@@ -7,7 +7,6 @@ import numba
 numba.config.THREADING_LAYER = "workqueue"
 
 from .program import CpuProgram  # noqa: E402
-from .train_program import TrainProgram  # noqa: E402
 
 
 def compile_program(graph, entries, dtype: str, cache_dir=None, check_finite: bool = False,
@@ -17,4 +16,6 @@ def compile_program(graph, entries, dtype: str, cache_dir=None, check_finite: bo
     if "prepare" in entries:
         return CpuProgram(graph, entries, dtype, cache_dir=cache_dir, check_finite=check_finite,
                           isa=isa)
+    # Imported here: the training kernels bring SciPy's BLAS, which inference never needs.
+    from .train_program import TrainProgram
     return TrainProgram(graph, entries, dtype, cache_dir=cache_dir, check_finite=check_finite)

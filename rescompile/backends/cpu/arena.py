@@ -30,6 +30,16 @@ from . import driver
 from .target import DTYPE_BYTES
 
 ALIGN = 64  # bytes: every buffer starts on a cache line (the packed weights need 32)
+# A shared step is cut into chunks of about this many FLOPs (a chunk costs a counter update
+# and a kernel call, about 0.2 us), at least 2 and at most 16 per thread: the last chunk taken
+# bounds how long the other threads wait at the barrier.
+CHUNK_FLOPS = 2e6
+CHUNKS_PER_THREAD = (2, 16)
+
+
+def shared_chunks(flops: float, threads: int) -> int:
+    low, high = CHUNKS_PER_THREAD
+    return int(min(max(flops / CHUNK_FLOPS, low * threads), high * threads))
 
 
 def aligned_empty(nbytes: int, zero: bool = True) -> np.ndarray:
@@ -139,6 +149,7 @@ class Arena:
                 row[driver.CHANNEL_ALIGN] = step.channel_align
                 row[driver.SPLIT] = (driver.SPLIT_CHANNELS if step.split == "channels"
                                      else driver.SPLIT_PIXELS)
+                row[driver.CHUNKS] = shared_chunks(step.flops * self.n_shared, self.threads)
         self.operands = np.array(rows, np.int64).reshape(-1, 3)
         self.segments = np.array([[s.begin, s.end, s.images] for s in schedule.segments],
                                  np.int64).reshape(-1, 3)

@@ -5,7 +5,8 @@ Design note
 A program is tables of int64 (`schedule.py` builds them, `arena.py` fills in addresses):
 
     steps[s]     = fn, consts, first operand, end operand, pixels per image, channels,
-                   pixel alignment, channel alignment, split (0 pixels, 1 channels)
+                   pixel alignment, channel alignment, split (0 pixels, 1 channels),
+                   chunks (how many pieces the shared schedule cuts it into)
     segments[g]  = first step, end step, images per work item
     operands[o]  = base address, bytes per thread, bytes per image
 
@@ -21,8 +22,9 @@ One parallel region runs everything, one iteration per thread:
   depends on no other image: only a segment boundary needs a barrier (the next segment reads
   what every thread wrote);
 - shared: the remaining n_shared < threads images (all of them at batch 1) run step by step,
-  every step's pixels or channel panels cut into a few chunks per thread, taken from the step's
-  counter the same way, with a barrier after each step.
+  every step's pixels or channel panels cut into chunks (a few per thread, more for big layers:
+  `arena.shared_chunks`), taken from the step's counter the same way, with a barrier after
+  each step.
 
 Which thread computes an item or a chunk never changes its arithmetic (a kernel's loops do not
 depend on the range it is given), so results are the same bits however the work was shared.
@@ -43,8 +45,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 # steps columns
-FN, CONSTS, OPS_BEGIN, OPS_END, PIXELS, CHANNELS, PIXEL_ALIGN, CHANNEL_ALIGN, SPLIT = range(9)
-STEP_COLUMNS = 9
+(FN, CONSTS, OPS_BEGIN, OPS_END, PIXELS, CHANNELS, PIXEL_ALIGN, CHANNEL_ALIGN, SPLIT,
+ CHUNKS) = range(10)
+STEP_COLUMNS = 10
 SPLIT_PIXELS, SPLIT_CHANNELS = 0, 1
 # segments columns
 SEG_BEGIN, SEG_END, SEG_IMAGES = range(3)
@@ -54,7 +57,6 @@ BASE, PER_THREAD, PER_IMAGE = range(3)
 KERNEL_CYCLES, WAIT_CYCLES, CALLS = range(3)
 POINTER_BLOCK = 64  # int64 words per thread's pointer block (a multiple of a cache line)
 COUNTER_STRIDE = 8  # int64 words between counters: one cache line each
-CHUNKS_PER_THREAD = 4  # a shared step is cut into this many chunks per thread
 
 _I64 = ir.IntType(64)
 
@@ -187,7 +189,7 @@ def run_program(steps, segments, operands, consts, scratch, counters, n_items, n
             split_pixels = steps[s, SPLIT] == SPLIT_PIXELS
             total = n_shared * steps[s, PIXELS] if split_pixels else steps[s, CHANNELS]
             align = steps[s, PIXEL_ALIGN] if split_pixels else steps[s, CHANNEL_ALIGN]
-            chunks = min((total + align - 1) // align, threads * CHUNKS_PER_THREAD)
+            chunks = min((total + align - 1) // align, steps[s, CHUNKS])
             counter = counters_at + 8 * COUNTER_STRIDE * (segments.shape[0] + s - shared_begin)
             c = _fetch_add(counter, 1)
             while c < chunks:

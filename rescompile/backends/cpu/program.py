@@ -49,9 +49,8 @@ class CpuProgram:
         start = time.perf_counter()
         self.schedule = build_schedule(graph, entries["forward"], self.target, dtype)
         self.kernels = list(dict.fromkeys(step.kernel for step in self.schedule.steps))
-        self.addresses = {k: jit.address(k.ir(), k.symbol, self.target, cache_dir)
-                          for k in self.kernels}
-        self.barrier = jit.address(sync.barrier_ir(), sync.SYMBOL, self.target, cache_dir)
+        self.addresses = {k: jit.address(k, cache_dir) for k in self.kernels}
+        self.barrier = jit.address(sync.Barrier(self.target), cache_dir)
         self.kernel_seconds = time.perf_counter() - start
         self.arenas: dict[tuple[int, int], Arena] = {}
         self.prepared: dict[str, np.ndarray] = {}

@@ -3,13 +3,16 @@ out function addresses.
 
 Design note
 -----------
-A kernel's IR is text generated from its signature (`conv.ConvKernel.ir()`, ...). It is
-optimised at -O3 for the kernel's `Target` and emitted as an object file, which is cached
-under `<cache dir>/objects/<key>.o` with `key = sha256(IR, target fingerprint)`: the
-fingerprint holds the CPU name, its feature string and the llvmlite/LLVM versions, so an entry
-built for another CPU or compiler is never found, let alone loaded. Each file starts with a
-header holding the sha256 of the object bytes; an entry that is truncated, corrupt or written by
-something else fails that check and is rebuilt (and rewritten atomically), never loaded.
+A kernel is a frozen dataclass (`conv.ConvKernel`, `sync.Barrier`, ...) with a `symbol`, a
+`target` and an `ir()` method that generates its IR text from its fields alone. The IR is
+optimised at -O3 for the target and emitted as an object file, cached under
+`<cache dir>/objects/<key>.o`. The key hashes what the IR is a function of: the kernel's fields
+(its repr, target included), the source of the generator (this package), and the target's
+fingerprint (CPU name, feature string, llvmlite and LLVM versions). So an entry built for
+another CPU, compiler or generator is never found, let alone loaded, and a hit needs no IR at
+all (generating it is most of a warm start). Each file starts with a header holding the sha256
+of the object bytes; an entry that is truncated, corrupt or written by something else fails
+that check and is rebuilt (and rewritten atomically), never loaded.
 
 Loading an object is a few milliseconds (NUMBA-NOTES): each kernel gets its own MCJIT engine,
 kept alive for the process, so symbols of different kernels never clash. The cache directory
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from functools import lru_cache
+from pathlib import Path
 
 import llvmlite.binding as llvm
 
@@ -27,12 +32,24 @@ from ....fileio import atomic_write, cache_root
 from ..target import Target
 
 _MAGIC = b"rescompile-object-1\n"
-_engines: dict[tuple[str, str], tuple[object, int]] = {}  # (key, symbol) -> (engine, address)
+_engines: dict[str, int] = {}  # key -> address (the engines live in _keep)
+_keep: list = []
 _lock = threading.Lock()
 
 
-def cache_key(ir_text: str, target: Target) -> str:
-    return hashlib.sha256(f"{target.fingerprint}\0{ir_text}".encode()).hexdigest()
+@lru_cache(maxsize=None)
+def generator_digest() -> str:
+    """sha256 of the source that generates IR: this package and the target's definitions."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for path in sorted(here.glob("*.py")) + [here.parent / "target.py"]:
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(kernel) -> str:
+    text = f"{kernel!r}\0{kernel.target.fingerprint}\0{generator_digest()}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def optimise(ir_text: str, target: Target) -> tuple[llvm.ModuleRef, llvm.TargetMachine]:
@@ -69,11 +86,11 @@ def _read_cached(path) -> bytes | None:
     return body
 
 
-def cached_object(ir_text: str, target: Target, cache_dir=None) -> bytes:
-    path = cache_root(cache_dir) / "objects" / f"{cache_key(ir_text, target)}.o"
+def cached_object(kernel, cache_dir=None) -> bytes:
+    path = cache_root(cache_dir) / "objects" / f"{cache_key(kernel)}.o"
     body = _read_cached(path)
     if body is None:
-        body = object_code(ir_text, target)
+        body = object_code(kernel.ir(), kernel.target)
         header = _MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n"
         try:
             atomic_write(path, lambda f: f.write(header + body))
@@ -82,16 +99,18 @@ def cached_object(ir_text: str, target: Target, cache_dir=None) -> bytes:
     return body
 
 
-def address(ir_text: str, symbol: str, target: Target, cache_dir=None) -> int:
-    """The address of `symbol` in the compiled IR (compiled or loaded once per process)."""
-    key = (cache_key(ir_text, target), symbol)
+def address(kernel, cache_dir=None) -> int:
+    """The address of the kernel's function (compiled, or loaded, once per process)."""
+    key = cache_key(kernel)
     with _lock:
         if key not in _engines:
+            target = kernel.target
             if not target.runs_here():
                 raise ValueError(f"kernels for {target.isa} cannot run on this CPU")
             engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target.machine())
-            engine.add_object_file(llvm.ObjectFileRef.from_data(
-                cached_object(ir_text, target, cache_dir)))
+            engine.add_object_file(llvm.ObjectFileRef.from_data(cached_object(kernel,
+                                                                              cache_dir)))
             engine.finalize_object()
-            _engines[key] = (engine, engine.get_function_address(symbol))
-        return _engines[key][1]
+            _keep.append(engine)
+            _engines[key] = engine.get_function_address(kernel.symbol)
+        return _engines[key]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from dataclasses import dataclass
 
 from llvmlite import ir
 
@@ -20,6 +21,25 @@ from .emit import I64, Function, new_module
 
 PEAK_SYMBOL = "rescompile_fma_peak"
 CYCLES_SYMBOL = "rescompile_cycles"
+
+
+@dataclass(frozen=True)
+class PeakLoop:
+    target: Target
+    dtype: str = "float32"
+    symbol = PEAK_SYMBOL
+
+    def ir(self) -> str:
+        return peak_ir(self.target, self.dtype)
+
+
+@dataclass(frozen=True)
+class CycleCounter:
+    target: Target
+    symbol = CYCLES_SYMBOL
+
+    def ir(self) -> str:
+        return cycles_ir()
 
 
 def peak_ir(target: Target, dtype: str = "float32") -> str:
@@ -47,7 +67,7 @@ def fma_peak_gflops(target: Target, threads: int, dtype: str = "float32",
                     seconds: float = 0.2, cache_dir=None) -> float:
     """GFLOP/s of the peak loop on `threads` threads at once (ctypes calls drop the GIL)."""
     fn = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p)(
-        jit.address(peak_ir(target, dtype), PEAK_SYMBOL, target, cache_dir))
+        jit.address(PeakLoop(target, dtype), cache_dir))
     sink = (ctypes.c_int64 * threads)()
     flops_per_iteration = 2 * target.lanes(dtype) * (target.registers - 2)
     iterations = 1 << 20
@@ -79,8 +99,7 @@ def cycles_ir() -> str:
 
 def cycles_per_second(target: Target, cache_dir=None) -> float:
     """The rate of the cycle counter the driver's profile reads (the TSC on x86)."""
-    read = ctypes.CFUNCTYPE(ctypes.c_int64)(jit.address(cycles_ir(), CYCLES_SYMBOL, target,
-                                                        cache_dir))
+    read = ctypes.CFUNCTYPE(ctypes.c_int64)(jit.address(CycleCounter(target), cache_dir))
     t0, c0 = time.perf_counter(), read()
     time.sleep(0.05)
     return (read() - c0) / (time.perf_counter() - t0)

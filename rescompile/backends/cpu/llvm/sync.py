@@ -15,13 +15,25 @@ machine a waiting thread gives its core away instead of spinning for its whole t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from llvmlite import ir
 
+from ..target import Target
 from .emit import I32, I64, VOID, new_module
 
 SYMBOL = "rescompile_barrier"
 STATE_WORDS = 16  # arrived at word 0, generation at word 8: one cache line each
 SPINS_BEFORE_YIELD = 2000
+
+
+@dataclass(frozen=True)
+class Barrier:
+    target: Target
+    symbol = SYMBOL
+
+    def ir(self) -> str:
+        return barrier_ir()
 
 
 def barrier_ir() -> str:
