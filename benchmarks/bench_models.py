@@ -17,7 +17,7 @@ freezing in inference), ONNX Runtime (all graph optimisations, inference only), 
 timed calls per implementation in each of `--rounds` interleaved rounds; median, min and max
 over all timed calls. GFLOP/s and "% of peak" use the model's FLOPs and the FMA peak measured
 by the kernel library's own loop on 2 threads in the same run. `--compile` also times compiling
-ResNet-164 (infer and train) and ResNet-50 (infer) in fresh processes, from `rescompile.compile`
+each model and mode of the cases in fresh processes, from `rescompile.compile`
 to the end of the first call at batch 2 (Numba's import included): cold (empty kernel and
 Numba caches) and warm (the same caches again).
 """
@@ -98,8 +98,9 @@ def run_case(name, reps, rounds, want_peers, peak):
                            if k != "rescompile"}}, exe
 
 
-def compile_times() -> dict:
-    """Fresh processes, the first call included: empty caches, then the same again."""
+def compile_times(cases) -> dict:
+    """Fresh processes, the first call included: empty caches, then the same again, for each
+    model and mode among `cases`."""
     script = ("import sys, time, numpy as np; sys.path.insert(0, {root!r}); "
               "import rescompile; t = time.perf_counter();"
               "s = rescompile.load_spec({preset!r});"
@@ -108,8 +109,7 @@ def compile_times() -> dict:
               "e.forward(x) if {mode!r} == 'infer' else e.train_step(x, [0, 1]);"
               "print(time.perf_counter() - t)")
     out = {}
-    for preset, mode in (("resnet164_cifar.toml", "infer"), ("resnet50_imagenet.toml", "infer"),
-                         ("resnet164_cifar.toml", "train")):
+    for preset, mode in dict.fromkeys(CASES[c][:2] for c in cases):
         with tempfile.TemporaryDirectory() as cache:
             for label in ("cold", "warm"):
                 code = script.format(root=str(ROOT), preset=str(PRESETS / preset), mode=mode,
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
             result["profile"] = profile(exe, name)
     out = {"environment": env, "results": results}
     if args.compile:
-        out["compile"] = compile_times()
+        out["compile"] = compile_times(args.cases)
         for k, v in out["compile"].items():
             print(f"compile {k}: {v['compile_and_first_call_s']:.1f} s")
     out["loadavg_end"] = os.getloadavg()

@@ -67,9 +67,10 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("panels_outer", [0, 1], ids=["tiles-outer", "panels-outer"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"k{c[5]}s{c[6]}c{c[4]}")
-def test_conv_kernel_matches_numpy(case, dtype, cache_dir):
+def test_conv_kernel_matches_numpy(case, dtype, panels_outer, cache_dir):
     n, h, w, cin, cout, k, stride, pads, steps, out2 = case
     kernel = ConvKernel(dtype, host_target(), steps, out2)
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
@@ -86,8 +87,8 @@ def test_conv_kernel_matches_numpy(case, dtype, cache_dir):
     out = np.full(y.shape, np.nan, dtype)
     out2_array = np.full(y.shape, np.nan, dtype)
     fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=y.shape[1], ow=y.shape[2],
-                  **strides("x", xp), **strides("out", out), **strides("out2", out2_array),
-                  **scalars)
+                  panels_outer=panels_outer, **strides("x", xp), **strides("out", out),
+                  **strides("out2", out2_array), **scalars)
     for name, array in operands.items():
         if array.ndim == 4:
             fields.update(strides(name, array))
@@ -111,8 +112,8 @@ def test_conv_kernel_covers_exactly_its_pixel_and_channel_range(cache_dir):
     pads = (1, 1, 1, 1)
     expected = conv_reference(x, weights, 1, pads) + bias
     out = np.full(expected.shape, np.nan, np.float32)
-    fields = dict(cin=6, kh=3, kw=3, stride=1, oh=5, ow=4, **strides("x", padded(x, pads)),
-                  **strides("out", out))
+    fields = dict(cin=6, kh=3, kw=3, stride=1, oh=5, ow=4, panels_outer=1,
+                  **strides("x", padded(x, pads)), **strides("out", out))
     pointers = {"x": padded(x, pads), "w": pack_weights(weights, kernel.nr), "out": out,
                 "s0.arg0": bias}
     p0, p1, c0, c1 = 7, 43, kernel.nr, 37
@@ -134,7 +135,7 @@ def test_conv_kernel_writes_the_interior_of_a_bordered_buffer(cache_dir):
         x, weights, 1, (0,) * 4))
     out = np.zeros((2, 8, 9, 5))  # borders: 1 row above and below, 1 left, 2 right
     interior = out[:, 1:7, 1:7, :]
-    fields = dict(cin=4, kh=1, kw=1, stride=1, oh=6, ow=6, **strides("x", x),
+    fields = dict(cin=4, kh=1, kw=1, stride=1, oh=6, ow=6, panels_outer=0, **strides("x", x),
                   **strides("out", out), **{"s0.alpha": 0.25})
     pointers = {"x": x, "w": pack_weights(weights, kernel.nr),
                 "out": out.reshape(-1)[9 * 5 + 5:]}  # the interior's first element
@@ -158,7 +159,7 @@ def test_every_runnable_instruction_set(target, cache_dir):
     expected2 = epilogue_reference(("affine", "relu"), 1, expected, operands, scalars)
     xp = padded(x, (1, 1, 1, 1))
     out, out2 = np.empty(y.shape, np.float32), np.empty(y.shape, np.float32)
-    fields = dict(cin=9, kh=3, kw=3, stride=1, oh=5, ow=7, **strides("x", xp),
+    fields = dict(cin=9, kh=3, kw=3, stride=1, oh=5, ow=7, panels_outer=0, **strides("x", xp),
                   **strides("out", out), **strides("out2", out2), **strides("s0.arg0", out),
                   **scalars)
     call(kernel, fields, dict(x=xp, w=pack_weights(weights, kernel.nr), out=out, out2=out2,

@@ -86,6 +86,11 @@ def _split(weight_bytes: int, input_bytes: int) -> str:
     return "channels" if weight_bytes > input_bytes else "pixels"
 
 
+# Weights up to this size stay in a core's L2 while every tile passes them (tiles outer); larger
+# ones are run panel by panel, so each panel comes from memory once, not once per tile.
+WEIGHTS_IN_CACHE_BYTES = 512 * 1024
+
+
 def conv_step(node, graph, target: Target, dtype: str, x: str, w_shape, epi, out2,
               outputs, stride: int, padding: str) -> Step:
     h, w, cin = image_shape(graph, x)
@@ -100,15 +105,17 @@ def conv_step(node, graph, target: Target, dtype: str, x: str, w_shape, epi, out
     if out2 is not None:
         uses["out2"] = Use(outputs[1])
         tensors["out2"] = outputs[1]
-    fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=oh, ow=ow)
+    weight_bytes = k * k * cin * cout * DTYPE_BYTES[dtype]
+    split = _split(weight_bytes, h * w * cin * DTYPE_BYTES[dtype])
+    fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=oh, ow=ow,
+                  panels_outer=int(weight_bytes > WEIGHTS_IN_CACHE_BYTES))
     for steps, first in ((epi, 0), (out2 or [], len(epi))):
         more_uses, more_tensors, more_fields = _epilogue_uses(node, steps, first)
         uses.update(more_uses)
         tensors.update(more_tensors)
         fields.update(more_fields)
-    size = DTYPE_BYTES[dtype]
     return Step(node.name, node.op, kernel, uses, tensors, fields, oh * ow, cout, kernel.mr,
-                kernel.nr, _split(k * k * cin * cout * size, h * w * cin * size),
+                kernel.nr, split,
                 2.0 * oh * ow * cout * k * k * cin, {x: (top, bottom, left, right)})
 
 

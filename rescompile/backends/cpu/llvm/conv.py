@@ -48,7 +48,7 @@ from .emit import Function, new_module
 from .pixels import (CALL_PARAMS, TRUE, PixelWalk, load_arguments, load_vector, next_pixel,
                      offset, store_vector, stride_fields)
 
-GEOMETRY = ("cin", "kh", "kw", "stride", "oh", "ow", "x.image", "x.row")
+GEOMETRY = ("cin", "kh", "kw", "stride", "oh", "ow", "x.image", "x.row", "panels_outer")
 
 
 def default_tile(target: Target, dtype: str) -> tuple[int, int]:
@@ -151,15 +151,34 @@ class _Emitter:
 
     # -- the tile loop --------------------------------------------------------------------
     def tiles(self) -> None:
+        """Tiles outer: a tile's input stays in L1 while every panel of weights passes. With
+        `panels_outer` set, panels outer: a panel stays in cache while every tile passes (the
+        layers whose weights outweigh their pixels, whose weights would otherwise stream from
+        memory once per tile)."""
         f, b, k, v = self.f, self.b, self.k, self.v
         self.walk = PixelWalk(f, v["oh"], v["ow"])
-        with f.loop(f.args["p_begin"], f.args["p_end"], k.mr, "p") as p:
-            b.comment(f"tile of {k.mr} pixels from p")
-            rows = b.sub(f.args["p_end"], p, name="rows_left")
-            self.row_pointers(rows)
-            with f.loop(f.args["c_begin"], f.args["c_end"], k.nr, "c") as c:
-                acc = self.accumulate(c)
-                self.store_tile(acc, c, rows)
+        p_begin, p_end = f.args["p_begin"], f.args["p_end"]
+        c_begin, c_end = f.args["c_begin"], f.args["c_end"]
+        by_panel = b.icmp_signed("!=", v["panels_outer"], f.i64(0))
+        with b.if_else(by_panel) as (panels_first, tiles_first):
+            with panels_first:
+                with f.loop(c_begin, c_end, k.nr, "c") as c:
+                    self.walk.restart()
+                    with f.loop(p_begin, p_end, k.mr, "p") as p:
+                        rows = self.tile_rows(p)
+                        self.store_tile(self.accumulate(c), c, rows)
+            with tiles_first:
+                with f.loop(p_begin, p_end, k.mr, "p") as p:
+                    rows = self.tile_rows(p)
+                    with f.loop(c_begin, c_end, k.nr, "c") as c:
+                        self.store_tile(self.accumulate(c), c, rows)
+
+    def tile_rows(self, p):
+        """Rows left from p (at most MR are used) and the tile's row pointers."""
+        self.b.comment(f"tile of {self.k.mr} pixels from p")
+        rows = self.b.sub(self.f.args["p_end"], p, name="rows_left")
+        self.row_pointers(rows)
+        return rows
 
     def row_pointers(self, rows) -> None:
         """Per row m of the tile: the input window origin and each pixel tensor's offset.

@@ -58,13 +58,17 @@ class PixelWalk:
     """Slots holding (n, oh, ow) of the current pixel, starting at p_begin."""
 
     def __init__(self, f: Function, grid_h, grid_w):
-        b = f.b
         self.f, self.grid_h, self.grid_w = f, grid_h, grid_w
-        per_image = b.mul(grid_h, grid_w, name="pixels_per_image")
-        rest = b.urem(f.args["p_begin"], per_image)
-        self.slots = [f.slot(I64, "at_n", b.udiv(f.args["p_begin"], per_image)),
-                      f.slot(I64, "at_oh", b.udiv(rest, grid_w)),
-                      f.slot(I64, "at_ow", b.urem(rest, grid_w))]
+        self.slots = [f.slot(I64, name) for name in ("at_n", "at_oh", "at_ow")]
+        self.restart()
+
+    def restart(self) -> None:
+        """Back to p_begin."""
+        b = self.f.b
+        per_image = b.mul(self.grid_h, self.grid_w, name="pixels_per_image")
+        rest = b.urem(self.f.args["p_begin"], per_image)
+        self.move_to(b.udiv(self.f.args["p_begin"], per_image), b.udiv(rest, self.grid_w),
+                     b.urem(rest, self.grid_w))
 
     def position(self):
         return [self.f.get(s) for s in self.slots]
