@@ -62,6 +62,8 @@ def epilogue_reference(steps, first, value, operands, scalars):
             value = np.where(value < 0, alpha * value, value)
         elif op == "add":
             value = value + arg(0)
+        elif op == "relu_grad":
+            value = np.where(arg(0) < 0, scalars[f"s{index}.alpha"] * value, value)
         elif op == "batch_normalize":
             inv = arg(0) / np.sqrt(arg(3) + scalars[f"s{index}.epsilon"])
             value = value * inv + (arg(1) - arg(2) * inv)

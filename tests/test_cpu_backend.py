@@ -9,8 +9,8 @@ import pytest
 
 import rescompile as rc
 from rescompile.artifact import save_artifact
-from rescompile.backends.cpu.source import literal
-from rescompile.backends.cpu.templates import lower_node
+from rescompile.backends.cpu.lower import lower_node
+from rescompile.backends.cpu.target import host_target
 from rescompile.build import build
 from rescompile.cli import main
 from conftest import random_bn_state, rel_err, tiny_spec
@@ -78,18 +78,19 @@ def test_hostile_spec_names_and_values_are_rejected():
             tiny_spec(relu_leakiness=bad)
 
 
-def test_generated_source_holds_no_user_text():
-    """Node names and attribute values never reach kernel source as code: names are hashes,
-    values are rendered as numeric literals or refused."""
+def test_generated_code_holds_no_user_text():
+    """A kernel's IR is made from its signature alone (dtype, target, epilogue step names):
+    node names never reach it, and attribute values are run-time numbers, refused unless they
+    are numbers."""
     graph = build(tiny_spec(), "infer", "float32").graph
     node = next(n for n in graph.nodes if n.op == "relu")
     hostile = node.replace(name='evil"); __import__("os").system("true") #')
-    source = "".join(c.kernel.source for c in lower_node(hostile, graph, "float32").calls)
-    assert "evil" not in source and "__import__" not in source
+    (step,) = lower_node(hostile, graph, host_target(), "float32")
+    assert "evil" not in step.kernel.ir() and "__import__" not in step.kernel.ir()
+    assert step.fields["s0.alpha"] == node.attrs["alpha"]
     with pytest.raises(ValueError):
-        lower_node(node.replace(attrs={"alpha": "0.1); import os #"}), graph, "float32")
-    with pytest.raises(ValueError, match="non-finite"):
-        literal(float("nan"), "float32")
+        lower_node(node.replace(attrs={"alpha": "0.1); import os #"}), graph, host_target(),
+                   "float32")
 
 
 def test_check_finite_names_the_first_bad_kernel(images):
@@ -102,12 +103,13 @@ def test_check_finite_names_the_first_bad_kernel(images):
 
 
 def test_cache_info_and_clear(tmp_path, capsys):
-    (tmp_path / "rk_abc.py").write_text("x = 1\n")
+    (tmp_path / "objects").mkdir()
+    (tmp_path / "objects" / "abc.o").write_bytes(b"object")
     (tmp_path / "keep.txt").write_text("not ours\n")
     assert main(["cache", "info", "--dir", str(tmp_path)]) == 0
-    assert "1 generated modules" in capsys.readouterr().out
+    assert "1 CPU micro-kernels" in capsys.readouterr().out
     assert main(["cache", "clear", "--dir", str(tmp_path)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["keep.txt"]
 
 
 def test_dump_kernels_prints_generated_source(capsys):

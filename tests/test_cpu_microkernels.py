@@ -20,7 +20,10 @@ import pytest
 from rescompile import ops
 from rescompile.backends.cpu.llvm import jit
 from rescompile.backends.cpu.llvm.conv import ConvKernel
-from rescompile.backends.cpu.llvm.pixelwise import EltwiseKernel, MaxPoolKernel, MeanKernel
+from rescompile.backends.cpu.llvm.pixelwise import (EltwiseKernel, MaxPoolGradKernel,
+                                                    MaxPoolKernel, MeanGradKernel, MeanKernel)
+from rescompile.backends.cpu.llvm.reduce import BatchNormGradApply, ChannelSums, SlotSum
+from rescompile.backends.cpu.llvm.wgrad import WgradKernel
 from rescompile.backends.cpu.program import pack_weights
 from rescompile.backends.cpu.target import ISAS, generic_target, host_target
 from rescompile.padding import pads_2d
@@ -41,15 +44,16 @@ def _operands(rng, steps, first, shape, dtype):
     """Random operands and scalars for epilogue steps numbered from `first`."""
     operands, scalars = {}, {}
     for index, op in enumerate(steps, start=first):
-        count = {"bias_add": 1, "affine": 2, "add": 1, "batch_normalize": 4}.get(op, 0)
+        count = {"bias_add": 1, "affine": 2, "add": 1, "batch_normalize": 4,
+                 "relu_grad": 1}.get(op, 0)
         for j in range(count):
-            if op == "add":
+            if op in ("add", "relu_grad"):
                 operands[f"s{index}.arg{j}"] = rng.standard_normal(shape).astype(dtype)
             elif op == "batch_normalize" and j == 3:
                 operands[f"s{index}.arg{j}"] = rng.uniform(0.5, 2.0, shape[-1]).astype(dtype)
             else:
                 operands[f"s{index}.arg{j}"] = rng.standard_normal(shape[-1]).astype(dtype)
-        if op == "relu":
+        if op in ("relu", "relu_grad"):
             scalars[f"s{index}.alpha"] = 0.1
         if op == "batch_normalize":
             scalars[f"s{index}.epsilon"] = 1e-3
@@ -186,6 +190,7 @@ def test_tile_fills_the_register_file():
 
 ELTWISE_CASES = [
     (("affine", "relu"), ("add",)),
+    (("relu_grad", "add"), None),
     (("batch_normalize",), None),
     (("bias_add", "add", "relu"), ("affine", "relu")),
 ]
@@ -278,3 +283,157 @@ def test_object_cache_is_keyed_by_cpu_and_rebuilds_a_corrupt_entry(tmp_path):
     assert entry.name == f"{key}.o"
     entry.write_bytes(entry.read_bytes()[:100])  # torn
     assert run() == "True" and len(entry.read_bytes()) > 100  # rebuilt, not loaded
+
+
+# --- training kernels ------------------------------------------------------------------------
+
+def _chunked(kernel, fields, pointers, pixels, channels, chunk, cache_dir):
+    """One call per fixed chunk of pixels, as the driver makes them for a reduction."""
+    for start in range(0, pixels, chunk):
+        call(kernel, fields, pointers, (start, min(pixels, start + chunk)), channels, cache_dir)
+
+
+def _combine(dtype, partial, slots, width, rows, mode, images, pixels, cache_dir):
+    kernel = SlotSum(dtype, host_target(), rows, mode)
+    outs = [np.empty(width, dtype) for _ in range(rows)]
+    fields = dict(slots=slots, width=width, images=images, pixels=pixels)
+    call(kernel, fields, {"partial": partial, **{f"out{r}": o for r, o in enumerate(outs)}},
+         (0, 1), (0, width), cache_dir)
+    return outs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_conv_statistics_over_fixed_chunks(dtype, cache_dir):
+    """The conv's output statistics, chunk by chunk into float64 slots, then combined: the
+    mean and biased variance of batch_moments."""
+    kernel = ConvKernel(dtype, host_target(), ("add",), sums="moments")
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((3, 6, 7, 5)).astype(dtype)
+    weights = rng.standard_normal((3, 3, 5, 20)).astype(dtype)
+    residual = (rng.standard_normal((3, 6, 7, 20)) + 2.0).astype(dtype)
+    y = conv_reference(x, weights, 1, (1, 1, 1, 1)) + residual
+    out = np.empty(y.shape, dtype)
+    chunk, pixels = 50, 3 * 42
+    slots = -(-pixels // chunk)
+    partial = np.full(slots * 2 * 20, np.nan)
+    xp = padded(x, (1, 1, 1, 1))
+    fields = dict(cin=5, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0, **strides("x", xp),
+                  **strides("out", out), **strides("s0.arg0", residual),
+                  **{"sums.chunk": chunk, "sums.width": 20})
+    _chunked(kernel, fields, {"x": xp, "w": pack_weights(weights, kernel.nr), "out": out,
+                              "s0.arg0": residual, "sums": partial}, pixels, (0, 20), chunk,
+             cache_dir)
+    assert close(out, y) < TOL[dtype]
+    mean, var = _combine(dtype, partial, slots, 20, 2, "moments", 3, 42, cache_dir)
+    ref_mean, ref_var = ops.get("batch_moments").run_reference({}, y)
+    assert close(mean, ref_mean) < TOL[dtype] and close(var, ref_var) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_batch_norm_gradient_kernels(relu, dtype, cache_dir):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 5, 6, 11)).astype(dtype)
+    dr = rng.standard_normal(x.shape).astype(dtype)
+    gamma, beta = rng.uniform(0.5, 1.5, 11).astype(dtype), rng.normal(0, 0.3, 11).astype(dtype)
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    attrs = {"epsilon": 1e-3, "alpha": 0.1}
+    if relu:
+        ref = ops.get("batch_norm_relu_grad").run_reference(attrs, dr, x, gamma, beta, mean, var)
+    else:
+        ref = ops.get("batch_norm_grad").run_reference(attrs, dr, x, gamma, mean, var)
+    kind = "bn_relu_grad" if relu else "bn_grad"
+    pointers = {"dr": dr, "x": x, "gamma": gamma, "beta": beta, "mean": mean, "var": var}
+    fields = dict(oh=5, ow=6, epsilon=1e-3, alpha=0.1, chunk=16, width=11,
+                  **strides("dr", dr), **strides("x", x))
+    partial = np.full(4 * 2 * 11, np.nan)
+    _chunked(ChannelSums(dtype, host_target(), kind), fields, dict(pointers, partial=partial),
+             60, (0, 11), 16, cache_dir)
+    dbeta, dgamma = _combine(dtype, partial, 4, 11, 2, "sums", 2, 30, cache_dir)
+    assert close(dgamma, ref[1]) < TOL[dtype] and close(dbeta, ref[2]) < TOL[dtype]
+    dx = np.empty_like(x)
+    call(BatchNormGradApply(dtype, host_target(), relu), dict(fields, images=2,
+                                                               **strides("out", dx)),
+         dict(pointers, dgamma=dgamma, dbeta=dbeta, out=dx), (0, 60), (0, 11), cache_dir)
+    assert close(dx, ref[0]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_moments_kernel(dtype, cache_dir):
+    x = (np.random.default_rng(12).standard_normal((3, 4, 5, 9)) * 2 + 5).astype(dtype)
+    partial = np.full(3 * 2 * 9, np.nan)
+    fields = dict(oh=4, ow=5, chunk=25, width=9, **strides("x", x))
+    _chunked(ChannelSums(dtype, host_target(), "moments"), fields, {"x": x, "partial": partial},
+             60, (0, 9), 25, cache_dir)
+    mean, var = _combine(dtype, partial, 3, 9, 2, "moments", 3, 20, cache_dir)
+    ref_mean, ref_var = ops.get("batch_moments").run_reference({}, x)
+    assert close(mean, ref_mean) < TOL[dtype] and close(var, ref_var) < 10 * TOL[dtype]
+
+
+WGRAD_CASES = [
+    # (n, h, w, cin, cout, k, stride, pads)
+    (2, 7, 6, 5, 20, 3, 1, (1, 1, 1, 1)),
+    (3, 8, 8, 6, 10, 3, 2, (0, 1, 0, 1)),
+    (2, 9, 9, 17, 33, 1, 1, (0, 0, 0, 0)),
+    (1, 10, 11, 3, 8, 7, 2, (2, 3, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=lambda c: f"k{c[5]}s{c[6]}c{c[4]}")
+def test_weight_gradient_kernel(case, dtype, cache_dir):
+    """Chunks of pixels into float64 slots, each chunk's channels in two calls, combined."""
+    n, h, w, cin, cout, k, stride, pads = case
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    x = rng.standard_normal((n, h, w, cin)).astype(dtype)
+    xp = padded(x, pads)
+    oh, ow = (xp.shape[1] - k) // stride + 1, (xp.shape[2] - k) // stride + 1
+    dy = rng.standard_normal((n, oh, ow, cout)).astype(dtype)
+    expected = np.zeros((k, k, cin, cout))
+    for i in range(k):
+        for j in range(k):
+            taps = xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+            expected[i, j] = np.einsum("nhwc,nhwo->co", taps.astype(np.float64), dy)
+    kernel = WgradKernel(dtype, host_target())
+    pixels, chunk = n * oh * ow, 23
+    slots = -(-pixels // chunk)
+    depth = k * k * cin
+    partial = np.full(slots * depth * cout, np.nan)
+    fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=oh, ow=ow, chunk=chunk, width=cout,
+                  **strides("x", xp), **strides("dy", dy))
+    split = kernel.nr if cout > kernel.nr else cout
+    for start in range(0, pixels, chunk):
+        for channels in ((0, split), (split, cout)):
+            if channels[0] < channels[1]:
+                call(kernel, fields, {"x": xp, "dy": dy, "partial": partial},
+                     (start, min(pixels, start + chunk)), channels, cache_dir)
+    (dw,) = _combine(dtype, partial, slots, depth * cout, 1, "sums", 1, 1, cache_dir)
+    assert close(dw.reshape(expected.shape), expected) < TOL[dtype]
+
+
+def test_mean_gradient_kernel(cache_dir):
+    dy = np.random.default_rng(13).standard_normal((3, 10)).astype(np.float32)
+    (expected,) = ops.get("global_avg_pool_grad").run_reference({"in_hw": (4, 5)}, dy)
+    out = np.empty((3, 4, 5, 10), np.float32)
+    call(MeanGradKernel("float32", host_target()),
+         dict(oh=4, ow=5, **{"dy.image": 10}, **strides("out", out)), {"dy": dy, "out": out},
+         (0, 60), (0, 10), cache_dir)
+    np.testing.assert_allclose(out, expected, rtol=1e-7)
+
+
+@pytest.mark.parametrize("padding", ["same", "symmetric"])
+def test_max_pool_gradient_kernel(padding, cache_dir):
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, 9, 8, 11))
+    x[0, 2, 2, :4] = x[0, 2, 3, :4]  # ties: the first maximum takes the gradient
+    attrs = {"k": 3, "stride": 2, "padding": padding}
+    (y,) = ops.get("max_pool").run_reference(attrs, x)
+    dy = rng.standard_normal(y.shape)
+    (expected,) = ops.get("max_pool_grad").run_reference(attrs, dy, x)
+    top, _, left, _ = pads_2d(9, 8, 3, 2, padding)
+    out = np.full(x.shape, np.nan)
+    fields = dict(k=3, stride=2, pad_top=top, pad_left=left, h=9, w=8, oh=y.shape[1],
+                  ow=y.shape[2], **strides("dy", dy), **strides("x", x), **strides("out", out))
+    call(MaxPoolGradKernel("float64", host_target()), fields, {"dy": dy, "x": x, "out": out},
+         (0, 144), (0, 11), cache_dir)
+    assert close(out, expected) < 1e-12

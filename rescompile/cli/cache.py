@@ -1,13 +1,14 @@
 """`rescompile cache info|clear`: the on-disk cache of generated kernels.
 
-Only what rescompile writes is counted or removed: generated modules (`rk_*.py`, `cuda/k_*.py`)
-and Numba's compiled code beside them in `__pycache__`."""
+Only what rescompile writes is counted or removed: the CPU micro-kernels' object code
+(`objects/*.o`), the CUDA backend's generated modules (`cuda/k_*.py`) and Numba's compiled code
+beside them in `cuda/__pycache__`."""
 
 from pathlib import Path
 
 from ..fileio import cache_root
 
-PATTERNS = ("rk_*.py", "cuda/k_*.py", "__pycache__/*", "cuda/__pycache__/*")
+PATTERNS = ("objects/*.o", "cuda/k_*.py", "cuda/__pycache__/*")
 
 
 def register(sub) -> None:
@@ -26,10 +27,11 @@ def run(args) -> int:
     directory = cache_root(args.dir)
     files = cache_files(directory)
     if args.action == "info":
+        objects = [p for p in files if p.suffix == ".o"]
         modules = [p for p in files if p.suffix == ".py"]
         size = sum(p.stat().st_size for p in files)
         print(f"cache     {directory}")
-        print(f"kernels   {len(modules)} generated modules")
+        print(f"kernels   {len(objects)} CPU micro-kernels, {len(modules)} CUDA modules")
         print(f"files     {len(files)} ({size / 1e6:.1f} MB, compiled code included)")
         return 0
     for path in files:

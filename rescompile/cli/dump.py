@@ -100,11 +100,11 @@ def footer(lowered) -> str:
 
 
 def memory_report(lowered, batch: int) -> str:
-    """The graph's memory plan, and in inference the buffers the CPU backend allocates."""
-    text = memory_plan(lowered, batch).summary()
-    if lowered.mode == "infer":
-        text += cpu_program(lowered).arena(batch).summary()
-    return text
+    """The graph's memory plan, and the buffers the CPU backend allocates for it."""
+    program = cpu_program(lowered)
+    entry = "train_step" if lowered.mode == "train" else "forward"
+    return (memory_plan(lowered, batch).summary()
+            + program.arena(program.plans[entry].schedule, batch).summary())
 
 
 def memory_plan(lowered, batch: int):

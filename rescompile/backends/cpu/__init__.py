@@ -1,5 +1,5 @@
-"""The CPU backend: inference on micro-kernels written in LLVM IR, driven by one Numba
-function (`program.py`); training on generated Numba kernels (`train_program.py`)."""
+"""The CPU backend: micro-kernels written in LLVM IR (`llvm/`), scheduled (`schedule.py`)
+and run by one Numba function (`driver.py`), for inference and training alike."""
 
 import numba
 
@@ -10,12 +10,8 @@ from .program import CpuProgram  # noqa: E402
 
 
 def compile_program(graph, entries, dtype: str, cache_dir=None, check_finite: bool = False,
-                    isa: str | None = None, **_options):
+                    isa: str | None = None, progress: bool = False, **_options) -> CpuProgram:
     """`isa` ("avx512", "avx2", "portable") overrides the host's instruction set for the
-    micro-kernels (it must run here)."""
-    if "prepare" in entries:
-        return CpuProgram(graph, entries, dtype, cache_dir=cache_dir, check_finite=check_finite,
-                          isa=isa)
-    # Imported here: the training kernels bring SciPy's BLAS, which inference never needs.
-    from .train_program import TrainProgram
-    return TrainProgram(graph, entries, dtype, cache_dir=cache_dir, check_finite=check_finite)
+    micro-kernels (it must run here); `progress` prints what is being compiled."""
+    return CpuProgram(graph, entries, dtype, cache_dir=cache_dir, check_finite=check_finite,
+                      isa=isa, progress=progress)

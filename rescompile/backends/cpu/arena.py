@@ -5,13 +5,17 @@ Where values live (what `rescompile dump --memory` reports):
   every image of the batch;
 - per-thread buffers: every other value the depth-first segments compute, for the images of
   one call (a segment's `images`), one region per thread;
-- shared buffers: every value but the fetched ones, for the images that run shared;
-- fed values and variables: the caller's arrays, rebound when a different array comes in;
+- shared buffers: every value but the depth-first schedule's fetched ones, for the images that
+  run shared (in training: the whole batch), with the float64 slot buffers of reductions and
+  the tensors of no batch dimension (weight gradients, batch statistics);
+- fed values, variables and host steps' outputs: their own arrays, rebound when a different
+  array comes in;
 - packed weights: the program's, repacked when a weight array changes.
 
 Per-thread and shared regions reuse memory by liveness (`passes.memory.assign_buffers`), a
-zero-bordered value only with values of the same bordered layout, so borders, zeroed when the
-region is allocated, stay zero: kernels write only interiors.
+zero-bordered or dilated value only with values of the same layout, so the zeros, made when the
+region is allocated, stay zero: kernels write only interiors (and a dilated buffer only its
+samples).
 
 Every tensor has the same layout wherever it lives: images of (H + top + bottom) rows of
 (W + left + right) pixels of C channels, so the strides in a step's constants do not depend on
@@ -20,6 +24,7 @@ the placement, and the depth-first and shared tables share their constants.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -27,6 +32,7 @@ import numpy as np
 
 from ...passes.memory import assign_buffers, lifetimes
 from . import driver
+from .lower import Step
 from .target import DTYPE_BYTES
 
 ALIGN = 64  # bytes: every buffer starts on a cache line (the packed weights need 32)
@@ -80,8 +86,11 @@ class Region:
     nbytes: int
 
 
-def plan_region(steps, sizes: dict[str, int], kinds: dict) -> Region:
+def plan_region(steps, sizes: dict[str, int], kinds: dict, keep=None) -> Region:
     lifetime = lifetimes(steps, set())
+    for value, last in (keep or {}).items():
+        if value in lifetime:
+            lifetime[value] = (lifetime[value][0], max(lifetime[value][1], last))
     lifetime = {v: span for v, span in lifetime.items() if v in sizes}
     assign, buffers = assign_buffers(sizes, lifetime, kinds)
     starts, total = [], 0
@@ -92,13 +101,13 @@ def plan_region(steps, sizes: dict[str, int], kinds: dict) -> Region:
 
 
 class Arena:
-    """`shared_only` runs every image shared, every value in a shared buffer that outlives its
-    step (for checking each step's outputs)."""
+    """`shared_only` runs every image shared (training; and for checking each step's outputs
+    before the next step overwrites them)."""
 
-    def __init__(self, program, batch: int, threads: int, shared_only: bool = False):
-        self.program, self.batch, self.threads = program, batch, threads
-        schedule, itemsize = program.schedule, DTYPE_BYTES[program.dtype]
-        self.itemsize = itemsize
+    def __init__(self, program, schedule, batch: int, threads: int, shared_only: bool = False):
+        self.program, self.schedule = program, schedule
+        self.batch, self.threads = batch, threads
+        itemsize = self.itemsize = DTYPE_BYTES[program.dtype]
         self.n_shared = batch if shared_only else batch % threads
         self.n_items = batch - self.n_shared
         self.layouts = {v: Layout(*shape, schedule.pads.get(v, (0, 0, 0, 0)))
@@ -106,7 +115,9 @@ class Arena:
         self.image_bytes = {v: lay.image * itemsize for v, lay in self.layouts.items()}
         internal = schedule.internal
         self.internal = set(internal)
-        kinds = {v: self.layouts[v] if any(self.layouts[v].pads) else None for v in internal}
+        kinds = {v: (self.layouts[v], v in schedule.dilated)
+                 if v in self.layouts and (any(self.layouts[v].pads) or v in schedule.dilated)
+                 else None for v in internal}
         self.batch_buffers = {v: aligned_empty(self.image_bytes[v] * batch)
                               for v in internal if v in schedule.batch_values}
         per_call = {}
@@ -117,39 +128,45 @@ class Arena:
                         per_call[v] = self.image_bytes[v] * seg.images
         self.thread_region = plan_region(schedule.steps, per_call, kinds)
         self.thread_memory = aligned_empty(self.thread_region.nbytes * threads)
-        shared = {v: self.image_bytes[v] * self.n_shared for v in internal
-                  if v not in schedule.fetches}
-        self.shared_region = plan_region(schedule.steps, shared, kinds) if self.n_shared \
-            else Region({}, 0)
+        shared = {v: self.shared_bytes(v) for v in internal
+                  if not (v in schedule.fetches and v in self.batch_buffers)}
+        self.shared_region = plan_region(schedule.steps, shared, kinds, schedule.keep) \
+            if self.n_shared else Region({}, 0)
         self.shared_memory = aligned_empty(self.shared_region.nbytes)
         self._tables()
 
+    def shared_bytes(self, value: str) -> int:
+        schedule = self.schedule
+        if value in schedule.slots:
+            return schedule.slots[value].count(self.n_shared) * schedule.slots[value].slot_bytes
+        if value in schedule.flat:
+            return schedule.flat[value] * self.itemsize
+        return self.image_bytes[value] * self.n_shared
+
     # -- tables ---------------------------------------------------------------------------
     def _tables(self) -> None:
-        schedule = self.program.schedule
+        schedule = self.schedule
         n = len(schedule.steps)
         consts, offsets = [], []
         for step in schedule.steps:
             offsets.append(sum(len(c) for c in consts))
-            consts.append(self._consts(step))
+            consts.append(self._consts(step) if isinstance(step, Step)
+                          else np.zeros(0, np.int64))
         self.consts = np.concatenate(consts) if consts else np.zeros(0, np.int64)
         self.steps = np.zeros((2 * n, driver.STEP_COLUMNS), np.int64)
         rows, self.fed_rows = [], []
         for copy, placement in enumerate(("depth_first", "shared")):
             for i, step in enumerate(schedule.steps):
                 row = self.steps[copy * n + i]
-                row[driver.FN] = self.program.addresses[step.kernel]
                 row[driver.CONSTS] = offsets[i]
-                row[driver.OPS_BEGIN] = len(rows)
+                row[driver.OPS_BEGIN] = row[driver.OPS_END] = len(rows)
+                if not isinstance(step, Step):
+                    continue  # a host step: the program runs it, never the driver
+                row[driver.FN] = self.program.addresses[step.kernel]
                 for role in step.kernel.pointers:
                     rows.append(self._operand(step, role, placement, len(rows)))
                 row[driver.OPS_END] = len(rows)
-                row[driver.PIXELS], row[driver.CHANNELS] = step.pixels, step.channels
-                row[driver.PIXEL_ALIGN] = step.pixel_align
-                row[driver.CHANNEL_ALIGN] = step.channel_align
-                row[driver.SPLIT] = (driver.SPLIT_CHANNELS if step.split == "channels"
-                                     else driver.SPLIT_PIXELS)
-                row[driver.CHUNKS] = shared_chunks(step.flops * self.n_shared, self.threads)
+                self._shape_row(row, step)
         self.operands = np.array(rows, np.int64).reshape(-1, 3)
         self.segments = np.array([[s.begin, s.end, s.images] for s in schedule.segments],
                                  np.int64).reshape(-1, 3)
@@ -158,20 +175,31 @@ class Arena:
         for row, key, offset in self.fed_rows:
             rows_of.setdefault(key, []).append((row, offset))
         self.bound_keys = list(rows_of)
-        self.bound_names = [value for _, value, _ in self.bound_keys]
+        self.bound_names = [value for _, value, _, _ in self.bound_keys]
         self.bound_rows = list(rows_of.values())
         self.bound: list | None = None  # the arrays the operand rows point at now
         self.scratch = np.zeros((self.threads, driver.POINTER_BLOCK), np.int64)
         self.barrier_state = np.zeros(16, np.int64)
-        counters = len(self.program.schedule.segments) + n
+        counters = len(schedule.segments) + n
         self.counters = np.zeros(counters * driver.COUNTER_STRIDE, np.int64)
 
-    def _consts(self, step) -> np.ndarray:
-        values = dict(step.fields)
+    def _shape_row(self, row, step: Step) -> None:
+        row[driver.PIXELS], row[driver.CHANNELS] = step.pixels, step.channels
+        row[driver.PIXEL_ALIGN], row[driver.CHANNEL_ALIGN] = step.pixel_align, step.channel_align
+        row[driver.SPLIT] = {"pixels": driver.SPLIT_PIXELS, "channels": driver.SPLIT_CHANNELS,
+                             "both": driver.SPLIT_BOTH}[step.split]
+        row[driver.CHUNKS] = (step.groups if step.split == "both" else
+                              shared_chunks(step.flops * self.n_shared, self.threads))
+        row[driver.BATCHED] = int(step.batched)
+        row[driver.FIXED] = step.fixed_chunk
+
+    def _consts(self, step: Step) -> np.ndarray:
+        values = {name: value(self.n_shared) if callable(value) else value
+                  for name, value in step.fields.items()}
         for role, value in step.tensors.items():
-            layout = self.layouts[value]
-            values.update({f"{role}.image": layout.image, f"{role}.row": layout.row,
-                           f"{role}.pixel": layout.c})
+            layout, scale = self.layouts[value], step.stride_scale.get(role, 1)
+            values.update({f"{role}.image": layout.image, f"{role}.row": layout.row * scale,
+                           f"{role}.pixel": layout.c * scale})
         words = []
         for name in step.kernel.fields:
             value = values[name]
@@ -179,28 +207,30 @@ class Arena:
                          else int(value))
         return np.array(words, np.int64)
 
-    def _operand(self, step, role: str, placement: str, row: int) -> list[int]:
+    def _operand(self, step: Step, role: str, placement: str, row: int) -> list[int]:
         """[base, per thread, per image] of one pointer argument (bases of fed values and
         weights are bound at run time)."""
         use = step.uses[role]
         value = use.value
         if use.how == "packed":
-            self.fed_rows.append((row, ("packed", value, use.nr), 0))
+            self.fed_rows.append((row, ("packed", value, use.nr, use.transform), 0))
             return [0, 0, 0]
         layout = self.layouts.get(value)
         offset = 0
         if layout is not None:
             offset = (layout.window(*use.pads) if use.how == "window" else layout.data) \
                 * self.itemsize
-        schedule = self.program.schedule
+        schedule = self.schedule
         if value not in self.internal:
             per_image = self.image_bytes[value] if value in schedule.feeds else 0
-            self.fed_rows.append((row, ("value", value, 0), offset))
+            self.fed_rows.append((row, ("value", value, 0, ""), offset))
             return [0, 0, per_image]
         if value in self.batch_buffers and (placement == "depth_first"
                                             or value in schedule.fetches):
             return [self.batch_buffers[value].ctypes.data + offset, 0, self.image_bytes[value]]
         if placement == "depth_first":
+            if value not in self.thread_region.offsets:
+                return [0, 0, 0]  # a shared schedule: its depth-first rows never run
             base = self.thread_memory.ctypes.data + self.thread_region.offsets[value]
             return [base + offset, self.thread_region.nbytes, 0]
         if not self.n_shared:
@@ -210,15 +240,17 @@ class Arena:
 
     # -- running --------------------------------------------------------------------------
     def bind(self, arrays: dict) -> None:
-        """Point fed values, variables and packed weights at the current arrays: only rows
-        whose array is not the one bound last time (usually just the images') change."""
-        current = [arrays[value] for value in self.bound_names]
+        """Point fed values, variables, host outputs and packed weights at the current
+        arrays: only rows whose array is not the one bound last time change. A host step's
+        output not computed yet is bound by a later call, before the phase that reads it."""
+        current = [arrays.get(value) for value in self.bound_names]
         if self.bound is not None and all(map(operator.is_, current, self.bound)):
             return
         for k, array in enumerate(current):
-            if self.bound is None or array is not self.bound[k]:
-                kind, value, nr = self.bound_keys[k]
-                data = self.program.packed(value, nr, arrays) if kind == "packed" else array
+            if array is not None and (self.bound is None or array is not self.bound[k]):
+                kind, value, nr, transform = self.bound_keys[k]
+                data = (self.program.packed(value, nr, transform, arrays) if kind == "packed"
+                        else array)
                 for row, offset in self.bound_rows[k]:
                     self.operands[row, driver.BASE] = data.ctypes.data + offset
         self.bound = current
@@ -234,13 +266,18 @@ class Arena:
                            self.program.barrier, self.barrier_state, profile)
 
     def view(self, value: str) -> np.ndarray:
-        """The images of `value` in its batch or shared buffer, without their border."""
+        """The images of `value` in its batch or shared buffer, without their border (a
+        tensor of no batch dimension in its graph shape)."""
+        graph = self.program.graph
         if value in self.batch_buffers:
             raw, images = self.batch_buffers[value], self.batch
         else:
             start = self.shared_region.offsets[value]
             images = self.n_shared
-            raw = self.shared_memory[start:start + images * self.image_bytes[value]]
+            raw = self.shared_memory[start:start + self.shared_bytes(value)]
+        if value in self.schedule.flat:
+            shape = graph.value(value).shape
+            return raw.view(self.program.dtype)[:math.prod(shape)].reshape(shape)
         lay = self.layouts[value]
         top, bottom, left, right = lay.pads
         full = raw.view(self.program.dtype).reshape(images, lay.h + top + bottom,

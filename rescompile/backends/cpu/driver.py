@@ -5,8 +5,11 @@ Design note
 A program is tables of int64 (`schedule.py` builds them, `arena.py` fills in addresses):
 
     steps[s]     = fn, consts, first operand, end operand, pixels per image, channels,
-                   pixel alignment, channel alignment, split (0 pixels, 1 channels),
-                   chunks (how many pieces the shared schedule cuts it into)
+                   pixel alignment, channel alignment, split (0 pixels, 1 channels,
+                   2 both), chunks (how many pieces the shared schedule cuts it into; for
+                   "both", channel groups per chunk of pixels), batched (0: one pass over
+                   its pixels whatever the batch), fixed (a reduction: its pixels are cut
+                   into chunks of exactly this many, one call and one slot each)
     segments[g]  = first step, end step, images per work item
     operands[o]  = base address, bytes per thread, bytes per image
 
@@ -46,9 +49,9 @@ from numba.extending import intrinsic
 
 # steps columns
 (FN, CONSTS, OPS_BEGIN, OPS_END, PIXELS, CHANNELS, PIXEL_ALIGN, CHANNEL_ALIGN, SPLIT,
- CHUNKS) = range(10)
-STEP_COLUMNS = 10
-SPLIT_PIXELS, SPLIT_CHANNELS = 0, 1
+ CHUNKS, BATCHED, FIXED) = range(12)
+STEP_COLUMNS = 12
+SPLIT_PIXELS, SPLIT_CHANNELS, SPLIT_BOTH = 0, 1, 2
 # segments columns
 SEG_BEGIN, SEG_END, SEG_IMAGES = range(3)
 # operands columns
@@ -186,22 +189,58 @@ def run_program(steps, segments, operands, consts, scratch, counters, n_items, n
         if n_shared == 0:
             continue
         for s in range(shared_begin, shared_end):
-            split_pixels = steps[s, SPLIT] == SPLIT_PIXELS
-            total = n_shared * steps[s, PIXELS] if split_pixels else steps[s, CHANNELS]
-            align = steps[s, PIXEL_ALIGN] if split_pixels else steps[s, CHANNEL_ALIGN]
-            chunks = min((total + align - 1) // align, steps[s, CHUNKS])
             counter = counters_at + 8 * COUNTER_STRIDE * (segments.shape[0] + s - shared_begin)
+            pixels = (n_shared if steps[s, BATCHED] else 1) * steps[s, PIXELS]
+            pieces, groups = _pieces(steps, s, pixels)
             c = _fetch_add(counter, 1)
-            while c < chunks:
-                begin, end = _chunk(total, align, c, chunks)
-                if split_pixels:
-                    _run_step(steps, s, operands, consts_at, pointers, t, n_items, begin, end,
-                              0, steps[s, CHANNELS], profile)
-                else:
-                    _run_step(steps, s, operands, consts_at, pointers, t, n_items, 0,
-                              n_shared * steps[s, PIXELS], begin, end, profile)
+            while c < pieces:
+                p_begin, p_end, c_begin, c_end = _piece(steps, s, pixels, c, pieces, groups)
+                if p_begin < p_end and c_begin < c_end:
+                    _run_step(steps, s, operands, consts_at, pointers, t, n_items, p_begin,
+                              p_end, c_begin, c_end, profile)
                 c = _fetch_add(counter, 1)
             _wait(barrier, barrier_at, threads, t, s, profile)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pieces(steps, s, pixels):
+    """How many pieces shared step s is cut into, and its channel groups (split "both")."""
+    fixed = steps[s, FIXED]
+    if steps[s, SPLIT] == SPLIT_BOTH:
+        return (pixels + fixed - 1) // fixed * steps[s, CHUNKS], steps[s, CHUNKS]
+    if steps[s, SPLIT] == SPLIT_PIXELS:
+        if fixed > 0:
+            return (pixels + fixed - 1) // fixed, 1
+        units = (pixels + steps[s, PIXEL_ALIGN] - 1) // steps[s, PIXEL_ALIGN]
+        return min(units, steps[s, CHUNKS]), 1
+    units = (steps[s, CHANNELS] + steps[s, CHANNEL_ALIGN] - 1) // steps[s, CHANNEL_ALIGN]
+    return min(units, steps[s, CHUNKS]), 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _piece(steps, s, pixels, c, pieces, groups):
+    """(p_begin, p_end, c_begin, c_end) of piece c."""
+    channels = steps[s, CHANNELS]
+    if steps[s, SPLIT] == SPLIT_BOTH:
+        fixed = steps[s, FIXED]
+        p_begin = (c // groups) * fixed
+        c_begin, c_end = _chunk(channels, steps[s, CHANNEL_ALIGN], c % groups, groups)
+        return p_begin, min(pixels, p_begin + fixed), c_begin, c_end
+    if steps[s, SPLIT] == SPLIT_PIXELS:
+        align = steps[s, FIXED] if steps[s, FIXED] > 0 else steps[s, PIXEL_ALIGN]
+        p_begin, p_end = _chunk(pixels, align, c, pieces)
+        return p_begin, p_end, 0, channels
+    c_begin, c_end = _chunk(channels, steps[s, CHANNEL_ALIGN], c, pieces)
+    return 0, pixels, c_begin, c_end
+
+
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) the driver now, with an empty program."""
+    steps = np.zeros((0, STEP_COLUMNS), np.int64)
+    run_program(steps, np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64),
+                np.zeros(1, np.int64), np.zeros((1, POINTER_BLOCK), np.int64),
+                np.zeros(COUNTER_STRIDE, np.int64), 0, 0, 0, 0, 1, 0, np.zeros(16, np.int64),
+                empty_profile())
 
 
 def empty_profile() -> np.ndarray:
@@ -214,4 +253,4 @@ def threads() -> int:
 
 def compiled_functions() -> list:
     """The Numba dispatchers this module compiles (for the tests that pin their number)."""
-    return [_chunk, _resolve, _run_step, _wait, run_program]
+    return [_chunk, _resolve, _run_step, _wait, _pieces, _piece, run_program]

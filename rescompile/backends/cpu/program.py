@@ -1,18 +1,24 @@
-"""The CPU inference program: the schedule's micro-kernels, compiled once, run by the driver.
+"""The CPU program: the schedules' micro-kernels, compiled once, run by the driver.
 
-`prepare` (parameter-only nodes: folded BN weights) runs once per variable load with the ops'
-float64 definitions, which is what those nodes are: constants of the loaded weights. Conv
-weights are then packed into the panels the micro-kernel reads, once per weight array.
-`forward` binds the fed images and current weights to an arena for the batch size and runs the
-whole schedule in one call of the driver.
+Inference: `prepare` (parameter-only nodes: folded BN weights) runs once per variable load with
+the ops' float64 definitions, which is what those nodes are: constants of the loaded weights;
+`forward` runs the depth-first schedule in one call of the driver.
 
-Nothing is compiled per layer: the kernels are the distinct micro-kernels the schedule uses
-(one per dtype, instruction set and epilogue), the driver is one Numba function for all.
+Training: `forward` and `backward` are the two halves of one shared schedule (so the backward
+pass reads what the forward pass left in the same arena), `loss_and_grads` and `train_step`
+have schedules of their own. An entry runs as phases: runs of kernel steps, each one call of
+the driver, and host steps between them (the ops' NumPy definitions on small tensors).
+
+Conv weights are packed into the panels the micro-kernel reads (rotated and transposed for a
+data gradient) once per weight array. Nothing is compiled per layer: the kernels are the
+distinct micro-kernels the schedules use, the driver is one Numba function for all.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,7 +26,8 @@ from ..reference import interpret
 from . import driver
 from .arena import Arena, aligned_empty
 from .llvm import jit, measure, sync
-from .schedule import build_schedule
+from .lower import HostStep, Step
+from .schedule import build_schedule, build_shared_schedule
 from .target import target_for
 
 
@@ -38,24 +45,93 @@ def pack_weights(w: np.ndarray, nr: int, out: np.ndarray | None = None) -> np.nd
     return out
 
 
+def transformed(w: np.ndarray, transform: str) -> np.ndarray:
+    """A data gradient's weights: rotated by 180 degrees, input and output channels swapped."""
+    if transform == "dgrad":
+        return np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
+    return w
+
+
+@dataclass
+class Plan:
+    """An entry's part of a schedule: steps [begin, end)."""
+    schedule: object
+    begin: int
+    end: int
+
+
 class CpuProgram:
     name = "cpu"
 
     def __init__(self, graph, entries, dtype: str, cache_dir=None, check_finite: bool = False,
-                 isa: str | None = None):
+                 isa: str | None = None, progress: bool = False):
         self.graph, self.entries, self.dtype = graph, entries, dtype
         self.check_finite = check_finite
         self.target = target_for(isa)
         start = time.perf_counter()
-        self.schedule = build_schedule(graph, entries["forward"], self.target, dtype)
-        self.kernels = list(dict.fromkeys(step.kernel for step in self.schedule.steps))
-        self.addresses = {k: jit.address(k, cache_dir) for k in self.kernels}
+        self.plans = self._plans()
+        steps = [s for p in self.plans.values() for s in p.schedule.steps]
+        self.kernels = list(dict.fromkeys(s.kernel for s in steps if isinstance(s, Step)))
+        self.addresses = {}
+        for i, kernel in enumerate(self.kernels, start=1):
+            if progress:
+                _progress(f"kernel {i}/{len(self.kernels)} {kernel.symbol}", start)
+            self.addresses[kernel] = jit.address(kernel, cache_dir)
         self.barrier = jit.address(sync.Barrier(self.target), cache_dir)
-        self.kernel_seconds = time.perf_counter() - start
-        self.arenas: dict[tuple[int, int], Arena] = {}
+        if progress:
+            _progress("the driver (Numba; cached after the first time)", start)
+        driver.warm_up()
+        if progress:
+            _progress("ready", start)
+        self.compile_seconds = time.perf_counter() - start
+        self.arenas: dict[tuple, Arena] = {}
         self.prepared: dict[str, np.ndarray] = {}
-        self._packed: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.host: dict = {}  # schedule -> its host steps' outputs of the last run
+        self._packed: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.profile: np.ndarray | None = None  # per (thread, step): cycles, wait, calls
+        self._last_batch: int | None = None
+
+    @property
+    def schedule(self):
+        """The schedule of the entry a user runs most (forward)."""
+        return self.plans["forward"].schedule
+
+    def _plans(self) -> dict[str, Plan]:
+        graph, entries, target, dtype = self.graph, self.entries, self.target, self.dtype
+        if "prepare" in entries:
+            schedule = build_schedule(graph, entries["forward"], target, dtype)
+            return {"forward": Plan(schedule, 0, len(schedule.steps))}
+        plans = {}
+        forward, backward = entries["forward"], entries.get("backward")
+        nodes = list(forward.nodes) + (list(backward.nodes) if backward else [])
+        paired = self._shared(nodes, forward.feeds + (backward.feeds if backward else ()),
+                              forward.fetches + (backward.fetches if backward else ()),
+                              {forward.name: forward, **({"backward": backward}
+                                                         if backward else {})})
+        boundary = next((i for i, s in enumerate(paired.steps)
+                         if backward and s.origin in {n.name for n in backward.nodes}),
+                        len(paired.steps))
+        plans["forward"] = Plan(paired, 0, boundary)
+        if backward:
+            plans["backward"] = Plan(paired, boundary, len(paired.steps))
+        for name in ("loss_and_grads", "train_step"):
+            if name in entries:
+                entry = entries[name]
+                schedule = self._shared(list(entry.nodes), entry.feeds, entry.fetches,
+                                        {name: entry})
+                plans[name] = Plan(schedule, 0, len(schedule.steps))
+        return plans
+
+    def _shared(self, nodes, feeds, fetches, entries):
+        """A shared schedule whose entries' fetches survive to the entry's last step."""
+        schedule = build_shared_schedule(self.graph, nodes, feeds, fetches, self.target,
+                                         self.dtype)
+        for entry in entries.values():
+            names = {n.name for n in entry.nodes}
+            last = max((i for i, s in enumerate(schedule.steps) if s.origin in names),
+                       default=0)
+            schedule.keep.update({v: last for v in entry.fetches})
+        return schedule
 
     # -- kernels --------------------------------------------------------------------------
     def kernel_sources(self) -> dict[str, str]:
@@ -68,28 +144,30 @@ class CpuProgram:
         """Each step's kernel call in schedule order, and each distinct kernel's IR (or its
         optimised assembly) once, after its first call."""
         seen, parts = set(), []
-        for step in self.schedule.steps:
-            if node_filter and node_filter not in step.name:
-                continue
-            args = ", ".join(f"{role}={use.value}" for role, use in step.uses.items())
-            parts.append(f"# node {step.name}: {step.kernel.symbol}({args})")
-            if step.kernel not in seen:
-                seen.add(step.kernel)
-                ir_text = step.kernel.ir()
-                parts.append(jit.assembly(ir_text, self.target) if assembly else ir_text)
+        for schedule in dict.fromkeys(p.schedule for p in self.plans.values()):
+            for step in schedule.steps:
+                if not isinstance(step, Step) or (node_filter and node_filter not in step.name):
+                    continue
+                args = ", ".join(f"{role}={use.value}" for role, use in step.uses.items())
+                parts.append(f"# node {step.name}: {step.kernel.symbol}({args})")
+                if step.kernel not in seen:
+                    seen.add(step.kernel)
+                    ir_text = step.kernel.ir()
+                    parts.append(jit.assembly(ir_text, self.target) if assembly else ir_text)
         return "\n".join(parts) + "\n"
 
-    def packed_arrays(self) -> list[tuple[tuple[str, int], np.ndarray]]:
+    def packed_arrays(self) -> list[tuple[tuple, np.ndarray]]:
         return [(key, packed) for key, (_, packed) in self._packed.items()]
 
-    def packed(self, value: str, nr: int, arrays: dict) -> np.ndarray:
+    def packed(self, value: str, nr: int, transform: str, arrays: dict) -> np.ndarray:
         """`value`'s weights packed for panels of nr channels, repacked if the array changed."""
         source = arrays[value]
-        have = self._packed.get((value, nr))
+        key = (value, nr, transform)
+        have = self._packed.get(key)
         if have is None or have[0] is not source:
             out = have[1] if have is not None else None
-            self._packed[(value, nr)] = (source, pack_weights(source, nr, out))
-        return self._packed[(value, nr)][1]
+            self._packed[key] = (source, pack_weights(transformed(source, transform), nr, out))
+        return self._packed[key][1]
 
     # -- running --------------------------------------------------------------------------
     def run(self, entry_name: str, feeds: dict) -> dict:
@@ -98,23 +176,81 @@ class CpuProgram:
             env = interpret(entry.nodes, dict(feeds))
             self.prepared = {name: np.ascontiguousarray(env[name]) for name in entry.fetches}
             return dict(self.prepared)
+        plan = self.plans[entry_name]
         arrays = dict(feeds)
         arrays.update(self.prepared)
-        batch = int(arrays[entry.feeds[0]].shape[0])
-        arena = self.arena(batch)
-        arena.bind(arrays)
-        if self.check_finite:
-            self._run_checked(arena)
+        batch = self._batch(entry, arrays)
+        arena = self.arena(plan.schedule, batch)
+        host = self.host.setdefault(plan.schedule, {})
+        if plan.begin == 0:
+            host.clear()
+        arrays.update(host)
+        if plan.schedule.segments:
+            arena.bind(arrays)
+            if self.check_finite:
+                self._run_checked(arena, plan, arrays, host)
+            else:
+                arena.run(self._profile_table(arena))
         else:
-            arena.run(self._profile_table(arena))
-        return {name: arena.fetch(name, self.graph.value(name).concrete_shape(batch))
-                for name in entry.fetches}
+            self._run_phases(arena, plan, arrays, host)
+        return {name: self._fetch(arena, host, arrays, name, batch) for name in entry.fetches}
 
-    def arena(self, batch: int) -> Arena:
-        key = (batch, driver.threads())
+    def _batch(self, entry, arrays) -> int:
+        for name in entry.feeds:
+            shape = self.graph.value(name).shape
+            if shape and shape[0] == "N":
+                self._last_batch = int(arrays[name].shape[0])
+                return self._last_batch
+        if self._last_batch is None:
+            raise RuntimeError(f"entry {entry.name!r} needs a forward pass first")
+        return self._last_batch
+
+    def arena(self, schedule, batch: int) -> Arena:
+        key = (schedule, batch, driver.threads())
         if key not in self.arenas:
-            self.arenas[key] = Arena(self, *key, shared_only=self.check_finite)
+            shared_only = self.check_finite or not schedule.segments
+            self.arenas[key] = Arena(self, schedule, batch, key[2], shared_only)
         return self.arenas[key]
+
+    def _run_phases(self, arena: Arena, plan: Plan, arrays: dict, host: dict) -> None:
+        """Runs of kernel steps through the driver, host steps between them."""
+        steps, i = plan.schedule.steps, plan.begin
+        while i < plan.end:
+            if isinstance(steps[i], HostStep):
+                self._host_step(arena, steps[i], arrays, host)
+                i += 1
+                continue
+            j = i
+            while j < plan.end and isinstance(steps[j], Step):
+                j += 1
+            arena.bind(arrays)
+            if self.check_finite:
+                for k in range(i, j):
+                    arena.run(driver.empty_profile(), shared=(k, k + 1))
+                    self._check(steps[k], {v: arena.view(v) for v in _checked(steps[k])})
+            else:
+                arena.run(self._profile_table(arena), shared=(i, j))
+            i = j
+
+    def _host_step(self, arena: Arena, step: HostStep, arrays: dict, host: dict) -> None:
+        env = {}
+        for name in step.inputs:
+            env[name] = host[name] if name in host else (
+                arrays[name] if name in arrays else
+                arena.view(name).reshape(self.graph.value(name).concrete_shape(arena.batch)))
+        interpret([step.node], env)
+        for name in step.outputs:
+            value = np.asarray(env[name])
+            host[name] = arrays[name] = np.ascontiguousarray(value) if value.ndim else value
+        if self.check_finite:
+            self._check(step, {name: host[name] for name in step.outputs})
+
+    def _fetch(self, arena: Arena, host: dict, arrays: dict, name: str, batch: int):
+        if name in host:
+            return host[name]
+        if name in arena.internal:
+            return arena.fetch(name, self.graph.value(name).concrete_shape(batch))
+        return arrays[name]
 
     def _profile_table(self, arena: Arena) -> np.ndarray:
         """The profile counters the driver adds to: a `profile` of another shape (none yet,
@@ -129,19 +265,22 @@ class CpuProgram:
     def start_profile(self) -> None:
         self.profile = np.zeros((0, 0, 3), np.int64)
 
-    def profile_rows(self, batch: int, calls: int = 1) -> list[dict]:
-        """The profile of `calls` runs at `batch` as rows per step, slowest first: kernel
-        milliseconds per run (thread time over the threads, about its share of the wall time),
-        waits at barriers, and the kernel's GFLOP/s per thread."""
+    def profile_rows(self, batch: int, calls: int = 1, entry: str | None = None) -> list[dict]:
+        """The profile of `calls` runs at `batch` as rows per kernel step, slowest first:
+        kernel milliseconds per run (thread time over the threads, about its share of the
+        wall time), waits at barriers, and the kernel's GFLOP/s per thread."""
         hz = measure.cycles_per_second(self.target)
         table = self.profile
-        steps = self.schedule.steps
-        kernel = (table[:, :len(steps), 0] + table[:, len(steps):, 0]).sum(axis=0) / hz
-        wait = (table[:, :len(steps), 1] + table[:, len(steps):, 1]).sum(axis=0) / hz
-        counted = (table[:, :len(steps), 2] + table[:, len(steps):, 2]).sum(axis=0)
+        steps = self._profiled_schedule(entry).steps
+        n = len(steps)
+        kernel = (table[:, :n, 0] + table[:, n:, 0]).sum(axis=0) / hz
+        wait = (table[:, :n, 1] + table[:, n:, 1]).sum(axis=0) / hz
+        counted = (table[:, :n, 2] + table[:, n:, 2]).sum(axis=0)
         threads, total = table.shape[0], kernel.sum()
         rows = []
         for i, step in enumerate(steps):
+            if not isinstance(step, Step):
+                continue
             rows.append({"name": step.name, "op": step.op, "kernel": step.kernel.symbol,
                          "calls": int(counted[i]) // calls,
                          "ms": 1e3 * kernel[i] / threads / calls,
@@ -151,15 +290,37 @@ class CpuProgram:
                                     if kernel[i] and step.flops else None)})
         return sorted(rows, key=lambda r: -r["ms"])
 
-    def allocated_bytes(self, batch: int) -> int:
-        return self.arena(batch).allocated_bytes
+    def _profiled_schedule(self, entry: str | None):
+        if entry is None:
+            entry = "train_step" if "train_step" in self.plans else "forward"
+        return self.plans[entry].schedule
 
-    def _run_checked(self, arena: Arena) -> None:
+    def allocated_bytes(self, batch: int, entry: str | None = None) -> int:
+        return self.arena(self._profiled_schedule(entry), batch).allocated_bytes
+
+    def _run_checked(self, arena: Arena, plan: Plan, arrays: dict, host: dict) -> None:
         """One step at a time, every output checked before the next step overwrites it (a copy
         computes nothing: the first kernel that reads a bad input is the one named)."""
-        for index, step in enumerate(self.schedule.steps):
+        for index in range(plan.begin, plan.end):
+            step = plan.schedule.steps[index]
             arena.run(driver.empty_profile(), shared=(index, index + 1))
-            for value in step.outputs if step.op != "copy" else ():
-                if not np.all(np.isfinite(arena.view(value))):
-                    raise FloatingPointError(f"kernel for node {step.name!r} ({step.op}) "
-                                             f"produced NaN or Inf in {value!r}")
+            self._check(step, {v: arena.view(v) for v in _checked(step)})
+
+    @staticmethod
+    def _check(step, arrays: dict) -> None:
+        for value, array in arrays.items():
+            if not np.all(np.isfinite(array)):
+                raise FloatingPointError(f"kernel for node {step.name!r} ({step.op}) "
+                                         f"produced NaN or Inf in {value!r}")
+
+
+def _checked(step: Step) -> list[str]:
+    """The outputs worth checking: not a copy's, not float64 partial sums."""
+    if step.op == "copy":
+        return []
+    return [step.uses[r].value for r in step.writes if r not in ("sums", "partial")]
+
+
+def _progress(what: str, start: float) -> None:
+    print(f"compiling {what} ({time.perf_counter() - start:.1f} s)", file=sys.stderr,
+          flush=True)

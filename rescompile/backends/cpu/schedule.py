@@ -16,10 +16,14 @@ The images that do not divide evenly among the threads (all of them at batch 1) 
 steps shared: each layer split over the threads by pixels, or by channel panels where a
 thread would read more weights than input (`lower._split`), with a barrier between layers.
 
+Training depends across images (batch statistics), so its schedule is shared throughout: every
+step over the whole batch, cut into pieces the threads take, a barrier after each. Host steps
+(the head's gradient, the loss, the updates: small NumPy ops) sit between runs of kernel steps.
+
 Padding: a conv reads its input through a zero-bordered buffer. The value's producer writes
 the interior directly (every kernel writes through strides), so padding costs nothing, except
-for a fed value (the images), which a copy step moves into a padded buffer. A value's border is
-the widest any consumer needs.
+for a value no kernel step makes (the fed images, a host step's output), which a copy step
+moves into a padded buffer. A value's border is the widest any consumer needs.
 
 `describe()` prints the schedule (`rescompile dump --schedule`) with the remarks: where a
 segment starts and why, which values cannot stay per thread and why.
@@ -30,10 +34,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .lower import Step, copy_step, image_shape, lower_node
+from .lower import HostStep, Slots, Step, batched, copy_step, image_shape, lower_nodes
 
 # A segment takes enough images per call for this many output pixels (ResNet-50's 7 x 7
-# layers take 6 images, CIFAR's 8 x 8 ones 1).
+# layers take 2 images, CIFAR's 8 x 8 ones 1).
 PIXELS_PER_ITEM = 64
 GEMM_OPS = ("conv2d", "fused_conv2d")
 
@@ -45,78 +49,123 @@ class Segment:
     images: int
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: programs key arenas by schedule
 class Schedule:
-    steps: list[Step]
-    segments: list[Segment]
+    steps: list  # Step or HostStep
+    segments: list[Segment]  # depth first (inference); none in a shared schedule
     batch_values: dict[str, str]  # value -> why it lives in a batch buffer
     pads: dict[str, tuple[int, int, int, int]]  # value -> zero border
-    shapes: dict[str, tuple[int, int, int]]  # value -> (H, W, C) of one image
+    shapes: dict[str, tuple[int, int, int]]  # per-image tensor -> (H, W, C) of one image
+    flat: dict[str, int]  # tensor of no batch dimension the kernels make -> elements
+    slots: dict[str, Slots]  # float64 partial-sum buffers
+    dilated: set[str]  # tensors written only at every stride-th pixel
     feeds: tuple[str, ...]
     fetches: tuple[str, ...]
+    keep: dict[str, int] = field(default_factory=dict)  # value -> last step it must survive
     remarks: list[tuple[str, str]] = field(default_factory=list)
 
     @property
+    def kernel_steps(self) -> list[Step]:
+        return [s for s in self.steps if isinstance(s, Step)]
+
+    @property
     def internal(self) -> list[str]:
-        """Values the steps compute, in order of computation."""
-        return [v for s in self.steps for v in s.outputs]
+        """Values the kernel steps compute, in order of computation."""
+        return [v for s in self.kernel_steps for v in s.outputs]
 
     def describe(self) -> str:
-        lines = [f"schedule: {len(self.steps)} steps in {len(self.segments)} depth-first "
-                 f"segments; remaining images run shared"]
-        for g, seg in enumerate(self.segments):
-            lines.append(f"segment {g}: steps {seg.begin}-{seg.end - 1}, {seg.images} "
-                         f"image(s) per call")
-            for s in self.steps[seg.begin:seg.end]:
-                kernel = s.kernel.symbol
-                placed = ", ".join(f"{v} [{'batch' if v in self.batch_values else 'thread'}]"
-                                   for v in s.outputs)
-                lines.append(f"  {s.name}: {kernel} {s.pixels}px x {s.channels}ch, shared "
-                             f"split by {s.split} -> {placed}")
+        mode = (f"{len(self.segments)} depth-first segments; remaining images run shared"
+                if self.segments else "every step shared over the threads")
+        lines = [f"schedule: {len(self.steps)} steps, {mode}"]
+        ranges = [(f"segment {g}: steps {seg.begin}-{seg.end - 1}, {seg.images} image(s) per "
+                   f"call", seg.begin, seg.end) for g, seg in enumerate(self.segments)]
+        for title, begin, end in ranges or [("steps", 0, len(self.steps))]:
+            lines.append(title)
+            lines += ["  " + self._line(s) for s in self.steps[begin:end]]
         lines += [f"remark {name}: {text}" for name, text in self.remarks]
         return "\n".join(lines) + "\n"
 
+    def _placement(self, value: str) -> str:
+        if not self.segments:
+            return "shared"
+        return "batch" if value in self.batch_values else "thread"
+
+    def _line(self, s) -> str:
+        if isinstance(s, HostStep):
+            return f"{s.name}: host {s.op} -> {', '.join(s.outputs)}"
+        placed = ", ".join(f"{v} [{self._placement(v)}]" for v in s.outputs)
+        return (f"{s.name}: {s.kernel.symbol} {s.pixels}px x {s.channels}ch, split by "
+                f"{s.split} -> {placed}")
+
 
 def build_schedule(graph, entry, target, dtype: str) -> Schedule:
-    steps = [lower_node(node, graph, target, dtype) for node in entry.nodes]
-    produced = {v for s in steps for v in s.outputs}
-    pads = _borders(steps)
-    steps, remarks = _pad_fed_inputs(steps, pads, produced, graph, target, dtype)
-    segments, seg_remarks = _segments(steps)
-    shapes = {v: image_shape(graph, v) for s in steps for v in s.tensors.values()
-              if v in graph.values}
-    shapes.update({f"{v}:padded": image_shape(graph, v) for v in entry.feeds})
-    schedule = Schedule(steps, segments, {}, pads, shapes, tuple(entry.feeds),
-                        tuple(entry.fetches), remarks + seg_remarks)
+    """Inference: depth first over images, the remainder shared."""
+    schedule = _lowered(graph, list(entry.nodes), entry.feeds, entry.fetches, target, dtype)
+    schedule.segments, seg_remarks = _segments(schedule.steps)
+    schedule.remarks += seg_remarks
     schedule.batch_values = _batch_values(schedule)
     schedule.remarks += [(v, f"in a batch buffer: {why}")
                          for v, why in schedule.batch_values.items()]
     return schedule
 
 
-def _borders(steps: list[Step]) -> dict[str, tuple[int, int, int, int]]:
+def build_shared_schedule(graph, nodes, feeds, fetches, target, dtype: str,
+                          keep: dict[str, int] | None = None) -> Schedule:
+    """Training: every step over the whole batch; `keep` extends values past their last
+    reader (an entry's fetches, to the entry's last node)."""
+    schedule = _lowered(graph, nodes, feeds, fetches, target, dtype)
+    schedule.keep = dict(keep or {})
+    return schedule
+
+
+def _lowered(graph, nodes, feeds, fetches, target, dtype) -> Schedule:
+    steps, fusions = lower_nodes(list(nodes), graph, target, dtype, set(fetches))
+    produced = {v for s in steps if isinstance(s, Step) for v in s.outputs}
+    pads = _borders(steps)
+    shapes = {v: image_shape(graph, v) for s in steps if isinstance(s, Step)
+              for v in s.tensors.values() if v in graph.values and batched(graph, v)}
+    for s in steps:
+        if isinstance(s, Step):
+            shapes.update(s.made)
+    steps, remarks = _pad_unmade_inputs(steps, pads, produced, shapes, target, dtype)
+    kernel_steps = [s for s in steps if isinstance(s, Step)]
+    flat = {v: math.prod(graph.value(v).shape) for s in kernel_steps for v in s.outputs
+            if v in graph.values and not batched(graph, v)}
+    slots = {v: b for s in kernel_steps for v, b in s.slots.items()}
+    dilated = {v for s in kernel_steps for v in s.dilated}
+    return Schedule(steps, [], {}, pads, shapes, flat, slots, dilated, tuple(feeds),
+                    tuple(fetches), remarks=fusions + remarks)
+
+
+def _borders(steps) -> dict[str, tuple[int, int, int, int]]:
     pads: dict[str, tuple[int, int, int, int]] = {}
     for step in steps:
-        for value, need in step.pads.items():
+        for value, need in getattr(step, "pads", {}).items():
             have = pads.get(value, (0, 0, 0, 0))
             pads[value] = tuple(max(a, b) for a, b in zip(have, need))
     return {v: p for v, p in pads.items() if any(p)}
 
 
-def _pad_fed_inputs(steps, pads, produced, graph, target, dtype):
-    """Copy each padded value no step produces (a fed one) into a padded buffer of its own."""
+def _pad_unmade_inputs(steps, pads, produced, shapes, target, dtype):
+    """Copy each padded value no kernel step produces (a fed one, a host step's output) into a
+    padded buffer of its own before its first reader."""
     out, remarks = [], []
     copied: dict[str, str] = {}
     for step in steps:
-        for value in step.inputs:
-            if value in pads and value not in produced and value not in copied:
-                copied[value] = f"{value}:padded"
-                out.append(copy_step(f"{value}/pad", value, copied[value], graph, target,
-                                     dtype))
-                remarks.append((value, f"copied into a zero-bordered buffer {pads[value]} "
-                                       f"for {step.name}: it is fed, so no kernel writes it"))
-        if copied:
-            _rename_inputs(step, copied)
+        if isinstance(step, Step):
+            for value in step.inputs:
+                if value in pads and value not in produced and value not in copied:
+                    copied[value] = f"{value}:padded"
+                    shapes[copied[value]] = shapes[value]
+                    copy = copy_step(f"{value}/pad", value, copied[value], shapes[value],
+                                     target, dtype)
+                    copy.origin = step.origin
+                    out.append(copy)
+                    remarks.append((value, f"copied into a zero-bordered buffer "
+                                           f"{pads[value]} for {step.name}: no kernel "
+                                           f"writes it"))
+            if copied:
+                _rename_inputs(step, copied)
         out.append(step)
     for value, padded in copied.items():
         pads[padded] = pads.pop(value)
@@ -125,9 +174,10 @@ def _pad_fed_inputs(steps, pads, produced, graph, target, dtype):
 
 def _rename_inputs(step: Step, renamed: dict[str, str]) -> None:
     for role, use in list(step.uses.items()):
-        if not role.startswith("out") and use.value in renamed:
-            step.uses[role] = type(use)(renamed[use.value], use.how, use.pads, use.nr)
-    step.tensors = {r: renamed.get(v, v) if not r.startswith("out") else v
+        if role not in step.writes and use.value in renamed:
+            step.uses[role] = type(use)(renamed[use.value], use.how, use.pads, use.nr,
+                                        use.transform)
+    step.tensors = {r: renamed.get(v, v) if r not in step.writes else v
                     for r, v in step.tensors.items()}
     step.pads = {renamed.get(v, v): p for v, p in step.pads.items()}
 

@@ -34,6 +34,15 @@ the tile or the split, so every output gets the same arithmetic whichever thread
 computes it.
 
 Weights of a dense layer are a 1x1 kernel over 1x1 images: the head runs on the same tile.
+
+With `sums` (training), the kernel also makes two per-channel sums of its output over the
+call's pixels, in float64 (a tile's rows in the kernel's dtype, then into float64), into slot
+`p_begin / sums.chunk` of a [slot][2][sums.width] buffer: the caller cuts a step into fixed
+chunks of pixels, one call each, and combines the slots in order (`reduce.SlotSum`), so the
+sums do not depend on how many threads ran the calls. The sums are `reduce.ChannelSums`':
+"moments" (y, y * y: a forward conv's batch statistics), or a data gradient's batch-norm
+gradient sums, "bn_grad" and "bn_relu_grad" (g, g * xhat, read against the batch norm's input
+`sums.x`), so the reduction reads the gradient while it is in registers.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ from . import epilogue
 from .emit import Function, new_module
 from .pixels import (CALL_PARAMS, TRUE, PixelWalk, load_arguments, load_vector, next_pixel,
                      offset, store_vector, stride_fields)
+from .reduce import SUM_KINDS, sum_operands, sum_scalars, sum_terms
+from .slots import add_f64, statistics_slot
 
 GEOMETRY = ("cin", "kh", "kw", "stride", "oh", "ow", "x.image", "x.row", "panels_outer")
 
@@ -67,6 +78,7 @@ class ConvKernel:
     out2: tuple[str, ...] | None = None
     mr: int = 0
     nv: int = 0
+    sums: str | None = None
 
     def __post_init__(self):
         mr, nv = default_tile(self.target, self.dtype)
@@ -77,6 +89,8 @@ class ConvKernel:
             object.__setattr__(self, "out2", tuple(self.out2))
         for op in self.epilogue + (self.out2 or ()):
             epilogue.rule(op)
+        if self.sums is not None and self.sums not in SUM_KINDS:
+            raise ValueError(f"ConvKernel.sums must be one of {SUM_KINDS}, got {self.sums!r}")
 
     @property
     def lanes(self) -> int:
@@ -91,6 +105,8 @@ class ConvKernel:
         steps = "_".join(self.epilogue) or "plain"
         if self.out2 is not None:
             steps += "__out2_" + "_".join(self.out2)
+        if self.sums:
+            steps += f"__sums_{self.sums}"
         return f"conv_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}_{steps}"
 
     @property
@@ -104,12 +120,16 @@ class ConvKernel:
 
     @property
     def pointers(self) -> list[str]:
-        """Pointer arguments, in order: input, packed weights, outputs, epilogue operands."""
-        return ["x", "w"] + self.outputs + [op.name for op in self.operands]
+        """Pointer arguments, in order: input, packed weights, outputs, epilogue operands, and
+        the statistics' slots."""
+        return (["x", "w"] + self.outputs + [op.name for op in self.operands]
+                + ([f"sums.{n}" for n in sum_operands(self.sums)] + ["sums"] if self.sums
+                   else []))
 
     @property
     def pixel_tensors(self) -> list[str]:
-        return self.outputs + [op.name for op in self.operands if op.kind == "pixel"]
+        against = ["sums.x"] if self.sums and self.sums != "moments" else []
+        return self.outputs + [op.name for op in self.operands if op.kind == "pixel"] + against
 
     @property
     def fields(self) -> list[str]:
@@ -117,7 +137,9 @@ class ConvKernel:
         strides = stride_fields(self.pixel_tensors)
         scalars = epilogue.scalar_names(self.epilogue)
         scalars += epilogue.scalar_names(self.out2 or (), len(self.epilogue))
-        return list(GEOMETRY) + strides + scalars
+        sums = ([f"sums.{n}" for n in sum_scalars(self.sums)] + ["sums.chunk", "sums.width"]
+                if self.sums else [])
+        return list(GEOMETRY) + strides + scalars + sums
 
     def ir(self) -> str:
         module = new_module(self.symbol)
@@ -146,6 +168,11 @@ class _Emitter:
         self.x_row_step = b.mul(v["x.row"], v["stride"], name="x_row_step")
         self.x_pixel_step = b.mul(v["cin"], v["stride"], name="x_pixel_step")
         self.row_depth = b.mul(v["kw"], v["cin"], name="row_depth")
+        if k.sums:
+            self.sums_slot = statistics_slot(f, self.ptr["sums"], v["sums.chunk"],
+                                             v["sums.width"], 2)
+            self.sum_scalars = {n: f.splat(f.from_bits(v[f"sums.{n}"]))
+                                for n in sum_scalars(k.sums)}
         self.tiles()
         f.finish()
 
@@ -251,6 +278,9 @@ class _Emitter:
 
         channel = {op.name: [load(f.element(self.ptr[op.name], c), j) for j in range(k.nv)]
                    for op in k.operands if op.kind == "channel"}
+        against = {n: [load(f.element(self.ptr[f"sums.{n}"], c), j) for j in range(k.nv)]
+                   for n in sum_operands(k.sums) if n != "x"}
+        firsts, seconds = [None] * k.nv, [None] * k.nv
         for m in range(k.mr):
             def pixel_ptr(t):
                 return f.element(self.ptr[t], b.add(self.offsets[t][m], c))
@@ -259,11 +289,28 @@ class _Emitter:
             if k.out2 is not None:
                 outputs.append(("out2", self.apply(k.out2, len(k.epilogue), values, channel,
                                                    pixel_ptr, load)))
-            with b.if_then(b.icmp_signed("<", f.i64(m), rows)):
+            valid = b.icmp_signed("<", f.i64(m), rows)
+            with b.if_then(valid):
                 for name, vals in outputs:
                     base = pixel_ptr(name)
                     for j in range(k.nv):
                         store(vals[j], base, j)
+            if k.sums:
+                zero = f.vconst(0.0)
+                for j in range(k.nv):
+                    x = None if k.sums == "moments" else load(pixel_ptr("sums.x"), j)
+                    ch = {n: vectors[j] for n, vectors in against.items()}
+                    first, second = sum_terms(f, k.sums, values[j], x, ch, self.sum_scalars)
+                    first = b.select(valid, first, zero)
+                    firsts[j] = first if m == 0 else b.fadd(firsts[j], first)
+                    seconds[j] = (b.fmul(first, second) if m == 0
+                                  else f.fma(first, second, seconds[j]))
+        if k.sums:
+            b.comment("the tile's two channel sums, into float64 slots")
+            for row, vectors in ((0, firsts), (1, seconds)):
+                for j in range(k.nv):
+                    add_f64(f, self.sums_slot, row, b.add(c, f.i64(j * k.lanes)), vectors[j],
+                            None if width is None else b.sub(width, f.i64(j * k.lanes)))
 
     def apply(self, steps, first, values, channel, pixel_ptr, load):
         """The steps (numbered from `first`) on each vector of one tile row."""

@@ -92,6 +92,27 @@ class Function:
         b.branch(header)
         b.position_at_end(done)
 
+    @contextlib.contextmanager
+    def runs(self, start, stop, name: str = "run"):
+        """`p = start; while p < stop: ...; p += step` where the body sets the step: yields p
+        and a function taking the step (an i64, computed in the body)."""
+        b = self.b
+        before = b.block
+        header = self.fn.append_basic_block(f"{name}.loop")
+        body = self.fn.append_basic_block(f"{name}.body")
+        done = self.fn.append_basic_block(f"{name}.done")
+        b.branch(header)
+        b.position_at_end(header)
+        index = b.phi(I64, name=name)
+        index.add_incoming(self._as_i64(start), before)
+        b.cbranch(b.icmp_signed("<", index, self._as_i64(stop)), body, done)
+        b.position_at_end(body)
+        steps = []
+        yield index, steps.append
+        index.add_incoming(b.add(index, steps[0], name=f"{name}.next"), b.block)
+        b.branch(header)
+        b.position_at_end(done)
+
     def _as_i64(self, value):
         return self.i64(value) if isinstance(value, int) else value
 
@@ -118,6 +139,12 @@ class Function:
         lanes = ir.Constant(ir.VectorType(I64, self.lanes),
                             [first_lane + i for i in range(self.lanes)])
         return self.b.icmp_signed("<", lanes, self.splat_int(width))
+
+    def splat_flag(self, flag):
+        """An i1 as a vector of i1 lanes."""
+        lanes = ir.VectorType(I1, self.lanes)
+        return self.b.select(flag, ir.Constant(lanes, [1] * self.lanes),
+                             ir.Constant(lanes, [0] * self.lanes))
 
     def splat_int(self, value):
         vec = ir.VectorType(I64, self.lanes)

@@ -13,6 +13,7 @@ The arithmetic is each op's reference (`ops/`), written on vectors:
 - relu:      v < 0 ? v * alpha : v   (NaN is not < 0, so it passes through, as in the reference)
 - add:       v + other
 - batch_normalize: inv = gamma / sqrt(var + epsilon); v * inv + (beta - mean * inv)
+- relu_grad: x < 0 ? v * alpha : v   (v is the gradient, x the relu's input)
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def _relu(f, v, operands, scalars):
     return f.b.select(negative, f.b.fmul(v, alpha), v)
 
 
+def _relu_grad(f, v, operands, scalars):
+    (x,), (alpha,) = operands, scalars
+    negative = f.b.fcmp_ordered("<", x, f.vconst(0.0))
+    return f.b.select(negative, f.b.fmul(v, alpha), v)
+
+
 def _normalize(f, v, operands, scalars):
     gamma, beta, mean, var = operands
     (epsilon,) = scalars
@@ -47,6 +54,7 @@ RULES = {
     "relu": Rule((), ("alpha",), _relu),
     "add": Rule(("pixel",), (), lambda f, v, o, s: f.b.fadd(v, o[0])),
     "batch_normalize": Rule(("channel",) * 4, ("epsilon",), _normalize),
+    "relu_grad": Rule(("pixel",), ("alpha",), _relu_grad),
 }
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llvmlite import ir
+
 from ..target import Target
 from . import epilogue
 from .emit import Function, new_module
@@ -174,3 +176,117 @@ class MeanKernel(_PixelKernel):
                 out = b.add(b.mul(n, v["out.image"]), c)
                 store_vector(f, b.fdiv(f.get(total), count), f.element(ptr["out"], out), mask)
             channel_vectors(f, vector)
+
+
+@dataclass(frozen=True)
+class MeanGradKernel(_PixelKernel):
+    """out[n, h, w, c] = dy[n, c] / (H * W): the gradient of the global mean."""
+
+    @property
+    def symbol(self) -> str:
+        return f"meangrad_{self.dtype}_{self.target.isa}"
+
+    pointers = ("dy", "out")
+
+    @property
+    def fields(self) -> list[str]:
+        return ["oh", "ow", "dy.image"] + stride_fields(["out"])
+
+    def body(self, f: Function, v, ptr) -> None:
+        b = f.b
+        count = f.splat(b.uitofp(b.mul(v["oh"], v["ow"]), f.scalar))
+        walk = PixelWalk(f, v["oh"], v["ow"])
+        with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
+            n, oh, ow = walk.position()
+
+            def vector(c, mask):
+                dy = load_vector(f, f.element(ptr["dy"], b.add(b.mul(n, v["dy.image"]), c)),
+                                 mask)
+                out = f.element(ptr["out"], b.add(offset(f, v, "out", n, oh, ow), c))
+                store_vector(f, b.fdiv(dy, count), out, mask)
+            channel_vectors(f, vector)
+            walk.advance()
+
+
+@dataclass(frozen=True)
+class MaxPoolGradKernel(_PixelKernel):
+    """dx of max_pool: each window's gradient goes to its first maximum (TensorFlow's
+    MaxPoolGrad; NaN counts as the maximum, as np.argmax has it). Computed per input pixel by
+    gathering from the windows that contain it, so calls never write the same element."""
+
+    @property
+    def symbol(self) -> str:
+        return f"maxpoolgrad_{self.dtype}_{self.target.isa}"
+
+    pointers = ("dy", "x", "out")
+
+    @property
+    def fields(self) -> list[str]:
+        return ["k", "stride", "pad_top", "pad_left", "h", "w", "oh", "ow"] + \
+            stride_fields(["dy", "x", "out"])
+
+    def body(self, f: Function, v, ptr) -> None:
+        b = f.b
+        walk = PixelWalk(f, v["h"], v["w"])
+        s, k = v["stride"], v["k"]
+
+        def windows(at, pad, size):
+            """[first, end) of the windows along one axis that contain input position at."""
+            reach = b.add(at, pad)
+            high = b.sdiv(reach, s)
+            low_num = b.sub(reach, b.sub(k, f.i64(1)))
+            low = b.sdiv(b.add(low_num, b.sub(s, f.i64(1))), s)  # ceil for low_num >= 0
+            low = b.select(b.icmp_signed("<", low_num, f.i64(0)), f.i64(0), low)
+            end = b.add(high, f.i64(1))
+            return low, b.select(b.icmp_signed("<", end, size), end, size)
+
+        with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
+            n, ih, iw = walk.position()
+            oh0, oh1 = windows(ih, v["pad_top"], v["oh"])
+            ow0, ow1 = windows(iw, v["pad_left"], v["ow"])
+
+            def vector(c, mask):
+                total = f.slot(f.vector, "total", f.vconst(0.0))
+                with f.loop(oh0, oh1, 1, "oh") as oh:
+                    with f.loop(ow0, ow1, 1, "ow") as ow:
+                        winner = self.first_maximum(f, v, ptr, n, oh, ow, ih, iw, c, mask)
+                        dy = load_vector(f, f.element(ptr["dy"], b.add(
+                            offset(f, v, "dy", n, oh, ow), c)), mask)
+                        f.set(total, b.fadd(f.get(total), b.select(winner, dy,
+                                                                   f.vconst(0.0))))
+                out = f.element(ptr["out"], b.add(offset(f, v, "out", n, ih, iw), c))
+                store_vector(f, f.get(total), out, mask)
+            channel_vectors(f, vector)
+            walk.advance()
+
+    def first_maximum(self, f, v, ptr, n, oh, ow, ih, iw, c, mask):
+        """Lanes where input (ih, iw) is the first maximum of window (oh, ow)."""
+        b = f.b
+        lanes = ir.VectorType(ir.IntType(1), f.lanes)
+        best = f.slot(f.vector, "best", f.vconst(float("-inf")))
+        mine = f.slot(lanes, "mine", ir.Constant(lanes, [0] * f.lanes))
+        seen = f.slot(ir.IntType(1), "seen", ir.Constant(ir.IntType(1), 0))
+        top = b.sub(b.mul(oh, v["stride"]), v["pad_top"])
+        left = b.sub(b.mul(ow, v["stride"]), v["pad_left"])
+        with f.loop(0, v["k"], 1, "i") as i:
+            row = b.add(top, i)
+            inside = b.and_(b.icmp_signed(">=", row, f.i64(0)), b.icmp_signed("<", row, v["h"]))
+            with b.if_then(inside):
+                with f.loop(0, v["k"], 1, "j") as j:
+                    col = b.add(left, j)
+                    inside_col = b.and_(b.icmp_signed(">=", col, f.i64(0)),
+                                        b.icmp_signed("<", col, v["w"]))
+                    with b.if_then(inside_col):
+                        at = b.add(offset(f, v, "x", n, row, col), c)
+                        tap = load_vector(f, f.element(ptr["x"], at), mask)
+                        current = f.get(best)
+                        # the first tap, then strictly greater, or the first NaN over a number
+                        better = b.or_(b.fcmp_ordered(">", tap, current),
+                                       b.and_(b.fcmp_unordered("uno", tap, tap),
+                                              b.fcmp_ordered("ord", current, current)))
+                        better = b.or_(better, f.splat_flag(b.not_(f.get(seen))))
+                        f.set(seen, ir.Constant(ir.IntType(1), 1))
+                        here = b.and_(b.icmp_signed("==", row, ih), b.icmp_signed("==", col, iw))
+                        f.set(best, b.select(better, tap, current))
+                        f.set(mine, b.select(better, f.splat_flag(here), f.get(mine)))
+        return f.get(mine)

@@ -1,0 +1,176 @@
+"""The weight-gradient micro-kernel: dW[k, co] = sum over pixels p of x[window(p) + k] *
+dy[p, co], register-blocked, reducing over pixels.
+
+Design note
+-----------
+The tile is MR rows of the depth K = kh * kw * cin (k = (i, j, ci), window row i at
+`i * x.row`, then kw * cin consecutive elements, as in the forward tile) by NR = NV vectors of
+output channels. Per pixel: NV vector loads of dy (its output channels are contiguous), MR
+broadcasts of x (MR depth offsets from the pixel's window origin), MR * NV fused multiply-adds.
+
+A call covers pixels [p_begin, p_end), one chunk of a fixed cut (`slots.py`), and output
+channels [c_begin, c_end). It walks its pixels in blocks of BLOCK: for each block, every
+(depth tile, channel panel) pair accumulates the block in registers and adds the tile into the
+call's float64 slot [K][width] (measured on ResNet-164's layers: 512 pixels beat 64 to 256,
+whose blocks fit L1 but pay the block's overhead more often, and 1024). Within a block, pixels
+are walked one output row at a time, so the inner loop only steps two pointers; where x and dy
+are both contiguous across rows and images (a 1 x 1, stride-1 layer), the whole block is one
+run.
+
+Depth tiles past K repeat its last row and are not stored; the last channel panel loads and
+adds masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..target import Target
+from .conv import default_tile
+from .emit import Function, new_module
+from .pixels import CALL_PARAMS, PixelWalk, load_arguments, load_vector, offset
+from .slots import add_f64, statistics_slot
+
+BLOCK = 512  # pixels per block: few enough for float32 sums, enough to amortise a block
+
+
+@dataclass(frozen=True)
+class WgradKernel:
+    dtype: str
+    target: Target
+    mr: int = 0
+    nv: int = 0
+
+    def __post_init__(self):
+        mr, nv = default_tile(self.target, self.dtype)
+        object.__setattr__(self, "mr", self.mr or mr)
+        object.__setattr__(self, "nv", self.nv or nv)
+
+    @property
+    def lanes(self) -> int:
+        return self.target.lanes(self.dtype)
+
+    @property
+    def nr(self) -> int:
+        return self.nv * self.lanes
+
+    @property
+    def symbol(self) -> str:
+        return f"wgrad_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}"
+
+    pointers = ("x", "dy", "partial")
+    fields = ("cin", "kh", "kw", "stride", "oh", "ow", "x.image", "x.row", "dy.image", "dy.row",
+              "dy.pixel", "chunk", "width")
+
+    def ir(self) -> str:
+        module = new_module(self.symbol)
+        f = Function(module, self.symbol, CALL_PARAMS, self.dtype, self.lanes, self.target.fma)
+        f.b.comment(f"{self.symbol}: {self.mr} x {self.nr} tile; fields: {', '.join(self.fields)}")
+        v, ptr = load_arguments(f, list(self.fields), list(self.pointers))
+        _Emitter(self, f, v, ptr).emit()
+        f.finish()
+        return str(module)
+
+
+class _Emitter:
+    def __init__(self, kernel: WgradKernel, f: Function, v, ptr):
+        self.k, self.f, self.b, self.v, self.ptr = kernel, f, f.b, v, ptr
+
+    def emit(self) -> None:
+        f, b, k, v = self.f, self.b, self.k, self.v
+        self.row_depth = b.mul(v["kw"], v["cin"], name="row_depth")
+        self.depth = b.mul(v["kh"], self.row_depth, name="depth")
+        self.slot = statistics_slot(f, self.ptr["partial"], v["chunk"], v["width"], self.depth)
+        self.pixel_step = b.mul(v["cin"], v["stride"], name="x_pixel_step")
+        x_rows = b.and_(b.icmp_signed("==", v["x.row"], b.mul(v["ow"], self.pixel_step)),
+                        b.icmp_signed("==", v["x.image"], b.mul(v["oh"], v["x.row"])))
+        dy_rows = b.and_(b.icmp_signed("==", v["dy.row"], b.mul(v["ow"], v["dy.pixel"])),
+                         b.icmp_signed("==", v["dy.image"], b.mul(v["oh"], v["dy.row"])))
+        self.contiguous = b.and_(b.and_(x_rows, dy_rows),
+                                 b.icmp_signed("==", v["stride"], f.i64(1)), name="contiguous")
+        self.walk = PixelWalk(f, v["oh"], v["ow"])
+        with f.loop(f.args["p_begin"], f.args["p_end"], BLOCK, "block") as start:
+            end = b.add(start, f.i64(BLOCK))
+            end = b.select(b.icmp_signed("<", end, f.args["p_end"]), end, f.args["p_end"])
+            origin = self.walk.position()
+            with f.loop(0, self.depth, k.mr, "k0") as k0:
+                offsets = self.depth_offsets(k0)
+                with f.loop(f.args["c_begin"], f.args["c_end"], k.nr, "c") as c:
+                    width = b.sub(f.args["c_end"], c, name="width")
+                    with b.if_else(b.icmp_signed(">=", width, f.i64(k.nr))) as (whole, part):
+                        with whole:
+                            self.walk.move_to(*origin)
+                            self.block(start, end, k0, offsets, c, width, None)
+                        with part:
+                            self.walk.move_to(*origin)
+                            masks = [f.mask(j * k.lanes, width) for j in range(k.nv)]
+                            self.block(start, end, k0, offsets, c, width, masks)
+            # the next block starts where this one ended: the walk is there after the last pair
+
+    def skip(self, run) -> None:
+        """Move the walk past `run` pixels: within a row, its last pixel's successor; a
+        contiguous run may cross rows and images (once per block: a division)."""
+        f, b, v = self.f, self.b, self.v
+        n, oh, ow = self.walk.position()
+        with b.if_else(self.contiguous) as (across, within):
+            with across:
+                per_image = b.mul(v["oh"], v["ow"])
+                at = b.add(b.add(b.mul(n, per_image), b.mul(oh, v["ow"])), b.add(ow, run))
+                rest = b.urem(at, per_image)
+                self.walk.move_to(b.udiv(at, per_image), b.udiv(rest, v["ow"]),
+                                  b.urem(rest, v["ow"]))
+            with within:
+                self.walk.move_to(n, oh, b.add(ow, b.sub(run, f.i64(1))))
+                self.walk.advance()
+
+    def depth_offsets(self, k0) -> list:
+        """Element offsets, from a pixel's window origin, of the tile's depth rows (rows past K
+        repeat the last)."""
+        f, b, k, v = self.f, self.b, self.k, self.v
+        last = b.sub(self.depth, f.i64(1))
+        offsets = []
+        for m in range(k.mr):
+            depth = b.add(k0, f.i64(m))
+            depth = b.select(b.icmp_signed("<", depth, self.depth), depth, last)
+            offsets.append(b.add(b.mul(b.udiv(depth, self.row_depth), v["x.row"]),
+                                 b.urem(depth, self.row_depth)))
+        return offsets
+
+    def block(self, start, end, k0, offsets, c, width, masks) -> None:
+        """The (depth tile, channel panel) pair over pixels [start, end), into the slot; with
+        `masks`, the last panel's lanes below `width`."""
+        f, b, k, v = self.f, self.b, self.k, self.v
+        acc = [[f.slot(f.vector, f"acc{m}_{j}", f.vconst(0.0)) for j in range(k.nv)]
+               for m in range(k.mr)]
+        with f.runs(start, end, "row") as (p, step):
+            # one output row's run of pixels: from the walk's position to the row's end
+            n, oh, ow = self.walk.position()
+            run = b.select(self.contiguous, b.sub(end, p), b.sub(v["ow"], ow))
+            run = b.select(b.icmp_signed("<", b.add(p, run), end), run, b.sub(end, p))
+            x_at = f.element(self.ptr["x"], b.add(b.add(b.mul(n, v["x.image"]),
+                                                        b.mul(b.mul(oh, v["stride"]),
+                                                              v["x.row"])),
+                                                  b.mul(ow, self.pixel_step)))
+            dy_at = f.element(self.ptr["dy"], b.add(offset(f, v, "dy", n, oh, ow), c))
+            x_ptr = f.slot(f.scalar.as_pointer(), "x_at", x_at)
+            dy_ptr = f.slot(f.scalar.as_pointer(), "dy_at", dy_at)
+            with f.loop(0, run, 1, "q"):
+                here, grads = f.get(x_ptr), f.get(dy_ptr)
+                dy = [load_vector(f, f.element(grads, j * k.lanes),
+                                  None if masks is None else masks[j]) for j in range(k.nv)]
+                for m in range(k.mr):
+                    a = f.splat(b.load(f.element(here, offsets[m])))
+                    for j in range(k.nv):
+                        f.set(acc[m][j], f.fma(a, dy[j], f.get(acc[m][j])))
+                f.set(x_ptr, f.element(here, self.pixel_step))
+                f.set(dy_ptr, f.element(grads, v["dy.pixel"]))
+            self.skip(run)
+            step(run)
+        b.comment("the tile into the slot (rows past K and lanes past the panel left out)")
+        for m in range(k.mr):
+            row = b.add(k0, f.i64(m))
+            with b.if_then(b.icmp_signed("<", row, self.depth)):
+                for j in range(k.nv):
+                    column = b.add(c, f.i64(j * k.lanes))
+                    left = None if masks is None else b.sub(width, f.i64(j * k.lanes))
+                    add_f64(f, self.slot, row, column, f.get(acc[m][j]), left)
