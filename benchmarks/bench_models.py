@@ -16,7 +16,9 @@ freezing in inference), ONNX Runtime (all graph optimisations, inference only), 
 `torch.set_num_threads(2)` / `intra_op_num_threads=2`. Timing: a warm-up call, then `--reps`
 timed calls per implementation in each of `--rounds` interleaved rounds; median, min and max
 over all timed calls. GFLOP/s and "% of peak" use the model's FLOPs and the FMA peak measured
-by the kernel library's own loop on 2 threads in the same run. `--compile` also times compiling
+by the kernel library's own loop on 2 threads in the same run. For a train step, the memory it costs is
+measured too: a fresh process's peak resident memory growth over two steps, for rescompile and
+PyTorch eager (`rescompile.bench.step_memory`). `--compile` also times compiling
 each model and mode of the cases in fresh processes, from `rescompile.compile`
 to the end of the first call at batch 2 (Numba's import included): cold (empty kernel and
 Numba caches) and warm (the same caches again).
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import rescompile  # noqa: E402
 from rescompile.backends.cpu.llvm.measure import fma_peak_gflops  # noqa: E402
 from rescompile.backends.cpu.target import host_target  # noqa: E402
-from rescompile.bench import _gflop, interleaved, peer_runners  # noqa: E402
+from rescompile.bench import _gflop, interleaved, peer_runners, step_memory  # noqa: E402
 
 PRESETS = ROOT / "rescompile" / "presets"
 CASES = {  # name -> (preset file, mode, batch)
@@ -91,7 +93,11 @@ def run_case(name, reps, rounds, want_peers, peak):
                        "percent_of_peak": 100 * gflop / timing.median_s / peak,
                        "setup_s": compile_s if impl == "rescompile" else ready[impl][1]}
     ours_ms = impls["rescompile"]["median_ms"]
+    memory = ({who: step_memory(spec, mode, n, "float32", who) for who in ("rescompile",
+                                                                          "pytorch")}
+              if mode == "train" and want_peers else {})
     return {"case": name, "batch": n, "mode": mode, "gflop_per_call": gflop, "impls": impls,
+            "step_memory_bytes": memory,
             "not_run": {k: v for k, v in runners.items() if isinstance(v, str)},
             "max_rel_diff_vs_rescompile": agreement,
             "speedup_vs": {k: v["median_ms"] / ours_ms for k, v in impls.items()
@@ -165,6 +171,9 @@ def main(argv=None) -> int:
         ratios = "  ".join(f"{v:.2f}x vs {k}" for k, v in result["speedup_vs"].items())
         print(f"{name:16s} {line}  | rescompile {ratios} (load "
               f"{result['loadavg_after'][0]:.2f})", flush=True)
+        for who, used in result["step_memory_bytes"].items():
+            print(f"  step memory {who}: {used / 2**20:.0f} MiB" if isinstance(used, int)
+                  else f"  step memory {who}: {used}")
         if args.profile and hasattr(exe.program, "start_profile"):
             result["profile"] = profile(exe, name)
     out = {"environment": env, "results": results}

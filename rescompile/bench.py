@@ -46,6 +46,41 @@ class Peer:
     timing: Timing
 
 
+_MEMORY_SCRIPT = """
+import json, sys
+import numpy as np
+from rescompile.spec import load_spec
+from rescompile.bench import _inputs, _call, torch_runner
+from rescompile.runtime import compile
+spec = load_spec(json.loads(sys.argv[1]))
+mode, batch, dtype, who = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+images, labels = _inputs(spec, batch, dtype)
+exe = compile(spec, mode=mode, backend="cpu" if who == "rescompile" else "reference", dtype=dtype)
+run = _call(exe, mode, images, labels) if who == "rescompile" else torch_runner(
+    spec, exe, mode, images, labels, 2)
+def kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+before = kib("VmRSS:")
+run(); run()
+print((kib("VmHWM:") - before) * 1024)
+"""
+
+
+def step_memory(spec, mode: str, batch: int, dtype: str, who: str) -> int | str:
+    """Bytes a fresh process's peak resident memory grows by over two calls (the first builds
+    rescompile's arena; PyTorch allocates as it goes), after the model and its variables
+    exist: what the step itself costs in memory. (The peak is the process's VmHWM, which,
+    unlike ru_maxrss, does not carry over the parent's peak through fork and exec.)"""
+    try:
+        out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, spec.to_json(), mode,
+                              str(batch), dtype, who], capture_output=True, text=True,
+                             check=True, timeout=1800)
+        return int(out.stdout.strip().splitlines()[-1])
+    except Exception as exc:  # a peer that cannot run is reported, not fatal
+        return f"not measured: {type(exc).__name__}"
+
+
 @dataclass
 class Report:
     spec: str
@@ -63,6 +98,7 @@ class Report:
     allocated_bytes: int | None
     max_rss_bytes: int
     peers: dict = field(default_factory=dict)  # name -> Peer, or why it did not run
+    step_memory: dict = field(default_factory=dict)  # rescompile / pytorch -> bytes
     profile: list = field(default_factory=list)
 
     @property
@@ -149,6 +185,9 @@ def bench(spec, mode="infer", batch=128, backend="cpu", dtype="float32", repeat=
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     for name, runner in runners.items():
         report.peers[name] = Peer(runner[1], timings[name]) if name in ready else runner
+    if peers and backend == "cpu":
+        for who in ("rescompile", "pytorch"):
+            report.step_memory[who] = step_memory(spec, mode, batch, dtype, who)
     if profile and hasattr(exe.program, "start_profile"):
         exe.program.start_profile()
         ours()
@@ -225,12 +264,18 @@ def format_report(r: Report) -> str:
              f"compile     cold {r.compile_cold_s:.1f} s" +
              (f", warm {r.compile_warm_s:.2f} s" if r.compile_warm_s is not None else "") +
              " (fresh process, first call included)",
-             f"run         median {r.timing.median_s * 1e3:.2f} ms (min {r.timing.min_s * 1e3:.2f}, "
-             f"max {r.timing.max_s * 1e3:.2f}, {r.timing.runs} runs)",
+             f"run         median {r.timing.median_s * 1e3:.2f} ms "
+             f"(min {r.timing.min_s * 1e3:.2f}, max {r.timing.max_s * 1e3:.2f}, "
+             f"{r.timing.runs} runs)",
              f"throughput  {r.images_per_s:.1f} images/s, {r.gflops:.1f} GFLOP/s "
              f"({100 * r.gflops / peak:.0f}% of FMA peak)",
              f"memory      allocated {(r.allocated_bytes or 0) / 2**20:.1f} MiB, "
              f"process max RSS {r.max_rss_bytes / 2**20:.0f} MiB"]
+    if r.step_memory:
+        lines.append("step memory " + ", ".join(
+            f"{who} {m / 2**20:.0f} MiB" if isinstance(m, int) else f"{who} {m}"
+            for who, m in r.step_memory.items()) + " (a fresh process's peak growth over two "
+            "calls)")
     for name, peer in r.peers.items():
         if isinstance(peer, Peer):
             gflops = r.gflop_per_call / peer.timing.median_s

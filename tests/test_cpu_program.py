@@ -135,3 +135,124 @@ def test_profile_counts_every_kernel_call(resnet164):
     stage1 = [i for i, s in enumerate(program.schedule.steps) if s.pixels == 1024]
     assert all(low * threads <= shared[i] <= high * threads for i in stage1)
     assert shared[-1] == 1
+
+
+# --- training ---------------------------------------------------------------------------------
+# Tolerances against the reference, relative to each tensor's max: float64 1e-10; float32 1e-4
+# (a gradient passes through three convolutions and batch norms per unit, each summing
+# thousands of float32 products in another order than NumPy's; observed up to 2e-5).
+TRAIN_TOL = {"float32": 1e-4, "float64": 1e-10}
+
+
+def _train_pair(spec, dtype, seed=0):
+    reference = rc.compile(spec, mode="train", dtype=dtype, seed=seed)
+    state = random_bn_state(reference, seed)
+    reference.load_params(state)
+    exe = rc.compile(spec, mode="train", dtype=dtype, backend="cpu", seed=seed)
+    exe.load_params(state)
+    return exe, reference
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_training_entries_match_reference(model, dtype):
+    exe, reference = _train_pair(tiny_spec(unit="bottleneck", **MODELS[model]), dtype)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, *exe.spec.model.input))
+    labels = rng.integers(0, 5, 5)
+    loss, grads = exe.loss_and_grads(x, labels)
+    ref_loss, ref_grads = reference.loss_and_grads(x, labels)
+    assert abs(loss - ref_loss) <= TRAIN_TOL[dtype] * abs(ref_loss)
+    for name, grad in ref_grads.items():
+        assert rel_err(grads[name], grad) < TRAIN_TOL[dtype], name
+    dlogits = rng.standard_normal((5, 5))
+    assert rel_err(exe.forward(x), reference.forward(x)) < TRAIN_TOL[dtype]
+    ref_backward = reference.backward(dlogits)
+    for name, grad in exe.backward(dlogits).items():
+        assert rel_err(grad, ref_backward[name]) < TRAIN_TOL[dtype], name
+    exe.train_step(x, labels)
+    reference.train_step(x, labels)
+    for name, value in reference.state.items():
+        assert rel_err(exe.state[name], value) < TRAIN_TOL[dtype], name
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=small_specs(), batch=st.integers(1, 4), seed=st.integers(0, 2 ** 16))
+def test_random_specs_train_like_the_reference(spec, batch, seed):
+    """Any stem, unit, padding, stride and odd image size (float64: batch statistics of a few
+    pixels make float32 gradients ill-conditioned, which is rounding, not the kernels)."""
+    dtype = "float64"
+    exe, reference = _train_pair(spec, dtype, seed)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *spec.model.input))
+    labels = rng.integers(0, spec.model.num_classes, batch)
+    exe.train_step(x, labels)
+    reference.train_step(x, labels)
+    for name, value in reference.state.items():
+        assert rel_err(exe.state[name], value) < TRAIN_TOL[dtype], name
+
+
+def test_training_does_not_depend_on_the_thread_count():
+    """Every reduction is cut into fixed chunks combined in order: a step on 1 thread and on
+    2 gives the same bits (so a run resumed on another machine continues bit for bit)."""
+    import numba
+    spec = tiny_spec(unit="bottleneck", input=[12, 12, 3])
+    rng = np.random.default_rng(2)
+    x, labels = rng.standard_normal((9, 12, 12, 3)), rng.integers(0, 5, 9)
+    results = []
+    before = numba.get_num_threads()
+    for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+        numba.set_num_threads(threads)
+        try:
+            exe = rc.compile(spec, mode="train", backend="cpu", seed=3)
+            loss, grads = exe.loss_and_grads(x, labels)
+            exe.train_step(x, labels)
+            results.append((loss, grads, exe.state))
+        finally:
+            numba.set_num_threads(before)
+    (loss1, grads1, state1), (loss2, grads2, state2) = results
+    assert loss1 == loss2
+    for name in grads1:
+        np.testing.assert_array_equal(grads1[name], grads2[name], err_msg=name)
+    for name in state1:
+        np.testing.assert_array_equal(state1[name], state2[name], err_msg=name)
+
+
+def test_check_finite_names_the_first_bad_training_kernel():
+    exe = rc.compile(tiny_spec(), mode="train", backend="cpu", check_finite=True)
+    x = np.random.default_rng(4).standard_normal((2, 8, 8, 3))
+    exe.train_step(x, [0, 1])
+    x[1, 3, 3, 0] = np.inf
+    with pytest.raises(FloatingPointError, match="node 'init/init_conv'"):
+        exe.train_step(x, [0, 1])
+
+
+@pytest.fixture(scope="module")
+def resnet164_train():
+    return rc.compile(rc.preset("cifar-resnet164"), mode="train", backend="cpu")
+
+
+def test_resnet164_train_step_structure(resnet164_train):
+    """The train step's kernel calls and the micro-kernels they use: a lost fusion or a new
+    per-layer kernel changes these numbers."""
+    from rescompile.backends.cpu.lower import HostStep, Step
+    program = resnet164_train.program
+    steps = program.plan("train_step").schedule.steps
+    kernels = [s for s in steps if isinstance(s, Step)]
+    ops = [s.op for s in kernels]
+    assert len(kernels) == 1324
+    # per conv: forward (+ its statistics' sum), data gradient, weight gradient (+ its sum);
+    # per batch norm: normalise, the gradient's sums' combination and its apply
+    assert (ops.count("fused_conv2d"), ops.count("conv2d_grad_input"),
+            ops.count("conv2d_grad_filter")) == (163, 165, 166)
+    assert (ops.count("fused_elementwise"), ops.count("batch_norm_relu_grad")) == (163, 163)
+    assert ops.count("bn_relu_grad") == 1  # only the stem's batch norm sums on its own
+    assert "add" not in ops  # every gradient add runs in the kernel making its operand
+    hosts = {s.op for s in steps if isinstance(s, HostStep)}
+    assert hosts == {"softmax_cross_entropy", "softmax_cross_entropy_grad", "l2_penalty",
+                     "l2_penalty_grad", "matmul", "sum_rows", "add", "momentum_update",
+                     "moving_average"}
+    assert len(program.kernels) == 18
+    phases = sum(1 for a, b in zip([None] + steps, steps)
+                 if isinstance(b, Step) and not isinstance(a, Step))
+    assert phases == 2  # the forward and backward bodies: two calls of the driver

@@ -104,7 +104,7 @@ def memory_report(lowered, batch: int) -> str:
     program = cpu_program(lowered)
     entry = "train_step" if lowered.mode == "train" else "forward"
     return (memory_plan(lowered, batch).summary()
-            + program.arena(program.plans[entry].schedule, batch).summary())
+            + program.arena(program.plan(entry).schedule, batch).summary())
 
 
 def memory_plan(lowered, batch: int):

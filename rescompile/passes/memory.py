@@ -106,23 +106,23 @@ def lifetimes(nodes, keep: set[str]) -> dict[str, tuple[int, int]]:
 
 def assign_buffers(sizes, lifetime, kinds=None) -> tuple[dict[str, int], list[int]]:
     """Greedy by size: (value -> buffer, buffer sizes). With `kinds` (value -> a hashable),
-    values share a buffer only with values of the same kind (a zero-bordered layout, say)."""
+    values share a buffer only with values of the same kind (a zero-bordered layout, say).
+    Each kind's buffers are kept sorted by size, so the smallest one that fits and is free
+    is found by walking up from the first that fits."""
     kinds = kinds or {}
     buffers: list[int] = []
-    kind_of: list = []
+    by_kind: dict = {}  # kind -> sorted [(size, buffer id)]
     busy: list[list[tuple[int, int]]] = []  # per buffer: disjoint lifetimes, sorted
     assign: dict[str, int] = {}
     for v in sorted(sizes, key=lambda v: (-sizes[v], lifetime[v][0])):
-        fitting = [b for b in range(len(buffers))
-                   if buffers[b] >= sizes[v] and kind_of[b] == kinds.get(v)
-                   and _free(busy[b], lifetime[v])]
-        if fitting:
-            b = min(fitting, key=lambda b: buffers[b])
-        else:
+        candidates = by_kind.setdefault(kinds.get(v), [])
+        start = bisect.bisect_left(candidates, (sizes[v], -1))
+        b = next((b for _, b in candidates[start:] if _free(busy[b], lifetime[v])), None)
+        if b is None:
             b = len(buffers)
             buffers.append(sizes[v])
-            kind_of.append(kinds.get(v))
             busy.append([])
+            bisect.insort(candidates, (sizes[v], b))
         bisect.insort(busy[b], lifetime[v])
         assign[v] = b
     return assign, buffers

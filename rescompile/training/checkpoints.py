@@ -82,7 +82,7 @@ def resolve(path) -> Path:
     return path
 
 
-def load_for_spec(path, spec, mode: str, backend: str):
+def load_for_spec(path, spec, mode: str, backend: str, **options):
     """An executable restored from `path`, which must hold exactly `spec`.
 
     Shapes are checked first, so a mismatch names the tensor and both shapes; any other
@@ -94,7 +94,7 @@ def load_for_spec(path, spec, mode: str, backend: str):
         name, saved, given = field
         raise CheckpointError(f"{path}: checkpoint was trained with {name} = {saved}, the "
                               f"given spec {spec.name!r} has {given}")
-    return checkpoint.load(path, spec=spec, mode=mode, backend=backend)
+    return checkpoint.load(path, spec=spec, mode=mode, backend=backend, **options)
 
 
 def _first_difference(saved, given, name: str = ""):

@@ -53,7 +53,9 @@ def prepare(config: TrainConfig, out) -> Run:
     steps = target_steps(config, stream.steps_per_epoch)
     if exe.step >= steps:
         out.write(f"already at step {exe.step}, at or past the {steps} steps asked for\n")
-    return Run(exe=exe, infer=compile(spec, mode="infer", backend=backend, dtype=exe.dtype),
+    infer = compile(spec, mode="infer", backend=backend, dtype=exe.dtype,
+                    **compile_options(backend))
+    return Run(exe=exe, infer=infer,
                dataset=dataset, stream=stream, stream_state=settings, steps=steps,
                eval_every=config.eval_every or stream.steps_per_epoch,
                checkpoint_every=config.checkpoint_every, checkpoints=checkpoints,
@@ -84,12 +86,18 @@ def _resume_step(config: TrainConfig, checkpoints, out) -> int | None:
     return newest if config.resume else None
 
 
+def compile_options(backend: str) -> dict:
+    """A minute of silent compiling looks like a hang: the CPU backend says what it compiles."""
+    return {"progress": True} if backend == "cpu" else {}
+
+
 def _train_executable(config: TrainConfig, checkpoints, resume_step, backend: str, seed: int):
     if resume_step is None:
         return compile(config.spec, mode="train", backend=backend,
-                       dtype=config.dtype or DEFAULT_DTYPE, seed=seed)
+                       dtype=config.dtype or DEFAULT_DTYPE, seed=seed, **compile_options(backend))
     path = checkpoints.paths(resume_step)[0]
-    exe = load_for_spec(path, config.spec, mode="train", backend=backend)
+    exe = load_for_spec(path, config.spec, mode="train", backend=backend,
+                        **compile_options(backend))
     if config.dtype and config.dtype != exe.dtype:
         raise CheckpointError(f"{path}: --dtype {config.dtype} differs from the checkpoint's "
                               f"{exe.dtype}")

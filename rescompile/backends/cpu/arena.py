@@ -147,11 +147,12 @@ class Arena:
     def _tables(self) -> None:
         schedule = self.schedule
         n = len(schedule.steps)
-        consts, offsets = [], []
+        consts, offsets, total = [], [], 0
         for step in schedule.steps:
-            offsets.append(sum(len(c) for c in consts))
+            offsets.append(total)
             consts.append(self._consts(step) if isinstance(step, Step)
                           else np.zeros(0, np.int64))
+            total += len(consts[-1])
         self.consts = np.concatenate(consts) if consts else np.zeros(0, np.int64)
         self.steps = np.zeros((2 * n, driver.STEP_COLUMNS), np.int64)
         rows, self.fed_rows = [], []
@@ -162,7 +163,7 @@ class Arena:
                 row[driver.OPS_BEGIN] = row[driver.OPS_END] = len(rows)
                 if not isinstance(step, Step):
                     continue  # a host step: the program runs it, never the driver
-                row[driver.FN] = self.program.addresses[step.kernel]
+                row[driver.FN] = self.program.address(step.kernel)
                 for role in step.kernel.pointers:
                     rows.append(self._operand(step, role, placement, len(rows)))
                 row[driver.OPS_END] = len(rows)

@@ -68,21 +68,29 @@ class CpuProgram:
         self.graph, self.entries, self.dtype = graph, entries, dtype
         self.check_finite = check_finite
         self.target = target_for(isa)
+        self.cache_dir = cache_dir
         start = time.perf_counter()
-        self.plans = self._plans()
-        steps = [s for p in self.plans.values() for s in p.schedule.steps]
-        self.kernels = list(dict.fromkeys(s.kernel for s in steps if isinstance(s, Step)))
+        self._plans: dict[str, Plan] = {}
+        # The entry a user runs most is scheduled now, the others at their first run; its
+        # kernels are every kernel the others use.
+        main = self.plan("train_step" if "train_step" in entries else "forward")
+        self.kernels = list(dict.fromkeys(s.kernel for s in main.schedule.steps
+                                          if isinstance(s, Step)))
         self.addresses = {}
-        for i, kernel in enumerate(self.kernels, start=1):
-            if progress:
-                _progress(f"kernel {i}/{len(self.kernels)} {kernel.symbol}", start)
-            self.addresses[kernel] = jit.address(kernel, cache_dir)
+        missing = [k for k in self.kernels if not jit.cached(k, cache_dir)] if progress else []
+        for i, kernel in enumerate(missing, start=1):
+            _progress(f"compiling micro-kernel {i}/{len(missing)}: {kernel.symbol}", start)
+            self.address(kernel)
+        for kernel in self.kernels:
+            self.address(kernel)
         self.barrier = jit.address(sync.Barrier(self.target), cache_dir)
         if progress:
-            _progress("the driver (Numba; cached after the first time)", start)
+            _progress("loading the driver (Numba compiles it once, then loads it from its "
+                      "cache)", start)
         driver.warm_up()
         if progress:
-            _progress("ready", start)
+            _progress(f"compiled: {len(self.kernels)} micro-kernels ({len(missing)} new) and "
+                      f"the driver", start)
         self.compile_seconds = time.perf_counter() - start
         self.arenas: dict[tuple, Arena] = {}
         self.prepared: dict[str, np.ndarray] = {}
@@ -93,14 +101,40 @@ class CpuProgram:
 
     @property
     def schedule(self):
-        """The schedule of the entry a user runs most (forward)."""
-        return self.plans["forward"].schedule
+        """The schedule of the forward entry."""
+        return self.plan("forward").schedule
 
-    def _plans(self) -> dict[str, Plan]:
+    @property
+    def plans(self) -> dict[str, Plan]:
+        """Every entry's plan (scheduling those not run yet)."""
+        for name in self.entries:
+            if name != "prepare":
+                self.plan(name)
+        return dict(self._plans)
+
+    def plan(self, entry: str) -> Plan:
+        if entry not in self._plans:
+            self._plans.update(self._schedule(entry))
+        return self._plans[entry]
+
+    def address(self, kernel) -> int:
+        if kernel not in self.addresses:
+            self.addresses[kernel] = jit.address(kernel, self.cache_dir)
+            if kernel not in self.kernels:
+                self.kernels.append(kernel)
+        return self.addresses[kernel]
+
+    def _schedule(self, name: str) -> dict[str, Plan]:
+        """The plans that schedule for `name` makes: forward and backward share one."""
         graph, entries, target, dtype = self.graph, self.entries, self.target, self.dtype
         if "prepare" in entries:
             schedule = build_schedule(graph, entries["forward"], target, dtype)
             return {"forward": Plan(schedule, 0, len(schedule.steps))}
+        if name in ("loss_and_grads", "train_step"):
+            entry = entries[name]
+            schedule = self._shared(list(entry.nodes), entry.feeds, entry.fetches,
+                                    {name: entry})
+            return {name: Plan(schedule, 0, len(schedule.steps))}
         plans = {}
         forward, backward = entries["forward"], entries.get("backward")
         nodes = list(forward.nodes) + (list(backward.nodes) if backward else [])
@@ -114,12 +148,6 @@ class CpuProgram:
         plans["forward"] = Plan(paired, 0, boundary)
         if backward:
             plans["backward"] = Plan(paired, boundary, len(paired.steps))
-        for name in ("loss_and_grads", "train_step"):
-            if name in entries:
-                entry = entries[name]
-                schedule = self._shared(list(entry.nodes), entry.feeds, entry.fetches,
-                                        {name: entry})
-                plans[name] = Plan(schedule, 0, len(schedule.steps))
         return plans
 
     def _shared(self, nodes, feeds, fetches, entries):
@@ -176,7 +204,7 @@ class CpuProgram:
             env = interpret(entry.nodes, dict(feeds))
             self.prepared = {name: np.ascontiguousarray(env[name]) for name in entry.fetches}
             return dict(self.prepared)
-        plan = self.plans[entry_name]
+        plan = self.plan(entry_name)
         arrays = dict(feeds)
         arrays.update(self.prepared)
         batch = self._batch(entry, arrays)
@@ -292,8 +320,8 @@ class CpuProgram:
 
     def _profiled_schedule(self, entry: str | None):
         if entry is None:
-            entry = "train_step" if "train_step" in self.plans else "forward"
-        return self.plans[entry].schedule
+            entry = "train_step" if "train_step" in self.entries else "forward"
+        return self.plan(entry).schedule
 
     def allocated_bytes(self, batch: int, entry: str | None = None) -> int:
         return self.arena(self._profiled_schedule(entry), batch).allocated_bytes
@@ -322,5 +350,4 @@ def _checked(step: Step) -> list[str]:
 
 
 def _progress(what: str, start: float) -> None:
-    print(f"compiling {what} ({time.perf_counter() - start:.1f} s)", file=sys.stderr,
-          flush=True)
+    print(f"[{time.perf_counter() - start:5.1f} s] {what}", file=sys.stderr, flush=True)

@@ -86,8 +86,18 @@ def _read_cached(path) -> bytes | None:
     return body
 
 
+def _object_path(kernel, cache_dir) -> Path:
+    return cache_root(cache_dir) / "objects" / f"{cache_key(kernel)}.o"
+
+
+def cached(kernel, cache_dir=None) -> bool:
+    """Whether the kernel is loaded in this process or found, intact, in the cache."""
+    return cache_key(kernel) in _engines or _read_cached(_object_path(kernel, cache_dir)) \
+        is not None
+
+
 def cached_object(kernel, cache_dir=None) -> bytes:
-    path = cache_root(cache_dir) / "objects" / f"{cache_key(kernel)}.o"
+    path = _object_path(kernel, cache_dir)
     body = _read_cached(path)
     if body is None:
         body = object_code(kernel.ir(), kernel.target)
