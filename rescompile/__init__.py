@@ -2,10 +2,12 @@
 
 from .spec import ResNetSpec, SpecError, load_spec, preset
 from .runtime import Executable, compile
-from .errors import CheckpointError, GraphError, InputError
+from .errors import (CheckpointError, DeviceError, GraphError, InputError, NonFiniteError,
+                     ResourceError, UsageError, UserError)
 
 __all__ = ["ResNetSpec", "SpecError", "load_spec", "preset", "Executable", "compile",
-           "CheckpointError", "GraphError", "InputError", "load"]
+           "CheckpointError", "DeviceError", "GraphError", "InputError", "NonFiniteError",
+           "ResourceError", "UsageError", "UserError", "load"]
 __version__ = "0.1.0"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import UsageError
 from .ir import BATCH, Graph, verify
 
 MODES = ("train", "infer")
@@ -34,9 +35,9 @@ class Model:
 
 def build(spec, mode: str = "infer", dtype: str = "float64") -> Model:
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise UsageError(f"mode must be one of {MODES}, got {mode!r}")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise UsageError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     builder = _Builder(spec, mode, dtype)
     logits = builder.network()
     builder.graph.outputs["logits"] = logits
@@ -143,8 +144,9 @@ class _Builder:
     def postact_unit(self, scope, x, in_f, out_f, stride, _activate_before_residual):
         s1, s2 = self.strides(stride)
         shortcut = x
-        x = self.bn_relu(f"{scope}/sub1/bn1", self.conv(f"{scope}/sub1/conv1", x, 1, out_f // 4, s1))
-        x = self.bn_relu(f"{scope}/sub2/bn2", self.conv(f"{scope}/sub2/conv2", x, 3, out_f // 4, s2))
+        mid = out_f // 4
+        x = self.bn_relu(f"{scope}/sub1/bn1", self.conv(f"{scope}/sub1/conv1", x, 1, mid, s1))
+        x = self.bn_relu(f"{scope}/sub2/bn2", self.conv(f"{scope}/sub2/conv2", x, 3, mid, s2))
         x = self.batch_norm(f"{scope}/sub3/bn3", self.conv(f"{scope}/sub3/conv3", x, 1, out_f, 1))
         if in_f != out_f or stride != 1:
             shortcut = self.conv(f"{scope}/sub_add/project", shortcut, 1, out_f, stride)

@@ -7,13 +7,15 @@ log and the passes' remarks; `compile()` hands the last graph to a backend.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from .autodiff import training_graph
 from .build import Model, Variable, build
+from .errors import UsageError
 from .ir import Graph
 from .passes import PIPELINES, PassRecord, Remark, run_pipeline
-from .spec import load_spec
+from .spec import check_representable, load_spec
 
 BACKENDS = ("reference", "cpu", "cuda")
 
@@ -38,6 +40,7 @@ def lower(spec, mode: str = "infer", dtype: str = "float32", optimize: bool = Tr
     mode's; `verify_each` runs the verifier after every pass."""
     spec = load_spec(spec)
     model = build(spec, mode, dtype)
+    check_representable(spec, dtype)
     stages = [("build", model.graph)]
     graph, variables = model.graph, dict(model.variables)
     if mode == "train":
@@ -47,6 +50,12 @@ def lower(spec, mode: str = "infer", dtype: str = "float32", optimize: bool = Tr
     run = run_pipeline(graph, passes, verify_each)
     return Lowered(spec, mode, dtype, run.graph, variables, model, stages + run.stages,
                    run.log, run.remarks)
+
+
+def backend_options(name: str) -> tuple[str, ...]:
+    """The keywords `compile` passes on to the backend (`cache_dir`, `progress`, ...)."""
+    parameters = inspect.signature(backend_module(name).compile_program).parameters
+    return tuple(p for p in parameters if p not in ("graph", "entries", "dtype"))
 
 
 def backend_module(name: str):
@@ -59,4 +68,4 @@ def backend_module(name: str):
     if name == "cuda":
         from .backends import cuda
         return cuda
-    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    raise UsageError(f"backend must be one of {BACKENDS}, got {name!r}")

@@ -18,6 +18,7 @@ import json
 import math
 import operator
 import re
+import reprlib
 import sys
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
@@ -27,6 +28,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .errors import SpecError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -34,12 +39,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "SpecError", "StageSpec", "ModelSpec", "BatchNormSpec", "TrainSpec", "ResNetSpec",
-    "load_spec", "spec_from_dict", "preset",
+    "load_spec", "spec_from_dict", "preset", "check_representable",
 ]
-
-
-class SpecError(ValueError):
-    """A spec is malformed. The message starts with the dotted path of the offending field."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +153,16 @@ _REQUIRED = object()   # a table default meaning "this key must be given"
 _DERIVED = object()    # a table default filled in by the section's cross-field rule
 
 
+# Error messages show a value abbreviated: a hostile spec may nest a value thousands deep or
+# make it megabytes long.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 60, 60
+
+
+def _shown(value: Any) -> str:
+    return _SHOWN.repr(value)
+
+
 def _type_name(value: Any) -> str:
     return {bool: "bool", int: "integer", float: "float", str: "string"}.get(
         type(value), type(value).__name__)
@@ -164,14 +175,15 @@ _COMPARISONS = {"ge": (">=", operator.ge), "gt": (">", operator.gt),
 def _check_bounds(value: float, path: str, bounds: dict[str, float]) -> None:
     if not all(_COMPARISONS[op][1](value, bound) for op, bound in bounds.items()):
         allowed = " and ".join(f"{_COMPARISONS[op][0]} {bound}" for op, bound in bounds.items())
-        raise SpecError(f"{path}: must be {allowed}, got {value!r}")
+        raise SpecError(f"{path}: must be {allowed}, got {_shown(value)}")
 
 
 def _int(**bounds: int) -> Check:
     def check(value: Any, path: str) -> int:
         # bool is a subclass of int, and a float such as 2.0 is a typo we will not guess at.
         if type(value) is not int:
-            raise SpecError(f"{path}: expected an integer, got {_type_name(value)} {value!r}")
+            raise SpecError(f"{path}: expected an integer, got {_type_name(value)} "
+                            f"{_shown(value)}")
         _check_bounds(value, path, bounds)
         return value
     return check
@@ -180,13 +192,14 @@ def _int(**bounds: int) -> Check:
 def _float(**bounds: float) -> Check:
     def check(value: Any, path: str) -> float:
         if type(value) not in (int, float):
-            raise SpecError(f"{path}: expected a number, got {_type_name(value)} {value!r}")
+            raise SpecError(f"{path}: expected a number, got {_type_name(value)} "
+                            f"{_shown(value)}")
         try:
             number = float(value)
         except OverflowError:  # an int too large for a float
             number = math.inf
         if not math.isfinite(number):
-            raise SpecError(f"{path}: must be a finite number, got {value!r}")
+            raise SpecError(f"{path}: must be a finite number, got {_shown(value)}")
         _check_bounds(number, path, bounds)
         return number
     return check
@@ -194,7 +207,8 @@ def _float(**bounds: float) -> Check:
 
 def _bool(value: Any, path: str) -> bool:
     if type(value) is not bool:
-        raise SpecError(f"{path}: expected true or false, got {_type_name(value)} {value!r}")
+        raise SpecError(f"{path}: expected true or false, got {_type_name(value)} "
+                        f"{_shown(value)}")
     return value
 
 
@@ -202,7 +216,7 @@ def _choice(*options: str) -> Check:
     def check(value: Any, path: str) -> str:
         if type(value) is not str or value not in options:
             allowed = ", ".join(repr(o) for o in options)
-            raise SpecError(f"{path}: must be one of {allowed}, got {value!r}")
+            raise SpecError(f"{path}: must be one of {allowed}, got {_shown(value)}")
         return value
     return check
 
@@ -214,17 +228,23 @@ _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 def _name(value: Any, path: str) -> str:
     if type(value) is not str or not _NAME_RE.fullmatch(value):
         raise SpecError(f"{path}: must be a string of 1-64 characters from [A-Za-z0-9._-] "
-                        f"(it is used in file names and generated code), got {value!r}")
+                        f"(it is used in file names and generated code), got {_shown(value)}")
     return value
 
 
-def _list(item: Check, length: int | None = None, what: str = "") -> Check:
-    """A non-empty list (of exactly `length` items if given) of values passing `item`."""
+def _list(item: Check, length: int | None = None, what: str = "",
+          most: int = 64) -> Check:
+    """A non-empty list (of exactly `length` items if given, else at most `most`) of values
+    passing `item`."""
     def check(value: Any, path: str) -> tuple:
         if not isinstance(value, (list, tuple)):
-            raise SpecError(f"{path}: expected a list{what}, got {_type_name(value)} {value!r}")
+            raise SpecError(f"{path}: expected a list{what}, got {_type_name(value)} "
+                            f"{_shown(value)}")
         if length is not None and len(value) != length:
             raise SpecError(f"{path}: must have exactly {length} entries{what}, "
+                            f"got {len(value)}")
+        if len(value) > most:
+            raise SpecError(f"{path}: must have at most {most} entries{what}, "
                             f"got {len(value)}")
         if not value:
             raise SpecError(f"{path}: must not be empty")
@@ -239,7 +259,7 @@ def _table(checks: dict[str, Check], defaults: Mapping[str, Any],
     def check(value: Any, path: str) -> dict:
         if not isinstance(value, Mapping):
             raise SpecError(f"{path or 'spec'}: expected a table, "
-                            f"got {_type_name(value)} {value!r}")
+                            f"got {_type_name(value)} {_shown(value)}")
         prefix = f"{path}." if path else ""
         for key in value:
             if key not in checks:
@@ -274,20 +294,31 @@ _STEM_STRIDE = {"cifar": 1, "imagenet": 4}
 # Each unit kind's constraint on a stage's filters, as (divisor, why).
 _UNIT_FILTER_DIVISOR = {"bottleneck": (4, "a bottleneck unit has filters/4 inner channels")}
 
+# Upper bounds on sizes: far above any ResNet trained (ResNet-1001 has 111 units a stage and
+# 1024 filters), low enough that a typo cannot ask for a graph of millions of nodes.
+MAX_FILTERS = 16384
+MAX_UNITS = 1000        # in all stages together
+MAX_STAGES = 16
+MAX_INPUT = 8192        # height, width and channels of the input
+MAX_CLASSES = 100000
+MAX_BATCH = 65536
+
 _STAGE = _table(
-    {"filters": _int(ge=1), "units": _int(ge=1), "stride": _int(ge=1, le=4)},
+    {"filters": _int(ge=1, le=MAX_FILTERS), "units": _int(ge=1, le=MAX_UNITS),
+     "stride": _int(ge=1, le=4)},
     defaults={})
 
 
 def _learning_rate_entry(value: Any, path: str) -> tuple[int, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise SpecError(f"{path}: expected a [from_step, lr] pair, got {value!r}")
+        raise SpecError(f"{path}: expected a [from_step, lr] pair, got {_shown(value)}")
     from_step, lr = value
-    return _int(ge=0)(from_step, f"{path}[0]"), _float(gt=0)(lr, f"{path}[1]")
+    return _int(ge=0, le=2**53)(from_step, f"{path}[0]"), _float(gt=0)(lr, f"{path}[1]")
 
 
 def _learning_rate(value: Any, path: str) -> tuple[tuple[int, float], ...]:
-    schedule = _list(_learning_rate_entry, what=" of [from_step, lr] pairs")(value, path)
+    schedule = _list(_learning_rate_entry, what=" of [from_step, lr] pairs",
+                     most=1000)(value, path)
     if schedule[0][0] != 0:
         raise SpecError(f"{path}[0]: the first from_step must be 0, got {schedule[0][0]}")
     for i in range(1, len(schedule)):
@@ -299,6 +330,9 @@ def _learning_rate(value: Any, path: str) -> tuple[tuple[int, float], ...]:
 
 def _model_rule(model: dict, path: str) -> None:
     stages = model["stages"]
+    units = sum(stage["units"] for stage in stages)
+    if units > MAX_UNITS:
+        raise SpecError(f"{path}.stages: at most {MAX_UNITS} units in all stages, got {units}")
     divisor, why = _UNIT_FILTER_DIVISOR[model["unit"]]
     for i, stage in enumerate(stages):
         if stage["filters"] % divisor:
@@ -330,16 +364,16 @@ _MODEL_DEFAULTS = {
 
 _MODEL = _table(
     {
-        "input": _list(_int(ge=1), length=3, what=" [H, W, C]"),
-        "num_classes": _int(ge=2),
+        "input": _list(_int(ge=1, le=MAX_INPUT), length=3, what=" [H, W, C]"),
+        "num_classes": _int(ge=2, le=MAX_CLASSES),
         "stem": _choice(*_STEM_STRIDE),
-        "stem_filters": _int(ge=1),
+        "stem_filters": _int(ge=1, le=MAX_FILTERS),
         "unit": _choice(*_UNIT_FILTER_DIVISOR),
         "preactivation": _bool,
         "stride_on": _choice("conv1", "conv2"),
         "padding": _choice("same", "symmetric"),
-        "stages": _list(_STAGE, what=" of stage tables"),
-        "activate_before_residual": _list(_bool, what=" of booleans"),
+        "stages": _list(_STAGE, what=" of stage tables", most=MAX_STAGES),
+        "activate_before_residual": _list(_bool, what=" of booleans", most=MAX_STAGES),
         "relu_leakiness": _float(ge=0, lt=1),
     },
     defaults=_MODEL_DEFAULTS, rule=_model_rule)
@@ -354,7 +388,7 @@ _TRAIN = _table(
         "momentum": _float(ge=0, lt=1),
         "weight_decay": _float(ge=0),
         "learning_rate": _learning_rate,
-        "batch_size": _int(ge=1),
+        "batch_size": _int(ge=1, le=MAX_BATCH),
     },
     defaults=_dataclass_defaults(TrainSpec))
 
@@ -380,15 +414,24 @@ def _assemble(canonical: dict) -> dict[str, Any]:
 # Loading
 # ---------------------------------------------------------------------------------------------
 
+# A spec is a few hundred bytes; a bound on the text keeps a stray multi-gigabyte file out.
+MAX_SPEC_BYTES = 1 << 20
+
+
 def spec_from_dict(d: Mapping) -> ResNetSpec:
     return ResNetSpec(**_assemble(_SPEC(d, "")))
 
 
 def _parse(text: str, kind: str, origin: str) -> Any:
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"{origin}: {len(text)} characters; a spec has at most "
+                        f"{MAX_SPEC_BYTES}")
     try:
         return tomllib.loads(text) if kind == "toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise SpecError(f"{origin}: invalid {kind.upper()}: {e}") from None
+    except RecursionError:
+        raise SpecError(f"{origin}: invalid {kind.upper()}: nested too deeply") from None
 
 
 def _load_file(path: Path) -> ResNetSpec:
@@ -398,7 +441,39 @@ def _load_file(path: Path) -> ResNetSpec:
                         f"expected .toml or .json")
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
-    return spec_from_dict(_parse(path.read_text(encoding="utf-8"), kind, str(path)))
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError(f"{path}: larger than {MAX_SPEC_BYTES} bytes, not a spec")
+        text = data.decode("utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return spec_from_dict(_parse(text, kind, str(path)))
+
+
+def check_representable(spec: ResNetSpec, dtype: str) -> None:
+    """Every number of the spec must survive the cast to the compile dtype: 1e-320 is a
+    float64 but 0 in float32, and batch norm with a zero epsilon divides by zero."""
+    info = np.finfo(dtype)
+    for path, value in _numbers(spec.to_dict(), ""):
+        if value != 0 and not float(info.tiny) <= abs(value) <= float(info.max):
+            raise SpecError(f"{path}: {value!r} is not a normal {dtype} number (magnitudes "
+                            f"{float(info.tiny):.3g} to {float(info.max):.3g}, or 0)")
+
+
+def _numbers(value: Any, path: str):
+    """(dotted path, value) of every float in a spec's plain dict."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{path}.{key}".lstrip("."))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{path}[{i}]")
+    elif isinstance(value, float):
+        yield path, value
 
 
 def _looks_like_path(text: str) -> bool:

@@ -1,5 +1,9 @@
 """The `rescompile` command line. Each command lives in its own module with `register(sub)`
-(adds its parser) and a `run(args)` the parser points at."""
+(adds its parser) and a `run(args)` the parser points at.
+
+A user's mistake (a `UserError`) is one line on stderr and the error's own exit code (2 usage,
+3 spec, 4 input or data, 5 checkpoint or artifact, 6 resources, 7 device, 8 training
+diverged); anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -7,15 +11,21 @@ import argparse
 import importlib
 import sys
 
-from ..errors import CheckpointError, GraphError, InputError
-from ..spec import SpecError
+from ..errors import UserError
 
 COMMANDS = ("dump", "run", "check", "compile", "cache", "bench", "train", "eval", "predict")
-USER_ERRORS = (SpecError, GraphError, InputError, CheckpointError, FileNotFoundError, ValueError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other user error (the usage is
+    one `--help` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="rescompile", description=(
+    top = Parser(prog="rescompile", description=(
         "Compile ResNets described by a small spec into fast executables."))
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
@@ -27,8 +37,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"rescompile {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -6,7 +6,7 @@ command (`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE rescompile bench ...`): t
 the training kernels use OpenBLAS."""
 
 from ..bench import bench, format_report, report_json
-from .common import add_backend, add_dtype, add_mode, add_spec, resolve_spec
+from .common import add_backend, add_dtype, add_mode, add_spec, positive_int, resolve_spec
 
 
 def register(sub) -> None:
@@ -15,10 +15,10 @@ def register(sub) -> None:
     add_mode(p)
     add_dtype(p)
     add_backend(p)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=6,
+    p.add_argument("--batch", type=positive_int, default=128)
+    p.add_argument("--repeat", type=positive_int, default=6,
                    help="timed runs in all, over the rounds (the median is reported)")
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--rounds", type=positive_int, default=2,
                    help="interleaved rounds of rescompile and every peer")
     p.add_argument("--profile", action="store_true", help="per-kernel table")
     p.add_argument("--no-peers", dest="peers", action="store_false",
@@ -30,8 +30,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    if args.batch < 1 or args.repeat < 1 or args.rounds < 1:
-        raise ValueError("--batch, --repeat and --rounds must be >= 1")
     report = bench(resolve_spec(args.spec), args.mode, args.batch, args.backend, args.dtype,
                    args.repeat, args.profile, args.peers, args.warm, rounds=args.rounds)
     print(format_report(report))

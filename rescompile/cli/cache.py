@@ -1,14 +1,13 @@
 """`rescompile cache info|clear`: the on-disk cache of generated kernels.
 
-Only what rescompile writes is counted or removed: the CPU micro-kernels' object code
-(`objects/*.o`), the CUDA backend's generated modules (`cuda/k_*.py`) and Numba's compiled code
-beside them in `cuda/__pycache__`."""
+Only what rescompile wrote is counted or removed: the files listed in the cache's record
+(`fileio.RECORD`: the CPU micro-kernels' object code, the CUDA backend's generated modules)
+and the code Numba compiled for those modules beside them in `cuda/__pycache__`. Anything
+else in the directory is left alone."""
 
 from pathlib import Path
 
-from ..fileio import cache_root
-
-PATTERNS = ("objects/*.o", "cuda/k_*.py", "cuda/__pycache__/*")
+from ..fileio import RECORD, configured_cache_dir, recorded_files
 
 
 def register(sub) -> None:
@@ -20,11 +19,14 @@ def register(sub) -> None:
 
 
 def cache_files(directory: Path) -> list[Path]:
-    return [p for pattern in PATTERNS for p in directory.glob(pattern) if p.is_file()]
+    files = recorded_files(directory)
+    for module in [p for p in files if p.suffix == ".py"]:
+        files += sorted((module.parent / "__pycache__").glob(f"{module.stem}.*"))
+    return files
 
 
 def run(args) -> int:
-    directory = cache_root(args.dir)
+    directory = configured_cache_dir(args.dir)
     files = cache_files(directory)
     if args.action == "info":
         objects = [p for p in files if p.suffix == ".o"]
@@ -36,5 +38,6 @@ def run(args) -> int:
         return 0
     for path in files:
         path.unlink(missing_ok=True)
+    (directory / RECORD).unlink(missing_ok=True)
     print(f"cleared   {directory} ({len(files)} files)")
     return 0

@@ -7,7 +7,7 @@ non-trivial BN statistics, prints the largest relative change of the outputs per
 
 from ..compiler import lower
 from ..passes.check import TOLERANCE, check_stages
-from .common import add_dtype, add_mode, add_spec, resolve_spec
+from .common import add_dtype, add_mode, add_spec, positive_int, resolve_spec, seed_int
 
 
 def register(sub) -> None:
@@ -15,16 +15,14 @@ def register(sub) -> None:
     add_spec(p)
     add_mode(p)
     add_dtype(p, default="float64")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--tolerance", type=float, help="relative to max (default: "
                    + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) + ")")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
     lowered = lower(resolve_spec(args.spec), args.mode, args.dtype, verify_each=True)
     report = check_stages(lowered, args.batch, args.seed, args.tolerance)
     print(f"{'stage':<20} {'max rel change':>14}  worst output")

@@ -1,5 +1,7 @@
 """Arguments several commands share."""
 
+import argparse
+
 from ..build import DTYPES, MODES
 from ..compiler import BACKENDS
 
@@ -21,17 +23,42 @@ def add_backend(p, default: str = "cpu") -> None:
 
 
 def resolve_spec(text: str):
-    """A path or TOML/JSON text, else a preset name."""
+    """A path or TOML/JSON text, else a preset name. Anything that looks like a file name (a
+    spec suffix, a directory part) is a file, so a missing file is not an unknown preset."""
     from pathlib import Path
     from ..spec import load_spec, preset
-    if "=" in text or text.lstrip().startswith("{") or Path(text).exists():
+    path = Path(text)
+    if "=" in text or text.lstrip().startswith("{") or path.exists() or \
+            path.suffix.lower() in (".toml", ".json") or "/" in text:
         return load_spec(text)
     return preset(text)
 
 
+def at_least(least: int):
+    """argparse type: an integer >= `least` (argparse names the flag in its one-line error)."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    return integer
+
+
+positive_int = at_least(1)
+seed_int = at_least(0)
+
+
 def write_or_print(text: str, path) -> None:
     if path:
-        with open(path, "w") as f:
-            f.write(text)
+        write_text(path, text)
     else:
         print(text, end="")
+
+
+def write_text(path, text: str) -> None:
+    """Write an output file atomically; a path that cannot be written is the user's to fix."""
+    from ..fileio import atomic_write
+    atomic_write(path, lambda f: f.write(text.encode()))

@@ -1,11 +1,12 @@
-"""`rescompile compile`: lower a spec and write a self-contained `.rcx` artifact."""
+"""`rescompile compile`: lower a spec and write an `.rcx` artifact (graph and weights, no
+code: loading it compiles the graph again, from the kernel cache when it can)."""
 
 import time
 
 from ..artifact import save_artifact
 from ..checkpoint import load as load_checkpoint
 from ..runtime import compile
-from .common import add_backend, add_dtype, add_mode, add_spec, resolve_spec
+from .common import add_backend, add_dtype, add_mode, add_spec, resolve_spec, seed_int
 
 
 def register(sub) -> None:
@@ -16,7 +17,7 @@ def register(sub) -> None:
     add_backend(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE.rcx")
     p.add_argument("--checkpoint", metavar="FILE", help="take the variables from a checkpoint")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=run)
 
 
@@ -29,8 +30,6 @@ def run(args) -> int:
         exe = compile(spec, mode=args.mode, backend=args.backend, dtype=args.dtype,
                       seed=args.seed)
     save_artifact(exe, args.output)
-    kernels = len(exe.program.kernel_sources()) if hasattr(exe.program, "kernel_sources") else 0
     print(f"wrote {args.output}: {spec.name} {args.mode} {exe.dtype} ({args.backend}), "
-          f"{len(exe.graph.nodes)} nodes, {kernels} kernels, "
-          f"{time.perf_counter() - start:.1f} s")
+          f"{len(exe.graph.nodes)} nodes, {time.perf_counter() - start:.1f} s")
     return 0

@@ -10,8 +10,10 @@ from pathlib import Path
 from ..compiler import lower
 from ..dump import FORMATS, render
 from ..entries import make_entries
+from ..errors import UsageError
 from ..passes.memory import plan_memory
-from .common import add_dtype, add_mode, add_spec, resolve_spec, write_or_print
+from .common import (add_dtype, add_mode, add_spec, positive_int, resolve_spec,
+                     write_or_print, write_text)
 
 EXTENSIONS = {"text": "txt", "json": "json", "dot": "dot"}
 
@@ -30,7 +32,7 @@ def register(sub) -> None:
                    help="print the pass log and refused folds and fusions instead of a graph")
     p.add_argument("--memory", action="store_true",
                    help="print the memory plan of the main entry instead of a graph")
-    p.add_argument("--batch", type=int, default=128, help="batch size for --memory")
+    p.add_argument("--batch", type=positive_int, default=128, help="batch size for --memory")
     p.add_argument("--kernels", action="store_true",
                    help="print the CPU backend's generated kernels (LLVM IR in inference) "
                         "instead of a graph")
@@ -65,18 +67,17 @@ def _render_stage(lowered, stage, fmt: str) -> str:
     stages = dict(lowered.stages)
     stage = stage or lowered.stages[-1][0]
     if stage not in stages:
-        raise ValueError(f"--after: unknown stage {stage!r}; stages: {', '.join(stages)}, all")
+        raise UsageError(f"--after: unknown stage {stage!r}; stages: {', '.join(stages)}, all")
     text = render(stages[stage], fmt)
     return text + footer(lowered) if fmt == "text" else text
 
 
 def _dump_all(lowered, fmt: str, directory) -> None:
     if not directory:
-        raise ValueError("--after all writes one file per stage: name a directory with -o")
+        raise UsageError("--after all writes one file per stage: name a directory with -o")
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     for i, (name, graph) in enumerate(lowered.stages, start=1):
-        (out / f"{i:02d}-{name}.{EXTENSIONS[fmt]}").write_text(render(graph, fmt))
+        write_text(out / f"{i:02d}-{name}.{EXTENSIONS[fmt]}", render(graph, fmt))
     print(f"wrote {len(lowered.stages)} stages to {out}/")
 
 
@@ -89,7 +90,7 @@ def cpu_program(lowered):
 def kernel_listing(lowered, node_filter=None, assembly: bool = False) -> str:
     text = cpu_program(lowered).kernel_listing(node_filter, assembly)
     if not text.strip():
-        raise ValueError(f"--node: no node name contains {node_filter!r}")
+        raise UsageError(f"--node: no node name contains {node_filter!r}")
     return text
 
 
@@ -109,8 +110,6 @@ def memory_report(lowered, batch: int) -> str:
 
 def memory_plan(lowered, batch: int):
     """The plan of the entry a user runs most: forward (infer) or train_step (train)."""
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
     entry = make_entries(lowered.graph, lowered.mode)[
         "train_step" if lowered.mode == "train" else "forward"]
     return plan_memory(lowered.graph, entry.nodes, batch, set(entry.fetches))

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import add_backend, add_spec
+from ..errors import UsageError
+from .common import add_backend, add_spec, positive_int
 from .eval import add_checkpoint, load_infer
 
 BATCH = 256
@@ -17,7 +18,7 @@ def register(sub) -> None:
     add_checkpoint(p)
     p.add_argument("images", metavar="IMAGES.npy", help="NHWC float images, or uint8 pixels "
                    "(fitted and standardized as for evaluation)")
-    p.add_argument("--top", type=int, default=1, metavar="K")
+    p.add_argument("--top", type=positive_int, default=1, metavar="K")
     p.add_argument("-o", "--output", metavar="OUT.json|OUT.npy", help=".json: top K classes "
                    "and probabilities per image; .npy: every class's probability [N, classes]")
     add_backend(p, default=None)
@@ -26,10 +27,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     if args.output and Path(args.output).suffix not in (".json", ".npy"):
-        raise ValueError(f"-o {args.output}: the output must end in .json or .npy")
+        raise UsageError(f"-o {args.output}: the output must end in .json or .npy")
     spec, exe = load_infer(args)
     if not 1 <= args.top <= spec.model.num_classes:
-        raise ValueError(f"--top must be between 1 and {spec.model.num_classes}, got {args.top}")
+        raise UsageError(f"--top must be between 1 and {spec.model.num_classes}, got {args.top}")
     images = _images(args.images, spec.model.input)
     logits = np.concatenate([exe.forward(images[i:i + BATCH])
                              for i in range(0, len(images), BATCH)])
@@ -45,13 +46,21 @@ def run(args) -> int:
 
 
 def _images(path, input_shape) -> np.ndarray:
+    from ..archive import parse_npy
     from ..data import DataError, fit_images
     from ..data.augment import eval_transform
+    from ..resources import check_fits
+    path = Path(path)
     try:
-        images = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npy file ({exc})") from None
-    if images.dtype == np.uint8 and images.ndim == 4:
+        check_fits(2 * path.stat().st_size, f"{path}: the images")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    images = parse_npy(path, "images", data, error=DataError)
+    if images.ndim != 4 or not len(images):
+        raise DataError(f"{path}: expected images [N, H, W, C] with N >= 1, got shape "
+                        f"{list(images.shape)}")
+    if images.dtype == np.uint8:
         return eval_transform(fit_images(images, input_shape, str(path)))
     return images  # floats go in as they are; the executable checks their shape
 

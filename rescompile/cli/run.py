@@ -1,12 +1,15 @@
 """`rescompile run`: compile a spec, run one forward pass on a seeded batch, say what it did."""
 
+import math
 import time
 
 import numpy as np
 
 from ..dump import summary
 from ..runtime import compile
-from .common import add_backend, add_dtype, add_mode, add_spec, resolve_spec
+from ..resources import check_fits
+from .common import (add_backend, add_dtype, add_mode, add_spec, positive_int, resolve_spec,
+                     seed_int)
 
 
 def register(sub) -> None:
@@ -15,18 +18,18 @@ def register(sub) -> None:
     add_backend(p)
     add_mode(p)
     add_dtype(p)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
     spec = resolve_spec(args.spec)
     start = time.perf_counter()
     exe = compile(spec, mode=args.mode, backend=args.backend, dtype=args.dtype, seed=args.seed)
     compiled = time.perf_counter() - start
+    check_fits(args.batch * math.prod(spec.model.input) * np.dtype(exe.dtype).itemsize * 2,
+               f"--batch {args.batch}: the images")
     images = np.random.default_rng(args.seed).standard_normal(
         (args.batch, *spec.model.input)).astype(args.dtype)
     start = time.perf_counter()

@@ -3,7 +3,7 @@
 import argparse
 
 from ..data import DATASETS
-from .common import add_backend, add_dtype, add_spec, resolve_spec
+from .common import add_backend, add_dtype, add_spec, positive_int, resolve_spec, seed_int
 
 
 def register(sub) -> None:
@@ -11,20 +11,25 @@ def register(sub) -> None:
     add_spec(p)
     add_data(p)
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="train up to this step (default: twice the "
-                        "learning-rate schedule's last decay step, else 10 epochs)")
-    length.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="default: the spec's train.batch_size")
+    length.add_argument("--steps", type=positive_int, help="train up to this step (default: "
+                        "twice the learning-rate schedule's last decay step, else 10 epochs)")
+    length.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int,
+                   help="default: the spec's train.batch_size")
     add_backend(p, default=None)
     add_dtype(p, default=None)
-    p.add_argument("--seed", type=int, help="initial values, shuffling, augmentation (0)")
+    p.add_argument("--seed", type=seed_int, help="initial values, shuffling, augmentation (0)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="the seed's pad-crop-mirror augmentation (default: on, off for digits)")
     p.add_argument("--checkpoint", metavar="DIR", help="directory for step-NNNNNN.npz files")
     p.add_argument("--resume", action="store_true", help="continue from the newest in DIR")
-    p.add_argument("--eval-every", type=int, metavar="K", help="steps (default: an epoch)")
-    p.add_argument("--checkpoint-every", type=int, metavar="K", default=1000)
-    p.add_argument("--keep", type=int, metavar="K", default=3, help="checkpoints to keep")
+    p.add_argument("--fresh-optimizer", action="store_true",
+                   help="on --resume, accept a checkpoint without optimizer slots (zeros)")
+    p.add_argument("--eval-every", type=positive_int, metavar="K",
+                   help="steps (default: an epoch)")
+    p.add_argument("--checkpoint-every", type=positive_int, metavar="K", default=1000)
+    p.add_argument("--keep", type=positive_int, metavar="K", default=3,
+                   help="checkpoints to keep")
     p.add_argument("--log", metavar="FILE", help="JSONL metrics log")
     p.add_argument("--plot", metavar="FILE", help="PNG of loss and accuracy (needs matplotlib)")
     p.set_defaults(func=run)
@@ -41,8 +46,8 @@ def run(args) -> int:
         spec=resolve_spec(args.spec), data=args.data, data_dir=args.data_dir, steps=args.steps,
         epochs=args.epochs, batch_size=args.batch_size, backend=args.backend, dtype=args.dtype,
         seed=args.seed, augment=args.augment, checkpoint=args.checkpoint, resume=args.resume,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, keep=args.keep,
-        log=args.log, plot=args.plot)
+        fresh_optimizer=args.fresh_optimizer, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, keep=args.keep, log=args.log, plot=args.plot)
     _, evaluation = train(config)
     if evaluation is not None:
         print(f"test accuracy {evaluation.accuracy:.2%} ({evaluation.correct}/"

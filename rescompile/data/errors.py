@@ -1,5 +1,7 @@
 """The one error type the data package raises for bad user input."""
 
+from ..errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError):
     """A data set is missing, malformed, or does not fit the model; the message says which."""
