@@ -5,26 +5,40 @@ It is the oracle every other backend is tested against, in float64 or float32.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import ops
+from ..ir import BATCH
+from ..resources import check_fits
 
 
 class ReferenceProgram:
     name = "reference"
 
-    def __init__(self, graph, entries):
+    def __init__(self, graph, entries, dtype: str):
         self.graph = graph
         self.entries = entries
+        self.itemsize = np.dtype(dtype).itemsize
         self.saved: dict[str, dict] = {}
 
     def run(self, entry_name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         entry = self.entries[entry_name]
+        check_fits(self._value_bytes(entry, feeds), f"the reference backend's values of "
+                                                    f"{entry_name!r}")
         env = dict(self.saved.get(entry.after, {})) if entry.after else {}
         env.update(feeds)
         interpret(entry.nodes, env)
         self.saved[entry_name] = env
         return {name: env[name] for name in entry.fetches}
+
+    def _value_bytes(self, entry, feeds) -> int:
+        """The interpreter keeps every value of an entry: their bytes at the feeds' batch."""
+        batch = next((feeds[n].shape[0] for n in entry.feeds if n in feeds
+                      and self.graph.value(n).shape[:1] == (BATCH,)), 1)
+        return sum(math.prod(self.graph.value(v).concrete_shape(batch)) * self.itemsize
+                   for node in entry.nodes for v in node.outputs)
 
     def values(self, entry_name: str) -> dict[str, np.ndarray]:
         """Every value the last run of an entry computed (for tests and `check`)."""
@@ -39,5 +53,5 @@ def interpret(nodes, env: dict) -> dict:
     return env
 
 
-def compile_program(graph, entries, **_options) -> ReferenceProgram:
-    return ReferenceProgram(graph, entries)
+def compile_program(graph, entries, dtype: str) -> ReferenceProgram:
+    return ReferenceProgram(graph, entries, dtype)

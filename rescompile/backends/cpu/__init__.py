@@ -10,7 +10,7 @@ from .program import CpuProgram  # noqa: E402
 
 
 def compile_program(graph, entries, dtype: str, cache_dir=None, check_finite: bool = False,
-                    isa: str | None = None, progress: bool = False, **_options) -> CpuProgram:
+                    isa: str | None = None, progress: bool = False) -> CpuProgram:
     """`isa` ("avx512", "avx2", "portable") overrides the host's instruction set for the
     micro-kernels (it must run here); `progress` prints what is being compiled."""
     return CpuProgram(graph, entries, dtype, cache_dir=cache_dir, check_finite=check_finite,

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...passes.memory import assign_buffers, lifetimes
+from ...resources import check_fits
 from . import driver
 from .lower import Step
 from .target import DTYPE_BYTES
@@ -118,20 +119,22 @@ class Arena:
         kinds = {v: (self.layouts[v], v in schedule.dilated)
                  if v in self.layouts and (any(self.layouts[v].pads) or v in schedule.dilated)
                  else None for v in internal}
-        self.batch_buffers = {v: aligned_empty(self.image_bytes[v] * batch)
-                              for v in internal if v in schedule.batch_values}
+        whole = {v: self.image_bytes[v] * batch for v in internal if v in schedule.batch_values}
         per_call = {}
         for seg in schedule.segments:
             for step in schedule.steps[seg.begin:seg.end]:
                 for v in step.outputs:
-                    if v not in self.batch_buffers:
+                    if v not in whole:
                         per_call[v] = self.image_bytes[v] * seg.images
         self.thread_region = plan_region(schedule.steps, per_call, kinds)
-        self.thread_memory = aligned_empty(self.thread_region.nbytes * threads)
         shared = {v: self.shared_bytes(v) for v in internal
-                  if not (v in schedule.fetches and v in self.batch_buffers)}
+                  if not (v in schedule.fetches and v in whole)}
         self.shared_region = plan_region(schedule.steps, shared, kinds, schedule.keep) \
             if self.n_shared else Region({}, 0)
+        check_fits(sum(whole.values()) + self.thread_region.nbytes * threads
+                   + self.shared_region.nbytes, f"the cpu backend's buffers for batch {batch}")
+        self.batch_buffers = {v: aligned_empty(nbytes) for v, nbytes in whole.items()}
+        self.thread_memory = aligned_empty(self.thread_region.nbytes * threads)
         self.shared_memory = aligned_empty(self.shared_region.nbytes)
         self._tables()
 

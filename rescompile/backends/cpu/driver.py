@@ -47,6 +47,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ...fileio import repairing_numba_cache
+
 # steps columns
 (FN, CONSTS, OPS_BEGIN, OPS_END, PIXELS, CHANNELS, PIXEL_ALIGN, CHANNEL_ALIGN, SPLIT,
  CHUNKS, BATCHED, FIXED) = range(12)
@@ -235,12 +237,13 @@ def _piece(steps, s, pixels, c, pieces, groups):
 
 
 def warm_up() -> None:
-    """Compile (or load from Numba's cache) the driver now, with an empty program."""
+    """Compile (or load from Numba's cache) the driver now, with an empty program; a cache
+    entry Numba cannot read is emptied and the driver compiled again."""
     steps = np.zeros((0, STEP_COLUMNS), np.int64)
-    run_program(steps, np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64),
-                np.zeros(1, np.int64), np.zeros((1, POINTER_BLOCK), np.int64),
-                np.zeros(COUNTER_STRIDE, np.int64), 0, 0, 0, 0, 1, 0, np.zeros(16, np.int64),
-                empty_profile())
+    repairing_numba_cache(compiled_functions(), lambda: run_program(
+        steps, np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64), np.zeros(1, np.int64),
+        np.zeros((1, POINTER_BLOCK), np.int64), np.zeros(COUNTER_STRIDE, np.int64),
+        0, 0, 0, 0, 1, 0, np.zeros(16, np.int64), empty_profile()))
 
 
 def empty_profile() -> np.ndarray:

@@ -162,12 +162,6 @@ class CpuProgram:
         return schedule
 
     # -- kernels --------------------------------------------------------------------------
-    def kernel_sources(self) -> dict[str, str]:
-        """The IR of every distinct micro-kernel, by symbol."""
-        sources = {k.symbol: k.ir() for k in self.kernels}
-        sources[sync.SYMBOL] = sync.barrier_ir()
-        return sources
-
     def kernel_listing(self, node_filter: str | None = None, assembly: bool = False) -> str:
         """Each step's kernel call in schedule order, and each distinct kernel's IR (or its
         optimised assembly) once, after its first call."""

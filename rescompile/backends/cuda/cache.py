@@ -6,22 +6,18 @@ and is imported from there; `@cuda.jit(cache=True)` then keeps the machine code 
 The name hashes the source and the numba version, so identical kernels share one file and a
 new numba never loads stale code.
 
-Cache directory: the `cache_dir` argument, else $RESCOMPILE_CACHE_DIR, else
-$XDG_CACHE_HOME/rescompile, else ~/.cache/rescompile; always the `cuda/` folder inside.
+Cache directory: `fileio.cache_root` (the `cache_dir` argument, else the configured one);
+always the `cuda/` folder inside. Numba's cache of a module that cannot be read is emptied and
+the kernel compiled again (`fileio.repairing_numba_cache`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numba
 
 from ...fileio import cache_root, generated_module
-
-
-def cache_dir(explicit=None) -> Path:
-    return cache_root(explicit) / "cuda"
 
 
 def digest(source: str) -> str:
@@ -31,5 +27,5 @@ def digest(source: str) -> str:
 def load_kernel(source: str, directory=None):
     """The `kernel` function of a generated module, writing and importing it once."""
     stem = f"k_{digest(source)[:32]}"
-    return generated_module(source, cache_dir(directory) / f"{stem}.py",
+    return generated_module(source, cache_root(directory), f"cuda/{stem}.py",
                             f"rescompile_cuda_{stem}").kernel

@@ -10,8 +10,11 @@ from __future__ import annotations
 import numpy as np
 from numba import config, cuda
 
+from ... import resources
+from ...errors import DeviceError, ResourceError
 
-class CudaUnavailableError(RuntimeError):
+
+class CudaUnavailableError(DeviceError, RuntimeError):
     """backend='cuda' was asked for on a machine without a usable GPU."""
 
 
@@ -31,6 +34,17 @@ def require_device() -> None:
         raise CudaUnavailableError(
             "backend 'cuda' needs an NVIDIA GPU with a working driver, or "
             "NUMBA_ENABLE_CUDASIM=1 (set before numba is imported) for the simulator")
+
+
+def check_fits(nbytes: int, what: str) -> None:
+    """Refuse a plan larger than the device's free memory before allocating any of it."""
+    if simulated():
+        resources.check_fits(nbytes, what)
+        return
+    free, _ = cuda.current_context().get_memory_info()
+    if nbytes > free:
+        raise ResourceError(f"{what} need {nbytes / resources.GIB:.1f} GiB; the GPU has "
+                            f"{free / resources.GIB:.1f} GiB free")
 
 
 def is_device_array(obj) -> bool:

@@ -21,6 +21,7 @@ from . import cache, device, kernels
 from .memory import variable_layout
 from .plan import Plan, build_plan, kept_values, layout_ref
 from ...errors import InputError
+from ...fileio import repairing_numba_cache
 
 
 @dataclass
@@ -48,6 +49,7 @@ class CudaProgram:
         self.uploads = 0  # variable uploads, for tests of the mirror
         self._mirrors: dict[str, object] = {}
         self._bound: dict[tuple, Bound] = {}
+        self._launched: set = set()  # kernels launched once (loaded from Numba's cache)
         self._saved: dict[str, dict] = {}
         self._batch: dict[str, int | None] = {}
         self._updates = {v: k[4:] for k, v in graph.outputs.items() if k.startswith("new/")}
@@ -61,6 +63,8 @@ class CudaProgram:
             entry = self.entries[entry_name]
             plan = build_plan(self.graph, entry, self.layout, batch, self.dtype, self.target,
                               kept_values(self.entries, entry), self.reuse)
+            device.check_fits(sum(plan.device_bytes(self.dtype).values()),
+                              f"the cuda backend's buffers for batch {batch}")
             arenas = {"V": self.arena, "A": device.empty(plan.arena, self.dtype)}
             arenas.update({f"scratch/{dtype}": device.empty(size, dtype)
                            for dtype, size in plan.pools.items()})
@@ -105,7 +109,11 @@ class CudaProgram:
                 env[name] = self._feed(name, value, bound.values[name])
         for launch, kernel in zip(bound.plan.launches, bound.kernels):
             args = [env[r.name] if r.kind == "value" else bound.fixed[r] for r in launch.args]
-            kernel[launch.grid, launch.block](*args)
+            if kernel in self._launched:
+                kernel[launch.grid, launch.block](*args)
+            else:  # the first launch loads the kernel from Numba's cache
+                repairing_numba_cache([kernel], lambda: kernel[launch.grid, launch.block](*args))
+                self._launched.add(kernel)
         self._saved[entry_name] = env
         self._batch[entry_name] = batch
         results = {name: self._fetch(env[name], bound.plan.shapes[name]) for name in entry.fetches}

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
 import llvmlite.binding as llvm
 
-from ....fileio import atomic_write, cache_root
+from ....errors import ResourceError
+from ....fileio import cache_root, write_cache_file
 from ..target import Target
 
 _MAGIC = b"rescompile-object-1\n"
@@ -73,40 +75,55 @@ def assembly(ir_text: str, target: Target) -> str:
     return machine.emit_assembly(module)
 
 
-def _read_cached(path) -> bytes | None:
+def _intact(data: bytes) -> bytes | None:
+    """The object code of a cache file, or None unless its header's digest matches it."""
+    if not data.startswith(_MAGIC):
+        return None
+    digest, body = data[len(_MAGIC):len(_MAGIC) + 64], data[len(_MAGIC) + 65:]
+    return body if hashlib.sha256(body).hexdigest().encode() == digest else None
+
+
+def _read_cached(path: Path, repair: bool = False) -> bytes | None:
     try:
         data = path.read_bytes()
     except OSError:
         return None
-    if not data.startswith(_MAGIC):
-        return None
-    digest, body = data[len(_MAGIC):len(_MAGIC) + 64], data[len(_MAGIC) + 65:]
-    if hashlib.sha256(body).hexdigest().encode() != digest:
-        return None
+    body = _intact(data)
+    if body is None and repair:
+        warnings.warn(f"{path}: corrupt kernel cache entry removed and rebuilt",
+                      RuntimeWarning, stacklevel=4)
+        path.unlink(missing_ok=True)
     return body
 
 
-def _object_path(kernel, cache_dir) -> Path:
-    return cache_root(cache_dir) / "objects" / f"{cache_key(kernel)}.o"
+def _object_name(kernel) -> str:
+    return f"objects/{cache_key(kernel)}.o"
 
 
 def cached(kernel, cache_dir=None) -> bool:
     """Whether the kernel is loaded in this process or found, intact, in the cache."""
-    return cache_key(kernel) in _engines or _read_cached(_object_path(kernel, cache_dir)) \
-        is not None
+    return cache_key(kernel) in _engines or \
+        _read_cached(cache_root(cache_dir) / _object_name(kernel)) is not None
 
 
 def cached_object(kernel, cache_dir=None) -> bytes:
-    path = _object_path(kernel, cache_dir)
-    body = _read_cached(path)
+    root = cache_root(cache_dir)
+    body = _read_cached(root / _object_name(kernel), repair=True)
     if body is None:
         body = object_code(kernel.ir(), kernel.target)
         header = _MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n"
         try:
-            atomic_write(path, lambda f: f.write(header + body))
-        except OSError:
-            pass  # an unwritable cache costs a recompile next time, nothing else
+            write_cache_file(root, _object_name(kernel), header + body)
+        except ResourceError as exc:
+            _warn_once(f"kernel cache not written: {exc}")
     return body
+
+
+@lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    # An unwritable cache costs a recompile next time, nothing else; say so once, not per
+    # kernel.
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def address(kernel, cache_dir=None) -> int:
