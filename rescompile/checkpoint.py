@@ -2,21 +2,24 @@
 spec, in one plain `.npz` (no pickle) with a JSON manifest.
 
 Writes are atomic (a temporary file in the same directory, fsync, then rename), so a crash
-leaves the previous checkpoint intact. Reads load and check everything before anything is
-used: a corrupt or truncated file, or one that disagrees with its spec, raises
-CheckpointError naming the problem, never a half-loaded model.
+leaves the previous checkpoint intact, and refuse a non-finite variable, so a diverged run
+never replaces a good checkpoint with NaN. Reads check everything before anything is used:
+member sizes and array headers (`archive`), every manifest field (`manifest`), then each
+variable's name, shape and dtype against the spec, and that none is missing. A corrupt or
+truncated file, or one that disagrees with its spec, raises CheckpointError naming the file
+and the field or tensor, never a half-loaded model.
 """
 
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from . import archive, manifest as fields
 from .autodiff import training_graph
-from .build import build
+from .build import DTYPES, MODES, build
 from .errors import CheckpointError
 from .fileio import atomic_write
 from .spec import SpecError, load_spec
@@ -24,13 +27,22 @@ from .spec import SpecError, load_spec
 FORMAT = "rescompile-checkpoint"
 VERSION = 1
 MANIFEST = "__manifest__"
+MANIFEST_FIELDS = {
+    "format": fields.exactly(FORMAT), "version": fields.exactly(VERSION),
+    "spec": fields.table(), "mode": fields.one_of(MODES), "dtype": fields.one_of(DTYPES),
+    "step": fields.count(), "variables": fields.names(),
+}
 
 
 def save(exe, path) -> None:
+    state = exe.state
+    for name, value in state.items():
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{path}: not written: variable {name!r} is not finite")
     manifest = {"format": FORMAT, "version": VERSION, "spec": json.loads(exe.spec.to_json()),
                 "mode": exe.mode, "dtype": exe.dtype, "step": exe.step,
-                "variables": sorted(exe.state)}
-    arrays = {f"var/{name}": value for name, value in exe.state.items()}
+                "variables": sorted(state)}
+    arrays = {f"var/{name}": value for name, value in state.items()}
     arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -40,30 +52,40 @@ def read(path) -> tuple[dict, dict[str, np.ndarray]]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {key: z[key] for key in z.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({exc})") from None
-    if MANIFEST not in arrays:
+    arrays = archive.read_npz(path)
+    if MANIFEST not in arrays or arrays[MANIFEST].dtype != np.uint8:
         raise CheckpointError(f"{path}: not a rescompile checkpoint (no manifest)")
-    try:
-        manifest = json.loads(arrays.pop(MANIFEST).tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: corrupt manifest ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    manifest = fields.parse(path, arrays.pop(MANIFEST).tobytes())
+    if isinstance(manifest, dict) and (manifest.get("format"), manifest.get("version")) != \
+            (FORMAT, VERSION):
         raise CheckpointError(f"{path}: unsupported checkpoint format "
-                              f"{manifest.get('format')!r} version {manifest.get('version')!r}")
-    variables = {key[4:]: value for key, value in arrays.items() if key.startswith("var/")}
-    if sorted(variables) != manifest["variables"]:
+                              f"{str(manifest.get('format'))[:60]!r} version "
+                              f"{str(manifest.get('version'))[:20]!r}")
+    fields.check(path, manifest, MANIFEST_FIELDS)
+    variables = {}
+    for key, value in arrays.items():
+        if not key.startswith("var/"):
+            raise CheckpointError(f"{path}: unexpected array {key[:60]!r}")
+        variables[key[4:]] = value
+    if sorted(variables) != sorted(manifest["variables"]):
         raise CheckpointError(f"{path}: manifest and stored arrays disagree")
     return manifest, variables
 
 
-def check_variables(path, variables: dict[str, np.ndarray], spec, dtype: str) -> None:
+def saved_spec(path, manifest: dict):
+    try:
+        return load_spec(manifest["spec"])
+    except SpecError as exc:
+        raise CheckpointError(f"{path}: its spec is invalid: {exc}") from None
+
+
+def check_variables(path, variables: dict[str, np.ndarray], spec, dtype: str, mode: str,
+                    fresh_optimizer: bool = False) -> None:
     """Every stored variable must be one of the spec's (model variables and training slots),
-    with its shape and the dtype; every model variable must be stored."""
-    expected = training_graph(build(spec, "train", dtype), spec)[1]
+    with its shape and the dtype. Every model variable must be stored, and for training every
+    optimizer slot too, unless `fresh_optimizer` (the slots then start from zero)."""
+    model = build(spec, "train", dtype)
+    expected = training_graph(model, spec)[1]
     for name, value in variables.items():
         if name not in expected:
             raise CheckpointError(f"{path}: variable {name!r} is not in spec {spec.name!r}")
@@ -72,26 +94,33 @@ def check_variables(path, variables: dict[str, np.ndarray], spec, dtype: str) ->
                                   f"spec {spec.name!r} needs {list(expected[name].shape)}")
         if value.dtype != np.dtype(dtype):
             raise CheckpointError(f"{path}: variable {name!r} is {value.dtype}, expected {dtype}")
-    missing = [n for n, v in expected.items() if v.role == "param" and n not in variables]
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{path}: variable {name!r} is not finite")
+    required = [n for n in expected if n in model.variables or
+                (mode == "train" and not fresh_optimizer)]
+    missing = [n for n in required if n not in variables]
     if missing:
-        raise CheckpointError(f"{path}: variable {missing[0]!r} is missing "
-                              f"({len(missing)} missing in all)")
+        what = "model variable" if missing[0] in model.variables else "optimizer slot"
+        hint = "" if what == "model variable" else \
+            " (fresh_optimizer=True, or --fresh-optimizer, starts the optimizer from zero)"
+        raise CheckpointError(f"{path}: {what} {missing[0]!r} is missing "
+                              f"({len(missing)} missing in all){hint}")
 
 
-def load(path, spec=None, mode: str | None = None, backend: str = "reference", **options):
-    """An Executable restored from a checkpoint. With `spec`, the checkpoint must match it."""
+def load(path, spec=None, mode: str | None = None, backend: str = "reference",
+         fresh_optimizer: bool = False, **options):
+    """An Executable restored from a checkpoint. With `spec`, the checkpoint must match it.
+    `fresh_optimizer` accepts a checkpoint without optimizer slots (one saved in inference
+    mode, say) for training: the slots start from zero."""
     from .runtime import compile
     manifest, variables = read(path)
-    try:
-        saved_spec = load_spec(manifest["spec"])
-    except SpecError as exc:
-        raise CheckpointError(f"{path}: its spec is invalid: {exc}") from None
-    if spec is not None and load_spec(spec).digest() != saved_spec.digest():
-        raise CheckpointError(f"{path}: checkpoint is of spec {saved_spec.name!r}, which differs "
+    saved = saved_spec(path, manifest)
+    if spec is not None and load_spec(spec).digest() != saved.digest():
+        raise CheckpointError(f"{path}: checkpoint is of spec {saved.name!r}, which differs "
                               f"from the given spec {load_spec(spec).name!r}")
-    check_variables(path, variables, saved_spec, manifest["dtype"])
-    exe = compile(saved_spec, mode=mode or manifest["mode"], backend=backend,
-                  dtype=manifest["dtype"], **options)
+    mode = mode or manifest["mode"]
+    check_variables(path, variables, saved, manifest["dtype"], mode, fresh_optimizer)
+    exe = compile(saved, mode=mode, backend=backend, dtype=manifest["dtype"], **options)
     exe.load_state({n: v for n, v in variables.items() if n in exe.lowered.variables})
-    exe.step = int(manifest["step"])
+    exe.step = manifest["step"]
     return exe

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .autodiff import LEARNING_RATE, SEED
 from .build import Variable
-from .compiler import backend_module, lower
+from .compiler import backend_module, backend_options, lower
 from .entries import make_entries
-from .errors import InputError
+from .errors import InputError, NonFiniteError, UsageError
 from .init import initial_values
+from .resources import check_fits
 
 
 class Executable:
@@ -19,6 +22,10 @@ class Executable:
         self.lowered = lowered
         self.graph = lowered.graph
         self.backend = backend
+        _check_options(backend, options)
+        # Initial values are drawn in float64 and cast: twice the variables' bytes at once.
+        check_fits(2 * 8 * sum(math.prod(v.shape) for v in lowered.variables.values()),
+                   f"the variables of spec {self.spec.name!r}")
         self.entries = make_entries(self.graph, self.mode)
         self.program = backend_module(backend).compile_program(self.graph, self.entries,
                                                                dtype=self.dtype, **options)
@@ -34,13 +41,16 @@ class Executable:
     # -- variables ----------------------------------------------------------------------
     @property
     def params(self) -> dict[str, np.ndarray]:
-        """Trainables and moving statistics by TF name (the model's variables)."""
-        return {n: self._values[n] for n in self.lowered.model.variables}
+        """Trainables and moving statistics by TF name (the model's variables), read-only:
+        the compiled program keeps derived copies (folded and packed weights), so a change goes
+        through `load_params`, which re-derives them."""
+        return {n: _read_only(self._values[n]) for n in self.lowered.model.variables}
 
     @property
     def state(self) -> dict[str, np.ndarray]:
-        """Every variable the executable owns: params, moving statistics, optimizer slots."""
-        return dict(self._values)
+        """Every variable the executable owns (params, moving statistics, optimizer slots),
+        read-only like `params`."""
+        return {n: _read_only(v) for n, v in self._values.items()}
 
     def load_params(self, values: dict) -> None:
         """Replace model variables; every name, shape and dtype is checked first."""
@@ -108,13 +118,25 @@ class Executable:
         """One optimizer step: gradients, update, moving statistics, step count."""
         self._check_train("train_step")
         results = self._run("train_step", self._batch_feeds(images, labels))
-        for key, value in self.graph.outputs.items():
-            if key.startswith("new/"):
-                self._values[key[4:]] = results[value]
+        loss = results[self.graph.outputs["loss"]]
+        updates = {key[4:]: results[value] for key, value in self.graph.outputs.items()
+                   if key.startswith("new/")}
+        self._check_step(loss, updates)
+        self._values.update(updates)
         self._variable_feeds = None
         self.step += 1
         self._forward_done = False
-        return float(results[self.graph.outputs["loss"]])
+        return float(loss)
+
+    def _check_step(self, loss, updates: dict) -> None:
+        """A diverged step must not reach the weights (nor, through them, a checkpoint)."""
+        if not np.isfinite(loss):
+            raise NonFiniteError(f"step {self.step}: the loss is {float(loss)}; nothing of this "
+                                 f"step was applied (lower the learning rate?)")
+        for name, value in updates.items():
+            if not np.isfinite(value).all():
+                raise NonFiniteError(f"step {self.step}: the update of {name!r} is not finite; "
+                                     f"nothing of this step was applied")
 
     # -- checks -------------------------------------------------------------------------
     def _check_train(self, what: str) -> None:
@@ -139,6 +161,20 @@ class Executable:
         save(self, path)
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = np.asarray(array).view()
+    view.flags.writeable = False
+    return view
+
+
+def _check_options(backend: str, options: dict) -> None:
+    known = backend_options(backend)
+    for key in options:
+        if key not in known:
+            raise UsageError(f"compile: unknown keyword {key!r} for backend {backend!r} "
+                             f"(it takes seed, optimize{''.join(', ' + k for k in known)})")
+
+
 def _float_array(name: str, value, shape, dtype: str) -> np.ndarray:
     """Check rank, shape and dtype of a run-time tensor; `None` in shape is any size >= 1."""
     array = np.asarray(value)
@@ -151,7 +187,21 @@ def _float_array(name: str, value, shape, dtype: str) -> np.ndarray:
                          f"{list(array.shape)}")
     if any(d is not None and d != a for d, a in zip(shape, array.shape)) or array.shape[0] < 1:
         raise InputError(f"{name}: expected shape {expected}, got {list(array.shape)}")
-    return np.ascontiguousarray(array, dtype=dtype)
+    _check_finite(name, array, "holds")
+    with np.errstate(over="ignore"):
+        cast = np.ascontiguousarray(array, dtype=dtype)
+    _check_finite(name, cast, f"is beyond {dtype}'s range at")
+    return cast
+
+
+def _check_finite(name: str, array: np.ndarray, what: str) -> None:
+    """Refuse NaN and infinity before they reach a kernel: in a train step they would spread
+    into every weight."""
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = [int(i) for i in np.unravel_index(int(np.argmax(bad)), array.shape)]
+        raise InputError(f"{name}: {what} {int(bad.sum())} non-finite values (the first at "
+                         f"{first}: {array[tuple(first)]})")
 
 
 def _variable_array(name: str, value, shape: tuple, dtype: str) -> np.ndarray:
@@ -161,11 +211,19 @@ def _variable_array(name: str, value, shape: tuple, dtype: str) -> np.ndarray:
     if tuple(array.shape) != tuple(shape):
         raise InputError(f"variable {name!r}: expected shape {list(shape)}, got "
                          f"{list(array.shape)}")
-    return np.array(array, dtype=dtype)
+    _check_finite(f"variable {name!r}", array, "holds")
+    with np.errstate(over="ignore"):
+        cast = np.array(array, dtype=dtype)
+    _check_finite(f"variable {name!r}", cast, f"is beyond {dtype}'s range at")
+    return cast
 
 
 def _one_hot(labels, batch: int, classes: int, dtype: str) -> np.ndarray:
+    """Class ids [N] (or [N, 1], as many loaders give them), or rows of class probabilities
+    [N, classes]: one-hot or soft labels, each row non-negative and summing to 1."""
     labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1 and labels.dtype.kind in "iu":
+        labels = labels[:, 0]
     if labels.ndim == 1 and labels.dtype.kind in "iu":
         if labels.shape[0] != batch:
             raise InputError(f"labels: expected {batch} class ids, got {labels.shape[0]}")
@@ -173,10 +231,22 @@ def _one_hot(labels, batch: int, classes: int, dtype: str) -> np.ndarray:
             raise InputError(f"labels: class ids must be in [0, {classes}), got "
                              f"[{labels.min()}, {labels.max()}]")
         return np.eye(classes, dtype=dtype)[labels]
-    if labels.ndim == 2:
-        return _float_array("labels", labels, (batch, classes), dtype)
+    if labels.ndim == 2 and labels.dtype.kind == "f":
+        return _distributions(_float_array("labels", labels, (batch, classes), dtype))
     raise InputError(f"labels: expected int class ids [N] or one-hot [N, {classes}], got "
                      f"{labels.dtype} {list(labels.shape)}")
+
+
+def _distributions(rows: np.ndarray) -> np.ndarray:
+    # The cross-entropy of a row that is no distribution is no loss we could name.
+    tolerance = 1e-3 if rows.dtype == np.float32 else 1e-9
+    sums = rows.sum(axis=1, dtype=np.float64)
+    bad = (rows < 0).any(axis=1) | (np.abs(sums - 1) > tolerance)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise InputError(f"labels: row {row} is not a distribution over the classes (entries "
+                         f">= 0 summing to 1; min {rows[row].min():g}, sum {sums[row]:g})")
+    return rows
 
 
 def compile(spec, mode: str = "infer", backend: str = "reference", dtype: str = "float32",

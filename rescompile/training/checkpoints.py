@@ -7,30 +7,65 @@ state plus the step resumes the data order and augmentation exactly.
 
 Both files are written atomically, the .npz first: a .json marks a complete pair, so a crash
 between the two writes leaves an .npz that is ignored, never a half checkpoint. Pruning
-removes the .json first for the same reason.
+removes the .json first for the same reason, and only after a newer pair is complete. A run
+holds the directory's `.lock` (an flock, released when the process ends however it ends), so
+a second run on the same directory is refused instead of interleaving its checkpoints.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 from .. import checkpoint
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ResourceError, UsageError
 from ..fileio import atomic_write
 
 NAME = re.compile(r"step-(\d+)\.json")
+LOCK = ".lock"
 
 
 class CheckpointDir:
     def __init__(self, path, keep: int = 3):
         if keep < 1:
-            raise ValueError(f"--keep must be >= 1, got {keep}")
+            raise UsageError(f"--keep must be >= 1, got {keep}")
         self.path = Path(path)
         self.keep = keep
+        self._lock = None
         if self.path.exists() and not self.path.is_dir():
             raise CheckpointError(f"{self.path}: --checkpoint must be a directory")
+
+    def hold(self) -> None:
+        """Before the first step: make the directory, check it can be written, and take its
+        lock, so neither a read-only directory nor a second run is found after the work."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.path).close()
+            lock = open(self.path / LOCK, "a+")
+        except OSError as exc:
+            raise ResourceError(f"{self.path}: checkpoint directory cannot be written "
+                                f"({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip()[:20] or "unknown"
+            lock.close()
+            raise ResourceError(f"{self.path}: in use by another training run (pid {holder}); "
+                                f"wait for it or choose another directory") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def paths(self, step: int) -> tuple[Path, Path]:
         stem = self.path / f"step-{step:06d}"
@@ -82,19 +117,21 @@ def resolve(path) -> Path:
     return path
 
 
-def load_for_spec(path, spec, mode: str, backend: str, **options):
+def load_for_spec(path, spec, mode: str, backend: str, fresh_optimizer: bool = False,
+                  **options):
     """An executable restored from `path`, which must hold exactly `spec`.
 
     Shapes are checked first, so a mismatch names the tensor and both shapes; any other
     difference names the first spec field that differs, not only that the specs do."""
     manifest, variables = checkpoint.read(path)
-    checkpoint.check_variables(path, variables, spec, manifest["dtype"])
+    checkpoint.check_variables(path, variables, spec, manifest["dtype"], mode, fresh_optimizer)
     field = _first_difference(manifest["spec"], spec.to_dict())
     if field is not None:
         name, saved, given = field
         raise CheckpointError(f"{path}: checkpoint was trained with {name} = {saved}, the "
                               f"given spec {spec.name!r} has {given}")
-    return checkpoint.load(path, spec=spec, mode=mode, backend=backend, **options)
+    return checkpoint.load(path, spec=spec, mode=mode, backend=backend,
+                           fresh_optimizer=fresh_optimizer, **options)
 
 
 def _first_difference(saved, given, name: str = ""):

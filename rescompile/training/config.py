@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 
 DEFAULT_SEED = 0
 DEFAULT_DTYPE = "float32"
@@ -32,6 +32,7 @@ class TrainConfig:
     augment: bool | None = None
     checkpoint: str | None = None   # directory
     resume: bool = False
+    fresh_optimizer: bool = False   # on resume, optimizer slots missing from it start at zero
     eval_every: int | None = None   # default: once an epoch
     checkpoint_every: int = 1000
     keep: int = 3
@@ -68,7 +69,7 @@ def target_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     """--steps, else --epochs, else twice the schedule's last decay step (the decayed rate
     gets as many steps as came before it), else DEFAULT_EPOCHS epochs."""
     if config.steps is not None and config.epochs is not None:
-        raise ValueError("give --steps or --epochs, not both")
+        raise UsageError("give --steps or --epochs, not both")
     if config.steps is not None:
         steps = config.steps
     elif config.epochs is not None:
@@ -77,5 +78,5 @@ def target_steps(config: TrainConfig, steps_per_epoch: int) -> int:
         last_decay = config.spec.train.learning_rate[-1][0]
         steps = 2 * last_decay if last_decay else DEFAULT_EPOCHS * steps_per_epoch
     if steps < 1:
-        raise ValueError(f"the number of steps must be >= 1, got {steps}")
+        raise UsageError(f"the number of steps must be >= 1, got {steps}")
     return steps

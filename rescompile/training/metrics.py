@@ -2,28 +2,33 @@
 an evaluation), flushed as training goes so that it can be followed with `tail -f`.
 
 A resumed run keeps the records up to the checkpoint's step and appends after them: records
-of steps done after that checkpoint, before a crash, are replayed by the resumed run."""
+of steps done after that checkpoint, before a crash, are replayed by the resumed run. A last
+line torn by that crash is dropped with a note; a bad line before it is an error naming it."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from ..errors import InputError, ResourceError
 from ..fileio import atomic_write
 
 
 class MetricsLog:
-    def __init__(self, path=None, resume_step: int | None = None):
+    def __init__(self, path=None, resume_step: int | None = None, note=print):
         self.path = Path(path) if path else None
         self.records: list[dict] = []
         self.file = None
         if self.path is None:
             return
         if resume_step is not None and self.path.is_file():
-            self.records = [r for r in _read(self.path) if r["step"] <= resume_step]
+            self.records = [r for r in _read(self.path, note) if r["step"] <= resume_step]
             text = "".join(json.dumps(r) + "\n" for r in self.records)
             atomic_write(self.path, lambda f: f.write(text.encode()))
-        self.file = open(self.path, "a" if resume_step is not None else "w")
+        try:
+            self.file = open(self.path, "a" if resume_step is not None else "w")
+        except OSError as exc:
+            raise ResourceError(f"--log {self.path}: cannot write ({exc.strerror})") from None
 
     def write(self, record: dict) -> None:
         self.records.append(record)
@@ -36,5 +41,28 @@ class MetricsLog:
             self.file.close()
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _read(path: Path, note) -> list[dict]:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise ResourceError(f"--log {path}: cannot read ({exc.strerror})") from None
+    numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
+    records = []
+    for k, (number, line) in enumerate(numbered):
+        record = _record(line)
+        if record is None and k == len(numbered) - 1:
+            note(f"{path}:{number}: dropped a torn last line (the run before stopped mid-write)")
+        elif record is None:
+            raise InputError(f"{path}:{number}: not a metrics record; fix or remove the line")
+        else:
+            records.append(record)
+    return records
+
+
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(record, dict) and type(record.get("step")) is int
+    return record if ok else None

@@ -11,7 +11,8 @@ import sys
 import time
 
 from ..data import BatchStream, load_dataset
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
+from ..fileio import check_writable
 from ..runtime import compile
 from .checkpoints import CheckpointDir, load_for_spec
 from .config import DEFAULT_DTYPE, TrainConfig, default_backend, stream_settings, target_steps
@@ -30,6 +31,8 @@ def train(config: TrainConfig, out=None):
         evaluation = train_loop(run)
     finally:
         run.metrics.close()
+        if run.checkpoints:
+            run.checkpoints.release()
     if config.plot:
         if plot(run.metrics.records, config.plot, lambda line: print(line, file=out)):
             print(f"plot written to {config.plot}", file=out)
@@ -39,6 +42,9 @@ def train(config: TrainConfig, out=None):
 
 def prepare(config: TrainConfig, out) -> Run:
     _check_counts(config)
+    for flag, path in (("--log", config.log), ("--plot", config.plot)):
+        if path:
+            check_writable(path, flag)
     checkpoints = CheckpointDir(config.checkpoint, config.keep) if config.checkpoint else None
     resume_step = _resume_step(config, checkpoints, out)
     saved = checkpoints.stream_state(resume_step) if resume_step is not None else None
@@ -55,11 +61,13 @@ def prepare(config: TrainConfig, out) -> Run:
         out.write(f"already at step {exe.step}, at or past the {steps} steps asked for\n")
     infer = compile(spec, mode="infer", backend=backend, dtype=exe.dtype,
                     **compile_options(backend))
+    if checkpoints:
+        checkpoints.hold()  # checked and locked last, so a refused run leaves no trace
     return Run(exe=exe, infer=infer,
                dataset=dataset, stream=stream, stream_state=settings, steps=steps,
                eval_every=config.eval_every or stream.steps_per_epoch,
                checkpoint_every=config.checkpoint_every, checkpoints=checkpoints,
-               metrics=MetricsLog(config.log, resume_step),
+               metrics=MetricsLog(config.log, resume_step, note=lambda m: print(m, file=out)),
                progress=Progress(steps, exe.step, settings["batch_size"], out))
 
 
@@ -68,7 +76,7 @@ def _check_counts(config: TrainConfig) -> None:
                         ("--checkpoint-every", config.checkpoint_every),
                         ("--batch-size", config.batch_size)):
         if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+            raise UsageError(f"{flag} must be >= 1, got {value}")
 
 
 def _resume_step(config: TrainConfig, checkpoints, out) -> int | None:
@@ -76,7 +84,7 @@ def _resume_step(config: TrainConfig, checkpoints, out) -> int | None:
     directory that holds checkpoints is refused: it would prune and overwrite them."""
     newest = checkpoints.newest() if checkpoints else None
     if config.resume and checkpoints is None:
-        raise ValueError("--resume needs --checkpoint DIR")
+        raise UsageError("--resume needs --checkpoint DIR")
     if config.resume and newest is None:
         out.write(f"no checkpoint in {checkpoints.path} yet: starting from step 0\n")
     if not config.resume and newest is not None:
@@ -97,7 +105,7 @@ def _train_executable(config: TrainConfig, checkpoints, resume_step, backend: st
                        dtype=config.dtype or DEFAULT_DTYPE, seed=seed, **compile_options(backend))
     path = checkpoints.paths(resume_step)[0]
     exe = load_for_spec(path, config.spec, mode="train", backend=backend,
-                        **compile_options(backend))
+                        fresh_optimizer=config.fresh_optimizer, **compile_options(backend))
     if config.dtype and config.dtype != exe.dtype:
         raise CheckpointError(f"{path}: --dtype {config.dtype} differs from the checkpoint's "
                               f"{exe.dtype}")
