@@ -67,10 +67,11 @@ def oracle_params(oracle, names):
     return {n: oracle[f"before/{n}"] for n in names}
 
 
-def rel_err(actual, expected) -> float:
-    """Max absolute difference relative to the expected tensor's max magnitude."""
+def rel_err(actual, expected, floor: float = 1e-30) -> float:
+    """Max absolute difference relative to the expected tensor's max magnitude (or `floor`,
+    for tensors that may be exactly zero)."""
     expected = np.asarray(expected, dtype=np.float64)
-    scale = max(np.abs(expected).max(), 1e-30)
+    scale = max(np.abs(expected).max(), floor)
     return float(np.abs(np.asarray(actual, dtype=np.float64) - expected).max() / scale)
 
 

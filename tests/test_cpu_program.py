@@ -188,8 +188,10 @@ def test_random_specs_train_like_the_reference(spec, batch, seed):
     labels = rng.integers(0, spec.model.num_classes, batch)
     exe.train_step(x, labels)
     reference.train_step(x, labels)
+    # A slot can be exactly 0 in the reference (a gradient that sums to zero over a batch of
+    # one image and two pixels) and 1e-22 here: compared on the scale of 1e-6.
     for name, value in reference.state.items():
-        assert rel_err(exe.state[name], value) < TRAIN_TOL[dtype], name
+        assert rel_err(exe.state[name], value, floor=1e-6) < TRAIN_TOL[dtype], name
 
 
 def test_training_does_not_depend_on_the_thread_count():
@@ -222,7 +224,9 @@ def test_check_finite_names_the_first_bad_training_kernel():
     exe = rc.compile(tiny_spec(), mode="train", backend="cpu", check_finite=True)
     x = np.random.default_rng(4).standard_normal((2, 8, 8, 3))
     exe.train_step(x, [0, 1])
-    x[1, 3, 3, 0] = np.inf
+    params = dict(exe.params)   # finite, but the first convolution overflows float32
+    params["init/init_conv/DW"] = np.full(params["init/init_conv/DW"].shape, 3e38)
+    exe.load_params(params)
     with pytest.raises(FloatingPointError, match="node 'init/init_conv'"):
         exe.train_step(x, [0, 1])
 

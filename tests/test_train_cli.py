@@ -74,15 +74,16 @@ def test_ctrl_c_saves_and_resumes_bit_identically(trained, tmp_path, monkeypatch
     monkeypatch.setattr(Executable, "train_step", interrupted)
     assert train(path, "--steps", 8, "--checkpoint", tmp_path) == 130
     assert "interrupted at step 3" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000003.json", "step-000003.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "step-000003.json",
+                                                          "step-000003.npz"]
     monkeypatch.setattr(Executable, "train_step", real_step)
     assert train(path, "--steps", 8, "--checkpoint", tmp_path, "--resume") == 0
     assert_identical(full / "step-000008.npz", tmp_path / "step-000008.npz")
 
 
-def refused(capsys, argv, message, directory):
+def refused(capsys, argv, message, directory, code=5):
     before = snapshot(directory)
-    assert main(argv) == 2
+    assert main(argv) == code
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert snapshot(directory) == before
@@ -122,7 +123,7 @@ def test_bad_data_directory_is_refused(trained, tmp_path, capsys):
     refused(capsys, ["train", cifar, "--data", "cifar10", "--data-dir", str(tmp_path / "nope"),
                      "--backend", "reference", "--checkpoint", str(tmp_path / "ck"),
                      "--log", str(log)],
-            "does not exist", tmp_path)
+            "does not exist", tmp_path, code=4)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -49,8 +49,8 @@ class Trio:
         self.graph = self.lowered.graph
         entries = make_entries(self.graph, mode)
         self.cuda = cuda_backend.compile_program(self.graph, entries, dtype="float32", **options)
-        self.ref32 = reference.compile_program(self.graph, entries)
-        self.ref64 = reference.compile_program(self.graph, entries)
+        self.ref32 = reference.compile_program(self.graph, entries, "float32")
+        self.ref64 = reference.compile_program(self.graph, entries, "float64")
 
     def run(self, entry, feed):
         feed64 = {k: np.asarray(v, np.float64) for k, v in feed.items()}

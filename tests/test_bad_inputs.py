@@ -1,0 +1,414 @@
+"""Bad input, as a hostile or careless user gives it. Every case gets one line naming the file,
+field or tensor and its kind's exit code (2 usage, 3 spec, 4 input, 5 checkpoint, 6 resources,
+7 device, 8 diverged), or the correct result, and loses nothing.
+
+CLI cases run `main(argv)` in-process: (argv, exit code, words of the message). API cases call
+the library: (call, exception, words). The files they read are made once per module."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+
+import rescompile as rc
+from conftest import ROOT, tiny_spec
+from rescompile.archive import npz_bytes
+from rescompile.backends.cpu.llvm import jit
+from rescompile.backends.cpu.llvm.sync import Barrier
+from rescompile.backends.cpu.target import host_target
+from rescompile.cli import main
+from rescompile.training.checkpoints import CheckpointDir
+
+SPEC = tiny_spec()
+TRAIN = ["--data", "synthetic", "--backend", "reference", "--batch-size", "16", "--seed", "1"]
+GOOD_MODEL = ('[model]\ninput = [8, 8, 3]\nnum_classes = 5\nstem_filters = 4\n'
+              'stages = [{ filters = 8, units = 1, stride = 1 }]\n')
+
+
+def spec_text(**model_lines) -> str:
+    """The tiny spec as TOML with [model] lines replaced or added."""
+    lines = dict(line.split(" = ", 1) for line in GOOD_MODEL.splitlines()[1:])
+    lines.update({k: str(v) for k, v in model_lines.items()})
+    return 'name = "t"\n[model]\n' + "".join(f"{k} = {v}\n" for k, v in lines.items())
+
+
+def rewrite_npz(source, target, change) -> None:
+    """An .npz with its arrays (manifest included, as `__manifest__`) passed through `change`."""
+    with np.load(source) as z:
+        arrays = {k: z[k] for k in z.files}
+    target.write_bytes(npz_bytes(change(arrays)))
+
+
+def with_manifest(change):
+    def edit(arrays):
+        manifest = json.loads(arrays["__manifest__"].tobytes())
+        text = json.dumps(change(manifest)) if callable(change) else change
+        arrays["__manifest__"] = np.frombuffer(text.encode(), np.uint8)
+        return arrays
+    return edit
+
+
+def without(variable):
+    """Drop a variable's array and its manifest entry."""
+    def edit(arrays):
+        arrays = with_manifest(lambda m: {**m, "variables": [
+            v for v in m["variables"] if v != variable]})(arrays)
+        return {k: v for k, v in arrays.items() if k != f"var/{variable}"}
+    return edit
+
+
+def npy_header_lie(shape) -> bytes:
+    """A .npy whose header declares `shape` over 16 bytes of data."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": shape})
+    return buffer.getvalue() + b"\0" * 16
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "spec.toml").write_text(SPEC.to_toml())
+    exe = rc.compile(SPEC, mode="train", seed=1)
+    rng = np.random.default_rng(0)
+    exe.train_step(rng.standard_normal((4, 8, 8, 3)), rng.integers(0, 5, 4))
+    exe.save(d / "ckpt.npz")
+    infer = rc.compile(SPEC, mode="infer", seed=1)
+    infer.save(d / "infer.npz")
+    moving = next(n for n in exe.params if n.endswith("moving_mean"))
+    rewrite_npz(d / "ckpt.npz", d / "no-moving.npz", without(moving))
+    rewrite_npz(d / "ckpt.npz", d / "bad-json.npz", with_manifest("{not json"))
+    rewrite_npz(d / "ckpt.npz", d / "step-str.npz", with_manifest(lambda m: {**m, "step": "1"}))
+    rewrite_npz(d / "ckpt.npz", d / "no-dtype.npz", with_manifest(
+        lambda m: {k: v for k, v in m.items() if k != "dtype"}))
+    rewrite_npz(d / "ckpt.npz", d / "nan.npz", lambda a: {
+        **a, "var/logit/biases": np.full_like(a["var/logit/biases"], np.nan)})
+    data = (d / "ckpt.npz").read_bytes()
+    (d / "cut.npz").write_bytes(data[:len(data) // 2])
+    (d / "text.npz").write_text("not a checkpoint\n")
+    (d / "lie.npy").write_bytes(npy_header_lie((10 ** 12,)))
+    with zipfile.ZipFile(d / "ckpt.npz") as source, zipfile.ZipFile(d / "lying.npz", "w") as z:
+        for name in source.namelist():
+            z.writestr(name, source.read(name))
+        z.writestr("var/huge.npy", (d / "lie.npy").read_bytes())
+    np.save(d / "empty.npy", np.zeros((0, 8, 8, 3), np.float32))
+    np.save(d / "flat.npy", np.zeros((2, 8, 8), np.float32))
+    np.save(d / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (d / "garbage.npy").write_bytes(os.urandom(300))
+    (d / "latin1.toml").write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    (d / "deep.json").write_text('{"name": ' + "[" * 50000 + "]" * 50000 + "}")
+    (d / "huge.toml").write_text("# " + "x" * (1 << 20) + "\n")
+    (d / "eps.toml").write_text(SPEC.replace(batch_norm={"epsilon": 1e-40}).to_toml())
+    (d / "wild.toml").write_text(SPEC.replace(train={"learning_rate": [[0, 1e30]]}).to_toml())
+    (d / "a-file").write_text("x")
+    (d / "outdir").mkdir()
+    return d
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+CLI_CASES = [
+    # specs
+    ("unknown key", lambda d: ["dump", spec_text(bogus=1)], 3, "model.bogus: unknown key"),
+    ("no stages", lambda d: ["dump", spec_text(stages="[]")], 3, "model.stages"),
+    ("string number", lambda d: ["dump", spec_text(relu_leakiness='"0.1"')], 3,
+     "model.relu_leakiness: expected a number"),
+    ("huge filters", lambda d: ["dump", spec_text(
+        stages="[{ filters = 1000000000000000000000000000000, units = 1, stride = 1 }]")], 3,
+     "model.stages[0].filters: must be >= 1 and <= 16384"),
+    ("huge units", lambda d: ["dump", spec_text(
+        stages="[{ filters = 8, units = 100000, stride = 1 }]")], 3, "<= 1000"),
+    ("many stages", lambda d: ["dump", spec_text(
+        stages="[" + ", ".join(["{ filters = 8, units = 1, stride = 1 }"] * 17) + "]")], 3,
+     "at most 16 entries"),
+    ("huge input", lambda d: ["dump", spec_text(input="[100000, 8, 3]")], 3, "<= 8192"),
+    ("missing file", lambda d: ["dump", d / "nope" / "missing.toml"], 3, "no such spec file"),
+    ("missing file here", lambda d: ["dump", "missing-spec.toml"], 3, "no such spec file"),
+    ("unknown preset", lambda d: ["dump", "no-such-preset"], 3, "unknown name 'no-such-preset'"),
+    ("not utf-8", lambda d: ["dump", d / "latin1.toml"], 3, "not UTF-8 text"),
+    ("deep json", lambda d: ["dump", d / "deep.json"], 3, "nested too deeply"),
+    ("deep toml", lambda d: ["dump", "a = " + "[" * 50000 + "]" * 50000], 3,
+     "nested too deeply"),
+    ("huge spec file", lambda d: ["dump", d / "huge.toml"], 3, "larger than 1048576 bytes"),
+    ("epsilon under float32", lambda d: ["run", d / "eps.toml", "--backend", "reference"], 3,
+     "batch_norm.epsilon: 1e-40 is not a normal float32 number"),
+    ("hostile name", lambda d: ["dump", 'name = "a\\"); import os #"\n' + GOOD_MODEL], 3,
+     "name: must be a string"),
+    # usage
+    ("batch 0", lambda d: ["run", d / "spec.toml", "--batch", "0"], 2,
+     "argument --batch: must be >= 1"),
+    ("batch 1e8", lambda d: ["run", d / "spec.toml", "--batch", "1e8"], 2,
+     "argument --batch: expected an integer, got '1e8'"),
+    ("negative seed", lambda d: ["run", d / "spec.toml", "--seed", "-1"], 2,
+     "argument --seed: must be >= 0"),
+    ("unknown stage", lambda d: ["dump", d / "spec.toml", "--after", "nope"], 2,
+     "unknown stage 'nope'"),
+    ("unknown command", lambda d: ["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    ("predict suffix", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
+                                  d / "empty.npy", "-o", d / "out.txt"], 2,
+     "must end in .json or .npy"),
+    ("resume without dir", lambda d: ["train", d / "spec.toml", *TRAIN, "--resume"], 2,
+     "--resume needs --checkpoint DIR"),
+    # inputs and data
+    ("empty npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
+                             d / "empty.npy"], 4, "with N >= 1, got shape [0, 8, 8, 3]"),
+    ("rank-3 npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
+                              d / "flat.npy"], 4, "expected images [N, H, W, C]"),
+    ("garbage npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
+                               d / "garbage.npy"], 4, "garbage.npy: array 'images' has a "
+                                                      "corrupt header"),
+    ("pickled npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
+                               d / "objects.npy"], 4, "is object, expected one of"),
+    ("lying npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
+                             d / "lie.npy"], 4, "declares shape [1000000000000]"),
+    ("missing npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
+                               d / "none.npy"], 4, "none.npy: cannot read"),
+    ("no data dir", lambda d: ["train", d / "spec.toml", "--data", "cifar10", "--data-dir",
+                               d / "nope"], 4, "does not exist"),
+    # checkpoints
+    ("no moving stat", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "no-moving.npz",
+                                  "--data", "synthetic"], 5,
+     "model variable 'unit_1_0/common_bn_relu/init_bn/moving_mean' is missing"),
+    ("manifest not json", lambda d: ["eval", d / "spec.toml", "--checkpoint",
+                                     d / "bad-json.npz", "--data", "synthetic"], 5,
+     "bad-json.npz: corrupt manifest"),
+    ("manifest step type", lambda d: ["eval", d / "spec.toml", "--checkpoint",
+                                      d / "step-str.npz", "--data", "synthetic"], 5,
+     "manifest field 'step' must be an integer >= 0, got \"1\""),
+    ("manifest no dtype", lambda d: ["eval", d / "spec.toml", "--checkpoint",
+                                     d / "no-dtype.npz", "--data", "synthetic"], 5,
+     "manifest field 'dtype' is missing"),
+    ("nan checkpoint", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "nan.npz",
+                                  "--data", "synthetic"], 5,
+     "variable 'logit/biases' is not finite"),
+    ("cut checkpoint", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "cut.npz",
+                                  "--data", "synthetic"], 5, "cut.npz: corrupt archive"),
+    ("text checkpoint", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "text.npz",
+                                   "--data", "synthetic"], 5, "text.npz: corrupt archive"),
+    ("lying member", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "lying.npz",
+                                "--data", "synthetic"], 5, "'var/huge.npy' declares shape"),
+    ("missing checkpoint", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "no.npz",
+                                      "--data", "synthetic"], 5, "no such checkpoint file"),
+    # resources
+    ("output is a directory", lambda d: ["dump", d / "spec.toml", "-o", d / "outdir"], 6,
+     "outdir: cannot write"),
+    ("artifact is a directory", lambda d: ["compile", d / "spec.toml", "--backend",
+                                           "reference", "-o", d / "outdir"], 6,
+     "outdir: cannot write"),
+    ("batch too large", lambda d: ["run", d / "spec.toml", "--backend", "reference",
+                                   "--batch", "100000000"], 6, "GiB available"),
+    ("checkpoint under a file", lambda d: ["train", d / "spec.toml", *TRAIN, "--steps", "1",
+                                           "--checkpoint", d / "a-file" / "ck"], 6,
+     "checkpoint directory cannot be written"),
+    ("log is a directory", lambda d: ["train", d / "spec.toml", *TRAIN, "--steps", "1",
+                                      "--log", d / "outdir"], 6, "--log"),
+]
+
+
+@pytest.mark.parametrize("argv, code, words", [c[1:] for c in CLI_CASES],
+                         ids=[c[0] for c in CLI_CASES])
+def test_cli_case(files, capsys, argv, code, words):
+    before = sorted(p.name for p in files.iterdir())
+    got, err = run_cli(argv(files), capsys)
+    assert got == code, err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in files.iterdir()) == before  # nothing written, nothing lost
+
+
+def test_cuda_without_a_gpu_is_one_line(files, capsys, monkeypatch):
+    from rescompile.backends.cuda import device
+    monkeypatch.setattr(device, "available", lambda: False)
+    code, err = run_cli(["run", files / "spec.toml", "--backend", "cuda"], capsys)
+    assert code == 7 and "needs an NVIDIA GPU" in err and err.count("\n") == 1
+
+
+def test_a_second_run_on_a_checkpoint_directory_is_refused(files, tmp_path, capsys):
+    held = CheckpointDir(tmp_path / "ck")
+    held.hold()
+    try:
+        code, err = run_cli(["train", files / "spec.toml", *TRAIN, "--steps", "1",
+                             "--checkpoint", tmp_path / "ck"], capsys)
+    finally:
+        held.release()
+    assert code == 6 and f"in use by another training run (pid {os.getpid()})" in err
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [".lock"]
+    assert run_cli(["train", files / "spec.toml", *TRAIN, "--steps", "1",
+                    "--checkpoint", tmp_path / "ck"], capsys)[0] == 0
+
+
+def test_a_diverging_run_stops_before_saving_nan(files, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # the reference's own overflows
+        code, err = run_cli(["train", files / "wild.toml", *TRAIN, "--steps", "5",
+                             "--checkpoint", ck, "--checkpoint-every", "1", "--keep", "1"],
+                            capsys)
+    assert code == 8 and "nothing of this step was applied" in err.splitlines()[-1]
+    saved = sorted(p.name for p in ck.glob("step-*.npz"))
+    assert saved == ["step-000001.npz"]            # the last finite one, not pruned
+    assert np.isfinite(rc.load(ck / saved[0]).state["logit/DW"]).all()
+
+
+def test_resume_drops_a_torn_last_metrics_line(files, tmp_path, capsys):
+    ck, log = tmp_path / "ck", tmp_path / "m.jsonl"
+    assert run_cli(["train", files / "spec.toml", *TRAIN, "--steps", "2", "--checkpoint", ck,
+                    "--log", log], capsys)[0] == 0
+    with open(log, "a") as f:
+        f.write('{"step": 3, "lo')                   # a crash mid-write
+    code, err = run_cli(["train", files / "spec.toml", *TRAIN, "--steps", "3",
+                         "--checkpoint", ck, "--log", log, "--resume"], capsys)
+    assert code == 0 and "dropped a torn last line" in err
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    code, err = run_cli(["train", files / "spec.toml", *TRAIN, "--steps", "4",
+                         "--checkpoint", ck, "--log", log, "--resume"], capsys)
+    assert code == 4 and "m.jsonl:2: not a metrics record" in err
+
+
+def test_resume_without_optimizer_slots_needs_fresh_optimizer(files, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "step-000000.npz").write_bytes((files / "infer.npz").read_bytes())
+    (ck / "step-000000.json").write_text(json.dumps(
+        {"data": "synthetic", "seed": 1, "batch_size": 16, "augment": True, "step": 0}))
+    argv = ["train", files / "spec.toml", *TRAIN, "--steps", "1", "--checkpoint", ck,
+            "--resume"]
+    code, err = run_cli(argv, capsys)
+    assert code == 5 and "optimizer slot" in err and "--fresh-optimizer" in err
+    assert run_cli([*argv, "--fresh-optimizer"], capsys)[0] == 0
+
+
+@pytest.fixture(scope="module")
+def exe():
+    return rc.compile(SPEC, mode="train", seed=2)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(3)
+    return rng.standard_normal((4, 8, 8, 3)).astype(np.float32), rng.integers(0, 5, 4)
+
+
+def nan_at(array, index):
+    array = np.array(array, dtype=np.float64)
+    array[index] = np.nan
+    return array
+
+
+def edit_params(exe):
+    exe.params["logit/biases"][0] = 1.0
+
+
+API_CASES = [
+    ("misspelled keyword", lambda e, b: rc.compile(SPEC, backend="cpu", progres=True),
+     rc.UsageError, "unknown keyword 'progres' for backend 'cpu'"),
+    ("keyword of another backend", lambda e, b: rc.compile(SPEC, isa="avx2"),
+     rc.UsageError, "unknown keyword 'isa' for backend 'reference'"),
+    ("unknown backend", lambda e, b: rc.compile(SPEC, backend="tpu"), rc.UsageError,
+     "backend must be one of"),
+    ("nan image", lambda e, b: e.train_step(nan_at(b[0], (1, 2, 3, 0)), b[1]), rc.InputError,
+     "images: holds 1 non-finite values (the first at [1, 2, 3, 0]: nan)"),
+    ("nan one-hot", lambda e, b: e.train_step(b[0], nan_at(np.eye(5)[b[1]], (2, 1))),
+     rc.InputError, "labels: holds 1 non-finite values"),
+    ("negative one-hot", lambda e, b: e.train_step(b[0], np.eye(5)[b[1]] * 2 - 1),
+     rc.InputError, "labels: row 0 is not a distribution"),
+    ("float labels [N]", lambda e, b: e.train_step(b[0], b[1].astype(np.float32)),
+     rc.InputError, "labels: expected int class ids"),
+    ("beyond float32", lambda e, b: e.forward(b[0].astype(np.float64) * 1e39), rc.InputError,
+     "images: is beyond float32's range"),
+    ("nan dlogits", lambda e, b: (e.forward(b[0]), e.backward(np.full((4, 5), np.nan))),
+     rc.InputError, "dlogits: holds 20 non-finite values"),
+    ("nan parameter", lambda e, b: e.load_params({**e.params, "logit/DW": nan_at(
+        e.params["logit/DW"], (0, 0))}), rc.InputError, "variable 'logit/DW': holds 1"),
+    ("edit params in place", lambda e, b: edit_params(e), ValueError, "read-only"),
+    ("epsilon under float32", lambda e, b: rc.compile(
+        SPEC.replace(batch_norm={"epsilon": 1e-40})), rc.SpecError, "batch_norm.epsilon"),
+    ("train state without slots", lambda e, b: rc.load(b[2] / "infer.npz", mode="train"),
+     rc.CheckpointError, "optimizer slot"),
+]
+
+
+@pytest.mark.parametrize("call, error, words", [c[1:] for c in API_CASES],
+                         ids=[c[0] for c in API_CASES])
+def test_api_case(exe, batch, files, call, error, words):
+    before = {n: v.copy() for n, v in exe.state.items()}
+    with pytest.raises(error) as caught:
+        call(exe, (*batch, files))
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+    assert all(np.array_equal(before[n], exe.state[n]) for n in before)
+
+
+def test_inputs_handled_as_stated(exe, batch, files):
+    """Int labels [N, 1] are class ids; a float64 spec keeps a tiny epsilon; a checkpoint
+    without slots trains with fresh_optimizer=True, its slots starting at zero."""
+    images, labels = batch
+    assert exe.loss_and_grads(images, labels[:, None])[0] == exe.loss_and_grads(images,
+                                                                                  labels)[0]
+    rc.compile(SPEC.replace(batch_norm={"epsilon": 1e-40}), dtype="float64")
+    fresh = rc.load(files / "infer.npz", mode="train", fresh_optimizer=True)
+    slots = [n for n in fresh.state if n not in fresh.params]
+    assert slots and all(not fresh.state[n].any() for n in slots)
+    fresh.train_step(images, labels)
+
+
+def test_a_diverged_step_changes_nothing(files, batch):
+    exe = rc.compile(rc.load_spec(files / "wild.toml"), mode="train", seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        exe.train_step(*batch)
+        before = {n: v.copy() for n, v in exe.state.items()}
+        with pytest.raises(rc.NonFiniteError, match="step 1: "):
+            exe.train_step(*batch)
+    assert exe.step == 1
+    assert all(np.array_equal(before[n], exe.state[n]) for n in before)
+
+
+def test_the_kernel_cache_repairs_itself(tmp_path):
+    """At the cache's level (a compiled model's kernels stay loaded for the process, so a
+    second compile would not read the cache): a corrupt entry is rebuilt and rewritten, and a
+    directory that cannot be one falls back to a private one, each with a warning."""
+    kernel = Barrier(host_target())
+    body = jit.cached_object(kernel, tmp_path)
+    entry = next((tmp_path / "objects").glob("*.o"))
+    entry.write_bytes(entry.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match="corrupt kernel cache entry removed and rebuilt"):
+        assert jit.cached_object(kernel, tmp_path) == body
+    assert entry.read_bytes().endswith(body)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.warns(RuntimeWarning, match="a-file: kernel cache directory unusable"):
+        assert jit.cached_object(kernel, tmp_path / "a-file") == body
+
+
+def test_a_corrupt_numba_cache_is_emptied_and_compiled_again(tmp_path):
+    (tmp_path / "mod.py").write_text("from numba import njit\n\n@njit(cache=True)\n"
+                                     "def f(x):\n    return x + 1\n")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import mod
+        from rescompile.fileio import repairing_numba_cache
+        print(repairing_numba_cache([mod.f], lambda: mod.f(1)))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = lambda: subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                 text=True, timeout=300, env=env)
+    assert run().stdout.strip() == "2"
+    for index in (tmp_path / "__pycache__").glob("*.nbi"):
+        index.write_bytes(b"")
+    out = run()
+    assert out.stdout.strip() == "2", out.stderr
+    assert "could not be read" in out.stderr and "compiling again" in out.stderr
+    assert run().stdout.strip() == "2"
