@@ -47,6 +47,22 @@ def check_fits(nbytes: int, what: str) -> None:
                             f"{free / resources.GIB:.1f} GiB free")
 
 
+def synchronize() -> None:
+    cuda.synchronize()
+
+
+def describe() -> dict:
+    """The card and the CUDA stack it runs on, for benchmark records."""
+    if simulated():
+        return {"device": "numba cuda simulator"}
+    from numba.cuda.cudadrv.driver import driver
+    card = cuda.get_current_device()
+    return {"device": card.name.decode() if isinstance(card.name, bytes) else str(card.name),
+            "compute_capability": list(card.compute_capability),
+            "driver_cuda_version": ".".join(map(str, driver.get_version())),
+            "runtime_version": ".".join(map(str, cuda.runtime.get_version()))}
+
+
 def is_device_array(obj) -> bool:
     if hasattr(obj, "__cuda_array_interface__"):
         return True

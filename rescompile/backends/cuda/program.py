@@ -13,6 +13,8 @@ update is a view of the variable arena V, which a later update or upload overwri
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +55,12 @@ class CudaProgram:
         self._saved: dict[str, dict] = {}
         self._batch: dict[str, int | None] = {}
         self._updates = {v: k[4:] for k, v in graph.outputs.items() if k.startswith("new/")}
+        self.profile: dict[str, list] | None = None  # node -> [launches, seconds] when profiling
+
+    def start_profile(self) -> None:
+        """Time every launch from now on: each is synchronised, so a profiled run is slower
+        than a plain one, but its per-node shares are the card's."""
+        self.profile = {}
 
     # -- binding ----------------------------------------------------------------------------
     def _bind(self, entry_name: str, batch) -> Bound:
@@ -109,16 +117,31 @@ class CudaProgram:
                 env[name] = self._feed(name, value, bound.values[name])
         for launch, kernel in zip(bound.plan.launches, bound.kernels):
             args = [env[r.name] if r.kind == "value" else bound.fixed[r] for r in launch.args]
-            if kernel in self._launched:
-                kernel[launch.grid, launch.block](*args)
-            else:  # the first launch loads the kernel from Numba's cache
-                repairing_numba_cache([kernel], lambda: kernel[launch.grid, launch.block](*args))
-                self._launched.add(kernel)
+            if self.profile is None:
+                self._launch(kernel, launch, args)
+            else:
+                self._profiled_launch(kernel, launch, args)
         self._saved[entry_name] = env
         self._batch[entry_name] = batch
         results = {name: self._fetch(env[name], bound.plan.shapes[name]) for name in entry.fetches}
         self._adopt_updates(entry, env, results)
         return results
+
+    def _launch(self, kernel, launch, args) -> None:
+        if kernel in self._launched:
+            kernel[launch.grid, launch.block](*args)
+        else:  # the first launch loads the kernel from Numba's cache
+            repairing_numba_cache([kernel], lambda: kernel[launch.grid, launch.block](*args))
+            self._launched.add(kernel)
+
+    def _profiled_launch(self, kernel, launch, args) -> None:
+        device.synchronize()
+        start = time.perf_counter()
+        self._launch(kernel, launch, args)
+        device.synchronize()
+        row = self.profile.setdefault(launch.node, [0, 0.0])
+        row[0] += 1
+        row[1] += time.perf_counter() - start
 
     def _feed(self, name: str, value, buffer):
         if device.is_device_array(value):
