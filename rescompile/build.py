@@ -77,6 +77,8 @@ class _Builder:
         mean = self.variable(f"{scope}/moving_mean", c, "state", "zeros")
         var = self.variable(f"{scope}/moving_variance", c, "state", "ones")
         attrs = {"epsilon": self.spec.batch_norm.epsilon, "training": self.mode == "train"}
+        if self.mode == "train" and self.spec.batch_norm.sync:
+            attrs["sync"] = True
         if self.mode == "train":
             # The moving statistics are read only by the update that training appends.
             return self.node("batch_norm", [x, gamma, beta], attrs, scope)[0]

@@ -52,7 +52,10 @@ def parameter_only(graph: Graph) -> tuple[Node, ...]:
 
 def make_entries(graph: Graph, mode: str) -> dict[str, Entry]:
     """Infer mode: `prepare` (parameter-only nodes, run once per variable load) and `forward`.
-    Train mode: `forward`, `backward` (after forward), `loss_and_grads`, `train_step`."""
+    Train mode: `forward`, `backward` (after forward), `loss_and_grads`, `train_step`, and
+    `train_step` in two halves for data-parallel training: `step_gradients` (the loss, the
+    gradients and the batch statistics the moving averages read) and `apply_gradients` (the
+    updates, from those fed back, once reduced over the ranks)."""
     variables = {n for n, role in graph.inputs.items() if role != "data"}
 
     def entry(name, feeds, fetches, after=None, nodes=None):
@@ -76,4 +79,15 @@ def make_entries(graph: Graph, mode: str) -> dict[str, Entry]:
         entry("backward", [graph.outputs["grad/logits"], SEED], grads, after="forward")
         entry("loss_and_grads", ["images", "labels", SEED], [loss, logits] + grads)
         entry("train_step", ["images", "labels", SEED, LEARNING_RATE], [loss, logits] + updates)
+        stats = batch_statistics(graph)
+        trained = [v for k, v in graph.outputs.items()
+                   if k.startswith("grad/") and graph.inputs.get(k[5:]) == "param"]
+        entry("step_gradients", ["images", "labels", SEED], [loss] + trained + stats)
+        entry("apply_gradients", trained + stats + [LEARNING_RATE], updates)
     return entries
+
+
+def batch_statistics(graph: Graph) -> list[str]:
+    """The batch means and variances the moving-average updates read, in graph order."""
+    return [node.inputs[-1] for node in graph.nodes
+            if node.op in ("moving_average", "debiased_moving_average")]

@@ -63,6 +63,10 @@ def count() -> tuple[Check, str]:
     return (lambda v: type(v) is int and 0 <= v < 2**63), "an integer >= 0"
 
 
+def boolean() -> tuple[Check, str]:
+    return (lambda v: type(v) is bool), "true or false"
+
+
 def table() -> tuple[Check, str]:
     return (lambda v: isinstance(v, dict)), "an object"
 

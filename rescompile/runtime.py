@@ -9,7 +9,7 @@ import numpy as np
 from .autodiff import LEARNING_RATE, SEED
 from .build import Variable
 from .compiler import backend_module, backend_options, lower
-from .entries import make_entries
+from .entries import batch_statistics, make_entries
 from .errors import InputError, NonFiniteError, UsageError
 from .init import initial_values
 from .resources import check_fits
@@ -119,20 +119,57 @@ class Executable:
         self._check_train("train_step")
         results = self._run("train_step", self._batch_feeds(images, labels))
         loss = results[self.graph.outputs["loss"]]
+        self.check_loss(loss)
+        self._apply(results)
+        return float(loss)
+
+    def step_gradients(self, images, labels):
+        """`train_step`'s first half, for data-parallel training: (loss, gradients by variable
+        name, batch statistics by value name) of this batch; nothing is applied."""
+        self._check_train("step_gradients")
+        results = self._run("step_gradients", self._batch_feeds(images, labels))
+        statistics = {v: results[v] for v in batch_statistics(self.graph)}
+        grads = {k[5:]: results[v] for k, v in self.graph.outputs.items() if v in results
+                 and k.startswith("grad/")}
+        return float(results[self.graph.outputs["loss"]]), grads, statistics
+
+    def apply_gradients(self, grads: dict, statistics: dict) -> None:
+        """`train_step`'s second half: the optimizer update from `grads` and the moving
+        averages from `statistics` (both as `step_gradients` gives them, or reduced over the
+        ranks of a job), then the step count."""
+        self._check_train("apply_gradients")
+        fed = set(self.entries["apply_gradients"].feeds)
+        names = {v: k[5:] for k, v in self.graph.outputs.items() if k.startswith("grad/")}
+        expected = {v: names.get(v, f"batch statistic {v!r}") for v in fed
+                    if v != LEARNING_RATE}
+        values = {v: names[v] for v in expected if v in names}
+        given = {v: grads[n] for v, n in values.items() if n in grads}
+        given.update({v: s for v, s in statistics.items() if v in expected})
+        missing = sorted(set(expected) - set(given))
+        if missing:
+            raise InputError(f"apply_gradients: {expected[missing[0]]!r} is missing "
+                             f"({len(missing)} of the gradients and statistics that "
+                             f"step_gradients returns)")
+        feeds = {v: _float_array(expected[v], value, self.graph.value(v).shape, self.dtype)
+                 for v, value in given.items()}
+        self._apply(self._run("apply_gradients", feeds))
+
+    def _apply(self, results: dict) -> None:
         updates = {key[4:]: results[value] for key, value in self.graph.outputs.items()
                    if key.startswith("new/")}
-        self._check_step(loss, updates)
+        self._check_updates(updates)
         self._values.update(updates)
         self._variable_feeds = None
         self.step += 1
         self._forward_done = False
-        return float(loss)
 
-    def _check_step(self, loss, updates: dict) -> None:
+    def check_loss(self, loss) -> None:
         """A diverged step must not reach the weights (nor, through them, a checkpoint)."""
         if not np.isfinite(loss):
             raise NonFiniteError(f"step {self.step}: the loss is {float(loss)}; nothing of this "
                                  f"step was applied (lower the learning rate?)")
+
+    def _check_updates(self, updates: dict) -> None:
         for name, value in updates.items():
             if not np.isfinite(value).all():
                 raise NonFiniteError(f"step {self.step}: the update of {name!r} is not finite; "

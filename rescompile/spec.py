@@ -74,6 +74,7 @@ class BatchNormSpec:
     epsilon: float = 1e-3
     decay: float = 0.9
     zero_debias: bool = False
+    sync: bool = False  # data-parallel: statistics of the global batch, not each rank's share
 
 
 @dataclass(frozen=True)
@@ -379,7 +380,8 @@ _MODEL = _table(
     defaults=_MODEL_DEFAULTS, rule=_model_rule)
 
 _BATCH_NORM = _table(
-    {"epsilon": _float(gt=0), "decay": _float(ge=0, lt=1), "zero_debias": _bool},
+    {"epsilon": _float(gt=0), "decay": _float(ge=0, lt=1), "zero_debias": _bool,
+     "sync": _bool},
     defaults=_dataclass_defaults(BatchNormSpec))
 
 _TRAIN = _table(

@@ -188,10 +188,12 @@ def test_random_specs_train_like_the_reference(spec, batch, seed):
     labels = rng.integers(0, spec.model.num_classes, batch)
     exe.train_step(x, labels)
     reference.train_step(x, labels)
-    # A slot can be exactly 0 in the reference (a gradient that sums to zero over a batch of
-    # one image and two pixels) and 1e-22 here: compared on the scale of 1e-6.
+    # A gradient that is zero in exact arithmetic (the beta of a batch norm over one image and
+    # a few pixels, whose output only another batch norm reads) is rounding noise, eps times
+    # the sum of its terms' sizes: 1e-22 to 5e-16 here, 1e-18 there. Compared on the scale
+    # of 1e-4 (the slots of this model are 1e-3 to 1), such noise stays under 1e-11.
     for name, value in reference.state.items():
-        assert rel_err(exe.state[name], value, floor=1e-6) < TRAIN_TOL[dtype], name
+        assert rel_err(exe.state[name], value, floor=1e-4) < TRAIN_TOL[dtype], name
 
 
 def test_training_does_not_depend_on_the_thread_count():

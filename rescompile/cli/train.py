@@ -32,6 +32,10 @@ def register(sub) -> None:
                    help="checkpoints to keep")
     p.add_argument("--log", metavar="FILE", help="JSONL metrics log")
     p.add_argument("--plot", metavar="FILE", help="PNG of loss and accuracy (needs matplotlib)")
+    p.add_argument("--distributed", action=argparse.BooleanOptionalAction,
+                   help="data-parallel on MPI (default: when started under mpiexec)")
+    p.add_argument("--check-replicas", type=positive_int, metavar="K", default=0,
+                   help="every K steps, check that all ranks hold the same variables")
     p.set_defaults(func=run)
 
 
@@ -47,9 +51,10 @@ def run(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, backend=args.backend, dtype=args.dtype,
         seed=args.seed, augment=args.augment, checkpoint=args.checkpoint, resume=args.resume,
         fresh_optimizer=args.fresh_optimizer, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, keep=args.keep, log=args.log, plot=args.plot)
-    _, evaluation = train(config)
-    if evaluation is not None:
+        checkpoint_every=args.checkpoint_every, keep=args.keep, log=args.log, plot=args.plot,
+        distributed=args.distributed, check_replicas=args.check_replicas)
+    run, evaluation = train(config)
+    if evaluation is not None and run.world.rank == 0:
         print(f"test accuracy {evaluation.accuracy:.2%} ({evaluation.correct}/"
               f"{evaluation.total})")
     return 0

@@ -10,12 +10,18 @@ batch exactly, and the batch itself is then a pure function of those draws.
 import numpy as np
 
 
-def train_transform(images, rng, pad=4):
-    """uint8 NHWC -> float32 NHWC, augmented and standardized."""
+def train_transform(images, rng, pad=4, of_batch=None):
+    """uint8 NHWC -> float32 NHWC, augmented and standardized. With `of_batch=(start, size)`
+    the images are [start, start + len(images)) of a batch of `size`, and get the draws they
+    get in the whole batch (so the ranks of a data-parallel job together make exactly the
+    one-process batch)."""
     _, height, width, _ = images.shape
-    rows, cols, flips = draw_crops_and_flips(rng, len(images), pad)
+    start, size = of_batch or (0, len(images))
+    rows, cols, flips = draw_crops_and_flips(rng, size, pad)
+    part = slice(start, start + len(images))
     padded = pad_centered(images, pad)
-    return standardize(crop_and_flip(padded, rows, cols, flips, height, width))
+    return standardize(crop_and_flip(padded, rows[part], cols[part], flips[part], height,
+                                     width))
 
 
 def eval_transform(images):

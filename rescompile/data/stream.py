@@ -5,6 +5,10 @@ shuffle comes from SeedSequence([seed, SHUFFLE, epoch]) and the batch's augmenta
 from SeedSequence([seed, AUGMENT, k]). Resuming at start_step=k therefore replays the
 uninterrupted run bit for bit, with no generator state to save beyond the step. The
 stream tags keep the two kinds of draw from ever sharing a seed.
+
+In a data-parallel job, rank r of K takes images [r B/K, (r+1) B/K) of every global batch of
+B, augmented with the draws they get in the whole batch: the union of the ranks' shares is
+the one-process batch, image for image and bit for bit.
 """
 import numpy as np
 
@@ -21,11 +25,16 @@ class BatchStream:
     size a compiled executable expects.
     """
 
-    def __init__(self, dataset, batch_size, seed, augment=True, start_step=0):
+    def __init__(self, dataset, batch_size, seed, augment=True, start_step=0, rank=0, ranks=1):
         self.images, self.labels = dataset.train_images, dataset.train_labels
         if not 0 < batch_size <= len(self.labels):
             raise DataError(f"batch size {batch_size} must be between 1 and the "
                             f"{len(self.labels)} training images of {dataset.name}")
+        if batch_size % ranks:
+            raise DataError(f"the global batch size {batch_size} does not split evenly "
+                            f"across {ranks} ranks")
+        share = batch_size // ranks
+        self.share = slice(rank * share, (rank + 1) * share)
         self.batch_size = batch_size
         self.seed = seed
         self.augment = augment
@@ -48,11 +57,13 @@ class BatchStream:
     def batch(self, step):
         epoch, index = divmod(step, self.steps_per_epoch)
         picks = self._order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        images = self.images[picks]
+        mine = picks[self.share]
         if self.augment:
             rng = np.random.default_rng([self.seed, AUGMENT, step])
-            return train_transform(images, rng), self.labels[picks]
-        return eval_transform(images), self.labels[picks]
+            return (train_transform(self.images[mine], rng, of_batch=(self.share.start,
+                                                                      self.batch_size)),
+                    self.labels[mine])
+        return eval_transform(self.images[mine]), self.labels[mine]
 
     def _order(self, epoch):
         # Consecutive steps share an epoch, so keep its permutation around.

@@ -1,6 +1,6 @@
 """Every op rescompile knows. Importing this package registers them all."""
 
 from .registry import OPS, OpDef, define, get
-from . import conv, norm, elementwise, pool, head, update, fused, fused_train  # noqa: F401
+from . import collective, conv, norm, elementwise, pool, head, update, fused, fused_train  # noqa: F401
 
 __all__ = ["OPS", "OpDef", "define", "get"]

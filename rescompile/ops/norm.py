@@ -1,14 +1,18 @@
 """batch_norm in both modes, its gradient, and the per-channel affine that folding leaves.
 
 Train mode normalises with the batch statistics over N, H, W (biased variance, as
-tf.nn.moments) and also outputs them for the moving-average update. Infer mode reads the moving
-statistics. The arithmetic follows tf.nn.batch_normalization: inv = gamma / sqrt(var + eps),
+tf.nn.moments) and also outputs them for the moving-average update. With `sync` (data-parallel
+training with batch_norm.sync) the statistics are the global batch's (`sync_moments`), and the
+gradient's two sums are the mean over the ranks of each rank's (`rank_mean`): each rank's
+loss is its own share's mean, so its sums are K times its share of the global ones. Infer mode
+reads the moving statistics. The arithmetic follows tf.nn.batch_normalization: inv = gamma / sqrt(var + eps),
 y = x * inv + (beta - mean * inv).
 """
 
 import numpy as np
 
 from .registry import define, require
+from . import collective
 
 AXES = (0, 1, 2)
 
@@ -43,6 +47,8 @@ def normalize(x, gamma, beta, mean, var, eps):
 def _bn_ref(attrs, x, gamma, beta, *stats):
     if attrs["training"]:
         mean, var = batch_moments(x)
+        if attrs.get("sync"):
+            mean, var = collective.sync_moments(mean, var)
         return normalize(x, gamma, beta, mean, var, attrs["epsilon"]), mean, var
     return (normalize(x, gamma, beta, *stats, attrs["epsilon"]),)
 
@@ -52,19 +58,35 @@ def _bn_vjp(g, node, dy, dmean=None, dvar=None):
         raise NotImplementedError("gradients flow through train-mode batch_norm only")
     x, gamma, _ = node.inputs
     _, mean, var = node.outputs
-    dx, dgamma, dbeta = g.emit("batch_norm_grad", [dy, x, gamma, mean, var],
-                               {"epsilon": node.attrs["epsilon"]}, "d", n_outputs=3)
+    eps = {"epsilon": node.attrs["epsilon"]}
+    if not node.attrs.get("sync"):
+        return g.emit("batch_norm_grad", [dy, x, gamma, mean, var], eps, "d", n_outputs=3)
+    local = g.emit("batch_norm_grad_sums", [dy, x, gamma, mean, var], eps, "d_sums",
+                   n_outputs=2)
+    dgamma, dbeta = (g.emit("rank_mean", [s], {}, f"d_{what}_mean")
+                     for s, what in zip(local, ("gamma", "beta")))
+    dx = g.emit("batch_norm_grad_apply", [dy, x, gamma, mean, var, dgamma, dbeta], eps, "d")
     return [dx, dgamma, dbeta]
+
+
+def _bn_grad_sums_ref(attrs, dy, x, gamma, mean, var):
+    """The two sums of batch_norm_grad(dy, x, gamma, mean, var), its first half: (dgamma,
+    dbeta). gamma scales dx only; it is an input so that both halves read as the whole."""
+    xhat = (x - mean) * (1 / np.sqrt(var + x.dtype.type(attrs["epsilon"])))
+    return (dy * xhat).sum(axis=AXES), dy.sum(axis=AXES)
+
+
+def _bn_grad_apply_ref(attrs, dy, x, gamma, mean, var, dgamma, dbeta):
+    count = x.dtype.type(x.shape[0] * x.shape[1] * x.shape[2])
+    inv_std = 1 / np.sqrt(var + x.dtype.type(attrs["epsilon"]))
+    xhat = (x - mean) * inv_std
+    return ((gamma * inv_std / count) * (count * dy - dbeta - xhat * dgamma),)
 
 
 def _bn_grad_ref(attrs, dy, x, gamma, mean, var):
     """Full gradient through the batch mean and variance."""
-    count = x.dtype.type(x.shape[0] * x.shape[1] * x.shape[2])
-    inv_std = 1 / np.sqrt(var + x.dtype.type(attrs["epsilon"]))
-    xhat = (x - mean) * inv_std
-    dbeta = dy.sum(axis=AXES)
-    dgamma = (dy * xhat).sum(axis=AXES)
-    dx = (gamma * inv_std / count) * (count * dy - dbeta - xhat * dgamma)
+    dgamma, dbeta = _bn_grad_sums_ref(attrs, dy, x, gamma, mean, var)
+    (dx,) = _bn_grad_apply_ref(attrs, dy, x, gamma, mean, var, dgamma, dbeta)
     return dx, dgamma, dbeta
 
 
@@ -77,5 +99,9 @@ define("batch_norm", shape=_bn_shape, reference=_bn_ref, vjp=_bn_vjp,
        outputs=lambda attrs: ("y", "mean", "var") if attrs["training"] else ("y",))
 define("batch_norm_grad", shape=lambda a, dy, x, gamma, mean, var: [x, gamma, gamma],
        reference=_bn_grad_ref, outputs=("dx", "dgamma", "dbeta"))
+define("batch_norm_grad_sums", shape=lambda a, dy, x, gamma, mean, var: [gamma, gamma],
+       reference=_bn_grad_sums_ref, outputs=("dgamma", "dbeta"))
+define("batch_norm_grad_apply", shape=lambda a, dy, x, gamma, mean, var, dgamma, dbeta: [x],
+       reference=_bn_grad_apply_ref, outputs=("dx",))
 define("affine", shape=_affine_shape,
        reference=lambda a, x, scale, shift: (x * scale + shift,))

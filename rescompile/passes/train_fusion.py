@@ -5,6 +5,7 @@ it (fold_bn refuses it). It can still share kernels once it is split in two:
 
 - split_bn: `batch_norm(x)` -> `batch_moments(x)` (mean, var) + `batch_normalize(x, ...)`.
   The value names stay, so the moving-average updates and the gradient read what they read.
+  A synchronised batch norm gets `sync_moments` between the two, on the rank's moments.
 - fuse_relu_grad: `batch_norm_grad(relu_grad(dr, y), x, ...)`, where y is that batch norm's
   normalised output, becomes `batch_norm_relu_grad(dr, x, ...)`: the ReLU backward runs inside
   the BN gradient kernel, which recomputes y from x, so y need not be saved for the backward.
@@ -43,11 +44,18 @@ def _split(values, bn: Node) -> list[Node]:
     x, gamma, beta = bn.inputs
     y, mean, var = bn.outputs
     where = {"scope": bn.scope, "phase": bn.phase}
-    moments = make_node(values, "batch_moments", [x], {}, name=f"{bn.name}/moments",
-                        outputs=[mean, var], **where)
     norm = make_node(values, "batch_normalize", [x, gamma, beta, mean, var],
                      {"epsilon": bn.attrs["epsilon"]}, name=bn.name, outputs=[y], **where)
-    return [moments, norm]
+    if not bn.attrs.get("sync"):
+        moments = make_node(values, "batch_moments", [x], {}, name=f"{bn.name}/moments",
+                            outputs=[mean, var], **where)
+        return [moments, norm]
+    local = [f"{mean}/rank", f"{var}/rank"]
+    moments = make_node(values, "batch_moments", [x], {}, name=f"{bn.name}/moments",
+                        outputs=local, **where)
+    synced = make_node(values, "sync_moments", local, {}, name=f"{bn.name}/sync",
+                       outputs=[mean, var], **where)
+    return [moments, synced, norm]
 
 
 def fuse_relu_grad(graph: Graph) -> PassResult:

@@ -21,12 +21,18 @@ import re
 import tempfile
 from pathlib import Path
 
-from .. import checkpoint
+from .. import checkpoint, manifest
+from ..data import DATASETS
 from ..errors import CheckpointError, ResourceError, UsageError
 from ..fileio import atomic_write
 
 NAME = re.compile(r"step-(\d+)\.json")
 LOCK = ".lock"
+
+
+STREAM_FIELDS = {"data": manifest.one_of(tuple(DATASETS)), "seed": manifest.count(),
+                 "batch_size": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+                 "augment": manifest.boolean(), "step": manifest.count()}
 
 
 class CheckpointDir:
@@ -92,11 +98,18 @@ class CheckpointDir:
         return weights
 
     def stream_state(self, step: int) -> dict:
+        """The data stream's settings saved beside the checkpoint, every field checked; `ranks`
+        (the job's, since data-parallel training) is 1 where it is absent."""
         path = self.paths(step)[1]
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = path.read_bytes()
+        except OSError as exc:
             raise CheckpointError(f"{path}: unreadable data stream state ({exc})") from None
+        state = manifest.parse(path, data)
+        fields = dict(STREAM_FIELDS)
+        if isinstance(state, dict) and "ranks" in state:
+            fields["ranks"] = (lambda v: type(v) is int and v >= 1, "an integer >= 1")
+        return {"ranks": 1, **manifest.check(path, state, fields)}
 
     def _prune(self) -> None:
         for step in self.steps()[:-self.keep]:

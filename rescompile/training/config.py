@@ -38,6 +38,8 @@ class TrainConfig:
     keep: int = 3
     log: str | None = None
     plot: str | None = None
+    distributed: bool | None = None  # MPI data-parallel; None: when started under mpiexec
+    check_replicas: int = 0          # steps between cross-rank checks of the variables; 0: off
 
 
 def default_backend() -> str:

@@ -17,6 +17,8 @@ from .evaluate import Evaluation, evaluate
 class Run:
     exe: object                 # train-mode Executable
     infer: object               # infer-mode Executable of the same spec and backend
+    trainer: object             # DataParallel over exe (one rank: exe's own step, in halves)
+    world: object               # the job's ranks (distributed.world)
     dataset: object
     stream: object              # BatchStream starting at exe.step
     stream_state: dict          # saved beside each checkpoint
@@ -50,11 +52,18 @@ def _step(run: Run, batches) -> Evaluation | None:
     start = time.perf_counter()
     images, labels = next(batches)
     lr = run.exe.learning_rate()
-    loss = run.exe.train_step(images, labels)
+    if run.world.size > 1:
+        loss = run.trainer.train_step(images, labels)
+    else:
+        loss = run.exe.train_step(images, labels)
     step_s = time.perf_counter() - start
     step = run.exe.step
-    run.progress.update(step, loss, lr, step_s)
-    record = {"step": step, "loss": loss, "lr": lr, "images_per_s": len(labels) / step_s}
+    comm_s = run.trainer.comm_seconds
+    run.progress.update(step, loss, lr, step_s, comm_s)
+    record = {"step": step, "loss": loss, "lr": lr,
+              "images_per_s": len(labels) * run.world.size / step_s}
+    if run.world.size > 1:
+        record.update(ranks=run.world.size, comm_ms=comm_s * 1e3)
     evaluation = None
     if step % run.eval_every == 0 or step == run.steps:
         evaluation = _evaluate(run)
@@ -69,13 +78,16 @@ def _evaluate(run: Run) -> Evaluation:
     # The infer executable runs the folded inference graph; it only needs the current values.
     run.infer.load_params(run.exe.params)
     data = run.dataset
-    evaluation = evaluate(run.infer, data.test_images, data.test_labels, data.num_classes)
+    evaluation = evaluate(run.infer, data.test_images, data.test_labels, data.num_classes,
+                          run.world)
     run.progress.note(f"step {run.exe.step}: test accuracy {evaluation.accuracy:.2%} "
                       f"({evaluation.correct}/{evaluation.total})")
     return evaluation
 
 
 def _save(run: Run) -> None:
+    if run.world.rank != 0:
+        return  # rank 0 writes for the job
     if run.checkpoints is None:
         run.progress.note(f"no --checkpoint directory: step {run.exe.step} not saved")
         return

@@ -13,18 +13,21 @@ SMOOTHING = 0.9   # weight of the past in the step-time average behind images/s 
 
 
 class Progress:
-    def __init__(self, total: int, start: int, batch_size: int, out=None):
+    def __init__(self, total: int, start: int, batch_size: int, out=None, ranks: int = 1):
         self.out = out or sys.stderr
         self.tty = self.out.isatty()
-        self.total, self.batch_size = total, batch_size
+        self.total, self.batch_size, self.ranks = total, batch_size, ranks  # global batch
+        self.comm_s = 0.0
         self.every = max(1, (total - start) // LINES)
         self.step_s = None
         self.drawn_at = 0.0
         self.line_open = False
 
-    def update(self, step: int, loss: float, lr: float, step_s: float) -> None:
+    def update(self, step: int, loss: float, lr: float, step_s: float,
+               comm_s: float = 0.0) -> None:
         self.step_s = step_s if self.step_s is None else (
             SMOOTHING * self.step_s + (1 - SMOOTHING) * step_s)
+        self.comm_s = SMOOTHING * self.comm_s + (1 - SMOOTHING) * comm_s
         now = time.monotonic()
         last = step == self.total
         if self.tty and (last or now - self.drawn_at >= REDRAW_S):
@@ -48,8 +51,10 @@ class Progress:
         done = step / self.total
         bar = "#" * round(done * BAR)
         eta = _duration(self.step_s * (self.total - step))
+        ranks = (f"  {self.ranks} ranks, all-reduce {self.comm_s * 1e3:.1f} ms"
+                 if self.ranks > 1 else "")
         return (f"step {step}/{self.total} [{bar:<{BAR}}] {done:4.0%}  loss {loss:.4f}  "
-                f"lr {lr:g}  {self.batch_size / self.step_s:,.0f} img/s  ETA {eta}")
+                f"lr {lr:g}  {self.batch_size / self.step_s:,.0f} img/s{ranks}  ETA {eta}")
 
 
 def _duration(seconds: float) -> str:

@@ -3,14 +3,22 @@
 Every check (spec against checkpoint, settings against the saved stream, the data directory)
 happens before anything is written, so a refused run leaves the checkpoint directory and the
 log as they were.
+
+Data-parallel (MPI): every rank makes the same checks on the same files and compiles the same
+executable; rank 0 alone writes (checkpoints, log, plot) and reports. The global batch is
+the spec's (or --batch-size), each rank taking an equal share of it.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 
 from ..data import BatchStream, load_dataset
+from ..distributed.data_parallel import DataParallel
+from ..distributed.launch import failing_together, world_for
+from ..distributed.world import joined
 from ..errors import CheckpointError, UsageError
 from ..fileio import check_writable
 from ..runtime import compile
@@ -24,51 +32,72 @@ from .progress import Progress
 
 def train(config: TrainConfig, out=None):
     """Run training as configured; return (the run, its last evaluation or None)."""
-    out = out or sys.stderr
+    world = world_for(config.distributed)
+    with failing_together(world), joined(world):
+        return _train(config, world, out or sys.stderr)
+
+
+def _train(config: TrainConfig, world, out):
     started = time.perf_counter()
-    run = prepare(config, out)
+    if world.rank != 0:
+        out = io.StringIO()  # rank 0 reports for the job
+    run = prepare(config, out, world)
     try:
         evaluation = train_loop(run)
     finally:
         run.metrics.close()
         if run.checkpoints:
             run.checkpoints.release()
-    if config.plot:
+    if config.plot and world.rank == 0:
         if plot(run.metrics.records, config.plot, lambda line: print(line, file=out)):
             print(f"plot written to {config.plot}", file=out)
     print(f"trained to step {run.exe.step} in {time.perf_counter() - started:.1f} s", file=out)
     return run, evaluation
 
 
-def prepare(config: TrainConfig, out) -> Run:
+def prepare(config: TrainConfig, out, world) -> Run:
     _check_counts(config)
+    writer = world.rank == 0
     for flag, path in (("--log", config.log), ("--plot", config.plot)):
-        if path:
+        if path and writer:
             check_writable(path, flag)
     checkpoints = CheckpointDir(config.checkpoint, config.keep) if config.checkpoint else None
     resume_step = _resume_step(config, checkpoints, out)
     saved = checkpoints.stream_state(resume_step) if resume_step is not None else None
     settings = stream_settings(config, saved)
+    if saved is not None and saved["ranks"] != world.size:
+        out.write(f"resuming a run of {saved['ranks']} rank(s) on {world.size}: the same global "
+                  f"batch of {settings['batch_size']}; batch statistics are now each rank's "
+                  f"share's unless batch_norm.sync is on\n")
+    settings["ranks"] = world.size
     backend = config.backend or default_backend()
     spec = config.spec
     dataset = load_dataset(settings["data"], config.data_dir, input_shape=spec.model.input,
                            num_classes=spec.model.num_classes, seed=settings["seed"])
-    exe = _train_executable(config, checkpoints, resume_step, backend, settings["seed"])
+    exe = _train_executable(config, checkpoints, resume_step, backend, settings["seed"], writer)
     stream = BatchStream(dataset, settings["batch_size"], settings["seed"],
-                         augment=settings["augment"], start_step=exe.step)
+                         augment=settings["augment"], start_step=exe.step, rank=world.rank,
+                         ranks=world.size)
     steps = target_steps(config, stream.steps_per_epoch)
     if exe.step >= steps:
         out.write(f"already at step {exe.step}, at or past the {steps} steps asked for\n")
     infer = compile(spec, mode="infer", backend=backend, dtype=exe.dtype,
-                    **compile_options(backend))
-    if checkpoints:
+                    **compile_options(backend, writer))
+    if world.size > 1:
+        out.write(f"data-parallel on {world.size} ranks: {stream.batch_size} images a step, "
+                  f"{stream.batch_size // world.size} on each\n")
+    trainer = DataParallel(exe, world, config.check_replicas)
+    if checkpoints and writer:
         checkpoints.hold()  # checked and locked last, so a refused run leaves no trace
-    return Run(exe=exe, infer=infer,
+    return Run(exe=exe, infer=infer, trainer=trainer, world=world,
                dataset=dataset, stream=stream, stream_state=settings, steps=steps,
                eval_every=config.eval_every or stream.steps_per_epoch,
-               checkpoint_every=config.checkpoint_every, checkpoints=checkpoints,
-               metrics=MetricsLog(config.log, resume_step, note=lambda m: print(m, file=out)),
-               progress=Progress(steps, exe.step, settings["batch_size"], out))
+               checkpoint_every=config.checkpoint_every,
+               checkpoints=checkpoints if writer else None,
+               metrics=MetricsLog(config.log if writer else None, resume_step,
+                                  note=lambda m: print(m, file=out)),
+               progress=Progress(steps, exe.step, settings["batch_size"], out,
+                                 ranks=world.size))
 
 
 def _check_counts(config: TrainConfig) -> None:
@@ -94,18 +123,20 @@ def _resume_step(config: TrainConfig, checkpoints, out) -> int | None:
     return newest if config.resume else None
 
 
-def compile_options(backend: str) -> dict:
+def compile_options(backend: str, reporting: bool = True) -> dict:
     """A minute of silent compiling looks like a hang: the CPU backend says what it compiles."""
-    return {"progress": True} if backend == "cpu" else {}
+    return {"progress": True} if backend == "cpu" and reporting else {}
 
 
-def _train_executable(config: TrainConfig, checkpoints, resume_step, backend: str, seed: int):
+def _train_executable(config: TrainConfig, checkpoints, resume_step, backend: str, seed: int,
+                      reporting: bool):
+    options = compile_options(backend, reporting)
     if resume_step is None:
         return compile(config.spec, mode="train", backend=backend,
-                       dtype=config.dtype or DEFAULT_DTYPE, seed=seed, **compile_options(backend))
+                       dtype=config.dtype or DEFAULT_DTYPE, seed=seed, **options)
     path = checkpoints.paths(resume_step)[0]
     exe = load_for_spec(path, config.spec, mode="train", backend=backend,
-                        fresh_optimizer=config.fresh_optimizer, **compile_options(backend))
+                        fresh_optimizer=config.fresh_optimizer, **options)
     if config.dtype and config.dtype != exe.dtype:
         raise CheckpointError(f"{path}: --dtype {config.dtype} differs from the checkpoint's "
                               f"{exe.dtype}")

@@ -129,3 +129,23 @@ def test_kernel_sources_are_cached_by_hash(tmp_path):
     program.run("prepare", feeds(lowered))
     files = sorted((tmp_path / "cuda").glob("k_*.py"))
     assert files and all("@cuda.jit(cache=True)" in f.read_text() for f in files)
+
+
+def test_train_step_in_halves_is_the_train_step():
+    """step_gradients then apply_gradients (data-parallel training's halves) give the fused
+    train step's bits; a fed gradient that a fused update reads from its place in the arena
+    is copied there. Synchronised batch norm is refused with one line."""
+    import rescompile as rc
+    whole = rc.compile(TINY, mode="train", backend="cuda", dtype="float64", seed=1)
+    halves = rc.compile(TINY, mode="train", backend="cuda", dtype="float64", seed=1)
+    rng = np.random.default_rng(0)
+    images, labels = rng.standard_normal((BATCH, 8, 8, 3)), rng.integers(0, 10, BATCH)
+    loss = whole.train_step(images, labels)
+    split_loss, grads, stats = halves.step_gradients(images, labels)
+    halves.apply_gradients(grads, stats)
+    assert split_loss == loss
+    for name, value in whole.state.items():
+        assert np.array_equal(halves.state[name], value), name
+    sync = dict(TINY, batch_norm={"sync": True})
+    with pytest.raises(rc.UsageError, match="batch_norm.sync needs the cpu or reference"):
+        rc.compile(sync, mode="train", backend="cuda")

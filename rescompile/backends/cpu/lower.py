@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ...errors import GraphError
+from ...errors import GraphError, UsageError
 from ...padding import pads_2d
 from .llvm import epilogue
 from .llvm.conv import ConvKernel
@@ -362,6 +362,9 @@ def _moments(node, graph, target, dtype, x=None, outputs=None):
 
 def _batch_norm_train(node, graph, target, dtype):
     """Unfused (optimize=False): the moments, then normalise with them."""
+    if node.attrs.get("sync"):
+        raise UsageError(f"node {node.name!r}: a synchronised batch norm runs on the cpu "
+                         f"backend split into its halves (compile with optimize=True)")
     x, gamma, beta = node.inputs
     y, mean, var = node.outputs
     steps = _moments(node, graph, target, dtype, x, [mean, var])
@@ -390,28 +393,53 @@ def _batch_norm_grad(relu: bool):
         another gradient added to dx (then `outputs` end with the add's)."""
         inputs = _bn_grad_inputs(node, relu)
         dx, dgamma, dbeta = list(outputs or node.outputs)
-        shape = image_shape(graph, inputs["x"])
-        sums = bn_grad_sums(node, relu)
-        slots = Slots(16 * shape[2], shape[0] * shape[1], REDUCE_CHUNK)
-        steps = [] if summed else [channel_sums(node.name, sums.kind, inputs, shape,
-                                                sums.partial, node.attrs, dtype, target)]
-        steps.append(slot_sum(f"{node.name}/combine", sums.partial, slots, [dbeta, dgamma],
-                              shape[2], "sums", dtype, target))
-        kernel = BatchNormGradApply(dtype, target, relu, plus is not None)
-        uses = {role: Use(v) for role, v in inputs.items()}
-        uses.update(dgamma=Use(dgamma), dbeta=Use(dbeta), out=Use(dx))
-        tensors = {"dr": inputs["dr"], "x": inputs["x"], "out": dx}
-        if plus is not None:
-            uses["plus"] = Use(plus)
-            tensors["plus"] = plus
-        fields = dict(oh=shape[0], ow=shape[1], images=lambda n: n,
-                      **{n: float(node.attrs[n]) for n in ("epsilon", "alpha")
-                         if n in node.attrs})
-        steps.append(Step(f"{node.name}/apply", node.op, kernel, uses, ("out",), tensors,
-                          fields, shape[0] * shape[1], shape[2], channel_align=kernel.lanes,
-                          split=_pixel_split(shape[0] * shape[1])))
-        return steps
+        steps = _bn_grad_sum_steps(node, graph, target, dtype, relu, inputs, dgamma, dbeta,
+                                   summed)
+        return steps + [_bn_grad_apply_step(node, graph, target, dtype, relu, inputs, dx,
+                                            dgamma, dbeta, plus)]
     return lower
+
+
+def _bn_grad_sum_steps(node, graph, target, dtype, relu, inputs, dgamma, dbeta, summed):
+    shape = image_shape(graph, inputs["x"])
+    sums = bn_grad_sums(node, relu)
+    slots = Slots(16 * shape[2], shape[0] * shape[1], REDUCE_CHUNK)
+    steps = [] if summed else [channel_sums(node.name, sums.kind, inputs, shape,
+                                            sums.partial, node.attrs, dtype, target)]
+    steps.append(slot_sum(f"{node.name}/combine", sums.partial, slots, [dbeta, dgamma],
+                          shape[2], "sums", dtype, target))
+    return steps
+
+
+def _bn_grad_apply_step(node, graph, target, dtype, relu, inputs, dx, dgamma, dbeta, plus):
+    shape = image_shape(graph, inputs["x"])
+    kernel = BatchNormGradApply(dtype, target, relu, plus is not None)
+    uses = {role: Use(v) for role, v in inputs.items()}
+    uses.update(dgamma=Use(dgamma), dbeta=Use(dbeta), out=Use(dx))
+    tensors = {"dr": inputs["dr"], "x": inputs["x"], "out": dx}
+    if plus is not None:
+        uses["plus"] = Use(plus)
+        tensors["plus"] = plus
+    fields = dict(oh=shape[0], ow=shape[1], images=lambda n: n,
+                  **{n: float(node.attrs[n]) for n in ("epsilon", "alpha") if n in node.attrs})
+    return Step(f"{node.name}/apply", node.op, kernel, uses, ("out",), tensors, fields,
+                shape[0] * shape[1], shape[2], channel_align=kernel.lanes,
+                split=_pixel_split(shape[0] * shape[1]))
+
+
+def _split_bn_grad_sums(node, graph, target, dtype):
+    """A synchronised batch norm's gradient, first half: this rank's two sums."""
+    inputs = _bn_grad_inputs(node, relu=False)
+    dgamma, dbeta = node.outputs
+    return _bn_grad_sum_steps(node, graph, target, dtype, False, inputs, dgamma, dbeta, False)
+
+
+def _split_bn_grad_apply(node, graph, target, dtype):
+    """Second half: dx from the sums averaged over the ranks."""
+    dr, x, gamma, mean, var, dgamma, dbeta = node.inputs
+    inputs = {"dr": dr, "x": x, "gamma": gamma, "mean": mean, "var": var}
+    return [_bn_grad_apply_step(node, graph, target, dtype, False, inputs, node.outputs[0],
+                                dgamma, dbeta, None)]
 
 
 def _batch_norm(node, graph, target, dtype):
@@ -538,6 +566,8 @@ LOWERINGS = {
     "batch_moments": _moments,
     "batch_norm_grad": _batch_norm_grad(relu=False),
     "batch_norm_relu_grad": _batch_norm_grad(relu=True),
+    "batch_norm_grad_sums": _split_bn_grad_sums,
+    "batch_norm_grad_apply": _split_bn_grad_apply,
     "conv2d_grad_input": _grad_input,
     "conv2d_grad_filter": _grad_filter,
     "max_pool": _max_pool,

@@ -31,6 +31,10 @@ from .schedule import build_schedule, build_shared_schedule
 from .target import target_for
 
 
+# Entries with a schedule of their own; forward and backward share one.
+OWN_SCHEDULES = ("loss_and_grads", "train_step", "step_gradients", "apply_gradients")
+
+
 def pack_weights(w: np.ndarray, nr: int, out: np.ndarray | None = None) -> np.ndarray:
     """HWIO (or [C, K]) weights as [panel][kh * kw * cin][nr], zero-padded past the last
     output channel, on a cache-line boundary (the kernel's aligned loads need it)."""
@@ -130,7 +134,7 @@ class CpuProgram:
         if "prepare" in entries:
             schedule = build_schedule(graph, entries["forward"], target, dtype)
             return {"forward": Plan(schedule, 0, len(schedule.steps))}
-        if name in ("loss_and_grads", "train_step"):
+        if name in OWN_SCHEDULES:
             entry = entries[name]
             schedule = self._shared(list(entry.nodes), entry.feeds, entry.fetches,
                                     {name: entry})
@@ -255,14 +259,21 @@ class CpuProgram:
             i = j
 
     def _host_step(self, arena: Arena, step: HostStep, arrays: dict, host: dict) -> None:
-        env = {}
+        env, views = {}, []
         for name in step.inputs:
-            env[name] = host[name] if name in host else (
-                arrays[name] if name in arrays else
-                arena.view(name).reshape(self.graph.value(name).concrete_shape(arena.batch)))
+            if name in host or name in arrays:
+                env[name] = host[name] if name in host else arrays[name]
+            else:
+                views.append(arena.view(name).reshape(
+                    self.graph.value(name).concrete_shape(arena.batch)))
+                env[name] = views[-1]
         interpret([step.node], env)
         for name in step.outputs:
             value = np.asarray(env[name])
+            # An output may be an input returned as it is (an op that is the identity on one
+            # rank): a view of arena memory that a later kernel reuses, so it is copied out.
+            if any(np.may_share_memory(value, view) for view in views):
+                value = value.copy()
             host[name] = arrays[name] = np.ascontiguousarray(value) if value.ndim else value
         if self.check_finite:
             self._check(step, {name: host[name] for name in step.outputs})

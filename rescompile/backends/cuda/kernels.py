@@ -8,6 +8,7 @@ fails before anything is generated, naming the node.
 from __future__ import annotations
 
 from . import elementwise, exprs, gemm, head, pool, reduce
+from ...errors import UsageError
 from ...ops.fused import EPILOGUE_OPS
 
 LOWER = {
@@ -41,8 +42,16 @@ class UnsupportedOpError(NotImplementedError):
     """A node whose op (or epilogue step) has no CUDA kernel."""
 
 
+# Ops that reduce over the ranks of a job run as host steps, which this backend has none of.
+COLLECTIVE_OPS = ("sync_moments", "rank_mean")
+
+
 def check_supported(nodes) -> None:
     for node in nodes:
+        if node.op in COLLECTIVE_OPS:
+            raise UsageError(f"node {node.name!r}: batch_norm.sync needs the cpu or reference "
+                             f"backend (the cuda backend cannot synchronise statistics across "
+                             f"ranks)")
         if node.op not in LOWER:
             raise UnsupportedOpError(f"node {node.name!r}: op {node.op!r} has no CUDA kernel "
                                      f"(backend 'cuda' supports {', '.join(sorted(LOWER))})")

@@ -113,7 +113,8 @@ def build_plan(graph, entry, layout: Layout, batch, dtype: str, target,
         elif node is group.nodes[-1]:
             launches.append(_group_launch(ctx, group, layout, views))
     launches, pools = pool_scratch(launches, ctx.scratch)
-    feeds = {v: ctx.size(v) for v in entry.feeds if v not in layout.slots}
+    # A fed value that a group launch reads from its contiguous region is copied there.
+    feeds = {v: ctx.size(v) for v in entry.feeds if v not in layout.slots and v not in views}
     produced = {o for n in entry.nodes for o in n.outputs} | set(entry.feeds)
     return Plan(launches, views, feeds, ctx.scratch, pools, arena_size, memory,
                 {v: ctx.shape(v) for v in produced | set(entry.fetches)})

@@ -115,6 +115,8 @@ class CudaProgram:
                 self._mirror(name, value, env[name])
             elif name in bound.plan.feeds:
                 env[name] = self._feed(name, value, bound.values[name])
+            elif name in bound.plan.views:  # read from its place in the activation arena
+                self._feed(name, value, env[name], copy=True)
         for launch, kernel in zip(bound.plan.launches, bound.kernels):
             args = [env[r.name] if r.kind == "value" else bound.fixed[r] for r in launch.args]
             if self.profile is None:
@@ -143,12 +145,16 @@ class CudaProgram:
         row[0] += 1
         row[1] += time.perf_counter() - start
 
-    def _feed(self, name: str, value, buffer):
+    def _feed(self, name: str, value, buffer, copy: bool = False):
+        """A device array is used where it is, unless `copy`; a host array is uploaded."""
         if device.is_device_array(value):
             array = device.flat(device.as_device(value))
             if array.size != buffer.size:
                 raise InputError(f"{name}: {array.size} elements on the device, "
                                  f"{buffer.size} expected")
+            if copy:
+                buffer.copy_to_device(array)
+                return buffer
             return array
         array = np.asarray(value)
         if array.size != buffer.size:

@@ -1,0 +1,91 @@
+"""Data-parallel pieces that need no MPI: a train step in halves (step_gradients, then
+apply_gradients) is the fused train step, bit for bit, on every backend and with synchronised
+batch norm (the identity on one process); the ranks' batch shares make up the one-process
+batch; a run on one process has no collectives to fail. The ranks themselves:
+tests/test_distributed.py (and tests/cuda for the CUDA backend's halves)."""
+
+import numpy as np
+import pytest
+
+import rescompile as rc
+from conftest import tiny_spec
+from rescompile.data import BatchStream, load_dataset
+from rescompile.distributed import Solo
+from rescompile.distributed.data_parallel import DataParallel, check_replicas
+from rescompile.distributed.launch import failing_together, world_for
+
+SYNC = tiny_spec().replace(batch_norm={"sync": True})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("spec", [tiny_spec(), SYNC], ids=["per-rank", "sync"])
+def test_train_step_in_halves_is_the_train_step(spec, backend, dtype):
+    whole = rc.compile(spec, mode="train", backend=backend, dtype=dtype, seed=4)
+    halves = rc.compile(spec, mode="train", backend=backend, dtype=dtype, seed=4)
+    trainer = DataParallel(halves, Solo())
+    rng = np.random.default_rng(2)
+    for _ in range(2):
+        images = rng.standard_normal((6, *spec.model.input)) * 1.5 + 0.3
+        labels = rng.integers(0, spec.model.num_classes, 6)
+        assert trainer.train_step(images, labels) == whole.train_step(images, labels)
+    assert halves.step == whole.step == 2
+    for name, value in whole.state.items():
+        assert np.array_equal(halves.state[name], value), name
+
+
+def test_sync_batch_norm_changes_only_the_training_graph():
+    """On one process the synchronised statistics are the batch's: sync and per-rank specs
+    train to the same bits; inference graphs are identical."""
+    ops = {n.op for n in rc.compile(SYNC, mode="train").graph.nodes}
+    assert {"sync_moments", "rank_mean", "batch_norm_grad_sums",
+            "batch_norm_grad_apply"} <= ops
+    infer = [rc.compile(s, mode="infer").graph.nodes for s in (tiny_spec(), SYNC)]
+    assert [(n.op, n.inputs) for n in infer[0]] == [(n.op, n.inputs) for n in infer[1]]
+    a, b = (rc.compile(s, mode="train", backend="cpu", dtype="float64", seed=1)
+            for s in (tiny_spec(), SYNC))
+    rng = np.random.default_rng(0)
+    images, labels = rng.standard_normal((4, 8, 8, 3)), rng.integers(0, 5, 4)
+    assert a.train_step(images, labels) == b.train_step(images, labels)
+    for name, value in a.state.items():
+        assert np.allclose(b.state[name], value, rtol=1e-13, atol=1e-15), name
+
+
+def test_apply_gradients_names_what_is_missing():
+    exe = rc.compile(tiny_spec(), mode="train", dtype="float64")
+    rng = np.random.default_rng(0)
+    _, grads, stats = exe.step_gradients(rng.standard_normal((2, 8, 8, 3)), [1, 2])
+    del grads["logit/DW"]
+    with pytest.raises(rc.InputError, match="'logit/DW' is missing"):
+        exe.apply_gradients(grads, stats)
+    grads["logit/DW"] = np.full((16, 5), np.nan)
+    with pytest.raises(rc.InputError, match="logit/DW"):
+        exe.apply_gradients(grads, stats)
+    assert exe.step == 0
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_rank_shares_make_up_the_batch(augment):
+    data = load_dataset("synthetic", input_shape=(8, 8, 3), num_classes=5, seed=1)
+    whole = BatchStream(data, 12, seed=5, augment=augment)
+    shares = [BatchStream(data, 12, seed=5, augment=augment, rank=r, ranks=3) for r in range(3)]
+    for step in (0, 7, 30):
+        images, labels = whole.batch(step)
+        parts = [s.batch(step) for s in shares]
+        assert np.array_equal(np.concatenate([p[0] for p in parts]), images)
+        assert np.array_equal(np.concatenate([p[1] for p in parts]), labels)
+    with pytest.raises(rc.InputError, match="does not split evenly across 5 ranks"):
+        BatchStream(data, 12, seed=5, rank=0, ranks=5)
+
+
+def test_one_process_has_no_collectives_to_fail():
+    world = world_for(False)
+    assert isinstance(world, Solo) and world.size == 1
+    buffer = np.arange(5.0)
+    world.mean(buffer)
+    assert np.array_equal(buffer, np.arange(5.0))
+    exe = rc.compile(tiny_spec(), mode="train")
+    check_replicas(exe, world)
+    with pytest.raises(ValueError, match="passes through"):
+        with failing_together(world):
+            raise ValueError("passes through")
