@@ -77,6 +77,13 @@ def test_resume_on_two_ranks_is_bit_identical(tmp_path):
         assert np.array_equal(a[name], b[name]), name
     state = json.loads((tmp_path / "whole" / "step-000006.json").read_text())
     assert state["ranks"] == 2 and state["batch_size"] == 64
+    # One process goes on from two ranks' checkpoint: the same global batch.
+    alone = subprocess.run(
+        [sys.executable, "-m", "rescompile", "train", ROOT / "examples" / "digits.toml",
+         "--data", "digits", "--checkpoint", tmp_path / "whole", "--steps", "7", "--resume"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    assert "resuming a run of 2 rank(s) on 1: the same global batch of 64" in alone.stderr
 
 
 def test_uneven_batch_is_refused(tmp_path):

@@ -33,8 +33,22 @@ def test_checkpoint_dir_keeps_the_newest_pairs(tmp_path):
     assert directory.steps() == [20, 30]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "step-000020.json", "step-000020.npz", "step-000030.json", "step-000030.npz"]
-    assert directory.stream_state(30) == {**STATE, "step": 30}
+    # Saved before data-parallel training existed, so without "ranks": one rank.
+    assert directory.stream_state(30) == {"ranks": 1, **STATE, "step": 30}
     assert resolve(tmp_path) == tmp_path / "step-000030.npz"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("seed", "1", "field 'seed' must be an integer >= 0"),
+    ("data", "imagenet", "field 'data' must be one of"),
+    ("ranks", 0, "field 'ranks' must be an integer >= 1"),
+    ("extra", 1, "field 'extra' is unknown")])
+def test_a_bad_stream_state_is_refused_naming_the_field(tmp_path, field, value, words):
+    directory = saved_dir(tmp_path, [10])
+    path = tmp_path / "step-000010.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with pytest.raises(CheckpointError, match=words):
+        directory.stream_state(10)
 
 
 def test_an_npz_without_its_json_is_not_a_checkpoint(tmp_path):

@@ -62,7 +62,9 @@ def prepare(config: TrainConfig, out, world) -> Run:
         if path and writer:
             check_writable(path, flag)
     checkpoints = CheckpointDir(config.checkpoint, config.keep) if config.checkpoint else None
-    resume_step = _resume_step(config, checkpoints, out)
+    # Rank 0 decides; a rank that cannot read that checkpoint (no shared file system) then
+    # stops the job naming the file, instead of starting afresh beside the others.
+    resume_step = world.broadcast(_resume_step(config, checkpoints, out) if writer else None)
     saved = checkpoints.stream_state(resume_step) if resume_step is not None else None
     settings = stream_settings(config, saved)
     if saved is not None and saved["ranks"] != world.size:
