@@ -98,3 +98,16 @@ def random_bn_state(exe, seed=0):
         else:
             values[name] = value
     return values
+
+
+@pytest.fixture(scope="module")
+def infer_exe():
+    """An inference executable on the cpu backend with non-trivial BN state."""
+    exe = rc.compile(tiny_spec(), mode="infer", backend="cpu", seed=1)
+    exe.load_params(random_bn_state(exe, seed=2))
+    return exe
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)

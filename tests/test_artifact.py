@@ -13,21 +13,9 @@ import pytest
 import rescompile as rc
 from rescompile.archive import npz_bytes
 from rescompile.artifact import save_artifact
-from conftest import random_bn_state, rel_err, tiny_spec
+from conftest import rel_err, tiny_spec
 
 SENTINEL_NAME = "rescompile-artifact-payload-ran"
-
-
-@pytest.fixture(scope="module")
-def infer_exe():
-    exe = rc.compile(tiny_spec(), mode="infer", backend="cpu", seed=1)
-    exe.load_params(random_bn_state(exe, seed=2))
-    return exe
-
-
-@pytest.fixture(scope="module")
-def images():
-    return np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -112,6 +112,10 @@ def files(tmp_path_factory):
     return d
 
 
+def predict(d, images: str) -> list:
+    return ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz", d / images]
+
+
 def run_cli(argv, capsys) -> tuple[int, str]:
     try:
         code = main([str(a) for a in argv])
@@ -163,19 +167,13 @@ CLI_CASES = [
     ("resume without dir", lambda d: ["train", d / "spec.toml", *TRAIN, "--resume"], 2,
      "--resume needs --checkpoint DIR"),
     # inputs and data
-    ("empty npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
-                             d / "empty.npy"], 4, "with N >= 1, got shape [0, 8, 8, 3]"),
-    ("rank-3 npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
-                              d / "flat.npy"], 4, "expected images [N, H, W, C]"),
-    ("garbage npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
-                               d / "garbage.npy"], 4, "garbage.npy: array 'images' has a "
+    ("empty npy", lambda d: predict(d, "empty.npy"), 4, "with N >= 1, got shape [0, 8, 8, 3]"),
+    ("rank-3 npy", lambda d: predict(d, "flat.npy"), 4, "expected images [N, H, W, C]"),
+    ("garbage npy", lambda d: predict(d, "garbage.npy"), 4, "garbage.npy: array 'images' has a "
                                                       "corrupt header"),
-    ("pickled npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
-                               d / "objects.npy"], 4, "is object, expected one of"),
-    ("lying npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
-                             d / "lie.npy"], 4, "declares shape [1000000000000]"),
-    ("missing npy", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
-                               d / "none.npy"], 4, "none.npy: cannot read"),
+    ("pickled npy", lambda d: predict(d, "objects.npy"), 4, "is object, expected one of"),
+    ("lying npy", lambda d: predict(d, "lie.npy"), 4, "declares shape [1000000000000]"),
+    ("missing npy", lambda d: predict(d, "none.npy"), 4, "none.npy: cannot read"),
     ("no data dir", lambda d: ["train", d / "spec.toml", "--data", "cifar10", "--data-dir",
                                d / "nope"], 4, "does not exist"),
     # checkpoints

@@ -10,19 +10,7 @@ from rescompile.backends.cpu.target import host_target
 from rescompile.build import build
 from rescompile.cli import main
 from rescompile.fileio import RECORD, write_cache_file
-from conftest import random_bn_state, rel_err, tiny_spec
-
-
-@pytest.fixture(scope="module")
-def infer_exe():
-    exe = rc.compile(tiny_spec(), mode="infer", backend="cpu", seed=1)
-    exe.load_params(random_bn_state(exe, seed=2))
-    return exe
-
-
-@pytest.fixture(scope="module")
-def images():
-    return np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+from conftest import rel_err, tiny_spec
 
 
 def test_cpu_matches_reference(infer_exe, images):
