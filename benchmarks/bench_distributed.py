@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import rescompile  # noqa: E402
-from rescompile.bench import _gflop  # noqa: E402
+from rescompile.bench import gflop  # noqa: E402
 from rescompile.distributed import joined  # noqa: E402
 from rescompile.distributed.data_parallel import DataParallel  # noqa: E402
 from rescompile.distributed.launch import failing_together, world_for  # noqa: E402
@@ -85,7 +85,7 @@ def train_worker(case: str, steps: int, out: str) -> None:
                 "case": case, "ranks": world.size, "threads": exe_threads(), "batch": batch,
                 "step_ms": 1e3 * statistics.median(step_s),
                 "comm_ms": 1e3 * statistics.median(comm_s),
-                "gflop": _gflop(exe, batch),
+                "gflop": gflop(exe, batch),
                 "gradient_bytes": 4 * parameter_count(spec_path)}))
 
 
@@ -140,7 +140,7 @@ def model_rows(measured: dict, reduce_rows: list[dict]) -> list[dict]:
     rate = r164["gflop"] / (r164["step_ms"] / 1e3)  # GFLOP/s of one process here
     r50_spec = rescompile.compile(R50, mode="train", backend="reference", dtype="float32")
     computes = {"ResNet-164": (r164["step_ms"] / 1e3, 128),
-                "ResNet-50": (_gflop(r50_spec, 256) / rate, 256)}
+                "ResNet-50": (gflop(r50_spec, 256) / rate, 256)}
     rows = []
     for reduced in reduce_rows:
         compute_s, batch = computes[reduced["model"]]

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import rescompile  # noqa: E402
 from rescompile.backends.cpu.llvm.measure import fma_peak_gflops  # noqa: E402
 from rescompile.backends.cpu.target import host_target  # noqa: E402
-from rescompile.bench import _gflop, interleaved, peer_runners, step_memory  # noqa: E402
+from rescompile.bench import gflop, interleaved, peer_runners, step_memory  # noqa: E402
 
 PRESETS = ROOT / "rescompile" / "presets"
 CASES = {  # name -> (preset file, mode, batch)
@@ -83,20 +83,20 @@ def run_case(name, reps, rounds, want_peers, peak):
             agreement[peer] = float(np.abs(got - first).max() / np.abs(first).max())
     timings = interleaved({"rescompile": ours, **{k: fn for k, (fn, _) in ready.items()}},
                           rounds, reps)
-    gflop = _gflop(exe, n)
+    work = gflop(exe, n)
     impls = {}
     for impl, timing in timings.items():
         ms = timing.median_s * 1e3
         impls[impl] = {"median_ms": ms, "min_ms": timing.min_s * 1e3,
                        "max_ms": timing.max_s * 1e3, "samples": timing.runs,
-                       "gflops": gflop / timing.median_s,
-                       "percent_of_peak": 100 * gflop / timing.median_s / peak,
+                       "gflops": work / timing.median_s,
+                       "percent_of_peak": 100 * work / timing.median_s / peak,
                        "setup_s": compile_s if impl == "rescompile" else ready[impl][1]}
     ours_ms = impls["rescompile"]["median_ms"]
     memory = ({who: step_memory(spec, mode, n, "float32", who) for who in ("rescompile",
                                                                           "pytorch")}
               if mode == "train" and want_peers else {})
-    return {"case": name, "batch": n, "mode": mode, "gflop_per_call": gflop, "impls": impls,
+    return {"case": name, "batch": n, "mode": mode, "gflop_per_call": work, "impls": impls,
             "step_memory_bytes": memory,
             "not_run": {k: v for k, v in runners.items() if isinstance(v, str)},
             "max_rel_diff_vs_rescompile": agreement,

@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 def load(path, **options):
     """Load a checkpoint (`Executable.save`) or a compiled artifact (`rescompile compile`)."""
     from .artifact import is_artifact, load_artifact
-    from .checkpoint import load as load_checkpoint
+    from .runtime import load_checkpoint
     return (load_artifact if is_artifact(path) else load_checkpoint)(path, **options)

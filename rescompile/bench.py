@@ -50,13 +50,13 @@ _MEMORY_SCRIPT = """
 import json, sys
 import numpy as np
 from rescompile.spec import load_spec
-from rescompile.bench import _inputs, _call, torch_runner
+from rescompile.bench import random_inputs, step_call, torch_runner
 from rescompile.runtime import compile
 spec = load_spec(json.loads(sys.argv[1]))
 mode, batch, dtype, who = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-images, labels = _inputs(spec, batch, dtype)
+images, labels = random_inputs(spec, batch, dtype)
 exe = compile(spec, mode=mode, backend="cpu" if who == "rescompile" else "reference", dtype=dtype)
-run = _call(exe, mode, images, labels) if who == "rescompile" else torch_runner(
+run = step_call(exe, mode, images, labels) if who == "rescompile" else torch_runner(
     spec, exe, mode, images, labels, 2)
 def kib(field):
     with open("/proc/self/status") as f:
@@ -110,22 +110,22 @@ class Report:
         return self.gflop_per_call / self.timing.median_s
 
 
-def _inputs(spec, batch: int, dtype: str):
+def random_inputs(spec, batch: int, dtype: str):
     rng = np.random.default_rng(0)
     images = rng.standard_normal((batch, *spec.model.input)).astype(dtype)
     return images, np.arange(batch) % spec.model.num_classes
 
 
-def _compile_and_warm(spec, mode, backend, dtype, batch, cache_dir):
+def compile_and_warm(spec, mode, backend, dtype, batch, cache_dir):
     """Compile and run once (Numba compiles its driver at the first call)."""
-    images, labels = _inputs(spec, batch, dtype)
+    images, labels = random_inputs(spec, batch, dtype)
     start = time.perf_counter()
     exe = compile(spec, mode=mode, backend=backend, dtype=dtype, cache_dir=cache_dir)
-    _call(exe, mode, images, labels)()
+    step_call(exe, mode, images, labels)()
     return exe, time.perf_counter() - start
 
 
-def _call(exe, mode, images, labels):
+def step_call(exe, mode, images, labels):
     if mode == "infer":
         return lambda: exe.forward(images)
     return lambda: exe.train_step(images, labels)
@@ -133,10 +133,10 @@ def _call(exe, mode, images, labels):
 
 def _warm_compile_time(spec, mode, backend, dtype, batch, cache_dir) -> float:
     """Compile time in a fresh process that finds every kernel in the cache."""
-    code = ("import sys, json, time; from rescompile.bench import _compile_and_warm; "
+    code = ("import sys, json, time; from rescompile.bench import compile_and_warm; "
             "from rescompile.spec import load_spec; "
             "s = load_spec(json.loads(sys.argv[1])); "
-            "print(_compile_and_warm(s, *sys.argv[2:5], int(sys.argv[5]), sys.argv[6])[1])")
+            "print(compile_and_warm(s, *sys.argv[2:5], int(sys.argv[5]), sys.argv[6])[1])")
     out = subprocess.run([sys.executable, "-c", code, spec.to_json(), mode, backend, dtype,
                           str(batch), cache_dir], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -167,11 +167,11 @@ def bench(spec, mode="infer", batch=128, backend="cpu", dtype="float32", repeat=
     from .backends.cpu.llvm.measure import fma_peak_gflops
     from .backends.cpu.target import host_target
     with tempfile.TemporaryDirectory(prefix="rescompile-bench-") as cache_dir:
-        exe, cold = _compile_and_warm(spec, mode, backend, dtype, batch, cache_dir)
+        exe, cold = compile_and_warm(spec, mode, backend, dtype, batch, cache_dir)
         warm_s = _warm_compile_time(spec, mode, backend, dtype, batch, cache_dir) \
             if warm and backend != "reference" else None
-    images, labels = _inputs(spec, batch, dtype)
-    ours = _call(exe, mode, images, labels)
+    images, labels = random_inputs(spec, batch, dtype)
+    ours = step_call(exe, mode, images, labels)
     runners = peer_runners(spec, exe, mode, images, labels, threads) if peers else {}
     ready = {name: r for name, r in runners.items() if not isinstance(r, str)}
     timings = interleaved({"rescompile": ours, **{n: fn for n, (fn, _) in ready.items()}},
@@ -180,7 +180,7 @@ def bench(spec, mode="infer", batch=128, backend="cpu", dtype="float32", repeat=
     report = Report(spec.name, mode, batch, backend, dtype, threads,
                     f"{target} ({host_target().cpu})",
                     fma_peak_gflops(host_target(), threads, dtype), cold, warm_s,
-                    timings["rescompile"], _gflop(exe, batch),
+                    timings["rescompile"], gflop(exe, batch),
                     getattr(exe.program, "allocated_bytes", lambda b: None)(batch),
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     for name, runner in runners.items():
@@ -196,7 +196,7 @@ def bench(spec, mode="infer", batch=128, backend="cpu", dtype="float32", repeat=
     return report
 
 
-def _gflop(exe, batch: int) -> float:
+def gflop(exe, batch: int) -> float:
     flops = summary(exe.graph)["flops_per_image"]
     phases = ("forward",) if exe.mode == "infer" else ("forward", "loss", "backward", "update")
     return batch * sum(flops.get(p, 0.0) for p in phases) / 1e9

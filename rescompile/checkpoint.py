@@ -105,22 +105,3 @@ def check_variables(path, variables: dict[str, np.ndarray], spec, dtype: str, mo
             " (fresh_optimizer=True, or --fresh-optimizer, starts the optimizer from zero)"
         raise CheckpointError(f"{path}: {what} {missing[0]!r} is missing "
                               f"({len(missing)} missing in all){hint}")
-
-
-def load(path, spec=None, mode: str | None = None, backend: str = "reference",
-         fresh_optimizer: bool = False, **options):
-    """An Executable restored from a checkpoint. With `spec`, the checkpoint must match it.
-    `fresh_optimizer` accepts a checkpoint without optimizer slots (one saved in inference
-    mode, say) for training: the slots start from zero."""
-    from .runtime import compile
-    manifest, variables = read(path)
-    saved = saved_spec(path, manifest)
-    if spec is not None and load_spec(spec).digest() != saved.digest():
-        raise CheckpointError(f"{path}: checkpoint is of spec {saved.name!r}, which differs "
-                              f"from the given spec {load_spec(spec).name!r}")
-    mode = mode or manifest["mode"]
-    check_variables(path, variables, saved, manifest["dtype"], mode, fresh_optimizer)
-    exe = compile(saved, mode=mode, backend=backend, dtype=manifest["dtype"], **options)
-    exe.load_state({n: v for n, v in variables.items() if n in exe.lowered.variables})
-    exe.step = manifest["step"]
-    return exe

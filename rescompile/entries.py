@@ -1,9 +1,12 @@
-"""Entry points: which part of a graph each API call runs.
+"""The schedule stage, shared by every backend: which part of the optimized graph each API
+call runs.
 
 An entry names the values the caller feeds and the values it fetches; its schedule is the
 nodes needed for the fetches, in graph order, stopping at fed values and at values a previous
 entry left behind (`backward` reuses what `forward` computed). Backends compile schedules, so
-nothing is decided per node at run time.
+nothing is decided per node at run time. Here too: which values an entry must keep alive
+(`kept_values`) and which batch size a run has (`batch_of`); the memory plan of the buffers
+a backend allocates is `memory.py`'s, the NumPy interpreter `interpret.py`'s.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .autodiff import LEARNING_RATE, SEED
-from .ir import Graph, Node
+from .ir import BATCH, Graph, Node
+from .passes.constants import parameter_only
 
 
 @dataclass(frozen=True)
@@ -37,17 +41,6 @@ def schedule(graph: Graph, available: set[str], fetches) -> tuple[Node, ...]:
     if missing:
         raise ValueError(f"values {sorted(missing)} cannot be computed from the feeds")
     return tuple(reversed(chosen))
-
-
-def parameter_only(graph: Graph) -> tuple[Node, ...]:
-    """Nodes computed from variables alone (folded BN weights, say): constants between loads."""
-    constant = {n for n, role in graph.inputs.items() if role in ("param", "state")}
-    nodes = []
-    for node in graph.nodes:
-        if node.inputs and constant.issuperset(node.inputs):
-            constant.update(node.outputs)
-            nodes.append(node)
-    return tuple(nodes)
 
 
 def make_entries(graph: Graph, mode: str) -> dict[str, Entry]:
@@ -91,3 +84,18 @@ def batch_statistics(graph: Graph) -> list[str]:
     """The batch means and variances the moving-average updates read, in graph order."""
     return [node.inputs[-1] for node in graph.nodes
             if node.op in ("moving_average", "debiased_moving_average")]
+
+
+def kept_values(entries: dict[str, Entry], entry: Entry) -> set[str]:
+    """Values that must survive an entry: its fetches and what later entries read."""
+    later = [e for e in entries.values() if e.after == entry.name]
+    return set(entry.fetches) | {i for e in later for n in e.nodes for i in n.inputs}
+
+
+def batch_of(graph: Graph, entry: Entry, feeds: dict) -> int | None:
+    """The batch size of a run: the leading size of its first fed per-image value, or None
+    for an entry fed no images (`backward`, `apply_gradients`: the previous run's)."""
+    for name in entry.feeds:
+        if name in feeds and graph.value(name).shape[:1] == (BATCH,):
+            return int(feeds[name].shape[0])
+    return None

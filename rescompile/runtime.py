@@ -6,13 +6,15 @@ import math
 
 import numpy as np
 
+from . import checkpoint
 from .autodiff import LEARNING_RATE, SEED
 from .build import Variable
 from .compiler import backend_module, backend_options, lower
 from .entries import batch_statistics, make_entries
-from .errors import InputError, NonFiniteError, UsageError
+from .errors import CheckpointError, InputError, NonFiniteError, UsageError
 from .init import initial_values
 from .resources import check_fits
+from .spec import load_spec
 
 
 class Executable:
@@ -194,8 +196,7 @@ class Executable:
         return {"images": images, "labels": onehot, SEED: np.asarray(1, self.dtype)}
 
     def save(self, path) -> None:
-        from .checkpoint import save
-        save(self, path)
+        checkpoint.save(self, path)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -292,3 +293,21 @@ def compile(spec, mode: str = "infer", backend: str = "reference", dtype: str = 
     `optimize=False` skips the passes (the graph as built and differentiated)."""
     return Executable(lower(spec, mode, dtype, optimize=optimize), backend=backend, seed=seed,
                       **options)
+
+
+def load_checkpoint(path, spec=None, mode: str | None = None, backend: str = "reference",
+                    fresh_optimizer: bool = False, **options) -> Executable:
+    """An Executable restored from a checkpoint. With `spec`, the checkpoint must match it.
+    `fresh_optimizer` accepts a checkpoint without optimizer slots (one saved in inference
+    mode, say) for training: the slots start from zero."""
+    manifest, variables = checkpoint.read(path)
+    saved = checkpoint.saved_spec(path, manifest)
+    if spec is not None and load_spec(spec).digest() != saved.digest():
+        raise CheckpointError(f"{path}: checkpoint is of spec {saved.name!r}, which differs "
+                              f"from the given spec {load_spec(spec).name!r}")
+    mode = mode or manifest["mode"]
+    checkpoint.check_variables(path, variables, saved, manifest["dtype"], mode, fresh_optimizer)
+    exe = compile(saved, mode=mode, backend=backend, dtype=manifest["dtype"], **options)
+    exe.load_state({n: v for n, v in variables.items() if n in exe.lowered.variables})
+    exe.step = manifest["step"]
+    return exe

@@ -397,7 +397,7 @@ def test_a_corrupt_numba_cache_is_emptied_and_compiled_again(tmp_path):
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
         import mod
-        from rescompile.fileio import repairing_numba_cache
+        from rescompile.kernel_cache import repairing_numba_cache
         print(repairing_numba_cache([mod.f], lambda: mod.f(1)))
     """)
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -6,7 +6,7 @@ import pytest
 from rescompile.cli import main
 from rescompile.compiler import lower
 from rescompile.passes import Pass, PassResult, pipelines
-from rescompile.passes.check import check_stages
+from rescompile.check import check_stages
 from rescompile.passes.fold_bn import fold_bn
 from conftest import EXAMPLES
 

@@ -9,7 +9,7 @@ from rescompile.backends.cpu.lower import lower_node
 from rescompile.backends.cpu.target import host_target
 from rescompile.build import build
 from rescompile.cli import main
-from rescompile.fileio import RECORD, write_cache_file
+from rescompile.kernel_cache import RECORD, write_cache_file
 from conftest import rel_err, tiny_spec
 
 

@@ -14,14 +14,21 @@ from rescompile.ir import Graph, verify
 from rescompile.padding import out_size, pads_2d
 
 
-@pytest.mark.parametrize("size", [7, 8, 15, 16])
-@pytest.mark.parametrize("k", [1, 3, 7])
-@pytest.mark.parametrize("stride", [1, 2])
-def test_same_padding_is_tensorflows(size, k, stride):
-    top, bottom, _, _ = pads_2d(size, size, k, stride, "same")
-    out = -(-size // stride)
-    total = max((out - 1) * stride + k - size, 0)
-    assert (top, bottom) == (total // 2, total - total // 2)
+# TensorFlow's SAME padding, as TF pads these layers (not derived from padding.py's formula):
+# (size, kernel, stride) -> (pad before, pad after, output size). The odd pixel goes after:
+# ResNet-50's 7x7/2 stem on 224 pads (2, 3), its 3x3/2 pool on 112 pads (0, 1); the oracle's
+# 3x3/2 convs on 16x16 pad (0, 1), which tests/test_oracle.py checks against TF's numbers.
+SAME_TABLE = [
+    (7, 1, 1, 0, 0, 7), (7, 3, 1, 1, 1, 7), (7, 7, 1, 3, 3, 7), (8, 3, 1, 1, 1, 8),
+    (7, 1, 2, 0, 0, 4), (7, 3, 2, 1, 1, 4), (7, 7, 2, 3, 3, 4), (8, 1, 2, 0, 0, 4),
+    (8, 3, 2, 0, 1, 4), (8, 7, 2, 2, 3, 4), (15, 3, 2, 1, 1, 8), (16, 3, 2, 0, 1, 8),
+    (224, 7, 2, 2, 3, 112), (112, 3, 2, 0, 1, 56), (56, 1, 2, 0, 0, 28), (2, 3, 2, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("size, k, stride, before, after, out", SAME_TABLE)
+def test_same_padding_is_tensorflows(size, k, stride, before, after, out):
+    assert pads_2d(size, size, k, stride, "same") == (before, after, before, after)
     assert out_size(size, k, stride, "same") == out
 
 

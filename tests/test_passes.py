@@ -12,7 +12,7 @@ from rescompile.compiler import lower
 from rescompile.errors import GraphError
 from rescompile.ir import verify
 from rescompile.passes import Pass, PassError, PassResult, run_pipeline
-from rescompile.passes.check import evaluate, random_feeds, relative_change
+from rescompile.check import evaluate, random_feeds, relative_change
 from rescompile.passes.fold_bn import fold_bn
 from conftest import EXAMPLES, tiny_spec
 

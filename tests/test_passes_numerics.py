@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import rescompile as rc
 from rescompile.compiler import lower
-from rescompile.passes.check import evaluate, random_feeds, relative_change
+from rescompile.check import evaluate, random_feeds, relative_change
 from conftest import EXAMPLES, oracle_params, rel_err
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}

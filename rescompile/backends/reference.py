@@ -9,8 +9,8 @@ import math
 
 import numpy as np
 
-from .. import ops
-from ..ir import BATCH
+from ..entries import batch_of
+from ..interpret import interpret
 from ..resources import check_fits
 
 
@@ -35,22 +35,13 @@ class ReferenceProgram:
 
     def _value_bytes(self, entry, feeds) -> int:
         """The interpreter keeps every value of an entry: their bytes at the feeds' batch."""
-        batch = next((feeds[n].shape[0] for n in entry.feeds if n in feeds
-                      and self.graph.value(n).shape[:1] == (BATCH,)), 1)
+        batch = batch_of(self.graph, entry, feeds) or 1
         return sum(math.prod(self.graph.value(v).concrete_shape(batch)) * self.itemsize
                    for node in entry.nodes for v in node.outputs)
 
     def values(self, entry_name: str) -> dict[str, np.ndarray]:
         """Every value the last run of an entry computed (for tests and `check`)."""
         return self.saved[entry_name]
-
-
-def interpret(nodes, env: dict) -> dict:
-    """Run `nodes` in order with each op's NumPy definition, adding their outputs to `env`."""
-    for node in nodes:
-        results = ops.get(node.op).run_reference(node.attrs, *[env[i] for i in node.inputs])
-        env.update(zip(node.outputs, results))
-    return env
 
 
 def compile_program(graph, entries, dtype: str) -> ReferenceProgram:

@@ -6,15 +6,12 @@ command (`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE rescompile bench ...`): t
 the training kernels use OpenBLAS."""
 
 from ..bench import bench, format_report, report_json
-from .common import add_backend, add_dtype, add_mode, add_spec, positive_int, resolve_spec
+from .common import add_model, positive_int, resolve_spec
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark a model (compile, run, baselines)")
-    add_spec(p)
-    add_mode(p)
-    add_dtype(p)
-    add_backend(p)
+    add_model(p)
     p.add_argument("--batch", type=positive_int, default=128)
     p.add_argument("--repeat", type=positive_int, default=6,
                    help="timed runs in all, over the rounds (the median is reported)")

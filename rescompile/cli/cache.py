@@ -1,13 +1,13 @@
 """`rescompile cache info|clear`: the on-disk cache of generated kernels.
 
 Only what rescompile wrote is counted or removed: the files listed in the cache's record
-(`fileio.RECORD`: the CPU micro-kernels' object code, the CUDA backend's generated modules)
+(`kernel_cache.RECORD`: the CPU micro-kernels' object code, the CUDA backend's generated modules)
 and the code Numba compiled for those modules beside them in `cuda/__pycache__`. Anything
 else in the directory is left alone."""
 
 from pathlib import Path
 
-from ..fileio import RECORD, configured_cache_dir, recorded_files
+from ..kernel_cache import RECORD, configured_cache_dir, recorded_files
 
 
 def register(sub) -> None:

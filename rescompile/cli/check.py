@@ -6,7 +6,7 @@ non-trivial BN statistics, prints the largest relative change of the outputs per
 """
 
 from ..compiler import lower
-from ..passes.check import TOLERANCE, check_stages
+from ..check import TOLERANCE, check_stages
 from .common import add_dtype, add_mode, add_spec, positive_int, resolve_spec, seed_int
 
 

@@ -22,6 +22,14 @@ def add_backend(p, default: str = "cpu") -> None:
     p.add_argument("--backend", choices=BACKENDS, default=default)
 
 
+def add_model(p, backend: str = "cpu") -> None:
+    """What every command that compiles a spec takes: the spec, mode, dtype and backend."""
+    add_spec(p)
+    add_mode(p)
+    add_dtype(p)
+    add_backend(p, default=backend)
+
+
 def resolve_spec(text: str):
     """A path or TOML/JSON text, else a preset name. Anything that looks like a file name (a
     spec suffix, a directory part) is a file, so a missing file is not an unknown preset."""

@@ -4,17 +4,14 @@ code: loading it compiles the graph again, from the kernel cache when it can).""
 import time
 
 from ..artifact import save_artifact
-from ..checkpoint import load as load_checkpoint
+from ..runtime import load_checkpoint
 from ..runtime import compile
-from .common import add_backend, add_dtype, add_mode, add_spec, resolve_spec, seed_int
+from .common import add_model, resolve_spec, seed_int
 
 
 def register(sub) -> None:
     p = sub.add_parser("compile", help="write a compiled artifact (.rcx) that rc.load runs")
-    add_spec(p)
-    add_mode(p)
-    add_dtype(p)
-    add_backend(p)
+    add_model(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE.rcx")
     p.add_argument("--checkpoint", metavar="FILE", help="take the variables from a checkpoint")
     p.add_argument("--seed", type=seed_int, default=0)

@@ -11,7 +11,7 @@ from ..compiler import lower
 from ..dump import FORMATS, render
 from ..entries import make_entries
 from ..errors import UsageError
-from ..passes.memory import plan_memory
+from ..memory import plan_memory
 from .common import (add_dtype, add_mode, add_spec, positive_int, resolve_spec,
                      write_or_print, write_text)
 

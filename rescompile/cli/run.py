@@ -8,16 +8,12 @@ import numpy as np
 from ..dump import summary
 from ..runtime import compile
 from ..resources import check_fits
-from .common import (add_backend, add_dtype, add_mode, add_spec, positive_int, resolve_spec,
-                     seed_int)
+from .common import add_model, positive_int, resolve_spec, seed_int
 
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="compile and run a forward pass on a seeded random batch")
-    add_spec(p)
-    add_backend(p)
-    add_mode(p)
-    add_dtype(p)
+    add_model(p)
     p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=run)

@@ -11,7 +11,7 @@ def _out_hw(attrs, h, w, k):
     return out_size(h, k, s, p), out_size(w, k, s, p)
 
 
-def _conv_shape(attrs, x, w):
+def conv_shape(attrs, x, w):
     require(len(x) == 4, "input must be NHWC (rank 4)")
     require(len(w) == 4 and w[0] == w[1], "kernel must be HWIO [k, k, in, out]")
     require(x[3] == w[2], f"input has {x[3]} channels, kernel expects {w[2]}")
@@ -34,7 +34,7 @@ def _padded(attrs, x, k):
     return np.pad(x, ((0, 0), (t, b), (l, r), (0, 0))), (t, l)
 
 
-def _conv_ref(attrs, x, w):
+def conv_reference(attrs, x, w):
     k = w.shape[0]
     xp, _ = _padded(attrs, x, k)
     oh, ow = _out_hw(attrs, x.shape[1], x.shape[2], k)
@@ -88,7 +88,7 @@ def conv_flops(out_shape, k, cin):
     return 2.0 * n * oh * ow * cout * k * k * cin
 
 
-define("conv2d", shape=_conv_shape, reference=_conv_ref, vjp=_conv_vjp,
+define("conv2d", shape=conv_shape, reference=conv_reference, vjp=_conv_vjp,
        flops=lambda a, ins, outs: conv_flops(outs[0], ins[1][0], ins[1][2]))
 define("conv2d_grad_input", shape=_grad_input_shape, reference=_grad_input_ref,
        flops=lambda a, ins, outs: conv_flops(ins[0], ins[1][0], ins[1][2]))

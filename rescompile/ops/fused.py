@@ -12,8 +12,8 @@ it). `stats` (training) appends the batch mean and variance of the first output,
 
 import numpy as np
 
-from .conv import _conv_ref, _conv_shape, conv_flops
-from .norm import _channels, batch_moments
+from .conv import conv_reference, conv_shape, conv_flops
+from .norm import check_channels, batch_moments
 from .registry import define, get, require
 
 EPILOGUE_OPS = ("bias_add", "affine", "relu", "add", "batch_normalize")
@@ -56,7 +56,7 @@ def _finish(attrs, y, operands):
 
 
 def _fused_conv_shape(attrs, x, w, *rest):
-    (out,) = _conv_shape(attrs, x, w)
+    (out,) = conv_shape(attrs, x, w)
     shapes = (x, w) + rest
     _check_epilogue(attrs["epilogue"], out, shapes)
     _check_epilogue(attrs.get("out2", ()), out, shapes)
@@ -65,7 +65,7 @@ def _fused_conv_shape(attrs, x, w, *rest):
 
 def _fused_conv_ref(attrs, x, w, *rest):
     operands = (x, w) + rest
-    (y,) = _conv_ref(attrs, x, w)
+    (y,) = conv_reference(attrs, x, w)
     return _finish(attrs, apply_epilogue(attrs["epilogue"], y, operands), operands)
 
 
@@ -100,7 +100,7 @@ def _affine_params_ref(attrs, gamma, beta, mean, var):
 
 
 def _bias_shape(attrs, x, b):
-    _channels(x, b)
+    check_channels(x, b)
     return [x]
 
 

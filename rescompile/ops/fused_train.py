@@ -10,21 +10,21 @@ each half runs exactly the arithmetic `batch_norm` runs, so splitting changes no
 """
 
 from .elementwise import leaky_relu_grad
-from .norm import _bn_grad_ref, _bn_shape, _channels, batch_moments, normalize
+from .norm import bn_grad_reference, bn_shape, check_channels, batch_moments, normalize
 from .registry import define
 
 
 def _normalize_shape(attrs, x, gamma, beta, mean, var):
-    _channels(x, gamma, beta, mean, var)
+    check_channels(x, gamma, beta, mean, var)
     return [x]
 
 
 def _bn_relu_grad_ref(attrs, dr, x, gamma, beta, mean, var):
     y = normalize(x, gamma, beta, mean, var, attrs["epsilon"])
-    return _bn_grad_ref(attrs, leaky_relu_grad(dr, y, attrs["alpha"]), x, gamma, mean, var)
+    return bn_grad_reference(attrs, leaky_relu_grad(dr, y, attrs["alpha"]), x, gamma, mean, var)
 
 
-define("batch_moments", shape=lambda a, x: _bn_shape({"training": True}, x, (x[3],), (x[3],))[1:],
+define("batch_moments", shape=lambda a, x: bn_shape({"training": True}, x, (x[3],), (x[3],))[1:],
        reference=lambda a, x: batch_moments(x), outputs=("mean", "var"))
 define("batch_normalize", shape=_normalize_shape,
        reference=lambda a, x, gamma, beta, mean, var:

@@ -17,15 +17,15 @@ from . import collective
 AXES = (0, 1, 2)
 
 
-def _channels(x, *vectors):
+def check_channels(x, *vectors):
     for v in vectors:
         require(len(v) == 1 and v[0] == x[-1], f"per-channel vector {list(v)} does not match "
                                                f"{x[-1]} channels")
 
 
-def _bn_shape(attrs, x, gamma, beta, *stats):
+def bn_shape(attrs, x, gamma, beta, *stats):
     require(len(x) == 4, "input must be NHWC (rank 4)")
-    _channels(x, gamma, beta, *stats)
+    check_channels(x, gamma, beta, *stats)
     if attrs["training"]:
         require(not stats, "train-mode batch_norm takes (x, gamma, beta)")
         return [x, (x[3],), (x[3],)]
@@ -83,7 +83,7 @@ def _bn_grad_apply_ref(attrs, dy, x, gamma, mean, var, dgamma, dbeta):
     return ((gamma * inv_std / count) * (count * dy - dbeta - xhat * dgamma),)
 
 
-def _bn_grad_ref(attrs, dy, x, gamma, mean, var):
+def bn_grad_reference(attrs, dy, x, gamma, mean, var):
     """Full gradient through the batch mean and variance."""
     dgamma, dbeta = _bn_grad_sums_ref(attrs, dy, x, gamma, mean, var)
     (dx,) = _bn_grad_apply_ref(attrs, dy, x, gamma, mean, var, dgamma, dbeta)
@@ -91,14 +91,14 @@ def _bn_grad_ref(attrs, dy, x, gamma, mean, var):
 
 
 def _affine_shape(attrs, x, scale, shift):
-    _channels(x, scale, shift)
+    check_channels(x, scale, shift)
     return [x]
 
 
-define("batch_norm", shape=_bn_shape, reference=_bn_ref, vjp=_bn_vjp,
+define("batch_norm", shape=bn_shape, reference=_bn_ref, vjp=_bn_vjp,
        outputs=lambda attrs: ("y", "mean", "var") if attrs["training"] else ("y",))
 define("batch_norm_grad", shape=lambda a, dy, x, gamma, mean, var: [x, gamma, gamma],
-       reference=_bn_grad_ref, outputs=("dx", "dgamma", "dbeta"))
+       reference=bn_grad_reference, outputs=("dx", "dgamma", "dbeta"))
 define("batch_norm_grad_sums", shape=lambda a, dy, x, gamma, mean, var: [gamma, gamma],
        reference=_bn_grad_sums_ref, outputs=("dgamma", "dbeta"))
 define("batch_norm_grad_apply", shape=lambda a, dy, x, gamma, mean, var, dgamma, dbeta: [x],

@@ -25,6 +25,7 @@ from .. import checkpoint, manifest
 from ..data import DATASETS
 from ..errors import CheckpointError, ResourceError, UsageError
 from ..fileio import atomic_write
+from ..runtime import load_checkpoint
 
 NAME = re.compile(r"step-(\d+)\.json")
 LOCK = ".lock"
@@ -143,7 +144,7 @@ def load_for_spec(path, spec, mode: str, backend: str, fresh_optimizer: bool = F
         name, saved, given = field
         raise CheckpointError(f"{path}: checkpoint was trained with {name} = {saved}, the "
                               f"given spec {spec.name!r} has {given}")
-    return checkpoint.load(path, spec=spec, mode=mode, backend=backend,
+    return load_checkpoint(path, spec=spec, mode=mode, backend=backend,
                            fresh_optimizer=fresh_optimizer, **options)
 
 

@@ -5,7 +5,8 @@ import pytest
 
 from rescompile.backends import cuda as cuda_backend
 from rescompile.backends.cuda.memory import variable_layout
-from rescompile.backends.cuda.plan import build_plan, kept_values
+from rescompile.backends.cuda.plan import build_plan
+from rescompile.entries import kept_values
 from rescompile.compiler import lower
 from rescompile.entries import make_entries
 from rescompile.ir import Graph
@@ -72,7 +73,7 @@ def test_launch_counts_are_reported():
 
 
 def test_activations_share_planned_buffers_and_results_are_unchanged():
-    """Activations live in one arena laid out by passes.memory, smaller than all of them side by
+    """Activations live in one arena laid out by memory.py, smaller than all of them side by
     side; forward, backward (reading forward's kept values) and train_step (in-place updates)
     give bit-identical results with and without the reuse."""
     shared, alone = Trio("train"), Trio("train", reuse_memory=False)

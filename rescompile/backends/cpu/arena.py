@@ -12,7 +12,7 @@ Where values live (what `rescompile dump --memory` reports):
   array comes in;
 - packed weights: the program's, repacked when a weight array changes.
 
-Per-thread and shared regions reuse memory by liveness (`passes.memory.assign_buffers`), a
+Per-thread and shared regions reuse memory by liveness (`memory.assign_buffers`), a
 zero-bordered or dilated value only with values of the same layout, so the zeros, made when the
 region is allocated, stay zero: kernels write only interiors (and a dilated buffer only its
 samples).
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...passes.memory import assign_buffers, lifetimes
+from ...memory import assign_buffers, lifetimes
 from ...resources import check_fits
 from . import driver
 from .lower import Step

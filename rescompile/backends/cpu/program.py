@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..reference import interpret
+from ...entries import batch_of, kept_values
+from ...interpret import interpret
 from . import driver
 from .arena import Arena, aligned_empty
 from .llvm import jit, measure, sync
@@ -162,7 +163,8 @@ class CpuProgram:
             names = {n.name for n in entry.nodes}
             last = max((i for i, s in enumerate(schedule.steps) if s.origin in names),
                        default=0)
-            schedule.keep.update({v: last for v in entry.fetches})
+            schedule.keep.update({v: last for v in kept_values(self.entries, entry)
+                                  if v in self.graph.values and v not in entry.feeds})
         return schedule
 
     # -- kernels --------------------------------------------------------------------------
@@ -222,11 +224,9 @@ class CpuProgram:
         return {name: self._fetch(arena, host, arrays, name, batch) for name in entry.fetches}
 
     def _batch(self, entry, arrays) -> int:
-        for name in entry.feeds:
-            shape = self.graph.value(name).shape
-            if shape and shape[0] == "N":
-                self._last_batch = int(arrays[name].shape[0])
-                return self._last_batch
+        batch = batch_of(self.graph, entry, arrays)
+        if batch is not None:
+            self._last_batch = batch
         if self._last_batch is None:
             raise RuntimeError(f"entry {entry.name!r} needs a forward pass first")
         return self._last_batch

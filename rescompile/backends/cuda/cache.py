@@ -1,27 +1,18 @@
-"""On-disk cache of generated kernel modules.
+"""The CUDA backend's entries in the kernel cache (`kernel_cache.py`): generated modules.
 
 Numba caches compiled code only for functions defined in a real file, so each generated kernel
-source becomes `<cache>/cuda/k_<sha256>.py` (written atomically: temp file, then os.replace)
-and is imported from there; `@cuda.jit(cache=True)` then keeps the machine code beside it.
-The name hashes the source and the numba version, so identical kernels share one file and a
-new numba never loads stale code.
-
-Cache directory: `fileio.cache_root` (the `cache_dir` argument, else the configured one);
-always the `cuda/` folder inside. Numba's cache of a module that cannot be read is emptied and
-the kernel compiled again (`fileio.repairing_numba_cache`).
+source becomes `<cache>/cuda/k_<key>.py` and is imported from there; `@cuda.jit(cache=True)`
+then keeps the machine code beside it. The key is the kernel cache's rule over the source, so
+identical kernels share one file and a new toolchain never loads stale code.
 """
 
 from __future__ import annotations
 
-import hashlib
-
-import numba
-
-from ...fileio import cache_root, generated_module
+from ...kernel_cache import cache_root, generated_module, key
 
 
 def digest(source: str) -> str:
-    return hashlib.sha256(f"{numba.__version__}\0{source}".encode()).hexdigest()
+    return key(source)
 
 
 def load_kernel(source: str, directory=None):

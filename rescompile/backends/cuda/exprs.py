@@ -82,7 +82,7 @@ def _normalize(e, a, x, gamma, beta, mean, var):
 
 
 def bn_xhat(e, a, x, mean, var) -> tuple[str, str]:
-    """ops/norm.py _bn_grad_ref: inv_std = 1 / sqrt(var + eps), xhat = (x - mean) * inv_std."""
+    """ops/norm.py bn_grad_reference: inv_std = 1 / sqrt(var + eps), xhat = (x - mean) * inv_std."""
     eps = e.c(a["epsilon"])
     inv_std = e.let(f"{e.c(1)} / {e.sqrt(f'{var} + {eps}')}")
     return inv_std, e.let(f"({x} - {mean}) * {inv_std}")
@@ -101,7 +101,7 @@ def _bn_dx(e, a, dy, x, gamma, mean, var, dgamma, dbeta):
                   f"{xhat} * {dgamma})")]
 
 
-@rule("batch_norm_grad")  # ops/norm.py _bn_grad_ref, dx given dgamma and dbeta
+@rule("batch_norm_grad")  # ops/norm.py bn_grad_reference, dx given dgamma and dbeta
 def _bn_grad(e, a, dy, x, gamma, mean, var, dgamma, dbeta):
     return _bn_dx(e, a, dy, x, gamma, mean, var, dgamma, dbeta)
 

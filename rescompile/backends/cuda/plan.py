@@ -16,7 +16,8 @@ from .elementwise import Operand, loop_launch
 from .launch import Context, Launch, Ref, value
 from .memory import IN_PLACE, Group, Layout, arena_views, pool_scratch, variable_layout
 from .target import GPU
-from ...passes.memory import MemoryPlan, plan_memory
+from ...entries import kept_values
+from ...memory import MemoryPlan, plan_memory
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Plan:
     scratch: dict[str, tuple[int, str]]  # node-private scratch as lowered -> (size, dtype)
     pools: dict[str, int]               # scratch pool per dtype -> elements (shared by nodes)
     arena: int                          # elements of this entry's activation arena "A"
-    memory: MemoryPlan                  # passes.memory's plan of the values in A's buffers
+    memory: MemoryPlan                  # memory.py's plan of the values in A's buffers
     shapes: dict[str, tuple] = field(default_factory=dict)
 
     def device_bytes(self, dtype: str) -> dict[str, int]:
@@ -36,12 +37,6 @@ class Plan:
         return {"activations": self.arena * item,
                 "feeds": sum(max(1, n) for n in self.feeds.values()) * item,
                 "scratch": sum(n * np.dtype(d).itemsize for d, n in self.pools.items())}
-
-
-def kept_values(entries, entry) -> set[str]:
-    """Values that must survive an entry: its fetches and what later entries read."""
-    later = [e for e in entries.values() if e.after == entry.name]
-    return set(entry.fetches) | {i for e in later for n in e.nodes for i in n.inputs}
 
 
 def _usable(group: Group, entry, position: dict[str, int]) -> bool:

@@ -21,9 +21,10 @@ import numpy as np
 
 from . import cache, device, kernels
 from .memory import variable_layout
-from .plan import Plan, build_plan, kept_values, layout_ref
+from .plan import Plan, build_plan, layout_ref
+from ...entries import batch_of, kept_values
 from ...errors import InputError
-from ...fileio import repairing_numba_cache
+from ...kernel_cache import repairing_numba_cache
 
 
 @dataclass
@@ -94,11 +95,8 @@ class CudaProgram:
         return self._bound[(entry_name, batch)].plan.device_bytes(self.dtype)
 
     def _batch_of(self, entry, feeds) -> int | None:
-        for name in entry.feeds:
-            shape = self.graph.value(name).shape
-            if shape and shape[0] == "N" and name in feeds:
-                return int(feeds[name].shape[0])
-        return self._batch.get(entry.after)
+        batch = batch_of(self.graph, entry, feeds)
+        return batch if batch is not None else self._batch.get(entry.after)
 
     # -- running ----------------------------------------------------------------------------
     def run(self, entry_name: str, feeds: dict) -> dict:

@@ -107,7 +107,7 @@ def lower_batch_moments(ctx: Context, node) -> list[Launch]:
 
 
 def lower_bn_grad(ctx: Context, node) -> list[Launch]:
-    """ops/norm.py _bn_grad_ref (and ops/fused_train.py's version through relu_grad of the
+    """ops/norm.py bn_grad_reference (and ops/fused_train.py's version through relu_grad of the
     recomputed normalize): dbeta = sum(dy), dgamma = sum(dy * xhat), then dx per element."""
     fused = node.op == "batch_norm_relu_grad"
     names = list(node.inputs)  # dy, x, gamma, mean, var  or  dr, x, gamma, beta, mean, var

@@ -53,7 +53,7 @@ from llvmlite import ir
 
 from ..target import Target
 from . import epilogue
-from .emit import Function, new_module
+from .emit import Function, Tiled, new_module
 from .pixels import (CALL_PARAMS, TRUE, PixelWalk, load_arguments, load_vector, next_pixel,
                      offset, store_vector, stride_fields)
 from .reduce import SUM_KINDS, sum_operands, sum_scalars, sum_terms
@@ -70,7 +70,7 @@ def default_tile(target: Target, dtype: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class ConvKernel:
+class ConvKernel(Tiled):
     """What one compiled conv kernel computes; every size and stride is a run-time value."""
     dtype: str
     target: Target
@@ -91,14 +91,6 @@ class ConvKernel:
             epilogue.rule(op)
         if self.sums is not None and self.sums not in SUM_KINDS:
             raise ValueError(f"ConvKernel.sums must be one of {SUM_KINDS}, got {self.sums!r}")
-
-    @property
-    def lanes(self) -> int:
-        return self.target.lanes(self.dtype)
-
-    @property
-    def nr(self) -> int:
-        return self.nv * self.lanes
 
     @property
     def symbol(self) -> str:

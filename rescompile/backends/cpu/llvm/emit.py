@@ -20,6 +20,23 @@ FLOAT_TYPES = {"float32": ir.FloatType(), "float64": ir.DoubleType()}
 _SUFFIX = {"float32": "f32", "float64": "f64"}
 
 
+class Vectors:
+    """Base of the kernel signatures (frozen dataclasses with `dtype` and `target` fields):
+    how many elements one vector register holds."""
+
+    @property
+    def lanes(self) -> int:
+        return self.target.lanes(self.dtype)
+
+
+class Tiled(Vectors):
+    """A register tile of `mr` rows by `nv` vectors: `nr` output channels."""
+
+    @property
+    def nr(self) -> int:
+        return self.nv * self.lanes
+
+
 class Function:
     """One function being emitted. `args` maps parameter names to IR values; `b` is the
     builder; scalars and vectors are of `dtype`, vectors `lanes` wide."""
@@ -72,25 +89,9 @@ class Function:
     @contextlib.contextmanager
     def loop(self, start, stop, step=1, name: str = "i"):
         """`for i in range(start, stop, step)` (step > 0); yields i."""
-        b = self.b
-        start = self._as_i64(start)
-        stop = self._as_i64(stop)
-        step = self._as_i64(step)
-        before = b.block
-        header = self.fn.append_basic_block(f"{name}.loop")
-        body = self.fn.append_basic_block(f"{name}.body")
-        done = self.fn.append_basic_block(f"{name}.done")
-        b.branch(header)
-        b.position_at_end(header)
-        index = b.phi(I64, name=name)
-        index.add_incoming(start, before)
-        b.cbranch(b.icmp_signed("<", index, stop), body, done)
-        b.position_at_end(body)
-        yield index
-        step_next = b.add(index, step, name=f"{name}.next")
-        index.add_incoming(step_next, b.block)
-        b.branch(header)
-        b.position_at_end(done)
+        with self.runs(start, stop, name) as (index, set_step):
+            set_step(self._as_i64(step))
+            yield index
 
     @contextlib.contextmanager
     def runs(self, start, stop, name: str = "run"):

@@ -30,7 +30,7 @@ from pathlib import Path
 import llvmlite.binding as llvm
 
 from ....errors import ResourceError
-from ....fileio import cache_root, write_cache_file
+from ....kernel_cache import cache_root, key, write_cache_file
 from ..target import Target
 
 _MAGIC = b"rescompile-object-1\n"
@@ -50,8 +50,7 @@ def generator_digest() -> str:
 
 
 def cache_key(kernel) -> str:
-    text = f"{kernel!r}\0{kernel.target.fingerprint}\0{generator_digest()}"
-    return hashlib.sha256(text.encode()).hexdigest()
+    return key(repr(kernel), kernel.target.fingerprint, generator_digest())
 
 
 def optimise(ir_text: str, target: Target) -> tuple[llvm.ModuleRef, llvm.TargetMachine]:

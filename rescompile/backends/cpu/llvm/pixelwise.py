@@ -7,24 +7,28 @@ are written for clarity, not registers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from llvmlite import ir
 
 from ..target import Target
 from . import epilogue
-from .emit import Function, new_module
+from .emit import Function, Vectors, new_module
 from .pixels import (CALL_PARAMS, PixelWalk, channel_vectors, load_arguments, load_vector,
                      offset, store_vector, stride_fields)
 
 
 @dataclass(frozen=True)
-class _PixelKernel:
+class PixelKernel(Vectors):
+    """A kernel over pixels, one vector of channels at a time; its symbol is `kind`'s (what
+    it computes) for its dtype and instruction set."""
     dtype: str
     target: Target
+    kind: ClassVar[str] = ""
 
     @property
-    def lanes(self) -> int:
-        return self.target.lanes(self.dtype)
+    def symbol(self) -> str:
+        return f"{self.kind}_{self.dtype}_{self.target.isa}"
 
     def ir(self) -> str:
         module = new_module(self.symbol)
@@ -37,7 +41,7 @@ class _PixelKernel:
 
 
 @dataclass(frozen=True)
-class EltwiseKernel(_PixelKernel):
+class EltwiseKernel(PixelKernel):
     """out = steps(x) per element, and out2 = out2_steps(out); no steps is a copy."""
     steps: tuple[str, ...] = ()
     out2: tuple[str, ...] | None = None
@@ -104,13 +108,11 @@ class EltwiseKernel(_PixelKernel):
 
 
 @dataclass(frozen=True)
-class MaxPoolKernel(_PixelKernel):
+class MaxPoolKernel(PixelKernel):
     """out[n, oh, ow, c] = the max over the window's taps inside the input (the reference's
     -inf border never wins; NaN propagates, as np.max does)."""
 
-    @property
-    def symbol(self) -> str:
-        return f"maxpool_{self.dtype}_{self.target.isa}"
+    kind = "maxpool"
 
     pointers = ("x", "out")
 
@@ -149,12 +151,10 @@ class MaxPoolKernel(_PixelKernel):
 
 
 @dataclass(frozen=True)
-class MeanKernel(_PixelKernel):
+class MeanKernel(PixelKernel):
     """out[n, c] = the mean of x[n, :, :, c]: a call's pixels are images."""
 
-    @property
-    def symbol(self) -> str:
-        return f"mean_{self.dtype}_{self.target.isa}"
+    kind = "mean"
 
     pointers = ("x", "out")
 
@@ -164,7 +164,7 @@ class MeanKernel(_PixelKernel):
 
     def body(self, f: Function, v, ptr) -> None:
         b = f.b
-        count = f.splat(b.uitofp(b.mul(v["h"], v["w"]), f.scalar))
+        count = _pixels(f, v["h"], v["w"])
         with f.loop(f.args["p_begin"], f.args["p_end"], 1, "n") as n:
             def vector(c, mask):
                 total = f.slot(f.vector, "total", f.vconst(0.0))
@@ -179,12 +179,10 @@ class MeanKernel(_PixelKernel):
 
 
 @dataclass(frozen=True)
-class MeanGradKernel(_PixelKernel):
+class MeanGradKernel(PixelKernel):
     """out[n, h, w, c] = dy[n, c] / (H * W): the gradient of the global mean."""
 
-    @property
-    def symbol(self) -> str:
-        return f"meangrad_{self.dtype}_{self.target.isa}"
+    kind = "meangrad"
 
     pointers = ("dy", "out")
 
@@ -194,7 +192,7 @@ class MeanGradKernel(_PixelKernel):
 
     def body(self, f: Function, v, ptr) -> None:
         b = f.b
-        count = f.splat(b.uitofp(b.mul(v["oh"], v["ow"]), f.scalar))
+        count = _pixels(f, v["oh"], v["ow"])
         walk = PixelWalk(f, v["oh"], v["ow"])
         with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
             n, oh, ow = walk.position()
@@ -209,14 +207,12 @@ class MeanGradKernel(_PixelKernel):
 
 
 @dataclass(frozen=True)
-class MaxPoolGradKernel(_PixelKernel):
+class MaxPoolGradKernel(PixelKernel):
     """dx of max_pool: each window's gradient goes to its first maximum (TensorFlow's
     MaxPoolGrad; NaN counts as the maximum, as np.argmax has it). Computed per input pixel by
     gathering from the windows that contain it, so calls never write the same element."""
 
-    @property
-    def symbol(self) -> str:
-        return f"maxpoolgrad_{self.dtype}_{self.target.isa}"
+    kind = "maxpoolgrad"
 
     pointers = ("dy", "x", "out")
 
@@ -290,3 +286,8 @@ class MaxPoolGradKernel(_PixelKernel):
                         f.set(best, b.select(better, tap, current))
                         f.set(mine, b.select(better, f.splat_flag(here), f.get(mine)))
         return f.get(mine)
+
+
+def _pixels(f: Function, height, width):
+    """The pixels of an image, height * width, as a vector of floats (the mean's divisor)."""
+    return f.splat(f.b.uitofp(f.b.mul(height, width), f.scalar))

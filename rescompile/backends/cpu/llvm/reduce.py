@@ -23,7 +23,7 @@ from llvmlite import ir
 
 from .emit import Function
 from .pixels import PixelWalk, channel_vectors, load_vector, offset, store_vector, stride_fields
-from .pixelwise import _PixelKernel
+from .pixelwise import PixelKernel
 from .slots import F64, add_f64, statistics_slot
 
 BLOCK = 64  # pixels summed in the kernel's dtype before a float64 add
@@ -80,7 +80,7 @@ def _scalars(kind: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class ChannelSums(_PixelKernel):
+class ChannelSums(PixelKernel):
     """Two per-channel sums over the call's pixels into this call's float64 slot."""
     kind: str = "moments"
 
@@ -134,7 +134,7 @@ class ChannelSums(_PixelKernel):
 
 
 @dataclass(frozen=True)
-class SlotSum(_PixelKernel):
+class SlotSum(PixelKernel):
     """The slots of a [slots][rows][width] float64 buffer summed in slot order, channels
     [c_begin, c_end): as `rows` outputs of the kernel's dtype, or ("moments") as the mean and
     the biased variance of `images * pixels` values."""
@@ -175,7 +175,7 @@ class SlotSum(_PixelKernel):
 
 
 @dataclass(frozen=True)
-class BatchNormGradApply(_PixelKernel):
+class BatchNormGradApply(PixelKernel):
     """dx of batch_norm_grad (relu=False) or batch_norm_relu_grad, from the combined sums;
     with `plus`, plus another gradient of the same tensor (the residual stream's, which the
     schedule adds here instead of in a pass of its own)."""

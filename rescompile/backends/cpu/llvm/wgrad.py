@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ..target import Target
 from .conv import default_tile
-from .emit import Function, new_module
+from .emit import Function, Tiled, new_module
 from .pixels import CALL_PARAMS, PixelWalk, load_arguments, load_vector, offset
 from .slots import add_f64, statistics_slot
 
@@ -35,7 +35,7 @@ BLOCK = 512  # pixels per block: few enough for float32 sums, enough to amortise
 
 
 @dataclass(frozen=True)
-class WgradKernel:
+class WgradKernel(Tiled):
     dtype: str
     target: Target
     mr: int = 0
@@ -45,14 +45,6 @@ class WgradKernel:
         mr, nv = default_tile(self.target, self.dtype)
         object.__setattr__(self, "mr", self.mr or mr)
         object.__setattr__(self, "nv", self.nv or nv)
-
-    @property
-    def lanes(self) -> int:
-        return self.target.lanes(self.dtype)
-
-    @property
-    def nr(self) -> int:
-        return self.nv * self.lanes
 
     @property
     def symbol(self) -> str:

@@ -6,7 +6,7 @@ import pytest
 from rescompile.cli import main
 from rescompile.compiler import lower
 from rescompile.entries import make_entries
-from rescompile.passes.memory import plan_memory
+from rescompile.memory import plan_memory
 from conftest import EXAMPLES, tiny_spec
 
 

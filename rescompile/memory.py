@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ir import Graph
-from ..padding import pads_2d
+from .ir import Graph
+from .padding import pads_2d
 
 CONV_INPUT_OPS = ("conv2d", "fused_conv2d")
 

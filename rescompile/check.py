@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import ops
-from ..autodiff import LEARNING_RATE, SEED
-from ..init import initial_values
-from ..ir import Graph
+from .autodiff import LEARNING_RATE, SEED
+from .init import initial_values
+from .interpret import interpret
+from .ir import Graph
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 
@@ -55,11 +55,7 @@ def _perturbed(rng, name: str, value: np.ndarray) -> np.ndarray:
 
 def evaluate(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every value of the graph, computed node by node with the ops' references."""
-    env = {name: feeds[name] for name in graph.inputs}
-    for node in graph.nodes:
-        results = ops.get(node.op).run_reference(node.attrs, *[env[i] for i in node.inputs])
-        env.update(zip(node.outputs, results))
-    return env
+    return interpret(graph.nodes, {name: feeds[name] for name in graph.inputs})
 
 
 def relative_change(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,203 @@
+"""The compiler's structure, pinned exactly: for each preset and mode, the final graph's
+kernel-level ops (with their epilogue chains), the CUDA launches per entry and the CPU kernel
+calls and host steps per entry. The values were reviewed when written, for instance
+ResNet-164 inference is the README's 163 fused convs and 3 projections, with every batch norm
+folded. Any lost or new fusion fails here and shows as a diff of the table. A test also proves
+that each pass of each pipeline moves at least one of these tables, so none can be deleted
+quietly. A final test finds import cycles.
+"""
+
+import ast
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import rescompile as rc
+from rescompile.backends.cpu.lower import HostStep
+from rescompile.backends.cuda.plan import count_launches
+from rescompile.compiler import lower
+from rescompile.entries import make_entries
+from rescompile.passes.pipelines import PIPELINES
+
+PRESETS = Path(rc.__file__).parent / "presets"
+# A preactivation model with an ImageNet stem: its first batch norm follows the max pool, which
+# no conv epilogue can take, so it is the case that needs fuse_elementwise in inference.
+TINY_IMAGENET = {"name": "tiny-imagenet-v2", "model": {
+    "input": [8, 8, 3], "num_classes": 5, "stem": "imagenet", "stem_filters": 4,
+    "stages": [{"filters": 8, "units": 1, "stride": 1}, {"filters": 16, "units": 1, "stride": 2}],
+    "activate_before_residual": [False, False]}}
+
+OPS = {  # (preset, mode) -> kernel-level op (with its epilogue chain) -> count
+    ('digits', 'infer'): {
+        'conv2d': 2, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
+        'fused_conv2d[add|affine+relu]': 1, 'fused_conv2d[bias_add+relu]': 5,
+        'global_avg_pool': 1, 'prepare:bn_affine_params': 2, 'prepare:fold_bn_weights': 5},
+    ('digits', 'train'): {
+        'add': 13, 'batch_norm_relu_grad': 7, 'conv2d': 2, 'conv2d_grad_filter': 9,
+        'conv2d_grad_input': 9, 'dense': 1, 'fused_conv2d[]+stats': 5,
+        'fused_conv2d[add]+stats': 2, 'fused_elementwise[batch_normalize+relu]': 7,
+        'global_avg_pool': 1, 'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 10,
+        'matmul': 2, 'momentum_update': 25, 'moving_average': 14, 'softmax_cross_entropy': 1,
+        'softmax_cross_entropy_grad': 1, 'sum_rows': 1},
+    ('seed_small', 'infer'): {
+        'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
+        'fused_conv2d[add|affine+relu]': 5, 'fused_conv2d[bias_add+relu]': 13,
+        'global_avg_pool': 1, 'prepare:bn_affine_params': 6, 'prepare:fold_bn_weights': 13},
+    ('seed_small', 'train'): {
+        'add': 30, 'batch_norm_relu_grad': 19, 'conv2d': 3, 'conv2d_grad_filter': 22,
+        'conv2d_grad_input': 22, 'dense': 1, 'fused_conv2d[]+stats': 13,
+        'fused_conv2d[add]+stats': 6, 'fused_elementwise[batch_normalize+relu]': 19,
+        'global_avg_pool': 1, 'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 23,
+        'matmul': 2, 'momentum_update': 62, 'moving_average': 38, 'softmax_cross_entropy': 1,
+        'softmax_cross_entropy_grad': 1, 'sum_rows': 1},
+    ('resnet164_cifar', 'infer'): {
+        'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
+        'fused_conv2d[add|affine+relu]': 53, 'fused_conv2d[bias_add+relu]': 109,
+        'global_avg_pool': 1, 'prepare:bn_affine_params': 54, 'prepare:fold_bn_weights': 109},
+    ('resnet164_cifar', 'train'): {
+        'add': 222, 'batch_norm_relu_grad': 163, 'conv2d': 3, 'conv2d_grad_filter': 166,
+        'conv2d_grad_input': 166, 'dense': 1, 'fused_conv2d[]+stats': 109,
+        'fused_conv2d[add]+stats': 54, 'fused_elementwise[batch_normalize+relu]': 163,
+        'global_avg_pool': 1, 'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 167,
+        'matmul': 2, 'momentum_update': 494, 'moving_average': 326, 'softmax_cross_entropy': 1,
+        'softmax_cross_entropy_grad': 1, 'sum_rows': 1},
+    ('resnet50_imagenet', 'infer'): {
+        'dense': 1, 'fused_conv2d[bias_add+add+relu]': 16, 'fused_conv2d[bias_add+relu]': 33,
+        'fused_conv2d[bias_add]': 4, 'global_avg_pool': 1, 'max_pool': 1,
+        'prepare:fold_bn_weights': 53},
+    ('resnet50_imagenet', 'train'): {
+        'add': 71, 'batch_norm_grad': 20, 'batch_norm_relu_grad': 33, 'batch_normalize': 4,
+        'conv2d_grad_filter': 53, 'conv2d_grad_input': 53, 'dense': 1, 'fused_conv2d[]+stats': 53,
+        'fused_elementwise[batch_normalize+add|relu]': 16,
+        'fused_elementwise[batch_normalize+relu]': 33, 'global_avg_pool': 1,
+        'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 54, 'matmul': 2,
+        'max_pool': 1, 'max_pool_grad': 1, 'momentum_update': 161, 'moving_average': 106,
+        'relu_grad': 16, 'softmax_cross_entropy': 1, 'softmax_cross_entropy_grad': 1,
+        'sum_rows': 1},
+    ('tiny-imagenet-v2', 'infer'): {
+        'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
+        'fused_conv2d[add|affine+relu]': 1, 'fused_conv2d[bias_add+relu]': 4,
+        'fused_elementwise[affine+relu]': 1, 'global_avg_pool': 1, 'max_pool': 1,
+        'prepare:bn_affine_params': 3, 'prepare:fold_bn_weights': 4},
+    ('tiny-imagenet-v2', 'train'): {
+        'add': 13, 'batch_moments': 1, 'batch_norm_relu_grad': 7, 'conv2d': 3,
+        'conv2d_grad_filter': 9, 'conv2d_grad_input': 9, 'dense': 1, 'fused_conv2d[]+stats': 4,
+        'fused_conv2d[add]+stats': 2, 'fused_elementwise[batch_normalize+relu]': 7,
+        'global_avg_pool': 1, 'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 10,
+        'matmul': 2, 'max_pool': 1, 'max_pool_grad': 1, 'momentum_update': 25,
+        'moving_average': 14, 'softmax_cross_entropy': 1, 'softmax_cross_entropy_grad': 1,
+        'sum_rows': 1},
+}
+CUDA_LAUNCHES = {  # (preset, mode) -> entry -> launches at batch 4
+    ('digits', 'infer'):
+        {'prepare': 7, 'forward': 12},
+    ('digits', 'train'):
+        {'forward': 47, 'backward': 66, 'loss_and_grads': 128, 'train_step': 129,
+         'step_gradients': 127, 'apply_gradients': 2},
+    ('seed_small', 'infer'):
+        {'prepare': 19, 'forward': 27},
+    ('seed_small', 'train'):
+        {'forward': 122, 'backward': 168, 'loss_and_grads': 318, 'train_step': 319,
+         'step_gradients': 317, 'apply_gradients': 2},
+}
+CPU_STEPS = {  # (preset, mode) -> (entry -> (kernel calls, host steps), micro-kernels)
+    ('digits', 'infer'):
+        ({'forward': (12, 0)}, 7),
+    ('digits', 'train'):
+        ({'train_step': (70, 66), 'forward': (26, 0), 'backward': (45, 23),
+          'loss_and_grads': (71, 27), 'step_gradients': (70, 27), 'apply_gradients': (0, 39)}, 17),
+    ('seed_small', 'infer'):
+        ({'forward': (25, 0)}, 7),
+    ('seed_small', 'train'):
+        ({'train_step': (172, 153), 'forward': (63, 0), 'backward': (110, 49),
+          'loss_and_grads': (173, 53), 'step_gradients': (172, 53),
+          'apply_gradients': (0, 100)}, 18),
+}
+
+
+def source(preset: str):
+    return TINY_IMAGENET if preset == "tiny-imagenet-v2" else PRESETS / f"{preset}.toml"
+
+
+def signature(node) -> str:
+    """A node as the kernel it becomes: the op, its epilogue chain (and second output's),
+    whether it makes batch statistics, and whether it runs once per load (prepare)."""
+    name = node.op
+    if node.op in ("fused_conv2d", "fused_elementwise"):
+        chain = "+".join(step["op"] for step in node.attrs.get("epilogue", ()))
+        out2 = "+".join(step["op"] for step in node.attrs.get("out2") or ())
+        name += f"[{chain}{'|' + out2 if out2 else ''}]"
+        name += "+stats" if node.attrs.get("stats") else ""
+    return f"prepare:{name}" if node.phase == "prepare" else name
+
+
+def op_table(preset: str, mode: str, pipeline=None) -> dict:
+    graph = lower(source(preset), mode, "float32", pipeline=pipeline).graph
+    return dict(Counter(signature(n) for n in graph.nodes))
+
+
+@pytest.mark.parametrize("preset, mode", list(OPS))
+def test_final_graph_ops(preset, mode):
+    assert op_table(preset, mode) == OPS[preset, mode]
+
+
+@pytest.mark.parametrize("preset, mode", list(CUDA_LAUNCHES))
+def test_cuda_launches_per_entry(preset, mode):
+    graph = lower(source(preset), mode, "float32").graph
+    assert count_launches(graph, make_entries(graph, mode), 4) == CUDA_LAUNCHES[preset, mode]
+
+
+@pytest.mark.parametrize("preset, mode", list(CPU_STEPS))
+def test_cpu_kernel_calls_per_entry(preset, mode):
+    exe = rc.compile(source(preset), mode=mode, backend="cpu")
+    calls = {}
+    for entry, plan in exe.program.plans.items():
+        steps = plan.schedule.steps[plan.begin:plan.end]
+        hosts = sum(isinstance(s, HostStep) for s in steps)
+        calls[entry] = (len(steps) - hosts, hosts)
+    assert (calls, len(exe.program.kernels)) == CPU_STEPS[preset, mode]
+
+
+SMALL = ["digits", "seed_small", "tiny-imagenet-v2"]
+
+
+@pytest.mark.parametrize("mode, removed", [(mode, p.name) for mode, passes in PIPELINES.items()
+                                           for p in passes if p.name != "dce"])
+def test_every_pass_moves_a_pinned_table(mode, removed):
+    """The tables above would catch the pass's deletion. (dce drops nothing from a graph as
+    built: no test can see it go, and nothing depends on it.)"""
+    pipeline = [p for p in PIPELINES[mode] if p.name != removed]
+    assert any(op_table(preset, mode, pipeline) != OPS[preset, mode] for preset in SMALL)
+
+
+def test_no_import_cycles():
+    """Imports between rescompile's modules (also those inside functions) form no cycle."""
+    root = Path(rc.__file__).parent
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(
+        ".__init__"): p for p in root.rglob("*.py")}
+    edges = {m: set() for m in modules}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                subs = [f"{target}.{a.name}" for a in node.names
+                        if f"{target}.{a.name}" in modules]
+                for name in subs or ([target] if target in modules else []):
+                    if name != module and not module.startswith(name + "."):
+                        edges[module].add(name)
+    state = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for name in edges[module]:
+            assert state.get(name) != "open", " -> ".join(path + [name])
+            if name not in state:
+                visit(name, path + [name])
+        state[module] = "done"
+
+    for module in modules:
+        if module not in state:
+            visit(module, [module])
