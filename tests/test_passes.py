@@ -11,7 +11,7 @@ from rescompile.cli import main
 from rescompile.compiler import lower
 from rescompile.errors import GraphError
 from rescompile.ir import verify
-from rescompile.passes import Pass, PassError, PassResult, run_pipeline
+from rescompile.passes import PIPELINES, Pass, PassError, PassResult, run_pipeline
 from rescompile.check import evaluate, random_feeds, relative_change
 from rescompile.passes.fold_bn import fold_bn
 from conftest import EXAMPLES, tiny_spec
@@ -119,7 +119,7 @@ def test_stages_name_build_autodiff_and_every_pass():
     assert [s for s, _ in train.stages][:2] == ["build", "autodiff"]
     assert [s for s, _ in lower(tiny_spec(), "train", optimize=False).stages] == \
         ["build", "autodiff"]
-    assert all(r.seconds >= 0 for r in infer.pass_log)
+    assert [r.name for r in infer.pass_log] == [p.name for p in PIPELINES["infer"]]
 
 
 def test_parameter_only_nodes_run_in_prepare():
