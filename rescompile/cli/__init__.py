@@ -13,7 +13,8 @@ import sys
 
 from ..errors import UserError
 
-COMMANDS = ("dump", "run", "check", "compile", "cache", "bench", "train", "eval", "predict")
+COMMANDS = ("dump", "run", "check", "compile", "cache", "bench", "train", "eval", "predict",
+            "interop")
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,6 +1,9 @@
 """`rescompile eval`: test accuracy and confusion matrix of a checkpoint, on the folded
 inference graph."""
 
+from pathlib import Path
+
+from ..errors import CheckpointError
 from .common import add_backend, add_spec, resolve_spec
 from .train import add_data
 
@@ -16,15 +19,37 @@ def register(sub) -> None:
 
 def add_checkpoint(p) -> None:
     p.add_argument("--checkpoint", metavar="DIR_OR_FILE", required=True,
-                   help="a checkpoint file, or a directory (its newest checkpoint)")
+                   help="a checkpoint file, a directory (its newest checkpoint) or a compiled "
+                        "artifact (.rcx)")
 
 
 def load_infer(args):
-    """(spec, infer-mode executable) from the spec and checkpoint arguments."""
+    """(spec, infer-mode executable) from the spec and checkpoint (or artifact) arguments."""
+    from ..artifact import is_artifact
     from ..training import default_backend, load_for_spec, resolve
     spec = resolve_spec(args.spec)
+    backend = args.backend or default_backend()
+    if Path(args.checkpoint).is_file() and is_artifact(args.checkpoint):
+        return spec, _from_artifact(args.checkpoint, spec, backend)
     path = resolve(args.checkpoint)
-    return spec, load_for_spec(path, spec, mode="infer", backend=args.backend or default_backend())
+    return spec, load_for_spec(path, spec, mode="infer", backend=backend)
+
+
+def _from_artifact(path, spec, backend: str):
+    """An artifact of this spec, as an inference executable (a train artifact's variables
+    move into one)."""
+    from ..artifact import load_artifact
+    from ..runtime import compile
+    exe = load_artifact(path, backend=backend)
+    if exe.spec.digest() != spec.digest():
+        raise CheckpointError(f"{path}: artifact of spec {exe.spec.name!r}, which differs from "
+                              f"the given spec {spec.name!r}")
+    if exe.mode == "infer":
+        return exe
+    infer = compile(spec, mode="infer", backend=backend, dtype=exe.dtype)
+    infer.load_params(exe.params)
+    infer.step = exe.step
+    return infer
 
 
 def run(args) -> int:

@@ -1,5 +1,7 @@
-"""The same model as ONNX: a spec's inference graph (as built, BN unfolded, NCHW) with the
-executable's weights, for ONNX Runtime baselines. ORT then fuses what it likes."""
+"""The same model as ONNX (`rescompile export`, and ONNX Runtime baselines): a spec's inference
+graph as built (batch norm unfolded, NCHW) with the model's variables as initializers under
+their TensorFlow names, and the spec itself (TOML) in the metadata, so that `from_onnx` reads
+our own files back exactly. Weights are float32 (ONNX Runtime's CPU kernels are)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import numpy as np
 
 from ..build import build
 from ..padding import pads_2d
+from ..spec import load_spec
 
 OPSET = 17
+SPEC_KEY = "rescompile.spec"  # metadata of our exports: the spec as TOML, for from_onnx
 
 
 def _node(helper, graph, node):
@@ -35,9 +39,17 @@ def _node(helper, graph, node):
     return helper.make_node(kind, ins, out, **attrs)
 
 
+def onnx_nodes(spec) -> list:
+    """The ONNX nodes of a spec's inference graph, in graph order."""
+    from onnx import helper
+    graph = build(spec, "infer", "float32").graph
+    return [_node(helper, graph, n) for n in graph.nodes]
+
+
 def onnx_model(spec, params: dict):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+    spec = load_spec(spec)
     graph = build(spec, "infer", "float32").graph
     inits = [numpy_helper.from_array(np.ascontiguousarray(
         v.transpose(3, 2, 0, 1) if v.ndim == 4 else v, dtype=np.float32), k)
@@ -45,7 +57,7 @@ def onnx_model(spec, params: dict):
     h, w, c = graph.value("images").shape[1:]
     logits = graph.outputs["logits"]
     model = helper.make_model(
-        helper.make_graph([_node(helper, graph, n) for n in graph.nodes], "resnet",
+        helper.make_graph(onnx_nodes(spec), "resnet",
                           [helper.make_tensor_value_info("images", TensorProto.FLOAT,
                                                          ["N", c, h, w])],
                           [helper.make_tensor_value_info(logits, TensorProto.FLOAT,
@@ -53,6 +65,7 @@ def onnx_model(spec, params: dict):
                           inits),
         opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
+    helper.set_model_props(model, {SPEC_KEY: spec.to_toml()})
     onnx.checker.check_model(model)
     return model
 

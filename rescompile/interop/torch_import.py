@@ -1,0 +1,198 @@
+"""Weights from PyTorch: a torchvision-layout bottleneck ResNet (resnet50/101/152) or a
+pre-activation CIFAR ResNet, as a module or its state dict, as a spec and rescompile's
+variables (by their TensorFlow names).
+
+Layouts (module paths as the module names them; torchvision is not needed):
+
+- torchvision: `conv1`, `bn1`, `layer{s}.{u}.conv{1,2,3}`, `.bn{1,2,3}`,
+  `.downsample.{0,1}`, `fc`. ResNet v1 with the stride on the 3x3 conv, symmetric padding,
+  plain ReLU, batch-norm epsilon 1e-5 (a module's own epsilon when a module is given).
+- preact (the common PyTorch CIFAR pre-activation bottleneck): `conv1` (3x3 stem), then
+  `layer{s}.{u}.bn1`, `.conv1`, `.bn2`, `.conv2`, `.bn3`, `.conv3`, `.shortcut.0`, and the
+  final `bn`, `linear`. The stride is on the 3x3 conv and a projection reads the activated
+  input, as that code does.
+
+Convolutions are converted from OIHW to HWIO and the classifier from [classes, features] to
+[features, classes]; every tensor's shape is checked against the spec, and a missing,
+leftover or mis-shaped tensor is refused by its module path. The spatial input size cannot be
+read from weights: it is the given spec's, else `input` (default 224x224 for torchvision
+models, 32x32 for CIFAR ones).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..compiler import lower
+from ..errors import InputError
+from ..spec import ResNetSpec, load_spec
+
+BN_FIELDS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
+             "running_var": "moving_variance"}
+IGNORED = ("num_batches_tracked",)  # torch's counter of training steps: no weight
+TORCHVISION_EPSILON, TORCH_MOMENTUM = 1e-5, 0.1
+
+
+def from_torch(source, spec=None, input=None) -> tuple[ResNetSpec, dict[str, np.ndarray]]:
+    """(spec, params) from a torch.nn.Module or a state dict; with `spec`, the weights must
+    fit it (it is checked against what the weights say), else the spec is inferred."""
+    state, epsilon = _state(source)
+    layout = _layout(state)
+    inferred = _infer_spec(state, layout, epsilon, input)
+    spec = _checked(load_spec(spec), inferred) if spec is not None else inferred
+    return spec, _params(state, layout, spec)
+
+
+def _state(source) -> tuple[dict[str, np.ndarray], float | None]:
+    """The tensors as float arrays by key, and the batch norms' epsilon if a module says."""
+    epsilon = None
+    if hasattr(source, "state_dict") and callable(source.state_dict):
+        epsilons = {m.eps for m in source.modules() if hasattr(m, "running_var")}
+        if len(epsilons) > 1:
+            raise InputError(f"the module's batch norms use several epsilons "
+                             f"{sorted(epsilons)}; rescompile's spec has one")
+        epsilon = epsilons.pop() if epsilons else None
+        source = source.state_dict()
+    if not isinstance(source, Mapping):
+        raise InputError(f"expected a torch.nn.Module or a state dict, got "
+                         f"{type(source).__name__}")
+    state = {}
+    for key, tensor in source.items():
+        if str(key).rsplit(".", 1)[-1] in IGNORED:
+            continue
+        array = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else \
+            np.asarray(tensor)
+        if array.dtype.kind != "f":
+            raise InputError(f"tensor {key!r}: dtype {array.dtype} is not a float type")
+        state[str(key)] = array
+    return state, epsilon
+
+
+def _layout(state: dict) -> str:
+    if {"conv1.weight", "bn1.weight", "fc.weight"} <= set(state):
+        return "torchvision"
+    if {"conv1.weight", "bn.weight", "linear.weight"} <= set(state):
+        return "preact"
+    raise InputError("not a supported ResNet: expected torchvision's module paths (conv1, bn1, "
+                     "layer1.0.conv1, ..., fc) or a pre-activation CIFAR ResNet's (conv1, "
+                     "layer1.0.bn1, ..., bn, linear)")
+
+
+def _units(state: dict) -> list[int]:
+    """Units per stage, from the `layer{s}.{u}.` paths; stages numbered from 1 without gaps."""
+    found: dict[int, set[int]] = {}
+    for key in state:
+        match = re.match(r"layer(\d+)\.(\d+)\.", key)
+        if match:
+            found.setdefault(int(match[1]), set()).add(int(match[2]))
+    if not found or sorted(found) != list(range(1, len(found) + 1)):
+        raise InputError(f"not a supported ResNet: stages {sorted(found)} (expected layer1, "
+                         f"layer2, ...)")
+    for stage, units in found.items():
+        if sorted(units) != list(range(len(units))):
+            raise InputError(f"not a supported ResNet: layer{stage} has blocks {sorted(units)}")
+        if f"layer{stage}.0.conv3.weight" not in state:
+            raise InputError(f"layer{stage}.0 has no conv3: a basic-block ResNet (resnet18/34) "
+                             f"is not one rescompile builds (bottleneck units only)")
+    return [len(found[s]) for s in sorted(found)]
+
+
+def _infer_spec(state: dict, layout: str, epsilon, input) -> ResNetSpec:
+    units = _units(state)
+    stem = state["conv1.weight"]
+    head = state["fc.weight" if layout == "torchvision" else "linear.weight"]
+    filters = [int(state[f"layer{s}.0.conv3.weight"].shape[0]) for s in range(1, len(units) + 1)]
+    torchvision = layout == "torchvision"
+    size = input or ((224, 224) if torchvision else (32, 32))
+    model = {
+        "input": [int(size[0]), int(size[1]), int(stem.shape[1])],
+        "num_classes": int(head.shape[0]), "stem": "imagenet" if torchvision else "cifar",
+        "stem_filters": int(stem.shape[0]), "unit": "bottleneck",
+        "preactivation": not torchvision, "stride_on": "conv2", "padding": "symmetric",
+        "stages": [{"filters": f, "units": n, "stride": 1 if s == 0 else 2}
+                   for s, (f, n) in enumerate(zip(filters, units))],
+        "activate_before_residual": [True] * len(units) if not torchvision else
+        [True] + [False] * (len(units) - 1),
+        "relu_leakiness": 0.0}
+    depth = 2 + 3 * sum(units)
+    return load_spec({"name": f"{layout}-resnet{depth}", "model": model, "batch_norm": {
+        "epsilon": epsilon or TORCHVISION_EPSILON, "decay": 1 - TORCH_MOMENTUM}})
+
+
+def _checked(spec: ResNetSpec, inferred: ResNetSpec) -> ResNetSpec:
+    """The given spec, if its model is the one the weights describe (input size aside)."""
+    given, wanted = spec.model, inferred.model
+    for field in ("num_classes", "stem", "stem_filters", "unit", "preactivation", "stages"):
+        if getattr(given, field) != getattr(wanted, field):
+            raise InputError(f"spec {spec.name!r}: model.{field} is {getattr(given, field)!r}, "
+                             f"but the weights describe {getattr(wanted, field)!r}")
+    if given.input[2] != wanted.input[2]:
+        raise InputError(f"spec {spec.name!r}: model.input has {given.input[2]} channels, the "
+                         f"stem conv takes {wanted.input[2]}")
+    return spec
+
+
+def _names(layout: str, spec: ResNetSpec) -> dict[str, tuple[str, str]]:
+    """torch key -> (rescompile variable, layout conversion)."""
+    names = {"conv1.weight": ("init/init_conv/DW", "conv")}
+    head, final = (("fc", "bn1"), "init/init_bn") if layout == "torchvision" else \
+        (("linear", "bn"), "unit_last/final_bn")
+    names.update(_bn(head[1], final))
+    names[f"{head[0]}.weight"] = ("logit/DW", "dense")
+    names[f"{head[0]}.bias"] = ("logit/biases", "copy")
+    for s, stage in enumerate(spec.model.stages, start=1):
+        for u in range(stage.units):
+            torch_unit, ours = f"layer{s}.{u}", f"unit_{s}_{u}"
+            for k in (1, 2, 3):
+                names[f"{torch_unit}.conv{k}.weight"] = (f"{ours}/sub{k}/conv{k}/DW", "conv")
+            names.update(_unit_norms(layout, torch_unit, ours, spec, s, u))
+            projection = "downsample.0" if layout == "torchvision" else "shortcut.0"
+            names[f"{torch_unit}.{projection}.weight"] = (f"{ours}/sub_add/project/DW", "conv")
+    return names
+
+
+def _unit_norms(layout, torch_unit, ours, spec, s, u) -> dict:
+    if layout == "torchvision":
+        names = {}
+        for k in (1, 2, 3):
+            names.update(_bn(f"{torch_unit}.bn{k}", f"{ours}/sub{k}/bn{k}"))
+        names.update(_bn(f"{torch_unit}.downsample.1", f"{ours}/sub_add/project_bn"))
+        return names
+    first = "common_bn_relu" if spec.model.activate_before_residual[s - 1] and u == 0 else \
+        "residual_bn_relu"
+    names = _bn(f"{torch_unit}.bn1", f"{ours}/{first}/init_bn")
+    for k in (2, 3):
+        names.update(_bn(f"{torch_unit}.bn{k}", f"{ours}/sub{k}/bn{k}"))
+    return names
+
+
+def _bn(torch_path: str, scope: str) -> dict:
+    return {f"{torch_path}.{field}": (f"{scope}/{ours}", "copy")
+            for field, ours in BN_FIELDS.items()}
+
+
+CONVERT = {"conv": lambda a: a.transpose(2, 3, 1, 0), "dense": lambda a: a.T,
+           "copy": lambda a: a}
+
+
+def _params(state: dict, layout: str, spec: ResNetSpec) -> dict[str, np.ndarray]:
+    expected = lower(spec, "infer", "float64", optimize=False).model.variables
+    names = {k: v for k, v in _names(layout, spec).items() if v[0] in expected}
+    leftover = sorted(set(state) - set(names))
+    if leftover:
+        raise InputError(f"tensor {leftover[0]!r} has no place in {spec.name!r} "
+                         f"({len(leftover)} such tensors)")
+    params = {}
+    for key, (name, conversion) in names.items():
+        if key not in state:
+            raise InputError(f"tensor {key!r} is missing (it would be {name!r})")
+        value = np.ascontiguousarray(CONVERT[conversion](state[key]))
+        if value.shape != tuple(expected[name].shape):
+            raise InputError(f"tensor {key!r}: shape {list(state[key].shape)} does not fit "
+                             f"{name!r} of shape {list(expected[name].shape)} "
+                             f"(as {conversion}: {list(value.shape)})")
+        params[name] = value
+    return params
