@@ -65,8 +65,10 @@ def resnet50():
     return randomized(TorchvisionResNet())
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-10), ("float32", 2e-5)])
-def test_torch_exported_resnet50_imports_to_its_logits(resnet50, tmp_path, dtype, tolerance):
+def test_torch_exported_resnet50_imports_to_its_logits(resnet50, tmp_path, dtype, tolerance,
+                                                        backend):
     module = resnet50.double() if dtype == "float64" else resnet50.float()
     x = torch.randn(2, 3, 64, 64, dtype=module.fc.weight.dtype)
     torch.onnx.export(module, (x,), str(tmp_path / "r50.onnx"), opset_version=17,
@@ -74,7 +76,7 @@ def test_torch_exported_resnet50_imports_to_its_logits(resnet50, tmp_path, dtype
     spec, params = from_onnx(tmp_path / "r50.onnx")
     preset = rc.preset("resnet50-imagenet")
     assert spec.model == dataclasses.replace(preset.model, input=(64, 64, 3))
-    exe = rc.compile(spec, backend="cpu", dtype=dtype)
+    exe = rc.compile(spec, backend=backend, dtype=dtype)
     exe.load_params(params)
     with torch.no_grad():
         theirs = module(x).double().numpy()

@@ -57,14 +57,21 @@ def _tap(flat: str, channels: int, k: int) -> list[str]:
             f"ti = tap // {k}", f"tj = tap % {k}"]
 
 
-def conv_problem(x, w, y, attrs) -> Problem:
-    (_, h, wd, cin), (k, _, _, cout), (_, oh, ow, _) = x, w, y
+def _input_pixels(x, k: int, attrs, index_lines: list[str]) -> Gather:
+    """The input pixel that output pixel (p_h, p_w) reads at tap (ti, tj), channel ch, given
+    the lines that set those from the flat indices; zero where it falls in the padding."""
+    _, h, wd, cin = x
     top, _, left, _ = pads_2d(h, wd, k, attrs["stride"], attrs["padding"])
     s = attrs["stride"]
-    a = Gather(tuple(_pixel("p", "m", oh, ow) + _tap("k", cin, k) +
-                     [f"ih = p_h * {s} + ti - {top}", f"iw = p_w * {s} + tj - {left}"]),
-               f"ih >= 0 and ih < {h} and iw >= 0 and iw < {wd}",
-               f"in0[((p_b * {h} + ih) * {wd} + iw) * {cin} + ch]")
+    return Gather(tuple(index_lines + [f"ih = p_h * {s} + ti - {top}",
+                                       f"iw = p_w * {s} + tj - {left}"]),
+                  f"ih >= 0 and ih < {h} and iw >= 0 and iw < {wd}",
+                  f"in0[((p_b * {h} + ih) * {wd} + iw) * {cin} + ch]")
+
+
+def conv_problem(x, w, y, attrs) -> Problem:
+    (_, _, _, cin), (k, _, _, cout), (_, oh, ow, _) = x, w, y
+    a = _input_pixels(x, k, attrs, _pixel("p", "m", oh, ow) + _tap("k", cin, k))
     b = Gather((), "True", f"in1[k * {cout} + n]")
     return Problem(y[0] * oh * ow, cout, k * k * cin, a, b)
 
@@ -84,13 +91,8 @@ def conv_grad_input_problem(dy, w, dx, attrs) -> Problem:
 
 
 def conv_grad_filter_problem(x, dy, dw, attrs) -> Problem:
-    (_, h, wd, cin), (_, oh, ow, cout), k = x, dy, dw[0]
-    top, _, left, _ = pads_2d(h, wd, k, attrs["stride"], attrs["padding"])
-    s = attrs["stride"]
-    a = Gather(tuple(_tap("m", cin, k) + _pixel("p", "k", oh, ow) +
-                     [f"ih = p_h * {s} + ti - {top}", f"iw = p_w * {s} + tj - {left}"]),
-               f"ih >= 0 and ih < {h} and iw >= 0 and iw < {wd}",
-               f"in0[((p_b * {h} + ih) * {wd} + iw) * {cin} + ch]")
+    (_, _, _, cin), (_, oh, ow, cout), k = x, dy, dw[0]
+    a = _input_pixels(x, k, attrs, _tap("m", cin, k) + _pixel("p", "k", oh, ow))
     b = Gather((), "True", f"in1[k * {cout} + n]")
     return Problem(k * k * cin, cout, dy[0] * oh * ow, a, b)
 
