@@ -13,7 +13,7 @@ Each layout runs in fresh processes (`worker` mode, under mpiexec for 2 ranks; -
 interleaved rounds), times --steps train steps after two warm-ups, each step started together
 on every rank (a barrier), and reports the median step and the median time in the all-reduce
 (which includes waiting for the slower rank). One process trains with its fused `train_step`;
-ranks with `DataParallel` (gradients, their mean over the ranks, the update).
+ranks with its two halves (gradients, their mean over the ranks, the update): `DataParallel`.
 
 All-reduce: `MpiWorld.mean` on buffers of ResNet-164's and ResNet-50's gradient bytes, 2 ranks.
 Model of K machines of this one (one rank each, the global batch split K ways):
@@ -73,10 +73,7 @@ def train_worker(case: str, steps: int, out: str) -> None:
         for k in range(2 + steps):
             world.barrier()
             start = time.perf_counter()
-            if world.size == 1:
-                exe.train_step(images, labels)
-            else:
-                trainer.train_step(images[share], labels[share])
+            trainer.train_step(images[share], labels[share])
             if k >= 2:
                 step_s.append(time.perf_counter() - start)
                 comm_s.append(trainer.comm_seconds)

@@ -67,6 +67,10 @@ def write_or_print(text: str, path) -> None:
 
 
 def write_text(path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path, data: bytes) -> None:
     """Write an output file atomically; a path that cannot be written is the user's to fix."""
     from ..fileio import atomic_write
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(data))

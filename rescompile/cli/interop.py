@@ -4,7 +4,7 @@ checkpoint (and the spec they describe), and out to ONNX."""
 from pathlib import Path
 
 from ..errors import InputError, UsageError
-from .common import add_dtype, add_spec, resolve_spec, write_text
+from .common import add_dtype, add_spec, resolve_spec, write_bytes, write_text
 from .eval import add_checkpoint, load_infer
 
 
@@ -80,12 +80,7 @@ def export(args) -> int:
         raise UsageError(f"{args.output}: the output must end in .onnx")
     spec, exe = load_infer(args)
     model = onnx_model(spec, exe.params)
-    _write_bytes(args.output, model.SerializeToString())
+    write_bytes(args.output, model.SerializeToString())
     print(f"{spec.name} at step {exe.step} -> {args.output} (ONNX opset "
           f"{model.opset_import[0].version}, checked by onnx {onnx.__version__})")
     return 0
-
-
-def _write_bytes(path, data: bytes) -> None:
-    from ..fileio import atomic_write
-    atomic_write(path, lambda f: f.write(data))

@@ -52,10 +52,7 @@ def _step(run: Run, batches) -> Evaluation | None:
     start = time.perf_counter()
     images, labels = next(batches)
     lr = run.exe.learning_rate()
-    if run.world.size > 1:
-        loss = run.trainer.train_step(images, labels)
-    else:
-        loss = run.exe.train_step(images, labels)
+    loss = run.trainer.train_step(images, labels)
     step_s = time.perf_counter() - start
     step = run.exe.step
     comm_s = run.trainer.comm_seconds

@@ -11,12 +11,8 @@ from __future__ import annotations
 from ...kernel_cache import cache_root, generated_module, key
 
 
-def digest(source: str) -> str:
-    return key(source)
-
-
 def load_kernel(source: str, directory=None):
     """The `kernel` function of a generated module, writing and importing it once."""
-    stem = f"k_{digest(source)[:32]}"
+    stem = f"k_{key(source)[:32]}"
     return generated_module(source, cache_root(directory), f"cuda/{stem}.py",
                             f"rescompile_cuda_{stem}").kernel
