@@ -140,19 +140,16 @@ class Executable:
         averages from `statistics` (both as `step_gradients` gives them, or reduced over the
         ranks of a job), then the step count."""
         self._check_train("apply_gradients")
-        fed = set(self.entries["apply_gradients"].feeds)
         names = {v: k[5:] for k, v in self.graph.outputs.items() if k.startswith("grad/")}
-        expected = {v: names.get(v, f"batch statistic {v!r}") for v in fed
-                    if v != LEARNING_RATE}
-        values = {v: names[v] for v in expected if v in names}
-        given = {v: grads[n] for v, n in values.items() if n in grads}
-        given.update({v: s for v, s in statistics.items() if v in expected})
-        missing = sorted(set(expected) - set(given))
+        label = lambda v: names.get(v, f"batch statistic {v!r}")  # noqa: E731
+        given = {v: grads.get(names[v]) if v in names else statistics.get(v)
+                 for v in self.entries["apply_gradients"].feeds if v != LEARNING_RATE}
+        missing = sorted(v for v, value in given.items() if value is None)
         if missing:
-            raise InputError(f"apply_gradients: {expected[missing[0]]!r} is missing "
+            raise InputError(f"apply_gradients: {label(missing[0])!r} is missing "
                              f"({len(missing)} of the gradients and statistics that "
                              f"step_gradients returns)")
-        feeds = {v: _float_array(expected[v], value, self.graph.value(v).shape, self.dtype)
+        feeds = {v: _float_array(label(v), value, self.graph.value(v).shape, self.dtype)
                  for v, value in given.items()}
         self._apply(self._run("apply_gradients", feeds))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..build import build
 from ..errors import InputError
 from ..spec import ResNetSpec, load_spec
 from .onnx_model import SPEC_KEY, onnx_nodes
@@ -43,11 +44,12 @@ def _own(path, model, spec_text: str, inits: dict):
     spec = load_spec(spec_text)
     params = {name: np.ascontiguousarray(value.transpose(2, 3, 1, 0)) if value.ndim == 4
               else value for name, value in inits.items()}
-    names = set(_variable_names(spec))
+    built = build(spec, "infer", "float32")
+    names = set(built.variables)
     for name in sorted(set(params) ^ names):
         what = "is not a variable of" if name in params else "is missing, a variable of"
         raise InputError(f"{path}: initializer {name!r} {what} spec {spec.name!r}")
-    expected = onnx_nodes(spec)
+    expected = onnx_nodes(built.graph)
     for got, want in zip(model.graph.node, expected):
         if (got.op_type, list(got.input), list(got.output), got.attribute) != \
                 (want.op_type, list(want.input), list(want.output), want.attribute):
@@ -58,11 +60,6 @@ def _own(path, model, spec_text: str, inits: dict):
         raise InputError(f"{path}: {len(model.graph.node)} nodes, spec {spec.name!r} exports "
                          f"{len(expected)}")
     return spec, params
-
-
-def _variable_names(spec) -> list[str]:
-    from ..build import build
-    return list(build(spec, "infer", "float32").variables)
 
 
 @dataclass

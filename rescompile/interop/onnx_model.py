@@ -39,10 +39,9 @@ def _node(helper, graph, node):
     return helper.make_node(kind, ins, out, **attrs)
 
 
-def onnx_nodes(spec) -> list:
-    """The ONNX nodes of a spec's inference graph, in graph order."""
+def onnx_nodes(graph) -> list:
+    """The ONNX nodes of a spec's inference graph (as built), in graph order."""
     from onnx import helper
-    graph = build(spec, "infer", "float32").graph
     return [_node(helper, graph, n) for n in graph.nodes]
 
 
@@ -57,7 +56,7 @@ def onnx_model(spec, params: dict):
     h, w, c = graph.value("images").shape[1:]
     logits = graph.outputs["logits"]
     model = helper.make_model(
-        helper.make_graph(onnx_nodes(spec), "resnet",
+        helper.make_graph(onnx_nodes(graph), "resnet",
                           [helper.make_tensor_value_info("images", TensorProto.FLOAT,
                                                          ["N", c, h, w])],
                           [helper.make_tensor_value_info(logits, TensorProto.FLOAT,
