@@ -25,42 +25,47 @@ CYCLES_SYMBOL = "rescompile_cycles"
 
 @dataclass(frozen=True)
 class PeakLoop:
+    """`registers - 2` chains of FMAs, `iterations` times; one lane's sum goes to `out` so that
+    the loop is not optimised away."""
     target: Target
     dtype: str = "float32"
     symbol = PEAK_SYMBOL
 
     def ir(self) -> str:
-        return peak_ir(self.target, self.dtype)
+        module = new_module(PEAK_SYMBOL)
+        target, dtype = self.target, self.dtype
+        f = Function(module, PEAK_SYMBOL, [("iterations", I64), ("out", I64.as_pointer())],
+                     dtype, target.lanes(dtype), target.fma)
+        chains = target.registers - 2
+        b = f.b
+        acc = [f.slot(f.vector, f"acc{i}", f.vconst(1.0)) for i in range(chains)]
+        scale, shift = f.vconst(0.999999), f.vconst(1e-7)
+        with f.loop(0, f.args["iterations"], 1, "i"):
+            for slot in acc:
+                f.set(slot, f.fma(f.get(slot), scale, shift))
+        total = f.get(acc[0])
+        for slot in acc[1:]:
+            total = b.fadd(total, f.get(slot))
+        lane = b.extract_element(total, ir.Constant(ir.IntType(32), 0))
+        b.store(b.bitcast(b.fpext(lane, ir.DoubleType()) if dtype == "float32" else lane, I64),
+                f.args["out"])
+        f.finish()
+        return str(module)
 
 
 @dataclass(frozen=True)
 class CycleCounter:
+    """Returns `llvm.readcyclecounter`: the TSC on x86."""
     target: Target
     symbol = CYCLES_SYMBOL
 
     def ir(self) -> str:
-        return cycles_ir()
-
-
-def peak_ir(target: Target, dtype: str = "float32") -> str:
-    module = new_module(PEAK_SYMBOL)
-    f = Function(module, PEAK_SYMBOL, [("iterations", I64), ("out", I64.as_pointer())], dtype,
-                 target.lanes(dtype), target.fma)
-    chains = target.registers - 2
-    b = f.b
-    acc = [f.slot(f.vector, f"acc{i}", f.vconst(1.0)) for i in range(chains)]
-    scale, shift = f.vconst(0.999999), f.vconst(1e-7)
-    with f.loop(0, f.args["iterations"], 1, "i"):
-        for slot in acc:
-            f.set(slot, f.fma(f.get(slot), scale, shift))
-    total = f.get(acc[0])
-    for slot in acc[1:]:
-        total = b.fadd(total, f.get(slot))
-    lane = b.extract_element(total, ir.Constant(ir.IntType(32), 0))
-    b.store(b.bitcast(b.fpext(lane, ir.DoubleType()) if dtype == "float32" else lane, I64),
-            f.args["out"])
-    f.finish()
-    return str(module)
+        module = new_module(CYCLES_SYMBOL)
+        fn = ir.Function(module, ir.FunctionType(I64, []), CYCLES_SYMBOL)
+        counter = ir.Function(module, ir.FunctionType(I64, []), "llvm.readcyclecounter")
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        b.ret(b.call(counter, []))
+        return str(module)
 
 
 def fma_peak_gflops(target: Target, threads: int, dtype: str = "float32",
@@ -86,15 +91,6 @@ def fma_peak_gflops(target: Target, threads: int, dtype: str = "float32",
     for w in workers:
         w.join()
     return sum(rates)
-
-
-def cycles_ir() -> str:
-    module = new_module(CYCLES_SYMBOL)
-    fn = ir.Function(module, ir.FunctionType(I64, []), CYCLES_SYMBOL)
-    counter = ir.Function(module, ir.FunctionType(I64, []), "llvm.readcyclecounter")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    b.ret(b.call(counter, []))
-    return str(module)
 
 
 def cycles_per_second(target: Target, cache_dir=None) -> float:

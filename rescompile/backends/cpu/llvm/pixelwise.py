@@ -6,6 +6,7 @@ are written for clarity, not registers.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,6 +19,10 @@ from .pixels import (CALL_PARAMS, PixelWalk, channel_vectors, load_arguments, lo
                      offset, store_vector, stride_fields)
 
 
+# A pooling window's geometry, then the input's and the output's sizes.
+WINDOW_SIZES = ("k", "stride", "pad_top", "pad_left", "h", "w", "oh", "ow")
+
+
 @dataclass(frozen=True)
 class PixelKernel(Vectors):
     """A kernel over pixels, one vector of channels at a time; its symbol is `kind`'s (what
@@ -25,6 +30,12 @@ class PixelKernel(Vectors):
     dtype: str
     target: Target
     kind: ClassVar[str] = ""
+    sizes: ClassVar[tuple[str, ...]] = ()  # scalar fields, before the tensors' strides
+    tensors: ClassVar[tuple[str, ...]] = ()  # the tensors addressed by (n, h, w) strides
+
+    @property
+    def fields(self) -> list[str]:
+        return list(self.sizes) + stride_fields(self.tensors)
 
     @property
     def symbol(self) -> str:
@@ -113,37 +124,19 @@ class MaxPoolKernel(PixelKernel):
     -inf border never wins; NaN propagates, as np.max does)."""
 
     kind = "maxpool"
-
-    pointers = ("x", "out")
-
-    @property
-    def fields(self) -> list[str]:
-        return ["k", "stride", "pad_top", "pad_left", "h", "w", "oh", "ow"] + \
-            stride_fields(["x", "out"])
+    pointers = tensors = ("x", "out")
+    sizes = WINDOW_SIZES
 
     def body(self, f: Function, v, ptr) -> None:
         b = f.b
         walk = PixelWalk(f, v["oh"], v["ow"])
         with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
             n, oh, ow = walk.position()
-            top = b.sub(b.mul(oh, v["stride"]), v["pad_top"], name="window_top")
-            left = b.sub(b.mul(ow, v["stride"]), v["pad_left"], name="window_left")
 
             def vector(c, mask):
                 best = f.slot(f.vector, "best", f.vconst(float("-inf")))
-                with f.loop(0, v["k"], 1, "i") as i:
-                    row = b.add(top, i)
-                    inside = b.and_(b.icmp_signed(">=", row, f.i64(0)),
-                                    b.icmp_signed("<", row, v["h"]))
-                    with b.if_then(inside):
-                        with f.loop(0, v["k"], 1, "j") as j:
-                            col = b.add(left, j)
-                            inside_col = b.and_(b.icmp_signed(">=", col, f.i64(0)),
-                                                b.icmp_signed("<", col, v["w"]))
-                            with b.if_then(inside_col):
-                                at = b.add(offset(f, v, "x", n, row, col), c)
-                                tap = load_vector(f, f.element(ptr["x"], at), mask)
-                                f.set(best, f.binary("maximum", f.get(best), tap))
+                with window_taps(f, v, ptr, n, oh, ow, c, mask) as (_, _, tap):
+                    f.set(best, f.binary("maximum", f.get(best), tap))
                 out = b.add(offset(f, v, "out", n, oh, ow), c)
                 store_vector(f, f.get(best), f.element(ptr["out"], out), mask)
             channel_vectors(f, vector)
@@ -155,12 +148,8 @@ class MeanKernel(PixelKernel):
     """out[n, c] = the mean of x[n, :, :, c]: a call's pixels are images."""
 
     kind = "mean"
-
-    pointers = ("x", "out")
-
-    @property
-    def fields(self) -> list[str]:
-        return ["h", "w"] + stride_fields(["x", "out"])
+    pointers = tensors = ("x", "out")
+    sizes = ("h", "w")
 
     def body(self, f: Function, v, ptr) -> None:
         b = f.b
@@ -183,12 +172,9 @@ class MeanGradKernel(PixelKernel):
     """out[n, h, w, c] = dy[n, c] / (H * W): the gradient of the global mean."""
 
     kind = "meangrad"
-
     pointers = ("dy", "out")
-
-    @property
-    def fields(self) -> list[str]:
-        return ["oh", "ow", "dy.image"] + stride_fields(["out"])
+    sizes = ("oh", "ow", "dy.image")  # dy is (n, c): one stride
+    tensors = ("out",)
 
     def body(self, f: Function, v, ptr) -> None:
         b = f.b
@@ -213,13 +199,8 @@ class MaxPoolGradKernel(PixelKernel):
     gathering from the windows that contain it, so calls never write the same element."""
 
     kind = "maxpoolgrad"
-
-    pointers = ("dy", "x", "out")
-
-    @property
-    def fields(self) -> list[str]:
-        return ["k", "stride", "pad_top", "pad_left", "h", "w", "oh", "ow"] + \
-            stride_fields(["dy", "x", "out"])
+    pointers = tensors = ("dy", "x", "out")
+    sizes = WINDOW_SIZES
 
     def body(self, f: Function, v, ptr) -> None:
         b = f.b
@@ -262,30 +243,39 @@ class MaxPoolGradKernel(PixelKernel):
         best = f.slot(f.vector, "best", f.vconst(float("-inf")))
         mine = f.slot(lanes, "mine", ir.Constant(lanes, [0] * f.lanes))
         seen = f.slot(ir.IntType(1), "seen", ir.Constant(ir.IntType(1), 0))
-        top = b.sub(b.mul(oh, v["stride"]), v["pad_top"])
-        left = b.sub(b.mul(ow, v["stride"]), v["pad_left"])
-        with f.loop(0, v["k"], 1, "i") as i:
-            row = b.add(top, i)
-            inside = b.and_(b.icmp_signed(">=", row, f.i64(0)), b.icmp_signed("<", row, v["h"]))
-            with b.if_then(inside):
-                with f.loop(0, v["k"], 1, "j") as j:
-                    col = b.add(left, j)
-                    inside_col = b.and_(b.icmp_signed(">=", col, f.i64(0)),
-                                        b.icmp_signed("<", col, v["w"]))
-                    with b.if_then(inside_col):
-                        at = b.add(offset(f, v, "x", n, row, col), c)
-                        tap = load_vector(f, f.element(ptr["x"], at), mask)
-                        current = f.get(best)
-                        # the first tap, then strictly greater, or the first NaN over a number
-                        better = b.or_(b.fcmp_ordered(">", tap, current),
-                                       b.and_(b.fcmp_unordered("uno", tap, tap),
-                                              b.fcmp_ordered("ord", current, current)))
-                        better = b.or_(better, f.splat_flag(b.not_(f.get(seen))))
-                        f.set(seen, ir.Constant(ir.IntType(1), 1))
-                        here = b.and_(b.icmp_signed("==", row, ih), b.icmp_signed("==", col, iw))
-                        f.set(best, b.select(better, tap, current))
-                        f.set(mine, b.select(better, f.splat_flag(here), f.get(mine)))
+        with window_taps(f, v, ptr, n, oh, ow, c, mask) as (row, col, tap):
+            current = f.get(best)
+            # the first tap, then strictly greater, or the first NaN over a number
+            better = b.or_(b.fcmp_ordered(">", tap, current),
+                           b.and_(b.fcmp_unordered("uno", tap, tap),
+                                  b.fcmp_ordered("ord", current, current)))
+            better = b.or_(better, f.splat_flag(b.not_(f.get(seen))))
+            f.set(seen, ir.Constant(ir.IntType(1), 1))
+            here = b.and_(b.icmp_signed("==", row, ih), b.icmp_signed("==", col, iw))
+            f.set(best, b.select(better, tap, current))
+            f.set(mine, b.select(better, f.splat_flag(here), f.get(mine)))
         return f.get(mine)
+
+
+@contextmanager
+def window_taps(f: Function, v, ptr, n, oh, ow, c, mask):
+    """Emits the block inside once, in loops over the taps of window (oh, ow) that lie inside
+    the input (the padding is skipped, not read); it sees each tap's (row, col, x vector)."""
+    b = f.b
+    top = b.sub(b.mul(oh, v["stride"]), v["pad_top"], name="window_top")
+    left = b.sub(b.mul(ow, v["stride"]), v["pad_left"], name="window_left")
+    with f.loop(0, v["k"], 1, "i") as i:
+        row = b.add(top, i)
+        with b.if_then(_inside(f, row, v["h"])):
+            with f.loop(0, v["k"], 1, "j") as j:
+                col = b.add(left, j)
+                with b.if_then(_inside(f, col, v["w"])):
+                    at = b.add(offset(f, v, "x", n, row, col), c)
+                    yield row, col, load_vector(f, f.element(ptr["x"], at), mask)
+
+
+def _inside(f: Function, at, size):
+    return f.b.and_(f.b.icmp_signed(">=", at, f.i64(0)), f.b.icmp_signed("<", at, size))
 
 
 def _pixels(f: Function, height, width):

@@ -29,55 +29,53 @@ SPINS_BEFORE_YIELD = 2000
 
 @dataclass(frozen=True)
 class Barrier:
+    """`rescompile_barrier(state, threads)`: returns once `threads` threads have called it
+    on the same `state` (STATE_WORDS words, zeroed once)."""
     target: Target
     symbol = SYMBOL
 
     def ir(self) -> str:
-        return barrier_ir()
+        module = new_module(SYMBOL)
+        fn = ir.Function(module, ir.FunctionType(VOID, [I64.as_pointer(), I64]), SYMBOL)
+        state, threads = fn.args
+        state.name, threads.name = "state", "threads"
+        pause = ir.Function(module, ir.FunctionType(VOID, []), "llvm.x86.sse2.pause")
+        sched_yield = ir.Function(module, ir.FunctionType(I32, []), "sched_yield")
+        entry, last, wait, spin, relax, done = (fn.append_basic_block(n) for n in (
+            "entry", "last", "wait", "spin", "relax", "done"))
+        b = ir.IRBuilder(entry)
+        arrived = b.gep(state, [ir.Constant(I64, 0)], name="arrived")
+        generation = b.gep(state, [ir.Constant(I64, 8)], name="generation")
+        b.comment("read the generation before arriving")
+        seen = b.load_atomic(generation, "acquire", 8, name="seen")
+        before = b.atomic_rmw("add", arrived, ir.Constant(I64, 1), "acq_rel", name="before")
+        is_last = b.icmp_signed("==", b.add(before, ir.Constant(I64, 1)), threads)
+        b.cbranch(is_last, last, wait)
 
+        b.position_at_end(last)
+        b.comment("the last thread resets the count and releases the others")
+        b.store_atomic(ir.Constant(I64, 0), arrived, "monotonic", 8)
+        b.atomic_rmw("add", generation, ir.Constant(I64, 1), "release")
+        b.branch(done)
 
-def barrier_ir() -> str:
-    module = new_module(SYMBOL)
-    fn = ir.Function(module, ir.FunctionType(VOID, [I64.as_pointer(), I64]), SYMBOL)
-    state, threads = fn.args
-    state.name, threads.name = "state", "threads"
-    pause = ir.Function(module, ir.FunctionType(VOID, []), "llvm.x86.sse2.pause")
-    sched_yield = ir.Function(module, ir.FunctionType(I32, []), "sched_yield")
-    entry, last, wait, spin, relax, done = (fn.append_basic_block(n) for n in (
-        "entry", "last", "wait", "spin", "relax", "done"))
-    b = ir.IRBuilder(entry)
-    arrived = b.gep(state, [ir.Constant(I64, 0)], name="arrived")
-    generation = b.gep(state, [ir.Constant(I64, 8)], name="generation")
-    b.comment("read the generation before arriving")
-    seen = b.load_atomic(generation, "acquire", 8, name="seen")
-    before = b.atomic_rmw("add", arrived, ir.Constant(I64, 1), "acq_rel", name="before")
-    is_last = b.icmp_signed("==", b.add(before, ir.Constant(I64, 1)), threads)
-    b.cbranch(is_last, last, wait)
+        b.position_at_end(wait)
+        b.branch(spin)
+        b.position_at_end(spin)
+        spins = b.phi(I64, name="spins")
+        spins.add_incoming(ir.Constant(I64, 0), wait)
+        now = b.load_atomic(generation, "acquire", 8, name="now")
+        b.cbranch(b.icmp_signed("!=", now, seen), done, relax)
 
-    b.position_at_end(last)
-    b.comment("the last thread resets the count and releases the others")
-    b.store_atomic(ir.Constant(I64, 0), arrived, "monotonic", 8)
-    b.atomic_rmw("add", generation, ir.Constant(I64, 1), "release")
-    b.branch(done)
+        b.position_at_end(relax)
+        patient = b.icmp_signed("<", spins, ir.Constant(I64, SPINS_BEFORE_YIELD))
+        with b.if_else(patient) as (short, long):
+            with short:
+                b.call(pause, [])
+            with long:
+                b.call(sched_yield, [])
+        spins.add_incoming(b.add(spins, ir.Constant(I64, 1)), b.block)
+        b.branch(spin)
 
-    b.position_at_end(wait)
-    b.branch(spin)
-    b.position_at_end(spin)
-    spins = b.phi(I64, name="spins")
-    spins.add_incoming(ir.Constant(I64, 0), wait)
-    now = b.load_atomic(generation, "acquire", 8, name="now")
-    b.cbranch(b.icmp_signed("!=", now, seen), done, relax)
-
-    b.position_at_end(relax)
-    patient = b.icmp_signed("<", spins, ir.Constant(I64, SPINS_BEFORE_YIELD))
-    with b.if_else(patient) as (short, long):
-        with short:
-            b.call(pause, [])
-        with long:
-            b.call(sched_yield, [])
-    spins.add_incoming(b.add(spins, ir.Constant(I64, 1)), b.block)
-    b.branch(spin)
-
-    b.position_at_end(done)
-    b.ret_void()
-    return str(module)
+        b.position_at_end(done)
+        b.ret_void()
+        return str(module)
