@@ -8,16 +8,21 @@ product of unit normals errs by about 1e-6 of the output's max; 1e-5 leaves room
 epilogue's own roundings), float64 1e-12.
 """
 
+import importlib
+import inspect
 import os
+import pkgutil
 import subprocess
 import sys
 import textwrap
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rescompile import ops
+from rescompile.backends.cpu import llvm
 from rescompile.backends.cpu.llvm import jit
 from rescompile.backends.cpu.llvm.conv import ConvKernel
 from rescompile.backends.cpu.llvm.pixelwise import (EltwiseKernel, MaxPoolGradKernel,
@@ -283,6 +288,24 @@ def test_object_cache_is_keyed_by_cpu_and_rebuilds_a_corrupt_entry(tmp_path):
     assert entry.name == f"{key}.o"
     entry.write_bytes(entry.read_bytes()[:100])  # torn
     assert run() == "True" and len(entry.read_bytes()) > 100  # rebuilt, not loaded
+
+
+def test_object_cache_key_covers_every_module_the_generators_use():
+    """A kernel's IR is a function of the generator's modules and of the ops whose formulas it
+    computes (ops/norm.py's batch norm): each of their sources is in the key, so an edited
+    formula is never served from a stale object. jit's own cache plumbing makes no IR."""
+    sources = set(jit.generator_sources())
+    plumbing = {"rescompile.kernel_cache", "rescompile.errors"}
+    used = set()
+    for info in pkgutil.iter_modules(llvm.__path__):
+        module = importlib.import_module(f"{llvm.__name__}.{info.name}")
+        for value in vars(module).values():
+            home = value if inspect.ismodule(value) else inspect.getmodule(value)
+            if home is not None and home.__name__.startswith("rescompile") and \
+                    home.__name__ not in plumbing and hasattr(home, "__file__"):
+                used.add(Path(home.__file__))
+    assert Path(ops.norm.__file__) in used  # the check sees the formulas the kernels call
+    assert used - sources == set()
 
 
 # --- training kernels ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ it). `stats` (training) appends the batch mean and variance of the first output,
 import numpy as np
 
 from .conv import conv_reference, conv_shape, conv_flops
-from .norm import check_channels, batch_moments
+from .norm import NUMPY, batch_moments, bn_inv, bn_shift, check_channels
 from .registry import define, get, require
 
 EPILOGUE_OPS = ("bias_add", "affine", "relu", "add", "batch_normalize")
@@ -83,8 +83,9 @@ def _fused_elementwise_ref(attrs, x, *rest):
 
 def bn_scale_shift(gamma, beta, mean, var, eps):
     """The affine a batch_norm with fixed statistics is, computed in float64."""
-    scale = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
-    return scale, beta.astype(np.float64) - mean.astype(np.float64) * scale
+    gamma, beta, mean, var = (v.astype(np.float64) for v in (gamma, beta, mean, var))
+    scale = bn_inv(NUMPY, gamma, var, np.float64(eps))
+    return scale, bn_shift(beta, mean, scale)
 
 
 def _fold_ref(attrs, w, gamma, beta, mean, var):

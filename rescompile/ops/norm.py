@@ -5,8 +5,14 @@ tf.nn.moments) and also outputs them for the moving-average update. With `sync` 
 training with batch_norm.sync) the statistics are the global batch's (`sync_moments`), and the
 gradient's two sums are the mean over the ranks of each rank's (`rank_mean`): each rank's
 loss is its own share's mean, so its sums are K times its share of the global ones. Infer mode
-reads the moving statistics. The arithmetic follows tf.nn.batch_normalization: inv = gamma / sqrt(var + eps),
-y = x * inv + (beta - mean * inv).
+reads the moving statistics.
+
+The arithmetic is written once, below, over any arithmetic `m`: values that support + - * /
+(constants come in as values of the same kind), and `m.sqrt`, `m.muladd` (a * b + c; fused on
+the CPU backend) and `m.let` (an intermediate computed once). The NumPy references pass arrays
+(`NUMPY`), the CPU backend LLVM vectors (`cpu/llvm/arith.py`), the CUDA backend source
+expressions (`cuda/exprs.py`). It follows tf.nn.batch_normalization: inv = gamma / sqrt(var +
+eps), y = x * inv + (beta - mean * inv); the gradient's inv_std = 1 / sqrt(var + eps).
 """
 
 import numpy as np
@@ -39,9 +45,49 @@ def batch_moments(x):
     return mean, var
 
 
+class _NumpyArithmetic:
+    """The arithmetic of the NumPy references: arrays, constants cast to their dtype by the
+    caller (`x.dtype.type(eps)`), a * b + c rounded twice."""
+    sqrt = staticmethod(np.sqrt)
+    muladd = staticmethod(lambda a, b, c: a * b + c)
+    let = staticmethod(lambda value: value)
+
+
+NUMPY = _NumpyArithmetic()
+
+
+def bn_inv(m, gamma, var, eps):
+    """The per-channel scale of batch normalisation: gamma / sqrt(var + eps)."""
+    return gamma / m.sqrt(var + eps)
+
+
+def bn_shift(beta, mean, inv):
+    return beta - mean * inv
+
+
+def bn_apply(m, x, gamma, beta, mean, var, eps):
+    """y = x * inv + (beta - mean * inv), inv = bn_inv."""
+    inv = m.let(bn_inv(m, gamma, var, eps))
+    return m.muladd(x, inv, bn_shift(beta, mean, inv))
+
+
+def bn_inv_std(m, var, eps, one):
+    """1 / sqrt(var + eps), `one` being 1 in the values' dtype."""
+    return one / m.sqrt(var + eps)
+
+
+def bn_xhat(x, mean, inv_std):
+    return (x - mean) * inv_std
+
+
+def bn_dx(dy, xhat, gamma, inv_std, count, dgamma, dbeta):
+    """dx of batch normalisation through the batch statistics, given its two sums dgamma =
+    sum(dy * xhat) and dbeta = sum(dy) over `count` values."""
+    return (gamma * inv_std / count) * (count * dy - dbeta - xhat * dgamma)
+
+
 def normalize(x, gamma, beta, mean, var, eps):
-    inv = gamma / np.sqrt(var + x.dtype.type(eps))
-    return x * inv + (beta - mean * inv)
+    return bn_apply(NUMPY, x, gamma, beta, mean, var, x.dtype.type(eps))
 
 
 def _bn_ref(attrs, x, gamma, beta, *stats):
@@ -72,15 +118,18 @@ def _bn_vjp(g, node, dy, dmean=None, dvar=None):
 def _bn_grad_sums_ref(attrs, dy, x, gamma, mean, var):
     """The two sums of batch_norm_grad(dy, x, gamma, mean, var), its first half: (dgamma,
     dbeta). gamma scales dx only; it is an input so that both halves read as the whole."""
-    xhat = (x - mean) * (1 / np.sqrt(var + x.dtype.type(attrs["epsilon"])))
+    xhat = bn_xhat(x, mean, _inv_std(x, var, attrs))
     return (dy * xhat).sum(axis=AXES), dy.sum(axis=AXES)
+
+
+def _inv_std(x, var, attrs):
+    return bn_inv_std(NUMPY, var, x.dtype.type(attrs["epsilon"]), x.dtype.type(1))
 
 
 def _bn_grad_apply_ref(attrs, dy, x, gamma, mean, var, dgamma, dbeta):
     count = x.dtype.type(x.shape[0] * x.shape[1] * x.shape[2])
-    inv_std = 1 / np.sqrt(var + x.dtype.type(attrs["epsilon"]))
-    xhat = (x - mean) * inv_std
-    return ((gamma * inv_std / count) * (count * dy - dbeta - xhat * dgamma),)
+    inv_std = _inv_std(x, var, attrs)
+    return (bn_dx(dy, bn_xhat(x, mean, inv_std), gamma, inv_std, count, dgamma, dbeta),)
 
 
 def bn_grad_reference(attrs, dy, x, gamma, mean, var):

@@ -11,8 +11,14 @@ expression per output.
 
 from __future__ import annotations
 
+from ...ops import norm
 from ...ops.fused import step_attrs
 from ...ops.update import moving_rate
+
+
+def literal(dtype: str, value) -> str:
+    """A constant as source: cast to the dtype, as the references cast (`x.dtype.type(v)`)."""
+    return f"np.{dtype}({float(value)!r})"
 
 
 class Emitter:
@@ -32,10 +38,58 @@ class Emitter:
         return name
 
     def c(self, value) -> str:
-        return f"{self.dt}({float(value)!r})"
+        return literal(self.dtype, value)
 
-    def sqrt(self, expr: str) -> str:
-        return f"{self.dt}(math.sqrt({expr}))"
+    def arithmetic(self, dtype: str | None = None) -> "Arithmetic":
+        return Arithmetic(self, dtype or self.dtype)
+
+
+class Expr:
+    """A scalar source expression on which + - * / write source text: the values the shared
+    formulas of `ops/` compute with here. Parenthesised where Python's precedence and
+    left-to-right evaluation need it, so the text evaluates in the formula's order."""
+    PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+    ATOM = 3
+
+    def __init__(self, text: str, precedence: int = ATOM):
+        self.text, self.precedence = text, precedence
+
+    def __str__(self) -> str:
+        return self.text
+
+    def _binary(self, op: str, other: "Expr") -> "Expr":
+        level = self.PRECEDENCE[op]
+        left = self.text if self.precedence >= level else f"({self.text})"
+        right = other.text if other.precedence > level else f"({other.text})"
+        return Expr(f"{left} {op} {right}", level)
+
+    def __add__(self, other): return self._binary("+", other)
+    def __sub__(self, other): return self._binary("-", other)
+    def __mul__(self, other): return self._binary("*", other)
+    def __truediv__(self, other): return self._binary("/", other)
+
+
+class Arithmetic:
+    """The arithmetic of `ops/norm.py`'s formulas on Exprs of one dtype; `let` names a value
+    with one of the emitter's statements."""
+
+    def __init__(self, e: Emitter, dtype: str):
+        self.e, self.dtype, self.dt = e, dtype, f"np.{dtype}"
+
+    def values(self, *texts: str) -> list[Expr]:
+        return [Expr(t) for t in texts]
+
+    def const(self, value) -> Expr:
+        return Expr(literal(self.dtype, value))
+
+    def sqrt(self, value: Expr) -> Expr:
+        return Expr(f"{self.dt}(math.sqrt({value}))")
+
+    def muladd(self, a: Expr, b: Expr, c: Expr) -> Expr:
+        return a * b + c
+
+    def let(self, value: Expr) -> Expr:
+        return Expr(self.e.let(str(value)))
 
 
 RULES = {}
@@ -76,16 +130,17 @@ def _affine(e, a, x, scale, shift):
 @rule("batch_norm")  # ops/norm.py normalize (either mode, given the statistics)
 @rule("batch_normalize")  # ops/fused_train.py: the same arithmetic
 def _normalize(e, a, x, gamma, beta, mean, var):
-    eps = e.c(a["epsilon"])
-    inv = e.let(f"{gamma} / {e.sqrt(f'{var} + {eps}')}")
-    return [e.let(f"{x} * {inv} + ({beta} - {mean} * {inv})")]
+    m = e.arithmetic()
+    y = norm.bn_apply(m, *m.values(x, gamma, beta, mean, var), m.const(a["epsilon"]))
+    return [str(m.let(y))]
 
 
-def bn_xhat(e, a, x, mean, var) -> tuple[str, str]:
-    """ops/norm.py bn_grad_reference: inv_std = 1 / sqrt(var + eps), xhat = (x - mean) * inv_std."""
-    eps = e.c(a["epsilon"])
-    inv_std = e.let(f"{e.c(1)} / {e.sqrt(f'{var} + {eps}')}")
-    return inv_std, e.let(f"({x} - {mean}) * {inv_std}")
+def bn_xhat(e, a, x, mean, var) -> tuple[Expr, Expr]:
+    """ops/norm.py bn_grad_reference: inv_std, and xhat = (x - mean) * inv_std."""
+    m = e.arithmetic()
+    x, mean, var = m.values(x, mean, var)
+    inv_std = m.let(norm.bn_inv_std(m, var, m.const(a["epsilon"]), m.const(1)))
+    return inv_std, m.let(norm.bn_xhat(x, mean, inv_std))
 
 
 def bn_relu_dy(e, a, dr, x, gamma, beta, mean, var) -> str:
@@ -95,10 +150,11 @@ def bn_relu_dy(e, a, dr, x, gamma, beta, mean, var) -> str:
 
 
 def _bn_dx(e, a, dy, x, gamma, mean, var, dgamma, dbeta):
-    count = e.c(a["count"])
+    m = e.arithmetic()
     inv_std, xhat = bn_xhat(e, a, x, mean, var)
-    return [e.let(f"({gamma} * {inv_std} / {count}) * ({count} * {dy} - {dbeta} - "
-                  f"{xhat} * {dgamma})")]
+    dy, gamma, dgamma, dbeta = m.values(dy, gamma, dgamma, dbeta)
+    dx = norm.bn_dx(dy, xhat, gamma, inv_std, m.const(a["count"]), dgamma, dbeta)
+    return [str(m.let(dx))]
 
 
 @rule("batch_norm_grad")  # ops/norm.py bn_grad_reference, dx given dgamma and dbeta
@@ -155,8 +211,10 @@ def _debiased(e, a, biased, step, batch):
 
 def _bn_scale_shift(e, a, gamma, beta, mean, var):
     """ops/fused.py bn_scale_shift: in float64."""
-    scale = e.let(f"np.float64({gamma}) / math.sqrt(np.float64({var}) + {a['epsilon']!r})")
-    return scale, e.let(f"np.float64({beta}) - np.float64({mean}) * {scale}")
+    m = e.arithmetic("float64")
+    gamma, beta, mean, var = m.values(*(f"np.float64({v})" for v in (gamma, beta, mean, var)))
+    scale = m.let(norm.bn_inv(m, gamma, var, m.const(a["epsilon"])))
+    return scale, m.let(norm.bn_shift(beta, mean, scale))
 
 
 @rule("bn_affine_params")

@@ -12,7 +12,7 @@ The arithmetic is each op's reference (`ops/`), written on vectors:
 - affine:    v * scale + shift
 - relu:      v < 0 ? v * alpha : v   (NaN is not < 0, so it passes through, as in the reference)
 - add:       v + other
-- batch_normalize: inv = gamma / sqrt(var + epsilon); v * inv + (beta - mean * inv)
+- batch_normalize: ops/norm.py bn_apply, on vectors (arith.py)
 - relu_grad: x < 0 ? v * alpha : v   (v is the gradient, x the relu's input)
 """
 
@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+from ....ops import norm
+from .arith import VectorArithmetic
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,9 @@ def _relu_grad(f, v, operands, scalars):
 
 
 def _normalize(f, v, operands, scalars):
-    gamma, beta, mean, var = operands
-    (epsilon,) = scalars
-    inv = f.b.fdiv(gamma, f.unary("sqrt", f.b.fadd(var, epsilon)))
-    return f.fma(v, inv, f.b.fsub(beta, f.b.fmul(mean, inv)))
+    m = VectorArithmetic(f)
+    x, gamma, beta, mean, var, epsilon = m.values(v, *operands, *scalars)
+    return norm.bn_apply(m, x, gamma, beta, mean, var, epsilon).value
 
 
 RULES = {

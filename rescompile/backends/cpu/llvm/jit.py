@@ -7,8 +7,9 @@ A kernel is a frozen dataclass (`conv.ConvKernel`, `sync.Barrier`, ...) with a `
 `target` and an `ir()` method that generates its IR text from its fields alone. The IR is
 optimised at -O3 for the target and emitted as an object file, cached under
 `<cache dir>/objects/<key>.o`. The key hashes what the IR is a function of: the kernel's fields
-(its repr, target included), the source of the generator (this package), and the target's
-fingerprint (CPU name, feature string, llvmlite and LLVM versions). So an entry built for
+(its repr, target included), the source of the generator (this package, and `ops/` whose
+formulas it computes), and the target's fingerprint (CPU name, feature string, llvmlite and
+LLVM versions). So an entry built for
 another CPU, compiler or generator is never found, let alone loaded, and a hit needs no IR at
 all (generating it is most of a warm start). Each file starts with a header holding the sha256
 of the object bytes; an entry that is truncated, corrupt or written by something else fails
@@ -39,12 +40,18 @@ _keep: list = []
 _lock = threading.Lock()
 
 
+def generator_sources() -> list[Path]:
+    """The source the IR is a function of: this package, the target's definitions, and `ops/`,
+    whose formulas the kernels compute (`ops/norm.py`)."""
+    here = Path(__file__).parent
+    ops = here.parents[2] / "ops"
+    return sorted(here.glob("*.py")) + [here.parent / "target.py"] + sorted(ops.glob("*.py"))
+
+
 @lru_cache(maxsize=None)
 def generator_digest() -> str:
-    """sha256 of the source that generates IR: this package and the target's definitions."""
     h = hashlib.sha256()
-    here = Path(__file__).parent
-    for path in sorted(here.glob("*.py")) + [here.parent / "target.py"]:
+    for path in generator_sources():
         h.update(path.read_bytes())
     return h.hexdigest()
 

@@ -1,16 +1,16 @@
 """Training's reductions over pixels, as fixed-chunk float64 partial sums (`slots.py`), their
 combination, and the batch-norm gradient's elementwise half.
 
-    ChannelSums("moments")       slot += (x, x * x)                        batch_moments
-    ChannelSums("bn_grad")       slot += (g, g * xhat), g = dy             batch_norm_grad
+    ChannelSums("moments")       slot += (x, x * x)                      batch_moments
+    ChannelSums("bn_grad")       slot += (g, g * xhat), g = dy           batch_norm_grad
     ChannelSums("bn_relu_grad")  slot += (g, g * xhat), g = relu'(bn(x)) * dr
     SlotSum("moments")           mean = S / count, var = Q / count - mean^2
     SlotSum("sums")              the slots' sums, row by row (weight gradients, BN-gradient sums)
-    BatchNormGradApply           dx = gamma * inv_std / count * (count * g - sum g - xhat * sum g xhat)
+    BatchNormGradApply           dx = bn_dx(g, xhat, ...) from the sums
 
-with xhat = (x - mean) / sqrt(var + epsilon) and, for the fused ReLU, the normalised value
-recomputed from x as `ops/norm.normalize` does: x * inv + (beta - mean * inv), inv = gamma /
-sqrt(var + epsilon); its leaky-ReLU gradient scales g by alpha where it is below zero.
+The batch-norm arithmetic is `ops/norm.py`'s, on vectors (arith.py): xhat = bn_xhat, and for
+the fused ReLU the normalised value recomputed from x by bn_apply, its gradient the epilogue's
+relu_grad rule.
 A chunk's pixels are summed in the kernel's dtype over blocks of BLOCK pixels, each block then
 added into the float64 slot.
 """
@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
+from ....ops import norm
+from . import epilogue
+from .arith import Vec, VectorArithmetic
 from .emit import Function
 from .pixels import PixelWalk, channel_vectors, load_vector, offset, store_vector, stride_fields
 from .pixelwise import PixelKernel
@@ -34,19 +37,17 @@ def _channel(f: Function, ptr, names, c, mask) -> dict:
     return {n: load_vector(f, f.element(ptr[n], c), mask) for n in names}
 
 
-def _inv_std(f: Function, var, epsilon):
-    return f.b.fdiv(f.vconst(1.0), f.unary("sqrt", f.b.fadd(var, epsilon)))
+def _inv_std(m: VectorArithmetic, var: Vec, epsilon: Vec) -> Vec:
+    return norm.bn_inv_std(m, var, epsilon, m.const(1.0))
 
 
-def _gradient(f: Function, kind: str, x, dr, ch: dict, scalars: dict):
+def _gradient(m: VectorArithmetic, kind: str, x: Vec, dr: Vec, ch: dict, scalars: dict) -> Vec:
     """g of the batch-norm gradient: dr, or dr through the leaky ReLU of the normalised x."""
     if kind != "bn_relu_grad":
         return dr
-    b = f.b
-    inv = b.fmul(ch["gamma"], _inv_std(f, ch["var"], scalars["epsilon"]))
-    y = f.fma(x, inv, b.fsub(ch["beta"], b.fmul(ch["mean"], inv)))
-    negative = b.fcmp_ordered("<", y, f.vconst(0.0))
-    return b.select(negative, b.fmul(dr, scalars["alpha"]), dr)
+    y = norm.bn_apply(m, x, ch["gamma"], ch["beta"], ch["mean"], ch["var"], scalars["epsilon"])
+    relu_grad = epilogue.rule("relu_grad").apply
+    return Vec(m.f, relu_grad(m.f, dr.value, [y.value], [scalars["alpha"].value]))
 
 
 def sum_operands(kind: str | None) -> list[str]:
@@ -67,8 +68,16 @@ def sum_terms(f: Function, kind: str, value, x, ch: dict, scalars: dict):
     product), (g, xhat) for a batch-norm gradient, `value` being dr there."""
     if kind == "moments":
         return value, value
-    g = _gradient(f, kind, x, value, ch, scalars)
-    return g, f.b.fmul(f.b.fsub(x, ch["mean"]), _inv_std(f, ch["var"], scalars["epsilon"]))
+    m = VectorArithmetic(f)
+    x, value = m.values(x, value)
+    ch, scalars = _vecs(m, ch), _vecs(m, scalars)
+    g = _gradient(m, kind, x, value, ch, scalars)
+    xhat = norm.bn_xhat(x, ch["mean"], _inv_std(m, ch["var"], scalars["epsilon"]))
+    return g.value, xhat.value
+
+
+def _vecs(m: VectorArithmetic, values: dict) -> dict:
+    return dict(zip(values, m.values(*values.values())))
 
 
 def _pointers(kind: str) -> list[str]:
@@ -202,26 +211,24 @@ class BatchNormGradApply(PixelKernel):
         return ["oh", "ow"] + stride_fields(tensors) + _scalars(self.kind) + ["images"]
 
     def body(self, f: Function, v, ptr) -> None:
-        b = f.b
-        scalars = {n: f.splat(f.from_bits(v[n])) for n in _scalars(self.kind)}
-        count = f.splat(b.uitofp(b.mul(b.mul(v["images"], v["oh"]), v["ow"]), f.scalar))
+        b, m = f.b, VectorArithmetic(f)
+        scalars = _vecs(m, {n: f.splat(f.from_bits(v[n])) for n in _scalars(self.kind)})
+        count = Vec(f, f.splat(b.uitofp(b.mul(b.mul(v["images"], v["oh"]), v["ow"]),
+                                        f.scalar)))
         channels = [n for n in self.pointers if n not in ("x", "dr", "out", "plus")]
         walk = PixelWalk(f, v["oh"], v["ow"])
         with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
             at = walk.position()
 
             def vector(c, mask):
-                ch = _channel(f, ptr, channels, c, mask)
-                inv_std = _inv_std(f, ch["var"], scalars["epsilon"])
-                x = load_vector(f, f.element(ptr["x"], b.add(offset(f, v, "x", *at), c)), mask)
-                dr = load_vector(f, f.element(ptr["dr"], b.add(offset(f, v, "dr", *at), c)),
-                                 mask)
-                g = _gradient(f, self.kind, x, dr, ch, scalars)
-                xhat = b.fmul(b.fsub(x, ch["mean"]), inv_std)
-                scale = b.fdiv(b.fmul(ch["gamma"], inv_std), count)
-                inner = b.fsub(b.fsub(b.fmul(count, g), ch["dbeta"]),
-                               b.fmul(xhat, ch["dgamma"]))
-                dx = b.fmul(scale, inner)
+                ch = _vecs(m, _channel(f, ptr, channels, c, mask))
+                inv_std = _inv_std(m, ch["var"], scalars["epsilon"])
+                x, dr = m.values(*(load_vector(f, f.element(ptr[t], b.add(
+                    offset(f, v, t, *at), c)), mask) for t in ("x", "dr")))
+                g = _gradient(m, self.kind, x, dr, ch, scalars)
+                xhat = norm.bn_xhat(x, ch["mean"], inv_std)
+                dx = norm.bn_dx(g, xhat, ch["gamma"], inv_std, count, ch["dgamma"],
+                                ch["dbeta"]).value
                 if self.plus:
                     dx = b.fadd(dx, load_vector(f, f.element(ptr["plus"], b.add(
                         offset(f, v, "plus", *at), c)), mask))
