@@ -120,6 +120,7 @@ def test_train_transform_matches_reference(shape, pad):
     rows, cols, flips = draw_crops_and_flips(np.random.default_rng(7), len(images), pad)
     assert got.dtype == np.float32 and got.shape == images.shape
     assert flips.any() and not flips.all() and rows.max() <= pad
+    # both standardise in float32 but sum the image's mean and variance in another order
     np.testing.assert_allclose(got, _reference_train(images, rows, cols, flips, pad),
                                rtol=1e-5, atol=1e-5)
 
@@ -141,6 +142,7 @@ def test_pad_is_centered_zero_padding():
 
 def test_standardization_tf_formula_and_floor():
     image = np.random.default_rng(0).integers(0, 256, (1, 5, 5, 3), dtype=np.uint8)
+    # float32 standardisation both ways, summed in another order: a few ulps
     np.testing.assert_allclose(eval_transform(image)[0], _tf_standardize(image[0]), rtol=1e-6)
     constant = np.full((2, 4, 4, 3), 9, np.uint8)
     np.testing.assert_array_equal(standardize(constant), np.zeros_like(constant, np.float32))

@@ -46,6 +46,7 @@ def test_same_conv_equals_explicit_padding(size, k, stride):
     for i in range(y.shape[1]):
         for j in range(y.shape[2]):
             patch = xp[0, i * stride:i * stride + k, j * stride:j * stride + k, :]
+            # float64 sums of k*k*2 products in another order: within a few ulps
             np.testing.assert_allclose(y[0, i, j], np.einsum("hwc,hwco->o", patch, w),
                                        rtol=1e-12, atol=1e-12)
 
@@ -59,6 +60,7 @@ def test_symmetric_padding_matches_pytorch():
         expected = torch.nn.functional.conv2d(
             torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w).permute(3, 2, 0, 1),
             stride=stride, padding=k // 2).permute(0, 2, 3, 1).numpy()
+        # float64 on both sides, summed in another order: within a few ulps
         np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
 
 

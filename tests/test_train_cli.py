@@ -184,7 +184,7 @@ def test_predict_uint8_and_float_images_agree(trained, tmp_path, capsys):
     rows = json.loads((tmp_path / "p.json").read_text())
     probabilities = np.load(tmp_path / "p.npy")
     assert len(rows) == 6 and probabilities.shape == (6, 5)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-6)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-6)  # float32 softmax
     for row, p in zip(rows, probabilities):
         assert row["classes"] == np.argsort(-p)[:2].tolist()
         assert row["probabilities"][0] >= row["probabilities"][1]

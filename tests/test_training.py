@@ -30,6 +30,7 @@ def test_sgd_step_is_w_minus_lr_grad(batch):
     exe.train_step(*batch)
     for name, grad in grads.items():
         if name != "images":
+            # one float64 multiply-subtract each side: at most an ulp of the weights (< 1)
             np.testing.assert_allclose(exe.params[name], before[name] - 0.3 * grad, rtol=0,
                                        atol=1e-15)
 
@@ -49,6 +50,7 @@ def test_backward_is_the_vjp_of_the_logits(batch):
     decay = spec.train.weight_decay
     for name, grad in grads.items():
         expected = full[name] - decay * exe.params[name] if name.endswith("/DW") else full[name]
+        # float64; the softmax gradient is computed here in another order than the loss's
         np.testing.assert_allclose(grad, expected, rtol=1e-9, atol=1e-12)
 
 
