@@ -79,14 +79,14 @@ class CpuProgram:
         # The entry a user runs most is scheduled now, the others at their first run; its
         # kernels are every kernel the others use.
         main = self.plan("train_step" if "train_step" in entries else "forward")
-        self.kernels = list(dict.fromkeys(s.kernel for s in main.schedule.steps
-                                          if isinstance(s, Step)))
-        self.addresses = {}
-        missing = [k for k in self.kernels if not jit.cached(k, cache_dir)] if progress else []
+        kernels = list(dict.fromkeys(s.kernel for s in main.schedule.steps
+                                     if isinstance(s, Step)))
+        self.addresses: dict = {}  # kernel -> function address, in the order they were loaded
+        missing = [k for k in kernels if not jit.cached(k, cache_dir)] if progress else []
         for i, kernel in enumerate(missing, start=1):
             _progress(f"compiling micro-kernel {i}/{len(missing)}: {kernel.symbol}", start)
             self.address(kernel)
-        for kernel in self.kernels:
+        for kernel in kernels:
             self.address(kernel)
         self.barrier = jit.address(sync.Barrier(self.target), cache_dir)
         if progress:
@@ -94,7 +94,7 @@ class CpuProgram:
                       "cache)", start)
         driver.warm_up()
         if progress:
-            _progress(f"compiled: {len(self.kernels)} micro-kernels ({len(missing)} new) and "
+            _progress(f"compiled: {len(kernels)} micro-kernels ({len(missing)} new) and "
                       f"the driver", start)
         self.compile_seconds = time.perf_counter() - start
         self.arenas: dict[tuple, Arena] = {}
@@ -122,11 +122,14 @@ class CpuProgram:
             self._plans.update(self._schedule(entry))
         return self._plans[entry]
 
+    @property
+    def kernels(self) -> list:
+        """Every micro-kernel loaded so far (an entry scheduled later may add some)."""
+        return list(self.addresses)
+
     def address(self, kernel) -> int:
         if kernel not in self.addresses:
             self.addresses[kernel] = jit.address(kernel, self.cache_dir)
-            if kernel not in self.kernels:
-                self.kernels.append(kernel)
         return self.addresses[kernel]
 
     def _schedule(self, name: str) -> dict[str, Plan]:
