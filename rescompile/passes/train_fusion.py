@@ -46,13 +46,12 @@ def _split(values, bn: Node) -> list[Node]:
     where = {"scope": bn.scope, "phase": bn.phase}
     norm = make_node(values, "batch_normalize", [x, gamma, beta, mean, var],
                      {"epsilon": bn.attrs["epsilon"]}, name=bn.name, outputs=[y], **where)
-    if not bn.attrs.get("sync"):
-        moments = make_node(values, "batch_moments", [x], {}, name=f"{bn.name}/moments",
-                            outputs=[mean, var], **where)
-        return [moments, norm]
-    local = [f"{mean}/rank", f"{var}/rank"]
+    sync = bn.attrs.get("sync")
+    local = [f"{mean}/rank", f"{var}/rank"] if sync else [mean, var]
     moments = make_node(values, "batch_moments", [x], {}, name=f"{bn.name}/moments",
                         outputs=local, **where)
+    if not sync:
+        return [moments, norm]
     synced = make_node(values, "sync_moments", local, {}, name=f"{bn.name}/sync",
                        outputs=[mean, var], **where)
     return [moments, synced, norm]
