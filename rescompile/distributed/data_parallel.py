@@ -49,7 +49,7 @@ class DataParallel:
         loss, grads, statistics = self.gradients(images, labels)
         self.exe.check_loss(loss)
         self.exe.apply_gradients(grads, statistics)
-        if self.world.size > 1 and self.check_every and self.exe.step % self.check_every == 0:
+        if self.check_every and self.exe.step % self.check_every == 0:
             check_replicas(self.exe, self.world)
         return loss
 
