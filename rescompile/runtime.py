@@ -222,9 +222,15 @@ def _float_array(name: str, value, shape, dtype: str) -> np.ndarray:
                          f"{list(array.shape)}")
     if any(d is not None and d != a for d, a in zip(shape, array.shape)) or array.shape[0] < 1:
         raise InputError(f"{name}: expected shape {expected}, got {list(array.shape)}")
+    return _finite_cast(name, array, dtype, copy=False)
+
+
+def _finite_cast(name: str, array: np.ndarray, dtype: str, copy: bool) -> np.ndarray:
+    """`array` cast to `dtype`: a copy of its own if `copy`, else C-contiguous and copied only
+    if it must be. Refused if it holds a non-finite value or one the cast makes infinite."""
     _check_finite(name, array, "holds")
     with np.errstate(over="ignore"):
-        cast = np.ascontiguousarray(array, dtype=dtype)
+        cast = np.array(array, dtype=dtype) if copy else np.ascontiguousarray(array, dtype=dtype)
     _check_finite(name, cast, f"is beyond {dtype}'s range at")
     return cast
 
@@ -246,11 +252,7 @@ def _variable_array(name: str, value, shape: tuple, dtype: str) -> np.ndarray:
     if tuple(array.shape) != tuple(shape):
         raise InputError(f"variable {name!r}: expected shape {list(shape)}, got "
                          f"{list(array.shape)}")
-    _check_finite(f"variable {name!r}", array, "holds")
-    with np.errstate(over="ignore"):
-        cast = np.array(array, dtype=dtype)
-    _check_finite(f"variable {name!r}", cast, f"is beyond {dtype}'s range at")
-    return cast
+    return _finite_cast(f"variable {name!r}", array, dtype, copy=True)
 
 
 def _one_hot(labels, batch: int, classes: int, dtype: str) -> np.ndarray:
