@@ -22,7 +22,7 @@ import llvmlite
 import numba
 import numpy as np
 
-from . import __version__, archive, manifest as fields
+from . import __version__, archive, checkpoint, manifest as fields
 from .build import DTYPES, MODES
 from .compiler import BACKENDS, lower
 from .dump import to_json
@@ -107,17 +107,12 @@ def _manifest(path, manifest) -> dict:
 
 
 def _variables(path, arrays: dict, lowered) -> dict:
-    expected = lowered.variables
-    for name in sorted(set(arrays) | set(expected)):
-        if name not in expected:
-            raise CheckpointError(f"{path}: variable {name[:80]!r} is not in the graph")
-        if name not in arrays:
-            raise CheckpointError(f"{path}: variable {name!r} is missing")
-        value = arrays[name]
-        if value.shape != tuple(expected[name].shape) or value.dtype != lowered.dtype:
-            raise CheckpointError(f"{path}: variable {name!r} is {value.dtype} "
-                                  f"{list(value.shape)}, the graph needs {lowered.dtype} "
-                                  f"{list(expected[name].shape)}")
-        if not np.isfinite(value).all():
-            raise CheckpointError(f"{path}: variable {name!r} is not finite")
+    """The stored variables must be exactly the graph's, each as `checkpoint.check_stored`
+    checks a checkpoint's."""
+    for name, value in arrays.items():
+        checkpoint.check_stored(path, name, value, lowered.variables, lowered.dtype,
+                                "the graph")
+    missing = sorted(set(lowered.variables) - set(arrays))
+    if missing:
+        raise CheckpointError(f"{path}: variable {missing[0]!r} is missing")
     return arrays

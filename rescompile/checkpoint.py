@@ -79,6 +79,21 @@ def saved_spec(path, manifest: dict):
         raise CheckpointError(f"{path}: its spec is invalid: {exc}") from None
 
 
+def check_stored(path, name: str, value: np.ndarray, expected: dict, dtype: str,
+                 owner: str) -> None:
+    """One stored variable against `expected` (name -> Variable), which `owner` declares:
+    one of them, of its shape and of `dtype`, and finite."""
+    if name not in expected:
+        raise CheckpointError(f"{path}: variable {name[:80]!r} is not in {owner}")
+    if tuple(value.shape) != tuple(expected[name].shape):
+        raise CheckpointError(f"{path}: variable {name!r} has shape {list(value.shape)}, "
+                              f"{owner} needs {list(expected[name].shape)}")
+    if value.dtype != np.dtype(dtype):
+        raise CheckpointError(f"{path}: variable {name!r} is {value.dtype}, expected {dtype}")
+    if not np.isfinite(value).all():
+        raise CheckpointError(f"{path}: variable {name!r} is not finite")
+
+
 def check_variables(path, variables: dict[str, np.ndarray], spec, dtype: str, mode: str,
                     fresh_optimizer: bool = False) -> None:
     """Every stored variable must be one of the spec's (model variables and training slots),
@@ -87,15 +102,7 @@ def check_variables(path, variables: dict[str, np.ndarray], spec, dtype: str, mo
     model = build(spec, "train", dtype)
     expected = training_graph(model, spec)[1]
     for name, value in variables.items():
-        if name not in expected:
-            raise CheckpointError(f"{path}: variable {name!r} is not in spec {spec.name!r}")
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{path}: variable {name!r} has shape {list(value.shape)}, "
-                                  f"spec {spec.name!r} needs {list(expected[name].shape)}")
-        if value.dtype != np.dtype(dtype):
-            raise CheckpointError(f"{path}: variable {name!r} is {value.dtype}, expected {dtype}")
-        if not np.isfinite(value).all():
-            raise CheckpointError(f"{path}: variable {name!r} is not finite")
+        check_stored(path, name, value, expected, dtype, f"spec {spec.name!r}")
     required = [n for n in expected if n in model.variables or
                 (mode == "train" and not fresh_optimizer)]
     missing = [n for n in required if n not in variables]
