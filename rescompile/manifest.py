@@ -59,8 +59,8 @@ def one_of(options) -> tuple[Check, str]:
         "one of " + ", ".join(json.dumps(o) for o in options)
 
 
-def count() -> tuple[Check, str]:
-    return (lambda v: type(v) is int and 0 <= v < 2**63), "an integer >= 0"
+def count(least: int = 0) -> tuple[Check, str]:
+    return (lambda v: type(v) is int and least <= v < 2**63), f"an integer >= {least}"
 
 
 def boolean() -> tuple[Check, str]:

@@ -32,7 +32,7 @@ LOCK = ".lock"
 
 
 STREAM_FIELDS = {"data": manifest.one_of(tuple(DATASETS)), "seed": manifest.count(),
-                 "batch_size": (lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+                 "batch_size": manifest.count(least=1),
                  "augment": manifest.boolean(), "step": manifest.count()}
 
 
@@ -109,7 +109,7 @@ class CheckpointDir:
         state = manifest.parse(path, data)
         fields = dict(STREAM_FIELDS)
         if isinstance(state, dict) and "ranks" in state:
-            fields["ranks"] = (lambda v: type(v) is int and v >= 1, "an integer >= 1")
+            fields["ranks"] = manifest.count(least=1)
         return {"ranks": 1, **manifest.check(path, state, fields)}
 
     def _prune(self) -> None:
