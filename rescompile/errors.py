@@ -6,6 +6,8 @@ its `exit_code`, one per kind, so scripts can tell them apart. Every other excep
 rescompile and keeps its traceback.
 """
 
+import importlib
+
 
 class UserError(Exception):
     exit_code = 2
@@ -51,3 +53,13 @@ class NonFiniteError(UserError, FloatingPointError):
 class GraphError(ValueError):
     """A malformed graph (a bug in a pass or the builder); the message names the offending node
     or value."""
+
+
+def optional_module(name: str, needed_by: str, extra: str):
+    """Import an optional dependency; without it, tell the user which extra installs it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        package = name.split(".")[0]
+        raise UsageError(f"{needed_by} needs {package}: pip install -e \".[{extra}]\"") \
+            from None

@@ -3,7 +3,7 @@ checkpoint (and the spec they describe), and out to ONNX."""
 
 from pathlib import Path
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, UsageError, optional_module
 from .common import add_dtype, add_spec, resolve_spec, write_bytes, write_text
 from .eval import add_checkpoint, load_infer
 
@@ -34,10 +34,7 @@ def add_import_outputs(p) -> None:
 
 
 def import_torch(args) -> int:
-    try:
-        import torch
-    except ImportError:
-        raise UsageError("import-torch needs torch: pip install -e \".[torch]\"") from None
+    torch = optional_module("torch", "import-torch", "torch")
     from ..interop import from_torch
     try:  # weights_only: tensors and plain containers, never pickled code
         state = torch.load(args.file, map_location="cpu", weights_only=True)
@@ -50,10 +47,7 @@ def import_torch(args) -> int:
 
 
 def import_onnx(args) -> int:
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise UsageError("import-onnx needs onnx: pip install -e \".[onnx]\"") from None
+    optional_module("onnx", "import-onnx", "onnx")
     from ..interop import from_onnx
     return _save(args, *from_onnx(args.file, input=args.input))
 
@@ -71,10 +65,7 @@ def _save(args, spec, params) -> int:
 
 
 def export(args) -> int:
-    try:
-        import onnx
-    except ImportError:
-        raise UsageError("export needs onnx: pip install -e \".[onnx]\"") from None
+    onnx = optional_module("onnx", "export", "onnx")
     from ..interop import onnx_model
     if Path(args.output).suffix != ".onnx":
         raise UsageError(f"{args.output}: the output must end in .onnx")

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from ..errors import UsageError, UserError
+from ..errors import UserError, optional_module
 from .world import MpiWorld, Solo
 
 # What the launchers set in every rank's environment: MPICH's Hydra (PMI), Open MPI, PMIx.
@@ -22,11 +22,7 @@ def world_for(distributed: bool | None):
     """MPI's world when asked (`True`) or started under mpiexec (`None`), else `Solo`."""
     if distributed is False or (distributed is None and not started_by_mpiexec()):
         return Solo()
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise UsageError("distributed training needs mpi4py: pip install -e \".[mpi]\"") \
-            from None
+    MPI = optional_module("mpi4py.MPI", "distributed training", "mpi")
     world = MpiWorld(MPI.COMM_WORLD)
     _share_cores(world)
     return world
