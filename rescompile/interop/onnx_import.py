@@ -17,6 +17,7 @@ import numpy as np
 from ..build import build
 from ..errors import InputError
 from ..spec import ResNetSpec, load_spec
+from .layouts import hwio_from_oihw
 from .onnx_model import SPEC_KEY, onnx_nodes
 from .torch_import import TORCHVISION_EPSILON, TORCH_MOMENTUM
 
@@ -42,8 +43,8 @@ def _own(path, model, spec_text: str, inits: dict):
     """Our export: the spec must be valid, the graph exactly what it exports, the
     initializers exactly its variables."""
     spec = load_spec(spec_text)
-    params = {name: np.ascontiguousarray(value.transpose(2, 3, 1, 0)) if value.ndim == 4
-              else value for name, value in inits.items()}
+    params = {name: hwio_from_oihw(value) if value.ndim == 4 else value
+              for name, value in inits.items()}
     built = build(spec, "infer", "float32")
     names = set(built.variables)
     for name in sorted(set(params) ^ names):
@@ -244,7 +245,7 @@ class _Tracer:
         return params["logit/DW"].shape[1]
 
     def _store(self, params, conv_scope: str, bn_scope: str, conv: ConvBn) -> None:
-        params[f"{conv_scope}/DW"] = np.ascontiguousarray(conv.weight.transpose(2, 3, 1, 0))
+        params[f"{conv_scope}/DW"] = hwio_from_oihw(conv.weight)
         params.update({f"{bn_scope}/gamma": conv.scale, f"{bn_scope}/beta": conv.shift,
                        f"{bn_scope}/moving_mean": conv.mean,
                        f"{bn_scope}/moving_variance": conv.var})

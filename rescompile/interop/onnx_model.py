@@ -10,6 +10,7 @@ import numpy as np
 from ..build import build
 from ..padding import pads_2d
 from ..spec import load_spec
+from .layouts import oihw_from_hwio
 
 OPSET = 17
 SPEC_KEY = "rescompile.spec"  # metadata of our exports: the spec as TOML, for from_onnx
@@ -51,7 +52,7 @@ def onnx_model(spec, params: dict):
     spec = load_spec(spec)
     graph = build(spec, "infer", "float32").graph
     inits = [numpy_helper.from_array(np.ascontiguousarray(
-        v.transpose(3, 2, 0, 1) if v.ndim == 4 else v, dtype=np.float32), k)
+        oihw_from_hwio(v) if v.ndim == 4 else v, dtype=np.float32), k)
         for k, v in params.items()]
     h, w, c = graph.value("images").shape[1:]
     logits = graph.outputs["logits"]

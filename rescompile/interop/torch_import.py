@@ -29,6 +29,7 @@ import numpy as np
 from ..compiler import lower
 from ..errors import InputError
 from ..spec import ResNetSpec, load_spec
+from .layouts import hwio_from_oihw
 
 BN_FIELDS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
              "running_var": "moving_variance"}
@@ -174,7 +175,7 @@ def _bn(torch_path: str, scope: str) -> dict:
             for field, ours in BN_FIELDS.items()}
 
 
-CONVERT = {"conv": lambda a: a.transpose(2, 3, 1, 0), "dense": lambda a: a.T,
+CONVERT = {"conv": hwio_from_oihw, "dense": lambda a: a.T,
            "copy": lambda a: a}
 
 

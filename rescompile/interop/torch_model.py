@@ -12,6 +12,7 @@ import numpy as np
 
 from ..build import build
 from ..padding import pads_2d
+from .layouts import oihw_from_hwio
 
 
 def torch_module(spec, params: dict, mode: str = "infer", dtype: str = "float32",
@@ -69,7 +70,7 @@ def train_step_fn(module, spec, images, labels):
 def _torch_layout(name: str, value: np.ndarray) -> np.ndarray:
     """Conv kernels HWIO -> OIHW; everything else as is."""
     if name.endswith("/DW") and value.ndim == 4:
-        return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+        return oihw_from_hwio(value)
     return value
 
 
