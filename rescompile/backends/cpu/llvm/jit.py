@@ -9,9 +9,8 @@ optimised at -O3 for the target and emitted as an object file, cached under
 `<cache dir>/objects/<key>.o`. The key hashes what the IR is a function of: the kernel's fields
 (its repr, target included), the source of the generator (this package, and `ops/` whose
 formulas it computes), and the target's fingerprint (CPU name, feature string, llvmlite and
-LLVM versions). So an entry built for
-another CPU, compiler or generator is never found, let alone loaded, and a hit needs no IR at
-all (generating it is most of a warm start). Each file starts with a header holding the sha256
+LLVM versions). So an entry built for another CPU, compiler or generator is never found, let
+alone loaded, and a hit needs no IR at all (generating it is most of a warm start). Each file starts with a header holding the sha256
 of the object bytes; an entry that is truncated, corrupt or written by something else fails
 that check and is rebuilt (and rewritten atomically), never loaded.
 
