@@ -2,13 +2,13 @@
 
 from .spec import ResNetSpec, SpecError, load_spec, preset
 from .runtime import Executable, compile
+from .version import __version__  # noqa: F401
 from .errors import (CheckpointError, DeviceError, GraphError, InputError, NonFiniteError,
                      ResourceError, UsageError, UserError)
 
 __all__ = ["ResNetSpec", "SpecError", "load_spec", "preset", "Executable", "compile",
            "CheckpointError", "DeviceError", "GraphError", "InputError", "NonFiniteError",
            "ResourceError", "UsageError", "UserError", "load"]
-__version__ = "0.1.0"
 
 
 def load(path, **options):

@@ -22,7 +22,8 @@ import llvmlite
 import numba
 import numpy as np
 
-from . import __version__, archive, checkpoint, manifest as fields
+from . import archive, checkpoint, manifest as fields
+from .version import __version__
 from .build import DTYPES, MODES
 from .compiler import BACKENDS, lower
 from .dump import to_json

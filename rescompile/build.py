@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 from .ir import BATCH, Graph, verify
+from .spec import STEMS
 
 MODES = ("train", "infer")
 DTYPES = ("float32", "float64")
@@ -105,14 +106,14 @@ class _Builder:
         return self.head(x)
 
     def stem(self, x: str) -> str:
-        imagenet = self.model.stem == "imagenet"
-        x = self.conv("init/init_conv", x, 7 if imagenet else 3, self.model.stem_filters,
-                      2 if imagenet else 1)
+        stem = STEMS[self.model.stem]
+        x = self.conv("init/init_conv", x, stem.kernel, self.model.stem_filters, stem.stride)
         if not self.model.preactivation:
             x = self.bn_relu("init/init_bn", x)
-        if imagenet:
-            x = self.node("max_pool", [x], {"k": 3, "stride": 2, "padding": self.model.padding},
-                          "init/pool")
+        if stem.pool:
+            k, stride = stem.pool
+            x = self.node("max_pool", [x], {"k": k, "stride": stride,
+                                            "padding": self.model.padding}, "init/pool")
         self.activations["init"] = x
         return x
 

@@ -35,9 +35,11 @@ class Lowered:
 
 
 def lower(spec, mode: str = "infer", dtype: str = "float32", optimize: bool = True,
-          verify_each: bool = False, pipeline=None) -> Lowered:
+          verify_each: bool = False, pipeline=None, backend: str | None = None) -> Lowered:
     """`optimize=False` stops after build/autodiff; `pipeline` (a list of passes) replaces the
-    mode's; `verify_each` runs the verifier after every pass."""
+    mode's; `verify_each` runs the verifier after every pass; `backend` leaves out the passes
+    that make ops it has no kernel for (None: the whole pipeline, which the reference
+    interpreter and the cpu backend run)."""
     spec = load_spec(spec)
     model = build(spec, mode, dtype)
     check_representable(spec, dtype)
@@ -47,7 +49,8 @@ def lower(spec, mode: str = "infer", dtype: str = "float32", optimize: bool = Tr
         graph, variables = training_graph(model, spec)
         stages.append(("autodiff", graph))
     passes = (PIPELINES[mode] if pipeline is None else pipeline) if optimize else []
-    run = run_pipeline(graph, passes, verify_each)
+    supports = backend_module(backend).supports if backend else None
+    run = run_pipeline(graph, passes, verify_each, supports, backend or "")
     return Lowered(spec, mode, dtype, run.graph, variables, model, stages + run.stages,
                    run.log, run.remarks)
 

@@ -97,20 +97,44 @@ def _dot_id(name: str) -> str:
     return json.dumps(name)
 
 
+def kernel_label(node) -> str:
+    """A node's op with the chains a fused node runs: `fused_conv2d[bias_add+relu]`, with
+    `|` before a second output's chain and `+stats` or `+<op>` for a reduction it makes."""
+    if "epilogue" not in node.attrs:
+        return node.op
+    chains = ["+".join(step["op"] for step in node.attrs["epilogue"])]
+    if node.attrs.get("out2"):
+        chains.append("+".join(step["op"] for step in node.attrs["out2"]))
+    label = f"{node.op}[{'|'.join(chains)}]"
+    if node.attrs.get("stats"):
+        label += "+stats"
+    if node.attrs.get("sums"):
+        label += f"+{node.attrs['sums']['op']}"
+    return label
+
+
 def to_dot(graph: Graph) -> str:
+    """One box per node (its op, fused chain, scope and output shape), one arrow per producer
+    and consumer pair, labelled with the values it carries (a folded weight and its bias are
+    one arrow)."""
     lines = ["digraph rescompile {", "  rankdir=TB; node [shape=box, fontsize=10];"]
     producers = graph.producers()
     for name, role in graph.inputs.items():
         if role == "data":
             lines.append(f"  {_dot_id(name)} [shape=ellipse];")
     for node in graph.nodes:
-        label = f"{node.op}\n{node.scope}\n{_shape(graph.values[node.outputs[0]].shape)}"
+        label = f"{kernel_label(node)}\n{node.scope}\n" \
+                f"{_shape(graph.values[node.outputs[0]].shape)}"
         lines.append(f"  {_dot_id(node.name)} [label={json.dumps(label)}];")
-        for value in node.inputs:
+        carried: dict[str, list[str]] = {}
+        for value in dict.fromkeys(node.inputs):
             if value in producers:
-                lines.append(f"  {_dot_id(producers[value].name)} -> {_dot_id(node.name)};")
+                carried.setdefault(producers[value].name, []).append(value)
             elif graph.inputs.get(value) == "data":
-                lines.append(f"  {_dot_id(value)} -> {_dot_id(node.name)};")
+                carried.setdefault(value, []).append(value)
+        for source, values in carried.items():
+            lines.append(f"  {_dot_id(source)} -> {_dot_id(node.name)} "
+                         f"[label={json.dumps(chr(10).join(values))}, fontsize=8];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

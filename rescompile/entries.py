@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .autodiff import LEARNING_RATE, SEED
 from .ir import BATCH, Graph, Node
+from .ops.registry import kind_of
 from .passes.constants import parameter_only
 
 
@@ -83,7 +84,7 @@ def make_entries(graph: Graph, mode: str) -> dict[str, Entry]:
 def batch_statistics(graph: Graph) -> list[str]:
     """The batch means and variances the moving-average updates read, in graph order."""
     return [node.inputs[-1] for node in graph.nodes
-            if node.op in ("moving_average", "debiased_moving_average")]
+            if kind_of(node.op) == "moving_statistics"]
 
 
 def kept_values(entries: dict[str, Entry], entry: Entry) -> set[str]:

@@ -1,15 +1,20 @@
-"""Memory planning: liveness-based buffer reuse for one schedule at one batch size.
+"""Liveness and buffer reuse: a library that backends call, not a pass (it rewrites no graph).
 
-API (what backends allocate from):
+    lifetimes(steps, keep)                     value -> (step making it, last step reading it)
+    assign_buffers(sizes, lifetime, kinds)     value -> buffer, and the buffers' sizes
+    plan_memory(graph, nodes, batch, keep)     a MemoryPlan of one entry's activations
 
-    plan_memory(graph, nodes, batch, keep=frozenset()) -> MemoryPlan
+The cuda backend places each entry's activations with `plan_memory` (`cuda/plan.py`, whose
+report is the device bytes it allocates); the cpu backend packs the per-thread and shared
+regions of its arena with `lifetimes` and `assign_buffers` (`cpu/arena.py`, whose summary is
+the bytes it allocates). Each backend reports its own allocation: `rescompile dump --memory
+--backend B` prints that report, never a plan the backend does not follow.
 
-`nodes` is a schedule (an entry's nodes, in order); `keep` names values that must survive it
-(the entry's fetches, and in training the forward values a later entry reads). The plan covers
-activations only: the values the schedule's nodes compute. Graph inputs and values computed
-before the schedule (variables, the prepare entry's folded weights) are the runtime's, and are
-not planned. Kernel scratch (a padded copy of a conv input) is reported apart, as the most any
-one kernel needs at a time.
+`plan_memory`'s `nodes` are a schedule (an entry's nodes, in order); `keep` names values that
+must survive it (the entry's fetches, and in training the forward values a later entry reads).
+The plan covers activations only: the values the schedule's nodes compute. Graph inputs and
+values computed before the schedule (variables, the prepare entry's folded weights) are the
+runtime's, and are not planned.
 
 Algorithm: a value lives from the step that computes it to its last reader in the schedule (to
 the end if kept), both ends included, so a node's outputs never share a buffer with its own
@@ -30,9 +35,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ir import Graph
-from .padding import pads_2d
-
-CONV_INPUT_OPS = ("conv2d", "fused_conv2d")
 
 
 @dataclass
@@ -43,7 +45,6 @@ class MemoryPlan:
     lifetime: dict[str, tuple[int, int]]  # value -> (step computing it, last step reading it)
     value_bytes: dict[str, int]
     live_peak_bytes: int               # the most bytes live at once (a lower bound on peak)
-    scratch_bytes: int                 # the largest per-kernel scratch, beside the buffers
     saved_bytes: int                   # live across the first backward node (0 in infer)
 
     @property
@@ -68,8 +69,7 @@ class MemoryPlan:
                  f"  live at once (max)     {self.live_peak_bytes:>14,}",
                  f"  largest activation     {self.largest_bytes:>14,} "
                  f"(peak = {self.peak_bytes / max(self.largest_bytes, 1):.2f}x)",
-                 f"  without reuse          {self.total_bytes:>14,}",
-                 f"  kernel scratch         {self.scratch_bytes:>14,}"]
+                 f"  without reuse          {self.total_bytes:>14,}"]
         if self.saved_bytes:
             lines.append(f"  saved for backward     {self.saved_bytes:>14,}")
         return "\n".join(lines) + "\n"
@@ -81,9 +81,7 @@ def plan_memory(graph: Graph, nodes, batch: int, keep=frozenset()) -> MemoryPlan
     lifetime = lifetimes(nodes, set(keep))
     assign, buffers = assign_buffers(sizes, lifetime)
     return MemoryPlan(batch, assign, buffers, lifetime, sizes,
-                      _live_peak(len(nodes), sizes, lifetime),
-                      max((_scratch(graph, n, batch) for n in nodes), default=0),
-                      _saved(nodes, sizes, lifetime))
+                      _live_peak(len(nodes), sizes, lifetime), _saved(nodes, sizes, lifetime))
 
 
 def _bytes(graph: Graph, value: str, batch: int) -> int:
@@ -142,19 +140,6 @@ def _live_peak(steps: int, sizes, lifetime) -> int:
         delta[first] += sizes[v]
         delta[last + 1] -= sizes[v]
     return int(np.max(np.cumsum(delta), initial=0))
-
-
-def _scratch(graph: Graph, node, batch: int) -> int:
-    """A conv kernel's padded copy of its input (none when it needs no padding)."""
-    if node.op not in CONV_INPUT_OPS:
-        return 0
-    x = graph.values[node.inputs[0]]
-    n, h, w, c = x.concrete_shape(batch)
-    k = graph.values[node.inputs[1]].shape[0]
-    t, b, l, r = pads_2d(h, w, k, node.attrs["stride"], node.attrs["padding"])
-    if not t + b + l + r:
-        return 0
-    return n * (h + t + b) * (w + l + r) * c * np.dtype(x.dtype).itemsize
 
 
 def _saved(nodes, sizes, lifetime) -> int:

@@ -18,9 +18,14 @@ def pads_1d(size: int, k: int, stride: int, padding: str) -> tuple[int, int]:
     raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
 
 
-def out_size(size: int, k: int, stride: int, padding: str) -> int:
-    before, after = pads_1d(size, k, stride, padding)
+def window_out(size: int, k: int, stride: int, before: int, after: int) -> int:
+    """How many positions a k-wide window takes, `stride` apart, over `size` padded by
+    `before` and `after`: every window's output size is this one formula."""
     return (size + before + after - k) // stride + 1
+
+
+def out_size(size: int, k: int, stride: int, padding: str) -> int:
+    return window_out(size, k, stride, *pads_1d(size, k, stride, padding))
 
 
 def pads_2d(h: int, w: int, k: int, stride: int, padding: str) -> tuple[int, int, int, int]:

@@ -290,8 +290,8 @@ def compile(spec, mode: str = "infer", backend: str = "reference", dtype: str = 
             seed: int = 0, optimize: bool = True, **options) -> Executable:
     """Compile a spec (path, TOML/JSON text, dict or ResNetSpec) into an Executable.
     `optimize=False` skips the passes (the graph as built and differentiated)."""
-    return Executable(lower(spec, mode, dtype, optimize=optimize), backend=backend, seed=seed,
-                      **options)
+    return Executable(lower(spec, mode, dtype, optimize=optimize, backend=backend),
+                      backend=backend, seed=seed, **options)
 
 
 def load_checkpoint(path, spec=None, mode: str | None = None, backend: str = "reference",

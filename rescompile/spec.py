@@ -289,9 +289,21 @@ def _dataclass_defaults(cls: type) -> dict[str, Any]:
 # The schema
 # ---------------------------------------------------------------------------------------------
 
-# Downsampling of each stem before the first stage: the ImageNet stem is a 7x7/2 conv then a
-# 3x3/2 max pool.
-_STEM_STRIDE = {"cifar": 1, "imagenet": 4}
+@dataclass(frozen=True)
+class Stem:
+    """The layers before the first stage: a conv (`kernel` x `kernel`, `stride`), then a max
+    pool (`pool`: its kernel and stride) or none."""
+    kernel: int
+    stride: int
+    pool: tuple[int, int] | None = None
+
+    @property
+    def total_stride(self) -> int:
+        """How much the stem downsamples before the first stage."""
+        return self.stride * (self.pool[1] if self.pool else 1)
+
+
+STEMS = {"cifar": Stem(3, 1), "imagenet": Stem(7, 2, pool=(3, 2))}
 # Each unit kind's constraint on a stage's filters, as (divisor, why).
 _UNIT_FILTER_DIVISOR = {"bottleneck": (4, "a bottleneck unit has filters/4 inner channels")}
 
@@ -348,7 +360,7 @@ def _model_rule(model: dict, path: str) -> None:
                         f"({len(stages)}), got {len(model['activate_before_residual'])}")
 
     # Every stride needs at least one input pixel, i.e. the final map is at least 1x1.
-    strides = [_STEM_STRIDE[model["stem"]]] + [stage["stride"] for stage in stages]
+    strides = [STEMS[model["stem"]].total_stride] + [stage["stride"] for stage in stages]
     total = math.prod(strides)
     height, width, _ = model["input"]
     if min(height, width) < total:
@@ -367,7 +379,7 @@ _MODEL = _table(
     {
         "input": _list(_int(ge=1, le=MAX_INPUT), length=3, what=" [H, W, C]"),
         "num_classes": _int(ge=2, le=MAX_CLASSES),
-        "stem": _choice(*_STEM_STRIDE),
+        "stem": _choice(*STEMS),
         "stem_filters": _int(ge=1, le=MAX_FILTERS),
         "unit": _choice(*_UNIT_FILTER_DIVISOR),
         "preactivation": _bool,

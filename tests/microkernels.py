@@ -14,19 +14,22 @@ _SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_i
 
 
 def call(kernel, fields: dict, pointers: dict, pixels: tuple, channels: tuple, cache_dir):
-    """Run `kernel` on pixels [p0, p1) and channels [c0, c1); floats in `fields` are passed as
+    """Run `kernel` on pixels [p0, p1) and channels [c0, c1): the fields and pointers its
+    signature declares, by name (others in the dicts are left out); scalars are passed as
     float64 bits, as the arena does."""
-    words = [np.float64(fields[n]).view(np.int64) if isinstance(fields[n], float)
-             else int(fields[n]) for n in kernel.fields]
+    signature = kernel.signature
+    words = [np.float64(fields[f.name]).view(np.int64) if f.kind == "scalar"
+             else int(fields[f.name]) for f in signature.fields]
     consts = np.array(words, np.int64)
-    addresses = np.array([pointers[n].ctypes.data for n in kernel.pointers], np.int64)
+    addresses = np.array([pointers[p.role].ctypes.data for p in signature.pointers], np.int64)
     fn = _SIGNATURE(jit.address(kernel, cache_dir))
     fn(consts.ctypes.data, addresses.ctypes.data, *pixels, *channels)
 
 
-def strides(prefix: str, array: np.ndarray, pads=(0, 0)) -> dict:
-    """Element strides of an [N, H, W, C] array, as the `<prefix>.image/row/pixel` fields."""
-    _, h, w, c = array.shape
+def strides(prefix: str, array: np.ndarray) -> dict:
+    """Element strides of an [N, H, W, C] array ([N, C]: of 1 x 1 images), as the
+    `<prefix>.image/row/pixel` fields."""
+    _, h, w, c = array.shape if array.ndim == 4 else (array.shape[0], 1, 1, array.shape[1])
     return {f"{prefix}.image": h * w * c, f"{prefix}.row": w * c, f"{prefix}.pixel": c}
 
 
@@ -50,23 +53,24 @@ def conv_reference(x, w, stride, pads):
 
 
 def epilogue_reference(steps, first, value, operands, scalars):
-    """The epilogue steps (numbered from `first`) in float64, operands by `s<i>.arg<j>`."""
+    """The epilogue steps (numbered from `first`) in float64, written out independently of the
+    ops' definitions; operands and scalars by the kernel's names, `e<step>.<name>`."""
     for index, op in enumerate(steps, start=first):
-        arg = lambda j: operands[f"s{index}.arg{j}"].astype(np.float64)  # noqa: E731
+        arg = lambda name: operands[f"e{index}.{name}"].astype(np.float64)  # noqa: E731
+        scalar = lambda name: scalars[f"e{index}.{name}"]  # noqa: E731
         if op == "bias_add":
-            value = value + arg(0)
+            value = value + arg("bias")
         elif op == "affine":
-            value = value * arg(0) + arg(1)
+            value = value * arg("scale") + arg("shift")
         elif op == "relu":
-            alpha = scalars[f"s{index}.alpha"]
-            value = np.where(value < 0, alpha * value, value)
+            value = np.where(value < 0, scalar("alpha") * value, value)
         elif op == "add":
-            value = value + arg(0)
+            value = value + arg("other")
         elif op == "relu_grad":
-            value = np.where(arg(0) < 0, scalars[f"s{index}.alpha"] * value, value)
+            value = np.where(arg("x") < 0, scalar("alpha") * value, value)
         elif op == "batch_normalize":
-            inv = arg(0) / np.sqrt(arg(3) + scalars[f"s{index}.epsilon"])
-            value = value * inv + (arg(1) - arg(2) * inv)
+            inv = arg("gamma") / np.sqrt(arg("var") + scalar("epsilon"))
+            value = value * inv + (arg("beta") - arg("mean") * inv)
         else:
             raise ValueError(op)
     return value

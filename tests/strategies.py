@@ -4,6 +4,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 import rescompile as rc
+from rescompile.spec import STEMS
 
 stage = st.fixed_dictionaries({"filters": st.sampled_from([4, 8, 12]),
                                "units": st.integers(1, 2), "stride": st.integers(1, 2)})
@@ -14,7 +15,7 @@ def small_specs(draw):
     """Any stem, unit flavour, padding and leakiness; odd sizes, 1 or 3 input channels."""
     stages = draw(st.lists(stage, min_size=1, max_size=3))
     stem = draw(st.sampled_from(["cifar", "imagenet"]))
-    total = (4 if stem == "imagenet" else 1) * int(np.prod([s["stride"] for s in stages]))
+    total = STEMS[stem].total_stride * int(np.prod([s["stride"] for s in stages]))
     size = draw(st.integers(total, total + 5))
     return rc.load_spec({"name": "random", "model": {
         "input": [size, draw(st.integers(total, total + 5)), draw(st.sampled_from([1, 3]))],

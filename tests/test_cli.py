@@ -48,6 +48,19 @@ def test_dump_dot(capsys):
     assert '"unit_1_0/sub1/conv1" -> ' in out
 
 
+def test_dump_dot_draws_one_arrow_per_pair_and_each_fused_chain(capsys):
+    """A folded weight and its bias reach the conv on one arrow labelled with both; a fused
+    node's box names its epilogue chain."""
+    assert main(["dump", SEED, "--format", "dot"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    fold = '"unit_1_0/sub2/bn2/fold" -> "unit_1_0/sub1/conv1"'
+    arrows = [line for line in lines if line.strip().startswith(fold)]
+    assert len(arrows) == 1
+    assert r'label="unit_1_0/sub2/bn2/fold\nunit_1_0/sub2/bn2/fold:b"' in arrows[0]
+    assert any('"unit_1_0/sub3/conv3" [label="fused_conv2d[add|affine+relu]' in line
+               for line in lines)
+
+
 def test_run_reports_what_it_did(capsys):
     assert main(["run", SEED, "--backend", "reference", "--batch", "2"]) == 0
     out = capsys.readouterr().out

@@ -23,7 +23,7 @@ import pytest
 
 from rescompile import ops
 from rescompile.backends.cpu import llvm
-from rescompile.backends.cpu.llvm import jit
+from rescompile.backends.cpu.llvm import epilogue, jit
 from rescompile.backends.cpu.llvm.conv import ConvKernel
 from rescompile.backends.cpu.llvm.pixelwise import (EltwiseKernel, MaxPoolGradKernel,
                                                     MaxPoolKernel, MeanGradKernel, MeanKernel)
@@ -46,22 +46,16 @@ def cache_dir(tmp_path_factory):
 
 
 def _operands(rng, steps, first, shape, dtype):
-    """Random operands and scalars for epilogue steps numbered from `first`."""
+    """Random operands and scalars for epilogue steps numbered from `first`, by the names the
+    kernel's signature gives them (a variance positive)."""
     operands, scalars = {}, {}
+    for o in epilogue.Chain(tuple(steps), first).operands:
+        size = shape if o.kind == epilogue.PIXEL else shape[-1]
+        operands[o.role] = (rng.uniform(0.5, 2.0, size) if o.name == "var"
+                            else rng.standard_normal(size)).astype(dtype)
     for index, op in enumerate(steps, start=first):
-        count = {"bias_add": 1, "affine": 2, "add": 1, "batch_normalize": 4,
-                 "relu_grad": 1}.get(op, 0)
-        for j in range(count):
-            if op in ("add", "relu_grad"):
-                operands[f"s{index}.arg{j}"] = rng.standard_normal(shape).astype(dtype)
-            elif op == "batch_normalize" and j == 3:
-                operands[f"s{index}.arg{j}"] = rng.uniform(0.5, 2.0, shape[-1]).astype(dtype)
-            else:
-                operands[f"s{index}.arg{j}"] = rng.standard_normal(shape[-1]).astype(dtype)
-        if op in ("relu", "relu_grad"):
-            scalars[f"s{index}.alpha"] = 0.1
-        if op == "batch_normalize":
-            scalars[f"s{index}.epsilon"] = 1e-3
+        for name in epilogue.rule(op).scalars:
+            scalars[epilogue.scalar_field(index, name)] = {"alpha": 0.1, "epsilon": 1e-3}[name]
     return operands, scalars
 
 
@@ -124,7 +118,7 @@ def test_conv_kernel_covers_exactly_its_pixel_and_channel_range(cache_dir):
     fields = dict(cin=6, kh=3, kw=3, stride=1, oh=5, ow=4, panels_outer=1,
                   **strides("x", padded(x, pads)), **strides("out", out))
     pointers = {"x": padded(x, pads), "w": pack_weights(weights, kernel.nr), "out": out,
-                "s0.arg0": bias}
+                "e0.bias": bias}
     p0, p1, c0, c1 = 7, 43, kernel.nr, 37
     call(kernel, fields, pointers, (p0, p1), (c0, c1), cache_dir)
     flat, ref = out.reshape(-1, 40), expected.reshape(-1, 40)
@@ -145,7 +139,7 @@ def test_conv_kernel_writes_the_interior_of_a_bordered_buffer(cache_dir):
     out = np.zeros((2, 8, 9, 5))  # borders: 1 row above and below, 1 left, 2 right
     interior = out[:, 1:7, 1:7, :]
     fields = dict(cin=4, kh=1, kw=1, stride=1, oh=6, ow=6, panels_outer=0, **strides("x", x),
-                  **strides("out", out), **{"s0.alpha": 0.25})
+                  **strides("out", out), **{"e0.alpha": 0.25})
     pointers = {"x": x, "w": pack_weights(weights, kernel.nr),
                 "out": out.reshape(-1)[9 * 5 + 5:]}  # the interior's first element
     call(kernel, fields, pointers, (0, 72), (0, 5), cache_dir)
@@ -169,7 +163,7 @@ def test_every_runnable_instruction_set(target, cache_dir):
     xp = padded(x, (1, 1, 1, 1))
     out, out2 = np.empty(y.shape, np.float32), np.empty(y.shape, np.float32)
     fields = dict(cin=9, kh=3, kw=3, stride=1, oh=5, ow=7, panels_outer=0, **strides("x", xp),
-                  **strides("out", out), **strides("out2", out2), **strides("s0.arg0", out),
+                  **strides("out", out), **strides("out2", out2), **strides("e0.other", out),
                   **scalars)
     call(kernel, fields, dict(x=xp, w=pack_weights(weights, kernel.nr), out=out, out2=out2,
                               **operands), (0, 70), (0, 21), cache_dir)
@@ -260,8 +254,7 @@ def test_mean_kernel(dtype, cache_dir):
     kernel = MeanKernel(dtype, host_target())
     x = np.random.default_rng(9).standard_normal((3, 5, 7, 19)).astype(dtype)
     out = np.empty((3, 19), dtype)
-    fields = dict(h=5, w=7, **strides("x", x), **{"out.image": 19, "out.row": 19,
-                                                  "out.pixel": 19})
+    fields = dict(h=5, w=7, **strides("x", x), **strides("out", out))
     call(kernel, fields, {"x": x, "out": out}, (0, 3), (0, 19), cache_dir)
     assert close(out, x.astype(np.float64).mean(axis=(1, 2))) < TOL[dtype]
 
@@ -274,7 +267,7 @@ def test_object_cache_is_keyed_by_cpu_and_rebuilds_a_corrupt_entry(tmp_path):
     other_steps = ConvKernel("float64", host_target(), ("bias_add", "relu"))
     assert len({key, jit.cache_key(other_cpu), jit.cache_key(other_steps)}) == 3
     script = textwrap.dedent(f"""
-        from rescompile.backends.cpu.llvm import jit
+        from rescompile.backends.cpu.llvm import epilogue, jit
         from rescompile.backends.cpu.llvm.conv import ConvKernel
         from rescompile.backends.cpu.target import host_target
         k = ConvKernel("float64", host_target(), ("bias_add",))
@@ -329,7 +322,7 @@ def _combine(dtype, partial, slots, width, rows, mode, images, pixels, cache_dir
 def test_conv_statistics_over_fixed_chunks(dtype, cache_dir):
     """The conv's output statistics, chunk by chunk into float64 slots, then combined: the
     mean and biased variance of batch_moments."""
-    kernel = ConvKernel(dtype, host_target(), ("add",), sums="moments")
+    kernel = ConvKernel(dtype, host_target(), ("add",), sums="batch_moments")
     rng = np.random.default_rng(10)
     x = rng.standard_normal((3, 6, 7, 5)).astype(dtype)
     weights = rng.standard_normal((3, 3, 5, 20)).astype(dtype)
@@ -341,10 +334,10 @@ def test_conv_statistics_over_fixed_chunks(dtype, cache_dir):
     partial = np.full(slots * 2 * 20, np.nan)
     xp = padded(x, (1, 1, 1, 1))
     fields = dict(cin=5, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0, **strides("x", xp),
-                  **strides("out", out), **strides("s0.arg0", residual),
+                  **strides("out", out), **strides("e0.other", residual),
                   **{"sums.chunk": chunk, "sums.width": 20})
     _chunked(kernel, fields, {"x": xp, "w": pack_weights(weights, kernel.nr), "out": out,
-                              "s0.arg0": residual, "sums": partial}, pixels, (0, 20), chunk,
+                              "e0.other": residual, "sums": partial}, pixels, (0, 20), chunk,
              cache_dir)
     assert close(out, y) < TOL[dtype]
     mean, var = _combine(dtype, partial, slots, 20, 2, "moments", 3, 42, cache_dir)
@@ -365,18 +358,18 @@ def test_batch_norm_gradient_kernels(relu, dtype, cache_dir):
         ref = ops.get("batch_norm_relu_grad").run_reference(attrs, dr, x, gamma, beta, mean, var)
     else:
         ref = ops.get("batch_norm_grad").run_reference(attrs, dr, x, gamma, mean, var)
-    kind = "bn_relu_grad" if relu else "bn_grad"
-    pointers = {"dr": dr, "x": x, "gamma": gamma, "beta": beta, "mean": mean, "var": var}
+    halves = "batch_norm_relu_grad" if relu else "batch_norm_grad"
+    pointers = {"dy": dr, "x": x, "gamma": gamma, "beta": beta, "mean": mean, "var": var}
     fields = dict(oh=5, ow=6, epsilon=1e-3, alpha=0.1, chunk=16, width=11,
-                  **strides("dr", dr), **strides("x", x))
+                  **strides("dy", dr), **strides("x", x))
     partial = np.full(4 * 2 * 11, np.nan)
-    _chunked(ChannelSums(dtype, host_target(), kind), fields, dict(pointers, partial=partial),
-             60, (0, 11), 16, cache_dir)
+    _chunked(ChannelSums(dtype, host_target(), f"{halves}_sums"), fields,
+             dict(pointers, partial=partial), 60, (0, 11), 16, cache_dir)
     dbeta, dgamma = _combine(dtype, partial, 4, 11, 2, "sums", 2, 30, cache_dir)
     assert close(dgamma, ref[1]) < TOL[dtype] and close(dbeta, ref[2]) < TOL[dtype]
     dx = np.empty_like(x)
-    call(BatchNormGradApply(dtype, host_target(), relu), dict(fields, images=2,
-                                                               **strides("out", dx)),
+    call(BatchNormGradApply(dtype, host_target(), f"{halves}_apply"),
+         dict(fields, images=2, **strides("out", dx)),
          dict(pointers, dgamma=dgamma, dbeta=dbeta, out=dx), (0, 60), (0, 11), cache_dir)
     assert close(dx, ref[0]) < TOL[dtype]
 
@@ -386,7 +379,8 @@ def test_moments_kernel(dtype, cache_dir):
     x = (np.random.default_rng(12).standard_normal((3, 4, 5, 9)) * 2 + 5).astype(dtype)
     partial = np.full(3 * 2 * 9, np.nan)
     fields = dict(oh=4, ow=5, chunk=25, width=9, **strides("x", x))
-    _chunked(ChannelSums(dtype, host_target(), "moments"), fields, {"x": x, "partial": partial},
+    _chunked(ChannelSums(dtype, host_target(), "batch_moments"), fields,
+             {"x": x, "partial": partial},
              60, (0, 9), 25, cache_dir)
     mean, var = _combine(dtype, partial, 3, 9, 2, "moments", 3, 20, cache_dir)
     ref_mean, ref_var = ops.get("batch_moments").run_reference({}, x)
@@ -441,7 +435,7 @@ def test_mean_gradient_kernel(cache_dir):
     (expected,) = ops.get("global_avg_pool_grad").run_reference({"in_hw": (4, 5)}, dy)
     out = np.empty((3, 4, 5, 10), np.float32)
     call(MeanGradKernel("float32", host_target()),
-         dict(oh=4, ow=5, **{"dy.image": 10}, **strides("out", out)), {"dy": dy, "out": out},
+         dict(oh=4, ow=5, **strides("dy", dy), **strides("out", out)), {"dy": dy, "out": out},
          (0, 60), (0, 10), cache_dir)
     np.testing.assert_allclose(out, expected, rtol=1e-7)  # one float32 division: half an ulp
 

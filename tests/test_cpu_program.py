@@ -241,7 +241,7 @@ def resnet164_train():
 def test_resnet164_train_step_structure(resnet164_train):
     """The train step's kernel calls and the micro-kernels they use: a lost fusion or a new
     per-layer kernel changes these numbers."""
-    from rescompile.backends.cpu.lower import HostStep, Step
+    from rescompile.backends.cpu.steps import HostStep, Step
     program = resnet164_train.program
     steps = program.plan("train_step").schedule.steps
     kernels = [s for s in steps if isinstance(s, Step)]
@@ -249,10 +249,12 @@ def test_resnet164_train_step_structure(resnet164_train):
     assert len(kernels) == 1324
     # per conv: forward (+ its statistics' sum), data gradient, weight gradient (+ its sum);
     # per batch norm: normalise, the gradient's sums' combination and its apply
-    assert (ops.count("fused_conv2d"), ops.count("conv2d_grad_input"),
-            ops.count("conv2d_grad_filter")) == (163, 165, 166)
-    assert (ops.count("fused_elementwise"), ops.count("batch_norm_relu_grad")) == (163, 163)
-    assert ops.count("bn_relu_grad") == 1  # only the stem's batch norm sums on its own
+    assert (ops.count("fused_conv2d"), ops.count("fused_conv2d_grad_input"),
+            ops.count("conv2d_grad_input"), ops.count("conv2d_grad_filter")) == (163, 164, 1, 166)
+    assert (ops.count("fused_elementwise"), ops.count("batch_norm_relu_grad_apply"),
+            ops.count("fused_batch_norm_relu_grad_apply")) == (163, 112, 51)
+    # only the last batch norm, whose input gradient comes from the pool, sums on its own
+    assert ops.count("batch_norm_relu_grad_sums") == 1
     assert "add" not in ops  # every gradient add runs in the kernel making its operand
     hosts = {s.op for s in steps if isinstance(s, HostStep)}
     assert hosts == {"softmax_cross_entropy", "softmax_cross_entropy_grad", "l2_penalty",

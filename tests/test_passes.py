@@ -13,11 +13,12 @@ from rescompile.errors import GraphError
 from rescompile.ir import verify
 from rescompile.passes import PIPELINES, Pass, PassError, PassResult, run_pipeline
 from rescompile.check import evaluate, random_feeds, relative_change
+from rescompile.ops.registry import ops_of_kind
 from rescompile.passes.fold_bn import fold_bn
 from conftest import EXAMPLES, tiny_spec
 
-CONVS = ("conv2d", "fused_conv2d")
-STANDALONE = ("batch_norm", "relu", "affine", "add", "bias_add")
+CONVS = ops_of_kind("conv")
+STANDALONE = ("batch_norm",) + ops_of_kind("epilogue")
 
 
 @pytest.fixture(scope="module", params=["resnet164_cifar", "resnet50_imagenet"])
@@ -45,7 +46,7 @@ def test_infer_pipeline_gives_three_conv_kernels_per_unit_plus_projection(infer_
     units = [u for u in convs if u.startswith("unit_")]
     assert len(units) == (54 if name == "resnet164_cifar" else 16)
     for unit in units:
-        assert convs[unit] <= 3 + (unit in projections), unit
+        assert convs[unit] == 3 + (unit in projections), unit
     assert convs["init"] == 1
 
 
@@ -64,11 +65,40 @@ def test_train_graph_is_never_bn_folded(seed_train):
 def test_train_pipeline_fuses_normalize_relu_stats_and_relu_backward(seed_train):
     ops = seed_train.graph.count_ops()
     assert "relu" not in ops and "relu_grad" not in ops and "batch_moments" not in ops
-    assert ops["batch_norm_relu_grad"] == 19
+    # each of the 19 batch norms' gradients, with its ReLU's, in two halves: the apply (with a
+    # gradient add in 3), and the sums, in the data gradient's kernel but for the last one's
+    assert ops["batch_norm_relu_grad_apply"] + ops["fused_batch_norm_relu_grad_apply"] == 19
+    in_convs = [n for n in seed_train.graph.nodes
+                if n.attrs.get("sums", {}).get("op") == "batch_norm_relu_grad_sums"]
+    assert (len(in_convs), ops["batch_norm_relu_grad_sums"]) == (18, 1)
     normalize_relu = [n for n in seed_train.graph.nodes if n.op == "fused_elementwise"
                       and [s["op"] for s in n.attrs["epilogue"]] == ["batch_normalize", "relu"]]
     assert len(normalize_relu) == 19
     assert sum(bool(n.attrs.get("stats")) for n in seed_train.graph.nodes) == 19
+
+
+def test_gradient_fusions_report_their_refusals(seed_train):
+    """The final batch norm's gradient arrives from the pool, not a convolution's; the residual
+    stream's gradient into the last unit is read by three kernels: both stay apart, said why."""
+    remarks = [str(r) for r in seed_train.remarks]
+    assert ("[fuse_bn_grad_sums] grad/unit_last/final_bn/d/sums: the sums stay a separate "
+            "reduction: producer is global_avg_pool_grad") in remarks
+    assert any(r.startswith("[fuse_grad_adds] grad/unit_3_0/sub_add/add/sum1: not fused into "
+                            "grad/unit_last/final_bn/d: grad/unit_last/final_bn/d is also read by")
+               for r in remarks)
+
+
+def test_a_backend_without_a_fused_kernel_skips_its_pass_and_says_so():
+    """The cuda backend has no kernel for the gradient halves and fused data gradients: its
+    pipeline leaves their passes out, each with a remark, and its graph holds only ops it
+    runs."""
+    from rescompile.backends import cuda
+    lowered = lower(tiny_spec(), "train", backend="cuda")
+    skipped = {r.pass_name: r.reason for r in lowered.remarks if r.node == "(pipeline)"}
+    assert set(skipped) == {"split_bn_grad", "fuse_grad_adds"}
+    assert "has no kernel for batch_norm_relu_grad_apply" in skipped["split_bn_grad"]
+    assert all(cuda.supports(n.op) for n in lowered.graph.nodes)
+    assert not any(r.node == "(pipeline)" for r in lower(tiny_spec(), "train").remarks)
 
 
 def test_train_keeps_the_values_the_runtime_feeds(seed_train):

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 import rescompile as rc
-from rescompile.backends.cpu.lower import HostStep
+from rescompile.backends.cpu.steps import HostStep
 from rescompile.backends.cuda.plan import count_launches
 from rescompile.compiler import lower
+from rescompile.dump import kernel_label
 from rescompile.entries import make_entries
 from rescompile.passes.pipelines import PIPELINES
 
@@ -34,46 +35,60 @@ OPS = {  # (preset, mode) -> kernel-level op (with its epilogue chain) -> count
         'fused_conv2d[add|affine+relu]': 1, 'fused_conv2d[bias_add+relu]': 5,
         'global_avg_pool': 1, 'prepare:bn_affine_params': 2, 'prepare:fold_bn_weights': 5},
     ('digits', 'train'): {
-        'add': 13, 'batch_norm_relu_grad': 7, 'conv2d': 2, 'conv2d_grad_filter': 9,
-        'conv2d_grad_input': 9, 'dense': 1, 'fused_conv2d[]+stats': 5,
-        'fused_conv2d[add]+stats': 2, 'fused_elementwise[batch_normalize+relu]': 7,
-        'global_avg_pool': 1, 'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 10,
-        'matmul': 2, 'momentum_update': 25, 'moving_average': 14, 'softmax_cross_entropy': 1,
+        'add': 11, 'batch_norm_relu_grad_apply': 7, 'batch_norm_relu_grad_sums': 1, 'conv2d': 2,
+        'conv2d_grad_filter': 9, 'conv2d_grad_input': 2, 'dense': 1, 'fused_conv2d[]+stats': 5,
+        'fused_conv2d[add]+stats': 2, 'fused_conv2d_grad_input[]+batch_norm_relu_grad_sums': 5,
+        'fused_conv2d_grad_input[add]': 1,
+        'fused_conv2d_grad_input[add]+batch_norm_relu_grad_sums': 1,
+        'fused_elementwise[batch_normalize+relu]': 7, 'global_avg_pool': 1,
+        'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 10, 'matmul': 2,
+        'momentum_update': 25, 'moving_average': 14, 'softmax_cross_entropy': 1,
         'softmax_cross_entropy_grad': 1, 'sum_rows': 1},
     ('seed_small', 'infer'): {
         'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
         'fused_conv2d[add|affine+relu]': 5, 'fused_conv2d[bias_add+relu]': 13,
         'global_avg_pool': 1, 'prepare:bn_affine_params': 6, 'prepare:fold_bn_weights': 13},
     ('seed_small', 'train'): {
-        'add': 30, 'batch_norm_relu_grad': 19, 'conv2d': 3, 'conv2d_grad_filter': 22,
-        'conv2d_grad_input': 22, 'dense': 1, 'fused_conv2d[]+stats': 13,
-        'fused_conv2d[add]+stats': 6, 'fused_elementwise[batch_normalize+relu]': 19,
-        'global_avg_pool': 1, 'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 23,
-        'matmul': 2, 'momentum_update': 62, 'moving_average': 38, 'softmax_cross_entropy': 1,
+        'add': 24, 'batch_norm_relu_grad_apply': 16, 'batch_norm_relu_grad_sums': 1, 'conv2d': 3,
+        'conv2d_grad_filter': 22, 'conv2d_grad_input': 2, 'dense': 1,
+        'fused_batch_norm_relu_grad_apply[add]': 3, 'fused_conv2d[]+stats': 13,
+        'fused_conv2d[add]+stats': 6, 'fused_conv2d_grad_input[]+batch_norm_relu_grad_sums': 17,
+        'fused_conv2d_grad_input[add]': 2,
+        'fused_conv2d_grad_input[add]+batch_norm_relu_grad_sums': 1,
+        'fused_elementwise[batch_normalize+relu]': 19, 'global_avg_pool': 1,
+        'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 23, 'matmul': 2,
+        'momentum_update': 62, 'moving_average': 38, 'softmax_cross_entropy': 1,
         'softmax_cross_entropy_grad': 1, 'sum_rows': 1},
     ('resnet164_cifar', 'infer'): {
         'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
         'fused_conv2d[add|affine+relu]': 53, 'fused_conv2d[bias_add+relu]': 109,
         'global_avg_pool': 1, 'prepare:bn_affine_params': 54, 'prepare:fold_bn_weights': 109},
     ('resnet164_cifar', 'train'): {
-        'add': 222, 'batch_norm_relu_grad': 163, 'conv2d': 3, 'conv2d_grad_filter': 166,
-        'conv2d_grad_input': 166, 'dense': 1, 'fused_conv2d[]+stats': 109,
-        'fused_conv2d[add]+stats': 54, 'fused_elementwise[batch_normalize+relu]': 163,
-        'global_avg_pool': 1, 'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 167,
-        'matmul': 2, 'momentum_update': 494, 'moving_average': 326, 'softmax_cross_entropy': 1,
+        'add': 168, 'batch_norm_relu_grad_apply': 112, 'batch_norm_relu_grad_sums': 1,
+        'conv2d': 3, 'conv2d_grad_filter': 166, 'conv2d_grad_input': 2, 'dense': 1,
+        'fused_batch_norm_relu_grad_apply[add]': 51, 'fused_conv2d[]+stats': 109,
+        'fused_conv2d[add]+stats': 54, 'fused_conv2d_grad_input[]+batch_norm_relu_grad_sums': 161,
+        'fused_conv2d_grad_input[add]': 2,
+        'fused_conv2d_grad_input[add]+batch_norm_relu_grad_sums': 1,
+        'fused_elementwise[batch_normalize+relu]': 163, 'global_avg_pool': 1,
+        'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 167, 'matmul': 2,
+        'momentum_update': 494, 'moving_average': 326, 'softmax_cross_entropy': 1,
         'softmax_cross_entropy_grad': 1, 'sum_rows': 1},
     ('resnet50_imagenet', 'infer'): {
         'dense': 1, 'fused_conv2d[bias_add+add+relu]': 16, 'fused_conv2d[bias_add+relu]': 33,
         'fused_conv2d[bias_add]': 4, 'global_avg_pool': 1, 'max_pool': 1,
         'prepare:fold_bn_weights': 53},
     ('resnet50_imagenet', 'train'): {
-        'add': 71, 'batch_norm_grad': 20, 'batch_norm_relu_grad': 33, 'batch_normalize': 4,
-        'conv2d_grad_filter': 53, 'conv2d_grad_input': 53, 'dense': 1, 'fused_conv2d[]+stats': 53,
+        'add': 55, 'batch_norm_grad_apply': 20, 'batch_norm_grad_sums': 20,
+        'batch_norm_relu_grad_apply': 33, 'batch_norm_relu_grad_sums': 1, 'batch_normalize': 4,
+        'conv2d_grad_filter': 53, 'conv2d_grad_input': 20, 'dense': 1, 'fused_conv2d[]+stats': 53,
+        'fused_conv2d_grad_input[]+batch_norm_relu_grad_sums': 32,
+        'fused_conv2d_grad_input[add]': 1, 'fused_elementwise[add+relu_grad]': 15,
         'fused_elementwise[batch_normalize+add|relu]': 16,
         'fused_elementwise[batch_normalize+relu]': 33, 'global_avg_pool': 1,
         'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 54, 'matmul': 2,
         'max_pool': 1, 'max_pool_grad': 1, 'momentum_update': 161, 'moving_average': 106,
-        'relu_grad': 16, 'softmax_cross_entropy': 1, 'softmax_cross_entropy_grad': 1,
+        'relu_grad': 1, 'softmax_cross_entropy': 1, 'softmax_cross_entropy_grad': 1,
         'sum_rows': 1},
     ('tiny-imagenet-v2', 'infer'): {
         'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
@@ -81,9 +96,11 @@ OPS = {  # (preset, mode) -> kernel-level op (with its epilogue chain) -> count
         'fused_elementwise[affine+relu]': 1, 'global_avg_pool': 1, 'max_pool': 1,
         'prepare:bn_affine_params': 3, 'prepare:fold_bn_weights': 4},
     ('tiny-imagenet-v2', 'train'): {
-        'add': 13, 'batch_moments': 1, 'batch_norm_relu_grad': 7, 'conv2d': 3,
-        'conv2d_grad_filter': 9, 'conv2d_grad_input': 9, 'dense': 1, 'fused_conv2d[]+stats': 4,
-        'fused_conv2d[add]+stats': 2, 'fused_elementwise[batch_normalize+relu]': 7,
+        'add': 11, 'batch_moments': 1, 'batch_norm_relu_grad_apply': 7,
+        'batch_norm_relu_grad_sums': 1, 'conv2d': 3, 'conv2d_grad_filter': 9,
+        'conv2d_grad_input': 1, 'dense': 1, 'fused_conv2d[]+stats': 4,
+        'fused_conv2d[add]+stats': 2, 'fused_conv2d_grad_input[]+batch_norm_relu_grad_sums': 6,
+        'fused_conv2d_grad_input[add]': 2, 'fused_elementwise[batch_normalize+relu]': 7,
         'global_avg_pool': 1, 'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 10,
         'matmul': 2, 'max_pool': 1, 'max_pool_grad': 1, 'momentum_update': 25,
         'moving_average': 14, 'softmax_cross_entropy': 1, 'softmax_cross_entropy_grad': 1,
@@ -121,19 +138,14 @@ def source(preset: str):
 
 
 def signature(node) -> str:
-    """A node as the kernel it becomes: the op, its epilogue chain (and second output's),
-    whether it makes batch statistics, and whether it runs once per load (prepare)."""
-    name = node.op
-    if node.op in ("fused_conv2d", "fused_elementwise"):
-        chain = "+".join(step["op"] for step in node.attrs.get("epilogue", ()))
-        out2 = "+".join(step["op"] for step in node.attrs.get("out2") or ())
-        name += f"[{chain}{'|' + out2 if out2 else ''}]"
-        name += "+stats" if node.attrs.get("stats") else ""
+    """A node as the kernel it becomes (its op, chains and reductions: the dump's label), and
+    whether it runs once per load (prepare)."""
+    name = kernel_label(node)
     return f"prepare:{name}" if node.phase == "prepare" else name
 
 
-def op_table(preset: str, mode: str, pipeline=None) -> dict:
-    graph = lower(source(preset), mode, "float32", pipeline=pipeline).graph
+def op_table(preset: str, mode: str, pipeline=None, backend=None) -> dict:
+    graph = lower(source(preset), mode, "float32", pipeline=pipeline, backend=backend).graph
     return dict(Counter(signature(n) for n in graph.nodes))
 
 
@@ -144,7 +156,7 @@ def test_final_graph_ops(preset, mode):
 
 @pytest.mark.parametrize("preset, mode", list(CUDA_LAUNCHES))
 def test_cuda_launches_per_entry(preset, mode):
-    graph = lower(source(preset), mode, "float32").graph
+    graph = lower(source(preset), mode, "float32", backend="cuda").graph
     assert count_launches(graph, make_entries(graph, mode), 4) == CUDA_LAUNCHES[preset, mode]
 
 

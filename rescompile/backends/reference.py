@@ -11,6 +11,7 @@ import numpy as np
 
 from ..entries import batch_of
 from ..interpret import interpret
+from ..ops import OPS
 from ..resources import check_fits
 
 
@@ -42,6 +43,11 @@ class ReferenceProgram:
     def values(self, entry_name: str) -> dict[str, np.ndarray]:
         """Every value the last run of an entry computed (for tests and `check`)."""
         return self.saved[entry_name]
+
+
+def supports(op: str) -> bool:
+    """The reference interpreter runs every op: each has its NumPy definition."""
+    return op in OPS
 
 
 def compile_program(graph, entries, dtype: str) -> ReferenceProgram:

@@ -1,5 +1,5 @@
-"""`rescompile dump`: print the graph after any compiler step, the passes' log and remarks, or
-the memory plan.
+"""`rescompile dump`: print the graph after any compiler step (of the pipeline the backend
+takes), the passes' log and remarks, or what the backend allocates.
 
 `--after all` writes every stage as a numbered file (`03-fold_bn.txt`) into the directory `-o`
 names. The text format ends with a footer: the pass log and every refused fold or fusion.
@@ -11,43 +11,40 @@ from ..compiler import lower
 from ..dump import FORMATS, render
 from ..entries import make_entries
 from ..errors import UsageError
-from ..memory import plan_memory
-from .common import (add_dtype, add_mode, add_spec, positive_int, resolve_spec,
-                     write_or_print, write_text)
+from .common import (add_model, positive_int, resolve_spec, write_or_print, write_text)
 
 EXTENSIONS = {"text": "txt", "json": "json", "dot": "dot"}
+VIEWS = [  # what else dump can print
+    ("--remarks", "the pass log and the refused folds and fusions"),
+    ("--memory", "what the backend allocates for the main entry"),
+    ("--kernels", "the CPU backend's generated kernels (their LLVM IR)"),
+    ("--schedule", "the CPU backend's schedule (segments, steps, placements, remarks)"),
+]
 
 
 def register(sub) -> None:
     p = sub.add_parser("dump", help="print the graph after a compiler step")
-    add_spec(p)
-    add_mode(p)
-    add_dtype(p)
+    add_model(p)  # --backend: the pipeline it takes, whose memory it reports
     p.add_argument("--after", metavar="STAGE", help="a stage name, or 'all' (default: the last)")
     p.add_argument("--format", choices=FORMATS, default="text")
     p.add_argument("-o", "--output", metavar="PATH", help="file (a directory with --after all)")
     p.add_argument("--no-optimize", dest="optimize", action="store_false",
                    help="stop after build (and autodiff): no passes")
-    p.add_argument("--remarks", action="store_true",
-                   help="print the pass log and refused folds and fusions instead of a graph")
-    p.add_argument("--memory", action="store_true",
-                   help="print the memory plan of the main entry instead of a graph")
+    for flag, what in VIEWS:
+        p.add_argument(flag, action="store_true", help=f"print {what} instead of a graph")
     p.add_argument("--batch", type=positive_int, default=128, help="batch size for --memory")
-    p.add_argument("--kernels", action="store_true",
-                   help="print the CPU backend's generated kernels (LLVM IR in inference) "
-                        "instead of a graph")
     p.add_argument("--asm", action="store_true",
                    help="with --kernels: the optimised assembly instead of the IR")
     p.add_argument("--node", metavar="SUBSTRING",
                    help="with --kernels: only the kernels of nodes whose name contains this")
-    p.add_argument("--schedule", action="store_true",
-                   help="print the CPU backend's schedule (segments, steps, placements, "
-                        "remarks) instead of a graph")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    lowered = lower(resolve_spec(args.spec), args.mode, args.dtype, optimize=args.optimize)
+    lowered = lower(resolve_spec(args.spec), args.mode, args.dtype, optimize=args.optimize,
+                    backend=args.backend)
+    if (args.kernels or args.schedule) and args.backend != "cpu":
+        raise UsageError("--kernels and --schedule show the cpu backend's (drop --backend)")
     if args.kernels:
         write_or_print(kernel_listing(lowered, args.node, args.asm), args.output)
     elif args.schedule:
@@ -55,7 +52,7 @@ def run(args) -> int:
     elif args.remarks:
         write_or_print(footer(lowered), args.output)
     elif args.memory:
-        write_or_print(memory_report(lowered, args.batch), args.output)
+        write_or_print(memory_report(lowered, args.batch, args.backend), args.output)
     elif args.after == "all":
         _dump_all(lowered, args.format, args.output)
     else:
@@ -100,16 +97,15 @@ def footer(lowered) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def memory_report(lowered, batch: int) -> str:
-    """The graph's memory plan, and the buffers the CPU backend allocates for it."""
-    program = cpu_program(lowered)
+def memory_report(lowered, batch: int, backend: str) -> str:
+    """What `backend` allocates to run the entry a user runs most (train_step, or forward)."""
+    entries = make_entries(lowered.graph, lowered.mode)
     entry = "train_step" if lowered.mode == "train" else "forward"
-    return (memory_plan(lowered, batch).summary()
-            + program.arena(program.plan(entry).schedule, batch).summary())
-
-
-def memory_plan(lowered, batch: int):
-    """The plan of the entry a user runs most: forward (infer) or train_step (train)."""
-    entry = make_entries(lowered.graph, lowered.mode)[
-        "train_step" if lowered.mode == "train" else "forward"]
-    return plan_memory(lowered.graph, entry.nodes, batch, set(entry.fetches))
+    if backend == "cpu":
+        program = cpu_program(lowered)
+        return program.arena(program.plan(entry).schedule, batch).summary()
+    if backend == "cuda":
+        from ..backends.cuda.plan import memory_report as cuda_report
+        return cuda_report(lowered.graph, entries, entry, batch, lowered.dtype)
+    raise UsageError("--memory: the reference backend allocates each value as NumPy computes "
+                     "it, with no plan to show (use --backend cpu or cuda)")

@@ -16,28 +16,45 @@ OPSET = 17
 SPEC_KEY = "rescompile.spec"  # metadata of our exports: the spec as TOML, for from_onnx
 
 
+def _window(graph, node, k: int) -> dict:
+    """An ONNX window's strides and pads (ONNX orders them begin, begin, end, end)."""
+    x = graph.value(node.inputs[0]).shape
+    t, b, l, r = pads_2d(x[1], x[2], k, node.attrs["stride"], node.attrs["padding"])
+    return {"strides": [node.attrs["stride"]] * 2, "pads": [t, l, b, r]}
+
+
+def _conv(graph, node):
+    k = graph.value(node.inputs[1]).shape[0]
+    return "Conv", dict(_window(graph, node, k), kernel_shape=[k, k])
+
+
+def _max_pool(graph, node):
+    k = node.attrs["k"]
+    return "MaxPool", dict(_window(graph, node, k), kernel_shape=[k, k])
+
+
+def _relu(graph, node):
+    alpha = node.attrs["alpha"]
+    return ("LeakyRelu", {"alpha": alpha}) if alpha else ("Relu", {})
+
+
+EXPORTERS = {  # op -> (graph, node) -> (ONNX op type, its attributes)
+    "conv2d": _conv,
+    "max_pool": _max_pool,
+    "relu": _relu,
+    "batch_norm": lambda graph, node: ("BatchNormalization",
+                                       {"epsilon": node.attrs["epsilon"]}),
+    "add": lambda graph, node: ("Add", {}),
+    "dense": lambda graph, node: ("Gemm", {}),
+    "global_avg_pool": lambda graph, node: ("ReduceMean", {"axes": [2, 3], "keepdims": 0}),
+}
+
+
 def _node(helper, graph, node):
-    a, ins, out = node.attrs, list(node.inputs), [node.outputs[0]]
-    if node.op == "conv2d":
-        x, w = (graph.value(v).shape for v in ins)
-        t, b, l, r = pads_2d(x[1], x[2], w[0], a["stride"], a["padding"])
-        return helper.make_node("Conv", ins, out, strides=[a["stride"]] * 2,
-                                pads=[t, l, b, r], kernel_shape=[w[0], w[1]])
-    if node.op == "max_pool":
-        x = graph.value(ins[0]).shape
-        t, b, l, r = pads_2d(x[1], x[2], a["k"], a["stride"], a["padding"])
-        return helper.make_node("MaxPool", ins, out, kernel_shape=[a["k"]] * 2,
-                                strides=[a["stride"]] * 2, pads=[t, l, b, r])
-    if node.op == "relu":
-        extra = {"alpha": a["alpha"]} if a["alpha"] else {}
-        return helper.make_node("LeakyRelu" if a["alpha"] else "Relu", ins, out, **extra)
-    simple = {"batch_norm": ("BatchNormalization", {"epsilon": a.get("epsilon")}),
-              "add": ("Add", {}), "dense": ("Gemm", {}),
-              "global_avg_pool": ("ReduceMean", {"axes": [2, 3], "keepdims": 0})}
-    if node.op not in simple:
+    if node.op not in EXPORTERS:
         raise ValueError(f"node {node.name!r}: no ONNX mapping for op {node.op!r}")
-    kind, attrs = simple[node.op]
-    return helper.make_node(kind, ins, out, **attrs)
+    kind, attrs = EXPORTERS[node.op](graph, node)
+    return helper.make_node(kind, list(node.inputs), [node.outputs[0]], **attrs)
 
 
 def onnx_nodes(graph) -> list:

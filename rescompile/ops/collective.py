@@ -36,6 +36,7 @@ def _moments_shape(attrs, mean, var):
     return [mean, var]
 
 
-define("sync_moments", shape=_moments_shape, reference=lambda a, m, v: sync_moments(m, v),
+define("sync_moments", kind="collective", shape=_moments_shape,
+       reference=lambda a, m, v: sync_moments(m, v),
        outputs=("mean", "var"))
-define("rank_mean", shape=lambda a, x: [x], reference=_rank_mean_ref)
+define("rank_mean", kind="collective", shape=lambda a, x: [x], reference=_rank_mean_ref)

@@ -88,9 +88,12 @@ def conv_flops(out_shape, k, cin):
     return 2.0 * n * oh * ow * cout * k * k * cin
 
 
-define("conv2d", shape=conv_shape, reference=conv_reference, vjp=_conv_vjp,
+define("conv2d", kind="conv", inputs=("x", "w"), shape=conv_shape, reference=conv_reference,
+       vjp=_conv_vjp,
        flops=lambda a, ins, outs: conv_flops(outs[0], ins[1][0], ins[1][2]))
-define("conv2d_grad_input", shape=_grad_input_shape, reference=_grad_input_ref,
+define("conv2d_grad_input", kind="conv_grad_input", inputs=("dy", "w"), shape=_grad_input_shape,
+       reference=_grad_input_ref,
        flops=lambda a, ins, outs: conv_flops(ins[0], ins[1][0], ins[1][2]))
-define("conv2d_grad_filter", shape=_grad_filter_shape, reference=_grad_filter_ref,
+define("conv2d_grad_filter", kind="conv_grad_filter", shape=_grad_filter_shape,
+       reference=_grad_filter_ref,
        flops=lambda a, ins, outs: conv_flops(ins[1], a["k"], ins[0][3]))

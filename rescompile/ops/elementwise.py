@@ -19,10 +19,10 @@ def _same_shape(attrs, a, b):
     return [a]
 
 
-define("relu", shape=lambda a, x: [x],
+define("relu", kind="epilogue", shape=lambda a, x: [x],
        reference=lambda a, x: (leaky_relu(x, a["alpha"]),),
        vjp=lambda g, node, dy: [g.emit("relu_grad", [dy, node.inputs[0]], node.attrs, "dx")])
-define("relu_grad", shape=_same_shape,
+define("relu_grad", kind="epilogue", shape=_same_shape,
        reference=lambda a, dy, x: (leaky_relu_grad(dy, x, a["alpha"]),))
-define("add", shape=_same_shape, reference=lambda a, x, y: (x + y,),
+define("add", kind="epilogue", shape=_same_shape, reference=lambda a, x, y: (x + y,),
        vjp=lambda g, node, dy: [dy, dy])

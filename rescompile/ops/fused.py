@@ -2,21 +2,20 @@
 fused op can never mean something its parts do not.
 
 An epilogue is a list of steps applied in order to a value, each a dict
-`{"op": name, "args": [operand indices], **attrs}` naming a core elementwise op
-(`bias_add`, `affine`, `relu`, `add`, `batch_normalize`); the value flows in as the op's first
-input and `args` index the node's inputs for the rest. `out2` is a second epilogue applied to
-the first output, giving a second output (a unit's `x + shortcut` and the next unit's BN-ReLU of
-it). `stats` (training) appends the batch mean and variance of the first output, exactly as
-`batch_moments` computes them, so a batch norm's reduction runs in its producer's kernel.
+`{"op": name, "args": [operand indices], **attrs}` naming an op of kind "epilogue"
+(`bias_add`, `affine`, `relu`, `add`, `batch_normalize`, `relu_grad`); the value flows in as
+the op's first input and `args` index the node's inputs for the rest. `out2` is a second
+epilogue applied to the first output, giving a second output (a unit's `x + shortcut` and the
+next unit's BN-ReLU of it). `stats` (training) appends the batch mean and variance of the
+first output, exactly as `batch_moments` computes them, so a batch norm's reduction runs in its
+producer's kernel.
 """
 
 import numpy as np
 
 from .conv import conv_reference, conv_shape, conv_flops
 from .norm import NUMPY, batch_moments, bn_inv, bn_shift, check_channels
-from .registry import define, get, require
-
-EPILOGUE_OPS = ("bias_add", "affine", "relu", "add", "batch_normalize")
+from .registry import define, get, ops_of_kind, require
 
 
 def step_attrs(step: dict) -> dict:
@@ -30,10 +29,11 @@ def apply_epilogue(steps, value, operands):
     return value
 
 
-def _check_epilogue(steps, out_shape, shapes) -> None:
+def check_epilogue(steps, out_shape, shapes) -> None:
+    """Each step names an epilogue op whose shape rule takes the value and its args."""
     for step in steps:
-        require(step["op"] in EPILOGUE_OPS, f"epilogue step {step['op']!r} is not one of "
-                                            f"{EPILOGUE_OPS}")
+        require(step["op"] in ops_of_kind("epilogue"),
+                f"epilogue step {step['op']!r} is not one of {ops_of_kind('epilogue')}")
         get(step["op"]).shape(step_attrs(step), out_shape, *[shapes[i] for i in step["args"]])
 
 
@@ -58,8 +58,8 @@ def _finish(attrs, y, operands):
 def _fused_conv_shape(attrs, x, w, *rest):
     (out,) = conv_shape(attrs, x, w)
     shapes = (x, w) + rest
-    _check_epilogue(attrs["epilogue"], out, shapes)
-    _check_epilogue(attrs.get("out2", ()), out, shapes)
+    check_epilogue(attrs["epilogue"], out, shapes)
+    check_epilogue(attrs.get("out2", ()), out, shapes)
     return _outputs(attrs, out)
 
 
@@ -71,8 +71,8 @@ def _fused_conv_ref(attrs, x, w, *rest):
 
 def _fused_elementwise_shape(attrs, x, *rest):
     shapes = (x,) + rest
-    _check_epilogue(attrs["epilogue"], x, shapes)
-    _check_epilogue(attrs.get("out2", ()), x, shapes)
+    check_epilogue(attrs["epilogue"], x, shapes)
+    check_epilogue(attrs.get("out2", ()), x, shapes)
     return _outputs(attrs, x)
 
 
@@ -110,11 +110,14 @@ def _fold_shape(attrs, w, gamma, beta, mean, var):
     return [w, gamma]
 
 
-define("bias_add", shape=_bias_shape, reference=lambda a, x, b: (x + b,))
-define("fused_conv2d", shape=_fused_conv_shape, reference=_fused_conv_ref, outputs=_output_names,
+define("bias_add", kind="epilogue", shape=_bias_shape, reference=lambda a, x, b: (x + b,))
+define("fused_conv2d", kind="conv", head="conv2d", inputs=("x", "w"), shape=_fused_conv_shape,
+       reference=_fused_conv_ref, outputs=_output_names,
        flops=lambda a, ins, outs: conv_flops(outs[0], ins[1][0], ins[1][2]))
-define("fused_elementwise", shape=_fused_elementwise_shape, reference=_fused_elementwise_ref,
+define("fused_elementwise", kind="elementwise", shape=_fused_elementwise_shape,
+       reference=_fused_elementwise_ref,
        outputs=_output_names)
-define("fold_bn_weights", shape=_fold_shape, reference=_fold_ref, outputs=("w", "b"))
-define("bn_affine_params", shape=lambda a, gamma, beta, mean, var: [gamma, gamma],
+define("fold_bn_weights", kind="parameter", shape=_fold_shape, reference=_fold_ref,
+       outputs=("w", "b"))
+define("bn_affine_params", kind="parameter", shape=lambda a, gamma, beta, mean, var: [gamma, gamma],
        reference=_affine_params_ref, outputs=("scale", "shift"))

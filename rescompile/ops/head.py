@@ -63,12 +63,14 @@ def _xent_vjp(g, node, dloss):
     return [g.emit("softmax_cross_entropy_grad", [dloss, logits, labels], {}, "dlogits"), None]
 
 
-define("dense", shape=_dense_shape, reference=lambda a, x, w, b: (x @ w + b,), vjp=_dense_vjp,
+define("dense", kind="dense", shape=_dense_shape, reference=lambda a, x, w, b: (x @ w + b,),
+       vjp=_dense_vjp,
        flops=lambda a, ins, outs: 2.0 * per_image(ins[0])[0] * ins[1][0] * ins[1][1])
-define("matmul", shape=_matmul_shape,
+define("matmul", kind="head_grad", shape=_matmul_shape,
        reference=lambda a, x, y: (np.matmul(*_matmul_operands(a, x, y)),))
-define("sum_rows", shape=lambda a, x: [(x[1],)], reference=lambda a, x: (x.sum(axis=0),))
-define("softmax_cross_entropy", shape=_xent_shape, reference=_xent_ref, vjp=_xent_vjp,
+define("sum_rows", kind="head_grad", shape=lambda a, x: [(x[1],)],
+       reference=lambda a, x: (x.sum(axis=0),))
+define("softmax_cross_entropy", kind="loss", shape=_xent_shape, reference=_xent_ref, vjp=_xent_vjp,
        outputs=("loss",))
-define("softmax_cross_entropy_grad", shape=lambda a, d, logits, labels: [logits],
+define("softmax_cross_entropy_grad", kind="loss", shape=lambda a, d, logits, labels: [logits],
        reference=_xent_grad_ref)

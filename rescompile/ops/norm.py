@@ -115,7 +115,7 @@ def _bn_vjp(g, node, dy, dmean=None, dvar=None):
     return [dx, dgamma, dbeta]
 
 
-def _bn_grad_sums_ref(attrs, dy, x, gamma, mean, var):
+def bn_grad_sums_reference(attrs, dy, x, gamma, mean, var):
     """The two sums of batch_norm_grad(dy, x, gamma, mean, var), its first half: (dgamma,
     dbeta). gamma scales dx only; it is an input so that both halves read as the whole."""
     xhat = bn_xhat(x, mean, _inv_std(x, var, attrs))
@@ -126,7 +126,7 @@ def _inv_std(x, var, attrs):
     return bn_inv_std(NUMPY, var, x.dtype.type(attrs["epsilon"]), x.dtype.type(1))
 
 
-def _bn_grad_apply_ref(attrs, dy, x, gamma, mean, var, dgamma, dbeta):
+def bn_grad_apply_reference(attrs, dy, x, gamma, mean, var, dgamma, dbeta):
     count = x.dtype.type(x.shape[0] * x.shape[1] * x.shape[2])
     inv_std = _inv_std(x, var, attrs)
     return (bn_dx(dy, bn_xhat(x, mean, inv_std), gamma, inv_std, count, dgamma, dbeta),)
@@ -134,8 +134,8 @@ def _bn_grad_apply_ref(attrs, dy, x, gamma, mean, var, dgamma, dbeta):
 
 def bn_grad_reference(attrs, dy, x, gamma, mean, var):
     """Full gradient through the batch mean and variance."""
-    dgamma, dbeta = _bn_grad_sums_ref(attrs, dy, x, gamma, mean, var)
-    (dx,) = _bn_grad_apply_ref(attrs, dy, x, gamma, mean, var, dgamma, dbeta)
+    dgamma, dbeta = bn_grad_sums_reference(attrs, dy, x, gamma, mean, var)
+    (dx,) = bn_grad_apply_reference(attrs, dy, x, gamma, mean, var, dgamma, dbeta)
     return dx, dgamma, dbeta
 
 
@@ -144,13 +144,19 @@ def _affine_shape(attrs, x, scale, shift):
     return [x]
 
 
-define("batch_norm", shape=bn_shape, reference=_bn_ref, vjp=_bn_vjp,
+GRAD = ("dy", "x", "gamma", "mean", "var")  # batch_norm_grad's inputs, by role
+SUMS = ("dgamma", "dbeta")  # its two sums, which are also its two parameter gradients
+
+define("batch_norm", kind="norm", shape=bn_shape, reference=_bn_ref, vjp=_bn_vjp,
        outputs=lambda attrs: ("y", "mean", "var") if attrs["training"] else ("y",))
-define("batch_norm_grad", shape=lambda a, dy, x, gamma, mean, var: [x, gamma, gamma],
-       reference=bn_grad_reference, outputs=("dx", "dgamma", "dbeta"))
-define("batch_norm_grad_sums", shape=lambda a, dy, x, gamma, mean, var: [gamma, gamma],
-       reference=_bn_grad_sums_ref, outputs=("dgamma", "dbeta"))
-define("batch_norm_grad_apply", shape=lambda a, dy, x, gamma, mean, var, dgamma, dbeta: [x],
-       reference=_bn_grad_apply_ref, outputs=("dx",))
-define("affine", shape=_affine_shape,
+define("batch_norm_grad", kind="norm_grad", inputs=GRAD,
+       shape=lambda a, dy, x, gamma, mean, var: [x, gamma, gamma],
+       reference=bn_grad_reference, outputs=("dx",) + SUMS)
+define("batch_norm_grad_sums", kind="norm_grad_sums", inputs=GRAD,
+       shape=lambda a, dy, x, gamma, mean, var: [gamma, gamma],
+       reference=bn_grad_sums_reference, outputs=SUMS)
+define("batch_norm_grad_apply", kind="norm_grad", inputs=GRAD + SUMS,
+       shape=lambda a, dy, x, gamma, mean, var, dgamma, dbeta: [x],
+       reference=bn_grad_apply_reference, outputs=("dx",))
+define("affine", kind="epilogue", shape=_affine_shape,
        reference=lambda a, x, scale, shift: (x * scale + shift,))

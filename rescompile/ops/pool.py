@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ..padding import pads_2d, out_size
+from ..padding import out_size, pads_2d, window_out
 from .registry import define, require
 
 
@@ -17,8 +17,7 @@ def _windows(attrs, x):
     k, s = attrs["k"], attrs["stride"]
     t, b, l, r = pads_2d(x.shape[1], x.shape[2], k, s, attrs["padding"])
     xp = np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), constant_values=-np.inf)
-    oh = (xp.shape[1] - k) // s + 1
-    ow = (xp.shape[2] - k) // s + 1
+    oh, ow = window_out(x.shape[1], k, s, t, b), window_out(x.shape[2], k, s, l, r)
     taps = [(slice(i, i + s * (oh - 1) + 1, s), slice(j, j + s * (ow - 1) + 1, s))
             for i in range(k) for j in range(k)]
     return xp, (t, l), taps
@@ -56,11 +55,11 @@ def _gap_vjp(g, node, dy):
     return [g.emit("global_avg_pool_grad", [dy], {"in_hw": (shape[1], shape[2])}, "dx")]
 
 
-define("max_pool", shape=_pool_shape, reference=_max_pool_ref,
+define("max_pool", kind="window", shape=_pool_shape, reference=_max_pool_ref,
        vjp=lambda g, node, dy: [g.emit("max_pool_grad", [dy, node.inputs[0]], node.attrs, "dx")])
-define("max_pool_grad", shape=lambda a, dy, x: [x], reference=_max_pool_grad_ref)
-define("global_avg_pool", shape=_gap_shape,
+define("max_pool_grad", kind="window", shape=lambda a, dy, x: [x], reference=_max_pool_grad_ref)
+define("global_avg_pool", kind="window", shape=_gap_shape,
        reference=lambda a, x: (x.mean(axis=(1, 2)),), vjp=_gap_vjp)
-define("global_avg_pool_grad",
+define("global_avg_pool_grad", kind="window",
        shape=lambda a, dy: [(dy[0], a["in_hw"][0], a["in_hw"][1], dy[1])],
        reference=_gap_grad_ref)

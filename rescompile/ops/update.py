@@ -55,15 +55,17 @@ def _same_as_first(attrs, first, *rest):
     return [first]
 
 
-define("l2_penalty", shape=lambda a, *ws: [()], reference=_l2_ref, vjp=_l2_vjp,
+define("l2_penalty", kind="loss", shape=lambda a, *ws: [()], reference=_l2_ref, vjp=_l2_vjp,
        flops=lambda a, ins, outs: 2.0 * sum(numel(s) for s in ins))
-define("l2_penalty_grad", shape=lambda a, dy, w: [w],
+define("l2_penalty_grad", kind="loss", shape=lambda a, dy, w: [w],
        reference=lambda a, dy, w: (w * (dy * w.dtype.type(a["scale"])),))
-define("momentum_update", shape=lambda a, w, acc, g, lr: _same_as_first(a, w, acc, g, lr) * 2,
+define("momentum_update", kind="update",
+       shape=lambda a, w, acc, g, lr: _same_as_first(a, w, acc, g, lr) * 2,
        reference=_momentum_ref, outputs=("w", "accum"))
-define("sgd_update", shape=lambda a, w, g, lr: _same_as_first(a, w, g, lr),
+define("sgd_update", kind="update", shape=lambda a, w, g, lr: _same_as_first(a, w, g, lr),
        reference=lambda a, w, g, lr: (w - lr * g,))
-define("moving_average", shape=lambda a, m, b: _same_as_first(a, m, b),
+define("moving_average", kind="moving_statistics", shape=lambda a, m, b: _same_as_first(a, m, b),
        reference=lambda a, m, b: (_moving_average(m, b, a["decay"]),))
-define("debiased_moving_average", shape=lambda a, biased, step, b: [biased, step, biased],
+define("debiased_moving_average", kind="moving_statistics",
+       shape=lambda a, biased, step, b: [biased, step, biased],
        reference=_debiased_ref, outputs=("biased", "local_step", "moving"))

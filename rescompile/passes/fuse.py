@@ -28,19 +28,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..ir import Graph, Node
-from ..ops.fused import EPILOGUE_OPS
+from ..ops.registry import epilogue_form, kind_of, ops_of_kind
 from .base import PassResult
-from .rewrite import make_node, rebuild
+from .rewrite import computed_from, made_by, make_node, rebuild
 
 
 def fuse_epilogues(graph: Graph) -> PassResult:
-    """Absorb elementwise consumers into each conv2d's epilogue."""
-    return _Fuser(graph).run(("conv2d",), "fused_conv2d")
+    """Absorb elementwise consumers into each convolution's epilogue."""
+    convs = [op for op in ops_of_kind("conv") if epilogue_form(op) not in (None, op)]
+    return _Fuser(graph).run(convs)
 
 
 def fuse_elementwise(graph: Graph) -> PassResult:
     """Merge the remaining chains of elementwise ops into one fused_elementwise each."""
-    return _Fuser(graph).run(EPILOGUE_OPS, "fused_elementwise")
+    return _Fuser(graph).run(ops_of_kind("epilogue"), "fused_elementwise")
 
 
 @dataclass
@@ -77,21 +78,23 @@ class _Fuser:
         self.position = {n.name: i for i, n in enumerate(graph.nodes)}
         # value -> (position of what computes it, that computation's inputs); fused kernels
         # replace their members here as they are made.
-        self.made_by = {o: (i, n.inputs) for i, n in enumerate(graph.nodes) for o in n.outputs}
+        self.made_by = made_by(graph.nodes)
         self.taken: dict[str, str] = {}  # absorbed node -> the kernel it joined
         self.remarks: list[tuple[str, str]] = []
 
-    def run(self, heads, fused_op: str) -> PassResult:
+    def run(self, heads, fused_op: str | None = None) -> PassResult:
+        """Grow a kernel from each node of a `heads` op, as `fused_op` (by default the
+        head's epilogue form)."""
         values = dict(self.graph.values)
         placed: dict[int, Node] = {}
         for node in self.graph.nodes:
             if node.op not in heads or node.name in self.taken:
                 continue
-            group = self._start(node, fused_op)
+            group = self._start(node)
             self._grow(group)
             if len(group.members) > 1:
                 self.taken[node.name] = node.name
-                placed.update(self._emit(group, fused_op, values))
+                placed.update(self._emit(group, fused_op or epilogue_form(node.op), values))
         if not placed:
             return PassResult(self.graph, False, self.remarks)
         nodes = [placed.get(i, n) for i, n in enumerate(self.graph.nodes)
@@ -99,8 +102,9 @@ class _Fuser:
         return PassResult(rebuild(self.graph, nodes, values), True, self.remarks)
 
     # -- growing ------------------------------------------------------------------------------
-    def _start(self, head: Node, fused_op: str) -> _Group:
-        if fused_op == "fused_conv2d":
+    def _start(self, head: Node) -> _Group:
+        """A kernel's head, or an elementwise head as the first step on its input."""
+        if kind_of(head.op) != "epilogue":
             return _Group(head, list(head.inputs), head.outputs[0], [head])
         group = _Group(head, [head.inputs[0]], head.outputs[0], [head])
         group.epilogue.append(group.step(head, head.inputs[0]))
@@ -131,7 +135,7 @@ class _Fuser:
             group.y2 = user.outputs[0]
 
     def _absorb(self, group: _Group, user: Node, value: str, steps: list[dict]) -> bool:
-        if user.op not in EPILOGUE_OPS:
+        if kind_of(user.op) != "epilogue":
             return False
         reason = self._refusal(group, user, value)
         if reason:
@@ -157,26 +161,14 @@ class _Fuser:
         return None
 
     def _depends(self, value: str, group: _Group) -> bool:
-        """Whether `value` is computed from the group's members. A computation placed before
-        the head cannot be (the node list is in topological order)."""
-        own, start = group.outputs(), self.position[group.head.name]
-        stack, seen = [value], set()
-        while stack:
-            v = stack.pop()
-            if v in own:
-                return True
-            if v in seen or v not in self.made_by:
-                continue
-            seen.add(v)
-            pos, inputs = self.made_by[v]
-            if pos > start:
-                stack.extend(inputs)
-        return False
+        """Whether `value` is computed from the group's members."""
+        return computed_from(self.made_by, value, group.outputs(),
+                             self.position[group.head.name])
 
     # -- emitting ----------------------------------------------------------------------------
     def _emit(self, group: _Group, fused_op: str, values) -> dict[int, Node]:
         head = group.head
-        attrs = dict(head.attrs) if fused_op == "fused_conv2d" else {}
+        attrs = dict(head.attrs) if kind_of(head.op) != "epilogue" else {}
         attrs["epilogue"] = group.epilogue
         outputs = [group.y]
         if group.out2:

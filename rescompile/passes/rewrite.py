@@ -56,3 +56,26 @@ def toposort(nodes: list[Node]) -> list[Node]:
         stuck = next(n for i, n in enumerate(nodes) if waiting[i])
         raise GraphError(f"node {stuck.name!r} ({stuck.op}) is on a cycle")
     return order
+
+
+def made_by(nodes) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """value -> (position of the node that makes it, that node's inputs)."""
+    return {o: (i, n.inputs) for i, n in enumerate(nodes) for o in n.outputs}
+
+
+def computed_from(makers, value: str, own: set[str], start: int) -> bool:
+    """Whether `value` is computed from the values `own`, all made at or after position
+    `start` (`makers` as `made_by` gives it). A value made before `start` cannot be: nodes
+    are in topological order."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if v in own:
+            return True
+        if v in seen or v not in makers:
+            continue
+        seen.add(v)
+        position, inputs = makers[v]
+        if position > start:
+            stack.extend(inputs)
+    return False

@@ -14,7 +14,9 @@ it (fold_bn refuses it). It can still share kernels once it is split in two:
   (`fuse_elementwise` then merges `batch_normalize` with its ReLU.)
 
 Preconditions, each refusal reported: the relu_grad's only consumer is the gradient of the batch
-norm that produced its input; the moments' input is a conv kernel's first output.
+norm that produced its input; the moments' input is a conv kernel's first output, and that
+kernel makes no other reduction (`absorb_reductions`, which the batch-norm gradient's sums
+share: `grad_fusion.py`).
 Numerics: none. Every new op runs the same NumPy arithmetic, in the same order, as the ops it
 replaces (`ops/fused_train.py`), so the training graph's numbers do not move by a bit.
 """
@@ -22,10 +24,9 @@ replaces (`ops/fused_train.py`), so the training graph's numbers do not move by 
 from __future__ import annotations
 
 from ..ir import Graph, Node
+from ..ops.registry import epilogue_form, kind_of
 from .base import PassResult
 from .rewrite import make_node, rebuild
-
-CONVS = ("conv2d", "fused_conv2d")
 
 
 def split_bn(graph: Graph) -> PassResult:
@@ -101,22 +102,35 @@ def _relu_grad_refusal(relu_grad: Node, producers, consumers, protected) -> str 
 
 
 def fuse_stats(graph: Graph) -> PassResult:
+    return absorb_reductions(graph, "statistics", "conv", _with_stats,
+                             "statistics stay a separate reduction")
+
+
+def _with_stats(values, conv: Node, moments: Node) -> Node:
+    attrs = {**conv.attrs, "epilogue": conv.attrs.get("epilogue", []), "stats": True}
+    return make_node(values, epilogue_form(conv.op), conv.inputs, attrs, name=conv.name,
+                     scope=conv.scope, phase=conv.phase, outputs=conv.outputs + moments.outputs)
+
+
+def absorb_reductions(graph: Graph, reduction_kind: str, producer_kind: str, absorb,
+                      refused: str) -> PassResult:
+    """Each node of `reduction_kind` whose input is the first output of a kernel of
+    `producer_kind` joins that kernel: `absorb(values, kernel, reduction)` is the kernel node
+    that also makes the reduction's outputs, where the kernel stood. A refusal is reported as
+    `refused: why`."""
     producers = graph.producers()
     values = dict(graph.values)
-    replaced: dict[str, Node] = {}  # conv name -> conv with stats
+    replaced: dict[str, Node] = {}  # kernel name -> the kernel with the reduction
     dropped, remarks = set(), []
     for node in graph.nodes:
-        if node.op != "batch_moments":
+        if kind_of(node.op) != reduction_kind:
             continue
-        conv = producers.get(node.inputs[0])
-        reason = _stats_refusal(node, conv, replaced)
+        kernel = producers.get(node.inputs[0])
+        reason = _reduction_refusal(node, kernel, producer_kind, replaced)
         if reason:
-            remarks.append((node.name, f"statistics stay a separate reduction: {reason}"))
+            remarks.append((node.name, f"{refused}: {reason}"))
             continue
-        attrs = {**conv.attrs, "epilogue": conv.attrs.get("epilogue", []), "stats": True}
-        replaced[conv.name] = make_node(values, "fused_conv2d", conv.inputs, attrs,
-                                        name=conv.name, scope=conv.scope, phase=conv.phase,
-                                        outputs=conv.outputs + node.outputs)
+        replaced[kernel.name] = absorb(values, kernel, node)
         dropped.add(node.name)
     if not replaced:
         return PassResult(graph, False, remarks)
@@ -124,13 +138,14 @@ def fuse_stats(graph: Graph) -> PassResult:
     return PassResult(rebuild(graph, nodes, values), True, remarks)
 
 
-def _stats_refusal(moments: Node, conv: Node | None, replaced) -> str | None:
-    if conv is None:
-        return f"its input {moments.inputs[0]} is a graph input"
-    if conv.op not in CONVS:
-        return f"producer is {conv.op}"
-    if conv.outputs[0] != moments.inputs[0]:
-        return f"it reads {conv.name}'s second output"
-    if conv.attrs.get("stats") or conv.name in replaced:
-        return f"{conv.name} already computes statistics"
+def _reduction_refusal(reduction: Node, kernel: Node | None, producer_kind: str,
+                       replaced) -> str | None:
+    if kernel is None:
+        return f"its input {reduction.inputs[0]} is a graph input"
+    if kind_of(kernel.op) != producer_kind:
+        return f"producer is {kernel.op}"
+    if kernel.outputs[0] != reduction.inputs[0]:
+        return f"it reads {kernel.name}'s second output"
+    if kernel.attrs.get("stats") or kernel.attrs.get("sums") or kernel.name in replaced:
+        return f"{kernel.name} already makes a reduction"
     return None

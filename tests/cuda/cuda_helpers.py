@@ -45,7 +45,7 @@ class Trio:
     """One graph on the CUDA backend and on the reference in float32 and float64."""
 
     def __init__(self, mode, optimize=True, spec=TINY, **options):
-        self.lowered = lower(spec, mode, "float32", optimize=optimize)
+        self.lowered = lower(spec, mode, "float32", optimize=optimize, backend="cuda")
         self.graph = self.lowered.graph
         entries = make_entries(self.graph, mode)
         self.cuda = cuda_backend.compile_program(self.graph, entries, dtype="float32", **options)

@@ -113,7 +113,8 @@ def test_scratch_is_pooled_and_planned_values_never_alias_variables():
 
 def test_unknown_op_fails_at_compile_time_naming_the_node():
     from rescompile.ops.registry import OPS, OpDef
-    OPS["mystery"] = OpDef("mystery", shape=lambda a, x: [x], reference=lambda a, x: (x,))
+    OPS["mystery"] = OpDef("mystery", "epilogue", shape=lambda a, x: [x],
+                           reference=lambda a, x: (x,))
     try:
         graph = Graph(dtype="float32")
         graph.add_input("images", ("N", 2), "data")
@@ -126,7 +127,7 @@ def test_unknown_op_fails_at_compile_time_naming_the_node():
 
 
 def test_kernel_sources_are_cached_by_hash(tmp_path):
-    lowered = lower(TINY, "infer", "float32")
+    lowered = lower(TINY, "infer", "float32", backend="cuda")
     entries = make_entries(lowered.graph, "infer")
     program = cuda_backend.compile_program(lowered.graph, entries, cache_dir=tmp_path)
     program.run("prepare", feeds(lowered))

@@ -6,7 +6,10 @@ import numba
 # NUMBA-NOTES: OpenMP threads and OpenBLAS threads fight on 2 cores; workqueue does not.
 numba.config.THREADING_LAYER = "workqueue"
 
+from .lower import supports  # noqa: E402
 from .program import CpuProgram  # noqa: E402
+
+__all__ = ["compile_program", "supports", "CpuProgram"]
 
 
 def compile_program(graph, entries, dtype: str, cache_dir=None, check_finite: bool = False,

@@ -33,15 +33,11 @@ import numpy as np
 from ...memory import assign_buffers, lifetimes
 from ...resources import check_fits
 from . import driver
-from .lower import Step
+from .steps import Step
 from .target import DTYPE_BYTES
+from .tuning import CHUNK_FLOPS, CHUNKS_PER_THREAD
 
 ALIGN = 64  # bytes: every buffer starts on a cache line (the packed weights need 32)
-# A shared step is cut into chunks of about this many FLOPs (a chunk costs a counter update
-# and a kernel call, about 0.2 us), at least 2 and at most 16 per thread: the last chunk taken
-# bounds how long the other threads wait at the barrier.
-CHUNK_FLOPS = 2e6
-CHUNKS_PER_THREAD = (2, 16)
 
 
 def shared_chunks(flops: float, threads: int) -> int:
@@ -167,8 +163,8 @@ class Arena:
                 if not isinstance(step, Step):
                     continue  # a host step: the program runs it, never the driver
                 row[driver.FN] = self.program.address(step.kernel)
-                for role in step.kernel.pointers:
-                    rows.append(self._operand(step, role, placement, len(rows)))
+                for pointer in step.kernel.signature.pointers:
+                    rows.append(self._operand(step, pointer.role, placement, len(rows)))
                 row[driver.OPS_END] = len(rows)
                 self._shape_row(row, step)
         self.operands = np.array(rows, np.int64).reshape(-1, 3)
@@ -198,18 +194,18 @@ class Arena:
         row[driver.FIXED] = step.fixed_chunk
 
     def _consts(self, step: Step) -> np.ndarray:
+        """The step's fields in its kernel's order: sizes and scalars as the step gives them
+        (a callable of the batch), strides from where its tensors live; a scalar as the bits of
+        a float64."""
         values = {name: value(self.n_shared) if callable(value) else value
                   for name, value in step.fields.items()}
         for role, value in step.tensors.items():
             layout, scale = self.layouts[value], step.stride_scale.get(role, 1)
             values.update({f"{role}.image": layout.image, f"{role}.row": layout.row * scale,
                            f"{role}.pixel": layout.c * scale})
-        words = []
-        for name in step.kernel.fields:
-            value = values[name]
-            words.append(np.float64(value).view(np.int64) if isinstance(value, float)
-                         else int(value))
-        return np.array(words, np.int64)
+        return np.array([np.float64(values[f.name]).view(np.int64) if f.kind == "scalar"
+                         else int(values[f.name]) for f in step.kernel.signature.fields],
+                        np.int64)
 
     def _operand(self, step: Step, role: str, placement: str, row: int) -> list[int]:
         """[base, per thread, per image] of one pointer argument (bases of fed values and
@@ -292,10 +288,22 @@ class Arena:
         return np.array(self.view(value)).reshape(shape)
 
     @property
+    def packed_bytes(self) -> int:
+        """The program's packed weights for this schedule (packed at the first run)."""
+        graph, packed = self.program.graph, {}
+        for step in self.schedule.kernel_steps:
+            for use in step.uses.values():
+                if use.how == "packed":
+                    *taps, cout = graph.value(use.value).shape
+                    panels = -(-cout // use.nr)
+                    packed[use.value, use.nr, use.transform] = \
+                        panels * use.nr * math.prod(taps) * self.itemsize
+        return sum(packed.values())
+
+    @property
     def allocated_bytes(self) -> int:
-        packed = sum(p.nbytes for _, p in self.program.packed_arrays())
         return (sum(b.nbytes for b in self.batch_buffers.values()) + self.thread_memory.nbytes
-                + self.shared_memory.nbytes + packed)
+                + self.shared_memory.nbytes + self.packed_bytes)
 
     def summary(self) -> str:
         mib = 2.0 ** 20
@@ -308,6 +316,7 @@ class Arena:
                  f"{self.thread_region.nbytes:>14,} bytes x {self.threads} threads",
                  f"  shared           {len(self.shared_region.offsets):>4} values "
                  f"{self.shared_region.nbytes:>14,} bytes",
+                 f"  packed weights        {self.packed_bytes:>14,} bytes",
                  f"  allocated in all      {self.allocated_bytes:>14,} bytes "
-                 f"({self.allocated_bytes / mib:.1f} MiB, packed weights included)"]
+                 f"({self.allocated_bytes / mib:.1f} MiB)"]
         return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
 Design note
 -----------
-A program is tables of int64 (`schedule.py` builds them, `arena.py` fills in addresses):
+A program is tables of int64, which `arena.py` makes from a schedule (`schedule.py`) and the
+buffers it allocates:
 
     steps[s]     = fn, consts, first operand, end operand, pixels per image, channels,
                    pixel alignment, channel alignment, split (0 pixels, 1 channels,

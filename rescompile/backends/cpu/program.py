@@ -27,7 +27,7 @@ from ...interpret import interpret
 from . import driver
 from .arena import Arena, aligned_empty
 from .llvm import jit, measure, sync
-from .lower import HostStep, Step
+from .steps import HostStep, Step
 from .schedule import build_schedule, build_shared_schedule
 from .target import target_for
 
@@ -186,9 +186,6 @@ class CpuProgram:
                     ir_text = step.kernel.ir()
                     parts.append(jit.assembly(ir_text, self.target) if assembly else ir_text)
         return "\n".join(parts) + "\n"
-
-    def packed_arrays(self) -> list[tuple[tuple, np.ndarray]]:
-        return [(key, packed) for key, (_, packed) in self._packed.items()]
 
     def packed(self, value: str, nr: int, transform: str, arrays: dict) -> np.ndarray:
         """`value`'s weights packed for panels of nr channels, repacked if the array changed."""
@@ -351,10 +348,11 @@ class CpuProgram:
 
 
 def _checked(step: Step) -> list[str]:
-    """The outputs worth checking: not a copy's, not float64 partial sums."""
+    """The outputs worth checking: not a copy's (it computes nothing), not float64 slots of
+    partial sums (a later step sums them into what is checked)."""
     if step.op == "copy":
         return []
-    return [step.uses[r].value for r in step.writes if r not in ("sums", "partial")]
+    return [v for v in step.outputs if v not in step.slots]
 
 
 def _progress(what: str, start: float) -> None:

@@ -14,7 +14,7 @@ buffer; everything else lives in per-thread buffers.
 
 The images that do not divide evenly among the threads (all of them at batch 1) run the same
 steps shared: each layer split over the threads by pixels, or by channel panels where a
-thread would read more weights than input (`lower._split`), with a barrier between layers.
+thread would read more weights than input (`kernel_steps._split`), with a barrier between layers.
 
 Training depends across images (batch statistics), so its schedule is shared throughout: every
 step over the whole batch, cut into pieces the threads take, a barrier after each. Host steps
@@ -34,12 +34,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .lower import HostStep, Slots, Step, batched, copy_step, image_shape, lower_nodes
-
-# A segment takes enough images per call for this many output pixels (ResNet-50's 7 x 7
-# layers take 2 images, CIFAR's 8 x 8 ones 1).
-PIXELS_PER_ITEM = 64
-GEMM_OPS = ("conv2d", "fused_conv2d")
+from ...ops.registry import OPS
+from .kernel_steps import copy_step
+from .lower import lower_node
+from .steps import HostStep, Slots, Step, batched, image_shape
+from .tuning import PIXELS_PER_ITEM
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def build_shared_schedule(graph, nodes, feeds, fetches, target, dtype: str,
 
 
 def _lowered(graph, nodes, feeds, fetches, target, dtype) -> Schedule:
-    steps, fusions = lower_nodes(list(nodes), graph, target, dtype, set(fetches))
+    steps = [s for node in nodes for s in lower_node(node, graph, target, dtype)]
     produced = {v for s in steps if isinstance(s, Step) for v in s.outputs}
     pads = _borders(steps)
     shapes = {v: image_shape(graph, v) for s in steps if isinstance(s, Step)
@@ -134,7 +133,7 @@ def _lowered(graph, nodes, feeds, fetches, target, dtype) -> Schedule:
     slots = {v: b for s in kernel_steps for v, b in s.slots.items()}
     dilated = {v for s in kernel_steps for v in s.dilated}
     return Schedule(steps, [], {}, pads, shapes, flat, slots, dilated, tuple(feeds),
-                    tuple(fetches), remarks=fusions + remarks)
+                    tuple(fetches), remarks=remarks)
 
 
 def _borders(steps) -> dict[str, tuple[int, int, int, int]]:
@@ -160,6 +159,7 @@ def _pad_unmade_inputs(steps, pads, produced, shapes, target, dtype):
                     copy = copy_step(f"{value}/pad", value, copied[value], shapes[value],
                                      target, dtype)
                     copy.origin = step.origin
+                    copy.check()
                     out.append(copy)
                     remarks.append((value, f"copied into a zero-bordered buffer "
                                            f"{pads[value]} for {step.name}: no kernel "
@@ -183,7 +183,10 @@ def _rename_inputs(step: Step, renamed: dict[str, str]) -> None:
 
 
 def _images_per_item(step: Step) -> int | None:
-    if step.op not in GEMM_OPS:
+    """Images per call of a segment that starts at a convolution (a segment takes its size
+    from the convolutions, whose weights a longer M reuses)."""
+    op = OPS.get(step.op)  # a step of the backend's own ("copy", "slot_sum") has none
+    if op is None or op.kind != "conv":
         return None
     return max(1, math.ceil(PIXELS_PER_ITEM / step.pixels))
 

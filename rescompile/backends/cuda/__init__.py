@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from . import device
 from .device import CudaUnavailableError
-from .kernels import UnsupportedOpError
+from .kernels import UnsupportedOpError, supports
 from .plan import count_launches
 from .program import CudaProgram
 from .target import GPU, SIMULATOR
 
 __all__ = ["compile_program", "count_launches", "CudaProgram", "CudaUnavailableError",
-           "UnsupportedOpError"]
+           "UnsupportedOpError", "supports"]
 
 
 def compile_program(graph, entries, dtype: str = "float32", cache_dir=None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import elementwise, exprs, gemm, head, pool, reduce
 from ...errors import UsageError
-from ...ops.fused import EPILOGUE_OPS
+from ...ops.registry import kind_of, ops_of_kind
 
 LOWER = {
     "conv2d": gemm.lower_conv,
@@ -31,33 +31,35 @@ LOWER = {
     "softmax_cross_entropy_grad": head.lower_xent_grad,
     "max_pool": pool.lower_max_pool,
     "max_pool_grad": pool.lower_max_pool_grad,
-    **{op: elementwise.lower_elementwise for op in (
-        "relu", "relu_grad", "add", "bias_add", "affine", "l2_penalty_grad", "momentum_update",
-        "sgd_update", "moving_average", "debiased_moving_average", "bn_affine_params",
-        "fold_bn_weights", "batch_normalize")},
 }
+# Every other op with an expression (exprs.RULES) is one elementwise kernel.
+LOWER.update({op: elementwise.lower_elementwise for op in exprs.RULES if op not in LOWER})
 
 
 class UnsupportedOpError(NotImplementedError):
     """A node whose op (or epilogue step) has no CUDA kernel."""
 
 
-# Ops that reduce over the ranks of a job run as host steps, which this backend has none of.
-COLLECTIVE_OPS = ("sync_moments", "rank_mean")
+def supports(op: str) -> bool:
+    """Whether this backend has a kernel for op."""
+    return op in LOWER
 
 
 def check_supported(nodes) -> None:
+    # Ops that reduce over the ranks of a job run as host steps, which this backend has none
+    # of: said first, whatever else a synchronised graph holds.
     for node in nodes:
-        if node.op in COLLECTIVE_OPS:
+        if kind_of(node.op) == "collective":
             raise UsageError(f"node {node.name!r}: batch_norm.sync needs the cpu or reference "
                              f"backend (the cuda backend cannot synchronise statistics across "
                              f"ranks)")
+    for node in nodes:
         if node.op not in LOWER:
             raise UnsupportedOpError(f"node {node.name!r}: op {node.op!r} has no CUDA kernel "
                                      f"(backend 'cuda' supports {', '.join(sorted(LOWER))})")
         steps = list(node.attrs.get("epilogue", ())) + list(node.attrs.get("out2", ()))
         for step in steps:
-            if step["op"] not in exprs.RULES or step["op"] not in EPILOGUE_OPS:
+            if step["op"] not in exprs.RULES or step["op"] not in ops_of_kind("epilogue"):
                 raise UnsupportedOpError(f"node {node.name!r} ({node.op}): epilogue step "
                                          f"{step['op']!r} has no CUDA code")
 

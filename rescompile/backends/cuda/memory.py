@@ -12,11 +12,12 @@ Design note
   The group writes its outputs in place over the variables: every reader of the old values
   runs before it (updates are the last phase; checked per entry, else no grouping).
 - Activations: per (entry, batch size) one device arena `A`. The values the entry computes
-  (outside the groups) are placed by `passes.memory.plan_memory`, as on the CPU: values whose
-  lifetimes do not overlap share a planned buffer, and a buffer is a slice of A starting on a
-  256-byte boundary. `keep` (the entry's fetches and whatever a later entry reads: backward
-  reads forward's activations) makes a value live to the end of the entry, so it is never
-  overwritten within the run. The group operands follow the planned buffers in A, unplanned.
+  (outside the groups) are placed by `memory.plan_memory` (the liveness library the CPU arena
+  uses too): values whose lifetimes do not overlap share a planned buffer, and a buffer is a
+  slice of A starting on a 256-byte boundary. `keep` (the entry's fetches and whatever a
+  later entry reads: backward reads forward's activations) makes a value live to the end of
+  the entry, so it is never overwritten within the run. The group operands follow the
+  planned buffers in A, unplanned.
   Nothing in A aliases V: the in-place updates write V only, and their outputs are V's slices.
   Feeds (images, labels, scalars) are uploaded into small buffers of their own.
 - Kernel scratch (split-K partials, reduction partials) is neither planned nor in A: one pool

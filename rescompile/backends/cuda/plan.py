@@ -115,6 +115,23 @@ def build_plan(graph, entry, layout: Layout, batch, dtype: str, target,
                 {v: ctx.shape(v) for v in produced | set(entry.fetches)})
 
 
+def memory_report(graph, entries, entry: str, batch: int, dtype: str = "float32",
+                  target=GPU) -> str:
+    """What the backend allocates on the device to run `entry` at `batch`: the variables'
+    arena, and the entry's activations (as its memory plan places them), feeds and scratch
+    pools (a plan needs no device)."""
+    kernels.check_supported(entries[entry].nodes)
+    layout = variable_layout(graph)
+    plan = build_plan(graph, entries[entry], layout, batch, dtype, target,
+                      kept_values(entries, entries[entry]))
+    mib, item = 2.0 ** 20, np.dtype(dtype).itemsize
+    allocated = {"variables": layout.size * item, **plan.device_bytes(dtype)}
+    lines = [f"cuda device memory, entry {entry}, batch {batch}"]
+    lines += [f"  {what:<12} {n:>14,} bytes ({n / mib:.1f} MiB)" for what, n in allocated.items()]
+    lines.append(f"  in all       {sum(allocated.values()):>14,} bytes")
+    return "\n".join(lines) + "\n" + plan.memory.summary()
+
+
 def count_launches(graph, entries, batch: int, dtype: str = "float32", target=GPU
                    ) -> dict[str, int]:
     """Kernel launches per call of each entry at `batch` (needs no GPU)."""

@@ -35,14 +35,18 @@ computes it.
 
 Weights of a dense layer are a 1x1 kernel over 1x1 images: the head runs on the same tile.
 
-With `sums` (training), the kernel also makes two per-channel sums of its output over the
-call's pixels, in float64 (a tile's rows in the kernel's dtype, then into float64), into slot
-`p_begin / sums.chunk` of a [slot][2][sums.width] buffer: the caller cuts a step into fixed
-chunks of pixels, one call each, and combines the slots in order (`reduce.SlotSum`), so the
-sums do not depend on how many threads ran the calls. The sums are `reduce.ChannelSums`':
-"moments" (y, y * y: a forward conv's batch statistics), or a data gradient's batch-norm
-gradient sums, "bn_grad" and "bn_relu_grad" (g, g * xhat, read against the batch norm's input
+With `sums` (training: an op of `reduce.SUMS`), the kernel also makes two per-channel sums of
+its output over the call's pixels, in float64 (a tile's rows in the kernel's dtype, then into
+float64), into slot `p_begin / sums.chunk` of a [slot][2][sums.width] buffer: the caller cuts a
+step into fixed chunks of pixels, one call each, and combines the slots in order
+(`reduce.SlotSum`), so the sums do not depend on how many threads ran the calls. The sums are
+`reduce.ChannelSums`': batch_moments (y, y * y: a forward conv's batch statistics), or a data
+gradient's batch-norm gradient sums (g, g * xhat, read against the batch norm's input
 `sums.x`), so the reduction reads the gradient while it is in registers.
+
+Registers and values are named by role in the IR: `x_row<m>` (a tile row's window origin),
+`w<j>` (a weight vector), `a<m>` (a broadcast input), `acc<m>_<j>` (an accumulator), and each
+epilogue step's result after its op (`relu2.m1_0`: row 1, vector 0).
 """
 
 from __future__ import annotations
@@ -52,25 +56,18 @@ from dataclasses import dataclass
 from llvmlite import ir
 
 from ..target import Target
-from . import epilogue
-from .emit import Function, Tiled, new_module
-from .pixels import (CALL_PARAMS, TRUE, PixelWalk, load_arguments, load_vector, next_pixel,
-                     offset, store_vector, stride_fields)
-from .reduce import SUM_KINDS, sum_operands, sum_scalars, sum_terms
+from ..tuning import conv_tile
+from . import abi, epilogue
+from .emit import Tiled, new_module
+from .pixels import TRUE, PixelWalk, load_vector, next_pixel, offset, store_vector
+from .reduce import sum_kind, sum_operands, sum_terms
 from .slots import add_f64, statistics_slot
 
-GEOMETRY = ("cin", "kh", "kw", "stride", "oh", "ow", "x.image", "x.row", "panels_outer")
-
-
-def default_tile(target: Target, dtype: str) -> tuple[int, int]:
-    """(MR, NV): NV = 2 vectors of channels, as many rows as leave registers for the two
-    weight vectors and one broadcast (6 on 16 registers, 14 on 32)."""
-    nv = 2
-    return (target.registers - nv - 1) // nv, nv
+GEOMETRY = abi.sizes("cin", "kh", "kw", "stride", "oh", "ow", "panels_outer")
 
 
 @dataclass(frozen=True)
-class ConvKernel(Tiled):
+class ConvKernel(epilogue.Chained, Tiled):
     """What one compiled conv kernel computes; every size and stride is a run-time value."""
     dtype: str
     target: Target
@@ -78,60 +75,50 @@ class ConvKernel(Tiled):
     out2: tuple[str, ...] | None = None
     mr: int = 0
     nv: int = 0
-    sums: str | None = None
+    sums: str | None = None  # an op of reduce.SUMS
 
     def __post_init__(self):
-        mr, nv = default_tile(self.target, self.dtype)
+        mr, nv = conv_tile(self.target)
         object.__setattr__(self, "mr", self.mr or mr)
         object.__setattr__(self, "nv", self.nv or nv)
         object.__setattr__(self, "epilogue", tuple(self.epilogue))
         if self.out2 is not None:
             object.__setattr__(self, "out2", tuple(self.out2))
-        for op in self.epilogue + (self.out2 or ()):
-            epilogue.rule(op)
-        if self.sums is not None and self.sums not in SUM_KINDS:
-            raise ValueError(f"ConvKernel.sums must be one of {SUM_KINDS}, got {self.sums!r}")
+        self.chains  # noqa: B018 - checks every step has a rule
+        if self.sums is not None:
+            sum_kind(self.sums)
 
     @property
     def symbol(self) -> str:
-        steps = "_".join(self.epilogue) or "plain"
-        if self.out2 is not None:
-            steps += "__out2_" + "_".join(self.out2)
+        steps = self.chain_name("plain")
         if self.sums:
-            steps += f"__sums_{self.sums}"
+            steps += f"__sums_{sum_kind(self.sums).short}"
         return f"conv_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}_{steps}"
 
     @property
-    def operands(self) -> list[epilogue.Operand]:
-        ops = epilogue.operands(self.epilogue)
-        return ops + epilogue.operands(self.out2 or (), len(self.epilogue))
+    def sum_against(self) -> list[str]:
+        """The batch norm's input the sums read (`sums.x`), if they read one."""
+        return ["sums.x"] if "x" in self._sum_operands else []
 
     @property
-    def outputs(self) -> list[str]:
-        return ["out"] + (["out2"] if self.out2 is not None else [])
+    def _sum_operands(self) -> list[str]:
+        return sum_operands(self.sums) if self.sums else []
 
     @property
-    def pointers(self) -> list[str]:
-        """Pointer arguments, in order: input, packed weights, outputs, epilogue operands, and
-        the statistics' slots."""
-        return (["x", "w"] + self.outputs + [op.name for op in self.operands]
-                + ([f"sums.{n}" for n in sum_operands(self.sums)] + ["sums"] if self.sums
-                   else []))
-
-    @property
-    def pixel_tensors(self) -> list[str]:
-        against = ["sums.x"] if self.sums and self.sums != "moments" else []
-        return self.outputs + [op.name for op in self.operands if op.kind == "pixel"] + against
-
-    @property
-    def fields(self) -> list[str]:
-        """The constants block, in order: geometry, each pixel tensor's strides, scalars."""
-        strides = stride_fields(self.pixel_tensors)
-        scalars = epilogue.scalar_names(self.epilogue)
-        scalars += epilogue.scalar_names(self.out2 or (), len(self.epilogue))
-        sums = ([f"sums.{n}" for n in sum_scalars(self.sums)] + ["sums.chunk", "sums.width"]
-                if self.sums else [])
-        return list(GEOMETRY) + strides + scalars + sums
+    def signature(self) -> abi.Signature:
+        """Geometry, the input (window origin), the packed weights, the outputs, the epilogue
+        chains' operands and scalars, and the sums' operands, scalars and slots."""
+        signature = (GEOMETRY + abi.strides("x", *self.outputs, *self.sum_against)
+                     + abi.pointers(self.dtype, "x", "w")
+                     + abi.pointers(self.dtype, *self.outputs, written=True))
+        for chain in self.chains:
+            signature += chain.signature(self.dtype)
+        if self.sums:
+            signature += (abi.pointers(self.dtype, *[f"sums.{n}" for n in self._sum_operands])
+                          + abi.scalars(*[f"sums.{n}" for n in sum_kind(self.sums).scalars])
+                          + abi.sizes("sums.chunk", "sums.width")
+                          + abi.pointers("float64", "sums", written=True))
+        return signature
 
     def ir(self) -> str:
         module = new_module(self.symbol)
@@ -142,29 +129,25 @@ class ConvKernel(Tiled):
 class _Emitter:
     def __init__(self, kernel: ConvKernel, module: ir.Module):
         self.k = kernel
-        target = kernel.target
-        self.f = Function(module, kernel.symbol, CALL_PARAMS, kernel.dtype, kernel.lanes,
-                          target.fma)
+        self.f = abi.new_function(module, kernel.symbol, kernel.dtype, kernel.lanes,
+                                  kernel.target.fma)
         self.b = self.f.b
 
     # -- arguments ----------------------------------------------------------------------
     def emit(self) -> None:
         f, b, k = self.f, self.b, self.k
-        b.comment(f"{k.symbol}: {k.mr} x {k.nr} tile; fields: {', '.join(k.fields)}")
-        b.comment("arguments: sizes, strides (in elements) and scalars")
-        self.v, self.ptr = load_arguments(f, k.fields, k.pointers)
-        self.scalars = {name: f.splat(f.from_bits(self.v[name])) for name in k.fields
-                        if name.startswith("s")}
+        b.comment(f"{k.symbol}: a {k.mr} x {k.nr} tile of output pixels by channels")
+        b.comment("arguments: sizes, strides (in elements) and scalars; pointers by role")
+        self.v, self.ptr = abi.load_arguments(f, k.signature)
         v = self.v
         self.k_depth = b.mul(b.mul(v["kh"], v["kw"]), v["cin"], name="k_depth")
         self.x_row_step = b.mul(v["x.row"], v["stride"], name="x_row_step")
-        self.x_pixel_step = b.mul(v["cin"], v["stride"], name="x_pixel_step")
+        self.x_pixel_step = b.mul(v["x.pixel"], v["stride"], name="x_pixel_step")
         self.row_depth = b.mul(v["kw"], v["cin"], name="row_depth")
         if k.sums:
             self.sums_slot = statistics_slot(f, self.ptr["sums"], v["sums.chunk"],
                                              v["sums.width"], 2)
-            self.sum_scalars = {n: f.splat(f.from_bits(v[f"sums.{n}"]))
-                                for n in sum_scalars(k.sums)}
+            self.sum_scalars = {n: v[f"sums.{n}"] for n in sum_kind(k.sums).scalars}
         self.tiles()
         f.finish()
 
@@ -178,7 +161,7 @@ class _Emitter:
         self.walk = PixelWalk(f, v["oh"], v["ow"])
         p_begin, p_end = f.args["p_begin"], f.args["p_end"]
         c_begin, c_end = f.args["c_begin"], f.args["c_end"]
-        by_panel = b.icmp_signed("!=", v["panels_outer"], f.i64(0))
+        by_panel = b.icmp_signed("!=", v["panels_outer"], f.i64(0), name="by_panel")
         with b.if_else(by_panel) as (panels_first, tiles_first):
             with panels_first:
                 with f.loop(c_begin, c_end, k.nr, "c") as c:
@@ -194,7 +177,7 @@ class _Emitter:
 
     def tile_rows(self, p):
         """Rows left from p (at most MR are used) and the tile's row pointers."""
-        self.b.comment(f"tile of {self.k.mr} pixels from p")
+        self.b.comment(f"tile of {self.k.mr} pixels from p: row pointers")
         rows = self.b.sub(self.f.args["p_end"], p, name="rows_left")
         self.row_pointers(rows)
         return rows
@@ -204,14 +187,17 @@ class _Emitter:
         Rows past the last pixel repeat it. The next tile starts at the pixel after row MR-1."""
         f, b, k, v = self.f, self.b, self.k, self.v
         n, oh, ow = self.walk.position()
-        last = b.sub(rows, f.i64(1))
-        self.x_rows, self.offsets = [], {t: [] for t in k.pixel_tensors}
+        last = b.sub(rows, f.i64(1), name="last_row")
+        tensors = k.outputs + [r for chain in k.chains for r in chain.pixel_roles] \
+            + k.sum_against
+        self.x_rows, self.offsets = [], {t: [] for t in tensors}
         for m in range(k.mr):
-            x_off = b.add(b.add(b.mul(n, v["x.image"]), b.mul(oh, self.x_row_step)),
-                          b.mul(ow, self.x_pixel_step))
-            self.x_rows.append(f.element(self.ptr["x"], x_off))
-            for t in k.pixel_tensors:
-                self.offsets[t].append(offset(f, v, t, n, oh, ow))
+            x_off = b.add(b.add(b.mul(n, v["x.image"], name="x.image_off"),
+                                b.mul(oh, self.x_row_step, name="x.row_off"), name="x.row_start"),
+                          b.mul(ow, self.x_pixel_step, name="x.pixel_off"), name=f"x_row{m}.at")
+            self.x_rows.append(f.element(self.ptr["x"], x_off, name=f"x_row{m}"))
+            for t in tensors:
+                self.offsets[t].append(offset(f, v, t, n, oh, ow, name=f"{t}_at{m}"))
             if m + 1 < k.mr:
                 n, oh, ow = next_pixel(f, v["oh"], v["ow"], n, oh, ow,
                                        b.icmp_signed("<", f.i64(m), last))
@@ -226,35 +212,36 @@ class _Emitter:
                for m in range(k.mr)]
         panel_offset = b.mul(c, self.k_depth, name="panel_offset")  # (c / NR) * K * NR
         w_ptr = f.slot(f.scalar.as_pointer(), "w_at", f.element(self.ptr["w"], panel_offset))
-        a_ptr = [f.slot(f.scalar.as_pointer(), f"a{m}") for m in range(k.mr)]
+        a_ptr = [f.slot(f.scalar.as_pointer(), f"a{m}_at") for m in range(k.mr)]
         with f.loop(0, v["kh"], 1, "i") as i:
             window_row = b.mul(i, v["x.row"], name="window_row")
             for m in range(k.mr):
                 f.set(a_ptr[m], f.element(self.x_rows[m], window_row))
             with f.loop(0, self.row_depth, 1, "kc"):
-                w_at = f.get(w_ptr)
-                weights = [f.vload(f.element(w_at, j * k.lanes), align=k.lanes * f.scalar_bytes)
-                           for j in range(k.nv)]
+                w_at = f.get(w_ptr, "w_at")
+                weights = [f.vload(f.element(w_at, j * k.lanes), align=k.lanes * f.scalar_bytes,
+                                   name=f"w{j}") for j in range(k.nv)]
                 for m in range(k.mr):
-                    a_at = f.get(a_ptr[m])
-                    a = f.splat(b.load(a_at))
+                    a_at = f.get(a_ptr[m], f"a{m}_at")
+                    a = f.splat(b.load(a_at, name=f"a{m}.scalar"), name=f"a{m}")
                     for j in range(k.nv):
-                        f.set(acc[m][j], f.fma(a, weights[j], f.get(acc[m][j])))
+                        f.set(acc[m][j], f.fma(a, weights[j], f.get(acc[m][j]),
+                                               name=f"acc{m}_{j}"))
                     f.set(a_ptr[m], f.element(a_at, 1))
                 f.set(w_ptr, f.element(w_at, k.nr))
-        return [[f.get(acc[m][j]) for j in range(k.nv)] for m in range(k.mr)]
+        return [[f.get(acc[m][j], f"acc{m}_{j}") for j in range(k.nv)] for m in range(k.mr)]
 
     # -- one tile: epilogue and store -------------------------------------------------------
     def store_tile(self, acc, c, rows) -> None:
         f, b, k = self.f, self.b, self.k
         width = b.sub(f.args["c_end"], c, name="width")
-        full = b.icmp_signed(">=", width, f.i64(k.nr))
+        full = b.icmp_signed(">=", width, f.i64(k.nr), name="full_panel")
         with b.if_else(full) as (whole, partial):
             with whole:
-                b.comment("epilogue, every channel of the panel")
+                b.comment("epilogue and store, every channel of the panel")
                 self.epilogue(acc, c, rows, None)
             with partial:
-                b.comment("epilogue, the last channels (masked)")
+                b.comment("epilogue and store, the last channels (masked)")
                 self.epilogue(acc, c, rows, width)
 
     def epilogue(self, acc, c, rows, width) -> None:
@@ -262,59 +249,51 @@ class _Emitter:
         masks = [None] * k.nv if width is None else [f.mask(j * k.lanes, width)
                                                       for j in range(k.nv)]
 
-        def load(ptr, j):
-            return load_vector(f, f.element(ptr, j * k.lanes), masks[j])
+        def load(ptr, j, name=""):
+            return load_vector(f, f.element(ptr, j * k.lanes), masks[j], name=name)
 
-        def store(value, ptr, j):
-            store_vector(f, value, f.element(ptr, j * k.lanes), masks[j])
-
-        channel = {op.name: [load(f.element(self.ptr[op.name], c), j) for j in range(k.nv)]
-                   for op in k.operands if op.kind == "channel"}
-        against = {n: [load(f.element(self.ptr[f"sums.{n}"], c), j) for j in range(k.nv)]
-                   for n in sum_operands(k.sums) if n != "x"}
-        firsts, seconds = [None] * k.nv, [None] * k.nv
+        channel = {o.role: [load(f.element(self.ptr[o.role], c), j, o.role)
+                            for j in range(k.nv)]
+                   for chain in k.chains for o in chain.operands if o.kind == epilogue.CHANNEL}
+        against = {n: [load(f.element(self.ptr[f"sums.{n}"], c), j, n) for j in range(k.nv)]
+                   for n in k._sum_operands if n != "x"}
+        sums = [[None] * k.nv, [None] * k.nv]
         for m in range(k.mr):
-            def pixel_ptr(t):
-                return f.element(self.ptr[t], b.add(self.offsets[t][m], c))
-            values = self.apply(k.epilogue, 0, acc[m], channel, pixel_ptr, load)
-            outputs = [("out", values)]
-            if k.out2 is not None:
-                outputs.append(("out2", self.apply(k.out2, len(k.epilogue), values, channel,
-                                                   pixel_ptr, load)))
-            valid = b.icmp_signed("<", f.i64(m), rows)
+            def pixel(t):
+                return f.element(self.ptr[t], b.add(self.offsets[t][m], c, name=f"{t}.at{m}"),
+                                 name=f"{t}.row{m}")
+            outputs, values = [], acc[m]
+            for chain in k.chains:
+                values = [epilogue.apply_chain(
+                    f, chain, values[j],
+                    lambda o: (channel[o.role][j] if o.kind == epilogue.CHANNEL
+                               else load(pixel(o.role), j, o.role)),
+                    self.v, f".m{m}_{j}") for j in range(k.nv)]
+                outputs.append(values)
+            valid = b.icmp_signed("<", f.i64(m), rows, name=f"row{m}_valid")
             with b.if_then(valid):
-                for name, vals in outputs:
-                    base = pixel_ptr(name)
+                for out, vectors in zip(k.outputs, outputs):
                     for j in range(k.nv):
-                        store(vals[j], base, j)
+                        store_vector(f, vectors[j], f.element(pixel(out), j * k.lanes),
+                                     masks[j])
             if k.sums:
-                zero = f.vconst(0.0)
-                for j in range(k.nv):
-                    x = None if k.sums == "moments" else load(pixel_ptr("sums.x"), j)
-                    ch = {n: vectors[j] for n, vectors in against.items()}
-                    first, second = sum_terms(f, k.sums, values[j], x, ch, self.sum_scalars)
-                    first = b.select(valid, first, zero)
-                    firsts[j] = first if m == 0 else b.fadd(firsts[j], first)
-                    seconds[j] = (b.fmul(first, second) if m == 0
-                                  else f.fma(first, second, seconds[j]))
+                self.add_row_sums(sums, outputs[0], m, valid, against, pixel, load)
         if k.sums:
             b.comment("the tile's two channel sums, into float64 slots")
-            for row, vectors in ((0, firsts), (1, seconds)):
+            for row, vectors in enumerate(sums):
                 for j in range(k.nv):
                     add_f64(f, self.sums_slot, row, b.add(c, f.i64(j * k.lanes)), vectors[j],
                             None if width is None else b.sub(width, f.i64(j * k.lanes)))
 
-    def apply(self, steps, first, values, channel, pixel_ptr, load):
-        """The steps (numbered from `first`) on each vector of one tile row."""
-        values = list(values)
-        for index, op in enumerate(steps, start=first):
-            rule = epilogue.rule(op)
-            scalars = [self.scalars[f"s{index}.{name}"] for name in rule.scalars]
-            for j in range(self.k.nv):
-                operands = []
-                for position, kind in enumerate(rule.operands):
-                    name = epilogue.Operand(index, kind, position).name
-                    operands.append(channel[name][j] if kind == "channel"
-                                    else load(pixel_ptr(name), j))
-                values[j] = rule.apply(self.f, values[j], operands, scalars)
-        return values
+    def add_row_sums(self, sums, values, m, valid, against, pixel, load) -> None:
+        """Add tile row m's summands (zero for a row past the last pixel) to `sums`."""
+        f, b, k = self.f, self.b, self.k
+        zero = f.vconst(0.0)
+        for j in range(k.nv):
+            x = load(pixel("sums.x"), j, "sums.x") if k.sum_against else None
+            ch = {n: vectors[j] for n, vectors in against.items()}
+            first, second = sum_terms(f, k.sums, values[j], x, ch, self.sum_scalars)
+            first = b.select(valid, first, zero)
+            sums[0][j] = first if m == 0 else b.fadd(sums[0][j], first)
+            sums[1][j] = (b.fmul(first, second) if m == 0
+                          else f.fma(first, second, sums[1][j]))

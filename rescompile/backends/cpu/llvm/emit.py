@@ -80,7 +80,8 @@ class Function:
         return ptr
 
     def get(self, slot, name: str = ""):
-        return self.b.load(slot, name=name)
+        """A variable's value, named after the variable unless told otherwise."""
+        return self.b.load(slot, name=name or slot.name)
 
     def set(self, slot, value) -> None:
         self.b.store(value, slot)
@@ -118,15 +119,15 @@ class Function:
         return self.i64(value) if isinstance(value, int) else value
 
     # -- memory ---------------------------------------------------------------------------
-    def element(self, ptr, offset):
-        """Address of element `offset` of a `dtype` pointer."""
-        return self.b.gep(ptr, [self._as_i64(offset)])
+    def element(self, ptr, offset, name: str = ""):
+        """Address of element `offset` of a `dtype` pointer (named after the pointer)."""
+        return self.b.gep(ptr, [self._as_i64(offset)], name=name or f"{ptr.name or 'ptr'}+")
 
     def vptr(self, ptr):
-        return self.b.bitcast(ptr, self.vector.as_pointer())
+        return self.b.bitcast(ptr, self.vector.as_pointer(), name=f"{ptr.name or 'at'}.vector")
 
-    def vload(self, ptr, align: int | None = None):
-        return self.b.load(self.vptr(ptr), align=align or self.scalar_bytes)
+    def vload(self, ptr, align: int | None = None, name: str = ""):
+        return self.b.load(self.vptr(ptr), align=align or self.scalar_bytes, name=name)
 
     def vstore(self, value, ptr, align: int | None = None) -> None:
         self.b.store(value, self.vptr(ptr), align=align or self.scalar_bytes)
@@ -139,7 +140,8 @@ class Function:
         """Lanes first_lane.. of one vector that lie below `width` (a run-time count)."""
         lanes = ir.Constant(ir.VectorType(I64, self.lanes),
                             [first_lane + i for i in range(self.lanes)])
-        return self.b.icmp_signed("<", lanes, self.splat_int(width))
+        return self.b.icmp_signed("<", lanes, self.splat_int(width, "width_lanes"),
+                                  name=f"mask_from{first_lane}")
 
     def splat_flag(self, flag):
         """An i1 as a vector of i1 lanes."""
@@ -147,15 +149,15 @@ class Function:
         return self.b.select(flag, ir.Constant(lanes, [1] * self.lanes),
                              ir.Constant(lanes, [0] * self.lanes))
 
-    def splat_int(self, value):
+    def splat_int(self, value, name: str = ""):
         vec = ir.VectorType(I64, self.lanes)
-        return self._splat(value, vec)
+        return self._splat(value, vec, name)
 
-    def masked_load(self, ptr, mask):
+    def masked_load(self, ptr, mask, name: str = ""):
         fn = self._intrinsic("masked.load", self.vector,
                              [self.vector.as_pointer(), I32, mask.type, self.vector])
         return self.b.call(fn, [self.vptr(ptr), ir.Constant(I32, self.scalar_bytes), mask,
-                                self.vconst(0.0)])
+                                self.vconst(0.0)], name=name)
 
     def masked_store(self, value, ptr, mask) -> None:
         fn = self._intrinsic("masked.store", VOID,
@@ -163,20 +165,22 @@ class Function:
         self.b.call(fn, [value, self.vptr(ptr), ir.Constant(I32, self.scalar_bytes), mask])
 
     # -- arithmetic -----------------------------------------------------------------------
-    def splat(self, value):
-        return self._splat(value, self.vector)
+    def splat(self, value, name: str = ""):
+        return self._splat(value, self.vector, name)
 
-    def _splat(self, value, vec):
-        one = self.b.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(I32, 0))
+    def _splat(self, value, vec, name: str = ""):
+        """`value` in every lane (`name` for the vector, `name.lane0` for the step before)."""
+        name = name or f"{value.name or 'value'}.splat"
+        one = self.b.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(I32, 0),
+                                    name=f"{name}.lane0")
         zeros = ir.Constant(ir.VectorType(I32, vec.count), [0] * vec.count)
-        return self.b.shuffle_vector(one, ir.Constant(vec, ir.Undefined), zeros)
+        return self.b.shuffle_vector(one, ir.Constant(vec, ir.Undefined), zeros, name=name)
 
-    def fma(self, a, b, c):
+    def fma(self, a, b, c, name: str = ""):
         """a * b + c, fused where the target has FMA (llvm.fmuladd lets LLVM choose
         elsewhere)."""
-        name = "fma" if self.use_fma else "fmuladd"
-        fn = self._intrinsic(name, a.type, [a.type, a.type, a.type])
-        return self.b.call(fn, [a, b, c])
+        fn = self._intrinsic("fma" if self.use_fma else "fmuladd", a.type, [a.type] * 3)
+        return self.b.call(fn, [a, b, c], name=name)
 
     def unary(self, name: str, value):
         """An elementwise LLVM intrinsic of one operand (sqrt, ...)."""
@@ -197,10 +201,11 @@ class Function:
             return existing
         return ir.Function(self.module, ir.FunctionType(ret, params), full)
 
-    def from_bits(self, bits):
+    def from_bits(self, bits, name: str = ""):
         """A float64 stored in an i64 word, as a scalar of the kernel's dtype."""
-        value = self.b.bitcast(bits, ir.DoubleType())
-        return value if self.dtype == "float64" else self.b.fptrunc(value, self.scalar)
+        value = self.b.bitcast(bits, ir.DoubleType(), name=f"{name}.f64" if name else "")
+        return value if self.dtype == "float64" else self.b.fptrunc(value, self.scalar,
+                                                                       name=name)
 
 
 def new_module(name: str) -> ir.Module:

@@ -1,11 +1,13 @@
-"""The epilogue vocabulary of every CPU kernel: one rule per IR epilogue step, keyed by the
-step's op name (`ops/fused.EPILOGUE_OPS`), applied to a vector of the running value.
+"""The epilogue vocabulary of every CPU kernel: one rule per op of kind "epilogue" (`ops/`),
+applied to a vector of the running value, and `apply_chain`, which runs a chain of them for
+every kernel that has one.
 
-A rule says what the step reads besides the value, in the order of the step's `args`: a
+A rule names what the step reads besides the value, in the order of the step's `args`: a
 per-channel vector ("channel": bias, scale, gamma, ...) or a tensor of the value's own shape
 ("pixel": the residual of an add); and which of the step's attributes it reads at run time
 ("scalars": relu's alpha, batch_normalize's epsilon). Kernels take those operands as run-time
-arguments, so one compiled kernel serves every layer whose epilogue has the same steps.
+arguments, named `e<step>.<name>` (`Operand.role`), so one compiled kernel serves every layer
+whose epilogue has the same steps.
 
 The arithmetic is each op's reference (`ops/`), written on vectors:
 - bias_add:  v + bias
@@ -22,26 +24,27 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ....ops import norm
+from . import abi
 from .arith import VectorArithmetic
 
 
 @dataclass(frozen=True)
 class Rule:
-    operands: tuple[str, ...]  # "channel" or "pixel", one per arg of the step
+    operands: tuple[tuple[str, str], ...]  # (name, "channel" or "pixel"), one per arg
     scalars: tuple[str, ...]
     apply: Callable  # (Function, value, operand vectors, scalar vectors) -> value
 
 
 def _relu(f, v, operands, scalars):
     (alpha,) = scalars
-    negative = f.b.fcmp_ordered("<", v, f.vconst(0.0))
-    return f.b.select(negative, f.b.fmul(v, alpha), v)
+    negative = f.b.fcmp_ordered("<", v, f.vconst(0.0), name="negative")
+    return f.b.select(negative, f.b.fmul(v, alpha, name="leak"), v)
 
 
 def _relu_grad(f, v, operands, scalars):
     (x,), (alpha,) = operands, scalars
-    negative = f.b.fcmp_ordered("<", x, f.vconst(0.0))
-    return f.b.select(negative, f.b.fmul(v, alpha), v)
+    negative = f.b.fcmp_ordered("<", x, f.vconst(0.0), name="negative")
+    return f.b.select(negative, f.b.fmul(v, alpha, name="leak"), v)
 
 
 def _normalize(f, v, operands, scalars):
@@ -50,13 +53,16 @@ def _normalize(f, v, operands, scalars):
     return norm.bn_apply(m, x, gamma, beta, mean, var, epsilon).value
 
 
+CHANNEL, PIXEL = "channel", "pixel"
 RULES = {
-    "bias_add": Rule(("channel",), (), lambda f, v, o, s: f.b.fadd(v, o[0])),
-    "affine": Rule(("channel", "channel"), (), lambda f, v, o, s: f.fma(v, o[0], o[1])),
+    "bias_add": Rule((("bias", CHANNEL),), (), lambda f, v, o, s: f.b.fadd(v, o[0])),
+    "affine": Rule((("scale", CHANNEL), ("shift", CHANNEL)), (),
+                   lambda f, v, o, s: f.fma(v, o[0], o[1])),
     "relu": Rule((), ("alpha",), _relu),
-    "add": Rule(("pixel",), (), lambda f, v, o, s: f.b.fadd(v, o[0])),
-    "batch_normalize": Rule(("channel",) * 4, ("epsilon",), _normalize),
-    "relu_grad": Rule(("pixel",), ("alpha",), _relu_grad),
+    "add": Rule((("other", PIXEL),), (), lambda f, v, o, s: f.b.fadd(v, o[0])),
+    "batch_normalize": Rule(tuple((n, CHANNEL) for n in ("gamma", "beta", "mean", "var")),
+                            ("epsilon",), _normalize),
+    "relu_grad": Rule((("x", PIXEL),), ("alpha",), _relu_grad),
 }
 
 
@@ -68,21 +74,102 @@ def rule(op: str) -> Rule:
 
 @dataclass(frozen=True)
 class Operand:
-    """One operand of a kernel's epilogue: the step it belongs to and its role."""
+    """One operand of a kernel's epilogue: the step it belongs to and its name there."""
     step: int
-    kind: str  # "channel" or "pixel"
+    name: str
+    kind: str  # CHANNEL or PIXEL
     position: int  # index among the step's args
 
     @property
-    def name(self) -> str:
-        return f"s{self.step}.arg{self.position}"
+    def role(self) -> str:
+        return f"e{self.step}.{self.name}"
 
 
-def operands(steps: tuple[str, ...], first_step: int = 0) -> list[Operand]:
-    return [Operand(first_step + i, kind, j) for i, op in enumerate(steps)
-            for j, kind in enumerate(rule(op).operands)]
+def scalar_field(step: int, name: str) -> str:
+    return f"e{step}.{name}"
 
 
-def scalar_names(steps: tuple[str, ...], first_step: int = 0) -> list[str]:
-    return [f"s{first_step + i}.{name}" for i, op in enumerate(steps)
-            for name in rule(op).scalars]
+@dataclass(frozen=True)
+class Chain:
+    """Epilogue steps (op names), numbered from `first` in the kernel that runs them."""
+    steps: tuple[str, ...]
+    first: int = 0
+
+    def __post_init__(self):
+        for op in self.steps:
+            rule(op)
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.steps)
+
+    def numbered(self):
+        return enumerate(self.steps, start=self.first)
+
+    @property
+    def operands(self) -> list[Operand]:
+        return [Operand(i, name, kind, j) for i, op in self.numbered()
+                for j, (name, kind) in enumerate(rule(op).operands)]
+
+    @property
+    def pixel_roles(self) -> list[str]:
+        return [o.role for o in self.operands if o.kind == PIXEL]
+
+    def signature(self, dtype: str) -> abi.Signature:
+        """Its operands' pointers, the strides of its pixel operands and its scalars."""
+        return (abi.pointers(dtype, *[o.role for o in self.operands])
+                + abi.strides(*self.pixel_roles)
+                + abi.scalars(*[scalar_field(i, s) for i, op in self.numbered()
+                                for s in rule(op).scalars]))
+
+    def arguments(self, steps: list[dict], inputs: list[str]):
+        """What a node's epilogue `steps` (whose args index `inputs`) give this chain's
+        signature: pointer role -> value, pixel role -> tensor, scalar field -> float."""
+        uses, tensors, fields = {}, {}, {}
+        for operand in self.operands:
+            value = inputs[steps[operand.step - self.first]["args"][operand.position]]
+            uses[operand.role] = value
+            if operand.kind == PIXEL:
+                tensors[operand.role] = value
+        for i, op in self.numbered():
+            for name in rule(op).scalars:
+                fields[scalar_field(i, name)] = float(steps[i - self.first][name])
+        return uses, tensors, fields
+
+
+class Chained:
+    """A kernel whose output is its value through the `epilogue` chain and, when `out2` is not
+    None, whose second output is that output through the `out2` chain."""
+    out2 = None
+
+    @property
+    def chains(self) -> list[Chain]:
+        first = Chain(tuple(self.epilogue))
+        return [first] + ([Chain(tuple(self.out2), first.end)] if self.out2 is not None
+                          else [])
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["out", "out2"][:len(self.chains)]
+
+    def chain_name(self, empty: str) -> str:
+        """The chains in a kernel symbol: `bias_add_relu`, `add__out2_affine_relu`."""
+        name = "_".join(self.epilogue) or empty
+        return name + ("__out2_" + "_".join(self.out2) if self.out2 is not None else "")
+
+
+def apply_chain(f, chain: Chain, value, operand, scalars: dict, suffix: str = ""):
+    """`value` through the chain's steps: `operand(Operand)` gives each operand's vector,
+    `scalars` each scalar field's; each step's result is named after it (plus `suffix`)."""
+    for index, op in chain.numbered():
+        f.b.comment(f"epilogue step {index}: {op}{suffix}")
+        r = rule(op)
+        operands = [operand(o) for o in chain.operands if o.step == index]
+        value = r.apply(f, value, operands, [scalars[scalar_field(index, s)] for s in r.scalars])
+        value.name = f"{op}{index}{suffix}"
+    return value
+
+
+def chain_of(steps) -> tuple[str, ...]:
+    """The op names of a node's epilogue steps (None for none)."""
+    return tuple(step["op"] for step in steps or ())

@@ -40,11 +40,12 @@ _lock = threading.Lock()
 
 
 def generator_sources() -> list[Path]:
-    """The source the IR is a function of: this package, the target's definitions, and `ops/`,
-    whose formulas the kernels compute (`ops/norm.py`)."""
+    """The source the IR is a function of: this package, the target's definitions, the tuning
+    constants, and `ops/`, whose formulas the kernels compute (`ops/norm.py`)."""
     here = Path(__file__).parent
     ops = here.parents[2] / "ops"
-    return sorted(here.glob("*.py")) + [here.parent / "target.py"] + sorted(ops.glob("*.py"))
+    return (sorted(here.glob("*.py")) + [here.parent / "target.py", here.parent / "tuning.py"]
+            + sorted(ops.glob("*.py")))
 
 
 @lru_cache(maxsize=None)

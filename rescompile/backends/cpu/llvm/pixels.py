@@ -1,10 +1,11 @@
-"""What every kernel that walks output pixels shares: the call signature, the (image, row,
-column) of a flat pixel index, and strided tensors.
+"""What every kernel that walks output pixels shares: the (image, row, column) of a flat pixel
+index, and strided tensors.
 
 A call covers pixels [p_begin, p_end) of a grid of `oh` x `ow` pixels per image, counted over
-every image of the call, and channels [c_begin, c_end). A tensor is a base pointer and three
-strides in elements (image, row, pixel), so the same kernel reads and writes compact tensors,
-the interiors of zero-bordered buffers and per-thread scratch alike.
+every image of the call, and channels [c_begin, c_end) (`abi.CALL_PARAMS`). A tensor is a base
+pointer and three strides in elements (image, row, pixel: `abi.strides`), so the same kernel
+reads and writes compact tensors, the interiors of zero-bordered buffers and per-thread scratch
+alike.
 """
 
 from __future__ import annotations
@@ -13,45 +14,28 @@ from llvmlite import ir
 
 from .emit import I1, I64, Function
 
-CALL_PARAMS = [("consts", I64.as_pointer()), ("ptrs", I64.as_pointer()), ("p_begin", I64),
-               ("p_end", I64), ("c_begin", I64), ("c_end", I64)]
-STRIDES = ("image", "row", "pixel")
 
-
-def stride_fields(tensors) -> list[str]:
-    return [f"{t}.{s}" for t in tensors for s in STRIDES]
-
-
-def load_arguments(f: Function, fields: list[str], pointers: list[str]):
-    """The constants block as named i64 values, and the pointer block as `dtype` pointers."""
-    b = f.b
-    values = {name: b.load(b.gep(f.args["consts"], [f.i64(i)]), name=name)
-              for i, name in enumerate(fields)}
-    ptrs = {}
-    for i, name in enumerate(pointers):
-        address = b.load(b.gep(f.args["ptrs"], [f.i64(i)]))
-        ptrs[name] = b.inttoptr(address, f.scalar.as_pointer(), name=name)
-    return values, ptrs
-
-
-def offset(f: Function, v: dict, tensor: str, n, oh, ow):
+def offset(f: Function, v: dict, tensor: str, n, oh, ow, name: str = ""):
     """Element offset of pixel (n, oh, ow) in `tensor`."""
     b = f.b
-    return b.add(b.add(b.mul(n, v[f"{tensor}.image"]), b.mul(oh, v[f"{tensor}.row"])),
-                 b.mul(ow, v[f"{tensor}.pixel"]))
+    image = b.mul(n, v[f"{tensor}.image"], name=f"{tensor}.image_off")
+    row = b.mul(oh, v[f"{tensor}.row"], name=f"{tensor}.row_off")
+    column = b.mul(ow, v[f"{tensor}.pixel"], name=f"{tensor}.pixel_off")
+    return b.add(b.add(image, row, name=f"{tensor}.row_start"), column,
+                 name=name or f"{tensor}.at")
 
 
 def next_pixel(f: Function, grid_h, grid_w, n, oh, ow, step=None):
     """(n, oh, ow) of the pixel after (n, oh, ow) in row-major order; unmoved if the i1 `step`
     is clear."""
     b = f.b
-    ow = b.add(ow, f.i64(1) if step is None else b.zext(step, I64))
-    row_done = b.icmp_signed("==", ow, grid_w)
-    ow = b.select(row_done, f.i64(0), ow)
-    oh = b.add(oh, b.zext(row_done, I64))
-    image_done = b.icmp_signed("==", oh, grid_h)
-    oh = b.select(image_done, f.i64(0), oh)
-    return b.add(n, b.zext(image_done, I64)), oh, ow
+    ow = b.add(ow, f.i64(1) if step is None else b.zext(step, I64, name="moves"), name="ow_next")
+    row_done = b.icmp_signed("==", ow, grid_w, name="row_done")
+    ow = b.select(row_done, f.i64(0), ow, name="ow")
+    oh = b.add(oh, b.zext(row_done, I64, name="rows_done"), name="oh_next")
+    image_done = b.icmp_signed("==", oh, grid_h, name="image_done")
+    oh = b.select(image_done, f.i64(0), oh, name="oh")
+    return b.add(n, b.zext(image_done, I64, name="images_done"), name="n"), oh, ow
 
 
 class PixelWalk:
@@ -66,9 +50,10 @@ class PixelWalk:
         """Back to p_begin."""
         b = self.f.b
         per_image = b.mul(self.grid_h, self.grid_w, name="pixels_per_image")
-        rest = b.urem(self.f.args["p_begin"], per_image)
-        self.move_to(b.udiv(self.f.args["p_begin"], per_image), b.udiv(rest, self.grid_w),
-                     b.urem(rest, self.grid_w))
+        rest = b.urem(self.f.args["p_begin"], per_image, name="first_in_image")
+        self.move_to(b.udiv(self.f.args["p_begin"], per_image, name="first_n"),
+                     b.udiv(rest, self.grid_w, name="first_oh"),
+                     b.urem(rest, self.grid_w, name="first_ow"))
 
     def position(self):
         return [self.f.get(s) for s in self.slots]
@@ -94,8 +79,8 @@ def channel_vectors(f: Function, body) -> None:
                 body(c, f.mask(0, width))
 
 
-def load_vector(f: Function, ptr, mask):
-    return f.vload(ptr) if mask is None else f.masked_load(ptr, mask)
+def load_vector(f: Function, ptr, mask, name: str = ""):
+    return f.vload(ptr, name=name) if mask is None else f.masked_load(ptr, mask, name=name)
 
 
 def store_vector(f: Function, value, ptr, mask) -> None:

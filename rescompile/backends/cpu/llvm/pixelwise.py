@@ -13,81 +13,69 @@ from typing import ClassVar
 from llvmlite import ir
 
 from ..target import Target
-from . import epilogue
+from . import abi, epilogue
 from .emit import Function, Vectors, new_module
-from .pixels import (CALL_PARAMS, PixelWalk, channel_vectors, load_arguments, load_vector,
-                     offset, store_vector, stride_fields)
+from .pixels import PixelWalk, channel_vectors, load_vector, offset, store_vector
 
 
 # A pooling window's geometry, then the input's and the output's sizes.
-WINDOW_SIZES = ("k", "stride", "pad_top", "pad_left", "h", "w", "oh", "ow")
+WINDOW = ("k", "stride", "pad_top", "pad_left", "h", "w", "oh", "ow")
 
 
 @dataclass(frozen=True)
 class PixelKernel(Vectors):
     """A kernel over pixels, one vector of channels at a time; its symbol is `kind`'s (what
-    it computes) for its dtype and instruction set."""
+    it computes) for its dtype and instruction set. Its signature is its `sizes`, then the
+    strided tensors it `reads` and `writes` (or a subclass's own); it emits
+    `body(f, fields, pointers)`."""
     dtype: str
     target: Target
     kind: ClassVar[str] = ""
-    sizes: ClassVar[tuple[str, ...]] = ()  # scalar fields, before the tensors' strides
-    tensors: ClassVar[tuple[str, ...]] = ()  # the tensors addressed by (n, h, w) strides
-
-    @property
-    def fields(self) -> list[str]:
-        return list(self.sizes) + stride_fields(self.tensors)
+    sizes: ClassVar[tuple[str, ...]] = ()
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
 
     @property
     def symbol(self) -> str:
         return f"{self.kind}_{self.dtype}_{self.target.isa}"
 
+    @property
+    def signature(self) -> abi.Signature:
+        return (abi.sizes(*self.sizes) + abi.strides(*self.reads, *self.writes)
+                + abi.pointers(self.dtype, *self.reads)
+                + abi.pointers(self.dtype, *self.writes, written=True))
+
     def ir(self) -> str:
         module = new_module(self.symbol)
-        f = Function(module, self.symbol, CALL_PARAMS, self.dtype, self.lanes, self.target.fma)
-        f.b.comment(f"{self.symbol}; fields: {', '.join(self.fields)}")
-        v, ptr = load_arguments(f, self.fields, self.pointers)
+        f = abi.new_function(module, self.symbol, self.dtype, self.lanes, self.target.fma)
+        f.b.comment(f"{self.symbol}: fields {', '.join(x.name for x in self.signature.fields)}")
+        v, ptr = abi.load_arguments(f, self.signature)
         self.body(f, v, ptr)
         f.finish()
         return str(module)
 
 
 @dataclass(frozen=True)
-class EltwiseKernel(PixelKernel):
-    """out = steps(x) per element, and out2 = out2_steps(out); no steps is a copy."""
-    steps: tuple[str, ...] = ()
+class EltwiseKernel(epilogue.Chained, PixelKernel):
+    """out = epilogue(x) per element, and out2 = out2(out); no steps is a copy."""
+    epilogue: tuple[str, ...] = ()
     out2: tuple[str, ...] | None = None
 
     @property
     def symbol(self) -> str:
-        steps = "_".join(self.steps) or "copy"
-        if self.out2 is not None:
-            steps += "__out2_" + "_".join(self.out2)
-        return f"eltwise_{self.dtype}_{self.target.isa}_{steps}"
+        return f"eltwise_{self.dtype}_{self.target.isa}_{self.chain_name('copy')}"
 
     @property
-    def operands(self) -> list[epilogue.Operand]:
-        return epilogue.operands(self.steps) + epilogue.operands(self.out2 or (),
-                                                                 len(self.steps))
-
-    @property
-    def outputs(self) -> list[str]:
-        return ["out"] + (["out2"] if self.out2 is not None else [])
-
-    @property
-    def pointers(self) -> list[str]:
-        return ["x"] + self.outputs + [op.name for op in self.operands]
-
-    @property
-    def fields(self) -> list[str]:
-        tensors = ["x"] + self.outputs + [op.name for op in self.operands if op.kind == "pixel"]
-        scalars = epilogue.scalar_names(self.steps)
-        scalars += epilogue.scalar_names(self.out2 or (), len(self.steps))
-        return ["oh", "ow"] + stride_fields(tensors) + scalars
+    def signature(self) -> abi.Signature:
+        signature = (abi.sizes("oh", "ow") + abi.strides("x", *self.outputs)
+                     + abi.pointers(self.dtype, "x")
+                     + abi.pointers(self.dtype, *self.outputs, written=True))
+        for chain in self.chains:
+            signature += chain.signature(self.dtype)
+        return signature
 
     def body(self, f: Function, v, ptr) -> None:
         b = f.b
-        scalars = {name: f.splat(f.from_bits(v[name])) for name in self.fields
-                   if name.startswith("s")}
         walk = PixelWalk(f, v["oh"], v["ow"])
         with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
             at = walk.position()
@@ -95,25 +83,16 @@ class EltwiseKernel(PixelKernel):
             def element(tensor, c):
                 return f.element(ptr[tensor], b.add(offset(f, v, tensor, *at), c))
 
-            def chain(steps, first, value, c, mask):
-                for index, op in enumerate(steps, start=first):
-                    rule = epilogue.rule(op)
-                    operands = []
-                    for position, kind in enumerate(rule.operands):
-                        name = epilogue.Operand(index, kind, position).name
-                        where = f.element(ptr[name], c) if kind == "channel" \
-                            else element(name, c)
-                        operands.append(load_vector(f, where, mask))
-                    value = rule.apply(f, value, operands,
-                                       [scalars[f"s{index}.{s}"] for s in rule.scalars])
-                return value
-
             def vector(c, mask):
-                value = chain(self.steps, 0, load_vector(f, element("x", c), mask), c, mask)
-                store_vector(f, value, element("out", c), mask)
-                if self.out2 is not None:
-                    second = chain(self.out2, len(self.steps), value, c, mask)
-                    store_vector(f, second, element("out2", c), mask)
+                def operand(o: epilogue.Operand):
+                    where = f.element(ptr[o.role], c) if o.kind == epilogue.CHANNEL \
+                        else element(o.role, c)
+                    return load_vector(f, where, mask, name=o.role)
+
+                value = load_vector(f, element("x", c), mask, name="x")
+                for chain, out in zip(self.chains, self.outputs):
+                    value = epilogue.apply_chain(f, chain, value, operand, v)
+                    store_vector(f, value, element(out, c), mask)
             channel_vectors(f, vector)
             walk.advance()
 
@@ -124,8 +103,7 @@ class MaxPoolKernel(PixelKernel):
     -inf border never wins; NaN propagates, as np.max does)."""
 
     kind = "maxpool"
-    pointers = tensors = ("x", "out")
-    sizes = WINDOW_SIZES
+    sizes, reads, writes = WINDOW, ("x",), ("out",)
 
     def body(self, f: Function, v, ptr) -> None:
         b = f.b
@@ -148,8 +126,7 @@ class MeanKernel(PixelKernel):
     """out[n, c] = the mean of x[n, :, :, c]: a call's pixels are images."""
 
     kind = "mean"
-    pointers = tensors = ("x", "out")
-    sizes = ("h", "w")
+    sizes, reads, writes = ("h", "w"), ("x",), ("out",)
 
     def body(self, f: Function, v, ptr) -> None:
         b = f.b
@@ -172,22 +149,19 @@ class MeanGradKernel(PixelKernel):
     """out[n, h, w, c] = dy[n, c] / (H * W): the gradient of the global mean."""
 
     kind = "meangrad"
-    pointers = ("dy", "out")
-    sizes = ("oh", "ow", "dy.image")  # dy is (n, c): one stride
-    tensors = ("out",)
+    sizes, reads, writes = ("oh", "ow"), ("dy",), ("out",)
 
     def body(self, f: Function, v, ptr) -> None:
-        b = f.b
-        count = _pixels(f, v["oh"], v["ow"])
         walk = PixelWalk(f, v["oh"], v["ow"])
+        count = _pixels(f, v["oh"], v["ow"])
         with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
             n, oh, ow = walk.position()
 
             def vector(c, mask):
-                dy = load_vector(f, f.element(ptr["dy"], b.add(b.mul(n, v["dy.image"]), c)),
-                                 mask)
-                out = f.element(ptr["out"], b.add(offset(f, v, "out", n, oh, ow), c))
-                store_vector(f, b.fdiv(dy, count), out, mask)
+                at = f.b.add(f.b.mul(n, v["dy.image"], name="dy.image_off"), c)
+                dy = load_vector(f, f.element(ptr["dy"], at), mask, name="dy")
+                out = f.element(ptr["out"], f.b.add(offset(f, v, "out", n, oh, ow), c))
+                store_vector(f, f.b.fdiv(dy, count, name="share"), out, mask)
             channel_vectors(f, vector)
             walk.advance()
 
@@ -199,8 +173,7 @@ class MaxPoolGradKernel(PixelKernel):
     gathering from the windows that contain it, so calls never write the same element."""
 
     kind = "maxpoolgrad"
-    pointers = tensors = ("dy", "x", "out")
-    sizes = WINDOW_SIZES
+    sizes, reads, writes = WINDOW, ("dy", "x"), ("out",)
 
     def body(self, f: Function, v, ptr) -> None:
         b = f.b

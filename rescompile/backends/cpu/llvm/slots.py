@@ -28,12 +28,11 @@ class Slot:
     width: ir.Value  # i64: channels per row
 
 
-def statistics_slot(f: Function, ptr, chunk, width, rows) -> Slot:
-    """This call's slot of the buffer at `ptr` (`rows`: an int or an i64), its channels
-    [c_begin, c_end) of every row zeroed."""
+def statistics_slot(f: Function, doubles, chunk, width, rows) -> Slot:
+    """This call's slot of the float64 buffer at `doubles` (`rows`: an int or an i64), its
+    channels [c_begin, c_end) of every row zeroed."""
     b = f.b
     rows = f.i64(rows) if isinstance(rows, int) else rows
-    doubles = b.bitcast(ptr, F64.as_pointer())
     slot = b.udiv(f.args["p_begin"], chunk, name="slot")
     base = b.gep(doubles, [b.mul(slot, b.mul(width, rows))], name="slot_base")
     with f.loop(0, rows, 1, "zero_row") as row:

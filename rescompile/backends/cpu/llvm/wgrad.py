@@ -9,10 +9,9 @@ output channels. Per pixel: NV vector loads of dy (its output channels are conti
 broadcasts of x (MR depth offsets from the pixel's window origin), MR * NV fused multiply-adds.
 
 A call covers pixels [p_begin, p_end), one chunk of a fixed cut (`slots.py`), and output
-channels [c_begin, c_end). It walks its pixels in blocks of BLOCK: for each block, every
-(depth tile, channel panel) pair accumulates the block in registers and adds the tile into the
-call's float64 slot [K][width] (measured on ResNet-164's layers: 512 pixels beat 64 to 256,
-whose blocks fit L1 but pay the block's overhead more often, and 1024). Within a block, pixels
+channels [c_begin, c_end). It walks its pixels in blocks of WGRAD_BLOCK pixels (`tuning.py`):
+for each block, every (depth tile, channel panel) pair accumulates the block in registers and
+adds the tile into the call's float64 slot [K][width]. Within a block, pixels
 are walked one output row at a time, so the inner loop only steps two pointers; where x and dy
 are both contiguous across rows and images (a 1 x 1, stride-1 layer), the whole block is one
 run.
@@ -26,12 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..target import Target
-from .conv import default_tile
+from ..tuning import WGRAD_BLOCK as BLOCK, conv_tile
+from . import abi
 from .emit import Function, Tiled, new_module
-from .pixels import CALL_PARAMS, PixelWalk, load_arguments, load_vector, offset
+from .pixels import PixelWalk, load_vector, offset
 from .slots import add_f64, statistics_slot
-
-BLOCK = 512  # pixels per block: few enough for float32 sums, enough to amortise a block
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class WgradKernel(Tiled):
     nv: int = 0
 
     def __post_init__(self):
-        mr, nv = default_tile(self.target, self.dtype)
+        mr, nv = conv_tile(self.target)
         object.__setattr__(self, "mr", self.mr or mr)
         object.__setattr__(self, "nv", self.nv or nv)
 
@@ -50,15 +48,17 @@ class WgradKernel(Tiled):
     def symbol(self) -> str:
         return f"wgrad_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}"
 
-    pointers = ("x", "dy", "partial")
-    fields = ("cin", "kh", "kw", "stride", "oh", "ow", "x.image", "x.row", "dy.image", "dy.row",
-              "dy.pixel", "chunk", "width")
+    @property
+    def signature(self) -> abi.Signature:
+        return (abi.sizes("cin", "kh", "kw", "stride", "oh", "ow") + abi.strides("x", "dy")
+                + abi.sizes("chunk", "width") + abi.pointers(self.dtype, "x", "dy")
+                + abi.pointers("float64", "partial", written=True))
 
     def ir(self) -> str:
         module = new_module(self.symbol)
-        f = Function(module, self.symbol, CALL_PARAMS, self.dtype, self.lanes, self.target.fma)
-        f.b.comment(f"{self.symbol}: {self.mr} x {self.nr} tile; fields: {', '.join(self.fields)}")
-        v, ptr = load_arguments(f, list(self.fields), list(self.pointers))
+        f = abi.new_function(module, self.symbol, self.dtype, self.lanes, self.target.fma)
+        f.b.comment(f"{self.symbol}: a {self.mr} x {self.nr} tile of depth by output channels")
+        v, ptr = abi.load_arguments(f, self.signature)
         _Emitter(self, f, v, ptr).emit()
         f.finish()
         return str(module)
@@ -73,7 +73,7 @@ class _Emitter:
         self.row_depth = b.mul(v["kw"], v["cin"], name="row_depth")
         self.depth = b.mul(v["kh"], self.row_depth, name="depth")
         self.slot = statistics_slot(f, self.ptr["partial"], v["chunk"], v["width"], self.depth)
-        self.pixel_step = b.mul(v["cin"], v["stride"], name="x_pixel_step")
+        self.pixel_step = b.mul(v["x.pixel"], v["stride"], name="x_pixel_step")
         x_rows = b.and_(b.icmp_signed("==", v["x.row"], b.mul(v["ow"], self.pixel_step)),
                         b.icmp_signed("==", v["x.image"], b.mul(v["oh"], v["x.row"])))
         dy_rows = b.and_(b.icmp_signed("==", v["dy.row"], b.mul(v["ow"], v["dy.pixel"])),

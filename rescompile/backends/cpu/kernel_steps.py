@@ -1,0 +1,174 @@
+"""Steps of each kernel kind, built from a node's tensors and fields: what a lowering
+(`lower.py`) calls to make a conv, a slot sum, an elementwise chain, a pixel-wise kernel or a
+copy into a padded or dilated buffer. Each fills exactly its kernel's signature: the pointer
+roles, the strided tensors, the sizes and the scalars."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...ops.registry import get
+from ...padding import window_out
+from .llvm.conv import ConvKernel
+from .llvm.epilogue import chain_of
+from .llvm.pixelwise import EltwiseKernel
+from .llvm.reduce import SlotSum, sum_kind
+from .steps import Slots, Step, Use, image_shape
+from .target import DTYPE_BYTES, Target
+from .tuning import PIXEL_SPLIT_MIN, REDUCE_CHUNK, WEIGHTS_IN_CACHE_BYTES
+
+
+def chain_arguments(kernel, chains, inputs) -> tuple[dict, dict, dict]:
+    """Pointer uses, strided tensors and scalar fields of a kernel's epilogue chains, from the
+    node's epilogue steps (whose args index `inputs`)."""
+    uses, tensors, fields = {}, {}, {}
+    for chain, steps in zip(kernel.chains, chains):
+        more_uses, more_tensors, more_fields = chain.arguments(list(steps), inputs)
+        uses.update({role: Use(value) for role, value in more_uses.items()})
+        tensors.update(more_tensors)
+        fields.update(more_fields)
+    return uses, tensors, fields
+
+
+def output_uses(kernel, values) -> tuple[dict, dict]:
+    return {r: Use(v) for r, v in zip(kernel.outputs, values)}, dict(zip(kernel.outputs, values))
+
+
+def _split(weight_bytes: int, input_bytes: int) -> str:
+    """Shared layers split channels when each thread would otherwise read more weights than
+    input (the late, wide layers), else pixels."""
+    return "channels" if weight_bytes > input_bytes else "pixels"
+
+
+def pixel_split(pixels: int) -> str:
+    return "pixels" if pixels >= PIXEL_SPLIT_MIN else "channels"
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    shape: tuple[int, int, int]  # (H, W, C) of the input's image
+    k: int
+    cout: int
+    stride: int
+    pads: tuple[int, int, int, int]
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        h, w, _ = self.shape
+        top, bottom, left, right = self.pads
+        return (window_out(h, self.k, self.stride, top, bottom),
+                window_out(w, self.k, self.stride, left, right))
+
+
+@dataclass(frozen=True)
+class Sums:
+    """Per-channel sums of `op` (`reduce.SUMS`) a conv makes of its output into the slot
+    buffer `partial`; a batch-norm gradient's read its `operands` (role -> value: x, gamma,
+    ...) and `scalars` (epsilon, alpha)."""
+    op: str
+    partial: str
+    operands: dict = field(default_factory=dict)
+    scalars: dict = field(default_factory=dict)
+
+
+def conv_step(node, dtype: str, target: Target, x: str, weights: Use, geometry: ConvGeometry,
+              outputs, epi=(), out2=None, sums: Sums | None = None, inputs=None) -> Step:
+    """A convolution step: x through the packed weights into outputs (and out2), with the
+    epilogue (whose args index `inputs`, the node's by default), and with `sums` of its
+    output."""
+    h, w, cin = geometry.shape
+    oh, ow = geometry.out_hw
+    kernel = ConvKernel(dtype, target, chain_of(epi),
+                        None if out2 is None else chain_of(out2), sums=sums and sums.op)
+    uses, tensors = output_uses(kernel, outputs)
+    uses.update(x=Use(x, "window", geometry.pads[::2]),
+                w=Use(weights.value, "packed", nr=kernel.nr, transform=weights.transform))
+    tensors["x"] = x
+    size = DTYPE_BYTES[dtype]
+    weight_bytes = geometry.k ** 2 * cin * geometry.cout * size
+    fields = dict(cin=cin, kh=geometry.k, kw=geometry.k, stride=geometry.stride, oh=oh, ow=ow,
+                  panels_outer=int(weight_bytes > WEIGHTS_IN_CACHE_BYTES))
+    more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs))
+    for have, extra in zip((uses, tensors, fields), more):
+        have.update(extra)
+    step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
+                fields=fields, pixels=oh * ow, channels=geometry.cout, pixel_align=kernel.mr,
+                channel_align=kernel.nr, split=_split(weight_bytes, h * w * cin * size),
+                flops=2.0 * oh * ow * geometry.cout * geometry.k ** 2 * cin,
+                pads={x: geometry.pads})
+    if sums is not None:
+        _add_sums(step, sums)
+    return step
+
+
+def _add_sums(step: Step, sums: Sums) -> None:
+    """The conv also sums its output, chunk by chunk, into the slots of `sums.partial`."""
+    step.uses.update({f"sums.{role}": Use(v) for role, v in sums.operands.items()})
+    step.uses["sums"] = Use(sums.partial)
+    if "x" in sums.operands:
+        step.tensors["sums.x"] = sums.operands["x"]
+    step.fields.update({f"sums.{n}": float(v) for n, v in sums.scalars.items()})
+    step.fields.update({"sums.chunk": REDUCE_CHUNK, "sums.width": step.channels})
+    step.slots[sums.partial] = Slots(16 * step.channels, step.pixels, REDUCE_CHUNK)
+    step.split, step.fixed_chunk = "pixels", REDUCE_CHUNK
+
+
+def with_sums(conv: Step, sums: Sums | None, outputs, dtype, target) -> list[Step]:
+    """The conv, then the sum of its sums' slots into `outputs` (the sums op's)."""
+    if sums is None:
+        return [conv]
+    return [conv, slot_sum(f"{conv.name}/sums", sums.op, sums.partial, conv.slots[sums.partial],
+                           outputs, conv.channels, dtype, target)]
+
+
+def slot_sum(name: str, op: str | None, partial: str, slots: Slots, outputs, width: int,
+             dtype: str, target: Target) -> Step:
+    """The slots of `partial` summed in order into `outputs`: reduction `op`'s outputs (its
+    kind says which row makes which), or one row (a weight gradient) when op is None."""
+    if op is not None:
+        named = dict(zip(get(op).outputs, outputs))
+        outputs = [named[row] for row in sum_kind(op).rows]
+    mode = sum_kind(op).combine if op is not None else "sums"
+    kernel = SlotSum(dtype, target, len(outputs), mode)
+    uses = {"partial": Use(partial), **{f"out{r}": Use(v) for r, v in enumerate(outputs)}}
+    fields = dict(slots=slots.count, width=width)
+    if mode == "moments":
+        fields.update(images=lambda n: n, pixels=slots.pixels)
+    return Step(name=name, op="slot_sum", kernel=kernel, uses=uses, tensors={}, fields=fields,
+                pixels=1, channels=width, split="channels", batched=False)
+
+
+def eltwise_step(node, graph, target, dtype, epi, out2, inputs=None, outputs=None) -> Step:
+    inputs, outputs = list(inputs or node.inputs), list(outputs or node.outputs)
+    kernel = EltwiseKernel(dtype, target, chain_of(epi),
+                           None if out2 is None else chain_of(out2))
+    h, w, c = image_shape(graph, inputs[0])
+    uses, tensors = output_uses(kernel, outputs)
+    uses["x"], tensors["x"] = Use(inputs[0]), inputs[0]
+    fields = dict(oh=h, ow=w)
+    for have, extra in zip((uses, tensors, fields), chain_arguments(kernel, (epi, out2), inputs)):
+        have.update(extra)
+    return Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
+                fields=fields, pixels=h * w, channels=c, channel_align=kernel.lanes,
+                split=pixel_split(h * w))
+
+
+def pixel_step(node, kernel, uses: dict, fields: dict, pixels: int, channels: int,
+                split: str) -> Step:
+    """A pixel-wise kernel whose pointer roles are all strided tensors."""
+    return Step(name=node.name, op=node.op, kernel=kernel,
+                uses={r: Use(v) for r, v in uses.items()},
+                tensors={r: uses[r] for r in kernel.signature.strided}, fields=fields,
+                pixels=pixels, channels=channels, channel_align=kernel.lanes, split=split)
+
+
+def copy_step(name: str, source: str, target_value: str, shape, target: Target,
+              dtype: str) -> Step:
+    """A plain copy of `source` (images of `shape`) into another layout: the fed images into
+    the interior of a padded buffer, dy into a dilated one."""
+    kernel = EltwiseKernel(dtype, target)
+    h, w, c = shape
+    return Step(name=name, op="copy", kernel=kernel,
+                uses={"x": Use(source), "out": Use(target_value)},
+                tensors={"x": source, "out": target_value}, fields=dict(oh=h, ow=w),
+                pixels=h * w, channels=c, channel_align=kernel.lanes, split=pixel_split(h * w))

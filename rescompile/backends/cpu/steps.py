@@ -1,0 +1,119 @@
+"""The CPU backend's steps: what lowering makes of a node and the schedule orders.
+
+A `Step` is one micro-kernel call pattern: the kernel, what each of its pointer roles points
+at (a value of the graph or one the backend makes, read as a whole tensor, as the window origin
+of a padded buffer, or as packed weights), the tensor of each strided role, its size and scalar
+fields (a field may be a function of the batch size), and its iteration space: pixels per
+image by channels, and how a shared schedule cuts it. What it writes is the kernel's to say
+(its signature's written pointers). Strides are left to the arena, which knows where each value
+lives. `check` holds a step to its kernel's signature (`llvm/abi.py`).
+
+A `HostStep` is a node run with its op's NumPy definition: the head's gradient, the loss and
+the updates, whose tensors are a few small vectors and matrices (`is_host`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ...ops.registry import kind_of
+
+# Kinds of op run on the host: small tensors, where a kernel call would cost more than it
+# saves (parameter-only and collective ops have no per-image tensor at all).
+HOST_KINDS = ("loss", "head_grad", "update", "moving_statistics", "parameter", "collective")
+
+
+@dataclass(frozen=True)
+class Use:
+    """How a kernel argument points at a value: "data" (its first element), "window" (the
+    top-left corner of a conv's padded window: `pads` before the data), or "packed" (the
+    value's weights packed into panels of `nr` channels; `transform` "dgrad" rotates and
+    transposes them for a data gradient)."""
+    value: str
+    how: str = "data"
+    pads: tuple[int, int] = (0, 0)  # (top, left) for "window"
+    nr: int = 0  # for "packed"
+    transform: str = ""
+
+
+@dataclass(frozen=True)
+class Slots:
+    """A float64 partial-sum buffer: one slot of `slot_bytes` per chunk of `chunk` pixels of
+    `pixels` per image."""
+    slot_bytes: int
+    pixels: int
+    chunk: int
+
+    def count(self, images: int) -> int:
+        return -(-images * self.pixels // self.chunk)
+
+
+@dataclass(kw_only=True)
+class Step:
+    name: str
+    op: str
+    kernel: object
+    uses: dict[str, Use]  # pointer role -> what it points at
+    tensors: dict[str, str]  # strided role -> value
+    fields: dict[str, float | int | Callable]  # size or scalar field; a callable takes the batch
+    pixels: int  # output pixels per image (all of them if not `batched`)
+    channels: int
+    pixel_align: int = 1
+    channel_align: int = 1
+    split: str = "pixels"  # how a shared step is cut: "pixels", "channels" or "both"
+    flops: float = 0.0  # per image
+    pads: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # value -> pads
+    fixed_chunk: int = 0  # a reduction: one call per chunk of this many pixels
+    groups: int = 1  # split "both": channel groups per chunk of pixels
+    batched: bool = True  # False: one pass over `pixels`, whatever the batch
+    stride_scale: dict[str, int] = field(default_factory=dict)  # role -> stride multiplier
+    made: dict[str, tuple] = field(default_factory=dict)  # backend-made tensor -> (H, W, C)
+    dilated: tuple[str, ...] = ()  # made tensors written at every stride-th pixel only
+    slots: dict[str, Slots] = field(default_factory=dict)  # backend-made slot buffers
+    origin: str = ""  # the node it lowers
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return self.kernel.signature.written
+
+    @property
+    def inputs(self) -> list[str]:
+        return [u.value for role, u in self.uses.items() if role not in self.writes]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.uses[role].value for role in self.writes]
+
+    def check(self) -> None:
+        self.kernel.signature.check(self)
+
+
+@dataclass
+class HostStep:
+    """A node run with its op's NumPy definition (small tensors of the head and the update)."""
+    node: object
+
+    name = property(lambda s: s.node.name)
+    origin = property(lambda s: s.node.name)
+    op = property(lambda s: s.node.op)
+    inputs = property(lambda s: list(s.node.inputs))
+    outputs = property(lambda s: list(s.node.outputs))
+    flops = 0.0
+
+
+def image_shape(graph, value: str) -> tuple[int, int, int]:
+    """(H, W, C) of one image of a value; [N, C] values are 1 x 1 images."""
+    shape = graph.value(value).shape
+    return tuple(shape[1:]) if len(shape) == 4 else (1, 1, shape[-1])
+
+
+def batched(graph, value: str) -> bool:
+    shape = graph.value(value).shape
+    return bool(shape) and shape[0] == "N"
+
+
+def is_host(node, graph) -> bool:
+    """Whether a node runs as a host step: its kind's, or it has no per-image tensor."""
+    return (kind_of(node.op) in HOST_KINDS
+            or not any(batched(graph, v) for v in node.inputs + node.outputs))

@@ -1,0 +1,47 @@
+"""The CPU backend's tuning constants: every size a kernel, the lowering, the schedule or the
+arena chooses for speed rather than for meaning, with why it is what it is.
+
+Two sorts. The reduction chunks set a summation order (each chunk is one float64 slot, the
+slots summed in order: `llvm/slots.py`), so they are fixed by the shapes alone and never
+timed: results are the same bits on any thread count and any host. The rest only decide how
+work is cut and in what order it passes the caches; they were measured on ResNet-164's layers
+on the hosts named beside them.
+"""
+
+from __future__ import annotations
+
+from .target import Target
+
+# -- summation order (fixed) ----------------------------------------------------------------
+REDUCE_CHUNK = 3072  # pixels per slot of batch statistics and batch-norm gradient sums
+WGRAD_CHUNK = 2048  # pixels per slot of a weight gradient
+SUM_BLOCK = 64  # pixels a sums kernel adds in the model's dtype before a float64 add
+WGRAD_BLOCK = 512  # pixels a weight-gradient tile accumulates in registers before its slot
+# (measured on ResNet-164's layers, Zen 3: 512 beat 64 to 256, whose blocks fit L1 but pay
+# the block's overhead more often, and 1024)
+
+# -- work cutting ---------------------------------------------------------------------------
+WGRAD_GROUPS = 4  # a weight gradient's output channels in up to this many calls per chunk
+# Weights up to this size stay in a core's L2 while every tile passes them (tiles outer); larger
+# ones are run panel by panel, so each panel comes from memory once, not once per tile.
+WEIGHTS_IN_CACHE_BYTES = 512 * 1024
+# A shared step is cut into chunks of about this many FLOPs (a chunk costs a counter update
+# and a kernel call, about 0.2 us), at least 2 and at most 16 per thread: the last chunk taken
+# bounds how long the other threads wait at the barrier.
+CHUNK_FLOPS = 2e6
+CHUNKS_PER_THREAD = (2, 16)
+# A depth-first segment takes enough images per call for this many output pixels (ResNet-50's
+# 7 x 7 layers take 2 images, CIFAR's 8 x 8 ones 1), so late layers reuse their weights over a
+# longer M.
+PIXELS_PER_ITEM = 64
+# Pixel-wise steps of fewer pixels per image than this split channels, not pixels, across the
+# threads (a 1 x 1 map has one pixel per image).
+PIXEL_SPLIT_MIN = 16
+
+
+def conv_tile(target: Target) -> tuple[int, int]:
+    """(MR, NV) of the conv and weight-gradient register tiles: NV = 2 vectors of channels, as
+    many rows as leave registers for the two weight vectors and one broadcast (6 on 16
+    registers, 14 on 32)."""
+    nv = 2
+    return (target.registers - nv - 1) // nv, nv
