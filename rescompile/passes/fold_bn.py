@@ -8,7 +8,8 @@ A batch norm that cannot fold becomes the per-channel affine it is,
 
 Preconditions for a fold, each refusal reported with its reason:
 - the batch norm is in infer mode (training uses batch statistics, which no weight can hold);
-- its input is produced by a plain `conv2d` (not an add, a pool, or the graph input);
+- its input is produced by a plain convolution (an op of kind "conv" that is not fused yet;
+  not an add, a pool, or the graph input);
 - that conv's output has no other consumer, which would need the unscaled value (in a
   pre-activation unit without activate_before_residual, x feeds the shortcut and init_bn);
 - that output is not a public output of the graph.
@@ -24,6 +25,7 @@ scaled conv output gets a new name (`<conv>:folded`), since it no longer means t
 from __future__ import annotations
 
 from ..ir import Graph, Node
+from ..ops.registry import get, kind_of
 from .base import PassResult
 from .rewrite import make_node, rebuild
 
@@ -56,7 +58,7 @@ def fold_bn(graph: Graph) -> PassResult:
 def _fold_refusal(bn: Node, conv: Node | None, consumers, protected) -> str | None:
     if conv is None:
         return f"producer is the graph input {bn.inputs[0]!r}"
-    if conv.op != "conv2d":
+    if kind_of(conv.op) != "conv" or get(conv.op).head:
         return f"producer is {conv.op}"
     others = [n.name for n in consumers[conv.outputs[0]] if n is not bn]
     if others:
@@ -76,7 +78,7 @@ def _fold(values, conv: Node, bn: Node) -> list[Node]:
                      phase=bn.phase)
     new_w, bias = fold.outputs
     # The scaled conv output is a new value: no reader may take it for the unscaled one.
-    new_conv = make_node(values, "conv2d", [x, new_w], conv.attrs, name=conv.name,
+    new_conv = make_node(values, conv.op, [x, new_w], conv.attrs, name=conv.name,
                          scope=conv.scope, phase=conv.phase, outputs=[f"{conv.outputs[0]}:folded"])
     add = make_node(values, "bias_add", [new_conv.outputs[0], bias], {}, name=bn.name,
                     scope=bn.scope, phase=bn.phase, outputs=bn.outputs)
