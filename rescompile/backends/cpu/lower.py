@@ -48,7 +48,8 @@ WGRAD_GROUPS = 4  # a weight gradient's output channels in up to this many calls
 WEIGHTS_IN_CACHE_BYTES = 512 * 1024
 HOST_OPS = ("softmax_cross_entropy", "softmax_cross_entropy_grad", "l2_penalty",
             "l2_penalty_grad", "matmul", "sum_rows", "momentum_update", "sgd_update",
-            "moving_average", "debiased_moving_average")
+            "moving_average", "debiased_moving_average",
+            "nesterov_update", "smooth_labels")
 
 
 @dataclass(frozen=True)

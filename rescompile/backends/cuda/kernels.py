@@ -33,8 +33,8 @@ LOWER = {
     "max_pool_grad": pool.lower_max_pool_grad,
     **{op: elementwise.lower_elementwise for op in (
         "relu", "relu_grad", "add", "bias_add", "affine", "l2_penalty_grad", "momentum_update",
-        "sgd_update", "moving_average", "debiased_moving_average", "bn_affine_params",
-        "fold_bn_weights", "batch_normalize")},
+        "nesterov_update", "sgd_update", "moving_average", "debiased_moving_average",
+        "bn_affine_params", "fold_bn_weights", "batch_normalize", "smooth_labels")},
 }
 
 
