@@ -53,7 +53,7 @@ def confusion_table(confusion: np.ndarray, names=None) -> str:
     first = max(10, *(len(label) for label in labels))
 
     def row(label, values) -> str:
-        return f"{label:>{first}}" + "".join(f"{v:>{width}}" for v in values)
+        return f"{label:<{first}}" + "".join(f"{v:>{width}}" for v in values)
 
     header = row("true\\pred", range(len(confusion)))
     return "\n".join([header] + [row(labels[k], counts) for k, counts in enumerate(confusion)])
