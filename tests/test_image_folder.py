@@ -137,3 +137,19 @@ def test_resume_is_bit_identical(shapes, trained, tmp_path):
     assert sorted(full[1]) == sorted(resumed[1])
     for name, value in full[1].items():
         assert np.array_equal(value, resumed[1][name]), name
+
+
+def test_an_artifact_keeps_the_weights_and_says_it_drops_the_data(shapes, trained, tmp_path,
+                                                                   capsys):
+    """A run's recipe flags are no obstacle to compiling its checkpoint for inference, but an
+    artifact keeps no data record: compile says so, and predict then gives class ids."""
+    spec, images = shapes
+    ck, _ = trained
+    artifact = tmp_path / "m.rcx"
+    assert main(["compile", str(spec), "--checkpoint", str(ck / f"step-{STEPS:06d}.npz"),
+                 "-o", str(artifact), "--backend", "reference"]) == 0
+    assert "keeps its data's class names and normalisation" in capsys.readouterr().err
+    png = images / NAMES[0] / "001.png"
+    assert main(["predict", str(spec), "--checkpoint", str(artifact), str(png),
+                 "--backend", "reference"]) == 0
+    assert capsys.readouterr().out.split(": ")[1][0] in "012"

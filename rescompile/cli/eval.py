@@ -44,8 +44,9 @@ def _from_artifact(path, spec, backend: str):
     move into one)."""
     from ..artifact import load_artifact
     from ..runtime import compile
+    from ..training.checkpoints import inference_spec
     exe = load_artifact(path, backend=backend)
-    if exe.spec.digest() != spec.digest():
+    if exe.spec.digest() != inference_spec(spec, exe.spec).digest():
         raise CheckpointError(f"{path}: artifact of spec {exe.spec.name!r}, which differs from "
                               f"the given spec {spec.name!r}")
     if exe.mode == "infer":

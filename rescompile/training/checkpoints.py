@@ -155,9 +155,7 @@ def load_for_spec(path, spec, mode: str, backend: str, fresh_optimizer: bool = F
     manifest, variables = checkpoint.read(path)
     saved = checkpoint.saved_spec(path, manifest)
     if mode == "infer":
-        # Inference does not depend on how the weights were trained (a run may have changed
-        # its recipe with flags): take the [train] table as saved.
-        spec = spec.replace(train=saved.to_dict()["train"])
+        spec = inference_spec(spec, saved)
     checkpoint.check_variables(path, variables, spec, manifest["dtype"], mode, fresh_optimizer)
     # Compared as specs, so one saved before a field existed holds that field's default.
     field = _first_difference(saved.to_dict(), spec.to_dict())
@@ -167,6 +165,12 @@ def load_for_spec(path, spec, mode: str, backend: str, fresh_optimizer: bool = F
                               f"given spec {spec.name!r} has {given}")
     return load_checkpoint(path, spec=spec, mode=mode, backend=backend,
                            fresh_optimizer=fresh_optimizer, **options)
+
+
+def inference_spec(given, saved):
+    """`given` with the [train] table of `saved`: inference does not depend on how the weights
+    were trained, and a run may have changed its recipe with flags."""
+    return given.replace(train=saved.to_dict()["train"])
 
 
 def data_record(path, spec) -> DataRecord:
