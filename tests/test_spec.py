@@ -342,6 +342,11 @@ def valid_spec_dicts(draw):
         "learning_rate": st.tuples(*[st.floats(1e-300, 1e3) for _ in range(len(starts) + 1)])
         .map(lambda lrs: [[s, lr] for s, lr in zip([0] + sorted(starts), lrs)]),
         "batch_size": st.integers(1, 4096),
+        "warmup_steps": st.integers(0, 10**6),
+        "warmup_start": st.floats(0, 1),
+        "total_steps": st.integers(0, 10**6),
+        "label_smoothing": st.floats(0, 1),
+        "weight_decay_on": st.sampled_from(["kernels", "all"]),
     }
     optional_bn = {
         "epsilon": st.floats(1e-300, 10),
