@@ -1,9 +1,10 @@
 """A training run's checkpoint directory.
 
 Each checkpoint is a pair: `step-000123.npz` (rescompile.checkpoint.save: variables, optimizer
-slots, step, spec) and `step-000123.json` beside it, the data stream's state (data set, seed,
-batch size, augmentation). BatchStream's batch k is a pure function of (seed, k), so that
-state plus the step resumes the data order and augmentation exactly.
+slots, step, spec, and what the run keeps of its data: class names, normalisation) and
+`step-000123.json` beside it, the data stream's state (data set, seed, batch size,
+augmentation, normalisation, held-out fraction). BatchStream's batch k is a pure function of
+(seed, k), so that state plus the step resumes the data order and augmentation exactly.
 
 Both files are written atomically, the .npz first: a .json marks a complete pair, so a crash
 between the two writes leaves an .npz that is ignored, never a half checkpoint. Pruning
@@ -22,12 +23,12 @@ import tempfile
 from pathlib import Path
 
 from .. import checkpoint, manifest
-from .config import STREAM_DEFAULTS
 from ..data import DATASETS, DataRecord
 from ..data.normalize import KINDS
 from ..errors import CheckpointError, ResourceError, UsageError
 from ..fileio import atomic_write
 from ..runtime import load_checkpoint
+from .config import STREAM_DEFAULTS
 
 NAME = re.compile(r"step-(\d+)\.json")
 LOCK = ".lock"

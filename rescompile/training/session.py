@@ -99,9 +99,8 @@ def prepare(config: TrainConfig, out, world) -> Run:
     trainer = DataParallel(exe, world, config.check_replicas)
     if checkpoints and writer:
         checkpoints.hold()  # checked and locked last, so a refused run leaves no trace
-    return Run(exe=exe, infer=infer, trainer=trainer, world=world,
-               dataset=dataset, record=record, stream=stream, stream_state=settings,
-               steps=steps,
+    return Run(exe=exe, infer=infer, trainer=trainer, world=world, dataset=dataset,
+               record=record, stream=stream, stream_state=settings, steps=steps,
                eval_every=config.eval_every or stream.steps_per_epoch,
                checkpoint_every=config.checkpoint_every,
                checkpoints=checkpoints if writer else None,
