@@ -37,20 +37,23 @@ def has_member(path, name: str) -> bool:
 
 
 def read_members(path: Path, expected: dict[str, int] | None = None,
-                 data: bytes | None = None) -> dict[str, bytes]:
+                 data: bytes | None = None, error=CheckpointError) -> dict[str, bytes]:
     """Every member of the zip at `path` (or in `data`, read from `path`). With `expected`
-    (name -> size in bytes), the members must be exactly those, each of that size."""
+    (name -> size in bytes), the members must be exactly those, each of that size. Problems
+    raise `error` (a data file's are the user's input, not a checkpoint's)."""
     try:
         with zipfile.ZipFile(path if data is None else io.BytesIO(data)) as z:
             infos = z.infolist()
             _check_directory(path, infos, expected)
             return {info.filename: z.read(info) for info in infos}
+    except CheckpointError as exc:
+        raise exc if error is CheckpointError else error(str(exc)) from None
     except zipfile.BadZipFile as exc:
-        raise CheckpointError(f"{path}: corrupt archive ({exc})") from None
+        raise error(f"{path}: corrupt archive ({exc})") from None
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (ValueError, NotImplementedError, EOFError) as exc:  # a malformed directory
-        raise CheckpointError(f"{path}: corrupt archive ({exc})") from None
+        raise error(f"{path}: corrupt archive ({exc})") from None
 
 
 def read_member(path: Path, name: str, limit: int) -> bytes:
@@ -98,19 +101,21 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def read_npz(path: Path, data: bytes | None = None) -> dict[str, np.ndarray]:
-    """The arrays of an `.npz` (the file, or its bytes if given), by key."""
+def read_npz(path: Path, data: bytes | None = None, error=CheckpointError,
+             dtypes=ARRAY_DTYPES) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` (the file, or its bytes if given), by key, each of `dtypes`."""
     arrays = {}
-    for name, member in read_members(path, data=data).items():
+    for name, member in read_members(path, data=data, error=error).items():
         if not name.endswith(".npy"):
-            raise CheckpointError(f"{path}: member {name!r} is not an array (.npy)")
-        arrays[name[:-4]] = parse_npy(path, name, member)
+            raise error(f"{path}: member {name[:60]!r} is not an array (.npy)")
+        arrays[name[:-4]] = parse_npy(path, name, member, error, dtypes)
     return arrays
 
 
-def parse_npy(path: Path, name: str, data: bytes, error=CheckpointError) -> np.ndarray:
-    """An array from `.npy` bytes whose header must describe exactly the data that follows;
-    anything else raises `error`."""
+def parse_npy(path: Path, name: str, data: bytes, error=CheckpointError,
+              dtypes=ARRAY_DTYPES) -> np.ndarray:
+    """An array of one of `dtypes` from `.npy` bytes whose header must describe exactly the
+    data that follows; anything else raises `error`."""
     f = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(f)
@@ -121,9 +126,9 @@ def parse_npy(path: Path, name: str, data: bytes, error=CheckpointError) -> np.n
         shape, fortran, dtype = read_header(f)
     except (ValueError, SyntaxError, EOFError, TypeError) as exc:
         raise error(f"{path}: array {name!r} has a corrupt header ({exc})") from None
-    if dtype.name not in ARRAY_DTYPES or dtype.byteorder == ">":
+    if dtype.name not in dtypes or dtype.byteorder == ">":
         raise error(f"{path}: array {name!r} is {dtype}, expected one of "
-                              f"{', '.join(ARRAY_DTYPES)}")
+                              f"{', '.join(dtypes)}")
     offset = f.tell()
     if math.prod(shape) * dtype.itemsize != len(data) - offset:
         raise error(f"{path}: array {name!r} declares shape {list(shape)} "

@@ -39,14 +39,29 @@ def training_graph(model: Model, spec) -> tuple[Graph, dict[str, Variable]]:
 def _add_loss(graph: Graph, model: Model, spec) -> str:
     logits = graph.outputs["logits"]
     labels = graph.add_input("labels", graph.value(logits).shape, "data")
-    decayed = [n for n in model.variables if n.endswith("/DW")]
-    xent = graph.add_node("softmax_cross_entropy", [logits, labels], name="loss/xent",
+    targets = labels
+    if spec.train.label_smoothing:
+        targets = graph.add_node("smooth_labels", [labels],
+                                 {"epsilon": spec.train.label_smoothing,
+                                  "classes": spec.model.num_classes},
+                                 name="loss/smooth_labels", scope="loss", phase="loss")[0]
+    xent = graph.add_node("softmax_cross_entropy", [logits, targets], name="loss/xent",
                           scope="loss", phase="loss")[0]
+    decayed = decayed_variables(model.variables, spec.train.weight_decay_on)
     l2 = graph.add_node("l2_penalty", decayed, {"scale": spec.train.weight_decay},
                         name="loss/weight_decay", scope="loss", phase="loss")[0]
     loss = graph.add_node("add", [xent, l2], name="loss/total", scope="loss", phase="loss")[0]
     graph.outputs.update(loss=loss, xent=xent, weight_decay=l2)
     return loss
+
+
+def decayed_variables(variables: dict[str, Variable], on: str) -> list[str]:
+    """What `train.weight_decay_on` decays: "kernels", the seed's rule, every `DW`
+    (convolutions and the logit layer); "all", every trainable, biases and batch-norm gamma
+    and beta too."""
+    if on == "all":
+        return [n for n, v in variables.items() if v.role == "param"]
+    return [n for n in variables if n.endswith("/DW")]
 
 
 class _GradBuilder:
@@ -144,7 +159,8 @@ def _optimizer_update(graph: Graph, variables, name: str, grad: str, lr: str, tr
     shape = graph.value(name).shape
     if train.optimizer == "momentum":
         accum = _state(graph, variables, f"{name}/Momentum", shape, "zeros")
-        new_w, new_accum = graph.add_node("momentum_update", [name, accum, grad, lr],
+        op = "nesterov_update" if train.nesterov else "momentum_update"
+        new_w, new_accum = graph.add_node(op, [name, accum, grad, lr],
                                           {"momentum": train.momentum}, name=f"update/{name}",
                                           scope=name.rsplit("/", 1)[0], phase="update")
         graph.outputs[f"new/{accum}"] = new_accum

@@ -34,7 +34,9 @@ MANIFEST_FIELDS = {
 }
 
 
-def save(exe, path) -> None:
+def save(exe, path, data: dict | None = None) -> None:
+    """`data`: what a training run keeps of its data (class names, normalisation; see
+    rescompile.data.record), stored as the manifest's optional `data` table."""
     state = exe.state
     for name, value in state.items():
         if not np.isfinite(value).all():
@@ -42,6 +44,8 @@ def save(exe, path) -> None:
     manifest = {"format": FORMAT, "version": VERSION, "spec": json.loads(exe.spec.to_json()),
                 "mode": exe.mode, "dtype": exe.dtype, "step": exe.step,
                 "variables": sorted(state)}
+    if data is not None:
+        manifest["data"] = data
     arrays = {f"var/{name}": value for name, value in state.items()}
     arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
     atomic_write(path, lambda f: np.savez(f, **arrays))
@@ -61,7 +65,7 @@ def read(path) -> tuple[dict, dict[str, np.ndarray]]:
         raise CheckpointError(f"{path}: unsupported checkpoint format "
                               f"{str(manifest.get('format'))[:60]!r} version "
                               f"{str(manifest.get('version'))[:20]!r}")
-    fields.check(path, manifest, MANIFEST_FIELDS)
+    fields.check(path, manifest, _fields_of(manifest))
     variables = {}
     for key, value in arrays.items():
         if not key.startswith("var/"):
@@ -70,6 +74,24 @@ def read(path) -> tuple[dict, dict[str, np.ndarray]]:
     if sorted(variables) != sorted(manifest["variables"]):
         raise CheckpointError(f"{path}: manifest and stored arrays disagree")
     return manifest, variables
+
+
+def _fields_of(manifest) -> dict:
+    """The fields a manifest must have, and `data` where it has one (checkpoints from before
+    it was kept have none)."""
+    if isinstance(manifest, dict) and "data" in manifest:
+        return {**MANIFEST_FIELDS, "data": fields.table()}
+    return MANIFEST_FIELDS
+
+
+def saved_data(path) -> dict | None:
+    """The manifest's `data` table, None if it has none, reading the manifest alone; the
+    table's own fields are the data package's to check (`DataRecord.from_dict`)."""
+    path = Path(path)
+    member = archive.read_member(path, MANIFEST + ".npy", fields.MAX_MANIFEST_BYTES + 4096)
+    manifest = fields.parse(path, archive.parse_npy(path, MANIFEST, member).tobytes())
+    fields.check(path, manifest, _fields_of(manifest))
+    return manifest.get("data")
 
 
 def saved_spec(path, manifest: dict):

@@ -85,11 +85,32 @@ class TrainSpec:
     learning_rate: tuple[tuple[int, float], ...] = (
         (0, 0.1), (40000, 0.01), (60000, 0.001), (80000, 0.0001))
     batch_size: int = 128
+    schedule: str = "step"           # or "cosine"
+    warmup_steps: int = 0
+    warmup_start: float = 0.1        # the warm-up's first rate, as a factor of the peak
+    total_steps: int = 0             # the run's length (0: unset); cosine ends here
+    min_lr: float = 0.0              # where cosine ends
+    nesterov: bool = False
+    label_smoothing: float = 0.0
+    weight_decay_on: str = "kernels"  # or "all"
 
     def lr_at(self, step: int) -> float:
-        """Piecewise constant: the lr of the last entry whose from_step <= step."""
+        """The learning rate of the update after `step` steps (0: the first). The peak is the
+        first entry of `learning_rate`. For t < warmup_steps = W it rises linearly:
+        peak * (s + (1 - s) * t / W). Then "step" is piecewise constant (the lr of the last
+        entry whose from_step <= t), and "cosine" falls from the peak to min_lr = m at
+        total_steps = T: m + (peak - m) * (1 + cos(pi * (t - W) / (T - W))) / 2, and stays at
+        m after T. This is the rate PyTorch's LambdaLR gives for lambda t: lr_at(t) / peak."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
+        peak = self.learning_rate[0][1]
+        if step < self.warmup_steps:
+            s = self.warmup_start
+            return peak * (s + (1 - s) * step / self.warmup_steps)
+        if self.schedule == "cosine":
+            span = self.total_steps - self.warmup_steps
+            progress = min(step - self.warmup_steps, span) / span
+            return self.min_lr + (peak - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
         starts = [from_step for from_step, _ in self.learning_rate]
         return self.learning_rate[bisect_right(starts, step) - 1][1]
 
@@ -396,6 +417,28 @@ _BATCH_NORM = _table(
      "sync": _bool},
     defaults=_dataclass_defaults(BatchNormSpec))
 
+def _train_rule(train: dict, path: str) -> None:
+    if train["nesterov"] and train["optimizer"] != "momentum":
+        raise SpecError(f"{path}.nesterov: Nesterov momentum needs optimizer = \"momentum\", "
+                        f"got {train['optimizer']!r}")
+    if train["schedule"] == "step":
+        # A field the schedule would not read is a mistake to report, not to ignore.
+        if train["min_lr"]:
+            raise SpecError(f"{path}.min_lr: only the cosine schedule reads it (schedule is "
+                            f"\"step\"), got {train['min_lr']}")
+        return
+    rates = train["learning_rate"]
+    if len(rates) != 1:
+        raise SpecError(f"{path}.learning_rate: the cosine schedule takes one [0, peak] entry, "
+                        f"got {len(rates)}")
+    if train["total_steps"] <= train["warmup_steps"]:
+        raise SpecError(f"{path}.total_steps: the cosine schedule needs total_steps > "
+                        f"warmup_steps ({train['warmup_steps']}), got {train['total_steps']}")
+    if train["min_lr"] > rates[0][1]:
+        raise SpecError(f"{path}.min_lr: must be <= the peak learning rate {rates[0][1]}, "
+                        f"got {train['min_lr']}")
+
+
 _TRAIN = _table(
     {
         "optimizer": _choice("momentum", "sgd"),
@@ -403,8 +446,16 @@ _TRAIN = _table(
         "weight_decay": _float(ge=0),
         "learning_rate": _learning_rate,
         "batch_size": _int(ge=1, le=MAX_BATCH),
+        "schedule": _choice("step", "cosine"),
+        "warmup_steps": _int(ge=0, le=2**53),
+        "warmup_start": _float(ge=0, le=1),
+        "total_steps": _int(ge=0, le=2**53),
+        "min_lr": _float(ge=0),
+        "nesterov": _bool,
+        "label_smoothing": _float(ge=0, le=1),
+        "weight_decay_on": _choice("kernels", "all"),
     },
-    defaults=_dataclass_defaults(TrainSpec))
+    defaults=_dataclass_defaults(TrainSpec), rule=_train_rule)
 
 _SPEC = _table(
     {"name": _name, "model": _MODEL, "batch_norm": _BATCH_NORM, "train": _TRAIN},

@@ -8,6 +8,7 @@ the library: (call, exception, words). The files they read are made once per mod
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -109,7 +110,48 @@ def files(tmp_path_factory):
     (d / "wild.toml").write_text(SPEC.replace(train={"learning_rate": [[0, 1e30]]}).to_toml())
     (d / "a-file").write_text("x")
     (d / "outdir").mkdir()
+    _bad_data(d, rewrite_npz)
     return d
+
+
+def _bad_data(d, rewrite):
+    """Image folders, npz files and images for `--data folder|npz` and `predict`, each with
+    one thing wrong, beside a good folder of three classes for `shapes.toml`."""
+    from pictures import shape_folder
+    (d / "shapes.toml").write_text(tiny_spec(num_classes=3).to_toml())
+    good = shape_folder(d / "pics", per_class=2)
+    png = (good / "red circle" / "001.png").read_bytes()
+    for variant in ("truncated", "garbage", "empty-class", "fifo", "two-classes", "bad-name"):
+        shutil.copytree(good, d / f"pics-{variant}")
+    (d / "pics-truncated" / "red circle" / "001.png").write_bytes(png[:len(png) // 2])
+    (d / "pics-garbage" / "red circle" / "001.png").write_bytes(os.urandom(200))
+    for path in (d / "pics-empty-class" / "red circle").iterdir():
+        path.unlink()
+    (d / "pics-empty-class" / "red circle" / "notes.txt").write_text("not an image")
+    os.mkfifo(d / "pics-fifo" / "red circle" / "zz.png")
+    shutil.rmtree(d / "pics-two-classes" / "red circle")
+    (d / "pics-bad-name" / "red circle").rename(d / "pics-bad-name" / "red\x1b[31mcircle")
+    (d / "cut.png").write_bytes(png[:len(png) // 2])
+    (d / "notes.txt").write_text("not an image")
+    images = np.zeros((6, 8, 8, 3), np.uint8)
+    np.savez(d / "no-labels.npz", images=images)
+    np.savez(d / "label-out.npz", images=images, labels=np.array([0, 1, 2, 0, 1, 7]))
+    np.savez(d / "typo.npz", images=images, labels=np.zeros(6, np.int64), val_image=images)
+    np.savez(d / "pickled.npz", images=images, labels=np.array([{}] * 6, dtype=object))
+    (d / "dir.npz").mkdir()
+    rewrite(d / "ckpt.npz", d / "named.npz", with_manifest(lambda m: {**m, "data": {
+        "classes": ["a", "b\x1b[2J", "c", "d", "e"], "normalize": "image", "mean": [],
+        "std": [], "val_fraction": 0.1}}))
+
+
+def folder(d, variant: str) -> list:
+    return ["train", d / "shapes.toml", "--data", "folder", "--data-dir", d / f"pics-{variant}",
+            "--backend", "reference", "--steps", "1"]
+
+
+def npz(d, name: str) -> list:
+    return ["train", d / "spec.toml", "--data", "npz", "--data-dir", d / name, "--backend",
+            "reference", "--steps", "1"]
 
 
 def predict(d, images: str) -> list:
@@ -176,6 +218,35 @@ CLI_CASES = [
     ("missing npy", lambda d: predict(d, "none.npy"), 4, "none.npy: cannot read"),
     ("no data dir", lambda d: ["train", d / "spec.toml", "--data", "cifar10", "--data-dir",
                                d / "nope"], 4, "does not exist"),
+    ("truncated image", lambda d: folder(d, "truncated"), 4,
+     "red circle/001.png: cannot decode as PNG or JPEG (image file is truncated"),
+    ("garbage image", lambda d: folder(d, "garbage"), 4, "001.png: cannot decode as PNG or JPEG"),
+    ("class without images", lambda d: folder(d, "empty-class"), 4,
+     "red circle: class folder with no PNG or JPEG images"),
+    ("fifo image", lambda d: folder(d, "fifo"), 4, "zz.png: is not a regular file"),
+    ("class count", lambda d: folder(d, "two-classes"), 4,
+     "pics-two-classes: 2 class folders, the model has num_classes = 3"),
+    ("class name", lambda d: folder(d, "bad-name"), 4,
+     "class folder 'red\\x1b[31mcircle' cannot be a class name: it must be printable"),
+    ("no image folder", lambda d: folder(d, "none"), 4, "pics-none: no such image folder"),
+    ("npz without labels", lambda d: npz(d, "no-labels.npz"), 4,
+     "no-labels.npz: no array 'labels'"),
+    ("npz label outside", lambda d: npz(d, "label-out.npz"), 4,
+     "label-out.npz: labels holds class 7, outside the model's 5 classes"),
+    ("npz unknown array", lambda d: npz(d, "typo.npz"), 4,
+     "typo.npz: unknown array 'val_image'"),
+    ("npz pickled", lambda d: npz(d, "pickled.npz"), 4, "array 'labels.npy' is object"),
+    ("npz not a zip", lambda d: npz(d, "text.npz"), 4, "text.npz: corrupt archive"),
+    ("npz a directory", lambda d: npz(d, "dir.npz"), 4, "dir.npz: is a directory"),
+    ("predict cut png", lambda d: predict(d, "cut.png"), 4, "cut.png: cannot decode as PNG"),
+    ("predict text", lambda d: predict(d, "notes.txt"), 4,
+     "notes.txt: expected a .npy array or an image file"),
+    ("val fraction", lambda d: [*folder(d, "ok"), "--val-fraction", "1.5"], 2,
+     "argument --val-fraction: must be between 0 and 1, got 1.5"),
+    ("smoothing flag", lambda d: ["train", d / "spec.toml", *TRAIN, "--label-smoothing", "2"],
+     3, "train.label_smoothing: must be >= 0 and <= 1, got 2.0"),
+    ("cosine flag", lambda d: ["train", d / "spec.toml", *TRAIN, "--schedule", "cosine"], 3,
+     "train.learning_rate: the cosine schedule takes one [0, peak] entry, got 4"),
     # checkpoints
     ("no moving stat", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "no-moving.npz",
                                   "--data", "synthetic"], 5,
@@ -200,6 +271,9 @@ CLI_CASES = [
                                 "--data", "synthetic"], 5, "'var/huge.npy' declares shape"),
     ("missing checkpoint", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "no.npz",
                                       "--data", "synthetic"], 5, "no such checkpoint file"),
+    ("hostile class names", lambda d: ["eval", d / "spec.toml", "--checkpoint",
+                                       d / "named.npz", "--data", "synthetic"], 5,
+     "named.npz: the data record's classes: class name 'b\\x1b[2J' must be printable"),
     # resources
     ("output is a directory", lambda d: ["dump", d / "spec.toml", "-o", d / "outdir"], 6,
      "outdir: cannot write"),

@@ -1,15 +1,19 @@
 """Tests for rescompile.data: file formats, the seed's augmentation, resumable streams."""
 import itertools
+import os
 import sys
 import time
 
 import numpy as np
 import pytest
 
-from rescompile.data import (BatchStream, DataError, Dataset, Prefetcher, eval_batches,
-                             fit_images, load_dataset)
-from rescompile.data.augment import (draw_crops_and_flips, eval_transform, standardize,
-                                     train_transform)
+from rescompile.data import (BatchStream, DataError, Dataset, Normalization, Prefetcher,
+                             eval_batches, fit_images, load_dataset)
+from rescompile.data.augment import (crop_and_flip, draw_crops_and_flips, eval_transform,
+                                     pad_centered, standardize, train_transform)
+from rescompile.data.split import split
+from rescompile.errors import InputError
+from rescompile.fileio import read_bounded, regular_file
 
 # ---------------------------------------------------------------- CIFAR binary files
 
@@ -286,3 +290,97 @@ def test_synthetic_is_deterministic_and_class_dependent():
 def test_unknown_dataset_lists_choices():
     with pytest.raises(DataError, match="cifar10, cifar100, digits, synthetic"):
         load_dataset("mnist")
+
+
+# ---------------------------------------------------------------- one's own data
+
+
+def test_crop_and_flip_turn_off_one_by_one():
+    images = np.random.default_rng(1).integers(0, 256, (16, 6, 6, 3), dtype=np.uint8)
+    transform = lambda **on: train_transform(images, np.random.default_rng(7), **on)  # noqa
+    rows, cols, flips = draw_crops_and_flips(np.random.default_rng(7), 16, 4)
+    assert np.array_equal(transform(crop=False, flip=False), eval_transform(images))
+    mirrored = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    assert np.array_equal(transform(crop=False), eval_transform(mirrored))
+    # Without flips the crops are the ones drawn with them: the draws do not move.
+    cropped = crop_and_flip(pad_centered(images, 4), rows, cols, np.zeros(16, bool), 6, 6)
+    assert np.array_equal(transform(flip=False), eval_transform(cropped))
+
+
+def test_channel_normalization_uses_the_training_statistics():
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (300, 4, 4, 3)).astype(np.uint8)
+    images[..., 2] = 7  # a constant channel stays finite: divided by 1
+    norm = Normalization.fit("channel", images)
+    flat = images.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(norm.mean, flat.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(norm.std[:2], flat.std(axis=0)[:2], rtol=1e-12)
+    assert norm.std[2] == 1.0
+    out = norm(images[:5])
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, (images[:5] - flat.mean(axis=0)) / np.array(norm.std),
+                               rtol=1e-6)  # float32 rounding of the result
+    assert Normalization.fit("image", images)(images[:2]).tobytes() == \
+        eval_transform(images[:2]).tobytes()
+
+
+def test_the_split_holds_out_each_class_by_its_fraction():
+    labels = np.repeat(np.arange(3), [10, 20, 2])
+    train, held = split(labels, 0.25, "data")
+    assert np.bincount(labels[held]).tolist() == [3, 5, 1]  # rounded half up, at least one
+    assert sorted(np.concatenate([train, held]).tolist()) == list(range(32))
+    assert np.array_equal(split(labels, 0.25, "data")[1], held)  # seeded, whatever the run
+    with pytest.raises(DataError, match="too few images to hold out"):
+        split(np.arange(4), 0.5, "data")
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_arrays_with_and_without_a_held_out_set(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.random((40, 8, 8, 1)).astype(np.float32) * 16  # floats on their own scale
+    labels = np.arange(40) % 4
+    data = load_dataset("npz", _npz(tmp_path / "a.npz", images=images, labels=labels),
+                        input_shape=(8, 8, 3), num_classes=4, val_fraction=0.25)
+    assert data.train_images.dtype == np.float32 and data.train_images.shape == (28, 8, 8, 3)
+    assert np.bincount(data.test_labels).tolist() == [3, 3, 3, 3]
+    assert data.class_names is None
+    path = _npz(tmp_path / "b.npz", images=images[:30], labels=labels[:30].astype(np.uint8),
+                val_images=images[30:], val_labels=labels[30:])
+    data = load_dataset("npz", path, input_shape=(8, 8, 1), num_classes=4)
+    assert np.array_equal(data.test_images, images[30:]) and data.train_labels.dtype == np.int64
+    # A stream of float images normalises like one of pixels.
+    batch, _ = BatchStream(data, 10, seed=0).batch(0)
+    assert batch.dtype == np.float32 and np.isfinite(batch).all()
+
+
+def test_folder_with_train_and_val_folders(tmp_path):
+    from pictures import SHAPES, shape_folder
+    shape_folder(tmp_path / "train", per_class=3)
+    shape_folder(tmp_path / "val", per_class=2, seed=1)
+    (tmp_path / "val" / "green square" / "000.jpg").unlink()
+    for path in (tmp_path / "val" / "red circle").iterdir():
+        path.unlink()
+    (tmp_path / "val" / "red circle").rmdir()  # the held-out set may lack a class
+    (tmp_path / "train" / "blue cross" / "notes.txt").write_text("skipped")
+    data = load_dataset("folder", tmp_path, input_shape=(8, 8, 3), num_classes=3)
+    assert data.class_names == tuple(sorted(SHAPES))
+    assert data.train_labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert data.test_labels.tolist() == [0, 0, 1]
+
+
+def test_files_are_read_bounded_and_regular(tmp_path):
+    (tmp_path / "small").write_bytes(b"x" * 10)
+    assert read_bounded(tmp_path / "small", "data file", 10) == b"x" * 10
+    with pytest.raises(InputError, match="small: larger than the 9 bytes allowed"):
+        read_bounded(tmp_path / "small", "data file", 9)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(InputError, match="fifo: is not a regular file"):
+        read_bounded(tmp_path / "fifo", "data file", 10)  # and does not block
+    with pytest.raises(InputError, match=f"{tmp_path}: is a directory"):
+        regular_file(tmp_path, "data file")
+    with pytest.raises(InputError, match="none: cannot read"):
+        regular_file(tmp_path / "none", "data file")

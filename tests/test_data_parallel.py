@@ -9,7 +9,7 @@ import pytest
 
 import rescompile as rc
 from conftest import tiny_spec
-from rescompile.data import BatchStream, load_dataset
+from rescompile.data import BatchStream, Normalization, load_dataset
 from rescompile.distributed import Solo
 from rescompile.distributed.data_parallel import DataParallel, check_replicas
 from rescompile.distributed.launch import failing_together, world_for
@@ -69,11 +69,15 @@ def test_apply_gradients_names_what_is_missing():
     assert exe.step == 0
 
 
-@pytest.mark.parametrize("augment", [True, False])
-def test_rank_shares_make_up_the_batch(augment):
+@pytest.mark.parametrize("augment, crop, normalize", [(True, True, "image"),
+                                                      (False, True, "image"),
+                                                      (True, False, "channel")])
+def test_rank_shares_make_up_the_batch(augment, crop, normalize):
     data = load_dataset("synthetic", input_shape=(8, 8, 3), num_classes=5, seed=1)
-    whole = BatchStream(data, 12, seed=5, augment=augment)
-    shares = [BatchStream(data, 12, seed=5, augment=augment, rank=r, ranks=3) for r in range(3)]
+    options = dict(augment=augment, crop=crop,
+                   normalize=Normalization.fit(normalize, data.train_images))
+    whole = BatchStream(data, 12, seed=5, **options)
+    shares = [BatchStream(data, 12, seed=5, rank=r, ranks=3, **options) for r in range(3)]
     for step in (0, 7, 30):
         images, labels = whole.batch(step)
         parts = [s.batch(step) for s in shares]

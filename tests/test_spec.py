@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -117,12 +118,38 @@ def test_ints_are_accepted_for_floats_and_stored_as_floats():
     ("train.learning_rate", [[0, 0.1], [5.0, 0.1]], "train.learning_rate[1][0]: expected an "
                                                     "integer"),
     ("train.learning_rate", [[0, 0.1], 5], "train.learning_rate[1]: expected a [from_step, lr]"),
+    ("train.schedule", "linear", "train.schedule: must be one of 'step', 'cosine'"),
+    ("train.warmup_steps", -1, "train.warmup_steps: must be >= 0"),
+    ("train.warmup_start", 1.5, "train.warmup_start: must be >= 0 and <= 1"),
+    ("train.total_steps", 1.0, "train.total_steps: expected an integer"),
+    ("train.min_lr", 0.01, "train.min_lr: only the cosine schedule reads it"),
+    ("train.nesterov", 1, "train.nesterov: expected true or false"),
+    ("train.label_smoothing", 1.1, "train.label_smoothing: must be >= 0 and <= 1"),
+    ("train.weight_decay_on", "biases", "train.weight_decay_on: must be one of 'kernels', 'all'"),
     ("name", "", "name: must be a string of 1-64 characters"),
     ("name", "a" * 65, "name: must be a string of 1-64 characters"),
     ("name", 7, "name: must be a string"),
 ])
 def test_invalid_field_is_named(path, value, expected):
     assert expected in error_of(with_change(path, value))
+
+
+COSINE = {"schedule": "cosine", "learning_rate": [[0, 0.4]], "warmup_steps": 3,
+          "total_steps": 10}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"nesterov": True, "optimizer": "sgd"}, "train.nesterov: Nesterov momentum needs "
+                                             "optimizer = \"momentum\""),
+    ({"learning_rate": [[0, 0.4], [5, 0.1]]}, "train.learning_rate: the cosine schedule takes "
+                                              "one [0, peak] entry, got 2"),
+    ({"total_steps": 3}, "train.total_steps: the cosine schedule needs total_steps > "
+                         "warmup_steps (3), got 3"),
+    ({"total_steps": 0, "warmup_steps": 0}, "train.total_steps: the cosine schedule needs"),
+    ({"min_lr": 0.5}, "train.min_lr: must be <= the peak learning rate 0.4, got 0.5"),
+])
+def test_recipe_fields_are_checked_together(change, expected):
+    assert error_of({**minimal(), "train": {**COSINE, **change}}).startswith(expected)
 
 
 @pytest.mark.parametrize("stage, expected", [
@@ -147,7 +174,7 @@ def test_error_message_starts_with_the_path():
 
 @pytest.mark.parametrize("path, allowed", [
     ("model.filter", "input, num_classes, stem"),
-    ("train.lr", "optimizer, momentum, weight_decay, learning_rate, batch_size"),
+    ("train.lr", "optimizer, momentum, weight_decay, learning_rate, batch_size, schedule"),
     ("batch_norm.eps", "epsilon, decay, zero_debias"),
     ("modle", "name, model, batch_norm, train"),
 ])
@@ -315,6 +342,11 @@ def valid_spec_dicts(draw):
         "learning_rate": st.tuples(*[st.floats(1e-300, 1e3) for _ in range(len(starts) + 1)])
         .map(lambda lrs: [[s, lr] for s, lr in zip([0] + sorted(starts), lrs)]),
         "batch_size": st.integers(1, 4096),
+        "warmup_steps": st.integers(0, 10**6),
+        "warmup_start": st.floats(0, 1),
+        "total_steps": st.integers(0, 10**6),
+        "label_smoothing": st.floats(0, 1),
+        "weight_decay_on": st.sampled_from(["kernels", "all"]),
     }
     optional_bn = {
         "epsilon": st.floats(1e-300, 10),
@@ -366,6 +398,29 @@ def test_lr_at_is_piecewise_constant():
     assert train.lr_at(10**9) == 0.0001
     with pytest.raises(ValueError):
         train.lr_at(-1)
+
+
+def test_warmup_then_cosine_follows_the_formula():
+    train = spec_from_dict({**minimal(), "train": {**COSINE, "min_lr": 0.04,
+                                                   "warmup_start": 0.25}}).train
+    peak, m, s, w, t = 0.4, 0.04, 0.25, 3, 10
+    expected = [peak * (s + (1 - s) * k / w) for k in range(w)] + \
+        [m + (peak - m) * (1 + math.cos(math.pi * (k - w) / (t - w))) / 2 for k in range(w, t)]
+    assert [train.lr_at(k) for k in range(t)] == pytest.approx(expected, rel=1e-15)
+    assert train.lr_at(0) == pytest.approx(0.1) and train.lr_at(3) == 0.4
+    assert train.lr_at(10) == train.lr_at(10**6) == pytest.approx(m)  # stays at min_lr
+
+
+def test_warmup_leads_into_the_step_schedule():
+    train = TrainSpec(learning_rate=((0, 0.2), (4, 0.02)), warmup_steps=2)
+    assert [train.lr_at(k) for k in range(5)] == pytest.approx([0.02, 0.11, 0.2, 0.2, 0.02])
+
+
+def test_specs_without_the_recipe_fields_take_the_seeds_recipe():
+    train = spec_from_dict(minimal()).train
+    assert (train.schedule, train.warmup_steps, train.total_steps, train.nesterov,
+            train.label_smoothing, train.weight_decay_on) == ("step", 0, 0, False, 0.0,
+                                                              "kernels")
 
 
 # --- presets ---------------------------------------------------------------------------------

@@ -33,8 +33,11 @@ def test_checkpoint_dir_keeps_the_newest_pairs(tmp_path):
     assert directory.steps() == [20, 30]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "step-000020.json", "step-000020.npz", "step-000030.json", "step-000030.npz"]
-    # Saved before data-parallel training existed, so without "ranks": one rank.
-    assert directory.stream_state(30) == {"ranks": 1, **STATE, "step": 30}
+    # Saved before data-parallel training and the later stream settings existed: one rank,
+    # both augmentations, per-image standardization, the default held-out fraction.
+    assert directory.stream_state(30) == {"ranks": 1, "crop": True, "flip": True,
+                                          "normalize": "image", "val_fraction": 0.1,
+                                          **STATE, "step": 30}
     assert resolve(tmp_path) == tmp_path / "step-000030.npz"
 
 
@@ -42,6 +45,8 @@ def test_checkpoint_dir_keeps_the_newest_pairs(tmp_path):
     ("seed", "1", "field 'seed' must be an integer >= 0"),
     ("data", "imagenet", "field 'data' must be one of"),
     ("ranks", 0, "field 'ranks' must be an integer >= 1"),
+    ("normalize", "batch", "field 'normalize' must be one of \"image\", \"channel\""),
+    ("val_fraction", 1.0, "field 'val_fraction' must be a number between 0 and 1"),
     ("extra", 1, "field 'extra' is unknown")])
 def test_a_bad_stream_state_is_refused_naming_the_field(tmp_path, field, value, words):
     directory = saved_dir(tmp_path, [10])
@@ -63,12 +68,18 @@ def test_an_npz_without_its_json_is_not_a_checkpoint(tmp_path):
 
 def test_resume_takes_the_saved_stream_settings():
     config = TrainConfig(spec=tiny_spec(), data="synthetic")
+    later = {"crop": True, "flip": True, "normalize": "image", "val_fraction": 0.1}
     assert stream_settings(config, None) == {"data": "synthetic", "seed": 0,
-                                             "batch_size": 128, "augment": True}
-    assert stream_settings(config, {**STATE, "step": 5}) == STATE
+                                             "batch_size": 128, "augment": True, **later}
+    saved = {**STATE, **later, "normalize": "channel", "crop": False}
+    assert stream_settings(config, {**saved, "step": 5}) == saved
     config.batch_size = 16
     with pytest.raises(CheckpointError, match="--batch-size 16 differs from the checkpoint's 8"):
-        stream_settings(config, STATE)
+        stream_settings(config, saved)
+    config.batch_size, config.normalize = None, "image"
+    with pytest.raises(CheckpointError, match="--normalize image differs from the checkpoint's "
+                                              "channel"):
+        stream_settings(config, saved)
 
 
 def test_digits_are_not_augmented_by_default():
@@ -85,6 +96,9 @@ def test_default_length_follows_the_schedule():
     assert target_steps(flat, steps_per_epoch=7) == 70
     flat.epochs = 2
     assert target_steps(flat, steps_per_epoch=7) == 14
+    cosine = TrainConfig(spec=tiny_spec().replace(train={
+        "learning_rate": [[0, 0.1]], "schedule": "cosine", "total_steps": 30}), data="synthetic")
+    assert target_steps(cosine, steps_per_epoch=7) == 30  # the schedule's own length
     flat.steps = 5
     with pytest.raises(ValueError, match="not both"):
         target_steps(flat, steps_per_epoch=7)

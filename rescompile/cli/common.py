@@ -59,6 +59,17 @@ positive_int = at_least(1)
 seed_int = at_least(0)
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def write_or_print(text: str, path) -> None:
     if path:
         write_text(path, text)

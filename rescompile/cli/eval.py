@@ -24,15 +24,19 @@ def add_checkpoint(p) -> None:
 
 
 def load_infer(args):
-    """(spec, infer-mode executable) from the spec and checkpoint (or artifact) arguments."""
+    """(spec, infer-mode executable, DataRecord) from the spec and checkpoint (or artifact)
+    arguments. The record says how training prepared its images and names the classes; an
+    artifact keeps none, so it gets the default (per-image standardization, no names)."""
     from ..artifact import is_artifact
-    from ..training import default_backend, load_for_spec, resolve
+    from ..data import DataRecord
+    from ..training import data_record, default_backend, load_for_spec, resolve
     spec = resolve_spec(args.spec)
     backend = args.backend or default_backend()
     if Path(args.checkpoint).is_file() and is_artifact(args.checkpoint):
-        return spec, _from_artifact(args.checkpoint, spec, backend)
+        return spec, _from_artifact(args.checkpoint, spec, backend), DataRecord()
     path = resolve(args.checkpoint)
-    return spec, load_for_spec(path, spec, mode="infer", backend=backend)
+    exe = load_for_spec(path, spec, mode="infer", backend=backend)
+    return spec, exe, data_record(path, spec)
 
 
 def _from_artifact(path, spec, backend: str):
@@ -40,8 +44,9 @@ def _from_artifact(path, spec, backend: str):
     move into one)."""
     from ..artifact import load_artifact
     from ..runtime import compile
+    from ..training.checkpoints import inference_spec
     exe = load_artifact(path, backend=backend)
-    if exe.spec.digest() != spec.digest():
+    if exe.spec.digest() != inference_spec(spec, exe.spec).digest():
         raise CheckpointError(f"{path}: artifact of spec {exe.spec.name!r}, which differs from "
                               f"the given spec {spec.name!r}")
     if exe.mode == "infer":
@@ -53,13 +58,19 @@ def _from_artifact(path, spec, backend: str):
 
 
 def run(args) -> int:
-    from ..data import load_dataset
+    from ..data import DataError, load_dataset
+    from ..data.classes import renamed
     from ..training import confusion_table, evaluate
-    spec, exe = load_infer(args)
+    spec, exe, record = load_infer(args)
     data = load_dataset(args.data, args.data_dir, input_shape=spec.model.input,
-                        num_classes=spec.model.num_classes)
-    evaluation = evaluate(exe, data.test_images, data.test_labels, data.num_classes)
+                        num_classes=spec.model.num_classes,
+                        val_fraction=args.val_fraction or record.val_fraction)
+    difference = renamed(record.classes, data.class_names) if data.class_names else None
+    if difference:
+        raise DataError(f"{args.data_dir}: {difference}")
+    evaluation = evaluate(exe, data.test_images, data.test_labels, data.num_classes,
+                          normalize=record.normalization)
     print(f"{spec.name} at step {exe.step} on {data.name} test: accuracy "
           f"{evaluation.accuracy:.2%} ({evaluation.correct}/{evaluation.total})")
-    print(confusion_table(evaluation.confusion))
+    print(confusion_table(evaluation.confusion, record.classes or data.class_names))
     return 0

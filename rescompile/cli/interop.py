@@ -69,7 +69,7 @@ def export(args) -> int:
     from ..interop import onnx_model
     if Path(args.output).suffix != ".onnx":
         raise UsageError(f"{args.output}: the output must end in .onnx")
-    spec, exe = load_infer(args)
+    spec, exe, _ = load_infer(args)  # the graph alone: the data record stays behind
     model = onnx_model(spec, exe.params)
     write_bytes(args.output, model.SerializeToString())
     print(f"{spec.name} at step {exe.step} -> {args.output} (ONNX opset "

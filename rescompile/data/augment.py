@@ -1,32 +1,38 @@
 """The seed's CIFAR pipeline (tensorflow/models research/resnet/cifar_input.py) in NumPy.
 
 Training: zero-pad to (H+pad, W+pad) centered, random crop back to (H, W), random
-horizontal flip with p=0.5, per-image standardization. Eval: standardization only.
+horizontal flip with p=0.5, then normalisation (the seed's per-image standardization unless
+another is given). Eval: normalisation only. The crop and the flip can each be turned off.
 
 Randomness is drawn up front by `draw_crops_and_flips`, in a fixed order (row offsets,
 column offsets, flips), so a caller holding the same Generator state can recompute a
-batch exactly, and the batch itself is then a pure function of those draws.
+batch exactly, and the batch itself is then a pure function of those draws. The draws are
+made whichever augmentations are on, so turning one off leaves the other's draws as they were.
 """
 import numpy as np
 
 
-def train_transform(images, rng, pad=4, of_batch=None):
-    """uint8 NHWC -> float32 NHWC, augmented and standardized. With `of_batch=(start, size)`
-    the images are [start, start + len(images)) of a batch of `size`, and get the draws they
-    get in the whole batch (so the ranks of a data-parallel job together make exactly the
-    one-process batch)."""
+def train_transform(images, rng, pad=4, of_batch=None, crop=True, flip=True, normalize=None):
+    """NHWC pixels -> float32 NHWC, augmented and normalised (`normalize`, default
+    `standardize`). With `of_batch=(start, size)` the images are [start, start + len(images))
+    of a batch of `size`, and get the draws they get in the whole batch (so the ranks of a
+    data-parallel job together make exactly the one-process batch)."""
     _, height, width, _ = images.shape
     start, size = of_batch or (0, len(images))
     rows, cols, flips = draw_crops_and_flips(rng, size, pad)
+    if not crop:  # the centred window of the padded image is the image itself
+        rows = cols = np.full(size, pad // 2)
+    if not flip:
+        flips = np.zeros(size, bool)
     part = slice(start, start + len(images))
     padded = pad_centered(images, pad)
-    return standardize(crop_and_flip(padded, rows[part], cols[part], flips[part], height,
-                                     width))
+    return (normalize or standardize)(crop_and_flip(padded, rows[part], cols[part],
+                                                    flips[part], height, width))
 
 
-def eval_transform(images):
-    """uint8 NHWC -> float32 NHWC, standardized."""
-    return standardize(images)
+def eval_transform(images, normalize=None):
+    """NHWC pixels -> float32 NHWC, normalised (`normalize`, default `standardize`)."""
+    return (normalize or standardize)(images)
 
 
 def draw_crops_and_flips(rng, n, pad):

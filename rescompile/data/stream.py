@@ -19,13 +19,15 @@ SHUFFLE, AUGMENT = 0, 1
 
 
 class BatchStream:
-    """Infinite, epoch-wise shuffled (images float32 NHWC, labels int64) batches.
+    """Infinite, epoch-wise shuffled (images float32 NHWC, labels int64) batches, augmented
+    (unless `augment` is off; `crop` and `flip` each) and normalised by `normalize`.
 
     The last incomplete batch of each epoch is dropped, so every batch has the fixed
     size a compiled executable expects.
     """
 
-    def __init__(self, dataset, batch_size, seed, augment=True, start_step=0, rank=0, ranks=1):
+    def __init__(self, dataset, batch_size, seed, augment=True, start_step=0, rank=0, ranks=1,
+                 crop=True, flip=True, normalize=None):
         self.images, self.labels = dataset.train_images, dataset.train_labels
         if not 0 < batch_size <= len(self.labels):
             raise DataError(f"batch size {batch_size} must be between 1 and the "
@@ -38,6 +40,8 @@ class BatchStream:
         self.batch_size = batch_size
         self.seed = seed
         self.augment = augment
+        self.crop, self.flip = crop, flip
+        self.normalize = normalize  # None: the seed's per-image standardization
         self.step = start_step
         self.steps_per_epoch = len(self.labels) // batch_size
         self._epoch_order = (None, None)
@@ -60,10 +64,11 @@ class BatchStream:
         mine = picks[self.share]
         if self.augment:
             rng = np.random.default_rng([self.seed, AUGMENT, step])
-            return (train_transform(self.images[mine], rng, of_batch=(self.share.start,
-                                                                      self.batch_size)),
+            return (train_transform(self.images[mine], rng,
+                                    of_batch=(self.share.start, self.batch_size),
+                                    crop=self.crop, flip=self.flip, normalize=self.normalize),
                     self.labels[mine])
-        return eval_transform(self.images[mine]), self.labels[mine]
+        return eval_transform(self.images[mine], self.normalize), self.labels[mine]
 
     def _order(self, epoch):
         # Consecutive steps share an epoch, so keep its permutation around.
@@ -75,8 +80,9 @@ class BatchStream:
         return order
 
 
-def eval_batches(images, labels, batch_size):
-    """Standardized (images, labels) in order; the last batch may be smaller."""
+def eval_batches(images, labels, batch_size, normalize=None):
+    """Normalised (images, labels) in order (`normalize`, default the seed's per-image
+    standardization); the last batch may be smaller."""
     for start in range(0, len(labels), batch_size):
         stop = start + batch_size
-        yield eval_transform(images[start:stop]), labels[start:stop]
+        yield eval_transform(images[start:stop], normalize), labels[start:stop]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..autodiff import decayed_variables
 from ..build import build
 from ..padding import pads_2d
 from .layouts import oihw_from_hwio
@@ -49,20 +50,32 @@ def torch_module(spec, params: dict, mode: str = "infer", dtype: str = "float32"
 
 
 def train_step_fn(module, spec, images, labels):
-    """One step as the spec trains: mean cross-entropy plus weight decay on every DW, SGD with
-    TensorFlow's momentum (torch's dampening-free momentum is the same update)."""
+    """One step as the spec trains, in PyTorch's own terms: cross_entropy with the spec's
+    label smoothing; SGD with its momentum (PyTorch's dampening-free momentum is TensorFlow's
+    update) or Nesterov momentum, and weight decay on what `train.weight_decay_on` names
+    (SGD's weight_decay adds wd * w to the gradient: the gradient of our wd * w**2 / 2); the
+    learning rate from LambdaLR with lambda t: lr_at(t) / peak. Returns the cross-entropy."""
     import torch
-    decayed = [getattr(module, key) for name, key in module.names.items()
-               if name.endswith("/DW")]
-    params = [p for p in module.parameters()]
-    opt = torch.optim.SGD(params, lr=spec.train.lr_at(0), momentum=spec.train.momentum)
+    train = spec.train
+    decayed = set(decayed_variables(build(spec, "train").variables, train.weight_decay_on))
+    params = {name: getattr(module, key) for name, key in module.names.items()
+              if isinstance(getattr(module, key), torch.nn.Parameter)}
+    groups = [{"params": [p for n, p in params.items() if n in decayed],
+               "weight_decay": train.weight_decay},
+              {"params": [p for n, p in params.items() if n not in decayed], "weight_decay": 0}]
+    peak = train.learning_rate[0][1]
+    momentum = train.momentum if train.optimizer == "momentum" else 0.0
+    opt = torch.optim.SGD([g for g in groups if g["params"]], lr=peak, momentum=momentum,
+                          nesterov=train.nesterov)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: train.lr_at(t) / peak)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(module(images), labels)
-        loss = loss + spec.train.weight_decay * sum((w * w).sum() / 2 for w in decayed)
+        loss = torch.nn.functional.cross_entropy(module(images), labels,
+                                                 label_smoothing=train.label_smoothing)
         loss.backward()
         opt.step()
+        schedule.step()
         return float(loss.detach())
     return step
 

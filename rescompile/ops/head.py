@@ -2,6 +2,12 @@
 
 The loss is the mean softmax cross-entropy on the logits (the seed fed softmax probabilities into
 it, a known bug we do not reproduce). Labels arrive one-hot (the runtime converts class ids).
+
+Label smoothing is PyTorch's CrossEntropyLoss(label_smoothing=e): the cross-entropy against
+labels * (1 - e) + e / C, for class ids and distributions alike. `smooth_labels` makes those
+targets; the loss's gradient is then the cross-entropy's own, softmax * sum(targets) - targets
+(over N), as PyTorch differentiates it. Labels are data, never differentiated, so
+`smooth_labels` needs no vector-Jacobian rule of its own.
 """
 
 import numpy as np
@@ -63,6 +69,17 @@ def _xent_vjp(g, node, dloss):
     return [g.emit("softmax_cross_entropy_grad", [dloss, logits, labels], {}, "dlogits"), None]
 
 
+def _smooth_shape(attrs, labels):
+    require(len(labels) == 2 and labels[1] == attrs["classes"],
+            f"labels must be [N, {attrs['classes']}]")
+    return [labels]
+
+
+def _smooth_ref(attrs, labels):
+    epsilon, kind = attrs["epsilon"], labels.dtype.type
+    return (labels * kind(1 - epsilon) + kind(epsilon / attrs["classes"]),)
+
+
 define("dense", kind="dense", shape=_dense_shape, reference=lambda a, x, w, b: (x @ w + b,),
        vjp=_dense_vjp,
        flops=lambda a, ins, outs: 2.0 * per_image(ins[0])[0] * ins[1][0] * ins[1][1])
@@ -70,7 +87,8 @@ define("matmul", kind="head_grad", shape=_matmul_shape,
        reference=lambda a, x, y: (np.matmul(*_matmul_operands(a, x, y)),))
 define("sum_rows", kind="head_grad", shape=lambda a, x: [(x[1],)],
        reference=lambda a, x: (x.sum(axis=0),))
-define("softmax_cross_entropy", kind="loss", shape=_xent_shape, reference=_xent_ref, vjp=_xent_vjp,
-       outputs=("loss",))
+define("smooth_labels", kind="loss", shape=_smooth_shape, reference=_smooth_ref)
+define("softmax_cross_entropy", kind="loss", shape=_xent_shape, reference=_xent_ref,
+       vjp=_xent_vjp, outputs=("loss",))
 define("softmax_cross_entropy_grad", kind="loss", shape=lambda a, d, logits, labels: [logits],
        reference=_xent_grad_ref)

@@ -2,6 +2,8 @@
 
 Weight decay is `scale * sum(sum(w**2) / 2)` (TensorFlow's l2_loss summed, times the rate).
 Momentum is TensorFlow's ApplyMomentum: accum = m * accum + g; w -= lr * accum.
+Nesterov momentum is PyTorch's SGD(nesterov=True) (dampening 0): accum = m * accum + g;
+w -= lr * (g + m * accum), the step taken from where the momentum is about to carry w.
 Moving statistics follow assign_moving_average: v -= (v - batch) * (1 - decay); with zero
 debiasing TF keeps a `biased` accumulator (updated the same way) and a step count, and sets
 v = biased / (1 - decay ** step).
@@ -29,6 +31,12 @@ def _l2_vjp(g, node, dy):
 def _momentum_ref(attrs, w, accum, grad, lr):
     new_accum = accum * w.dtype.type(attrs["momentum"]) + grad
     return w - lr * new_accum, new_accum
+
+
+def _nesterov_ref(attrs, w, accum, grad, lr):
+    momentum = w.dtype.type(attrs["momentum"])
+    new_accum = accum * momentum + grad
+    return w - lr * (grad + new_accum * momentum), new_accum
 
 
 def moving_rate(decay: float, dtype) -> np.floating:
@@ -62,6 +70,9 @@ define("l2_penalty_grad", kind="loss", shape=lambda a, dy, w: [w],
 define("momentum_update", kind="update",
        shape=lambda a, w, acc, g, lr: _same_as_first(a, w, acc, g, lr) * 2,
        reference=_momentum_ref, outputs=("w", "accum"))
+define("nesterov_update", kind="update",
+       shape=lambda a, w, acc, g, lr: _same_as_first(a, w, acc, g, lr) * 2,
+       reference=_nesterov_ref, outputs=("w", "accum"))
 define("sgd_update", kind="update", shape=lambda a, w, g, lr: _same_as_first(a, w, g, lr),
        reference=lambda a, w, g, lr: (w - lr * g,))
 define("moving_average", kind="moving_statistics", shape=lambda a, m, b: _same_as_first(a, m, b),

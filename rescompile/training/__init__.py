@@ -11,10 +11,10 @@ progress display, metrics log and plot.
     plot.py         loss and accuracy PNG (optional matplotlib)
 """
 
-from .checkpoints import CheckpointDir, load_for_spec, resolve
+from .checkpoints import CheckpointDir, data_record, load_for_spec, resolve
 from .config import TrainConfig, default_backend
 from .evaluate import Evaluation, confusion_table, evaluate
 from .session import train
 
-__all__ = ["CheckpointDir", "Evaluation", "TrainConfig", "confusion_table", "default_backend",
-           "evaluate", "load_for_spec", "resolve", "train"]
+__all__ = ["CheckpointDir", "Evaluation", "TrainConfig", "confusion_table", "data_record",
+           "default_backend", "evaluate", "load_for_spec", "resolve", "train"]

@@ -1,9 +1,10 @@
 """A training run's checkpoint directory.
 
 Each checkpoint is a pair: `step-000123.npz` (rescompile.checkpoint.save: variables, optimizer
-slots, step, spec) and `step-000123.json` beside it, the data stream's state (data set, seed,
-batch size, augmentation). BatchStream's batch k is a pure function of (seed, k), so that
-state plus the step resumes the data order and augmentation exactly.
+slots, step, spec, and what the run keeps of its data: class names, normalisation) and
+`step-000123.json` beside it, the data stream's state (data set, seed, batch size,
+augmentation, normalisation, held-out fraction). BatchStream's batch k is a pure function of
+(seed, k), so that state plus the step resumes the data order and augmentation exactly.
 
 Both files are written atomically, the .npz first: a .json marks a complete pair, so a crash
 between the two writes leaves an .npz that is ignored, never a half checkpoint. Pruning
@@ -22,10 +23,12 @@ import tempfile
 from pathlib import Path
 
 from .. import checkpoint, manifest
-from ..data import DATASETS
+from ..data import DATASETS, DataRecord
+from ..data.normalize import KINDS
 from ..errors import CheckpointError, ResourceError, UsageError
 from ..fileio import atomic_write
 from ..runtime import load_checkpoint
+from .config import STREAM_DEFAULTS
 
 NAME = re.compile(r"step-(\d+)\.json")
 LOCK = ".lock"
@@ -34,6 +37,16 @@ LOCK = ".lock"
 STREAM_FIELDS = {"data": manifest.one_of(tuple(DATASETS)), "seed": manifest.count(),
                  "batch_size": manifest.count(least=1),
                  "augment": manifest.boolean(), "step": manifest.count()}
+# Fields a stream state gained later, each with the value it had before: data-parallel ranks,
+# the augmentations one by one, the normalisation, the held-out fraction.
+LATER_FIELDS = {
+    "ranks": (manifest.count(least=1), 1),
+    "crop": (manifest.boolean(), STREAM_DEFAULTS["crop"]),
+    "flip": (manifest.boolean(), STREAM_DEFAULTS["flip"]),
+    "normalize": (manifest.one_of(KINDS), STREAM_DEFAULTS["normalize"]),
+    "val_fraction": ((lambda v: type(v) is float and 0 < v < 1, "a number between 0 and 1"),
+                     STREAM_DEFAULTS["val_fraction"]),
+}
 
 
 class CheckpointDir:
@@ -90,17 +103,19 @@ class CheckpointDir:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def save(self, exe, stream_state: dict) -> Path:
+    def save(self, exe, stream_state: dict, data: dict | None = None) -> Path:
+        """The pair for exe's step; `data` is what the run keeps of its data (a
+        DataRecord's dict) in the .npz."""
         weights, state = self.paths(exe.step)
-        checkpoint.save(exe, weights)
+        checkpoint.save(exe, weights, data)
         text = json.dumps({**stream_state, "step": exe.step}, indent=2) + "\n"
         atomic_write(state, lambda f: f.write(text.encode()))
         self._prune()
         return weights
 
     def stream_state(self, step: int) -> dict:
-        """The data stream's settings saved beside the checkpoint, every field checked; `ranks`
-        (the job's, since data-parallel training) is 1 where it is absent."""
+        """The data stream's settings saved beside the checkpoint, every field checked; a
+        field of LATER_FIELDS takes its earlier value where it is absent."""
         path = self.paths(step)[1]
         try:
             data = path.read_bytes()
@@ -108,9 +123,10 @@ class CheckpointDir:
             raise CheckpointError(f"{path}: unreadable data stream state ({exc})") from None
         state = manifest.parse(path, data)
         fields = dict(STREAM_FIELDS)
-        if isinstance(state, dict) and "ranks" in state:
-            fields["ranks"] = manifest.count(least=1)
-        return {"ranks": 1, **manifest.check(path, state, fields)}
+        if isinstance(state, dict):
+            fields.update({k: check for k, (check, _) in LATER_FIELDS.items() if k in state})
+        earlier = {k: value for k, (_, value) in LATER_FIELDS.items()}
+        return {**earlier, **manifest.check(path, state, fields)}
 
     def _prune(self) -> None:
         for step in self.steps()[:-self.keep]:
@@ -138,14 +154,33 @@ def load_for_spec(path, spec, mode: str, backend: str, fresh_optimizer: bool = F
     Shapes are checked first, so a mismatch names the tensor and both shapes; any other
     difference names the first spec field that differs, not only that the specs do."""
     manifest, variables = checkpoint.read(path)
+    saved = checkpoint.saved_spec(path, manifest)
+    if mode == "infer":
+        spec = inference_spec(spec, saved)
     checkpoint.check_variables(path, variables, spec, manifest["dtype"], mode, fresh_optimizer)
-    field = _first_difference(manifest["spec"], spec.to_dict())
+    # Compared as specs, so one saved before a field existed holds that field's default.
+    field = _first_difference(saved.to_dict(), spec.to_dict())
     if field is not None:
         name, saved, given = field
         raise CheckpointError(f"{path}: checkpoint was trained with {name} = {saved}, the "
                               f"given spec {spec.name!r} has {given}")
     return load_checkpoint(path, spec=spec, mode=mode, backend=backend,
                            fresh_optimizer=fresh_optimizer, **options)
+
+
+def inference_spec(given, saved):
+    """`given` with the [train] table of `saved`: inference does not depend on how the weights
+    were trained, and a run may have changed its recipe with flags."""
+    return given.replace(train=saved.to_dict()["train"])
+
+
+def data_record(path, spec) -> DataRecord:
+    """What the checkpoint at `path` keeps of its data, for a model of `spec`; the default
+    (no class names, per-image standardisation) for one that keeps nothing."""
+    saved = checkpoint.saved_data(path)
+    if saved is None:
+        return DataRecord()
+    return DataRecord.from_dict(path, saved, spec.model.num_classes, spec.model.input[2])
 
 
 def _first_difference(saved, given, name: str = ""):

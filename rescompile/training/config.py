@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data import DEFAULT_VAL_FRACTION
 from ..errors import CheckpointError, UsageError
 
 DEFAULT_SEED = 0
@@ -16,6 +17,9 @@ DEFAULT_EPOCHS = 10   # when the learning-rate schedule has no decay step to go 
 # The seed's CIFAR augmentation (4-pixel pad-and-crop, mirroring) wrecks 8x8 digits: the crop
 # can cut off a quarter of a digit, and a mirrored digit is another glyph.
 NOT_AUGMENTED = {"digits"}
+# What the data stream's other settings are by default, and were before a checkpoint kept them.
+STREAM_DEFAULTS = {"crop": True, "flip": True, "normalize": "image",
+                   "val_fraction": DEFAULT_VAL_FRACTION}
 
 
 @dataclass
@@ -30,6 +34,10 @@ class TrainConfig:
     dtype: str | None = None
     seed: int | None = None
     augment: bool | None = None
+    crop: bool | None = None        # each augmentation of `augment` on its own
+    flip: bool | None = None
+    normalize: str | None = None    # "image" (the seed's) or "channel"
+    val_fraction: float | None = None  # held out of data without a split of their own
     checkpoint: str | None = None   # directory
     resume: bool = False
     fresh_optimizer: bool = False   # on resume, optimizer slots missing from it start at zero
@@ -54,28 +62,32 @@ def default_backend() -> str:
 def stream_settings(config: TrainConfig, saved: dict | None) -> dict:
     """The data stream's settings: given, else saved (on resume), else the defaults."""
     settings = {"data": config.data, "seed": config.seed, "batch_size": config.batch_size,
-                "augment": config.augment}
+                "augment": config.augment, "crop": config.crop, "flip": config.flip,
+                "normalize": config.normalize, "val_fraction": config.val_fraction}
     for key, given in settings.items():
         if saved is not None and given is not None and given != saved[key]:
             flag = "--data" if key == "data" else f"--{key.replace('_', '-')}"
             raise CheckpointError(f"{flag} {given} differs from the checkpoint's {saved[key]}; "
                                   f"drop it to resume as the checkpoint was trained")
     defaults = {"seed": DEFAULT_SEED, "batch_size": config.spec.train.batch_size,
-                "augment": config.data not in NOT_AUGMENTED}
+                "augment": config.data not in NOT_AUGMENTED, **STREAM_DEFAULTS}
     if saved is not None:
         defaults = saved
     return {key: defaults[key] if given is None else given for key, given in settings.items()}
 
 
 def target_steps(config: TrainConfig, steps_per_epoch: int) -> int:
-    """--steps, else --epochs, else twice the schedule's last decay step (the decayed rate
-    gets as many steps as came before it), else DEFAULT_EPOCHS epochs."""
+    """--steps, else --epochs, else the spec's total_steps, else twice the schedule's last
+    decay step (the decayed rate gets as many steps as came before it), else DEFAULT_EPOCHS
+    epochs."""
     if config.steps is not None and config.epochs is not None:
         raise UsageError("give --steps or --epochs, not both")
     if config.steps is not None:
         steps = config.steps
     elif config.epochs is not None:
         steps = config.epochs * steps_per_epoch
+    elif config.spec.train.total_steps:
+        steps = config.spec.train.total_steps
     else:
         last_decay = config.spec.train.learning_rate[-1][0]
         steps = 2 * last_decay if last_decay else DEFAULT_EPOCHS * steps_per_epoch

@@ -20,6 +20,7 @@ class Run:
     trainer: object             # DataParallel over exe (one rank: exe's own step, in halves)
     world: object               # the job's ranks (distributed.world)
     dataset: object
+    record: object              # DataRecord: the data's class names and normalisation
     stream: object              # BatchStream starting at exe.step
     stream_state: dict          # saved beside each checkpoint
     steps: int
@@ -76,7 +77,7 @@ def _evaluate(run: Run) -> Evaluation:
     run.infer.load_params(run.exe.params)
     data = run.dataset
     evaluation = evaluate(run.infer, data.test_images, data.test_labels, data.num_classes,
-                          run.world)
+                          run.world, run.record.normalization)
     run.progress.note(f"step {run.exe.step}: test accuracy {evaluation.accuracy:.2%} "
                       f"({evaluation.correct}/{evaluation.total})")
     return evaluation
@@ -90,5 +91,5 @@ def _save(run: Run) -> None:
         return
     if run.checkpoints.newest() == run.exe.step:
         return  # already saved, e.g. interrupted right after a scheduled checkpoint
-    path = run.checkpoints.save(run.exe, run.stream_state)
+    path = run.checkpoints.save(run.exe, run.stream_state, run.record.to_dict())
     run.progress.note(f"saved {path}")

@@ -15,14 +15,15 @@ import io
 import sys
 import time
 
-from ..data import BatchStream, load_dataset
+from ..data import BatchStream, DataRecord, Normalization, load_dataset
+from ..data.classes import renamed
 from ..distributed.data_parallel import DataParallel
 from ..distributed.launch import failing_together, world_for
 from ..distributed.world import joined
 from ..errors import CheckpointError, UsageError
 from ..fileio import check_writable
 from ..runtime import compile
-from .checkpoints import CheckpointDir, load_for_spec
+from .checkpoints import CheckpointDir, data_record, load_for_spec
 from .config import DEFAULT_DTYPE, TrainConfig, default_backend, stream_settings, target_steps
 from .loop import Run, train as train_loop
 from .metrics import MetricsLog
@@ -75,11 +76,18 @@ def prepare(config: TrainConfig, out, world) -> Run:
     backend = config.backend or default_backend()
     spec = config.spec
     dataset = load_dataset(settings["data"], config.data_dir, input_shape=spec.model.input,
-                           num_classes=spec.model.num_classes, seed=settings["seed"])
+                           num_classes=spec.model.num_classes, seed=settings["seed"],
+                           val_fraction=settings["val_fraction"])
+    record = DataRecord(dataset.class_names,
+                        Normalization.fit(settings["normalize"], dataset.train_images),
+                        settings["val_fraction"])
     exe = _train_executable(config, checkpoints, resume_step, backend, settings["seed"], writer)
+    if resume_step is not None:
+        _check_classes(checkpoints.paths(resume_step)[0], spec, record)
     stream = BatchStream(dataset, settings["batch_size"], settings["seed"],
                          augment=settings["augment"], start_step=exe.step, rank=world.rank,
-                         ranks=world.size)
+                         ranks=world.size, crop=settings["crop"], flip=settings["flip"],
+                         normalize=record.normalization)
     steps = target_steps(config, stream.steps_per_epoch)
     if exe.step >= steps:
         out.write(f"already at step {exe.step}, at or past the {steps} steps asked for\n")
@@ -91,8 +99,8 @@ def prepare(config: TrainConfig, out, world) -> Run:
     trainer = DataParallel(exe, world, config.check_replicas)
     if checkpoints and writer:
         checkpoints.hold()  # checked and locked last, so a refused run leaves no trace
-    return Run(exe=exe, infer=infer, trainer=trainer, world=world,
-               dataset=dataset, stream=stream, stream_state=settings, steps=steps,
+    return Run(exe=exe, infer=infer, trainer=trainer, world=world, dataset=dataset,
+               record=record, stream=stream, stream_state=settings, steps=steps,
                eval_every=config.eval_every or stream.steps_per_epoch,
                checkpoint_every=config.checkpoint_every,
                checkpoints=checkpoints if writer else None,
@@ -108,6 +116,14 @@ def _check_counts(config: TrainConfig) -> None:
                         ("--batch-size", config.batch_size)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
+
+
+def _check_classes(path, spec, record) -> None:
+    """A resumed run must see the classes the checkpoint learnt: folders renamed or added
+    since would silently give its outputs other meanings."""
+    difference = renamed(data_record(path, spec).classes, record.classes)
+    if difference:
+        raise CheckpointError(f"{path}: {difference}")
 
 
 def _resume_step(config: TrainConfig, checkpoints, out) -> int | None:

@@ -6,7 +6,7 @@ import pytest
 
 from rescompile.autodiff import SEED
 
-from cuda_helpers import BATCH, Trio, assert_matches, feeds
+from cuda_helpers import BATCH, TINY, Trio, assert_matches, feeds
 
 
 @pytest.mark.parametrize("optimize", [False, True])
@@ -34,3 +34,12 @@ def test_fused_ops_are_in_the_optimised_graphs():
     """The parity tests above cover fused kernels only if the passes made some."""
     ops = set(Trio("train").graph.count_ops()) | set(Trio("infer").graph.count_ops())
     assert {"fused_conv2d", "fold_bn_weights"} <= ops
+
+
+def test_train_step_with_the_recipes():
+    """Nesterov momentum, label smoothing and weight decay on every trainable (the cosine
+    schedule only changes the fed learning rate): the update and smoothing kernels."""
+    recipe = {"nesterov": True, "label_smoothing": 0.1, "weight_decay_on": "all"}
+    trio = Trio("train", spec={**TINY, "train": recipe})
+    assert {"nesterov_update", "smooth_labels"} <= set(trio.graph.count_ops())
+    assert_matches(*trio.run("train_step", feeds(trio.lowered)))

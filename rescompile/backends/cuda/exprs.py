@@ -185,6 +185,19 @@ def _momentum(e, a, w, accum, grad, lr):
     return [e.let(f"{w} - {lr} * {new_accum}"), new_accum]
 
 
+@rule("nesterov_update")  # ops/update.py _nesterov_ref
+def _nesterov(e, a, w, accum, grad, lr):
+    momentum = e.c(a["momentum"])
+    new_accum = e.let(f"{accum} * {momentum} + {grad}")
+    return [e.let(f"{w} - {lr} * ({grad} + {new_accum} * {momentum})"), new_accum]
+
+
+@rule("smooth_labels")  # ops/head.py _smooth_ref
+def _smooth_labels(e, a, labels):
+    epsilon = a["epsilon"]
+    return [e.let(f"{labels} * {e.c(1 - epsilon)} + {e.c(epsilon / a['classes'])}")]
+
+
 @rule("sgd_update")
 def _sgd(e, a, w, grad, lr):
     return [e.let(f"{w} - {lr} * {grad}")]

@@ -35,7 +35,8 @@ from ...ops.registry import numel
 from .launch import Ref
 
 # update op -> the input each output overwrites in place
-IN_PLACE = {"momentum_update": (0, 1), "sgd_update": (0,), "moving_average": (0,)}
+IN_PLACE = {"momentum_update": (0, 1), "nesterov_update": (0, 1), "sgd_update": (0,),
+            "moving_average": (0,)}
 
 
 @dataclass(frozen=True)
