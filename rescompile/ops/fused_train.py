@@ -80,6 +80,9 @@ define("batch_norm_relu_grad_apply", kind="norm_grad", inputs=RELU_GRAD + SUMS,
 GRAD_HALVES = {"batch_norm_grad": ("batch_norm_grad_sums", "batch_norm_grad_apply"),
                "batch_norm_relu_grad": ("batch_norm_relu_grad_sums",
                                         "batch_norm_relu_grad_apply")}
+# A batch-norm gradient (whole or a half) -> the same through the ReLU after the batch norm.
+RELU_FORMS = dict(zip(("batch_norm_grad", *GRAD_HALVES["batch_norm_grad"]),
+                      ("batch_norm_relu_grad", *GRAD_HALVES["batch_norm_relu_grad"])))
 
 
 def _define_epilogue_form(head: str, takes_sums: bool) -> None:

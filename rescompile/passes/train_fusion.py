@@ -24,6 +24,7 @@ replaces (`ops/fused_train.py`), so the training graph's numbers do not move by 
 from __future__ import annotations
 
 from ..ir import Graph, Node
+from ..ops.fused_train import GRAD_HALVES, RELU_FORMS
 from ..ops.registry import epilogue_form, kind_of
 from .base import PassResult
 from .rewrite import make_node, rebuild
@@ -62,7 +63,7 @@ def fuse_relu_grad(graph: Graph) -> PassResult:
     producers, consumers = graph.producers(), graph.consumers()
     protected = set(graph.outputs.values())
     values = dict(graph.values)
-    replaced: dict[str, Node] = {}  # batch_norm_grad name -> fused node
+    replaced: dict[str, Node] = {}  # a batch-norm gradient (or half) -> its relu form
     dropped, remarks = set(), []
     for node in graph.nodes:
         if node.op != "relu_grad":
@@ -71,12 +72,14 @@ def fuse_relu_grad(graph: Graph) -> PassResult:
         if reason:
             remarks.append((node.name, f"not fused into a batch-norm gradient: {reason}"))
             continue
-        grad = consumers[node.outputs[0]][0]
         norm = producers[node.inputs[1]]
-        replaced[grad.name] = make_node(
-            values, "batch_norm_relu_grad", [node.inputs[0], *norm.inputs],
-            {"epsilon": grad.attrs["epsilon"], "alpha": node.attrs["alpha"]}, name=grad.name,
-            scope=grad.scope, phase=grad.phase, outputs=grad.outputs)
+        for grad in consumers[node.outputs[0]]:
+            # the relu form reads dr and the batch norm's inputs, then what the grad read
+            # after them (an apply half's two sums)
+            replaced[grad.name] = make_node(
+                values, RELU_FORMS[grad.op], [node.inputs[0], *norm.inputs, *grad.inputs[5:]],
+                {"epsilon": grad.attrs["epsilon"], "alpha": node.attrs["alpha"]},
+                name=grad.name, scope=grad.scope, phase=grad.phase, outputs=grad.outputs)
         dropped.add(node.name)
     if not replaced:
         return PassResult(graph, False, remarks)
@@ -85,19 +88,25 @@ def fuse_relu_grad(graph: Graph) -> PassResult:
 
 
 def _relu_grad_refusal(relu_grad: Node, producers, consumers, protected) -> str | None:
+    """Refused unless the relu_grad's output is read only by the gradient of the batch norm
+    that made its input: whole, or both halves (a synchronised batch norm's)."""
     out = relu_grad.outputs[0]
     users = consumers[out]
-    if len(users) != 1 or users[0].op != "batch_norm_grad" or users[0].inputs[0] != out:
-        return f"its output feeds {', '.join(u.op for u in users)}, not one batch_norm_grad"
+    ops = sorted(u.op for u in users)
+    if ops not in ([whole] for whole in GRAD_HALVES) and ops not in (
+            sorted(halves) for halves in GRAD_HALVES.values()) \
+            or any(u.op not in RELU_FORMS or u.inputs[0] != out for u in users):
+        return f"its output feeds {', '.join(ops)}, not one batch-norm gradient"
     if out in protected:
         return f"{out} is a public output"
     norm = producers.get(relu_grad.inputs[1])
     if norm is None or norm.op != "batch_normalize":
         return f"its input is made by {norm.op if norm else 'a graph input'}, not batch_normalize"
-    grad = users[0]
     x, gamma, _, mean, var = norm.inputs
-    if (x, gamma, mean, var) != grad.inputs[1:] or norm.attrs["epsilon"] != grad.attrs["epsilon"]:
-        return f"{grad.name} is not the gradient of {norm.name}"
+    for grad in users:
+        if (x, gamma, mean, var) != grad.inputs[1:5] or \
+                norm.attrs["epsilon"] != grad.attrs["epsilon"]:
+            return f"{grad.name} is not the gradient of {norm.name}"
     return None
 
 
