@@ -1,8 +1,15 @@
-"""Executable: owns variables, checks inputs, and runs a backend's compiled entries."""
+"""Executable: owns variables, checks inputs, and runs a backend's compiled entries.
+
+Threads: calls on one executable run one at a time (a lock per executable), since they share
+its buffers, its variables and its step; calls on different executables run concurrently,
+except inside the CPU backend's driver, which admits one thread of the process at a time
+(`backends/cpu/driver.py`)."""
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 
 import numpy as np
 
@@ -17,9 +24,19 @@ from .resources import check_fits
 from .spec import load_spec
 
 
+def _serialised(method):
+    """Run `method` holding the executable's lock (re-entrant: `save` reads `state`)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class Executable:
     def __init__(self, lowered, backend: str = "reference", seed: int = 0,
                  variables: dict[str, np.ndarray] | None = None, step: int = 0, **options):
+        self._lock = threading.RLock()
         self.spec, self.mode, self.dtype = lowered.spec, lowered.mode, lowered.dtype
         self.lowered = lowered
         self.graph = lowered.graph
@@ -42,6 +59,7 @@ class Executable:
 
     # -- variables ----------------------------------------------------------------------
     @property
+    @_serialised
     def params(self) -> dict[str, np.ndarray]:
         """Trainables and moving statistics by TF name (the model's variables), read-only:
         the compiled program keeps derived copies (folded and packed weights), so a change goes
@@ -49,15 +67,18 @@ class Executable:
         return {n: _read_only(self._values[n]) for n in self.lowered.model.variables}
 
     @property
+    @_serialised
     def state(self) -> dict[str, np.ndarray]:
         """Every variable the executable owns (params, moving statistics, optimizer slots),
         read-only like `params`."""
         return {n: _read_only(v) for n, v in self._values.items()}
 
+    @_serialised
     def load_params(self, values: dict) -> None:
         """Replace model variables; every name, shape and dtype is checked first."""
         self._assign(values, self.lowered.model.variables, require_all=True)
 
+    @_serialised
     def load_state(self, values: dict) -> None:
         self._assign(values, self._variables, require_all=False)
 
@@ -89,6 +110,7 @@ class Executable:
     def learning_rate(self) -> float:
         return self.spec.train.lr_at(self.step)
 
+    @_serialised
     def forward(self, images) -> np.ndarray:
         images = self._images(images)
         if "prepare" in self.entries and not self._prepared:
@@ -99,6 +121,7 @@ class Executable:
         self._batch = images.shape[0]
         return logits
 
+    @_serialised
     def backward(self, dlogits) -> dict[str, np.ndarray]:
         """Vector-Jacobian product of the last train-mode forward with d(logits)."""
         if self.mode != "train":
@@ -110,12 +133,14 @@ class Executable:
         feeds = {self.graph.outputs["grad/logits"]: dlogits, SEED: np.asarray(0, self.dtype)}
         return self._grads(self._run("backward", feeds))
 
+    @_serialised
     def loss_and_grads(self, images, labels):
         self._check_train("loss_and_grads")
         feeds = self._batch_feeds(images, labels)
         results = self._run("loss_and_grads", feeds)
         return float(results[self.graph.outputs["loss"]]), self._grads(results)
 
+    @_serialised
     def train_step(self, images, labels) -> float:
         """One optimizer step: gradients, update, moving statistics, step count."""
         self._check_train("train_step")
@@ -125,6 +150,7 @@ class Executable:
         self._apply(results)
         return float(loss)
 
+    @_serialised
     def step_gradients(self, images, labels):
         """`train_step`'s first half, for data-parallel training: (loss, gradients by variable
         name, batch statistics by value name) of this batch; nothing is applied."""
@@ -135,6 +161,7 @@ class Executable:
                  and k.startswith("grad/")}
         return float(results[self.graph.outputs["loss"]]), grads, statistics
 
+    @_serialised
     def apply_gradients(self, grads: dict, statistics: dict) -> None:
         """`train_step`'s second half: the optimizer update from `grads` and the moving
         averages from `statistics` (both as `step_gradients` gives them, or reduced over the
@@ -192,6 +219,7 @@ class Executable:
         onehot = _one_hot(labels, images.shape[0], self.spec.model.num_classes, self.dtype)
         return {"images": images, "labels": onehot, SEED: np.asarray(1, self.dtype)}
 
+    @_serialised
     def save(self, path) -> None:
         checkpoint.save(self, path)
 
