@@ -59,6 +59,17 @@ positive_int = at_least(1)
 seed_int = at_least(0)
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def write_or_print(text: str, path) -> None:
     if path:
         write_text(path, text)

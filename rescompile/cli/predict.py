@@ -49,13 +49,9 @@ def _images(path, input_shape) -> np.ndarray:
     from ..archive import parse_npy
     from ..data import DataError, fit_images
     from ..data.augment import eval_transform
-    from ..resources import check_fits
-    path = Path(path)
-    try:
-        check_fits(2 * path.stat().st_size, f"{path}: the images")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    from ..fileio import memory_limit, read_bounded
+    data = read_bounded(path, "images", memory_limit(), "half the memory available",
+                        DataError)
     images = parse_npy(path, "images", data, error=DataError)
     if images.ndim != 4 or not len(images):
         raise DataError(f"{path}: expected images [N, H, W, C] with N >= 1, got shape "
