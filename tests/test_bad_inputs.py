@@ -361,6 +361,25 @@ def test_a_second_run_on_a_checkpoint_directory_is_refused(files, tmp_path, caps
                     "--checkpoint", tmp_path / "ck"], capsys)[0] == 0
 
 
+def test_resume_on_a_directory_in_use_says_so_before_choosing_a_checkpoint(files, tmp_path,
+                                                                          capsys):
+    """The other run may prune or be writing the newest checkpoint (here: a torn one), so
+    the lock is probed before any is chosen."""
+    ck = tmp_path / "ck"
+    assert run_cli(["train", files / "spec.toml", *TRAIN, "--steps", "1", "--checkpoint", ck],
+                   capsys)[0] == 0
+    (ck / "step-000002.npz").write_bytes(b"PK\3\4 torn")
+    (ck / "step-000002.json").write_text((ck / "step-000001.json").read_text())
+    held = CheckpointDir(ck)
+    held.hold()
+    try:
+        code, err = run_cli(["train", files / "spec.toml", *TRAIN, "--steps", "3",
+                             "--checkpoint", ck, "--resume"], capsys)
+    finally:
+        held.release()
+    assert code == 6 and "in use by another training run" in err, err
+
+
 def test_a_diverging_run_stops_before_saving_nan(files, tmp_path, capsys):
     ck = tmp_path / "ck"
     with warnings.catch_warnings():
