@@ -82,7 +82,7 @@ def check_replicas(exe, world) -> None:
     digests = np.array([int.from_bytes(hashlib.blake2b(np.ascontiguousarray(exe.state[n])
                                                        .tobytes(), digest_size=8).digest(),
                                        "little") for n in names], np.uint64)
-    table = world.gather(digests)
+    table = world.gather(digests, "variable digests")
     for rank in range(1, world.size):
         differs = np.flatnonzero(table[rank] != table[0])
         if differs.size:

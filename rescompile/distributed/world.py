@@ -18,6 +18,8 @@ the job this process belongs to, `Solo` unless `joined` set another.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import statistics
 import time
 from collections import deque
@@ -57,13 +59,18 @@ class Solo:
     def mean(self, buffer: np.ndarray) -> None:
         """In place: the mean of `buffer` over the ranks."""
 
-    def gather(self, array: np.ndarray) -> np.ndarray:
-        """Every rank's `array`, stacked in rank order: [K, *shape]."""
+    def gather(self, array: np.ndarray, what: str = "values") -> np.ndarray:
+        """Every rank's `array`, stacked in rank order: [K, *shape]; `what` it is names it in
+        an error."""
         return np.asarray(array)[None]
 
     def broadcast(self, value):
         """Rank 0's `value` (a small Python object) on every rank."""
         return value
+
+    def places(self) -> list[tuple[str, int]]:
+        """(host name, pid) of every rank, in rank order."""
+        return [_place()]
 
     def barrier(self) -> None:
         pass
@@ -103,14 +110,17 @@ class MpiWorld:
         self._exchange(lambda peer: reduced, gathered, self.MEAN_TAGS[1], "the gradients")
         flat[:] = gathered.reshape(-1)[:flat.size]
 
-    def gather(self, array: np.ndarray) -> np.ndarray:
+    def gather(self, array: np.ndarray, what: str = "values") -> np.ndarray:
         array = np.ascontiguousarray(array)
         out = np.empty((self.size, *array.shape), array.dtype)
-        self._exchange(lambda peer: array, out, self.GATHER_TAG, "a gather")
+        self._exchange(lambda peer: array, out, self.GATHER_TAG, what)
         return out
 
     def broadcast(self, value):
         return self.comm.bcast(value, root=0)
+
+    def places(self) -> list[tuple[str, int]]:
+        return self.comm.allgather(_place())
 
     def barrier(self) -> None:
         self.comm.Barrier()
@@ -154,6 +164,10 @@ class MpiWorld:
                                   np.empty((self.size, chunk), dtype),
                                   np.empty(chunk, dtype), np.empty((self.size, chunk), dtype))
         return self._buffers[key]
+
+
+def _place() -> tuple[str, int]:
+    return socket.gethostname(), os.getpid()
 
 
 _current = Solo()

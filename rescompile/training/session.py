@@ -92,8 +92,11 @@ def prepare(config: TrainConfig, out, world) -> Run:
     infer = compile(spec, mode="infer", backend=backend, dtype=exe.dtype,
                     **compile_options(backend, writer))
     if world.size > 1:
+        # mpiexec names a rank that dies by its pid and host: this line says which rank it was.
+        places = ", ".join(f"rank {r}: pid {pid} on {host}"
+                           for r, (host, pid) in enumerate(world.places()))
         out.write(f"data-parallel on {world.size} ranks: {stream.batch_size} images a step, "
-                  f"{stream.batch_size // world.size} on each\n")
+                  f"{stream.batch_size // world.size} on each ({places})\n")
     trainer = DataParallel(exe, world, config.check_replicas)
     if checkpoints and writer:
         checkpoints.hold()  # checked and locked last, so a refused run leaves no trace
