@@ -26,7 +26,7 @@ from pathlib import Path
 from .. import checkpoint, manifest
 from ..data import DATASETS
 from ..errors import CheckpointError, ResourceError, UsageError
-from ..fileio import atomic_write, remove_stale_temporaries
+from ..fileio import atomic_write, read_bounded, remove_stale_temporaries
 from ..runtime import load_checkpoint
 
 NAME = re.compile(r"step-(\d+)\.json")
@@ -54,6 +54,8 @@ class CheckpointDir:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=self.path).close()
+            if (self.path / LOCK).exists() and not (self.path / LOCK).is_file():
+                raise OSError(f"{LOCK} is not a regular file")  # a FIFO would block the open
             lock = open(self.path / LOCK, "a+")
         except OSError as exc:
             raise ResourceError(f"{self.path}: checkpoint directory cannot be written "
@@ -73,10 +75,12 @@ class CheckpointDir:
     def check_free(self) -> None:
         """Refuse a directory another run holds, without taking it or writing anything: a
         run that resumes must not choose a checkpoint that run is about to prune."""
+        if not (self.path / LOCK).is_file():
+            return  # never held (or not a file: hold() will say)
         try:
             probe = open(self.path / LOCK, "rb")
         except OSError:
-            return  # no lock file: never held (or not readable; hold() will say)
+            return  # not readable: hold() will say
         with probe:
             try:
                 fcntl.flock(probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -124,10 +128,8 @@ class CheckpointDir:
         """The data stream's settings saved beside the checkpoint, every field checked; `ranks`
         (the job's, since data-parallel training) is 1 where it is absent."""
         path = self.paths(step)[1]
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CheckpointError(f"{path}: unreadable data stream state ({exc})") from None
+        data = read_bounded(path, "data stream state", manifest.MAX_MANIFEST_BYTES,
+                            "a few lines of JSON", CheckpointError)
         state = manifest.parse(path, data)
         fields = dict(STREAM_FIELDS)
         if isinstance(state, dict) and "ranks" in state:
