@@ -71,6 +71,7 @@ class Hosts:
         for host, address in (("a", "10.23.0.1/24"), ("b", "10.23.0.2/24")):
             self._ip("-n", self.names[host], "addr", "add", address, "dev", "data")
             self._ip("-n", self.names[host], "link", "set", "data", "up")
+        self._wait_until_up()
         (directory / "hosts").write_text("".join(f"{a}:1\n" for a in self.addresses.values()))
         cases = "".join(f'  {self.addresses[h]}) ns={self.names[h]}; name=host-{h};;\n'
                         for h in self.names)
@@ -89,6 +90,16 @@ class Hosts:
         for device in ("mgmt", "lo"):
             self._ip("-n", ns, "link", "set", device, "up")
         self._ip("-n", ns, "route", "add", "default", "via", f"{subnet}.1")
+
+    def _wait_until_up(self) -> None:
+        """A veth pair carries packets a moment after both ends are set up; UCX leaves out a
+        device that is not up yet ("Destination is unreachable")."""
+        ends = time.monotonic() + 10
+        while not all("state UP" in subprocess.run(
+                ["ip", "-n", ns, "-o", "link", "show", device], capture_output=True,
+                text=True).stdout for ns in self.made for device in ("mgmt", "data")):
+            assert time.monotonic() < ends, "the hosts' links did not come up"
+            time.sleep(0.05)
 
     @staticmethod
     def _ip(*args: str) -> None:

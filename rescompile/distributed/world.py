@@ -68,10 +68,6 @@ class Solo:
         """Rank 0's `value` (a small Python object) on every rank."""
         return value
 
-    def places(self) -> list[tuple[str, int]]:
-        """(host name, pid) of every rank, in rank order."""
-        return [_place()]
-
     def barrier(self) -> None:
         pass
 
@@ -120,7 +116,8 @@ class MpiWorld:
         return self.comm.bcast(value, root=0)
 
     def places(self) -> list[tuple[str, int]]:
-        return self.comm.allgather(_place())
+        """(host name, pid) of every rank, in rank order (blocking: for the start only)."""
+        return self.comm.allgather((socket.gethostname(), os.getpid()))
 
     def barrier(self) -> None:
         self.comm.Barrier()
@@ -164,10 +161,6 @@ class MpiWorld:
                                   np.empty((self.size, chunk), dtype),
                                   np.empty(chunk, dtype), np.empty((self.size, chunk), dtype))
         return self._buffers[key]
-
-
-def _place() -> tuple[str, int]:
-    return socket.gethostname(), os.getpid()
 
 
 _current = Solo()
