@@ -126,8 +126,9 @@ class MpiWorld:
         self.comm.Abort(code)
 
     def _exchange(self, outgoing, incoming: np.ndarray, tag: int, what: str) -> None:
-        """incoming[j] = outgoing(self.rank) as rank j computes it, for every rank j: each
-        pair of ranks swaps one message, watched by the deadline."""
+        """Swap one message with every other rank, watched by the deadline: we send rank j
+        `outgoing(j)`, and incoming[j] receives what rank j sends us (incoming[self.rank]
+        our own `outgoing(self.rank)`)."""
         np.copyto(incoming[self.rank], outgoing(self.rank))
         peers = [j for j in range(self.size) if j != self.rank]
         receives = [self.comm.Irecv(incoming[j], source=j, tag=tag) for j in peers]
