@@ -14,5 +14,7 @@ __all__ = ["ResNetSpec", "SpecError", "load_spec", "preset", "Executable", "comp
 def load(path, **options):
     """Load a checkpoint (`Executable.save`) or a compiled artifact (`rescompile compile`)."""
     from .artifact import is_artifact, load_artifact
+    from .fileio import regular_file
     from .runtime import load_checkpoint
+    path = regular_file(path, "checkpoint or artifact", CheckpointError)
     return (load_artifact if is_artifact(path) else load_checkpoint)(path, **options)

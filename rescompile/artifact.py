@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import zipfile
-from pathlib import Path
 
 import llvmlite
 import numba
@@ -72,26 +71,47 @@ def is_artifact(path) -> bool:
 
 
 def load_artifact(path, backend: str | None = None, **options):
+    """The artifact's executable. Its manifest is read first; the spec it names is lowered
+    again, and every member's declared size checked against what that graph and its variables
+    need, before anything else is decompressed."""
     from .runtime import Executable
-    path = Path(path)
-    manifest_bytes = archive.read_member(path, "manifest.json", fields.MAX_MANIFEST_BYTES)
+    manifest_bytes = archive.read_member(path, "manifest.json", fields.MAX_MANIFEST_BYTES,
+                                         "artifact")
     manifest = _manifest(path, fields.parse(path, manifest_bytes))
-    expected = {name: m["size"] for name, m in manifest["members"].items()}
-    members = archive.read_members(path, {**expected, "manifest.json": len(manifest_bytes)})
-    for name in MEMBERS:
-        if archive.sha256(members[name]) != manifest["members"][name]["sha256"]:
-            raise CheckpointError(f"{path}: member {name!r} does not match its hash (corrupt)")
     try:
         spec = load_spec(manifest["spec"])
     except SpecError as exc:
         raise CheckpointError(f"{path}: its spec is invalid: {exc}") from None
     lowered = lower(spec, manifest["mode"], manifest["dtype"])
-    if to_json(lowered.graph).encode() != members["graph.json"]:
+    graph = to_json(lowered.graph).encode()
+    variable_sizes = {f"{name}.npy": archive.npy_bounds(v.shape, lowered.dtype)
+                      for name, v in lowered.variables.items()}
+    _check_sizes(path, manifest, len(graph), archive.npz_bound(variable_sizes))
+    sizes = {name: (m["size"], m["size"]) for name, m in manifest["members"].items()}
+    members = archive.read_members(path, {**sizes, "manifest.json": (len(manifest_bytes),) * 2},
+                                   what="artifact")
+    for name in MEMBERS:
+        if archive.sha256(members[name]) != manifest["members"][name]["sha256"]:
+            raise CheckpointError(f"{path}: member {name!r} does not match its hash (corrupt)")
+    if members["graph.json"] != graph:
         raise CheckpointError(f"{path}: its graph is not the one this rescompile compiles its "
                               f"spec to; recompile the spec")
-    variables = _variables(path, archive.read_npz(path, members["variables.npz"]), lowered)
-    return Executable(lowered, backend=backend or manifest["backend"], variables=variables,
-                      step=manifest["step"], **options)
+    arrays = archive.read_npz(path, variable_sizes, members["variables.npz"], "artifact")
+    return Executable(lowered, backend=backend or manifest["backend"],
+                      variables=_variables(path, arrays, lowered), step=manifest["step"],
+                      **options)
+
+
+def _check_sizes(path, manifest: dict, graph_bytes: int, variables_most: int) -> None:
+    """The manifest's member sizes against what the lowered spec needs: its graph exactly,
+    its variables at most `variables_most` bytes."""
+    if manifest["members"]["graph.json"]["size"] != graph_bytes:
+        raise CheckpointError(f"{path}: its graph is not the one this rescompile compiles its "
+                              f"spec to; recompile the spec")
+    size = manifest["members"]["variables.npz"]["size"]
+    if size > variables_most:
+        raise CheckpointError(f"{path}: member 'variables.npz' declares {size} bytes, the "
+                              f"spec's variables need at most {variables_most}")
 
 
 def _manifest(path, manifest) -> dict:
@@ -108,12 +128,9 @@ def _manifest(path, manifest) -> dict:
 
 
 def _variables(path, arrays: dict, lowered) -> dict:
-    """The stored variables must be exactly the graph's, each as `checkpoint.check_stored`
-    checks a checkpoint's."""
+    """The stored variables (exactly the graph's, as `read_npz` checked) each as
+    `checkpoint.check_stored` checks a checkpoint's."""
     for name, value in arrays.items():
         checkpoint.check_stored(path, name, value, lowered.variables, lowered.dtype,
                                 "the graph")
-    missing = sorted(set(lowered.variables) - set(arrays))
-    if missing:
-        raise CheckpointError(f"{path}: variable {missing[0]!r} is missing")
     return arrays

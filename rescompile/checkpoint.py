@@ -52,28 +52,42 @@ def save(exe, path, data: dict | None = None) -> None:
 
 
 def read(path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(manifest, variables) of a checkpoint file, fully loaded and checked for integrity."""
+    """(manifest, variables) of a checkpoint file, fully loaded and checked for integrity.
+    The manifest is read first, and every other member's declared size checked against what
+    its variable of the saved spec holds, before any of them is decompressed."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    arrays = archive.read_npz(path)
-    if MANIFEST not in arrays or arrays[MANIFEST].dtype != np.uint8:
-        raise CheckpointError(f"{path}: not a rescompile checkpoint (no manifest)")
-    manifest = fields.parse(path, arrays.pop(MANIFEST).tobytes())
+    manifest = _manifest(path)
+    expected = spec_variables(saved_spec(path, manifest), manifest["dtype"])
+    sizes = {f"{MANIFEST}.npy": (0, fields.MAX_MANIFEST_BYTES + archive.MAX_NPY_HEADER)}
+    for name in manifest["variables"]:
+        if name not in expected:
+            raise CheckpointError(f"{path}: variable {name[:80]!r} is not in spec "
+                                  f"{manifest['spec'].get('name', '?')!r}")
+        sizes[f"var/{name}.npy"] = archive.npy_bounds(expected[name].shape, manifest["dtype"])
+    arrays = archive.read_npz(path, sizes)
+    arrays.pop(MANIFEST)
+    return manifest, {key[4:]: value for key, value in arrays.items()}
+
+
+def _manifest(path: Path) -> dict:
+    data = archive.read_member(path, f"{MANIFEST}.npy",
+                               fields.MAX_MANIFEST_BYTES + archive.MAX_NPY_HEADER)
+    array = archive.parse_npy(path, MANIFEST, data)
+    if array.dtype != np.uint8 or array.ndim != 1:
+        raise CheckpointError(f"{path}: not a rescompile checkpoint (its manifest is not text)")
+    manifest = fields.parse(path, array.tobytes())
     if isinstance(manifest, dict) and (manifest.get("format"), manifest.get("version")) != \
             (FORMAT, VERSION):
         raise CheckpointError(f"{path}: unsupported checkpoint format "
                               f"{str(manifest.get('format'))[:60]!r} version "
                               f"{str(manifest.get('version'))[:20]!r}")
-    fields.check(path, manifest, _fields_of(manifest))
-    variables = {}
-    for key, value in arrays.items():
-        if not key.startswith("var/"):
-            raise CheckpointError(f"{path}: unexpected array {key[:60]!r}")
-        variables[key[4:]] = value
-    if sorted(variables) != sorted(manifest["variables"]):
-        raise CheckpointError(f"{path}: manifest and stored arrays disagree")
-    return manifest, variables
+    return fields.check(path, manifest, _fields_of(manifest))
+
+
+def spec_variables(spec, dtype: str) -> dict:
+    """name -> Variable of everything a checkpoint of `spec` may store: the model's variables
+    and the training slots."""
+    return training_graph(build(spec, "train", dtype), spec)[1]
 
 
 def _fields_of(manifest) -> dict:
@@ -87,11 +101,7 @@ def _fields_of(manifest) -> dict:
 def saved_data(path) -> dict | None:
     """The manifest's `data` table, None if it has none, reading the manifest alone; the
     table's own fields are the data package's to check (`DataRecord.from_dict`)."""
-    path = Path(path)
-    member = archive.read_member(path, MANIFEST + ".npy", fields.MAX_MANIFEST_BYTES + 4096)
-    manifest = fields.parse(path, archive.parse_npy(path, MANIFEST, member).tobytes())
-    fields.check(path, manifest, _fields_of(manifest))
-    return manifest.get("data")
+    return _manifest(Path(path)).get("data")
 
 
 def saved_spec(path, manifest: dict):
@@ -122,7 +132,7 @@ def check_variables(path, variables: dict[str, np.ndarray], spec, dtype: str, mo
     with its shape and the dtype. Every model variable must be stored, and for training every
     optimizer slot too, unless `fresh_optimizer` (the slots then start from zero)."""
     model = build(spec, "train", dtype)
-    expected = training_graph(model, spec)[1]
+    expected = spec_variables(spec, dtype)
     for name, value in variables.items():
         check_stored(path, name, value, expected, dtype, f"spec {spec.name!r}")
     required = [n for n in expected if n in model.variables or

@@ -3,7 +3,8 @@ its entries, and how entries are written, recorded, imported and repaired.
 
 Where: the explicit argument, else $RESCOMPILE_CACHE_DIR, else $XDG_CACHE_HOME/rescompile,
 else ~/.cache/rescompile. Its contents are trusted code (DESIGN: "Trust"). One that cannot be
-written is replaced, for the process, by a private temporary directory (a warning says so):
+written is replaced, for the process, by one private temporary directory (a warning says so),
+removed when the process exits (or, if it was killed, by the next process that falls back):
 compiling still works, only nothing is kept for the next run.
 
 Keys: `key(*parts)` is the sha256 of the toolchain that compiles an entry (numba, llvmlite)
@@ -20,9 +21,11 @@ emptied and the code compiled again (`repairing_numba_cache`).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 import traceback
@@ -33,7 +36,7 @@ from pathlib import Path
 import llvmlite
 import numba
 
-from .fileio import atomic_write
+from .fileio import alive, atomic_write
 
 RECORD = "rescompile-files.txt"
 _modules: dict[str, object] = {}  # file path -> module, so each is imported once per process
@@ -71,10 +74,26 @@ def _usable(path: Path) -> Path:
         tempfile.TemporaryFile(dir=path).close()
         return path
     except OSError as exc:
-        fallback = Path(tempfile.mkdtemp(prefix="rescompile-cache-"))
+        fallback = _private_cache()
         warnings.warn(f"{path}: kernel cache directory unusable ({exc.strerror or exc}); "
                       f"this process caches in {fallback}", RuntimeWarning, stacklevel=3)
         return fallback
+
+
+FALLBACK_PREFIX = "rescompile-cache-"
+
+
+@lru_cache(maxsize=None)
+def _private_cache() -> Path:
+    """This process's one fallback cache, removed when it exits; those of processes that
+    were killed (no exit handler ran) are removed now."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{FALLBACK_PREFIX}*-*"):
+        pid = stale.name[len(FALLBACK_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{FALLBACK_PREFIX}{os.getpid()}-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def write_cache_file(root: Path, relative: str, data: bytes) -> Path:

@@ -14,6 +14,7 @@ from .errors import CheckpointError
 
 Check = Callable[[Any], bool]
 MAX_MANIFEST_BYTES = 4 << 20
+MAX_COUNT = 2**63 - 1  # a step or a count: an int64 wherever it goes
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[0-9A-Za-z.+_-]{1,40}")
 
@@ -60,7 +61,8 @@ def one_of(options) -> tuple[Check, str]:
 
 
 def count(least: int = 0) -> tuple[Check, str]:
-    return (lambda v: type(v) is int and least <= v < 2**63), f"an integer >= {least}"
+    return (lambda v: type(v) is int and least <= v <= MAX_COUNT), \
+        f"an integer >= {least} and <= {MAX_COUNT}"
 
 
 def boolean() -> tuple[Check, str]:

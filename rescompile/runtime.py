@@ -1,8 +1,15 @@
-"""Executable: owns variables, checks inputs, and runs a backend's compiled entries."""
+"""Executable: owns variables, checks inputs, and runs a backend's compiled entries.
+
+Threads: calls on one executable run one at a time (a lock per executable), since they share
+its buffers, its variables and its step; calls on different executables run concurrently,
+except inside the CPU backend's driver, which admits one thread of the process at a time
+(`backends/cpu/driver.py`)."""
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 
 import numpy as np
 
@@ -17,14 +24,26 @@ from .resources import check_fits
 from .spec import load_spec
 
 
+def _serialised(method):
+    """Run `method` holding the executable's lock (re-entrant: `save` reads `state`)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class Executable:
     def __init__(self, lowered, backend: str = "reference", seed: int = 0,
                  variables: dict[str, np.ndarray] | None = None, step: int = 0, **options):
+        self._lock = threading.RLock()
         self.spec, self.mode, self.dtype = lowered.spec, lowered.mode, lowered.dtype
         self.lowered = lowered
         self.graph = lowered.graph
         self.backend = backend
         _check_options(backend, options)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UsageError(f"compile: seed must be an integer >= 0, got {seed!r}")
         # Initial values are drawn in float64 and cast: twice the variables' bytes at once.
         check_fits(2 * 8 * sum(math.prod(v.shape) for v in lowered.variables.values()),
                    f"the variables of spec {self.spec.name!r}")
@@ -42,6 +61,7 @@ class Executable:
 
     # -- variables ----------------------------------------------------------------------
     @property
+    @_serialised
     def params(self) -> dict[str, np.ndarray]:
         """Trainables and moving statistics by TF name (the model's variables), read-only:
         the compiled program keeps derived copies (folded and packed weights), so a change goes
@@ -49,15 +69,18 @@ class Executable:
         return {n: _read_only(self._values[n]) for n in self.lowered.model.variables}
 
     @property
+    @_serialised
     def state(self) -> dict[str, np.ndarray]:
         """Every variable the executable owns (params, moving statistics, optimizer slots),
         read-only like `params`."""
         return {n: _read_only(v) for n, v in self._values.items()}
 
+    @_serialised
     def load_params(self, values: dict) -> None:
         """Replace model variables; every name, shape and dtype is checked first."""
         self._assign(values, self.lowered.model.variables, require_all=True)
 
+    @_serialised
     def load_state(self, values: dict) -> None:
         self._assign(values, self._variables, require_all=False)
 
@@ -89,6 +112,7 @@ class Executable:
     def learning_rate(self) -> float:
         return self.spec.train.lr_at(self.step)
 
+    @_serialised
     def forward(self, images) -> np.ndarray:
         images = self._images(images)
         if "prepare" in self.entries and not self._prepared:
@@ -99,6 +123,7 @@ class Executable:
         self._batch = images.shape[0]
         return logits
 
+    @_serialised
     def backward(self, dlogits) -> dict[str, np.ndarray]:
         """Vector-Jacobian product of the last train-mode forward with d(logits)."""
         if self.mode != "train":
@@ -110,21 +135,24 @@ class Executable:
         feeds = {self.graph.outputs["grad/logits"]: dlogits, SEED: np.asarray(0, self.dtype)}
         return self._grads(self._run("backward", feeds))
 
+    @_serialised
     def loss_and_grads(self, images, labels):
         self._check_train("loss_and_grads")
         feeds = self._batch_feeds(images, labels)
         results = self._run("loss_and_grads", feeds)
         return float(results[self.graph.outputs["loss"]]), self._grads(results)
 
+    @_serialised
     def train_step(self, images, labels) -> float:
         """One optimizer step: gradients, update, moving statistics, step count."""
         self._check_train("train_step")
         results = self._run("train_step", self._batch_feeds(images, labels))
         loss = results[self.graph.outputs["loss"]]
-        self.check_loss(loss)
+        self.check_loss(loss, results.get(self.graph.outputs["logits"]))
         self._apply(results)
         return float(loss)
 
+    @_serialised
     def step_gradients(self, images, labels):
         """`train_step`'s first half, for data-parallel training: (loss, gradients by variable
         name, batch statistics by value name) of this batch; nothing is applied."""
@@ -135,6 +163,7 @@ class Executable:
                  and k.startswith("grad/")}
         return float(results[self.graph.outputs["loss"]]), grads, statistics
 
+    @_serialised
     def apply_gradients(self, grads: dict, statistics: dict) -> None:
         """`train_step`'s second half: the optimizer update from `grads` and the moving
         averages from `statistics` (both as `step_gradients` gives them, or reduced over the
@@ -162,17 +191,22 @@ class Executable:
         self.step += 1
         self._forward_done = False
 
-    def check_loss(self, loss) -> None:
-        """A diverged step must not reach the weights (nor, through them, a checkpoint)."""
+    def check_loss(self, loss, logits=None) -> None:
+        """A diverged step must not reach the weights (nor, through them, a checkpoint). The
+        step named is the one that failed, counted from 1 as progress counts steps."""
         if not np.isfinite(loss):
-            raise NonFiniteError(f"step {self.step}: the loss is {float(loss)}; nothing of this "
-                                 f"step was applied (lower the learning rate?)")
+            where = _nonfinite(logits) if logits is not None else None
+            cause = f" (the logits hold {where})" if where else ""
+            raise NonFiniteError(f"step {self.step + 1}: the loss is {float(loss)}{cause}; "
+                                 f"nothing of this step was applied (lower the learning "
+                                 f"rate?)")
 
     def _check_updates(self, updates: dict) -> None:
         for name, value in updates.items():
-            if not np.isfinite(value).all():
-                raise NonFiniteError(f"step {self.step}: the update of {name!r} is not finite; "
-                                     f"nothing of this step was applied")
+            where = _nonfinite(value)
+            if where:
+                raise NonFiniteError(f"step {self.step + 1}: the update of {name!r} holds "
+                                     f"{where}; nothing of this step was applied")
 
     # -- checks -------------------------------------------------------------------------
     def _check_train(self, what: str) -> None:
@@ -192,6 +226,7 @@ class Executable:
         onehot = _one_hot(labels, images.shape[0], self.spec.model.num_classes, self.dtype)
         return {"images": images, "labels": onehot, SEED: np.asarray(1, self.dtype)}
 
+    @_serialised
     def save(self, path) -> None:
         checkpoint.save(self, path)
 
@@ -210,9 +245,21 @@ def _check_options(backend: str, options: dict) -> None:
                              f"(it takes seed, optimize{''.join(', ' + k for k in known)})")
 
 
+def _as_array(name: str, value) -> np.ndarray:
+    """`value` as an array, or an InputError naming it (a ragged list, an object NumPy cannot
+    hold)."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{name}: not an array ({str(exc).splitlines()[0][:120]})") from None
+    if array.dtype == object:
+        raise InputError(f"{name}: not an array of numbers (holds Python objects)")
+    return array
+
+
 def _float_array(name: str, value, shape, dtype: str) -> np.ndarray:
     """Check rank, shape and dtype of a run-time tensor; `None` in shape is any size >= 1."""
-    array = np.asarray(value)
+    array = _as_array(name, value)
     if array.dtype.kind != "f":
         raise InputError(f"{name}: dtype {array.dtype} is not a float type; pass float32 or "
                          f"float64")
@@ -238,15 +285,23 @@ def _finite_cast(name: str, array: np.ndarray, dtype: str, copy: bool) -> np.nda
 def _check_finite(name: str, array: np.ndarray, what: str) -> None:
     """Refuse NaN and infinity before they reach a kernel: in a train step they would spread
     into every weight."""
+    where = _nonfinite(array)
+    if where:
+        raise InputError(f"{name}: {what} {where}")
+
+
+def _nonfinite(array: np.ndarray) -> str | None:
+    """How many values of `array` are NaN or infinite and where the first is; None if none."""
     bad = ~np.isfinite(array)
-    if bad.any():
-        first = [int(i) for i in np.unravel_index(int(np.argmax(bad)), array.shape)]
-        raise InputError(f"{name}: {what} {int(bad.sum())} non-finite values (the first at "
-                         f"{first}: {array[tuple(first)]})")
+    if not bad.any():
+        return None
+    first = [int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape)]
+    return (f"{int(bad.sum())} non-finite values (the first at {first}: "
+            f"{np.asarray(array)[tuple(first)]})")
 
 
 def _variable_array(name: str, value, shape: tuple, dtype: str) -> np.ndarray:
-    array = np.asarray(value)
+    array = _as_array(f"variable {name!r}", value)
     if array.dtype.kind != "f":
         raise InputError(f"variable {name!r}: dtype {array.dtype} is not a float type")
     if tuple(array.shape) != tuple(shape):
@@ -258,7 +313,7 @@ def _variable_array(name: str, value, shape: tuple, dtype: str) -> np.ndarray:
 def _one_hot(labels, batch: int, classes: int, dtype: str) -> np.ndarray:
     """Class ids [N] (or [N, 1], as many loaders give them), or rows of class probabilities
     [N, classes]: one-hot or soft labels, each row non-negative and summing to 1."""
-    labels = np.asarray(labels)
+    labels = _as_array("labels", labels)
     if labels.ndim == 2 and labels.shape[1] == 1 and labels.dtype.kind in "iu":
         labels = labels[:, 0]
     if labels.ndim == 1 and labels.dtype.kind in "iu":

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SpecError
+from .fileio import read_bounded
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -492,11 +493,26 @@ def _parse(text: str, kind: str, origin: str) -> Any:
         raise SpecError(f"{origin}: {len(text)} characters; a spec has at most "
                         f"{MAX_SPEC_BYTES}")
     try:
-        return tomllib.loads(text) if kind == "toml" else json.loads(text)
+        return tomllib.loads(text) if kind == "toml" else \
+            json.loads(text, object_pairs_hook=_unique_keys)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise SpecError(f"{origin}: invalid {kind.upper()}: {e}") from None
     except RecursionError:
         raise SpecError(f"{origin}: invalid {kind.upper()}: nested too deeply") from None
+    except ValueError as e:  # Python's bound on integer digits (its advice cut); a key twice
+        raise SpecError(f"{origin}: invalid {kind.upper()}: {str(e).split(';')[0][:160]}") \
+            from None
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object, refused if a key appears twice (JSON would keep the last silently;
+    TOML refuses it too)."""
+    table = {}
+    for key, value in pairs:
+        if key in table:
+            raise ValueError(f"key {_shown(key)} appears twice in one object")
+        table[key] = value
+    return table
 
 
 def _load_file(path: Path) -> ResNetSpec:
@@ -504,16 +520,10 @@ def _load_file(path: Path) -> ResNetSpec:
     if kind is None:
         raise SpecError(f"{path}: unknown spec file suffix {path.suffix!r}; "
                         f"expected .toml or .json")
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
+    data = read_bounded(path, "spec", MAX_SPEC_BYTES, "a spec is a few hundred bytes",
+                        SpecError)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SPEC_BYTES + 1)
-        if len(data) > MAX_SPEC_BYTES:
-            raise SpecError(f"{path}: larger than {MAX_SPEC_BYTES} bytes, not a spec")
         text = data.decode("utf-8")
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read the spec file ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     return spec_from_dict(_parse(text, kind, str(path)))

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,18 @@ def random_bn_state(exe, seed=0):
         else:
             values[name] = value
     return values
+
+
+def peak_bytes(call, error) -> tuple[int, str]:
+    """The most memory Python and NumPy allocations held during `call()`, which must raise
+    `error`, and the error's message."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(error) as caught:
+            call()
+        return tracemalloc.get_traced_memory()[1], str(caught.value)
+    finally:
+        tracemalloc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ attacker would, runs nothing."""
 import hashlib
 import io
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import rescompile as rc
 from rescompile.archive import npz_bytes
 from rescompile.artifact import save_artifact
-from conftest import rel_err, tiny_spec
+from conftest import peak_bytes, rel_err, tiny_spec
 
 SENTINEL_NAME = "rescompile-artifact-payload-ran"
 
@@ -62,7 +63,7 @@ def write(path, contents: dict, rehash: bool = True) -> None:
                     "sha256": hashlib.sha256(contents[name]).hexdigest(),
                     "size": len(contents[name])}
         contents["manifest.json"] = json.dumps(manifest).encode()
-    with zipfile.ZipFile(path, "w") as z:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         for name, data in contents.items():
             z.writestr(name, data)
 
@@ -160,16 +161,22 @@ def test_bad_manifests_are_refused_by_field(artifact, tmp_path, change, message)
         rc.load(tmp_path / "m.rcx")
 
 
-def test_members_are_checked_before_they_are_decompressed(artifact, tmp_path):
+@pytest.mark.parametrize("rehash, words", [
+    (False, r"'variables.npz' declares 134217728 bytes, \d+ expected"),   # the manifest's size
+    (True, r"'variables.npz' declares 134217728 bytes, the spec's variables need at most"),
+])
+def test_members_are_checked_before_they_are_decompressed(artifact, tmp_path, rehash, words):
+    """128 MB that deflates to 128 kB, whether or not the manifest admits to it: refused
+    before decompression, with the memory held staying far below the member's size."""
     contents = members(artifact)
-    contents["variables.npz"] = b"\0" * (64 << 20)   # 64 MB that deflates to 64 kB
-    with zipfile.ZipFile(tmp_path / "bomb.rcx", "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in contents.items():
-            z.writestr(name, data)
+    contents["variables.npz"] = b"\0" * (128 << 20)
+    write(tmp_path / "bomb.rcx", contents, rehash=rehash)
     assert (tmp_path / "bomb.rcx").stat().st_size < 1 << 20
-    with pytest.raises(rc.CheckpointError, match="'variables.npz' declares 67108864 bytes, "
-                                                 "the manifest"):
-        rc.load(tmp_path / "bomb.rcx")
+    peak, message = peak_bytes(lambda: rc.load(tmp_path / "bomb.rcx"), rc.CheckpointError)
+    assert re.search(words, message) and peak < 100 << 20, (message, peak)
+
+
+def test_unexpected_and_cut_members_are_refused(artifact, tmp_path):
     extra = {**members(artifact), "kernels/x.py": b"import os\n"}
     write(tmp_path / "extra.rcx", extra, rehash=False)
     with pytest.raises(rc.CheckpointError, match="unexpected member 'kernels/x.py'"):

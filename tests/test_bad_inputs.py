@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 import rescompile as rc
-from conftest import ROOT, tiny_spec
+from conftest import ROOT, peak_bytes, tiny_spec
 from rescompile.archive import npz_bytes
+from rescompile.artifact import save_artifact
 from rescompile.backends.cpu.llvm import jit
 from rescompile.backends.cpu.llvm.sync import Barrier
 from rescompile.backends.cpu.target import host_target
@@ -73,6 +74,49 @@ def npy_header_lie(shape) -> bytes:
     return buffer.getvalue() + b"\0" * 16
 
 
+def deflated_with_a_hole(source, target) -> None:
+    """A compressed copy of the checkpoint `source` with 16 bytes of its largest member's
+    deflate stream overwritten: zlib fails on it."""
+    with zipfile.ZipFile(source) as z, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
+        for name in z.namelist():
+            out.writestr(name, z.read(name))
+    with zipfile.ZipFile(target) as z:
+        big = max(z.infolist(), key=lambda i: i.compress_size)
+    data = bytearray(target.read_bytes())
+    start = big.header_offset + 30 + len(big.filename) + len(big.extra) + 8
+    data[start:start + 16] = b"\xff" * 16
+    target.write_bytes(bytes(data))
+
+
+def cifar(folder, change_first) -> None:
+    """A CIFAR-10 folder of empty files, the first changed by `change_first(path)`."""
+    folder.mkdir()
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    change_first(folder / names[0])
+    for name in names[1:]:
+        (folder / name).write_bytes(b"")
+
+
+def torch_and_onnx_files(d) -> None:
+    """A torch.save file that holds a Python object (weights_only refuses it), an ONNX model
+    with an initializer short of its dims, and our own export with an invalid spec."""
+    import argparse
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    from rescompile.interop import onnx_model
+    from rescompile.interop.onnx_model import SPEC_KEY
+    torch.save({"conv1.weight": torch.zeros(2), "args": argparse.Namespace()}, d / "object.pt")
+    short = numpy_helper.from_array(np.zeros((4, 4), np.float32), "w")
+    short.raw_data = b"\0" * 12
+    graph = onnx.helper.make_graph([], "g", [], [], initializer=[short])
+    (d / "short.onnx").write_bytes(onnx.helper.make_model(graph).SerializeToString())
+    model = onnx_model(SPEC, rc.compile(SPEC, seed=1).params)
+    entry = next(p for p in model.metadata_props if p.key == SPEC_KEY)
+    entry.value = '{"name": "a b"}'
+    (d / "bad-spec.onnx").write_bytes(model.SerializeToString())
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
@@ -83,6 +127,7 @@ def files(tmp_path_factory):
     exe.save(d / "ckpt.npz")
     infer = rc.compile(SPEC, mode="infer", seed=1)
     infer.save(d / "infer.npz")
+    save_artifact(infer, d / "model.rcx")
     moving = next(n for n in exe.params if n.endswith("moving_mean"))
     rewrite_npz(d / "ckpt.npz", d / "no-moving.npz", without(moving))
     rewrite_npz(d / "ckpt.npz", d / "bad-json.npz", with_manifest("{not json"))
@@ -99,6 +144,21 @@ def files(tmp_path_factory):
         for name in source.namelist():
             z.writestr(name, source.read(name))
         z.writestr("var/huge.npy", (d / "lie.npy").read_bytes())
+    with zipfile.ZipFile(d / "ckpt.npz") as source, zipfile.ZipFile(d / "lying-header.npz",
+                                                                    "w") as z:
+        for name in source.namelist():
+            z.writestr(name, (d / "lie.npy").read_bytes() if name == "var/logit/biases.npy"
+                       else source.read(name))
+    deflated_with_a_hole(d / "ckpt.npz", d / "bad-deflate.npz")
+    (d / "neg.npy").write_bytes(npy_header_lie((-4, -4)) + b"\0" * 48)
+    for name in ("fifo.npy", "fifo.toml", "fifo.npz", "fifo.jsonl", "fifo.onnx"):
+        os.mkfifo(d / name)
+    (d / "bigint.json").write_text('{"name": 1' + "0" * 5000 + "}")
+    (d / "dup.json").write_text('{"name": "a", "name": "b"}')
+    (d / "old.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    cifar(d / "cifar-fifo", lambda first: os.mkfifo(first))
+    cifar(d / "cifar-huge", lambda first: first.open("wb").truncate(3073 * 10 ** 7))  # sparse
+    torch_and_onnx_files(d)
     np.save(d / "empty.npy", np.zeros((0, 8, 8, 3), np.float32))
     np.save(d / "flat.npy", np.zeros((2, 8, 8), np.float32))
     np.save(d / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
@@ -193,6 +253,11 @@ CLI_CASES = [
      "batch_norm.epsilon: 1e-40 is not a normal float32 number"),
     ("hostile name", lambda d: ["dump", 'name = "a\\"); import os #"\n' + GOOD_MODEL], 3,
      "name: must be a string"),
+    ("spec is a FIFO", lambda d: ["dump", d / "fifo.toml"], 3, "a FIFO, not a regular spec file"),
+    ("5000-digit integer", lambda d: ["dump", d / "bigint.json"], 3,
+     "Exceeds the limit (4300 digits)"),
+    ("duplicate json key", lambda d: ["dump", d / "dup.json"], 3,
+     "key 'name' appears twice in one object"),
     # usage
     ("batch 0", lambda d: ["run", d / "spec.toml", "--batch", "0"], 2,
      "argument --batch: must be >= 1"),
@@ -208,6 +273,15 @@ CLI_CASES = [
      "must end in .json or .npy"),
     ("resume without dir", lambda d: ["train", d / "spec.toml", *TRAIN, "--resume"], 2,
      "--resume needs --checkpoint DIR"),
+    ("log exists", lambda d: ["train", d / "spec.toml", *TRAIN, "--steps", "1", "--log",
+                              d / "old.jsonl"], 2,
+     "old.jsonl: exists; pass --resume to continue its run, or --overwrite-log"),
+    ("plot format", lambda d: ["train", d / "spec.toml", *TRAIN, "--steps", "1", "--plot",
+                               d / "plot.txt"], 2, "--plot"),
+    ("steps past int64", lambda d: ["train", d / "spec.toml", *TRAIN, "--steps", 2 ** 63], 2,
+     "9223372036854775808 steps is more than the 9223372036854775807 a checkpoint records"),
+    ("exchange timeout 0", lambda d: ["train", d / "spec.toml", *TRAIN, "--exchange-timeout",
+                                      "0"], 2, "--exchange-timeout: must be a finite number > 0"),
     # inputs and data
     ("empty npy", lambda d: predict(d, "empty.npy"), 4, "with N >= 1, got shape [0, 8, 8, 3]"),
     ("rank-3 npy", lambda d: predict(d, "flat.npy"), 4, "expected images [N, H, W, C]"),
@@ -215,7 +289,25 @@ CLI_CASES = [
                                                       "corrupt header"),
     ("pickled npy", lambda d: predict(d, "objects.npy"), 4, "is object, expected one of"),
     ("lying npy", lambda d: predict(d, "lie.npy"), 4, "declares shape [1000000000000]"),
-    ("missing npy", lambda d: predict(d, "none.npy"), 4, "none.npy: cannot read"),
+    ("missing npy", lambda d: predict(d, "none.npy"), 4, "none.npy: no such images file"),
+    ("npy is /dev/zero", lambda d: predict(d, "/dev/zero"), 4,
+     "/dev/zero: a character device, not a regular images file"),
+    ("npy is a FIFO", lambda d: predict(d, "fifo.npy"), 4, "a FIFO, not a regular images file"),
+    ("npy is a directory", lambda d: predict(d, "outdir"), 4, "a directory, not a regular"),
+    ("negative npy dims", lambda d: predict(d, "neg.npy"), 4, "declares a negative dimension"),
+    ("cifar file is a FIFO", lambda d: ["train", d / "spec.toml", "--data", "cifar10",
+                                        "--data-dir", d / "cifar-fifo"], 4,
+     "data_batch_1.bin: a FIFO, not a regular cifar10 data file"),
+    ("torch file is /dev/zero", lambda d: ["import-torch", "/dev/zero", "-o", d / "x.npz"], 4,
+     "/dev/zero: a character device, not a regular torch.save file"),
+    ("torch file with objects", lambda d: ["import-torch", d / "object.pt", "-o", d / "x.npz"],
+     4, "object.pt: holds objects other than tensors"),
+    ("onnx file is a FIFO", lambda d: ["import-onnx", d / "fifo.onnx", "-o", d / "x.npz"], 4,
+     "a FIFO, not a regular ONNX model file"),
+    ("onnx data short of dims", lambda d: ["import-onnx", d / "short.onnx", "-o", d / "x.npz"],
+     4, "short.onnx: initializer 'w' does not hold the data its dims [4, 4] declare"),
+    ("onnx embedded spec", lambda d: ["import-onnx", d / "bad-spec.onnx", "-o", d / "x.npz"],
+     4, "bad-spec.onnx: its embedded spec is invalid: name"),
     ("no data dir", lambda d: ["train", d / "spec.toml", "--data", "cifar10", "--data-dir",
                                d / "nope"], 4, "does not exist"),
     ("truncated image", lambda d: folder(d, "truncated"), 4,
@@ -223,7 +315,7 @@ CLI_CASES = [
     ("garbage image", lambda d: folder(d, "garbage"), 4, "001.png: cannot decode as PNG or JPEG"),
     ("class without images", lambda d: folder(d, "empty-class"), 4,
      "red circle: class folder with no PNG or JPEG images"),
-    ("fifo image", lambda d: folder(d, "fifo"), 4, "zz.png: is not a regular file"),
+    ("fifo image", lambda d: folder(d, "fifo"), 4, "zz.png: a FIFO, not a regular"),
     ("class count", lambda d: folder(d, "two-classes"), 4,
      "pics-two-classes: 2 class folders, the model has num_classes = 3"),
     ("class name", lambda d: folder(d, "bad-name"), 4,
@@ -237,7 +329,7 @@ CLI_CASES = [
      "typo.npz: unknown array 'val_image'"),
     ("npz pickled", lambda d: npz(d, "pickled.npz"), 4, "array 'labels.npy' is object"),
     ("npz not a zip", lambda d: npz(d, "text.npz"), 4, "text.npz: corrupt archive"),
-    ("npz a directory", lambda d: npz(d, "dir.npz"), 4, "dir.npz: is a directory"),
+    ("npz a directory", lambda d: npz(d, "dir.npz"), 4, "dir.npz: a directory, not a regular"),
     ("predict cut png", lambda d: predict(d, "cut.png"), 4, "cut.png: cannot decode as PNG"),
     ("predict text", lambda d: predict(d, "notes.txt"), 4,
      "notes.txt: expected a .npy array or an image file"),
@@ -256,7 +348,7 @@ CLI_CASES = [
      "bad-json.npz: corrupt manifest"),
     ("manifest step type", lambda d: ["eval", d / "spec.toml", "--checkpoint",
                                       d / "step-str.npz", "--data", "synthetic"], 5,
-     "manifest field 'step' must be an integer >= 0, got \"1\""),
+     "manifest field 'step' must be an integer >= 0 and <= 9223372036854775807, got \"1\""),
     ("manifest no dtype", lambda d: ["eval", d / "spec.toml", "--checkpoint",
                                      d / "no-dtype.npz", "--data", "synthetic"], 5,
      "manifest field 'dtype' is missing"),
@@ -267,13 +359,28 @@ CLI_CASES = [
                                   "--data", "synthetic"], 5, "cut.npz: corrupt archive"),
     ("text checkpoint", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "text.npz",
                                    "--data", "synthetic"], 5, "text.npz: corrupt archive"),
-    ("lying member", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "lying.npz",
-                                "--data", "synthetic"], 5, "'var/huge.npy' declares shape"),
+    ("extra member", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "lying.npz",
+                                "--data", "synthetic"], 5, "unexpected member 'var/huge.npy'"),
+    ("lying header", lambda d: ["eval", d / "spec.toml", "--checkpoint",
+                                d / "lying-header.npz", "--data", "synthetic"], 5,
+     "array 'var/logit/biases.npy' declares shape [1000000000000]"),
+    ("corrupt deflate", lambda d: ["eval", d / "spec.toml", "--checkpoint",
+                                   d / "bad-deflate.npz", "--data", "synthetic"], 5,
+     "bad-deflate.npz: corrupt archive"),
+    ("checkpoint is a FIFO", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "fifo.npz",
+                                        "--data", "synthetic"], 5,
+     "a FIFO, not a regular checkpoint file"),
+    ("checkpoint is /dev/zero", lambda d: ["eval", d / "spec.toml", "--checkpoint", "/dev/zero",
+                                           "--data", "synthetic"], 5,
+     "/dev/zero: a character device, not a regular checkpoint file"),
     ("missing checkpoint", lambda d: ["eval", d / "spec.toml", "--checkpoint", d / "no.npz",
                                       "--data", "synthetic"], 5, "no such checkpoint file"),
     ("hostile class names", lambda d: ["eval", d / "spec.toml", "--checkpoint",
                                        d / "named.npz", "--data", "synthetic"], 5,
      "named.npz: the data record's classes: class name 'b\\x1b[2J' must be printable"),
+    ("output is a FIFO", lambda d: ["compile", d / "spec.toml", "--backend", "reference",
+                                    "-o", d / "fifo.jsonl"], 6,
+     "fifo.jsonl: cannot write: a FIFO, not a regular file"),
     # resources
     ("output is a directory", lambda d: ["dump", d / "spec.toml", "-o", d / "outdir"], 6,
      "outdir: cannot write"),
@@ -287,6 +394,13 @@ CLI_CASES = [
      "checkpoint directory cannot be written"),
     ("log is a directory", lambda d: ["train", d / "spec.toml", *TRAIN, "--steps", "1",
                                       "--log", d / "outdir"], 6, "--log"),
+    ("log is a FIFO", lambda d: ["train", d / "spec.toml", *TRAIN, "--steps", "1",
+                                 "--log", d / "fifo.jsonl"], 6,
+     "fifo.jsonl: cannot write: a FIFO, not a regular file"),
+    ("cifar beyond memory", lambda d: ["train", d / "spec.toml", "--data", "cifar10",
+                                       "--data-dir", d / "cifar-huge"], 6, "GiB available"),
+    ("cache is a file", lambda d: ["cache", "clear", "--dir", d / "a-file"], 6,
+     "a-file: not a directory, so not a kernel cache"),
 ]
 
 
@@ -319,6 +433,25 @@ def test_a_second_run_on_a_checkpoint_directory_is_refused(files, tmp_path, caps
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [".lock"]
     assert run_cli(["train", files / "spec.toml", *TRAIN, "--steps", "1",
                     "--checkpoint", tmp_path / "ck"], capsys)[0] == 0
+
+
+def test_resume_on_a_directory_in_use_says_so_before_choosing_a_checkpoint(files, tmp_path,
+                                                                          capsys):
+    """The other run may prune or be writing the newest checkpoint (here: a torn one), so
+    the lock is probed before any is chosen."""
+    ck = tmp_path / "ck"
+    assert run_cli(["train", files / "spec.toml", *TRAIN, "--steps", "1", "--checkpoint", ck],
+                   capsys)[0] == 0
+    (ck / "step-000002.npz").write_bytes(b"PK\3\4 torn")
+    (ck / "step-000002.json").write_text((ck / "step-000001.json").read_text())
+    held = CheckpointDir(ck)
+    held.hold()
+    try:
+        code, err = run_cli(["train", files / "spec.toml", *TRAIN, "--steps", "3",
+                             "--checkpoint", ck, "--resume"], capsys)
+    finally:
+        held.release()
+    assert code == 6 and "in use by another training run" in err, err
 
 
 def test_a_diverging_run_stops_before_saving_nan(files, tmp_path, capsys):
@@ -384,6 +517,19 @@ def edit_params(exe):
     exe.params["logit/biases"][0] = 1.0
 
 
+def from_torch(state):
+    from rescompile.interop import from_torch
+    return from_torch(state)
+
+
+def torch_zeros(kind: str):
+    """A conv kernel in bfloat16 (which NumPy lacks), or on the meta device (no values)."""
+    import torch
+    if kind == "meta":
+        return torch.zeros((4, 3, 7, 7), device="meta")
+    return torch.zeros((4, 3, 7, 7), dtype=torch.bfloat16)
+
+
 API_CASES = [
     ("misspelled keyword", lambda e, b: rc.compile(SPEC, backend="cpu", progres=True),
      rc.UsageError, "unknown keyword 'progres' for backend 'cpu'"),
@@ -410,6 +556,21 @@ API_CASES = [
         SPEC.replace(batch_norm={"epsilon": 1e-40})), rc.SpecError, "batch_norm.epsilon"),
     ("train state without slots", lambda e, b: rc.load(b[2] / "infer.npz", mode="train"),
      rc.CheckpointError, "optimizer slot"),
+    ("negative seed", lambda e, b: rc.compile(SPEC, seed=-1), rc.UsageError,
+     "compile: seed must be an integer >= 0, got -1"),
+    ("load(None)", lambda e, b: rc.load(None), rc.UsageError, "expected a path, got NoneType"),
+    ("load a FIFO", lambda e, b: rc.load(b[2] / "fifo.npz"), rc.CheckpointError,
+     "a FIFO, not a regular checkpoint or artifact file"),
+    ("ragged images", lambda e, b: e.forward([[1.0, 2.0], [3.0]]), rc.InputError,
+     "images: not an array (setting an array element with a sequence"),
+    ("ragged labels", lambda e, b: e.train_step(b[0], [[0], [1, 2], [3], [4]]),
+     rc.InputError, "labels: not an array"),
+    ("object params", lambda e, b: e.load_params({**e.params, "logit/biases": [object()] * 5}),
+     rc.InputError, "variable 'logit/biases': not an array of numbers"),
+    ("bfloat16 torch tensors", lambda e, b: from_torch({"conv1.weight": torch_zeros("bfloat16")}),
+     rc.InputError, "not a supported ResNet"),
+    ("meta torch tensors", lambda e, b: from_torch({"conv1.weight": torch_zeros("meta")}),
+     rc.InputError, "tensor 'conv1.weight' is on the meta device"),
 ]
 
 
@@ -442,8 +603,10 @@ def test_a_diverged_step_changes_nothing(files, batch):
         warnings.simplefilter("ignore", RuntimeWarning)
         exe.train_step(*batch)
         before = {n: v.copy() for n, v in exe.state.items()}
-        with pytest.raises(rc.NonFiniteError, match="step 1: "):
+        with pytest.raises(rc.NonFiniteError) as caught:
             exe.train_step(*batch)
+    # The step that failed (the second), and the tensor that went non-finite first.
+    assert "step 2: the loss is nan (the logits hold 20 non-finite values" in str(caught.value)
     assert exe.step == 1
     assert all(np.array_equal(before[n], exe.state[n]) for n in before)
 
@@ -484,3 +647,39 @@ def test_a_corrupt_numba_cache_is_emptied_and_compiled_again(tmp_path):
     assert out.stdout.strip() == "2", out.stderr
     assert "could not be read" in out.stderr and "compiling again" in out.stderr
     assert run().stdout.strip() == "2"
+
+
+def test_a_member_larger_than_its_variable_is_refused_before_decompression(files, tmp_path):
+    """128 MB of zeros that deflate to 128 kB, in place of a 5-float variable: refused from
+    the zip's directory, while the memory held stays far below the member's size."""
+    with zipfile.ZipFile(files / "ckpt.npz") as source, \
+            zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        for name in source.namelist():
+            z.writestr(name, b"\0" * (128 << 20) if name == "var/logit/biases.npy"
+                       else source.read(name))
+    assert (tmp_path / "bomb.npz").stat().st_size < 1 << 20
+    peak, message = peak_bytes(lambda: rc.load(tmp_path / "bomb.npz"), rc.CheckpointError)
+    assert "'var/logit/biases.npy' declares 134217728 bytes, 20 to 4116 expected" in message
+    assert peak < 100 << 20, peak
+
+
+@pytest.mark.parametrize("name", ["ckpt.npz", "model.rcx"])
+def test_random_byte_flips_are_refused_in_one_line(files, tmp_path, name):
+    """Seeded random flips of 1 to 3 bytes anywhere in a checkpoint (stored) or an artifact
+    (deflated): each loads, or is refused with one line naming the file; nothing else."""
+    rng = np.random.default_rng(23)
+    data = (files / name).read_bytes()
+    outcomes = {"loaded": 0, "refused": 0}
+    for case in range(30):
+        flipped = bytearray(data)
+        for at in rng.integers(0, len(data), rng.integers(1, 4)):
+            flipped[at] ^= int(rng.integers(1, 256))
+        path = tmp_path / f"{case}-{name}"
+        path.write_bytes(bytes(flipped))
+        try:
+            rc.load(path, backend="reference")
+            outcomes["loaded"] += 1
+        except rc.UserError as exc:
+            assert str(path) in str(exc) and "\n" not in str(exc), (case, str(exc))
+            outcomes["refused"] += 1
+    assert outcomes["refused"] >= 20, outcomes  # a flip a zip's CRC catches is a refusal

@@ -374,13 +374,14 @@ def test_folder_with_train_and_val_folders(tmp_path):
 
 def test_files_are_read_bounded_and_regular(tmp_path):
     (tmp_path / "small").write_bytes(b"x" * 10)
-    assert read_bounded(tmp_path / "small", "data file", 10) == b"x" * 10
-    with pytest.raises(InputError, match="small: larger than the 9 bytes allowed"):
-        read_bounded(tmp_path / "small", "data file", 9)
+    assert read_bounded(tmp_path / "small", "data", 10, "ten bytes") == b"x" * 10
+    with pytest.raises(InputError, match=r"small: larger than 9 bytes, too large for a data "
+                                         r"file \(nine bytes\)"):
+        read_bounded(tmp_path / "small", "data", 9, "nine bytes")
     os.mkfifo(tmp_path / "fifo")
-    with pytest.raises(InputError, match="fifo: is not a regular file"):
-        read_bounded(tmp_path / "fifo", "data file", 10)  # and does not block
-    with pytest.raises(InputError, match=f"{tmp_path}: is a directory"):
-        regular_file(tmp_path, "data file")
-    with pytest.raises(InputError, match="none: cannot read"):
-        regular_file(tmp_path / "none", "data file")
+    with pytest.raises(InputError, match="fifo: a FIFO, not a regular data file"):
+        read_bounded(tmp_path / "fifo", "data", 10, "ten bytes")  # and does not block
+    with pytest.raises(InputError, match=f"{tmp_path}: a directory, not a regular data file"):
+        regular_file(tmp_path, "data")
+    with pytest.raises(InputError, match="none: no such data file"):
+        regular_file(tmp_path / "none", "data")

@@ -13,6 +13,7 @@ from rescompile.data import BatchStream, Normalization, load_dataset
 from rescompile.distributed import Solo
 from rescompile.distributed.data_parallel import DataParallel, check_replicas
 from rescompile.distributed.launch import failing_together, world_for
+from rescompile.distributed.world import Deadline
 
 SYNC = tiny_spec().replace(batch_norm={"sync": True})
 
@@ -99,3 +100,14 @@ def test_one_process_has_no_collectives_to_fail():
     with pytest.raises(ValueError, match="passes through"):
         with failing_together(world):
             raise ValueError("passes through")
+
+
+def test_the_exchange_deadline_is_several_median_steps_and_at_least_a_minute():
+    deadline = Deadline()
+    assert deadline.seconds() == Deadline.FLOOR_S           # no step measured yet
+    for step_s in (1.0, 30.0, 20.0):
+        deadline.record(step_s)
+    assert deadline.seconds() == Deadline.FACTOR * 20.0      # the median, not the mean
+    assert Deadline(2.5).seconds() == 2.5                   # --exchange-timeout, as given
+    with pytest.raises(rc.UsageError, match="must be > 0 seconds"):
+        Deadline(0)

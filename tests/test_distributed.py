@@ -7,7 +7,8 @@
   computed separately (bitwise: the same kernels on the same shares, then the same mean);
 - the ranks' variables stay bitwise equal (digests compared);
 - a resumed two-rank run is bit-identical to an uninterrupted one (CLI, cpu backend);
-- a rank that raises, or is killed, ends the whole job within seconds.
+- a rank that raises, or is killed, ends the whole job within seconds;
+- ranks started with different flags or specs stop the job at once, naming the difference.
 Without mpi4py (the `mpi` extra, also in `test`) these are skipped.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import rescompile as rc
 from rescompile import checkpoint
 
 pytest.importorskip("mpi4py")
@@ -84,6 +86,28 @@ def test_resume_on_two_ranks_is_bit_identical(tmp_path):
         capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr
     assert "resuming a run of 2 rank(s) on 1: the same global batch of 64" in alone.stderr
+
+
+@pytest.mark.parametrize("train_1, steps_1, code, words", [
+    ({}, "3", 2, "rank 1 of 2: --steps 3 differs from rank 0's 2"),
+    ({"weight_decay": 1e-3}, "2", 3,
+     "rank 1 of 2: train.weight_decay: 0.001 in this rank's spec, 0.0002 in rank 0's"),
+])
+def test_ranks_that_disagree_stop_the_job_naming_the_difference(tmp_path, train_1, steps_1,
+                                                                code, words):
+    """Rank 1 started with another --steps (it would hang in an exchange) or another spec
+    (a wrong model): the job ends within seconds, naming the flag or the spec field."""
+    digits = ROOT / "examples" / "digits.toml"
+    spec_1 = tmp_path / "digits-1.toml"
+    spec_1.write_text(rc.load_spec(digits).replace(train=train_1).to_toml())
+    command = [sys.executable, "-m", "rescompile", "train", "--data", "digits"]
+    start = time.time()
+    done = subprocess.run(
+        [MPIEXEC, "-n", "1", *command, digits, "--steps", "2", ":",
+         "-n", "1", *command, spec_1, "--steps", steps_1], capture_output=True, text=True,
+        timeout=TIMEOUT_S, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=tmp_path)
+    assert done.returncode == code and words in done.stderr, done.stderr
+    assert time.time() - start < 30
 
 
 def test_uneven_batch_is_refused(tmp_path):

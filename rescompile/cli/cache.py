@@ -7,6 +7,7 @@ else in the directory is left alone."""
 
 from pathlib import Path
 
+from ..errors import ResourceError
 from ..kernel_cache import RECORD, configured_cache_dir, recorded_files
 
 
@@ -27,6 +28,8 @@ def cache_files(directory: Path) -> list[Path]:
 
 def run(args) -> int:
     directory = configured_cache_dir(args.dir)
+    if directory.exists() and not directory.is_dir():
+        raise ResourceError(f"{directory}: not a directory, so not a kernel cache")
     files = cache_files(directory)
     if args.action == "info":
         objects = [p for p in files if p.suffix == ".o"]
@@ -36,8 +39,11 @@ def run(args) -> int:
         print(f"kernels   {len(objects)} CPU micro-kernels, {len(modules)} CUDA modules")
         print(f"files     {len(files)} ({size / 1e6:.1f} MB, compiled code included)")
         return 0
-    for path in files:
-        path.unlink(missing_ok=True)
-    (directory / RECORD).unlink(missing_ok=True)
+    for path in [*files, directory / RECORD]:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ResourceError(f"{path}: cannot remove it ({exc.strerror or exc}); the cache "
+                                f"is cleared only in part") from None
     print(f"cleared   {directory} ({len(files)} files)")
     return 0

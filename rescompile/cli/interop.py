@@ -1,9 +1,13 @@
 """`rescompile import-torch`, `import-onnx` and `export`: models in from PyTorch and ONNX as a
 checkpoint (and the spec they describe), and out to ONNX."""
 
+import os
+import pickle
 from pathlib import Path
 
 from ..errors import InputError, UsageError, optional_module
+from ..fileio import open_regular
+from ..resources import check_fits
 from .common import add_dtype, add_spec, resolve_spec, write_bytes, write_text
 from .eval import add_checkpoint, load_infer
 
@@ -36,10 +40,19 @@ def add_import_outputs(p) -> None:
 def import_torch(args) -> int:
     torch = optional_module("torch", "import-torch", "torch")
     from ..interop import from_torch
-    try:  # weights_only: tensors and plain containers, never pickled code
-        state = torch.load(args.file, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise InputError(f"{args.file}: not a readable torch.save file ({exc})") from None
+    with open_regular(args.file, "torch.save", InputError) as f:
+        check_fits(os.fstat(f.fileno()).st_size, f"{args.file}: its tensors")
+        try:  # weights_only: tensors and plain containers, never pickled code
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # torch's own message advises weights_only=False: running the file's code.
+            raise InputError(f"{args.file}: holds objects other than tensors and plain "
+                             f"containers, which rescompile does not unpickle; save the "
+                             f"model's state_dict() instead") from None
+        except (OSError, RuntimeError, EOFError, ValueError) as exc:
+            raise InputError(f"{args.file}: not a readable torch.save file "
+                             f"({str(exc).splitlines()[0][:160] if str(exc) else exc!r})") \
+                from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     spec = resolve_spec(args.spec) if args.spec else None

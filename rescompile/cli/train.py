@@ -4,8 +4,8 @@ import argparse
 
 from ..data import DATASETS, DEFAULT_VAL_FRACTION
 from ..data.normalize import KINDS
-from .common import (add_backend, add_dtype, add_spec, fraction, positive_int, resolve_spec,
-                     seed_int)
+from .common import (add_backend, add_dtype, add_spec, fraction, positive_float, positive_int,
+                     resolve_spec, seed_int)
 
 
 def register(sub) -> None:
@@ -40,12 +40,17 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, metavar="K", default=1000)
     p.add_argument("--keep", type=positive_int, metavar="K", default=3,
                    help="checkpoints to keep")
-    p.add_argument("--log", metavar="FILE", help="JSONL metrics log")
+    p.add_argument("--log", metavar="FILE", help="JSONL metrics log (continued on --resume)")
+    p.add_argument("--overwrite-log", action="store_true",
+                   help="replace an existing --log on a fresh run (else it is refused)")
     p.add_argument("--plot", metavar="FILE", help="PNG of loss and accuracy (needs matplotlib)")
     p.add_argument("--distributed", action=argparse.BooleanOptionalAction,
                    help="data-parallel on MPI (default: when started under mpiexec)")
     p.add_argument("--check-replicas", type=positive_int, metavar="K", default=0,
                    help="every K steps, check that all ranks hold the same variables")
+    p.add_argument("--exchange-timeout", type=positive_float, metavar="S",
+                   help="seconds a step's exchange waits for the other ranks before the job "
+                        "ends naming them (default: 5 times the median step, at least 60)")
     add_recipe(p)
     p.set_defaults(func=run)
 
@@ -88,16 +93,11 @@ def recipe_spec(spec, args):
 
 
 def run(args) -> int:
+    from dataclasses import fields
     from ..training import TrainConfig, train
-    config = TrainConfig(
-        spec=recipe_spec(resolve_spec(args.spec), args), data=args.data,
-        data_dir=args.data_dir, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, backend=args.backend, dtype=args.dtype, seed=args.seed,
-        augment=args.augment, crop=args.crop, flip=args.flip, normalize=args.normalize,
-        val_fraction=args.val_fraction, checkpoint=args.checkpoint, resume=args.resume,
-        fresh_optimizer=args.fresh_optimizer, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, keep=args.keep, log=args.log, plot=args.plot,
-        distributed=args.distributed, check_replicas=args.check_replicas)
+    # Every field of the configuration is the flag of its name.
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                            if f.name != "spec"}, spec=recipe_spec(resolve_spec(args.spec), args))
     run, evaluation = train(config)
     if evaluation is not None and run.world.rank == 0:
         print(f"test accuracy {evaluation.accuracy:.2%} ({evaluation.correct}/"

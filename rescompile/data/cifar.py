@@ -4,11 +4,14 @@ Each record is `label_bytes` label bytes followed by 3072 pixel bytes stored
 channel-major (1024 R, then 1024 G, then 1024 B, each 32x32 row-major). CIFAR-100
 records carry (coarse, fine) labels; we keep the fine one, the last label byte.
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..fileio import open_regular
+from ..resources import check_fits
 from .errors import DataError
 
 PIXEL_BYTES = 32 * 32 * 3
@@ -35,9 +38,15 @@ CIFAR100 = CifarFormat("cifar100", "cifar-100-binary", ("train.bin",), ("test.bi
                        label_bytes=2, num_classes=100)
 
 
+# Reading holds each file's records and their NHWC copy, then the concatenation of those.
+COPIES = 3
+
+
 def load_cifar(data_dir, fmt):
     """Return (train_images, train_labels, test_images, test_labels): uint8 NHWC, int64."""
     folder = _find_folder(Path(data_dir), fmt)
+    sizes = [(folder / f).stat().st_size for f in fmt.train_files + fmt.test_files]
+    check_fits(COPIES * sum(sizes), f"{folder}: the {fmt.name} files")
     train = [_read_records(folder / f, fmt) for f in fmt.train_files]
     test = [_read_records(folder / f, fmt) for f in fmt.test_files]
     return (*_concat(train), *_concat(test))
@@ -49,21 +58,25 @@ def _find_folder(data_dir, fmt):
     names = fmt.train_files + fmt.test_files
     candidates = (data_dir, data_dir / fmt.subfolder)
     for folder in candidates:
-        if all((folder / n).is_file() for n in names):
+        if all((folder / n).exists() for n in names):
             return folder
-    missing = [n for n in names if not (data_dir / n).is_file()]
+    missing = [n for n in names if not (data_dir / n).exists()]
     raise DataError(f"{fmt.name}: missing {', '.join(missing)} in {data_dir} "
                     f"(also looked in {data_dir / fmt.subfolder}); expected the CIFAR binary "
                     f"files {', '.join(names)}")
 
 
 def _read_records(path, fmt):
-    size = path.stat().st_size
-    if size == 0 or size % fmt.record_bytes:
-        raise DataError(f"{path}: size {size} bytes is not a positive multiple of the "
-                        f"{fmt.record_bytes}-byte {fmt.name} record "
-                        f"({fmt.label_bytes} label byte(s) + {PIXEL_BYTES} pixel bytes)")
-    records = np.fromfile(path, dtype=np.uint8).reshape(-1, fmt.record_bytes)
+    with open_regular(path, f"{fmt.name} data", DataError) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0 or size % fmt.record_bytes:
+            raise DataError(f"{path}: size {size} bytes is not a positive multiple of the "
+                            f"{fmt.record_bytes}-byte {fmt.name} record "
+                            f"({fmt.label_bytes} label byte(s) + {PIXEL_BYTES} pixel bytes)")
+        records = np.fromfile(f, dtype=np.uint8, count=size)
+    if records.size != size:
+        raise DataError(f"{path}: {records.size} bytes read of {size} (changed while read)")
+    records = records.reshape(-1, fmt.record_bytes)
     labels = records[:, fmt.label_bytes - 1].astype(np.int64)
     if labels.max() >= fmt.num_classes:
         raise DataError(f"{path}: label {labels.max()} is out of range for {fmt.name} "

@@ -42,7 +42,8 @@ def read_image(path, input_shape) -> np.ndarray:
     decoded (truncated, corrupt, not PNG or JPEG, beyond the bomb limit)."""
     image_module = optional_module("PIL.Image", "reading PNG and JPEG images", "images")
     height, width, channels = input_shape
-    data = read_bounded(path, "image", MAX_IMAGE_BYTES)
+    data = read_bounded(path, "image", MAX_IMAGE_BYTES,
+                        "a bigger PNG or JPEG is far past any input size", DataError)
     try:
         with image_module.open(io.BytesIO(data), formats=FORMATS) as image:
             image = image.convert(MODES[channels])  # decodes: truncation shows here

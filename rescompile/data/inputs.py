@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..archive import parse_npy
-from ..fileio import read_bounded
-from ..resources import available_bytes
+from ..fileio import memory_limit, read_bounded, regular_file
 from .errors import DataError
 from .fit import fit_images
 from .imagefile import SUFFIXES, check_channels, is_image_file, read_image
@@ -21,6 +20,7 @@ def load_inputs(paths, input_shape) -> tuple[list[str], list[np.ndarray]]:
     """(one label per image, arrays of pixels [n, H, W, C] of `input_shape`, one per file)."""
     labels, arrays = [], []
     for path in map(Path, paths):
+        regular_file(path, "images", DataError)  # a device or FIFO is said to be one
         if is_image_file(path):
             check_channels(input_shape, str(path))
             labels.append(str(path))
@@ -36,8 +36,8 @@ def load_inputs(paths, input_shape) -> tuple[list[str], list[np.ndarray]]:
 
 
 def _array(path: Path, input_shape) -> np.ndarray:
-    # Half of what the machine has: the array is copied once as it is parsed.
-    data = read_bounded(path, "images", available_bytes() // 2)
+    data = read_bounded(path, "images", memory_limit(), "half the memory available (the array "
+                        "is copied once as it is parsed)", DataError)
     images = parse_npy(path, "images", data, error=DataError)
     if images.ndim != 4 or not len(images):
         raise DataError(f"{path}: expected images [N, H, W, C] with N >= 1, got shape "

@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..archive import read_npz
-from ..fileio import read_bounded
-from ..resources import available_bytes
+from ..fileio import memory_limit, read_bounded
 from .errors import DataError
 from .split import split
 
@@ -26,8 +25,9 @@ def load_npz(path, num_classes, val_fraction):
     labels')."""
     if path is None:
         raise DataError("npz data needs --data-dir FILE.npz")
-    limit = min(MAX_FILE_BYTES, available_bytes() // 2)  # room left to decompress it
-    arrays = read_npz(path, data=read_bounded(path, "npz data file", limit), error=DataError,
+    data = read_bounded(path, "npz data", min(MAX_FILE_BYTES, memory_limit()),
+                        "half the memory available, room left to decompress it", DataError)
+    arrays = read_npz(path, data=data, error=DataError,
                       dtypes=IMAGE_DTYPES + LABEL_DTYPES)
     known = [name for pair in PAIRS for name in pair]
     for name in arrays:

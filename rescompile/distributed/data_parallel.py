@@ -31,6 +31,7 @@ class DataParallel:
         self.comm_seconds = 0.0  # the last step's all-reduce
         self._buffer = None
         if world.size > 1:
+            world.barrier()  # ranks finish compiling at different times: no deadline here
             check_replicas(exe, world)
 
     def gradients(self, images, labels):
@@ -46,11 +47,13 @@ class DataParallel:
         process runs the executable's fused step: there is nothing to exchange."""
         if self.world.size == 1:
             return self.exe.train_step(images, labels)
+        start = time.perf_counter()
         loss, grads, statistics = self.gradients(images, labels)
         self.exe.check_loss(loss)
         self.exe.apply_gradients(grads, statistics)
         if self.check_every and self.exe.step % self.check_every == 0:
             check_replicas(self.exe, self.world)
+        self.world.deadline.record(time.perf_counter() - start)
         return loss
 
     def _mean(self, loss, grads: dict, statistics: dict):
@@ -79,7 +82,7 @@ def check_replicas(exe, world) -> None:
     digests = np.array([int.from_bytes(hashlib.blake2b(np.ascontiguousarray(exe.state[n])
                                                        .tobytes(), digest_size=8).digest(),
                                        "little") for n in names], np.uint64)
-    table = world.gather(digests)
+    table = world.gather(digests, "variable digests")
     for rank in range(1, world.size):
         differs = np.flatnonzero(table[rank] != table[0])
         if differs.size:

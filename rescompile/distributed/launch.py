@@ -8,7 +8,7 @@ import sys
 import traceback
 
 from ..errors import UserError, optional_module
-from .world import MpiWorld, Solo
+from .world import Deadline, MpiWorld, Solo
 
 # What the launchers set in every rank's environment: MPICH's Hydra (PMI), Open MPI, PMIx.
 LAUNCHER_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
@@ -18,12 +18,13 @@ def started_by_mpiexec() -> bool:
     return any(name in os.environ for name in LAUNCHER_VARIABLES)
 
 
-def world_for(distributed: bool | None):
-    """MPI's world when asked (`True`) or started under mpiexec (`None`), else `Solo`."""
+def world_for(distributed: bool | None, exchange_timeout: float | None = None):
+    """MPI's world when asked (`True`) or started under mpiexec (`None`), else `Solo`; its
+    exchanges wait `exchange_timeout` seconds for the other ranks (default: `Deadline`'s)."""
     if distributed is False or (distributed is None and not started_by_mpiexec()):
         return Solo()
     MPI = optional_module("mpi4py.MPI", "distributed training", "mpi")
-    world = MpiWorld(MPI.COMM_WORLD)
+    world = MpiWorld(MPI.COMM_WORLD, Deadline(exchange_timeout))
     _share_cores(world)
     return world
 

@@ -4,6 +4,13 @@ A `World` is one process (`Solo`) or the ranks of an MPI job (`MpiWorld`). Every
 is summed in rank order 0, 1, ..., K-1 by a rule of our own, not by whatever order the MPI
 library picks, so every rank holds the same bits and a run is reproducible for a given K.
 
+The exchanges of a step (`mean`, `gather`) are point-to-point messages watched by a deadline
+(`Deadline`): a rank whose host died or whose link was cut leaves the others waiting for its
+messages, with nothing from MPI to say so (TCP waits for minutes). When the deadline passes,
+the waiting rank raises a ResourceError naming the ranks it has heard nothing from, and the
+job ends (`launch.failing_together`) instead of hanging. The deadline is, unless set, several
+times the median step, and never less than a minute.
+
 The ops that exchange statistics (`sync_moments`, `rank_mean`) read `current()`: the world of
 the job this process belongs to, `Solo` unless `joined` set another.
 """
@@ -11,8 +18,38 @@ the job this process belongs to, `Solo` unless `joined` set another.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import statistics
+import time
+from collections import deque
 
 import numpy as np
+
+from ..errors import ResourceError, UsageError
+
+
+class Deadline:
+    """How long an exchange may wait for the other ranks: `fixed` seconds if given, else
+    FACTOR times the median of the recent steps, and at least FLOOR_S."""
+    FLOOR_S = 60.0
+    FACTOR = 5
+    WINDOW = 50  # steps the median is taken over
+
+    def __init__(self, fixed: float | None = None):
+        if fixed is not None and not fixed > 0:
+            raise UsageError(f"the exchange deadline must be > 0 seconds, got {fixed}")
+        self.fixed = fixed
+        self._steps: deque = deque(maxlen=self.WINDOW)
+
+    def record(self, step_s: float) -> None:
+        self._steps.append(step_s)
+
+    def seconds(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        typical = statistics.median(self._steps) if self._steps else 0.0
+        return max(self.FLOOR_S, self.FACTOR * typical)
 
 
 class Solo:
@@ -22,8 +59,9 @@ class Solo:
     def mean(self, buffer: np.ndarray) -> None:
         """In place: the mean of `buffer` over the ranks."""
 
-    def gather(self, array: np.ndarray) -> np.ndarray:
-        """Every rank's `array`, stacked in rank order: [K, *shape]."""
+    def gather(self, array: np.ndarray, what: str = "values") -> np.ndarray:
+        """Every rank's `array`, stacked in rank order: [K, *shape]; `what` it is names it in
+        an error."""
         return np.asarray(array)[None]
 
     def broadcast(self, value):
@@ -39,11 +77,14 @@ class Solo:
 
 class MpiWorld:
     """The ranks of `comm` (an mpi4py communicator)."""
+    MEAN_TAGS = (101, 102)   # message tags: the two phases of `mean`
+    GATHER_TAG = 103
 
-    def __init__(self, comm):
+    def __init__(self, comm, deadline: Deadline | None = None):
         from mpi4py import MPI
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.deadline = deadline or Deadline()
         local = comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_size = local.Get_size()
         local.Free()
@@ -57,28 +98,60 @@ class MpiWorld:
         flat = buffer.reshape(-1)
         send, received, reduced, gathered = self._scratch(flat.size, flat.dtype)
         send.reshape(-1)[:flat.size] = flat
-        self.comm.Alltoall(send, received)
+        self._exchange(lambda peer: send[peer], received, self.MEAN_TAGS[0], "the gradients")
         np.copyto(reduced, received[0])
         for slice_ in received[1:]:
             reduced += slice_
         reduced /= self.size
-        self.comm.Allgather(reduced, gathered)
+        self._exchange(lambda peer: reduced, gathered, self.MEAN_TAGS[1], "the gradients")
         flat[:] = gathered.reshape(-1)[:flat.size]
 
-    def gather(self, array: np.ndarray) -> np.ndarray:
+    def gather(self, array: np.ndarray, what: str = "values") -> np.ndarray:
         array = np.ascontiguousarray(array)
         out = np.empty((self.size, *array.shape), array.dtype)
-        self.comm.Allgather(array, out)
+        self._exchange(lambda peer: array, out, self.GATHER_TAG, what)
         return out
 
     def broadcast(self, value):
         return self.comm.bcast(value, root=0)
+
+    def places(self) -> list[tuple[str, int]]:
+        """(host name, pid) of every rank, in rank order (blocking: for the start only)."""
+        return self.comm.allgather((socket.gethostname(), os.getpid()))
 
     def barrier(self) -> None:
         self.comm.Barrier()
 
     def abort(self, code: int) -> None:
         self.comm.Abort(code)
+
+    def _exchange(self, outgoing, incoming: np.ndarray, tag: int, what: str) -> None:
+        """Swap one message with every other rank, watched by the deadline: we send rank j
+        `outgoing(j)`, and incoming[j] receives what rank j sends us (incoming[self.rank]
+        our own `outgoing(self.rank)`)."""
+        np.copyto(incoming[self.rank], outgoing(self.rank))
+        peers = [j for j in range(self.size) if j != self.rank]
+        receives = [self.comm.Irecv(incoming[j], source=j, tag=tag) for j in peers]
+        sends = [self.comm.Isend(np.ascontiguousarray(outgoing(j)), dest=j, tag=tag)
+                 for j in peers]
+        self._wait(receives, sends, peers, what)
+
+    def _wait(self, receives: list, sends: list, peers: list[int], what: str) -> None:
+        """Poll the requests until all are done (MPICH's own blocking wait polls too), or
+        the deadline passes: then name the ranks whose message has not come (or, if every
+        message came, those that have not taken ours)."""
+        limit = self.deadline.seconds()
+        ends = time.monotonic() + limit
+        waiting = list(zip(peers, receives)) + list(zip(peers, sends))
+        while waiting:
+            waiting = [(peer, request) for peer, request in waiting if not request.Test()]
+            if waiting and time.monotonic() > ends:
+                silent = sorted({peer for peer, _ in waiting})
+                raise ResourceError(
+                    f"exchanging {what}: rank(s) {', '.join(map(str, silent))} did not answer "
+                    f"within {limit:.3g} s (the exchange deadline, --exchange-timeout); is "
+                    f"its host down or its link cut?")
+            time.sleep(0)  # let the prefetching thread have the interpreter
 
     def _scratch(self, n: int, dtype) -> tuple:
         """Buffers for a reduction of n elements, allocated once per (n, dtype)."""

@@ -9,13 +9,15 @@ fit is refused with the first node that does not match and why.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..build import build
-from ..errors import InputError
+from ..errors import InputError, SpecError
+from ..fileio import open_regular
+from ..resources import check_fits
 from ..spec import ResNetSpec, load_spec
 from .layouts import hwio_from_oihw
 from .onnx_model import SPEC_KEY, onnx_nodes
@@ -24,25 +26,41 @@ from .torch_import import TORCHVISION_EPSILON, TORCH_MOMENTUM
 
 def from_onnx(path, input=None) -> tuple[ResNetSpec, dict[str, np.ndarray]]:
     import onnx
-    from onnx import numpy_helper
-    path = Path(path)
-    try:
-        model = onnx.load(str(path))
-    except (OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
-        raise InputError(f"{path}: not a readable ONNX model ({exc})") from None
-    except Exception as exc:  # protobuf's DecodeError has no common base with the above
-        raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    from onnx import external_data_helper, numpy_helper
+    with open_regular(path, "ONNX model", InputError) as f:
+        check_fits(2 * os.fstat(f.fileno()).st_size, f"{path}: the model")
+        try:
+            model = onnx.load(f, format="protobuf", load_external_data=False)
+            # Tensors kept in files beside it (models over 2 GB): onnx refuses locations that
+            # leave the model's directory.
+            external_data_helper.load_external_data_for_model(model, os.path.dirname(path))
+        except (OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+            raise InputError(f"{path}: not a readable ONNX model ({exc})") from None
+        except Exception as exc:  # protobuf's DecodeError has no common base with the above
+            raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") \
+                from None
+    inits = {i.name: _initializer(path, i, numpy_helper) for i in model.graph.initializer}
     metadata = {p.key: p.value for p in model.metadata_props}
     if SPEC_KEY in metadata:
         return _own(path, model, metadata[SPEC_KEY], inits)
     return _Tracer(path, model.graph, inits).resnet_v1(input)
 
 
+def _initializer(path, tensor, numpy_helper) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as exc:  # data that does not fill its dims, say
+        raise InputError(f"{path}: initializer {tensor.name[:80]!r} does not hold the data its "
+                         f"dims {list(tensor.dims)[:8]} declare ({str(exc)[:80]})") from None
+
+
 def _own(path, model, spec_text: str, inits: dict):
     """Our export: the spec must be valid, the graph exactly what it exports, the
     initializers exactly its variables."""
-    spec = load_spec(spec_text)
+    try:
+        spec = load_spec(spec_text)
+    except SpecError as exc:
+        raise InputError(f"{path}: its embedded spec is invalid: {exc}") from None
     params = {name: hwio_from_oihw(value) if value.ndim == 4 else value
               for name, value in inits.items()}
     built = build(spec, "infer", "float32")

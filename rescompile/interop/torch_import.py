@@ -64,12 +64,31 @@ def _state(source) -> tuple[dict[str, np.ndarray], float | None]:
     for key, tensor in source.items():
         if str(key).rsplit(".", 1)[-1] in IGNORED:
             continue
-        array = tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else \
-            np.asarray(tensor)
+        array = _array(key, tensor)
         if array.dtype.kind != "f":
             raise InputError(f"tensor {key!r}: dtype {array.dtype} is not a float type")
         state[str(key)] = array
     return state, epsilon
+
+
+def _array(key, tensor) -> np.ndarray:
+    """A tensor's values as a NumPy array; bfloat16 (which NumPy lacks) widened to float32,
+    exactly."""
+    if not hasattr(tensor, "detach"):
+        try:
+            return np.asarray(tensor)
+        except ValueError as exc:  # a ragged list
+            raise InputError(f"tensor {key!r}: not an array ({exc})") from None
+    if tensor.is_meta:
+        raise InputError(f"tensor {key!r} is on the meta device: it holds no values")
+    tensor = tensor.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":
+        tensor = tensor.float()
+    try:
+        return tensor.numpy()
+    except (TypeError, RuntimeError) as exc:  # a sparse layout, a dtype NumPy lacks
+        raise InputError(f"tensor {key!r}: {tensor.dtype} {tensor.layout} cannot be read as "
+                         f"an array ({str(exc)[:80]})") from None
 
 
 def _layout(state: dict) -> str:

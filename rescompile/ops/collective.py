@@ -19,7 +19,8 @@ def sync_moments(mean, var):
     world = current()
     if world.size == 1:
         return mean, var
-    means, variances = world.gather(mean), world.gather(var)
+    means = world.gather(mean, "batch-norm means")
+    variances = world.gather(var, "batch-norm variances")
     global_mean = means.mean(axis=0)
     spread = means - global_mean
     return global_mean, (variances + spread * spread).mean(axis=0)
@@ -27,7 +28,7 @@ def sync_moments(mean, var):
 
 def _rank_mean_ref(attrs, x):
     world = current()
-    return (x if world.size == 1 else world.gather(x).mean(axis=0),)
+    return (x if world.size == 1 else world.gather(x, "batch-norm gradient sums").mean(axis=0),)
 
 
 def _moments_shape(attrs, mean, var):

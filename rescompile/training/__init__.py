@@ -3,6 +3,7 @@ progress display, metrics log and plot.
 
     config.py       TrainConfig, defaults, and how --resume reconciles them with a checkpoint
     session.py      checks everything, builds the run, trains, plots
+    agreement.py    every rank of a data-parallel job runs rank 0's configuration
     loop.py         steps, periodic evaluation and checkpoints, checkpoint on Ctrl-C
     checkpoints.py  step-000123.npz + .json pairs, newest, pruning, loading against a spec
     evaluate.py     accuracy and confusion matrix of an inference executable

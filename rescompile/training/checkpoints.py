@@ -10,7 +10,9 @@ Both files are written atomically, the .npz first: a .json marks a complete pair
 between the two writes leaves an .npz that is ignored, never a half checkpoint. Pruning
 removes the .json first for the same reason, and only after a newer pair is complete. A run
 holds the directory's `.lock` (an flock, released when the process ends however it ends), so
-a second run on the same directory is refused instead of interleaving its checkpoints.
+a second run on the same directory is refused instead of interleaving its checkpoints. The
+lock is probed (read-only) before a checkpoint is chosen to resume from, and a temporary file
+left by a save that was killed is removed once the lock is held.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .. import checkpoint, manifest
 from ..data import DATASETS, DataRecord
 from ..data.normalize import KINDS
 from ..errors import CheckpointError, ResourceError, UsageError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_bounded, remove_stale_temporaries
 from ..runtime import load_checkpoint
 from .config import STREAM_DEFAULTS
 
@@ -65,6 +67,8 @@ class CheckpointDir:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=self.path).close()
+            if (self.path / LOCK).exists() and not (self.path / LOCK).is_file():
+                raise OSError(f"{LOCK} is not a regular file")  # a FIFO would block the open
             lock = open(self.path / LOCK, "a+")
         except OSError as exc:
             raise ResourceError(f"{self.path}: checkpoint directory cannot be written "
@@ -72,15 +76,37 @@ class CheckpointDir:
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            lock.seek(0)
-            holder = lock.read().strip()[:20] or "unknown"
             lock.close()
-            raise ResourceError(f"{self.path}: in use by another training run (pid {holder}); "
-                                f"wait for it or choose another directory") from None
+            raise self._in_use() from None
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         self._lock = lock
+        # Held, so no live run of ours writes here: a temporary file is a killed save's.
+        remove_stale_temporaries(self.path)
+
+    def check_free(self) -> None:
+        """Refuse a directory another run holds, without taking it or writing anything: a
+        run that resumes must not choose a checkpoint that run is about to prune."""
+        if not (self.path / LOCK).is_file():
+            return  # never held (or not a file: hold() will say)
+        try:
+            probe = open(self.path / LOCK, "rb")
+        except OSError:
+            return  # not readable: hold() will say
+        with probe:
+            try:
+                fcntl.flock(probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                raise self._in_use() from None
+
+    def _in_use(self) -> ResourceError:
+        try:
+            holder = (self.path / LOCK).read_text(errors="replace").strip()[:20] or "unknown"
+        except OSError:
+            holder = "unknown"
+        return ResourceError(f"{self.path}: in use by another training run (pid {holder}); "
+                             f"wait for it or choose another directory")
 
     def release(self) -> None:
         if self._lock is not None:
@@ -117,10 +143,8 @@ class CheckpointDir:
         """The data stream's settings saved beside the checkpoint, every field checked; a
         field of LATER_FIELDS takes its earlier value where it is absent."""
         path = self.paths(step)[1]
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CheckpointError(f"{path}: unreadable data stream state ({exc})") from None
+        data = read_bounded(path, "data stream state", manifest.MAX_MANIFEST_BYTES,
+                            "a few lines of JSON", CheckpointError)
         state = manifest.parse(path, data)
         fields = dict(STREAM_FIELDS)
         if isinstance(state, dict):
@@ -159,7 +183,7 @@ def load_for_spec(path, spec, mode: str, backend: str, fresh_optimizer: bool = F
         spec = inference_spec(spec, saved)
     checkpoint.check_variables(path, variables, spec, manifest["dtype"], mode, fresh_optimizer)
     # Compared as specs, so one saved before a field existed holds that field's default.
-    field = _first_difference(saved.to_dict(), spec.to_dict())
+    field = first_difference(saved.to_dict(), spec.to_dict())
     if field is not None:
         name, saved, given = field
         raise CheckpointError(f"{path}: checkpoint was trained with {name} = {saved}, the "
@@ -183,11 +207,12 @@ def data_record(path, spec) -> DataRecord:
     return DataRecord.from_dict(path, saved, spec.model.num_classes, spec.model.input[2])
 
 
-def _first_difference(saved, given, name: str = ""):
-    """(dotted field name, saved value, given value) of the first difference, or None."""
+def first_difference(saved, given, name: str = ""):
+    """(dotted field name, saved value, given value) of the first difference between two
+    specs' dicts, the values as JSON, or None."""
     if isinstance(saved, dict) and isinstance(given, dict):
         for key in sorted(set(saved) | set(given)):
-            found = _first_difference(saved.get(key), given.get(key), f"{name}.{key}".lstrip("."))
+            found = first_difference(saved.get(key), given.get(key), f"{name}.{key}".lstrip("."))
             if found:
                 return found
         return None

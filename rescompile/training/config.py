@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..data import DEFAULT_VAL_FRACTION
 from ..errors import CheckpointError, UsageError
+from ..manifest import MAX_COUNT
 
 DEFAULT_SEED = 0
 DEFAULT_DTYPE = "float32"
@@ -45,9 +46,11 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep: int = 3
     log: str | None = None
+    overwrite_log: bool = False     # a fresh run may replace an existing log
     plot: str | None = None
     distributed: bool | None = None  # MPI data-parallel; None: when started under mpiexec
     check_replicas: int = 0          # steps between cross-rank checks of the variables; 0: off
+    exchange_timeout: float | None = None  # seconds an exchange waits for the other ranks
 
 
 def default_backend() -> str:
@@ -93,4 +96,8 @@ def target_steps(config: TrainConfig, steps_per_epoch: int) -> int:
         steps = 2 * last_decay if last_decay else DEFAULT_EPOCHS * steps_per_epoch
     if steps < 1:
         raise UsageError(f"the number of steps must be >= 1, got {steps}")
+    if steps > MAX_COUNT:  # a checkpoint of a later step could not be read back
+        flag = "--steps" if config.steps is not None else "--epochs"
+        raise UsageError(f"{flag}: {steps} steps is more than the {MAX_COUNT} a checkpoint "
+                         f"records")
     return steps

@@ -42,7 +42,7 @@ def evaluate(exe, images, labels, num_classes: int, world=None,
         predicted = np.argmax(exe.forward(batch), axis=1)
         np.add.at(confusion, (truth, predicted), 1)
     if world is not None and world.size > 1:
-        confusion = world.gather(confusion).sum(axis=0)
+        confusion = world.gather(confusion, "evaluation counts").sum(axis=0)
     return Evaluation(confusion)
 
 

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from ..data import Prefetcher
+from ..errors import ResourceError
 from .evaluate import Evaluation, evaluate
 
 
@@ -29,18 +30,22 @@ class Run:
     checkpoints: object         # CheckpointDir, or None
     metrics: object             # MetricsLog
     progress: object            # Progress
+    plot_format: str | None = None  # --plot's format, checked before the run; None: no plot
 
 
 def train(run: Run) -> Evaluation | None:
-    """Train up to run.steps; return the last evaluation. On KeyboardInterrupt a checkpoint
-    is saved (given a directory) before the interrupt goes on up."""
+    """Train up to run.steps; return the last evaluation. On KeyboardInterrupt, or a
+    ResourceError (a full disk under the log, the other ranks gone), a checkpoint is saved
+    (given a directory) before the error goes on up: the variables are those of the last
+    step applied, which nothing of a failed step has reached."""
     evaluation = None
     batches = Prefetcher(run.stream)
     try:
         while run.exe.step < run.steps:
             evaluation = _step(run, batches) or evaluation
-    except KeyboardInterrupt:
-        run.progress.note(f"interrupted at step {run.exe.step}")
+    except (KeyboardInterrupt, ResourceError) as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            run.progress.note(f"interrupted at step {run.exe.step}")
         _save(run)
         raise
     finally:

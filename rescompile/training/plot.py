@@ -1,17 +1,36 @@
-"""A PNG of training loss and test accuracy by step; matplotlib is the optional `plot` extra."""
+"""A plot of training loss and test accuracy by step; matplotlib is the optional `plot`
+extra. The file's format (from its suffix) is checked before training, so a name matplotlib
+cannot write is refused before the run, not after it; the plot is written atomically."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
-def plot(records: list[dict], path, say) -> bool:
-    """Write the plot to `path`; without matplotlib, say so in one line and return False."""
+from ..errors import UsageError
+from ..fileio import atomic_write
+
+
+def plot_format(path, say) -> str | None:
+    """The format `path` asks for, checked now: one matplotlib writes, or a UsageError. None,
+    said in one line, without matplotlib: the run goes on without a plot."""
     try:
         import matplotlib
     except ImportError:
         say(f"plot: matplotlib is not installed (pip install 'rescompile[plot]'); "
-            f"{path} not written")
-        return False
+            f"{path} will not be written")
+        return None
     matplotlib.use("Agg")  # files only: no display needed
+    from matplotlib.figure import Figure
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise UsageError(f"--plot {path}: the name must end in one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return suffix
+
+
+def plot(records: list[dict], path, fmt: str) -> None:
+    """Write the plot of `records` to `path` in format `fmt` (from `plot_format`)."""
     from matplotlib import pyplot
 
     figure, (loss_axes, accuracy_axes) = pyplot.subplots(2, 1, sharex=True, figsize=(7, 6))
@@ -23,6 +42,7 @@ def plot(records: list[dict], path, say) -> bool:
     accuracy_axes.set_ylabel("test accuracy")
     accuracy_axes.set_xlabel("step")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
-    return True
+    try:
+        atomic_write(path, lambda f: figure.savefig(f, format=fmt, dpi=100))
+    finally:
+        pyplot.close(figure)

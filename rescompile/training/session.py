@@ -23,23 +23,25 @@ from ..distributed.world import joined
 from ..errors import CheckpointError, UsageError
 from ..fileio import check_writable
 from ..runtime import compile
+from .agreement import check_agreement
 from .checkpoints import CheckpointDir, data_record, load_for_spec
 from .config import DEFAULT_DTYPE, TrainConfig, default_backend, stream_settings, target_steps
 from .loop import Run, train as train_loop
-from .metrics import MetricsLog
-from .plot import plot
+from .metrics import MetricsLog, check_log
+from .plot import plot, plot_format
 from .progress import Progress
 
 
 def train(config: TrainConfig, out=None):
     """Run training as configured; return (the run, its last evaluation or None)."""
-    world = world_for(config.distributed)
+    world = world_for(config.distributed, config.exchange_timeout)
     with failing_together(world), joined(world):
         return _train(config, world, out or sys.stderr)
 
 
 def _train(config: TrainConfig, world, out):
     started = time.perf_counter()
+    check_agreement(config, world)
     if world.rank != 0:
         out = io.StringIO()  # rank 0 reports for the job
     run = prepare(config, out, world)
@@ -49,9 +51,9 @@ def _train(config: TrainConfig, world, out):
         run.metrics.close()
         if run.checkpoints:
             run.checkpoints.release()
-    if config.plot and world.rank == 0:
-        if plot(run.metrics.records, config.plot, lambda line: print(line, file=out)):
-            print(f"plot written to {config.plot}", file=out)
+    if run.plot_format:
+        plot(run.metrics.records, config.plot, run.plot_format)
+        print(f"plot written to {config.plot}", file=out)
     print(f"trained to step {run.exe.step} in {time.perf_counter() - started:.1f} s", file=out)
     return run, evaluation
 
@@ -62,10 +64,14 @@ def prepare(config: TrainConfig, out, world) -> Run:
     for flag, path in (("--log", config.log), ("--plot", config.plot)):
         if path and writer:
             check_writable(path, flag)
+    chart = plot_format(config.plot, lambda line: print(line, file=out)) \
+        if config.plot and writer else None
     checkpoints = CheckpointDir(config.checkpoint, config.keep) if config.checkpoint else None
     # Rank 0 decides; a rank that cannot read that checkpoint (no shared file system) then
     # stops the job naming the file, instead of starting afresh beside the others.
     resume_step = world.broadcast(_resume_step(config, checkpoints, out) if writer else None)
+    if config.log and writer:
+        check_log(config.log, resume_step is not None, config.overwrite_log)
     saved = checkpoints.stream_state(resume_step) if resume_step is not None else None
     settings = stream_settings(config, saved)
     if saved is not None and saved["ranks"] != world.size:
@@ -94,8 +100,11 @@ def prepare(config: TrainConfig, out, world) -> Run:
     infer = compile(spec, mode="infer", backend=backend, dtype=exe.dtype,
                     **compile_options(backend, writer))
     if world.size > 1:
+        # mpiexec names a rank that dies by its pid and host: this line says which rank it was.
+        places = ", ".join(f"rank {r}: pid {pid} on {host}"
+                           for r, (host, pid) in enumerate(world.places()))
         out.write(f"data-parallel on {world.size} ranks: {stream.batch_size} images a step, "
-                  f"{stream.batch_size // world.size} on each\n")
+                  f"{stream.batch_size // world.size} on each ({places})\n")
     trainer = DataParallel(exe, world, config.check_replicas)
     if checkpoints and writer:
         checkpoints.hold()  # checked and locked last, so a refused run leaves no trace
@@ -107,7 +116,8 @@ def prepare(config: TrainConfig, out, world) -> Run:
                metrics=MetricsLog(config.log if writer else None, resume_step,
                                   note=lambda m: print(m, file=out)),
                progress=Progress(steps, exe.step, settings["batch_size"], out,
-                                 ranks=world.size))
+                                 ranks=world.size),
+               plot_format=chart)
 
 
 def _check_counts(config: TrainConfig) -> None:
@@ -128,7 +138,10 @@ def _check_classes(path, spec, record) -> None:
 
 def _resume_step(config: TrainConfig, checkpoints, out) -> int | None:
     """The checkpoint step to resume from, None to start afresh. A fresh start into a
-    directory that holds checkpoints is refused: it would prune and overwrite them."""
+    directory that holds checkpoints is refused: it would prune and overwrite them; so is a
+    directory another run is using."""
+    if checkpoints:
+        checkpoints.check_free()
     newest = checkpoints.newest() if checkpoints else None
     if config.resume and checkpoints is None:
         raise UsageError("--resume needs --checkpoint DIR")

@@ -261,9 +261,9 @@ class Arena:
         if shared is not None:
             begin, end = begin + shared[0], begin + shared[1]
         self.counters[:] = 0
-        driver.run_program(self.steps, self.segments, self.operands, self.consts, self.scratch,
-                           self.counters, self.n_items, self.n_shared, begin, end, self.threads,
-                           self.program.barrier, self.barrier_state, profile)
+        driver.run(self.steps, self.segments, self.operands, self.consts, self.scratch,
+                   self.counters, self.n_items, self.n_shared, begin, end, self.threads,
+                   self.program.barrier, self.barrier_state, profile)
 
     def view(self, value: str) -> np.ndarray:
         """The images of `value` in its batch or shared buffer, without their border (a
