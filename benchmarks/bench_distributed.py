@@ -6,8 +6,9 @@ machine, MPI's all-reduce time, and a model of the step time on K machines.
 
 Cases (float32, the cpu backend, synthetic images, the same global batch both ways):
 
-    digits   the README's model (examples/digits.toml), batch 64
-    r164     ResNet-164 (CIFAR), batch 128
+    digits     the README's model (examples/digits.toml), batch 64
+    r164       ResNet-164 (CIFAR), batch 128
+    r164-sync  the same with synchronised batch norm (`[batch_norm] sync = true`)
 
 Each layout runs in fresh processes (`worker` mode, under mpiexec for 2 ranks; --rounds
 interleaved rounds), times --steps train steps after two warm-ups, each step started together
@@ -49,8 +50,9 @@ from rescompile.distributed import joined  # noqa: E402
 from rescompile.distributed.data_parallel import DataParallel  # noqa: E402
 from rescompile.distributed.launch import failing_together, world_for  # noqa: E402
 
-CASES = {"digits": (ROOT / "examples" / "digits.toml", 64),
-         "r164": (ROOT / "rescompile" / "presets" / "resnet164_cifar.toml", 128)}
+R164 = ROOT / "rescompile" / "presets" / "resnet164_cifar.toml"
+CASES = {"digits": (ROOT / "examples" / "digits.toml", 64, False), "r164": (R164, 128, False),
+         "r164-sync": (R164, 128, True)}  # case -> (spec, global batch, synchronised BN)
 R50 = ROOT / "rescompile" / "presets" / "resnet50_imagenet.toml"
 THREADS = 2
 BANDWIDTHS_GBIT = (10, 25, 100)
@@ -59,11 +61,18 @@ RANKS = (1, 2, 4, 8, 16, 32)
 
 
 # -- workers (one per process) -----------------------------------------------------------------
+def case_spec(case: str):
+    spec_path, _, sync = CASES[case]
+    doc = json.loads(rescompile.load_spec(spec_path).to_json())
+    doc["batch_norm"]["sync"] = sync
+    return rescompile.load_spec(doc)
+
+
 def train_worker(case: str, steps: int, out: str) -> None:
-    spec_path, batch = CASES[case]
+    spec_path, batch, _ = CASES[case]
     world = world_for(None)
     with failing_together(world), joined(world):
-        exe = rescompile.compile(spec_path, mode="train", backend="cpu", dtype="float32")
+        exe = rescompile.compile(case_spec(case), mode="train", backend="cpu", dtype="float32")
         trainer = DataParallel(exe, world)
         rng = np.random.default_rng(0)
         images = rng.standard_normal((batch, *exe.spec.model.input)).astype(np.float32)
@@ -101,7 +110,7 @@ def parameter_count(spec) -> int:
 def allreduce_worker(out: str) -> None:
     world = world_for(True)
     rows = []
-    for name, spec in (("ResNet-164", CASES["r164"][0]), ("ResNet-50", R50)):
+    for name, spec in (("ResNet-164", R164), ("ResNet-50", R50)):
         elements = parameter_count(spec)
         buffer = np.random.default_rng(world.rank).standard_normal(elements).astype(np.float32)
         samples = []

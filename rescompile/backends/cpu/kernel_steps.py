@@ -15,7 +15,7 @@ from .llvm.pixelwise import EltwiseKernel
 from .llvm.reduce import SlotSum, sum_kind
 from .steps import Slots, Step, Use, image_shape
 from .target import DTYPE_BYTES, Target
-from .tuning import PIXEL_SPLIT_MIN, REDUCE_CHUNK, WEIGHTS_IN_CACHE_BYTES
+from .tuning import PIXEL_SPLIT_MIN, REDUCE_CHUNK, WEIGHTS_IN_CACHE_BYTES, conv_tile
 
 
 def chain_arguments(kernel, chains, inputs) -> tuple[dict, dict, dict]:
@@ -78,8 +78,9 @@ def conv_step(node, dtype: str, target: Target, x: str, weights: Use, geometry: 
     output."""
     h, w, cin = geometry.shape
     oh, ow = geometry.out_hw
-    kernel = ConvKernel(dtype, target, chain_of(epi),
-                        None if out2 is None else chain_of(out2), sums=sums and sums.op)
+    mr, nv = conv_tile(target, dtype, geometry.cout)
+    kernel = ConvKernel(dtype, target, chain_of(epi), None if out2 is None else chain_of(out2),
+                        mr, nv, sums=sums and sums.op)
     uses, tensors = output_uses(kernel, outputs)
     uses.update(x=Use(x, "window", geometry.pads[::2]),
                 w=Use(weights.value, "packed", nr=kernel.nr, transform=weights.transform))

@@ -29,7 +29,7 @@ from .llvm.reduce import MOMENTS, SUMS, BatchNormGradApply, ChannelSums, sum_kin
 from .llvm.wgrad import WgradKernel
 from .steps import HOST_KINDS, HostStep, Slots, Step, Use, image_shape, is_host
 from .target import Target
-from .tuning import REDUCE_CHUNK, WGRAD_CHUNK, WGRAD_GROUPS
+from .tuning import REDUCE_CHUNK, WGRAD_CHUNK, WGRAD_GROUPS, conv_tile
 
 
 # -- convolutions ---------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def _grad_filter(node, graph, target, dtype):
     h, w, cin = image_shape(graph, x)
     oh, ow, cout = image_shape(graph, dy)
     pads = pads_2d(h, w, k, stride, node.attrs["padding"])
-    kernel = WgradKernel(dtype, target)
+    kernel = WgradKernel(dtype, target, *conv_tile(target, dtype, cout))
     partial = f"{node.name}:partial"
     slots = Slots(8 * k * k * cin * cout, oh * ow, WGRAD_CHUNK)
     step = Step(name=node.name, op=node.op, kernel=kernel,

@@ -39,9 +39,18 @@ PIXELS_PER_ITEM = 64
 PIXEL_SPLIT_MIN = 16
 
 
-def conv_tile(target: Target) -> tuple[int, int]:
-    """(MR, NV) of the conv and weight-gradient register tiles: NV = 2 vectors of channels, as
-    many rows as leave registers for the two weight vectors and one broadcast (6 on 16
-    registers, 14 on 32)."""
-    nv = 2
-    return (target.registers - nv - 1) // nv, nv
+# A register tile's rows each need a pointer in a general-purpose register (16 on x86-64),
+# whatever the vector registers allow.
+MAX_TILE_ROWS = 14
+
+
+def conv_tile(target: Target, dtype: str, channels: int | None = None) -> tuple[int, int]:
+    """(MR, NV) of the conv and weight-gradient register tiles for `channels` output channels:
+    NV vectors of channels, 2 unless one vector holds them all (a 16-channel layer on
+    AVX-512 would otherwise leave half of every tile masked off), and as many rows as leave
+    registers for the NV weight vectors and one broadcast (6 on 16 registers, 14 on 32), at
+    most MAX_TILE_ROWS. Derived from the shapes and the instruction set alone: the rows group
+    the sums a conv makes of its output, so the tile must not depend on a measurement."""
+    lanes = target.lanes(dtype)
+    nv = 1 if channels is not None and channels <= lanes else 2
+    return min((target.registers - nv - 1) // nv, MAX_TILE_ROWS), nv

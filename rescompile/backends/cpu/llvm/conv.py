@@ -78,7 +78,7 @@ class ConvKernel(epilogue.Chained, Tiled):
     sums: str | None = None  # an op of reduce.SUMS
 
     def __post_init__(self):
-        mr, nv = conv_tile(self.target)
+        mr, nv = conv_tile(self.target, self.dtype)
         object.__setattr__(self, "mr", self.mr or mr)
         object.__setattr__(self, "nv", self.nv or nv)
         object.__setattr__(self, "epilogue", tuple(self.epilogue))

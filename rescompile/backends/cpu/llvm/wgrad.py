@@ -40,7 +40,7 @@ class WgradKernel(Tiled):
     nv: int = 0
 
     def __post_init__(self):
-        mr, nv = conv_tile(self.target)
+        mr, nv = conv_tile(self.target, self.dtype)
         object.__setattr__(self, "mr", self.mr or mr)
         object.__setattr__(self, "nv", self.nv or nv)
 
