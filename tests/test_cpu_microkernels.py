@@ -29,7 +29,7 @@ from rescompile.backends.cpu.llvm.pixelwise import (EltwiseKernel, MaxPoolGradKe
                                                     MaxPoolKernel, MeanGradKernel, MeanKernel)
 from rescompile.backends.cpu.llvm.reduce import BatchNormGradApply, ChannelSums, SlotSum
 from rescompile.backends.cpu.llvm.wgrad import WgradKernel
-from rescompile.backends.cpu.program import pack_weights
+from rescompile.backends.cpu.weights import pack_weights
 from rescompile.backends.cpu.target import ISAS, generic_target, host_target
 from rescompile.padding import pads_2d
 from microkernels import (call, close, conv_reference, epilogue_reference, padded,

@@ -27,7 +27,7 @@ import rescompile as rc  # noqa: E402
 from rescompile.backends.cpu.arena import Layout  # noqa: E402
 from rescompile.backends.cpu.llvm import jit, measure  # noqa: E402
 from rescompile.backends.cpu.llvm.conv import ConvKernel  # noqa: E402
-from rescompile.backends.cpu.program import pack_weights  # noqa: E402
+from rescompile.backends.cpu.weights import pack_weights  # noqa: E402
 from rescompile.backends.cpu.schedule import build_schedule  # noqa: E402
 from rescompile.backends.cpu.target import host_target  # noqa: E402
 from rescompile.compiler import lower  # noqa: E402

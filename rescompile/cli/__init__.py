@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import UserError
 
 COMMANDS = ("dump", "run", "check", "compile", "cache", "bench", "train", "eval", "predict",
-            "interop")
+            "interop", "tune")
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,6 +37,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "tune", True) is False:
+        # every executable this command compiles keeps the derived tiles (the cpu backend's
+        # default reads this)
+        os.environ["RESCOMPILE_TUNE"] = "0"
     try:
         return args.func(args) or 0
     except UserError as exc:

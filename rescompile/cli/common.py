@@ -20,6 +20,8 @@ def add_dtype(p, default: str = "float32") -> None:
 
 def add_backend(p, default: str = "cpu") -> None:
     p.add_argument("--backend", choices=BACKENDS, default=default)
+    p.add_argument("--no-tune", dest="tune", action="store_false",
+                   help="cpu: keep the derived kernel tiles, measure none (see 'tune')")
 
 
 def add_model(p, backend: str = "cpu") -> None:

@@ -15,7 +15,7 @@ from .llvm.pixelwise import EltwiseKernel
 from .llvm.reduce import SlotSum, sum_kind
 from .steps import Slots, Step, Use, image_shape
 from .target import DTYPE_BYTES, Target
-from .tuning import PIXEL_SPLIT_MIN, REDUCE_CHUNK, WEIGHTS_IN_CACHE_BYTES, conv_tile
+from .tuning import PIXEL_SPLIT_MIN, REDUCE_CHUNK, conv_tile, panels_outer
 
 
 def chain_arguments(kernel, chains, inputs) -> tuple[dict, dict, dict]:
@@ -88,7 +88,7 @@ def conv_step(node, dtype: str, target: Target, x: str, weights: Use, geometry: 
     size = DTYPE_BYTES[dtype]
     weight_bytes = geometry.k ** 2 * cin * geometry.cout * size
     fields = dict(cin=cin, kh=geometry.k, kw=geometry.k, stride=geometry.stride, oh=oh, ow=ow,
-                  panels_outer=int(weight_bytes > WEIGHTS_IN_CACHE_BYTES))
+                  panels_outer=int(panels_outer(weight_bytes)))
     more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs))
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)

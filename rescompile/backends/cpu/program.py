@@ -25,36 +25,17 @@ import numpy as np
 from ...entries import batch_of, kept_values
 from ...interpret import interpret
 from . import driver
-from .arena import Arena, aligned_empty
+from .arena import Arena
+from .autotune import Tuner, tuning_enabled
 from .llvm import jit, measure, sync
 from .steps import HostStep, Step
 from .schedule import build_schedule, build_shared_schedule
 from .target import target_for
+from .weights import pack_weights, transformed
 
 
 # Entries with a schedule of their own; forward and backward share one.
 OWN_SCHEDULES = ("loss_and_grads", "train_step", "step_gradients", "apply_gradients")
-
-
-def pack_weights(w: np.ndarray, nr: int, out: np.ndarray | None = None) -> np.ndarray:
-    """HWIO (or [C, K]) weights as [panel][kh * kw * cin][nr], zero-padded past the last
-    output channel, on a cache-line boundary (the kernel's aligned loads need it)."""
-    flat = w.reshape(-1, w.shape[-1])
-    depth, cout = flat.shape
-    panels = -(-cout // nr)
-    if out is None:
-        out = aligned_empty(panels * depth * nr * w.itemsize).view(w.dtype)
-    padded = np.zeros((depth, panels * nr), w.dtype)
-    padded[:, :cout] = flat
-    out.reshape(panels, depth, nr)[:] = padded.reshape(depth, panels, nr).transpose(1, 0, 2)
-    return out
-
-
-def transformed(w: np.ndarray, transform: str) -> np.ndarray:
-    """A data gradient's weights: rotated by 180 degrees, input and output channels swapped."""
-    if transform == "dgrad":
-        return np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
-    return w
 
 
 @dataclass
@@ -69,11 +50,14 @@ class CpuProgram:
     name = "cpu"
 
     def __init__(self, graph, entries, dtype: str, cache_dir=None, check_finite: bool = False,
-                 isa: str | None = None, progress: bool = False):
+                 isa: str | None = None, progress: bool = False, tune: bool | None = None,
+                 retune: bool = False):
         self.graph, self.entries, self.dtype = graph, entries, dtype
         self.check_finite = check_finite
         self.target = target_for(isa)
         self.cache_dir = cache_dir
+        self.tuner = Tuner(self.target, dtype, cache_dir, tuning_enabled(tune) or retune,
+                           lambda kernel: jit.address(kernel, cache_dir), fresh=retune)
         start = time.perf_counter()
         self._plans: dict[str, Plan] = {}
         # The entry a user runs most is scheduled now, the others at their first run; its
@@ -136,7 +120,7 @@ class CpuProgram:
         """The plans that schedule for `name` makes: forward and backward share one."""
         graph, entries, target, dtype = self.graph, self.entries, self.target, self.dtype
         if "prepare" in entries:
-            schedule = build_schedule(graph, entries["forward"], target, dtype)
+            schedule = build_schedule(graph, entries["forward"], target, dtype, self.tuner)
             return {"forward": Plan(schedule, 0, len(schedule.steps))}
         if name in OWN_SCHEDULES:
             entry = entries[name]
@@ -161,7 +145,7 @@ class CpuProgram:
     def _shared(self, nodes, feeds, fetches, entries):
         """A shared schedule whose entries' fetches survive to the entry's last step."""
         schedule = build_shared_schedule(self.graph, nodes, feeds, fetches, self.target,
-                                         self.dtype)
+                                         self.dtype, tuner=self.tuner)
         for entry in entries.values():
             names = {n.name for n in entry.nodes}
             last = max((i for i, s in enumerate(schedule.steps) if s.origin in names),

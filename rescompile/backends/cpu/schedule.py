@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass, field
 
 from ...ops.registry import OPS
+from .arena import Layout
 from .kernel_steps import copy_step
 from .lower import lower_node
 from .steps import HostStep, Slots, Step, batched, image_shape
@@ -97,9 +98,11 @@ class Schedule:
                 f"{s.split} -> {placed}")
 
 
-def build_schedule(graph, entry, target, dtype: str) -> Schedule:
-    """Inference: depth first over images, the remainder shared."""
-    schedule = _lowered(graph, list(entry.nodes), entry.feeds, entry.fetches, target, dtype)
+def build_schedule(graph, entry, target, dtype: str, tuner=None) -> Schedule:
+    """Inference: depth first over images, the remainder shared; `tuner` chooses the conv
+    tiles (`autotune.py`; none: the derived ones)."""
+    schedule = _lowered(graph, list(entry.nodes), entry.feeds, entry.fetches, target, dtype,
+                        tuner)
     schedule.segments, seg_remarks = _segments(schedule.steps)
     schedule.remarks += seg_remarks
     schedule.batch_values = _batch_values(schedule)
@@ -109,15 +112,15 @@ def build_schedule(graph, entry, target, dtype: str) -> Schedule:
 
 
 def build_shared_schedule(graph, nodes, feeds, fetches, target, dtype: str,
-                          keep: dict[str, int] | None = None) -> Schedule:
+                          keep: dict[str, int] | None = None, tuner=None) -> Schedule:
     """Training: every step over the whole batch; `keep` extends values past their last
     reader (an entry's fetches, to the entry's last node)."""
-    schedule = _lowered(graph, nodes, feeds, fetches, target, dtype)
+    schedule = _lowered(graph, nodes, feeds, fetches, target, dtype, tuner)
     schedule.keep = dict(keep or {})
     return schedule
 
 
-def _lowered(graph, nodes, feeds, fetches, target, dtype) -> Schedule:
+def _lowered(graph, nodes, feeds, fetches, target, dtype, tuner) -> Schedule:
     steps = [s for node in nodes for s in lower_node(node, graph, target, dtype)]
     produced = {v for s in steps if isinstance(s, Step) for v in s.outputs}
     pads = _borders(steps)
@@ -127,6 +130,10 @@ def _lowered(graph, nodes, feeds, fetches, target, dtype) -> Schedule:
         if isinstance(s, Step):
             shapes.update(s.made)
     steps, remarks = _pad_unmade_inputs(steps, pads, produced, shapes, target, dtype)
+    if tuner is not None:
+        layouts = {v: Layout(*shape, pads.get(v, (0, 0, 0, 0))) for v, shape in shapes.items()}
+        steps, choices = tuner.retile(steps, layouts)
+        remarks += choices
     kernel_steps = [s for s in steps if isinstance(s, Step)]
     flat = {v: math.prod(graph.value(v).shape) for s in kernel_steps for v in s.outputs
             if v in graph.values and not batched(graph, v)}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import llvmlite
 import llvmlite.binding as llvm
@@ -86,6 +87,30 @@ def _host_isa(features: dict) -> str:
     if features.get("avx2") and features.get("fma"):
         return "avx2"
     return "portable"
+
+
+# What a core's caches hold where the system does not say (a Zen 3 core's).
+DEFAULT_CACHE_BYTES = {1: 32 * 1024, 2: 512 * 1024, 3: 16 * 1024 * 1024}
+
+
+@lru_cache(maxsize=None)
+def cache_bytes(level: int) -> int:
+    """The size of the host's level-`level` data cache (of one core at levels 1 and 2), as
+    Linux reports it, or DEFAULT_CACHE_BYTES."""
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(root.glob("index*")):
+        try:
+            if int((index / "level").read_text()) == level and \
+                    (index / "type").read_text().strip() in ("Data", "Unified"):
+                return _parse_size((index / "size").read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return DEFAULT_CACHE_BYTES[level]
+
+
+def _parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
 @lru_cache(maxsize=None)

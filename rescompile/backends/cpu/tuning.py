@@ -10,7 +10,7 @@ on the hosts named beside them.
 
 from __future__ import annotations
 
-from .target import Target
+from .target import Target, cache_bytes
 
 # -- summation order (fixed) ----------------------------------------------------------------
 REDUCE_CHUNK = 3072  # pixels per slot of batch statistics and batch-norm gradient sums
@@ -22,9 +22,6 @@ WGRAD_BLOCK = 512  # pixels a weight-gradient tile accumulates in registers befo
 
 # -- work cutting ---------------------------------------------------------------------------
 WGRAD_GROUPS = 4  # a weight gradient's output channels in up to this many calls per chunk
-# Weights up to this size stay in a core's L2 while every tile passes them (tiles outer); larger
-# ones are run panel by panel, so each panel comes from memory once, not once per tile.
-WEIGHTS_IN_CACHE_BYTES = 512 * 1024
 # A shared step is cut into chunks of about this many FLOPs (a chunk costs a counter update
 # and a kernel call, about 0.2 us), at least 2 and at most 16 per thread: the last chunk taken
 # bounds how long the other threads wait at the barrier.
@@ -37,6 +34,14 @@ PIXELS_PER_ITEM = 64
 # Pixel-wise steps of fewer pixels per image than this split channels, not pixels, across the
 # threads (a 1 x 1 map has one pixel per image).
 PIXEL_SPLIT_MIN = 16
+
+
+def panels_outer(weight_bytes: int) -> bool:
+    """Whether a conv runs panel by panel: weights up to the size of a core's L2 stay there
+    while every tile passes them (tiles outer); larger ones are run panel by panel, so each
+    panel comes from memory once, not once per tile (measured on a Zen 3, whose L2 is 512 KiB:
+    the turn comes at the L2's size)."""
+    return weight_bytes > cache_bytes(2)
 
 
 # A register tile's rows each need a pointer in a general-purpose register (16 on x86-64),

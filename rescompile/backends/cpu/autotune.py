@@ -1,0 +1,215 @@
+"""Each conv step's register tile, chosen on the host: derived, or measured once and cached.
+
+Design note
+-----------
+A conv step's tile (MR rows of pixels by NV vectors of channels) decides how well the kernel
+uses the host's registers and load ports, which the instruction set alone does not settle: a
+6 x 64 tile of AVX-512 loads fewer broadcasts per multiply-add than a 14 x 32 one but keeps
+fewer rows in flight. Lowering gives every conv the derived tile (`tuning.conv_tile`). Where a
+layer admits other tiles (`candidates`), `Tuner.retile` times each on the layer's own shape,
+one work item of synthetic data on one thread, and keeps the fastest. The choice is cached
+beside the kernel cache, in `tuning/<target fingerprint>.json` under the dtype, so it costs
+once per machine, and a choice made on another CPU (another fingerprint) is never read; a
+file that cannot be parsed is measured again, with a warning.
+
+A tile never changes a number: every output is one chain of multiply-adds over the window
+and the input channels in one order whatever the tile, and a conv that sums its output (its
+rows group those sums) keeps the derived tile. `tune=False` (or RESCOMPILE_TUNE=0 in the
+environment: the tests, CI) keeps every derived tile without measuring.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import ResourceError
+from ...kernel_cache import cache_root, write_cache_file
+from .arena import Layout, aligned_empty
+from .llvm.conv import ConvKernel
+from .steps import Step
+from .tuning import MAX_TILE_ROWS, PIXELS_PER_ITEM, conv_tile
+from .weights import pack_weights
+
+_CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+MAX_VECTORS = 4  # the widest tile tried: 4 vectors of channels
+TIMED_CALLS = 5  # the best of these is a candidate's time
+
+
+def tuning_enabled(tune: bool | None) -> bool:
+    """`tune` as given, else the environment's RESCOMPILE_TUNE (on unless "0")."""
+    return os.environ.get("RESCOMPILE_TUNE", "1") != "0" if tune is None else tune
+
+
+def candidates(target, dtype: str, channels: int) -> list[tuple[int, int]]:
+    """The tiles worth trying for `channels` output channels: the derived one, and 2 to
+    MAX_VECTORS vectors wide where the channels fill that many vectors."""
+    lanes = target.lanes(dtype)
+    tiles = [conv_tile(target, dtype, channels)]
+    for nv in range(2, MAX_VECTORS + 1):
+        if nv * lanes <= channels:
+            tiles.append((min((target.registers - nv - 1) // nv, MAX_TILE_ROWS), nv))
+    return list(dict.fromkeys(tiles))
+
+
+class Tuner:
+    """Chooses the tiles of one program's conv steps (`retile`). `address(kernel)` compiles
+    or loads a kernel; `measure=False` keeps the derived tiles; `fresh` re-measures what the
+    cache holds (`rescompile tune`)."""
+
+    def __init__(self, target, dtype: str, cache_dir, measure: bool, address, fresh=False):
+        self.target, self.dtype, self.cache_dir = target, dtype, cache_dir
+        self.measure, self.address, self.fresh = measure, address, fresh
+        self.measured = 0  # candidates timed by this tuner (the tests count them)
+        self._choices: dict | None = None
+
+    @property
+    def path(self) -> Path:
+        return cache_root(self.cache_dir) / "tuning" / f"{self.target.fingerprint}.json"
+
+    def retile(self, steps: list, layouts: dict[str, Layout]):
+        """The steps with their tiles chosen, and (step name, why) for each conv step."""
+        out, remarks = [], []
+        for step in steps:
+            if isinstance(step, Step) and isinstance(step.kernel, ConvKernel):
+                (mr, nv), why = self._choose(step, layouts)
+                step = retiled(step, mr, nv)
+                remarks.append((step.name, f"tile {mr}x{step.kernel.nr}: {why}"))
+            out.append(step)
+        return out, remarks
+
+    def _choose(self, step: Step, layouts) -> tuple[tuple[int, int], str]:
+        kernel = step.kernel
+        tiles = candidates(self.target, self.dtype, step.channels)
+        derived = (kernel.mr, kernel.nv)
+        if kernel.sums is not None:
+            return derived, "derived (its rows group the sums it makes)"
+        if len(tiles) == 1:
+            return derived, "derived (the only tile that fits its channels)"
+        if not self.measure:
+            return derived, "derived (tuning off)"
+        key = _layer_key(step, layouts)
+        choices = self._cached()
+        if self.fresh or key not in choices:
+            lanes = self.target.lanes(self.dtype)
+            rates = {tile: self._gflops(retiled(step, *tile), layouts) for tile in tiles}
+            choices[key] = {"tile": list(max(rates, key=rates.get)),
+                            "gflops": {f"{m}x{n * lanes}": round(r, 1)
+                                       for (m, n), r in rates.items()}}
+            self._store()
+        chosen = choices[key]
+        rates = ", ".join(f"{t} {g} GFLOP/s" for t, g in chosen["gflops"].items())
+        return tuple(chosen["tile"]), f"measured: {rates}"
+
+    # -- the cache of choices -----------------------------------------------------------------
+    def _cached(self) -> dict:
+        """This dtype's choices from the cache file (an unreadable file: none, and a warning)."""
+        if self._choices is None:
+            self._choices = {}
+            try:
+                text = self.path.read_text()
+            except OSError:
+                return self._choices
+            try:
+                doc = json.loads(text)
+                self._choices = _valid(doc["choices"][self.dtype] if self.dtype in
+                                       doc["choices"] else {})
+            except (ValueError, KeyError, TypeError) as exc:
+                warnings.warn(f"{self.path}: tuning choices unreadable ({exc}); measuring "
+                              f"again", RuntimeWarning, stacklevel=2)
+        return self._choices
+
+    def _store(self) -> None:
+        try:
+            doc = json.loads(self.path.read_text())
+            doc["choices"] = dict(doc["choices"])
+        except (OSError, ValueError, KeyError, TypeError):
+            doc = {"target": dataclasses.asdict(self.target), "choices": {}}
+        doc["choices"][self.dtype] = self._choices
+        try:
+            write_cache_file(cache_root(self.cache_dir), f"tuning/{self.path.name}",
+                             json.dumps(doc, indent=1, sort_keys=True).encode())
+        except ResourceError as exc:
+            warnings.warn(f"tuning choices not kept: {exc}", RuntimeWarning, stacklevel=2)
+
+    # -- measuring ----------------------------------------------------------------------------
+    def _gflops(self, step: Step, layouts) -> float:
+        """The step's kernel on one work item of random data, its best of TIMED_CALLS."""
+        self.measured += 1
+        images = max(1, -(-PIXELS_PER_ITEM // step.pixels))
+        consts, pointers, keep = _arguments(step, layouts, images)
+        call = _CALL(self.address(step.kernel))
+        args = (consts.ctypes.data, pointers.ctypes.data, 0, images * step.pixels, 0,
+                step.channels)
+        call(*args)
+        best = float("inf")
+        for _ in range(TIMED_CALLS):
+            start = time.perf_counter()
+            call(*args)
+            best = min(best, time.perf_counter() - start)
+        del keep
+        return step.flops * images / best / 1e9
+
+
+def retiled(step: Step, mr: int, nv: int) -> Step:
+    """The conv step with an MR x NV tile (its weights packed for that width)."""
+    kernel = dataclasses.replace(step.kernel, mr=mr, nv=nv)
+    uses = dict(step.uses, w=dataclasses.replace(step.uses["w"], nr=kernel.nr))
+    return dataclasses.replace(step, kernel=kernel, uses=uses, pixel_align=mr,
+                               channel_align=kernel.nr)
+
+
+def _layer_key(step: Step, layouts) -> str:
+    """What a tile's speed depends on: the kernel apart from its tile, and the shapes."""
+    kernel = dataclasses.replace(step.kernel, mr=0, nv=0)
+    shape = layouts[step.tensors["x"]]
+    fields = ",".join(f"{k}={v}" for k, v in sorted(step.fields.items())
+                      if not callable(v) and not k.startswith("e"))
+    return f"{kernel.symbol}|x={shape.h}x{shape.w}x{shape.c}|{fields}"
+
+
+def _valid(choices) -> dict:
+    for key, choice in choices.items():
+        tile = choice["tile"]
+        if not (isinstance(key, str) and len(tile) == 2 and all(isinstance(t, int) and t > 0
+                                                                for t in tile)):
+            raise ValueError(f"bad choice for {str(key)[:60]!r}")
+    return dict(choices)
+
+
+def _arguments(step: Step, layouts, images: int):
+    """Random tensors for the step's signature, its fields, and the pointer block."""
+    rng = np.random.default_rng(0)
+    keep, addresses, words = [], [], []
+    values = {n: v(images) if callable(v) else v for n, v in step.fields.items()}
+    for role, value in step.tensors.items():
+        lay = layouts[value]
+        values.update({f"{role}.image": lay.image, f"{role}.row": lay.row,
+                       f"{role}.pixel": lay.c})
+    for pointer in step.kernel.signature.pointers:
+        use, kind, start = step.uses[pointer.role], np.dtype(pointer.dtype), 0
+        if use.how == "packed":
+            cin, k = values["cin"], values["kh"]
+            array = pack_weights(rng.standard_normal((k, k, cin, step.channels)).astype(kind),
+                                 use.nr)
+        elif pointer.role in step.tensors:  # where the arena would point: data, or window
+            lay = layouts[step.tensors[pointer.role]]
+            array = aligned_empty(images * lay.image * kind.itemsize).view(kind)
+            array[:] = rng.standard_normal(array.size)
+            start = lay.window(*use.pads) if use.how == "window" else lay.data
+        else:  # a per-channel vector
+            array = rng.uniform(0.5, 1.5, step.channels).astype(kind)
+        keep.append(array)
+        addresses.append(array.ctypes.data + start * kind.itemsize)
+    for f in step.kernel.signature.fields:
+        value = values[f.name]
+        words.append(np.float64(value).view(np.int64) if f.kind == "scalar" else int(value))
+    return np.array(words, np.int64), np.array(addresses, np.int64), keep

@@ -1,0 +1,96 @@
+"""The cpu backend's measured conv tiles: measured once on this host and reused, never read
+for another CPU, measured again when the cached choices are unreadable, and never changing a
+number (a train step is the same bits with tuning on and off)."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import rescompile as rc
+from rescompile.backends.cpu.llvm.conv import ConvKernel
+from conftest import tiny_spec
+
+# 64 output channels: a layer that admits more than one tile on every instruction set.
+WIDE = tiny_spec(stem_filters=16, stages=[{"filters": 64, "units": 1, "stride": 1}],
+                 activate_before_residual=[True])
+
+
+def compiled(cache_dir, tune=True, mode="infer", **options):
+    return rc.compile(WIDE, mode=mode, backend="cpu", tune=tune, cache_dir=cache_dir, seed=3,
+                      **options)
+
+
+def tiles(exe) -> dict:
+    return {s.name: (s.kernel.mr, s.kernel.nv) for plan in exe.program.plans.values()
+            for s in plan.schedule.kernel_steps if isinstance(s.kernel, ConvKernel)}
+
+
+def test_a_second_compile_reuses_the_choices(tmp_path):
+    first = compiled(tmp_path)
+    assert first.program.tuner.measured > 0
+    second = compiled(tmp_path)
+    assert second.program.tuner.measured == 0
+    assert tiles(second) == tiles(first)
+    remarks = [why for _, why in second.program.schedule.remarks if why.startswith("tile ")]
+    assert any("measured:" in why and "GFLOP/s" in why for why in remarks)
+
+
+def test_choices_of_another_cpu_are_never_read(tmp_path):
+    first = compiled(tmp_path)
+    path = first.program.tuner.path
+    doc = json.loads(path.read_text())
+    other = path.with_name("0" * 16 + ".json")
+    # another CPU's file, whose every choice is a tile nothing here would pick
+    doc["choices"]["float32"] = {key: {"tile": [1, 1], "gflops": {}}
+                                 for key in doc["choices"]["float32"]}
+    other.write_text(json.dumps(doc))
+    path.unlink()
+    again = compiled(tmp_path)
+    assert again.program.tuner.measured == first.program.tuner.measured
+    assert (1, 1) not in tiles(again).values()
+
+
+def test_an_unreadable_choice_file_is_measured_again_with_a_warning(tmp_path):
+    first = compiled(tmp_path)
+    first.program.tuner.path.write_text('{"choices": {"float32": {"x": {"tile": "bad"')
+    with pytest.warns(RuntimeWarning, match="tuning choices unreadable"):
+        again = compiled(tmp_path)
+    assert again.program.tuner.measured == first.program.tuner.measured
+    json.loads(again.program.tuner.path.read_text())  # rewritten whole
+
+
+def test_tuning_changes_no_number(tmp_path):
+    """A train step with other tiles than the derived ones is the same bits: the cached
+    choices are set to the widest candidate of every layer that has several."""
+    program = compiled(tmp_path, mode="train").program
+    lanes = program.target.lanes("float32")
+    doc = json.loads(program.tuner.path.read_text())
+    for choice in doc["choices"]["float32"].values():
+        mr, nr = max((tuple(map(int, tile.split("x"))) for tile in choice["gflops"]),
+                     key=lambda tile: tile[1])
+        choice["tile"] = [mr, nr // lanes]
+    program.tuner.path.write_text(json.dumps(doc))
+    rng = np.random.default_rng(0)
+    images, labels = rng.standard_normal((3, *WIDE.model.input)), rng.integers(0, 5, 3)
+    results = []
+    for tune in (True, False):
+        exe = compiled(tmp_path, tune=tune, mode="train")
+        loss = exe.train_step(images, labels)
+        results.append((loss, exe.state, exe.forward(images), tiles(exe)))
+    (loss_a, state_a, logits_a, tiles_a), (loss_b, state_b, logits_b, tiles_b) = results
+    assert tiles_a != tiles_b
+    assert loss_a == loss_b
+    np.testing.assert_array_equal(logits_a, logits_b)
+    for name, value in state_a.items():
+        np.testing.assert_array_equal(value, state_b[name], err_msg=name)
+
+
+def test_tuning_off_measures_nothing(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exe = compiled(tmp_path, tune=False)
+    assert exe.program.tuner.measured == 0 and not exe.program.tuner.path.exists()
+    assert all("derived" in why for _, why in exe.program.schedule.remarks
+               if why.startswith("tile "))
