@@ -456,3 +456,37 @@ def test_max_pool_gradient_kernel(padding, cache_dir):
     call(MaxPoolGradKernel("float64", host_target()), fields, {"dy": dy, "x": x, "out": out},
          (0, 144), (0, 11), cache_dir)
     assert close(out, expected) < 1e-12
+
+
+def test_barrier_holds_threads_together_when_one_is_late():
+    """The barrier lets no thread through before every thread arrived, round after round,
+    also when one thread arrives late enough that the other stops spinning and sleeps."""
+    import threading
+    import time
+    import ctypes
+    from rescompile.backends.cpu.llvm.sync import STATE_WORDS, Barrier
+    wait = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(
+        jit.address(Barrier(host_target())))
+    state = np.zeros(STATE_WORDS, np.int64)
+    rounds, reached, behind = 60, [0, 0], []
+
+    def run(me: int) -> None:
+        for k in range(rounds):
+            if me == 1:
+                time.sleep(0.002)  # the other thread spins out and sleeps on the futex
+            reached[me] = k + 1
+            wait(state.ctypes.data, 2)
+            if reached[1 - me] < k + 1:
+                behind.append((me, k))
+
+    threads = [threading.Thread(target=run, args=(me,)) for me in (0, 1)]
+    wall, cpu = time.perf_counter(), time.process_time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert reached == [rounds, rounds] and behind == []
+    assert state[0] == 0 and state[16] == 0 and state[8] == rounds  # none left asleep
+    # the early thread slept through the late one's naps instead of spinning or yielding
+    assert cpu < wall / 2, (cpu, wall)

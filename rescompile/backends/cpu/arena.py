@@ -33,6 +33,7 @@ import numpy as np
 from ...memory import assign_buffers, lifetimes
 from ...resources import check_fits
 from . import driver
+from .llvm import sync
 from .steps import Step
 from .target import DTYPE_BYTES
 from .tuning import CHUNK_FLOPS, CHUNKS_PER_THREAD
@@ -179,7 +180,7 @@ class Arena:
         self.bound_rows = list(rows_of.values())
         self.bound: list | None = None  # the arrays the operand rows point at now
         self.scratch = np.zeros((self.threads, driver.POINTER_BLOCK), np.int64)
-        self.barrier_state = np.zeros(16, np.int64)
+        self.barrier_state = np.zeros(sync.STATE_WORDS, np.int64)
         counters = len(schedule.segments) + n
         self.counters = np.zeros(counters * driver.COUNTER_STRIDE, np.int64)
 
