@@ -23,7 +23,8 @@ import numpy as np
 
 from . import archive, checkpoint, manifest as fields
 from .version import __version__
-from .build import DTYPES, MODES
+from .build import MODES
+from .precision import DTYPES, compute_dtype
 from .compiler import BACKENDS, lower
 from .dump import to_json
 from .errors import CheckpointError
@@ -70,10 +71,11 @@ def is_artifact(path) -> bool:
     return archive.has_member(path, "manifest.json")
 
 
-def load_artifact(path, backend: str | None = None, **options):
-    """The artifact's executable. Its manifest is read first; the spec it names is lowered
-    again, and every member's declared size checked against what that graph and its variables
-    need, before anything else is decompressed."""
+def load_artifact(path, backend: str | None = None, dtype: str | None = None, **options):
+    """The artifact's executable (compiled in `dtype`, by default the manifest's). Its
+    manifest is read first; the spec it names is lowered again, and every member's declared
+    size checked against what that graph and its variables need, before anything else is
+    decompressed."""
     from .runtime import Executable
     manifest_bytes = archive.read_member(path, "manifest.json", fields.MAX_MANIFEST_BYTES,
                                          "artifact")
@@ -84,7 +86,7 @@ def load_artifact(path, backend: str | None = None, **options):
         raise CheckpointError(f"{path}: its spec is invalid: {exc}") from None
     lowered = lower(spec, manifest["mode"], manifest["dtype"])
     graph = to_json(lowered.graph).encode()
-    variable_sizes = {f"{name}.npy": archive.npy_bounds(v.shape, lowered.dtype)
+    variable_sizes = {f"{name}.npy": archive.npy_bounds(v.shape, compute_dtype(lowered.dtype))
                       for name, v in lowered.variables.items()}
     _check_sizes(path, manifest, len(graph), archive.npz_bound(variable_sizes))
     sizes = {name: (m["size"], m["size"]) for name, m in manifest["members"].items()}
@@ -97,8 +99,11 @@ def load_artifact(path, backend: str | None = None, **options):
         raise CheckpointError(f"{path}: its graph is not the one this rescompile compiles its "
                               f"spec to; recompile the spec")
     arrays = archive.read_npz(path, variable_sizes, members["variables.npz"], "artifact")
+    variables = _variables(path, arrays, lowered)
+    if dtype is not None and dtype != lowered.dtype:
+        lowered = lower(spec, manifest["mode"], dtype)
     return Executable(lowered, backend=backend or manifest["backend"],
-                      variables=_variables(path, arrays, lowered), step=manifest["step"],
+                      variables=variables, step=manifest["step"],
                       **options)
 
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 from .ir import BATCH, Graph, verify
+from .precision import compute_dtype
 from .spec import STEMS
 
 MODES = ("train", "infer")
-DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,8 @@ class Model:
 def build(spec, mode: str = "infer", dtype: str = "float64") -> Model:
     if mode not in MODES:
         raise UsageError(f"mode must be one of {MODES}, got {mode!r}")
-    if dtype not in DTYPES:
-        raise UsageError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    builder = _Builder(spec, mode, dtype)
+    # a bfloat16 model's graph is a float32 graph: only what it stores differs (precision.py)
+    builder = _Builder(spec, mode, compute_dtype(dtype))
     logits = builder.network()
     builder.graph.outputs["logits"] = logits
     verify(builder.graph)

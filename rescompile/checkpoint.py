@@ -19,7 +19,8 @@ import numpy as np
 
 from . import archive, manifest as fields
 from .autodiff import training_graph
-from .build import DTYPES, MODES, build
+from .build import MODES, build
+from .precision import DTYPES, compute_dtype
 from .errors import CheckpointError
 from .fileio import atomic_write
 from .spec import SpecError, load_spec
@@ -63,7 +64,8 @@ def read(path) -> tuple[dict, dict[str, np.ndarray]]:
         if name not in expected:
             raise CheckpointError(f"{path}: variable {name[:80]!r} is not in spec "
                                   f"{manifest['spec'].get('name', '?')!r}")
-        sizes[f"var/{name}.npy"] = archive.npy_bounds(expected[name].shape, manifest["dtype"])
+        sizes[f"var/{name}.npy"] = archive.npy_bounds(expected[name].shape,
+                                                      compute_dtype(manifest["dtype"]))
     arrays = archive.read_npz(path, sizes)
     arrays.pop(MANIFEST)
     return manifest, {key[4:]: value for key, value in arrays.items()}
@@ -114,7 +116,9 @@ def saved_spec(path, manifest: dict):
 def check_stored(path, name: str, value: np.ndarray, expected: dict, dtype: str,
                  owner: str) -> None:
     """One stored variable against `expected` (name -> Variable), which `owner` declares:
-    one of them, of its shape and of `dtype`, and finite."""
+    one of them, of its shape and of `dtype`'s variables (float32 for bfloat16: master
+    weights), and finite."""
+    dtype = compute_dtype(dtype)
     if name not in expected:
         raise CheckpointError(f"{path}: variable {name[:80]!r} is not in {owner}")
     if tuple(value.shape) != tuple(expected[name].shape):

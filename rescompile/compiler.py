@@ -15,6 +15,7 @@ from .build import Model, Variable, build
 from .errors import UsageError
 from .ir import Graph
 from .passes import PIPELINES, PassRecord, Remark, run_pipeline
+from .precision import compute_dtype
 from .spec import check_representable, load_spec
 
 BACKENDS = ("reference", "cpu", "cuda")
@@ -42,7 +43,7 @@ def lower(spec, mode: str = "infer", dtype: str = "float32", optimize: bool = Tr
     interpreter and the cpu backend run)."""
     spec = load_spec(spec)
     model = build(spec, mode, dtype)
-    check_representable(spec, dtype)
+    check_representable(spec, compute_dtype(dtype))
     stages = [("build", model.graph)]
     graph, variables = model.graph, dict(model.variables)
     if mode == "train":

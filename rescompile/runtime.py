@@ -20,6 +20,7 @@ from .compiler import backend_module, backend_options, lower
 from .entries import batch_statistics, make_entries
 from .errors import CheckpointError, InputError, NonFiniteError, UsageError
 from .init import initial_values
+from .precision import Precision
 from .resources import check_fits
 from .spec import load_spec
 
@@ -38,6 +39,9 @@ class Executable:
                  variables: dict[str, np.ndarray] | None = None, step: int = 0, **options):
         self._lock = threading.RLock()
         self.spec, self.mode, self.dtype = lowered.spec, lowered.mode, lowered.dtype
+        # what the variables are kept in and the user passes and gets: float32 for bfloat16
+        self.precision = Precision(self.dtype)
+        self.array_dtype = self.precision.compute
         self.lowered = lowered
         self.graph = lowered.graph
         self.backend = backend
@@ -51,7 +55,7 @@ class Executable:
         self.program = backend_module(backend).compile_program(self.graph, self.entries,
                                                                dtype=self.dtype, **options)
         self._variables: dict[str, Variable] = lowered.variables
-        self._values = initial_values(self._variables, seed, self.dtype)
+        self._values = initial_values(self._variables, seed, self.array_dtype)
         self.step = step
         self._forward_done = False
         self._prepared = False
@@ -91,7 +95,7 @@ class Executable:
         missing = sorted(set(allowed) - set(values))
         if require_all and missing:
             raise InputError(f"missing variable {missing[0]!r} ({len(missing)} missing in all)")
-        checked = {name: _variable_array(name, value, allowed[name].shape, self.dtype)
+        checked = {name: _variable_array(name, value, allowed[name].shape, self.array_dtype)
                    for name, value in values.items()}
         self._values.update(checked)
         self._variable_feeds = None
@@ -105,7 +109,7 @@ class Executable:
                                     if r in ("param", "state")}
         inputs = dict(self._variable_feeds)
         if LEARNING_RATE in self.graph.inputs:
-            inputs[LEARNING_RATE] = np.asarray(self.learning_rate(), self.dtype)
+            inputs[LEARNING_RATE] = np.asarray(self.learning_rate(), self.array_dtype)
         inputs.update(feeds)
         return self.program.run(entry, inputs)
 
@@ -131,8 +135,9 @@ class Executable:
         if not self._forward_done:
             raise RuntimeError("backward needs a forward(images) first")
         shape = (self._batch, self.spec.model.num_classes)
-        dlogits = _float_array("dlogits", dlogits, shape, self.dtype)
-        feeds = {self.graph.outputs["grad/logits"]: dlogits, SEED: np.asarray(0, self.dtype)}
+        dlogits = _float_array("dlogits", dlogits, shape, self.array_dtype)
+        feeds = {self.graph.outputs["grad/logits"]: dlogits,
+                 SEED: np.asarray(0, self.array_dtype)}
         return self._grads(self._run("backward", feeds))
 
     @_serialised
@@ -178,7 +183,7 @@ class Executable:
             raise InputError(f"apply_gradients: {label(missing[0])!r} is missing "
                              f"({len(missing)} of the gradients and statistics that "
                              f"step_gradients returns)")
-        feeds = {v: _float_array(label(v), value, self.graph.value(v).shape, self.dtype)
+        feeds = {v: _float_array(label(v), value, self.graph.value(v).shape, self.array_dtype)
                  for v, value in given.items()}
         self._apply(self._run("apply_gradients", feeds))
 
@@ -219,12 +224,18 @@ class Executable:
 
     def _images(self, images) -> np.ndarray:
         h, w, c = self.spec.model.input
-        return _float_array("images", images, (None, h, w, c), self.dtype)
+        images = _float_array("images", images, (None, h, w, c), self.array_dtype)
+        storage = self.precision.storage(self.graph.value("images"))
+        if storage != self.array_dtype:  # the kernels read them as stored
+            _check_finite("images", self.precision.round(images, storage),
+                          f"is beyond {storage}'s range at")
+        return images
 
     def _batch_feeds(self, images, labels) -> dict:
         images = self._images(images)
-        onehot = _one_hot(labels, images.shape[0], self.spec.model.num_classes, self.dtype)
-        return {"images": images, "labels": onehot, SEED: np.asarray(1, self.dtype)}
+        onehot = _one_hot(labels, images.shape[0], self.spec.model.num_classes,
+                          self.array_dtype)
+        return {"images": images, "labels": onehot, SEED: np.asarray(1, self.array_dtype)}
 
     @_serialised
     def save(self, path) -> None:
@@ -350,10 +361,13 @@ def compile(spec, mode: str = "infer", backend: str = "reference", dtype: str = 
 
 
 def load_checkpoint(path, spec=None, mode: str | None = None, backend: str = "reference",
-                    fresh_optimizer: bool = False, **options) -> Executable:
+                    fresh_optimizer: bool = False, dtype: str | None = None,
+                    **options) -> Executable:
     """An Executable restored from a checkpoint. With `spec`, the checkpoint must match it.
     `fresh_optimizer` accepts a checkpoint without optimizer slots (one saved in inference
-    mode, say) for training: the slots start from zero."""
+    mode, say) for training: the slots start from zero. `dtype` compiles it in another dtype
+    than it was saved in (a bfloat16 checkpoint holds float32 variables: it loads into a
+    float32 executable and back as it is)."""
     manifest, variables = checkpoint.read(path)
     saved = checkpoint.saved_spec(path, manifest)
     if spec is not None and load_spec(spec).digest() != saved.digest():
@@ -361,7 +375,8 @@ def load_checkpoint(path, spec=None, mode: str | None = None, backend: str = "re
                               f"from the given spec {load_spec(spec).name!r}")
     mode = mode or manifest["mode"]
     checkpoint.check_variables(path, variables, saved, manifest["dtype"], mode, fresh_optimizer)
-    exe = compile(saved, mode=mode, backend=backend, dtype=manifest["dtype"], **options)
+    exe = compile(saved, mode=mode, backend=backend, dtype=dtype or manifest["dtype"],
+                  **options)
     exe.load_state({n: v for n, v in variables.items() if n in exe.lowered.variables})
     exe.step = manifest["step"]
     return exe

@@ -1,6 +1,8 @@
 """The reference backend: interprets a schedule with each op's NumPy definition.
 
-It is the oracle every other backend is tested against, in float64 or float32.
+It is the oracle every other backend is tested against, in float64 or float32, and in
+bfloat16: float32 arithmetic rounded to bfloat16 wherever the CPU kernels store a value as
+bfloat16 (`precision.py`; the feeds too, as the kernels read them).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 from ..entries import batch_of
 from ..interpret import interpret
 from ..ops import OPS
+from ..precision import Precision
 from ..resources import check_fits
 
 
@@ -21,7 +24,8 @@ class ReferenceProgram:
     def __init__(self, graph, entries, dtype: str):
         self.graph = graph
         self.entries = entries
-        self.itemsize = np.dtype(dtype).itemsize
+        self.precision = Precision(dtype)
+        self.itemsize = np.dtype(self.precision.compute).itemsize
         self.saved: dict[str, dict] = {}
 
     def run(self, entry_name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -29,8 +33,9 @@ class ReferenceProgram:
         check_fits(self._value_bytes(entry, feeds), f"the reference backend's values of "
                                                     f"{entry_name!r}")
         env = dict(self.saved.get(entry.after, {})) if entry.after else {}
-        env.update(feeds)
-        interpret(entry.nodes, env)
+        env.update({name: self.precision.round(value, self.precision.storage(
+            self.graph.value(name))) for name, value in feeds.items()})
+        interpret(entry.nodes, env, self.precision, self.graph)
         self.saved[entry_name] = env
         return {name: env[name] for name in entry.fetches}
 

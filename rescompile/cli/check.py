@@ -25,6 +25,9 @@ def register(sub) -> None:
 def run(args) -> int:
     lowered = lower(resolve_spec(args.spec), args.mode, args.dtype, verify_each=True)
     report = check_stages(lowered, args.batch, args.seed, args.tolerance)
+    if args.dtype == "bfloat16":
+        print("note: a bfloat16 model's passes are checked in float32, its compute type (where "
+              "bfloat16 rounds moves with each fusion by design)")
     print(f"{'stage':<20} {'max rel change':>14}  worst output")
     for stage in report.stages:
         print(f"{stage.stage:<20} {stage.change:>14.3g}  {stage.worst_output}")

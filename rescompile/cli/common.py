@@ -2,7 +2,8 @@
 
 import argparse
 
-from ..build import DTYPES, MODES
+from ..build import MODES
+from ..precision import DTYPES
 from ..compiler import BACKENDS
 
 
@@ -14,8 +15,11 @@ def add_mode(p, default: str = "infer") -> None:
     p.add_argument("--mode", choices=MODES, default=default)
 
 
-def add_dtype(p, default: str = "float32") -> None:
-    p.add_argument("--dtype", choices=DTYPES, default=default)
+def add_dtype(p, default: str | None = "float32", what: str | None = None) -> None:
+    """--dtype: float32, float64, or bfloat16 (mixed precision: bfloat16 tensors, float32
+    arithmetic; the user's arrays are float32). `what` names the default when it is None."""
+    p.add_argument("--dtype", choices=DTYPES, default=default,
+                   help=f"default: {what or default}" if what or default else None)
 
 
 def add_backend(p, default: str = "cpu") -> None:
@@ -24,11 +28,11 @@ def add_backend(p, default: str = "cpu") -> None:
                    help="cpu: keep the derived kernel tiles, measure none (see 'tune')")
 
 
-def add_model(p, backend: str = "cpu") -> None:
+def add_model(p, backend: str = "cpu", dtype_default: str | None = "float32") -> None:
     """What every command that compiles a spec takes: the spec, mode, dtype and backend."""
     add_spec(p)
     add_mode(p)
-    add_dtype(p)
+    add_dtype(p, dtype_default, None if dtype_default else "float32, or the checkpoint's")
     add_backend(p, default=backend)
 
 

@@ -11,7 +11,7 @@ from .common import add_model, resolve_spec, seed_int
 
 def register(sub) -> None:
     p = sub.add_parser("compile", help="write a compiled artifact (.rcx) that rc.load runs")
-    add_model(p)
+    add_model(p, dtype_default=None)
     p.add_argument("-o", "--output", required=True, metavar="FILE.rcx")
     p.add_argument("--checkpoint", metavar="FILE", help="take the variables from a checkpoint")
     p.add_argument("--seed", type=seed_int, default=0)
@@ -30,10 +30,11 @@ def run(args) -> int:
     if args.checkpoint:
         # As eval loads it: the differing field named, the [train] table free in infer mode.
         from ..training import load_for_spec
-        exe = load_for_spec(args.checkpoint, spec, mode=args.mode, backend=args.backend)
+        exe = load_for_spec(args.checkpoint, spec, mode=args.mode, backend=args.backend,
+                            dtype=args.dtype)
     else:
-        exe = compile(spec, mode=args.mode, backend=args.backend, dtype=args.dtype,
-                      seed=args.seed)
+        exe = compile(spec, mode=args.mode, backend=args.backend,
+                      dtype=args.dtype or "float32", seed=args.seed)
     save_artifact(exe, args.output)
     if args.checkpoint and _keeps_data(args.checkpoint, spec):
         print(f"note: {args.checkpoint} keeps its data's class names and normalisation, which "

@@ -4,7 +4,7 @@ inference graph."""
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .common import add_backend, add_spec, resolve_spec
+from .common import add_backend, add_dtype, add_spec, resolve_spec
 from .train import add_data
 
 
@@ -14,6 +14,7 @@ def register(sub) -> None:
     add_checkpoint(p)
     add_data(p)
     add_backend(p, default=None)
+    add_dtype(p, default=None, what="the checkpoint's")
     p.set_defaults(func=run)
 
 
@@ -32,20 +33,21 @@ def load_infer(args):
     from ..training import data_record, default_backend, load_for_spec, resolve
     spec = resolve_spec(args.spec)
     backend = args.backend or default_backend()
+    dtype = getattr(args, "dtype", None)
     if Path(args.checkpoint).is_file() and is_artifact(args.checkpoint):
-        return spec, _from_artifact(args.checkpoint, spec, backend), DataRecord()
+        return spec, _from_artifact(args.checkpoint, spec, backend, dtype), DataRecord()
     path = resolve(args.checkpoint)
-    exe = load_for_spec(path, spec, mode="infer", backend=backend)
+    exe = load_for_spec(path, spec, mode="infer", backend=backend, dtype=dtype)
     return spec, exe, data_record(path, spec)
 
 
-def _from_artifact(path, spec, backend: str):
+def _from_artifact(path, spec, backend: str, dtype: str | None = None):
     """An artifact of this spec, as an inference executable (a train artifact's variables
-    move into one)."""
+    move into one), in `dtype` (None: the artifact's)."""
     from ..artifact import load_artifact
     from ..runtime import compile
     from ..training.checkpoints import inference_spec
-    exe = load_artifact(path, backend=backend)
+    exe = load_artifact(path, backend=backend, dtype=dtype)
     if exe.spec.digest() != inference_spec(spec, exe.spec).digest():
         raise CheckpointError(f"{path}: artifact of spec {exe.spec.name!r}, which differs from "
                               f"the given spec {spec.name!r}")

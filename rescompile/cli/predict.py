@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from .common import add_backend, add_spec, positive_int
+from .common import add_backend, add_dtype, add_spec, positive_int
 from .eval import add_checkpoint, load_infer
 
 BATCH = 256
@@ -25,6 +25,7 @@ def register(sub) -> None:
                    "file (and row), top K classes (and names) and probabilities; .npy: every "
                    "class's probability [N, classes]")
     add_backend(p, default=None)
+    add_dtype(p, default=None, what="the checkpoint's")
     p.set_defaults(func=run)
 
 

@@ -24,10 +24,11 @@ def run(args) -> int:
     start = time.perf_counter()
     exe = compile(spec, mode=args.mode, backend=args.backend, dtype=args.dtype, seed=args.seed)
     compiled = time.perf_counter() - start
-    check_fits(args.batch * math.prod(spec.model.input) * np.dtype(exe.dtype).itemsize * 2,
-               f"--batch {args.batch}: the images")
+    # the images as the user passes them: float32 for a bfloat16 model
+    check_fits(args.batch * math.prod(spec.model.input) * np.dtype(exe.array_dtype).itemsize
+               * 2, f"--batch {args.batch}: the images")
     images = np.random.default_rng(args.seed).standard_normal(
-        (args.batch, *spec.model.input)).astype(args.dtype)
+        (args.batch, *spec.model.input)).astype(exe.array_dtype)
     start = time.perf_counter()
     logits = exe.forward(images)
     ran = time.perf_counter() - start

@@ -62,7 +62,7 @@ class DataParallel:
         parts = [("loss", np.asarray(loss))] + sorted(grads.items()) + sorted(statistics.items())
         if self._buffer is None:
             size = sum(np.size(value) for _, value in parts)
-            self._buffer = np.empty(size, self.exe.dtype)
+            self._buffer = np.empty(size, self.exe.array_dtype)
         views, offset = {}, 0
         for name, value in parts:
             view = self._buffer[offset:offset + np.size(value)]

@@ -14,6 +14,7 @@ producer's kernel.
 import numpy as np
 
 from .conv import conv_reference, conv_shape, conv_flops
+from ..precision import stored
 from .norm import NUMPY, batch_moments, bn_inv, bn_shift, check_channels
 from .registry import define, get, ops_of_kind, require
 
@@ -48,7 +49,9 @@ def _output_names(attrs):
 
 
 def _finish(attrs, y, operands):
-    """The outputs of a fused op whose first epilogue gave `y`."""
+    """The outputs of a fused op whose first epilogue gave `y` (as its kernel stores it: the
+    rest is made of the stored `y`)."""
+    y = stored(y)
     results = (y,)
     if attrs.get("out2"):
         results += (apply_epilogue(attrs["out2"], y, operands),)

@@ -19,6 +19,7 @@ bits.
   batch-norm gradient's reduction reads the data gradient while it is being written.
 """
 
+from ..precision import stored
 from .elementwise import leaky_relu_grad
 from .fused import apply_epilogue, check_epilogue, step_attrs
 from .norm import (SUMS, bn_grad_apply_reference, bn_grad_sums_reference, bn_shape,
@@ -108,7 +109,7 @@ def _define_epilogue_form(head: str, takes_sums: bool) -> None:
 
     def reference(attrs, *arrays):
         results = list(base.run_reference(attrs, *arrays[:own]))
-        results[0] = apply_epilogue(attrs["epilogue"], results[0], arrays)
+        results[0] = stored(apply_epilogue(attrs["epilogue"], results[0], arrays))
         return tuple(results) + sums_outputs(attrs, results[0], arrays)
 
     def outputs(attrs):

@@ -172,8 +172,9 @@ def resolve(path) -> Path:
 
 
 def load_for_spec(path, spec, mode: str, backend: str, fresh_optimizer: bool = False,
-                  **options):
-    """An executable restored from `path`, which must hold exactly `spec`.
+                  dtype: str | None = None, **options):
+    """An executable restored from `path`, which must hold exactly `spec`, compiled in `dtype`
+    (None: the checkpoint's).
 
     Shapes are checked first, so a mismatch names the tensor and both shapes; any other
     difference names the first spec field that differs, not only that the specs do."""
@@ -189,7 +190,7 @@ def load_for_spec(path, spec, mode: str, backend: str, fresh_optimizer: bool = F
         raise CheckpointError(f"{path}: checkpoint was trained with {name} = {saved}, the "
                               f"given spec {spec.name!r} has {given}")
     return load_checkpoint(path, spec=spec, mode=mode, backend=backend,
-                           fresh_optimizer=fresh_optimizer, **options)
+                           fresh_optimizer=fresh_optimizer, dtype=dtype, **options)
 
 
 def inference_spec(given, saved):

@@ -12,6 +12,8 @@ arrays instead of numpy), `target` (launch sizes, target.GPU or target.SIMULATOR
 
 from __future__ import annotations
 
+from ...errors import UsageError
+from ...precision import BFLOAT16
 from . import device
 from .device import CudaUnavailableError
 from .kernels import UnsupportedOpError, supports
@@ -26,6 +28,9 @@ __all__ = ["compile_program", "count_launches", "CudaProgram", "CudaUnavailableE
 def compile_program(graph, entries, dtype: str = "float32", cache_dir=None,
                     return_device: bool = False, target=None,
                     reuse_memory: bool = True) -> CudaProgram:
+    if dtype == BFLOAT16:
+        raise UsageError("the cuda backend does not run bfloat16 yet; use float32, or "
+                         "backend='cpu' or 'reference' for bfloat16")
     device.require_device()
     if target is None:
         target = SIMULATOR if device.simulated() else GPU
