@@ -19,7 +19,9 @@ samples).
 
 Every tensor has the same layout wherever it lives: images of (H + top + bottom) rows of
 (W + left + right) pixels of C channels, so the strides in a step's constants do not depend on
-the placement, and the depth-first and shared tables share their constants.
+the placement, and the depth-first and shared tables share their constants. Each tensor's
+bytes are those of the type it is stored in (`program.types`: a bfloat16 model's activations
+take 2 bytes an element, its statistics and weight gradients 4).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...memory import assign_buffers, lifetimes
+from ...precision import numpy_dtype
 from ...resources import check_fits
 from . import driver
 from .llvm import sync
@@ -105,12 +108,11 @@ class Arena:
     def __init__(self, program, schedule, batch: int, threads: int, shared_only: bool = False):
         self.program, self.schedule = program, schedule
         self.batch, self.threads = batch, threads
-        itemsize = self.itemsize = DTYPE_BYTES[program.dtype]
         self.n_shared = batch if shared_only else batch % threads
         self.n_items = batch - self.n_shared
         self.layouts = {v: Layout(*shape, schedule.pads.get(v, (0, 0, 0, 0)))
                         for v, shape in schedule.shapes.items()}
-        self.image_bytes = {v: lay.image * itemsize for v, lay in self.layouts.items()}
+        self.image_bytes = {v: lay.image * self.itemsize(v) for v, lay in self.layouts.items()}
         internal = schedule.internal
         self.internal = set(internal)
         kinds = {v: (self.layouts[v], v in schedule.dilated)
@@ -135,12 +137,16 @@ class Arena:
         self.shared_memory = aligned_empty(self.shared_region.nbytes)
         self._tables()
 
+    def itemsize(self, value: str) -> int:
+        """Bytes per element of the type `value` is stored in."""
+        return DTYPE_BYTES[self.program.types.of(value)]
+
     def shared_bytes(self, value: str) -> int:
         schedule = self.schedule
         if value in schedule.slots:
             return schedule.slots[value].count(self.n_shared) * schedule.slots[value].slot_bytes
         if value in schedule.flat:
-            return schedule.flat[value] * self.itemsize
+            return schedule.flat[value] * self.itemsize(value)
         return self.image_bytes[value] * self.n_shared
 
     # -- tables ---------------------------------------------------------------------------
@@ -176,7 +182,7 @@ class Arena:
         for row, key, offset in self.fed_rows:
             rows_of.setdefault(key, []).append((row, offset))
         self.bound_keys = list(rows_of)
-        self.bound_names = [value for _, value, _, _ in self.bound_keys]
+        self.bound_names = [value for _, value, _ in self.bound_keys]
         self.bound_rows = list(rows_of.values())
         self.bound: list | None = None  # the arrays the operand rows point at now
         self.scratch = np.zeros((self.threads, driver.POINTER_BLOCK), np.int64)
@@ -214,17 +220,17 @@ class Arena:
         use = step.uses[role]
         value = use.value
         if use.how == "packed":
-            self.fed_rows.append((row, ("packed", value, use.nr, use.transform), 0))
+            self.fed_rows.append((row, ("packed", value, use), 0))
             return [0, 0, 0]
         layout = self.layouts.get(value)
         offset = 0
         if layout is not None:
             offset = (layout.window(*use.pads) if use.how == "window" else layout.data) \
-                * self.itemsize
+                * self.itemsize(value)
         schedule = self.schedule
         if value not in self.internal:
             per_image = self.image_bytes[value] if value in schedule.feeds else 0
-            self.fed_rows.append((row, ("value", value, 0, ""), offset))
+            self.fed_rows.append((row, ("value", value, None), offset))
             return [0, 0, per_image]
         if value in self.batch_buffers and (placement == "depth_first"
                                             or value in schedule.fetches):
@@ -249,9 +255,8 @@ class Arena:
             return
         for k, array in enumerate(current):
             if array is not None and (self.bound is None or array is not self.bound[k]):
-                kind, value, nr, transform = self.bound_keys[k]
-                data = (self.program.packed(value, nr, transform, arrays) if kind == "packed"
-                        else array)
+                kind, value, use = self.bound_keys[k]
+                data = self.program.packed(use, arrays) if kind == "packed" else array
                 for row, offset in self.bound_rows[k]:
                     self.operands[row, driver.BASE] = data.ctypes.data + offset
         self.bound = current
@@ -278,27 +283,26 @@ class Arena:
             raw = self.shared_memory[start:start + self.shared_bytes(value)]
         if value in self.schedule.flat:
             shape = graph.value(value).shape
-            return raw.view(self.program.dtype)[:math.prod(shape)].reshape(shape)
+            return raw.view(self._kind(value))[:math.prod(shape)].reshape(shape)
         lay = self.layouts[value]
         top, bottom, left, right = lay.pads
-        full = raw.view(self.program.dtype).reshape(images, lay.h + top + bottom,
+        full = raw.view(self._kind(value)).reshape(images, lay.h + top + bottom,
                                                     lay.w + left + right, lay.c)
         return full[:, top:top + lay.h, left:left + lay.w, :]
 
+    def _kind(self, value: str) -> np.dtype:
+        return numpy_dtype(self.program.types.of(value))
+
     def fetch(self, value: str, shape: tuple) -> np.ndarray:
-        return np.array(self.view(value)).reshape(shape)
+        """A copy of `value` in the compute type (what the user gets: float32 of a bfloat16
+        tensor)."""
+        return np.array(self.view(value), self.program.types.compute).reshape(shape)
 
     @property
     def packed_bytes(self) -> int:
         """The program's packed weights for this schedule (packed at the first run)."""
-        graph, packed = self.program.graph, {}
-        for step in self.schedule.kernel_steps:
-            for use in step.uses.values():
-                if use.how == "packed":
-                    *taps, cout = graph.value(use.value).shape
-                    panels = -(-cout // use.nr)
-                    packed[use.value, use.nr, use.transform] = \
-                        panels * use.nr * math.prod(taps) * self.itemsize
+        packed = {use: self.program.packed_bytes(use) for step in self.schedule.kernel_steps
+                  for use in step.uses.values() if use.how == "packed"}
         return sum(packed.values())
 
     @property

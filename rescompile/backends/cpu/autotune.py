@@ -32,6 +32,7 @@ import numpy as np
 
 from ...errors import ResourceError
 from ...kernel_cache import cache_root, write_cache_file
+from ...precision import numpy_dtype
 from .arena import Layout, aligned_empty
 from .llvm.conv import ConvKernel
 from .steps import Step
@@ -92,6 +93,8 @@ class Tuner:
         derived = (kernel.mr, kernel.nv)
         if kernel.sums is not None:
             return derived, "derived (its rows group the sums it makes)"
+        if kernel.dot == "amx":
+            return derived, "derived (AMX tiles)"
         if len(tiles) == 1:
             return derived, "derived (the only tile that fits its channels)"
         if not self.measure:
@@ -195,11 +198,11 @@ def _arguments(step: Step, layouts, images: int):
         values.update({f"{role}.image": lay.image, f"{role}.row": lay.row,
                        f"{role}.pixel": lay.c})
     for pointer in step.kernel.signature.pointers:
-        use, kind, start = step.uses[pointer.role], np.dtype(pointer.dtype), 0
+        use, kind, start = step.uses[pointer.role], numpy_dtype(pointer.dtype), 0
         if use.how == "packed":
             cin, k = values["cin"], values["kh"]
-            array = pack_weights(rng.standard_normal((k, k, cin, step.channels)).astype(kind),
-                                 use.nr)
+            array = pack_weights(rng.standard_normal((k, k, cin, step.channels)), use.nr,
+                                 dtype=pointer.dtype, layout=use.layout)
         elif pointer.role in step.tensors:  # where the arena would point: data, or window
             lay = layouts[step.tensors[pointer.role]]
             array = aligned_empty(images * lay.image * kind.itemsize).view(kind)

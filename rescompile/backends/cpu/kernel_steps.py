@@ -9,13 +9,17 @@ from dataclasses import dataclass, field
 
 from ...ops.registry import get
 from ...padding import window_out
+from ...precision import BFLOAT16
 from .llvm.conv import ConvKernel
 from .llvm.epilogue import chain_of
 from .llvm.pixelwise import EltwiseKernel
 from .llvm.reduce import SlotSum, sum_kind
-from .steps import Slots, Step, Use, image_shape
+from .steps import Slots, Step, TensorTypes, Use, image_shape
 from .target import DTYPE_BYTES, Target
-from .tuning import PIXEL_SPLIT_MIN, REDUCE_CHUNK, conv_tile, panels_outer
+from .tuning import AMX_TILE, PIXEL_SPLIT_MIN, REDUCE_CHUNK, conv_tile, panels_outer
+
+# How each way of multiplying reads its packed weights (`weights.pack_weights`).
+WEIGHT_LAYOUTS = {"fma": "", "dpbf16": "vnni2", "amx": "amx"}
 
 
 def chain_arguments(kernel, chains, inputs) -> tuple[dict, dict, dict]:
@@ -71,22 +75,37 @@ class Sums:
     scalars: dict = field(default_factory=dict)
 
 
-def conv_step(node, dtype: str, target: Target, x: str, weights: Use, geometry: ConvGeometry,
-              outputs, epi=(), out2=None, sums: Sums | None = None, inputs=None) -> Step:
+def conv_dot(types: TensorTypes, target: Target, x: str, cin: int) -> str:
+    """How a conv multiplies (`ConvKernel.dot`): with bfloat16 inputs and weights, on AMX
+    tiles or with vdpbf16ps (pairs of input channels: an even count) where the target has
+    them; else fused multiply-adds."""
+    if (types.of(x), types.weights) != (BFLOAT16, BFLOAT16):
+        return "fma"
+    if target.has("amx_bf16"):
+        return "amx"
+    return "dpbf16" if target.has("avx512_bf16") and cin % 2 == 0 else "fma"
+
+
+def conv_step(node, types: TensorTypes, target: Target, x: str, weights: Use,
+              geometry: ConvGeometry, outputs, epi=(), out2=None, sums: Sums | None = None,
+              inputs=None) -> Step:
     """A convolution step: x through the packed weights into outputs (and out2), with the
     epilogue (whose args index `inputs`, the node's by default), and with `sums` of its
     output."""
     h, w, cin = geometry.shape
     oh, ow = geometry.out_hw
-    mr, nv = conv_tile(target, dtype, geometry.cout)
-    kernel = ConvKernel(dtype, target, chain_of(epi), None if out2 is None else chain_of(out2),
-                        mr, nv, sums=sums and sums.op)
+    dot = conv_dot(types, target, x, cin)
+    mr, nv = AMX_TILE if dot == "amx" else conv_tile(target, types.compute, geometry.cout)
+    kernel = ConvKernel(types.compute, target, chain_of(epi),
+                        None if out2 is None else chain_of(out2), mr, nv,
+                        sums=sums and sums.op, dot=dot)
     uses, tensors = output_uses(kernel, outputs)
     uses.update(x=Use(x, "window", geometry.pads[::2]),
-                w=Use(weights.value, "packed", nr=kernel.nr, transform=weights.transform))
+                w=Use(weights.value, "packed", nr=kernel.nr, transform=weights.transform,
+                      layout=WEIGHT_LAYOUTS[dot]))
     tensors["x"] = x
-    size = DTYPE_BYTES[dtype]
-    weight_bytes = geometry.k ** 2 * cin * geometry.cout * size
+    size = DTYPE_BYTES[types.of(x)]
+    weight_bytes = geometry.k ** 2 * cin * geometry.cout * DTYPE_BYTES[types.weights]
     fields = dict(cin=cin, kh=geometry.k, kw=geometry.k, stride=geometry.stride, oh=oh, ow=ow,
                   panels_outer=int(panels_outer(weight_bytes)))
     more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs))
@@ -114,23 +133,23 @@ def _add_sums(step: Step, sums: Sums) -> None:
     step.split, step.fixed_chunk = "pixels", REDUCE_CHUNK
 
 
-def with_sums(conv: Step, sums: Sums | None, outputs, dtype, target) -> list[Step]:
+def with_sums(conv: Step, sums: Sums | None, outputs, types: TensorTypes, target) -> list[Step]:
     """The conv, then the sum of its sums' slots into `outputs` (the sums op's)."""
     if sums is None:
         return [conv]
     return [conv, slot_sum(f"{conv.name}/sums", sums.op, sums.partial, conv.slots[sums.partial],
-                           outputs, conv.channels, dtype, target)]
+                           outputs, conv.channels, types, target)]
 
 
 def slot_sum(name: str, op: str | None, partial: str, slots: Slots, outputs, width: int,
-             dtype: str, target: Target) -> Step:
+             types: TensorTypes, target: Target) -> Step:
     """The slots of `partial` summed in order into `outputs`: reduction `op`'s outputs (its
     kind says which row makes which), or one row (a weight gradient) when op is None."""
     if op is not None:
         named = dict(zip(get(op).outputs, outputs))
         outputs = [named[row] for row in sum_kind(op).rows]
     mode = sum_kind(op).combine if op is not None else "sums"
-    kernel = SlotSum(dtype, target, len(outputs), mode)
+    kernel = SlotSum(types.compute, target, len(outputs), mode)
     uses = {"partial": Use(partial), **{f"out{r}": Use(v) for r, v in enumerate(outputs)}}
     fields = dict(slots=slots.count, width=width)
     if mode == "moments":
@@ -139,9 +158,10 @@ def slot_sum(name: str, op: str | None, partial: str, slots: Slots, outputs, wid
                 pixels=1, channels=width, split="channels", batched=False)
 
 
-def eltwise_step(node, graph, target, dtype, epi, out2, inputs=None, outputs=None) -> Step:
+def eltwise_step(node, graph, target, types: TensorTypes, epi, out2, inputs=None,
+                 outputs=None) -> Step:
     inputs, outputs = list(inputs or node.inputs), list(outputs or node.outputs)
-    kernel = EltwiseKernel(dtype, target, chain_of(epi),
+    kernel = EltwiseKernel(types.compute, target, chain_of(epi),
                            None if out2 is None else chain_of(out2))
     h, w, c = image_shape(graph, inputs[0])
     uses, tensors = output_uses(kernel, outputs)
@@ -164,10 +184,10 @@ def pixel_step(node, kernel, uses: dict, fields: dict, pixels: int, channels: in
 
 
 def copy_step(name: str, source: str, target_value: str, shape, target: Target,
-              dtype: str) -> Step:
+              types: TensorTypes) -> Step:
     """A plain copy of `source` (images of `shape`) into another layout: the fed images into
     the interior of a padded buffer, dy into a dilated one."""
-    kernel = EltwiseKernel(dtype, target)
+    kernel = EltwiseKernel(types.compute, target)
     h, w, c = shape
     return Step(name=name, op="copy", kernel=kernel,
                 uses={"x": Use(source), "out": Use(target_value)},

@@ -27,14 +27,15 @@ from .llvm.epilogue import RULES, chain_of
 from .llvm.pixelwise import MaxPoolGradKernel, MaxPoolKernel, MeanGradKernel, MeanKernel
 from .llvm.reduce import MOMENTS, SUMS, BatchNormGradApply, ChannelSums, sum_kind
 from .llvm.wgrad import WgradKernel
-from .steps import HOST_KINDS, HostStep, Slots, Step, Use, image_shape, is_host
+from .steps import (HOST_KINDS, HostStep, Slots, Step, TensorTypes, Use, image_shape,
+                    is_host, tensor_types)
 from .target import Target
 from .tuning import REDUCE_CHUNK, WGRAD_CHUNK, WGRAD_GROUPS, conv_tile
 
 
 # -- convolutions ---------------------------------------------------------------------------
 
-def _conv(node, graph, target, dtype):
+def _conv(node, graph, target, types):
     attrs, (x, w) = node.attrs, node.inputs[:2]
     h, wd, cin = image_shape(graph, x)
     k = graph.value(w).shape[0]
@@ -43,22 +44,22 @@ def _conv(node, graph, target, dtype):
     outputs = list(node.outputs)
     sums = Sums(MOMENTS, f"{node.name}:stats") if attrs.get("stats") else None
     made = outputs[:-2] if sums else outputs
-    conv = conv_step(node, dtype, target, x, Use(w), geometry, made, attrs.get("epilogue", ()),
+    conv = conv_step(node, types, target, x, Use(w), geometry, made, attrs.get("epilogue", ()),
                      attrs.get("out2"), sums)
-    return with_sums(conv, sums, outputs[len(made):], dtype, target)
+    return with_sums(conv, sums, outputs[len(made):], types, target)
 
 
-def _dense(node, graph, target, dtype):
+def _dense(node, graph, target, types):
     """x [N, C] @ w [C, K] + b: a 1x1 conv over 1x1 images with a bias epilogue."""
     c, k = graph.value(node.inputs[1]).shape
-    step = conv_step(node, dtype, target, node.inputs[0], Use(node.inputs[1]),
+    step = conv_step(node, types, target, node.inputs[0], Use(node.inputs[1]),
                      ConvGeometry((1, 1, c), 1, k, 1, (0, 0, 0, 0)), list(node.outputs),
                      [{"op": "bias_add", "args": [2]}])
     step.split = "channels"
     return [step]
 
 
-def _grad_input(node, graph, target, dtype):
+def _grad_input(node, graph, target, types):
     """dx = the forward tile on dy, padded by k - 1 - pad (and dilated by the stride), with
     the weights rotated by 180 degrees and input and output channels swapped; then the
     node's epilogue (a gradient add) and its `sums` (a batch-norm gradient's) of the result."""
@@ -74,7 +75,7 @@ def _grad_input(node, graph, target, dtype):
     steps, source = [], dy
     if stride > 1:
         source = f"{dy}:dilated{stride}"
-        copy = copy_step(f"{node.name}/dilate", dy, source, (oh, ow, cout), target, dtype)
+        copy = copy_step(f"{node.name}/dilate", dy, source, (oh, ow, cout), target, types)
         copy.stride_scale = {"out": stride}
         copy.made[source] = (hd, wdd, cout)
         copy.dilated = (source,)
@@ -83,10 +84,10 @@ def _grad_input(node, graph, target, dtype):
     sums = step and Sums(step["op"], f"{node.name}:sums",
                          _roles(step["op"], [node.inputs[i] for i in step["args"]], skip=1),
                          {n: step[n] for n in sum_kind(step["op"]).scalars})
-    conv = conv_step(node, dtype, target, source, Use(w, transform="dgrad"),
+    conv = conv_step(node, types, target, source, Use(w, transform="dgrad"),
                      ConvGeometry((hd, wdd, cout), k, cin, 1, pads), node.outputs[:1],
                      node.attrs.get("epilogue", ()), sums=sums)
-    return steps + with_sums(conv, sums, node.outputs[1:], dtype, target)
+    return steps + with_sums(conv, sums, node.outputs[1:], types, target)
 
 
 def _roles(op: str, values, skip: int = 0) -> dict[str, str]:
@@ -94,14 +95,14 @@ def _roles(op: str, values, skip: int = 0) -> dict[str, str]:
     return dict(zip(get(op).inputs[skip:], values))
 
 
-def _grad_filter(node, graph, target, dtype):
+def _grad_filter(node, graph, target, types):
     """dW from the weight-gradient tile, chunk by chunk into float64 slots, then their sum."""
     x, dy = node.inputs
     k, stride = node.attrs["k"], node.attrs["stride"]
     h, w, cin = image_shape(graph, x)
     oh, ow, cout = image_shape(graph, dy)
     pads = pads_2d(h, w, k, stride, node.attrs["padding"])
-    kernel = WgradKernel(dtype, target, *conv_tile(target, dtype, cout))
+    kernel = WgradKernel(types.compute, target, *conv_tile(target, types.compute, cout))
     partial = f"{node.name}:partial"
     slots = Slots(8 * k * k * cin * cout, oh * ow, WGRAD_CHUNK)
     step = Step(name=node.name, op=node.op, kernel=kernel,
@@ -114,17 +115,17 @@ def _grad_filter(node, graph, target, dtype):
                 fixed_chunk=WGRAD_CHUNK, groups=min(-(-cout // kernel.nr), WGRAD_GROUPS),
                 slots={partial: slots})
     return [step, slot_sum(f"{node.name}/sum", None, partial, slots, list(node.outputs),
-                           k * k * cin * cout, dtype, target)]
+                           k * k * cin * cout, types, target)]
 
 
 # -- reductions and batch norm ----------------------------------------------------------------
 
-def _reduction(node, graph, target, dtype):
+def _reduction(node, graph, target, types):
     """A reduction (`reduce.SUMS`) by its own sums kernel, then the sum of its slots."""
     roles = _roles(node.op, node.inputs)
     h, w, c = shape = image_shape(graph, node.inputs[0])
     partial = f"{node.name}:partial"
-    kernel = ChannelSums(dtype, target, node.op)
+    kernel = ChannelSums(types.compute, target, node.op)
     slots = Slots(16 * c, h * w, REDUCE_CHUNK)
     step = Step(name=node.name, op=node.op, kernel=kernel,
                 uses={"partial": Use(partial), **{r: Use(v) for r, v in roles.items()}},
@@ -134,13 +135,14 @@ def _reduction(node, graph, target, dtype):
                 pixels=h * w, channels=c, channel_align=kernel.lanes, fixed_chunk=REDUCE_CHUNK,
                 slots={partial: slots})
     return [step, slot_sum(f"{node.name}/combine", node.op, partial, slots, node.outputs,
-                           shape[2], dtype, target)]
+                           shape[2], types, target)]
 
 
-def _bn_grad_apply(node, graph, target, dtype):
+def _bn_grad_apply(node, graph, target, types):
     """A batch-norm gradient's apply half (or its fused form, with an epilogue)."""
     head = get(node.op).head or node.op
-    kernel = BatchNormGradApply(dtype, target, head, chain_of(node.attrs.get("epilogue")))
+    kernel = BatchNormGradApply(types.compute, target, head,
+                                chain_of(node.attrs.get("epilogue")))
     roles = _roles(head, node.inputs)
     (dx,) = node.outputs
     h, w, c = image_shape(graph, roles["x"])
@@ -156,21 +158,21 @@ def _bn_grad_apply(node, graph, target, dtype):
                  channel_align=kernel.lanes, split=pixel_split(h * w))]
 
 
-def _whole_bn_grad(node, graph, target, dtype):
+def _whole_bn_grad(node, graph, target, types):
     """A batch-norm gradient no pass split (optimize=False): its halves, one after the other."""
     sums_op, apply_op = GRAD_HALVES[node.op]
     dx, *sums = node.outputs
-    return (_reduction(node.replace(op=sums_op, outputs=tuple(sums)), graph, target, dtype)
+    return (_reduction(node.replace(op=sums_op, outputs=tuple(sums)), graph, target, types)
             + _bn_grad_apply(node.replace(op=apply_op, inputs=node.inputs + tuple(sums),
-                                          outputs=(dx,)), graph, target, dtype))
+                                          outputs=(dx,)), graph, target, types))
 
 
-def _batch_norm(node, graph, target, dtype):
+def _batch_norm(node, graph, target, types):
     """Inference: normalise with the moving statistics. Training, unfused (optimize=False):
     the moments, then normalise with them."""
     if not node.attrs["training"]:
         step = {"op": "batch_normalize", "args": [1, 2, 3, 4], "epsilon": node.attrs["epsilon"]}
-        return [eltwise_step(node, graph, target, dtype, [step], None)]
+        return [eltwise_step(node, graph, target, types, [step], None)]
     if node.attrs.get("sync"):
         raise UsageError(f"node {node.name!r}: a synchronised batch norm runs on the cpu "
                          f"backend split into its halves (compile with optimize=True)")
@@ -178,30 +180,30 @@ def _batch_norm(node, graph, target, dtype):
     y, mean, var = node.outputs
     moments = node.replace(op=MOMENTS, inputs=(x,), outputs=(mean, var), attrs={})
     normalize = {"op": "batch_normalize", "args": [1, 2, 3, 4], "epsilon": node.attrs["epsilon"]}
-    return _reduction(moments, graph, target, dtype) + [
-        eltwise_step(node, graph, target, dtype, [normalize], None,
+    return _reduction(moments, graph, target, types) + [
+        eltwise_step(node, graph, target, types, [normalize], None,
                      inputs=[x, gamma, beta, mean, var], outputs=[y])]
 
 
 # -- elementwise, pooling, copies ----------------------------------------------------------
 
-def _fused_eltwise(node, graph, target, dtype):
+def _fused_eltwise(node, graph, target, types):
     attrs = node.attrs
     stats = list(node.outputs[-2:]) if attrs.get("stats") else []
     outputs = node.outputs[:len(node.outputs) - len(stats)]
-    steps = [eltwise_step(node, graph, target, dtype, attrs["epilogue"], attrs.get("out2"),
+    steps = [eltwise_step(node, graph, target, types, attrs["epilogue"], attrs.get("out2"),
                           outputs=outputs)]
     if stats:
         moments = node.replace(op=MOMENTS, inputs=(outputs[0],), outputs=tuple(stats), attrs={})
-        steps += _reduction(moments, graph, target, dtype)
+        steps += _reduction(moments, graph, target, types)
     return steps
 
 
 def _single(op: str):
     """A lone epilogue op: its first input flows through one epilogue step of its own."""
-    def lower(node, graph, target, dtype):
+    def lower(node, graph, target, types):
         step = {"op": op, "args": list(range(1, len(node.inputs))), **node.attrs}
-        return [eltwise_step(node, graph, target, dtype, [step], None)]
+        return [eltwise_step(node, graph, target, types, [step], None)]
     return lower
 
 
@@ -212,33 +214,33 @@ def _pool_fields(node, graph, x):
     return h, w, c, dict(k=k, stride=s, pad_top=top, pad_left=left, h=h, w=w)
 
 
-def _max_pool(node, graph, target, dtype):
+def _max_pool(node, graph, target, types):
     h, w, c, fields = _pool_fields(node, graph, node.inputs[0])
     oh, ow, _ = image_shape(graph, node.outputs[0])
-    return [pixel_step(node, MaxPoolKernel(dtype, target),
+    return [pixel_step(node, MaxPoolKernel(types.compute, target),
                         {"x": node.inputs[0], "out": node.outputs[0]},
                         dict(fields, oh=oh, ow=ow), oh * ow, c, pixel_split(oh * ow))]
 
 
-def _max_pool_grad(node, graph, target, dtype):
+def _max_pool_grad(node, graph, target, types):
     dy, x = node.inputs
     h, w, c, fields = _pool_fields(node, graph, x)
     oh, ow, _ = image_shape(graph, dy)
-    return [pixel_step(node, MaxPoolGradKernel(dtype, target),
+    return [pixel_step(node, MaxPoolGradKernel(types.compute, target),
                         {"dy": dy, "x": x, "out": node.outputs[0]},
                         dict(fields, oh=oh, ow=ow), h * w, c, pixel_split(h * w))]
 
 
-def _mean(node, graph, target, dtype):
+def _mean(node, graph, target, types):
     h, w, c = image_shape(graph, node.inputs[0])
-    return [pixel_step(node, MeanKernel(dtype, target),
+    return [pixel_step(node, MeanKernel(types.compute, target),
                         {"x": node.inputs[0], "out": node.outputs[0]}, dict(h=h, w=w), 1, c,
                         "channels")]
 
 
-def _mean_grad(node, graph, target, dtype):
+def _mean_grad(node, graph, target, types):
     h, w, c = image_shape(graph, node.outputs[0])
-    return [pixel_step(node, MeanGradKernel(dtype, target),
+    return [pixel_step(node, MeanGradKernel(types.compute, target),
                        {"dy": node.inputs[0], "out": node.outputs[0]}, dict(oh=h, ow=w),
                        h * w, c, pixel_split(h * w))]
 
@@ -272,18 +274,21 @@ def supports(op: str) -> bool:
     return op in LOWERINGS or kind_of(op) in HOST_KINDS
 
 
-def lower_node(node, graph, target: Target, dtype: str) -> list:
-    """The node's steps, each checked against its kernel's signature; a host step for the
-    small ops of the head, the loss and the updates, and for any node with no per-image
-    tensor."""
+def lower_node(node, graph, target: Target, types: TensorTypes | str) -> list:
+    """The node's steps, each kernel given the types its tensors are stored in (`types`) and
+    checked against its signature; a host step for the small ops of the head, the loss and
+    the updates, and for any node with no per-image tensor."""
     if is_host(node, graph):
         return [HostStep(node)]
     lowering = LOWERINGS.get(node.op)
     if lowering is None:
         raise GraphError(f"node {node.name!r}: the cpu backend has no kernel for op "
                          f"{node.op!r}")
-    steps = lowering(node, graph, target, dtype)
+    types = tensor_types(graph, types)
+    steps = lowering(node, graph, target, types)
     for step in steps:
         step.origin = node.name
+        types.typed(step)
         step.check()
+        types.check(step)
     return steps

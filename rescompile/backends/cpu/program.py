@@ -10,8 +10,14 @@ have schedules of their own. An entry runs as phases: runs of kernel steps, each
 the driver, and host steps between them (the ops' NumPy definitions on small tensors).
 
 Conv weights are packed into the panels the micro-kernel reads (rotated and transposed for a
-data gradient) once per weight array. Nothing is compiled per layer: the kernels are the
-distinct micro-kernels the schedules use, the driver is one Numba function for all.
+data gradient, converted to the type the kernels read them in) once per weight array. Nothing
+is compiled per layer: the kernels are the distinct micro-kernels the schedules use, the driver
+is one Numba function for all.
+
+Types (`steps.TensorTypes`, the precision policy for this graph): a tensor is stored in its
+type in the arena; what comes in (the images, a host step's output) is converted to it once
+per array, and what goes out (fetched values, a host step's inputs) to the compute type, so
+the user and the host steps see float32 of a bfloat16 model.
 """
 
 from __future__ import annotations
@@ -24,14 +30,15 @@ import numpy as np
 
 from ...entries import batch_of, kept_values
 from ...interpret import interpret
+from ...precision import Precision, to_storage
 from . import driver
 from .arena import Arena
 from .autotune import Tuner, tuning_enabled
 from .llvm import jit, measure, sync
-from .steps import HostStep, Step
+from .steps import HostStep, Step, TensorTypes
 from .schedule import build_schedule, build_shared_schedule
-from .target import target_for
-from .weights import pack_weights, transformed
+from .target import DTYPE_BYTES, target_for
+from .weights import pack_weights, packed_elements, transformed
 
 
 # Entries with a schedule of their own; forward and backward share one.
@@ -53,6 +60,7 @@ class CpuProgram:
                  isa: str | None = None, progress: bool = False, tune: bool | None = None,
                  retune: bool = False):
         self.graph, self.entries, self.dtype = graph, entries, dtype
+        self.types = TensorTypes(graph, Precision(dtype))
         self.check_finite = check_finite
         self.target = target_for(isa)
         self.cache_dir = cache_dir
@@ -84,7 +92,8 @@ class CpuProgram:
         self.arenas: dict[tuple, Arena] = {}
         self.prepared: dict[str, np.ndarray] = {}
         self.host: dict = {}  # schedule -> its host steps' outputs of the last run
-        self._packed: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._packed: dict[object, tuple[np.ndarray, np.ndarray]] = {}
+        self._stored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.profile: np.ndarray | None = None  # per (thread, step): cycles, wait, calls
         self._last_batch: int | None = None
 
@@ -118,9 +127,10 @@ class CpuProgram:
 
     def _schedule(self, name: str) -> dict[str, Plan]:
         """The plans that schedule for `name` makes: forward and backward share one."""
-        graph, entries, target, dtype = self.graph, self.entries, self.target, self.dtype
+        graph, entries, target = self.graph, self.entries, self.target
         if "prepare" in entries:
-            schedule = build_schedule(graph, entries["forward"], target, dtype, self.tuner)
+            schedule = build_schedule(graph, entries["forward"], target, self.types,
+                                      self.tuner)
             return {"forward": Plan(schedule, 0, len(schedule.steps))}
         if name in OWN_SCHEDULES:
             entry = entries[name]
@@ -145,7 +155,7 @@ class CpuProgram:
     def _shared(self, nodes, feeds, fetches, entries):
         """A shared schedule whose entries' fetches survive to the entry's last step."""
         schedule = build_shared_schedule(self.graph, nodes, feeds, fetches, self.target,
-                                         self.dtype, tuner=self.tuner)
+                                         self.types, tuner=self.tuner)
         for entry in entries.values():
             names = {n.name for n in entry.nodes}
             last = max((i for i, s in enumerate(schedule.steps) if s.origin in names),
@@ -171,15 +181,34 @@ class CpuProgram:
                     parts.append(jit.assembly(ir_text, self.target) if assembly else ir_text)
         return "\n".join(parts) + "\n"
 
-    def packed(self, value: str, nr: int, transform: str, arrays: dict) -> np.ndarray:
-        """`value`'s weights packed for panels of nr channels, repacked if the array changed."""
-        source = arrays[value]
-        key = (value, nr, transform)
-        have = self._packed.get(key)
+    def packed(self, use, arrays: dict) -> np.ndarray:
+        """The weights `use` (a packed Use) points at, packed as it says in the type the kernels
+        read weights in; packed again only when the array changes."""
+        source = arrays[use.value]
+        have = self._packed.get(use)
         if have is None or have[0] is not source:
             out = have[1] if have is not None else None
-            self._packed[key] = (source, pack_weights(transformed(source, transform), nr, out))
-        return self._packed[key][1]
+            self._packed[use] = (source, pack_weights(transformed(source, use.transform),
+                                                      use.nr, out, self.types.weights,
+                                                      use.layout))
+        return self._packed[use][1]
+
+    def packed_bytes(self, use) -> int:
+        """The bytes of the weights `use` points at, packed."""
+        return DTYPE_BYTES[self.types.weights] * packed_elements(
+            self.graph.value(use.value).shape, use.nr, use.layout, use.transform)
+
+    def stored(self, name: str, array):
+        """A fed or host-made `array` of value `name` in the type the arena stores it in
+        (converted once per array)."""
+        kind = self.types.of(name)
+        if not isinstance(array, np.ndarray) or kind == self.types.compute \
+                or name not in self.graph.values:
+            return array
+        have = self._stored.get(name)
+        if have is None or have[0] is not array:
+            self._stored[name] = (array, to_storage(array, kind))
+        return self._stored[name][1]
 
     # -- running --------------------------------------------------------------------------
     def run(self, entry_name: str, feeds: dict) -> dict:
@@ -189,14 +218,14 @@ class CpuProgram:
             self.prepared = {name: np.ascontiguousarray(env[name]) for name in entry.fetches}
             return dict(self.prepared)
         plan = self.plan(entry_name)
-        arrays = dict(feeds)
+        arrays = {name: self.stored(name, a) for name, a in feeds.items()}
         arrays.update(self.prepared)
         batch = self._batch(entry, arrays)
         arena = self.arena(plan.schedule, batch)
         host = self.host.setdefault(plan.schedule, {})
         if plan.begin == 0:
             host.clear()
-        arrays.update(host)
+        arrays.update({name: self.stored(name, value) for name, value in host.items()})
         if plan.schedule.segments:
             arena.bind(arrays)
             if self.check_finite:
@@ -246,11 +275,11 @@ class CpuProgram:
         env, views = {}, []
         for name in step.inputs:
             if name in host or name in arrays:
-                env[name] = host[name] if name in host else arrays[name]
+                env[name] = host[name] if name in host else self._computed(arrays[name])
             else:
                 views.append(arena.view(name).reshape(
                     self.graph.value(name).concrete_shape(arena.batch)))
-                env[name] = views[-1]
+                env[name] = views[-1].astype(self.types.compute, copy=False)
         interpret([step.node], env)
         for name in step.outputs:
             value = np.asarray(env[name])
@@ -258,7 +287,8 @@ class CpuProgram:
             # rank): a view of arena memory that a later kernel reuses, so it is copied out.
             if any(np.may_share_memory(value, view) for view in views):
                 value = value.copy()
-            host[name] = arrays[name] = np.ascontiguousarray(value) if value.ndim else value
+            host[name] = np.ascontiguousarray(value) if value.ndim else value
+            arrays[name] = self.stored(name, host[name])
         if self.check_finite:
             self._check(step, {name: host[name] for name in step.outputs})
 
@@ -267,7 +297,12 @@ class CpuProgram:
             return host[name]
         if name in arena.internal:
             return arena.fetch(name, self.graph.value(name).concrete_shape(batch))
-        return arrays[name]
+        return self._computed(arrays[name])
+
+    def _computed(self, array):
+        """An array as the compute type (a stored bfloat16 one widened)."""
+        return array.astype(self.types.compute, copy=False) if isinstance(
+            array, np.ndarray) else array
 
     def _profile_table(self, arena: Arena) -> np.ndarray:
         """The profile counters the driver adds to: a `profile` of another shape (none yet,

@@ -31,6 +31,7 @@ segment starts and why, which values cannot stay per thread and why.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ from ...ops.registry import OPS
 from .arena import Layout
 from .kernel_steps import copy_step
 from .lower import lower_node
-from .steps import HostStep, Slots, Step, batched, image_shape
+from .steps import HostStep, Slots, Step, TensorTypes, batched, image_shape, tensor_types
 from .tuning import PIXELS_PER_ITEM
 
 
@@ -98,10 +99,10 @@ class Schedule:
                 f"{s.split} -> {placed}")
 
 
-def build_schedule(graph, entry, target, dtype: str, tuner=None) -> Schedule:
-    """Inference: depth first over images, the remainder shared; `tuner` chooses the conv
-    tiles (`autotune.py`; none: the derived ones)."""
-    schedule = _lowered(graph, list(entry.nodes), entry.feeds, entry.fetches, target, dtype,
+def build_schedule(graph, entry, target, types: TensorTypes, tuner=None) -> Schedule:
+    """Inference: depth first over images, the remainder shared; `types` the type each tensor
+    is stored in; `tuner` chooses the conv tiles (`autotune.py`; none: the derived ones)."""
+    schedule = _lowered(graph, list(entry.nodes), entry.feeds, entry.fetches, target, types,
                         tuner)
     schedule.segments, seg_remarks = _segments(schedule.steps)
     schedule.remarks += seg_remarks
@@ -111,17 +112,18 @@ def build_schedule(graph, entry, target, dtype: str, tuner=None) -> Schedule:
     return schedule
 
 
-def build_shared_schedule(graph, nodes, feeds, fetches, target, dtype: str,
+def build_shared_schedule(graph, nodes, feeds, fetches, target, types: TensorTypes,
                           keep: dict[str, int] | None = None, tuner=None) -> Schedule:
     """Training: every step over the whole batch; `keep` extends values past their last
     reader (an entry's fetches, to the entry's last node)."""
-    schedule = _lowered(graph, nodes, feeds, fetches, target, dtype, tuner)
+    schedule = _lowered(graph, nodes, feeds, fetches, target, types, tuner)
     schedule.keep = dict(keep or {})
     return schedule
 
 
-def _lowered(graph, nodes, feeds, fetches, target, dtype, tuner) -> Schedule:
-    steps = [s for node in nodes for s in lower_node(node, graph, target, dtype)]
+def _lowered(graph, nodes, feeds, fetches, target, types, tuner) -> Schedule:
+    types = tensor_types(graph, types)
+    steps = [s for node in nodes for s in lower_node(node, graph, target, types)]
     produced = {v for s in steps if isinstance(s, Step) for v in s.outputs}
     pads = _borders(steps)
     shapes = {v: image_shape(graph, v) for s in steps if isinstance(s, Step)
@@ -129,7 +131,7 @@ def _lowered(graph, nodes, feeds, fetches, target, dtype, tuner) -> Schedule:
     for s in steps:
         if isinstance(s, Step):
             shapes.update(s.made)
-    steps, remarks = _pad_unmade_inputs(steps, pads, produced, shapes, target, dtype)
+    steps, remarks = _pad_unmade_inputs(steps, pads, produced, shapes, target, types)
     if tuner is not None:
         layouts = {v: Layout(*shape, pads.get(v, (0, 0, 0, 0))) for v, shape in shapes.items()}
         steps, choices = tuner.retile(steps, layouts)
@@ -152,7 +154,7 @@ def _borders(steps) -> dict[str, tuple[int, int, int, int]]:
     return {v: p for v, p in pads.items() if any(p)}
 
 
-def _pad_unmade_inputs(steps, pads, produced, shapes, target, dtype):
+def _pad_unmade_inputs(steps, pads, produced, shapes, target, types):
     """Copy each padded value no kernel step produces (a fed one, a host step's output) into a
     padded buffer of its own before its first reader."""
     out, remarks = [], []
@@ -163,10 +165,11 @@ def _pad_unmade_inputs(steps, pads, produced, shapes, target, dtype):
                 if value in pads and value not in produced and value not in copied:
                     copied[value] = f"{value}:padded"
                     shapes[copied[value]] = shapes[value]
-                    copy = copy_step(f"{value}/pad", value, copied[value], shapes[value],
-                                     target, dtype)
+                    copy = types.typed(copy_step(f"{value}/pad", value, copied[value],
+                                                 shapes[value], target, types))
                     copy.origin = step.origin
                     copy.check()
+                    types.check(copy)
                     out.append(copy)
                     remarks.append((value, f"copied into a zero-bordered buffer "
                                            f"{pads[value]} for {step.name}: no kernel "
@@ -182,8 +185,7 @@ def _pad_unmade_inputs(steps, pads, produced, shapes, target, dtype):
 def _rename_inputs(step: Step, renamed: dict[str, str]) -> None:
     for role, use in list(step.uses.items()):
         if role not in step.writes and use.value in renamed:
-            step.uses[role] = type(use)(renamed[use.value], use.how, use.pads, use.nr,
-                                        use.transform)
+            step.uses[role] = dataclasses.replace(use, value=renamed[use.value])
     step.tensors = {r: renamed.get(v, v) if r not in step.writes else v
                     for r, v in step.tensors.items()}
     step.pads = {renamed.get(v, v): p for v, p in step.pads.items()}

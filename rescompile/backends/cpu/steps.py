@@ -10,14 +10,23 @@ lives. `check` holds a step to its kernel's signature (`llvm/abi.py`).
 
 A `HostStep` is a node run with its op's NumPy definition: the head's gradient, the loss and
 the updates, whose tensors are a few small vectors and matrices (`is_host`).
+
+`TensorTypes` is the precision policy (`precision.py`) for one program's graph: the type each
+tensor a step binds is stored in. Lowering builds every kernel in the compute type and then
+gives it the stored type of each tensor it points at (`typed`), and checks a step's pointers
+against the tensors it binds, so a kernel can never read a tensor as another type than the
+arena stores it in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ...errors import GraphError
 from ...ops.registry import kind_of
+from ...precision import Precision
 
 # Kinds of op run on the host: small tensors, where a kernel call would cost more than it
 # saves (parameter-only and collective ops have no per-image tensor at all).
@@ -28,13 +37,15 @@ HOST_KINDS = ("loss", "head_grad", "update", "moving_statistics", "parameter", "
 class Use:
     """How a kernel argument points at a value: "data" (its first element), "window" (the
     top-left corner of a conv's padded window: `pads` before the data), or "packed" (the
-    value's weights packed into panels of `nr` channels; `transform` "dgrad" rotates and
-    transposes them for a data gradient)."""
+    value's weights packed into panels of `nr` channels in `layout` (`weights.py`: "" one
+    input channel a row, "vnni2" pairs of them interleaved, "amx" pairs in AMX tile rows);
+    `transform` "dgrad" rotates and transposes them for a data gradient)."""
     value: str
     how: str = "data"
     pads: tuple[int, int] = (0, 0)  # (top, left) for "window"
     nr: int = 0  # for "packed"
     transform: str = ""
+    layout: str = ""  # for "packed"
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,65 @@ class HostStep:
     inputs = property(lambda s: list(s.node.inputs))
     outputs = property(lambda s: list(s.node.outputs))
     flops = 0.0
+
+
+# Tensors the backend makes of a graph value, stored as that value is: "<value><suffix>..."
+MADE_SUFFIXES = (":padded", ":dilated")
+
+
+@dataclass(frozen=True, eq=False)
+class TensorTypes:
+    """The stored type of every tensor of one graph under `precision`."""
+    graph: object
+    precision: Precision
+
+    @property
+    def compute(self) -> str:
+        """The kernels' dtype: what they compute in."""
+        return self.precision.compute
+
+    @property
+    def weights(self) -> str:
+        """Packed conv weights' type."""
+        return self.precision.weights
+
+    def of(self, value: str) -> str:
+        """A graph value's type, or that of the value a made tensor copies."""
+        base = next((value[:value.index(s)] for s in MADE_SUFFIXES if s in value), value)
+        if base not in self.graph.values:
+            return self.compute
+        return self.precision.storage(self.graph.value(base))
+
+    def bound(self, use: Use) -> str:
+        return self.weights if use.how == "packed" else self.of(use.value)
+
+    def typed(self, step: Step) -> Step:
+        """`step` with its kernel given the type of each tensor it binds: every pointer the
+        kernel declares in its compute type takes the type its tensor is stored in."""
+        plain = dataclasses.replace(step.kernel, storage=())
+        storage = tuple(sorted(
+            (p.role, self.bound(step.uses[p.role])) for p in plain.signature.pointers
+            if p.dtype == plain.dtype and self.bound(step.uses[p.role]) != plain.dtype))
+        if storage != step.kernel.storage:
+            step.kernel = dataclasses.replace(step.kernel, storage=storage)
+        return step
+
+    def check(self, step: Step) -> None:
+        """Every pointer of the step's kernel of the type its tensor is stored in (slot
+        buffers of partial sums are float64, whatever the model's type)."""
+        for p in step.kernel.signature.pointers:
+            use = step.uses[p.role]
+            if p.dtype == "float64" and self.compute != "float64":
+                continue  # a slot buffer
+            if p.dtype != self.bound(use):
+                raise GraphError(f"node {step.origin or step.name!r}: kernel "
+                                 f"{step.kernel.symbol} reads {p.role!r} as {p.dtype}, but "
+                                 f"{use.value!r} is stored as {self.bound(use)}")
+
+
+def tensor_types(graph, types) -> TensorTypes:
+    """`types` as given, or the policy of a dtype's name for `graph`."""
+    return types if isinstance(types, TensorTypes) else TensorTypes(graph, Precision(types))
 
 
 def image_shape(graph, value: str) -> tuple[int, int, int]:

@@ -16,6 +16,20 @@ so LLVM schedules for the exact core. The other two are generic CPU levels (`x86
 `x86-64`), for tests that generate every variant. The target's `fingerprint` (CPU name, feature
 string, LLVM version) is part of every cached kernel's key: a kernel built for one CPU is never
 loaded on another.
+
+Beside the vector ISA, a target has `extensions`: the bfloat16 instruction sets its kernels may
+use. They are not rungs of the ladder above (a Zen 5 has AVX512-BF16 and no AMX):
+
+    extension    instructions                 used when the host has
+    avx512_bf16  vdpbf16ps (pairs of bf16)    avx512bf16 (with avx512)
+    amx_bf16     tdpbf16ps on AMX tiles       amx-tile and amx-bf16, Linux grants the tile
+                                              state, and a smoke run agrees (`amx.py`)
+
+A kernel that uses one carries the target features it needs on its own function (`features`),
+so a kernel for an extension the code generator's CPU lacks is still generated, never aborting
+the process; it runs only where `runs_here`. `isa=` names a vector ISA and extensions joined by
+"+": "avx512+avx512_bf16", "avx512+amx_bf16+avx512_bf16"; a bare "avx512" is AVX-512 without
+them (bfloat16 then runs on float32 FMAs).
 """
 
 from __future__ import annotations
@@ -28,11 +42,19 @@ from pathlib import Path
 import llvmlite
 import llvmlite.binding as llvm
 
+from ...errors import UsageError
+from ...precision import ITEMSIZE, compute_dtype
+
 ISAS = ("avx512", "avx2", "portable")
 _VECTOR_BITS = {"avx512": 512, "avx2": 256, "portable": 128}
 _REGISTERS = {"avx512": 32, "avx2": 16, "portable": 16}
 _GENERIC_CPU = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "portable": "x86-64"}
-DTYPE_BYTES = {"float32": 4, "float64": 8}
+DTYPE_BYTES = ITEMSIZE  # bytes per element of each stored type (precision.py)
+EXTENSIONS = ("amx_bf16", "avx512_bf16")  # most capable first
+# extension -> (the LLVM features a kernel using it needs, the host features that offer it)
+_EXTENSION_FEATURES = {"avx512_bf16": ("+avx512f,+avx512bw,+avx512bf16", ("avx512bf16",)),
+                       "amx_bf16": ("+avx512f,+avx512bw,+amx-tile,+amx-bf16",
+                                    ("amx-tile", "amx-bf16"))}
 
 
 @lru_cache(maxsize=None)
@@ -47,6 +69,29 @@ class Target:
     isa: str
     cpu: str
     features: str
+    extensions: tuple[str, ...] = ()  # of EXTENSIONS, in that order
+
+    def __post_init__(self):
+        for ext in self.extensions:
+            if ext not in EXTENSIONS:
+                raise UsageError(f"isa: unknown extension {ext!r}; known: {EXTENSIONS}")
+            if self.isa != "avx512":
+                raise UsageError(f"isa: {ext} needs avx512 vectors, not {self.isa}")
+        object.__setattr__(self, "extensions", tuple(e for e in EXTENSIONS
+                                                     if e in self.extensions))
+
+    @property
+    def name(self) -> str:
+        """As `isa=` takes it: the vector ISA and its extensions."""
+        return "+".join((self.isa,) + self.extensions)
+
+    def has(self, extension: str) -> bool:
+        return extension in self.extensions
+
+    def features_for(self, extension: str) -> str:
+        """The per-function target features of a kernel that uses `extension`: the target's
+        own and the extension's."""
+        return ",".join(f for f in (self.features, _EXTENSION_FEATURES[extension][0]) if f)
 
     @property
     def vector_bits(self) -> int:
@@ -61,11 +106,12 @@ class Target:
         return self.isa != "portable"
 
     def lanes(self, dtype: str) -> int:
-        return self.vector_bits // (8 * DTYPE_BYTES[dtype])
+        """Elements of `dtype`'s compute type a vector holds (bfloat16 computes in float32)."""
+        return self.vector_bits // (8 * DTYPE_BYTES[compute_dtype(dtype)])
 
     @property
     def fingerprint(self) -> str:
-        text = "\0".join([self.isa, self.cpu, self.features, llvmlite.__version__,
+        text = "\0".join([self.name, self.cpu, self.features, llvmlite.__version__,
                           ".".join(map(str, llvm.llvm_version_info))])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -78,7 +124,8 @@ class Target:
     def runs_here(self) -> bool:
         """Whether the host can execute code built for this target."""
         host = host_target()
-        return ISAS.index(self.isa) >= ISAS.index(host.isa)
+        return (ISAS.index(self.isa) >= ISAS.index(host.isa)
+                and set(self.extensions) <= set(host.extensions))
 
 
 def _host_isa(features: dict) -> str:
@@ -113,26 +160,54 @@ def _parse_size(text: str) -> int:
     return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
+def advertised(features: dict, isa: str) -> tuple[str, ...]:
+    """The extensions a CPU's flags offer beside `isa` (the flags alone: AMX is used only
+    when Linux and a smoke run agree too, `host_target`)."""
+    return tuple(ext for ext, (_, flags) in _EXTENSION_FEATURES.items()
+                 if isa == "avx512" and all(features.get(flag) for flag in flags))
+
+
 @lru_cache(maxsize=None)
 def host_target() -> Target:
+    """The host's CPU, features and vector ISA, with each extension its flags offer; AMX only
+    if Linux grants the tile state and a smoke run in a subprocess works (`amx.usable`,
+    cached under the CPU's fingerprint), else a one-line note and the next one."""
     _initialised()
     features = llvm.get_host_cpu_features()
-    return Target(_host_isa(features), llvm.get_host_cpu_name(), features.flatten())
+    isa = _host_isa(features)
+    plain = Target(isa, llvm.get_host_cpu_name(), features.flatten())
+    extensions = advertised(features, isa)
+    if "amx_bf16" in extensions:
+        from .amx import usable
+        if not usable(plain):
+            extensions = tuple(e for e in extensions if e != "amx_bf16")
+    return Target(plain.isa, plain.cpu, plain.features, extensions)
+
+
+def parse_isa(isa: str) -> tuple[str, tuple[str, ...]]:
+    """"avx512+avx512_bf16" -> ("avx512", ("avx512_bf16",))."""
+    vector, *extensions = isa.split("+")
+    if vector not in ISAS:
+        raise UsageError(f"isa must be one of {ISAS}, optionally followed by +extension "
+                         f"({', '.join(EXTENSIONS)}), got {isa!r}")
+    return vector, tuple(extensions)
 
 
 def generic_target(isa: str) -> Target:
     """A target for an instruction set rather than a CPU (for tests of every variant)."""
-    if isa not in ISAS:
-        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
-    return Target(isa, _GENERIC_CPU[isa], "")
+    vector, extensions = parse_isa(isa)
+    return Target(vector, _GENERIC_CPU[vector], "", extensions)
 
 
 def target_for(isa: str | None) -> Target:
-    """The host's own target, or a generic one for `isa` (refused if the host cannot run it)."""
+    """The host's own target, or one for `isa` (refused if the host cannot run it): the host's
+    CPU with fewer extensions, or a generic CPU for another vector ISA."""
     host = host_target()
-    if isa is None or isa == host.isa:
+    if isa is None or isa == host.name:
         return host
-    target = generic_target(isa)
+    vector, extensions = parse_isa(isa)
+    target = (Target(host.isa, host.cpu, host.features, extensions) if vector == host.isa
+              else generic_target(isa))
     if not target.runs_here():
-        raise ValueError(f"isa {isa!r} cannot run on this CPU ({host.cpu}, {host.isa})")
+        raise ValueError(f"isa {isa!r} cannot run on this CPU ({host.cpu}, {host.name})")
     return target

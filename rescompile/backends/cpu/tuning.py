@@ -47,6 +47,10 @@ def panels_outer(weight_bytes: int) -> bool:
 # A register tile's rows each need a pointer in a general-purpose register (16 on x86-64),
 # whatever the vector registers allow.
 MAX_TILE_ROWS = 14
+# An AMX conv's block (MR pixels x NV vectors of 16 channels): 2 x 2 tiles of 16 x 16
+# accumulators, as oneDNN's AMX convolutions block them (the 8 tiles: 2 A, 2 B, 4 C). Fixed
+# by the tile registers, so never measured.
+AMX_TILE = (32, 2)
 
 
 def conv_tile(target: Target, dtype: str, channels: int | None = None) -> tuple[int, int]:

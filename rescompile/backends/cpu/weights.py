@@ -1,24 +1,65 @@
 """Conv weights as the micro-kernels read them: packed into panels of a tile's width (and
-rotated and transposed for a data gradient), on a cache-line boundary."""
+rotated and transposed for a data gradient), converted to the type the kernels read them in,
+on a cache-line boundary. A weight array is packed and converted once per load (`program.py`
+repacks only when the array changes).
+
+Layouts (`Use.layout`), K = kh * kw * cin the depth, R = kw * cin a window row's:
+
+    ""       [panel][K][nr]                 one input channel a row: the FMA tile's
+    "vnni2"  [panel][K / 2][nr][2]          pairs of consecutive k interleaved (VNNI-2): a
+                                            32-bit lane holds the pair vdpbf16ps multiplies
+    "amx"    [panel][kh][R' / 2][nr][2]     VNNI-2 with each window row zero-padded to R', a
+                                            multiple of AMX_DEPTH: the rows of AMX B tiles
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ...precision import numpy_dtype
 from .arena import aligned_empty
 
+AMX_DEPTH = 32  # bfloat16 elements of k per AMX tile row (64 bytes)
 
-def pack_weights(w: np.ndarray, nr: int, out: np.ndarray | None = None) -> np.ndarray:
-    """HWIO (or [C, K]) weights as [panel][kh * kw * cin][nr], zero-padded past the last
-    output channel, on a cache-line boundary (the kernel's aligned loads need it)."""
-    flat = w.reshape(-1, w.shape[-1])
-    depth, cout = flat.shape
+
+def padded_row_depth(row_depth: int) -> int:
+    return -(-row_depth // AMX_DEPTH) * AMX_DEPTH
+
+
+def packed_elements(shape, nr: int, layout: str = "", transform: str = "") -> int:
+    """Elements of HWIO (or [C, K]) weights of `shape` packed in `layout` for panels of nr
+    (after `transform`)."""
+    *taps, cin, cout = (1, 1, *shape) if len(shape) == 2 else shape
+    if transform == "dgrad":
+        cin, cout = cout, cin
+    depth = taps[1] * cin
+    depth = padded_row_depth(depth) if layout == "amx" else depth
+    return -(-cout // nr) * nr * taps[0] * depth
+
+
+def pack_weights(w: np.ndarray, nr: int, out: np.ndarray | None = None, dtype: str | None = None,
+                 layout: str = "") -> np.ndarray:
+    """HWIO (or [C, K]) weights in `layout` for panels of `nr` output channels, as `dtype`
+    (default: w's), zero-padded past the last output channel, on a cache-line boundary (the
+    kernel's aligned loads need it)."""
+    kind = numpy_dtype(dtype) if dtype else w.dtype
+    if w.ndim == 2:
+        w = w.reshape(1, 1, *w.shape)
+    kh, kw, cin, cout = w.shape
     panels = -(-cout // nr)
+    depth = kw * cin
+    if layout == "amx":
+        depth = padded_row_depth(depth)
+    elif layout == "vnni2" and depth % 2:
+        raise ValueError(f"vnni2 weights need an even depth per window row, got {depth}")
+    padded = np.zeros((kh, depth, panels * nr), np.float32 if kind.itemsize == 2 else kind)
+    padded[:, :kw * cin, :cout] = w.reshape(kh, kw * cin, cout)
+    panels_first = padded.reshape(kh * depth, panels, nr).transpose(1, 0, 2)  # [panel][K][nr]
+    if layout in ("vnni2", "amx"):  # [panel][K/2][nr][2]
+        panels_first = panels_first.reshape(panels, -1, 2, nr).transpose(0, 1, 3, 2)
     if out is None:
-        out = aligned_empty(panels * depth * nr * w.itemsize).view(w.dtype)
-    padded = np.zeros((depth, panels * nr), w.dtype)
-    padded[:, :cout] = flat
-    out.reshape(panels, depth, nr)[:] = padded.reshape(depth, panels, nr).transpose(1, 0, 2)
+        out = aligned_empty(panels_first.size * kind.itemsize).view(kind)
+    out.reshape(panels_first.shape)[:] = panels_first.astype(kind)
     return out
 
 

@@ -12,7 +12,9 @@ arguments, in declaration order. A field is
             as float64 bits and read in the kernel's compute type
 
 and a pointer has a role (what the step points it at), the element type it points to (the
-model's dtype, or float64 for the slots of a reduction) and whether the kernel writes it.
+type its tensor is stored in: the kernel's dtype, bfloat16 for a mixed-precision model's
+activations and conv weights, float64 for the slots of a reduction) and whether the kernel
+writes it.
 
 The kernel generator loads its arguments from the signature (`load_arguments`), lowering
 checks each step against it (`check`): a missing, extra or mistyped field or pointer fails
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from llvmlite import ir
 
 from ....errors import GraphError
-from .emit import FLOAT_TYPES, I64, Function
+from .emit import MEMORY_TYPES, I64, Function
 
 CALL_PARAMS = [("consts", I64.as_pointer()), ("ptrs", I64.as_pointer()), ("p_begin", I64),
                ("p_end", I64), ("c_begin", I64), ("c_end", I64)]
@@ -114,6 +116,11 @@ def pointers(dtype: str, *roles: str, written: bool = False) -> Signature:
     return Signature((), tuple(Pointer(r, dtype, written) for r in roles))
 
 
+def stored(kernel, *roles: str, written: bool = False) -> Signature:
+    """Pointers of the types `kernel` stores each role in (`emit.Vectors.element`)."""
+    return Signature((), tuple(Pointer(r, kernel.element(r), written) for r in roles))
+
+
 def load_arguments(f: Function, signature: Signature):
     """The fields as named values (sizes and strides i64, scalars splatted vectors of the
     compute type) and the pointers as named pointers of their element type."""
@@ -128,7 +135,7 @@ def load_arguments(f: Function, signature: Signature):
     for i, pointer in enumerate(signature.pointers):
         at = b.gep(f.args["ptrs"], [f.i64(i)], name=f"{pointer.role}.at")
         address = b.load(at, name=f"{pointer.role}.address")
-        ptrs[pointer.role] = b.inttoptr(address, FLOAT_TYPES[pointer.dtype].as_pointer(),
+        ptrs[pointer.role] = b.inttoptr(address, MEMORY_TYPES[pointer.dtype].as_pointer(),
                                         name=pointer.role)
     return values, ptrs
 

@@ -47,23 +47,42 @@ gradient's batch-norm gradient sums (g, g * xhat, read against the batch norm's 
 Registers and values are named by role in the IR: `x_row<m>` (a tile row's window origin),
 `w<j>` (a weight vector), `a<m>` (a broadcast input), `acc<m>_<j>` (an accumulator), and each
 epilogue step's result after its op (`relu2.m1_0`: row 1, vector 0).
+
+Element types, as oneDNN's brgemm descriptor has them (dt_a, dt_b, dt_c, dt_d): the input
+(`input_type`), the packed weights (`weight_type`), the accumulators, epilogue and per-channel
+operands (`dtype`) and the outputs (`output_type`), each from `storage` (`emit.Vectors`); a
+bfloat16 tensor is widened as it is loaded and rounded as it is stored, and what the epilogue
+goes on to make of an output it stores (`out2`, the sums) is made of the stored value. How
+the k loop multiplies (`dot`):
+
+    fma      one input channel per step: a broadcast times NV weight vectors, fused multiply-
+             adds in the compute type (any stored types; every instruction set)
+    dpbf16   two input channels per step, for bfloat16 inputs and weights: a broadcast pair of
+             inputs and NV vectors of weight pairs into `vdpbf16ps` (AVX512-BF16); the
+             weights packed in pairs of input channels ([panel][K/2][NR][2], VNNI-2), which
+             needs an even `cin` (a pair never straddles two pixels)
+    amx      AMX tiles (`amx.py`)
+
+The products of bfloat16 pairs are exact in float32, so every dot product is its float32 sum.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llvmlite import ir
 
 from ..target import Target
 from ..tuning import conv_tile
 from . import abi, epilogue
-from .emit import Tiled, new_module
+from .emit import BF16, I32, Tiled, new_module
 from .pixels import TRUE, PixelWalk, load_vector, next_pixel, offset, store_vector
 from .reduce import sum_kind, sum_operands, sum_terms
 from .slots import add_f64, statistics_slot
 
 GEOMETRY = abi.sizes("cin", "kh", "kw", "stride", "oh", "ow", "panels_outer")
+DOTS = ("fma", "dpbf16", "amx")
+PAIR = 2  # input channels per vdpbf16ps (and per AMX tile element pair)
 
 
 @dataclass(frozen=True)
@@ -76,8 +95,12 @@ class ConvKernel(epilogue.Chained, Tiled):
     mr: int = 0
     nv: int = 0
     sums: str | None = None  # an op of reduce.SUMS
+    storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
+    dot: str = field(default="fma", kw_only=True)  # one of DOTS
 
     def __post_init__(self):
+        if self.dot not in DOTS:
+            raise ValueError(f"conv kernel: dot must be one of {DOTS}, got {self.dot!r}")
         mr, nv = conv_tile(self.target, self.dtype)
         object.__setattr__(self, "mr", self.mr or mr)
         object.__setattr__(self, "nv", self.nv or nv)
@@ -93,7 +116,26 @@ class ConvKernel(epilogue.Chained, Tiled):
         steps = self.chain_name("plain")
         if self.sums:
             steps += f"__sums_{sum_kind(self.sums).short}"
-        return f"conv_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}_{steps}"
+        dot = "" if self.dot == "fma" else f"_{self.dot}"
+        return (f"conv_{self.dtype}_{self.target.isa}{dot}_{self.mr}x{self.nr}_{steps}"
+                f"{self.storage_tag()}")
+
+    @property
+    def input_type(self) -> str:
+        return self.element("x")
+
+    @property
+    def weight_type(self) -> str:
+        return self.element("w")
+
+    @property
+    def output_type(self) -> str:
+        return self.element("out")
+
+    @property
+    def pairs(self) -> int:
+        """Input channels the packed weights interleave: PAIR for dpbf16 and amx, else 1."""
+        return 1 if self.dot == "fma" else PAIR
 
     @property
     def sum_against(self) -> list[str]:
@@ -109,20 +151,35 @@ class ConvKernel(epilogue.Chained, Tiled):
         """Geometry, the input (window origin), the packed weights, the outputs, the epilogue
         chains' operands and scalars, and the sums' operands, scalars and slots."""
         signature = (GEOMETRY + abi.strides("x", *self.outputs, *self.sum_against)
-                     + abi.pointers(self.dtype, "x", "w")
-                     + abi.pointers(self.dtype, *self.outputs, written=True))
+                     + abi.stored(self, "x", "w") + abi.stored(self, *self.outputs, written=True))
         for chain in self.chains:
-            signature += chain.signature(self.dtype)
+            signature += chain.signature(self)
         if self.sums:
-            signature += (abi.pointers(self.dtype, *[f"sums.{n}" for n in self._sum_operands])
+            signature += (abi.stored(self, *[f"sums.{n}" for n in self._sum_operands])
                           + abi.scalars(*[f"sums.{n}" for n in sum_kind(self.sums).scalars])
                           + abi.sizes("sums.chunk", "sums.width")
                           + abi.pointers("float64", "sums", written=True))
         return signature
 
+    def check_types(self) -> None:
+        """dpbf16 and amx multiply bfloat16 pairs: both operands must be bfloat16, and the
+        target must have the instructions' extension."""
+        if self.dot == "fma":
+            return
+        if (self.input_type, self.weight_type) != (BF16, BF16):
+            raise ValueError(f"{self.symbol}: {self.dot} needs bfloat16 inputs and weights")
+        needs = {"dpbf16": "avx512_bf16", "amx": "amx_bf16"}[self.dot]
+        if not self.target.has(needs):
+            raise ValueError(f"{self.symbol}: {self.dot} needs a target with {needs}")
+
     def ir(self) -> str:
+        self.check_types()
         module = new_module(self.symbol)
-        _Emitter(self, module).emit()
+        if self.dot == "amx":
+            from .amx import AmxEmitter
+            AmxEmitter(self, module).emit()
+        else:
+            _Emitter(self, module).emit()
         return str(module)
 
 
@@ -131,6 +188,8 @@ class _Emitter:
         self.k = kernel
         self.f = abi.new_function(module, kernel.symbol, kernel.dtype, kernel.lanes,
                                   kernel.target.fma)
+        if kernel.dot == "dpbf16":
+            self.f.require(kernel.target.features_for("avx512_bf16"))
         self.b = self.f.b
 
     # -- arguments ----------------------------------------------------------------------
@@ -207,29 +266,55 @@ class _Emitter:
     def accumulate(self, c):
         """acc[m][j] over every tap and input channel, for the panel of channels from c."""
         f, b, k, v = self.f, self.b, self.k, self.v
-        b.comment("k loop: every tap and input channel, accumulated in registers")
+        b.comment(f"k loop ({k.dot}): every tap and input channel, accumulated in registers")
         acc = [[f.slot(f.vector, f"acc{m}_{j}", f.vconst(0.0)) for j in range(k.nv)]
                for m in range(k.mr)]
         panel_offset = b.mul(c, self.k_depth, name="panel_offset")  # (c / NR) * K * NR
-        w_ptr = f.slot(f.scalar.as_pointer(), "w_at", f.element(self.ptr["w"], panel_offset))
-        a_ptr = [f.slot(f.scalar.as_pointer(), f"a{m}_at") for m in range(k.mr)]
+        w_start = f.element(self.ptr["w"], panel_offset)
+        w_ptr = f.slot(w_start.type, "w_at", w_start)
+        a_ptr = [f.slot(self.x_rows[m].type, f"a{m}_at") for m in range(k.mr)]
+        step = self._pair_step if k.dot == "dpbf16" else self._fma_step
+        steps = self.row_depth if k.pairs == 1 else b.udiv(self.row_depth, f.i64(k.pairs),
+                                                             name="row_pairs")
         with f.loop(0, v["kh"], 1, "i") as i:
             window_row = b.mul(i, v["x.row"], name="window_row")
             for m in range(k.mr):
                 f.set(a_ptr[m], f.element(self.x_rows[m], window_row))
-            with f.loop(0, self.row_depth, 1, "kc"):
+            with f.loop(0, steps, 1, "kc"):
                 w_at = f.get(w_ptr, "w_at")
-                weights = [f.vload(f.element(w_at, j * k.lanes), align=k.lanes * f.scalar_bytes,
-                                   name=f"w{j}") for j in range(k.nv)]
-                for m in range(k.mr):
-                    a_at = f.get(a_ptr[m], f"a{m}_at")
-                    a = f.splat(b.load(a_at, name=f"a{m}.scalar"), name=f"a{m}")
-                    for j in range(k.nv):
-                        f.set(acc[m][j], f.fma(a, weights[j], f.get(acc[m][j]),
-                                               name=f"acc{m}_{j}"))
-                    f.set(a_ptr[m], f.element(a_at, 1))
-                f.set(w_ptr, f.element(w_at, k.nr))
+                step(acc, a_ptr, w_at)
+                f.set(w_ptr, f.element(w_at, k.nr * k.pairs))
         return [[f.get(acc[m][j], f"acc{m}_{j}") for j in range(k.nv)] for m in range(k.mr)]
+
+    def _fma_step(self, acc, a_ptr, w_at) -> None:
+        """One input channel: NV weight vectors, MR broadcasts, MR x NV multiply-adds."""
+        f, k = self.f, self.k
+        weights = [f.vload(f.element(w_at, j * k.lanes), align=k.lanes * f.bytes_of(w_at),
+                           name=f"w{j}") for j in range(k.nv)]
+        for m in range(k.mr):
+            a_at = f.get(a_ptr[m], f"a{m}_at")
+            a = f.splat_element(a_at, name=f"a{m}")
+            for j in range(k.nv):
+                f.set(acc[m][j], f.fma(a, weights[j], f.get(acc[m][j]), name=f"acc{m}_{j}"))
+            f.set(a_ptr[m], f.element(a_at, 1))
+
+    def _pair_step(self, acc, a_ptr, w_at) -> None:
+        """Two input channels: NV vectors of weight pairs, MR broadcast input pairs, MR x NV
+        vdpbf16ps (each lane: acc + a0 * w0 + a1 * w1)."""
+        f, b, k = self.f, self.b, self.k
+        pairs = ir.VectorType(I32, k.lanes)
+        weights = [b.load(b.bitcast(f.element(w_at, j * k.lanes * PAIR), pairs.as_pointer()),
+                          align=k.lanes * 4, name=f"w{j}") for j in range(k.nv)]
+        dot = f.intrinsic("llvm.x86.avx512bf16.dpbf16ps.512", f.vector,
+                          [f.vector, pairs, pairs])
+        for m in range(k.mr):
+            a_at = f.get(a_ptr[m], f"a{m}_at")
+            pair = b.load(b.bitcast(a_at, I32.as_pointer()), align=2, name=f"a{m}.pair")
+            a = f.splat_int32(pair, name=f"a{m}")
+            for j in range(k.nv):
+                f.set(acc[m][j], b.call(dot, [f.get(acc[m][j]), a, weights[j]],
+                                        name=f"acc{m}_{j}"))
+            f.set(a_ptr[m], f.element(a_at, PAIR))
 
     # -- one tile: epilogue and store -------------------------------------------------------
     def store_tile(self, acc, c, rows) -> None:
@@ -263,13 +348,17 @@ class _Emitter:
                 return f.element(self.ptr[t], b.add(self.offsets[t][m], c, name=f"{t}.at{m}"),
                                  name=f"{t}.row{m}")
             outputs, values = [], acc[m]
-            for chain in k.chains:
+            for chain, out in zip(k.chains, k.outputs):
                 values = [epilogue.apply_chain(
                     f, chain, values[j],
                     lambda o: (channel[o.role][j] if o.kind == epilogue.CHANNEL
                                else load(pixel(o.role), j, o.role)),
                     self.v, f".m{m}_{j}") for j in range(k.nv)]
                 outputs.append(values)
+                # what the next chain and the sums are made of: the output as stored
+                values = [f.as_stored(value, self.ptr[out]) for value in values]
+                if out == "out":
+                    stored_first = values
             valid = b.icmp_signed("<", f.i64(m), rows, name=f"row{m}_valid")
             with b.if_then(valid):
                 for out, vectors in zip(k.outputs, outputs):
@@ -277,7 +366,7 @@ class _Emitter:
                         store_vector(f, vectors[j], f.element(pixel(out), j * k.lanes),
                                      masks[j])
             if k.sums:
-                self.add_row_sums(sums, outputs[0], m, valid, against, pixel, load)
+                self.add_row_sums(sums, stored_first, m, valid, against, pixel, load)
         if k.sums:
             b.comment("the tile's two channel sums, into float64 slots")
             for row, vectors in enumerate(sums):

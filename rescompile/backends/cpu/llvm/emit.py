@@ -3,6 +3,13 @@ loops, variables kept in entry-block slots (LLVM's mem2reg turns them into regis
 of the target's width, masked loads and stores for partial vectors.
 
 Every kernel takes its sizes as run-time values: nothing here bakes a shape into the code.
+
+Element types: a kernel computes in its dtype (float32 or float64) and each pointer has the
+type its tensor is stored in (`MEMORY_TYPES`). bfloat16 is stored as i16 (llvmlite has no
+bfloat type) and computed in float32: every load through a bfloat16 pointer widens (the 16
+bits are a float32's high half: a shift), every store narrows to the nearest bfloat16, ties to
+even (`narrow`: integer arithmetic, the same bits on every instruction set, NaN kept a NaN).
+So a kernel reads and writes any mix of stored types with the same code.
 """
 
 from __future__ import annotations
@@ -13,20 +20,45 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 
 I1 = ir.IntType(1)
+I16 = ir.IntType(16)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 VOID = ir.VoidType()
-FLOAT_TYPES = {"float32": ir.FloatType(), "float64": ir.DoubleType()}
-_SUFFIX = {"float32": "f32", "float64": "f64"}
+FLOAT_TYPES = {"float32": ir.FloatType(), "float64": ir.DoubleType()}  # compute types
+MEMORY_TYPES = {**FLOAT_TYPES, "bfloat16": I16}  # stored types, as they sit in memory
+BF16 = "bfloat16"
+
+
+def _suffix(typ: ir.Type) -> str:
+    """An intrinsic's name part for a scalar type: f32, f64, i16, ..."""
+    if isinstance(typ, ir.FloatType):
+        return "f32"
+    if isinstance(typ, ir.DoubleType):
+        return "f64"
+    return f"i{typ.width}"
 
 
 class Vectors:
-    """Base of the kernel signatures (frozen dataclasses with `dtype` and `target` fields):
-    how many elements one vector register holds."""
+    """Base of the kernel signatures (frozen dataclasses with `dtype` and `target` fields,
+    and `storage`): how many elements one vector register holds, and the element type of each
+    pointer role (`storage`: (role, type) where a role's tensor is stored in another type
+    than the kernel's dtype, its compute type)."""
+    storage: tuple[tuple[str, str], ...] = ()
 
     @property
     def lanes(self) -> int:
         return self.target.lanes(self.dtype)
+
+    def element(self, role: str) -> str:
+        return dict(self.storage).get(role, self.dtype)
+
+    def storage_tag(self) -> str:
+        """A symbol's part for the stored types, one letter per pointer (b bfloat16, f
+        float32, d float64); empty when every tensor is of the compute type."""
+        if not self.storage:
+            return ""
+        letters = {"bfloat16": "b", "float32": "f", "float64": "d"}
+        return "_io" + "".join(letters[p.dtype] for p in self.signature.pointers)
 
 
 class Tiled(Vectors):
@@ -54,6 +86,20 @@ class Function:
         self._entry = self.fn.append_basic_block("entry")
         self._body = self.fn.append_basic_block("start")
         self.b = ir.IRBuilder(self._body)
+
+    def require(self, features: str) -> None:
+        """Give this function its own target features (an LLVM "target-features" attribute):
+        a kernel using instructions beyond the code generator's CPU (vdpbf16ps, AMX) is then
+        compiled for them, never aborting code generation (NUMBA-NOTES)."""
+        # llvmlite's attribute set lists only keyword attributes; a string one is added as is
+        set.add(self.fn.attributes, f'"target-features"="{features}"')
+
+    def intrinsic(self, name: str, ret, params):
+        """The declaration of the LLVM intrinsic `name` (declared once per module)."""
+        existing = self.module.globals.get(name)
+        if existing is not None:
+            return existing
+        return ir.Function(self.module, ir.FunctionType(ret, params), name)
 
     def finish(self) -> None:
         """Close the function: the entry block (slots only) falls through to the body."""
@@ -120,21 +166,89 @@ class Function:
 
     # -- memory ---------------------------------------------------------------------------
     def element(self, ptr, offset, name: str = ""):
-        """Address of element `offset` of a `dtype` pointer (named after the pointer)."""
+        """Address of element `offset` of a pointer (named after the pointer)."""
         return self.b.gep(ptr, [self._as_i64(offset)], name=name or f"{ptr.name or 'ptr'}+")
 
     def vptr(self, ptr):
-        return self.b.bitcast(ptr, self.vector.as_pointer(), name=f"{ptr.name or 'at'}.vector")
+        """`ptr` as a pointer to a vector of its elements."""
+        vec = ir.VectorType(ptr.type.pointee, self.lanes)
+        return self.b.bitcast(ptr, vec.as_pointer(), name=f"{ptr.name or 'at'}.vector")
 
     def vload(self, ptr, align: int | None = None, name: str = ""):
-        return self.b.load(self.vptr(ptr), align=align or self.scalar_bytes, name=name)
+        """A vector of the compute type from `lanes` elements at `ptr` (widened if stored
+        narrower)."""
+        raw = self.b.load(self.vptr(ptr), align=align or self.bytes_of(ptr),
+                          name=f"{name}.stored" if self.narrow_at(ptr) and name else name)
+        return self.widen(raw, name) if self.narrow_at(ptr) else raw
 
     def vstore(self, value, ptr, align: int | None = None) -> None:
-        self.b.store(value, self.vptr(ptr), align=align or self.scalar_bytes)
+        """Store a vector of the compute type as `ptr`'s elements (narrowed, rounded to
+        nearest even, if stored narrower)."""
+        if self.narrow_at(ptr):
+            value = self.narrow(value)
+        self.b.store(value, self.vptr(ptr), align=align or self.bytes_of(ptr))
+
+    def load_scalar(self, ptr, name: str = ""):
+        """One element at `ptr` as a scalar of the compute type."""
+        raw = self.b.load(ptr, name=f"{name}.stored" if self.narrow_at(ptr) and name else name)
+        if not self.narrow_at(ptr):
+            return raw
+        wide = self.b.shl(self.b.zext(raw, I32), ir.Constant(I32, 16))
+        return self.b.bitcast(wide, self.scalar, name=name)
+
+    def splat_element(self, ptr, name: str = ""):
+        """The element at `ptr` in every lane (for a bfloat16 element: the 16 bits broadcast to
+        every half of the vector, the low halves cleared, so no scalar widening)."""
+        if not self.narrow_at(ptr):
+            return self.splat(self.b.load(ptr, name=f"{name}.scalar"), name=name)
+        halves = ir.VectorType(I16, 2 * self.lanes)
+        both = self._splat(self.b.load(ptr, name=f"{name}.stored"), halves, f"{name}.halves")
+        words = self.b.bitcast(both, ir.VectorType(I32, self.lanes))
+        high = self.b.and_(words, ir.Constant(words.type, [0xFFFF0000 - (1 << 32)]
+                                              * self.lanes))
+        return self.b.bitcast(high, self.vector, name=name)
+
+    @staticmethod
+    def narrow_at(ptr) -> bool:
+        """Whether `ptr` points at bfloat16 (i16) elements."""
+        return ptr.type.pointee == I16
+
+    @staticmethod
+    def bytes_of(ptr) -> int:
+        pointee = ptr.type.pointee
+        return 8 if isinstance(pointee, ir.DoubleType) else 4 if isinstance(
+            pointee, ir.FloatType) else pointee.width // 8
 
     @property
     def scalar_bytes(self) -> int:
         return 4 if self.dtype == "float32" else 8
+
+    # -- bfloat16 -------------------------------------------------------------------------
+    def widen(self, raw, name: str = ""):
+        """A vector of bfloat16 bits (i16) as float32: the bits are its high half."""
+        words = self.b.zext(raw, ir.VectorType(I32, raw.type.count))
+        wide = self.b.shl(words, ir.Constant(words.type, [16] * raw.type.count))
+        return self.b.bitcast(wide, ir.VectorType(ir.FloatType(), raw.type.count), name=name)
+
+    def narrow(self, value):
+        """A float32 vector as the nearest bfloat16 bits (ties to even), a NaN as a quiet NaN
+        of its sign: what ml_dtypes' (and so the reference backend's) rounding gives."""
+        b, n = self.b, value.type.count
+        words = ir.VectorType(I32, n)
+
+        def const(c):
+            return ir.Constant(words, [c] * n)
+        bits = b.bitcast(value, words, name="bits")
+        odd = b.and_(b.lshr(bits, const(16)), const(1), name="odd")
+        rounded = b.lshr(b.add(bits, b.add(odd, const(0x7FFF))), const(16), name="rounded")
+        quiet = b.or_(b.lshr(bits, const(16)), const(0x40), name="quiet_nan")
+        nan = b.fcmp_unordered("uno", value, value, name="nan")
+        return b.trunc(b.select(nan, quiet, rounded), ir.VectorType(I16, n), name="bf16")
+
+    def as_stored(self, value, ptr):
+        """`value` as it reads back after a store through `ptr` (rounded to bfloat16 there,
+        unchanged elsewhere): what the rest of a kernel uses of an output it stores."""
+        return self.widen(self.narrow(value)) if self.narrow_at(ptr) else value
 
     def mask(self, first_lane: int, width):
         """Lanes first_lane.. of one vector that lie below `width` (a run-time count)."""
@@ -153,16 +267,22 @@ class Function:
         vec = ir.VectorType(I64, self.lanes)
         return self._splat(value, vec, name)
 
+    def splat_int32(self, value, name: str = ""):
+        return self._splat(value, ir.VectorType(I32, self.lanes), name)
+
     def masked_load(self, ptr, mask, name: str = ""):
-        fn = self._intrinsic("masked.load", self.vector,
-                             [self.vector.as_pointer(), I32, mask.type, self.vector])
-        return self.b.call(fn, [self.vptr(ptr), ir.Constant(I32, self.scalar_bytes), mask,
-                                self.vconst(0.0)], name=name)
+        vec = ir.VectorType(ptr.type.pointee, self.lanes)
+        fn = self._intrinsic("masked.load", vec, [vec.as_pointer(), I32, mask.type, vec])
+        raw = self.b.call(fn, [self.vptr(ptr), ir.Constant(I32, self.bytes_of(ptr)), mask,
+                               ir.Constant(vec, None)], name=name)
+        return self.widen(raw, name) if self.narrow_at(ptr) else raw
 
     def masked_store(self, value, ptr, mask) -> None:
+        if self.narrow_at(ptr):
+            value = self.narrow(value)
         fn = self._intrinsic("masked.store", VOID,
-                             [self.vector, self.vector.as_pointer(), I32, mask.type])
-        self.b.call(fn, [value, self.vptr(ptr), ir.Constant(I32, self.scalar_bytes), mask])
+                             [value.type, value.type.as_pointer(), I32, mask.type])
+        self.b.call(fn, [value, self.vptr(ptr), ir.Constant(I32, self.bytes_of(ptr)), mask])
 
     # -- arithmetic -----------------------------------------------------------------------
     def splat(self, value, name: str = ""):
@@ -191,15 +311,11 @@ class Function:
 
     def _intrinsic(self, name: str, ret, params):
         vec = next((t for t in [ret] + params if isinstance(t, ir.VectorType)), ret)
-        suffix = (f"v{vec.count}{_SUFFIX[self.dtype]}" if isinstance(vec, ir.VectorType)
-                  else _SUFFIX[self.dtype])
+        suffix = (f"v{vec.count}{_suffix(vec.element)}" if isinstance(vec, ir.VectorType)
+                  else _suffix(vec))
         if name.startswith("masked."):
             suffix += ".p0"
-        full = f"llvm.{name}.{suffix}"
-        existing = self.module.globals.get(full)
-        if existing is not None:
-            return existing
-        return ir.Function(self.module, ir.FunctionType(ret, params), full)
+        return self.intrinsic(f"llvm.{name}.{suffix}", ret, params)
 
     def from_bits(self, bits, name: str = ""):
         """A float64 stored in an i64 word, as a scalar of the kernel's dtype."""

@@ -115,9 +115,10 @@ class Chain:
     def pixel_roles(self) -> list[str]:
         return [o.role for o in self.operands if o.kind == PIXEL]
 
-    def signature(self, dtype: str) -> abi.Signature:
-        """Its operands' pointers, the strides of its pixel operands and its scalars."""
-        return (abi.pointers(dtype, *[o.role for o in self.operands])
+    def signature(self, kernel) -> abi.Signature:
+        """Its operands' pointers (of the types `kernel` stores them in), the strides of its
+        pixel operands and its scalars."""
+        return (abi.stored(kernel, *[o.role for o in self.operands])
                 + abi.strides(*self.pixel_roles)
                 + abi.scalars(*[scalar_field(i, s) for i, op in self.numbered()
                                 for s in rule(op).scalars]))

@@ -7,7 +7,7 @@ are written for clarity, not registers.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from llvmlite import ir
@@ -30,6 +30,7 @@ class PixelKernel(Vectors):
     `body(f, fields, pointers)`."""
     dtype: str
     target: Target
+    storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
     kind: ClassVar[str] = ""
     sizes: ClassVar[tuple[str, ...]] = ()
     reads: ClassVar[tuple[str, ...]] = ()
@@ -37,13 +38,12 @@ class PixelKernel(Vectors):
 
     @property
     def symbol(self) -> str:
-        return f"{self.kind}_{self.dtype}_{self.target.isa}"
+        return f"{self.kind}_{self.dtype}_{self.target.isa}{self.storage_tag()}"
 
     @property
     def signature(self) -> abi.Signature:
         return (abi.sizes(*self.sizes) + abi.strides(*self.reads, *self.writes)
-                + abi.pointers(self.dtype, *self.reads)
-                + abi.pointers(self.dtype, *self.writes, written=True))
+                + abi.stored(self, *self.reads) + abi.stored(self, *self.writes, written=True))
 
     def ir(self) -> str:
         module = new_module(self.symbol)
@@ -63,15 +63,15 @@ class EltwiseKernel(epilogue.Chained, PixelKernel):
 
     @property
     def symbol(self) -> str:
-        return f"eltwise_{self.dtype}_{self.target.isa}_{self.chain_name('copy')}"
+        return (f"eltwise_{self.dtype}_{self.target.isa}_{self.chain_name('copy')}"
+                f"{self.storage_tag()}")
 
     @property
     def signature(self) -> abi.Signature:
         signature = (abi.sizes("oh", "ow") + abi.strides("x", *self.outputs)
-                     + abi.pointers(self.dtype, "x")
-                     + abi.pointers(self.dtype, *self.outputs, written=True))
+                     + abi.stored(self, "x") + abi.stored(self, *self.outputs, written=True))
         for chain in self.chains:
-            signature += chain.signature(self.dtype)
+            signature += chain.signature(self)
         return signature
 
     def body(self, f: Function, v, ptr) -> None:
@@ -93,6 +93,7 @@ class EltwiseKernel(epilogue.Chained, PixelKernel):
                 for chain, out in zip(self.chains, self.outputs):
                     value = epilogue.apply_chain(f, chain, value, operand, v)
                     store_vector(f, value, element(out, c), mask)
+                    value = f.as_stored(value, ptr[out])  # what out2 is made of
             channel_vectors(f, vector)
             walk.advance()
 

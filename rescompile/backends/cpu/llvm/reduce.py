@@ -104,7 +104,8 @@ class ChannelSums(PixelKernel):
 
     @property
     def symbol(self) -> str:
-        return f"sums_{sum_kind(self.op).short}_{self.dtype}_{self.target.isa}"
+        return (f"sums_{sum_kind(self.op).short}_{self.dtype}_{self.target.isa}"
+                f"{self.storage_tag()}")
 
     @property
     def summed(self) -> str:
@@ -115,7 +116,7 @@ class ChannelSums(PixelKernel):
         tensors = list(dict.fromkeys([self.summed, "x"]))
         return (abi.sizes("oh", "ow") + abi.strides(*tensors)
                 + abi.scalars(*sum_kind(self.op).scalars) + abi.sizes("chunk", "width")
-                + abi.pointers(self.dtype, *get(self.op).inputs)
+                + abi.stored(self, *get(self.op).inputs)
                 + abi.pointers("float64", "partial", written=True))
 
     def body(self, f: Function, v, ptr) -> None:
@@ -211,15 +212,15 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
     @property
     def symbol(self) -> str:
         steps = "".join(f"_{op}" for op in self.epilogue)
-        return f"bngrad_{'relu_' if self.relu else ''}{self.dtype}_{self.target.isa}{steps}"
+        return (f"bngrad_{'relu_' if self.relu else ''}{self.dtype}_{self.target.isa}{steps}"
+                f"{self.storage_tag()}")
 
     @property
     def signature(self) -> abi.Signature:
         scalars = ("epsilon", "alpha") if self.relu else ("epsilon",)
         return (abi.sizes("oh", "ow", "images") + abi.strides("dy", "x", "out")
-                + abi.scalars(*scalars) + abi.pointers(self.dtype, *get(self.op).inputs)
-                + abi.pointers(self.dtype, "out", written=True)
-                + self.chains[0].signature(self.dtype))
+                + abi.scalars(*scalars) + abi.stored(self, *get(self.op).inputs)
+                + abi.stored(self, "out", written=True) + self.chains[0].signature(self))
 
     def body(self, f: Function, v, ptr) -> None:
         b, m = f.b, VectorArithmetic(f)

@@ -22,7 +22,7 @@ adds masked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..target import Target
 from ..tuning import WGRAD_BLOCK as BLOCK, conv_tile
@@ -38,6 +38,7 @@ class WgradKernel(Tiled):
     target: Target
     mr: int = 0
     nv: int = 0
+    storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
 
     def __post_init__(self):
         mr, nv = conv_tile(self.target, self.dtype)
@@ -46,12 +47,12 @@ class WgradKernel(Tiled):
 
     @property
     def symbol(self) -> str:
-        return f"wgrad_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}"
+        return f"wgrad_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}{self.storage_tag()}"
 
     @property
     def signature(self) -> abi.Signature:
         return (abi.sizes("cin", "kh", "kw", "stride", "oh", "ow") + abi.strides("x", "dy")
-                + abi.sizes("chunk", "width") + abi.pointers(self.dtype, "x", "dy")
+                + abi.sizes("chunk", "width") + abi.stored(self, "x", "dy")
                 + abi.pointers("float64", "partial", written=True))
 
     def ir(self) -> str:
@@ -144,14 +145,14 @@ class _Emitter:
                                                               v["x.row"])),
                                                   b.mul(ow, self.pixel_step)))
             dy_at = f.element(self.ptr["dy"], b.add(offset(f, v, "dy", n, oh, ow), c))
-            x_ptr = f.slot(f.scalar.as_pointer(), "x_at", x_at)
-            dy_ptr = f.slot(f.scalar.as_pointer(), "dy_at", dy_at)
+            x_ptr = f.slot(x_at.type, "x_at", x_at)
+            dy_ptr = f.slot(dy_at.type, "dy_at", dy_at)
             with f.loop(0, run, 1, "q"):
                 here, grads = f.get(x_ptr), f.get(dy_ptr)
                 dy = [load_vector(f, f.element(grads, j * k.lanes),
                                   None if masks is None else masks[j]) for j in range(k.nv)]
                 for m in range(k.mr):
-                    a = f.splat(b.load(f.element(here, offsets[m])))
+                    a = f.splat_element(f.element(here, offsets[m]), name=f"x{m}")
                     for j in range(k.nv):
                         f.set(acc[m][j], f.fma(a, dy[j], f.get(acc[m][j])))
                 f.set(x_ptr, f.element(here, self.pixel_step))
