@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from ...ops.registry import get
 from ...padding import window_out
 from ...precision import BFLOAT16
+from .llvm.amx import AmxConvKernel
 from .llvm.conv import ConvKernel
 from .llvm.epilogue import chain_of
 from .llvm.pixelwise import EltwiseKernel
@@ -96,9 +97,9 @@ def conv_step(node, types: TensorTypes, target: Target, x: str, weights: Use,
     oh, ow = geometry.out_hw
     dot = conv_dot(types, target, x, cin)
     mr, nv = AMX_TILE if dot == "amx" else conv_tile(target, types.compute, geometry.cout)
-    kernel = ConvKernel(types.compute, target, chain_of(epi),
-                        None if out2 is None else chain_of(out2), mr, nv,
-                        sums=sums and sums.op, dot=dot)
+    kernel = (AmxConvKernel if dot == "amx" else ConvKernel)(
+        types.compute, target, chain_of(epi), None if out2 is None else chain_of(out2), mr, nv,
+        sums=sums and sums.op, dot=dot)
     uses, tensors = output_uses(kernel, outputs)
     uses.update(x=Use(x, "window", geometry.pads[::2]),
                 w=Use(weights.value, "packed", nr=kernel.nr, transform=weights.transform,

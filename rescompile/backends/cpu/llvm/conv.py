@@ -69,6 +69,7 @@ The products of bfloat16 pairs are exact in float32, so every dot product is its
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from llvmlite import ir
 
@@ -81,7 +82,6 @@ from .reduce import sum_kind, sum_operands, sum_terms
 from .slots import add_f64, statistics_slot
 
 GEOMETRY = abi.sizes("cin", "kh", "kw", "stride", "oh", "ow", "panels_outer")
-DOTS = ("fma", "dpbf16", "amx")
 PAIR = 2  # input channels per vdpbf16ps (and per AMX tile element pair)
 
 
@@ -97,10 +97,12 @@ class ConvKernel(epilogue.Chained, Tiled):
     sums: str | None = None  # an op of reduce.SUMS
     storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
     dot: str = field(default="fma", kw_only=True)  # one of DOTS
+    DOTS: ClassVar[tuple[str, ...]] = ("fma", "dpbf16")  # amx: amx.AmxConvKernel
 
     def __post_init__(self):
-        if self.dot not in DOTS:
-            raise ValueError(f"conv kernel: dot must be one of {DOTS}, got {self.dot!r}")
+        if self.dot not in self.DOTS:
+            raise ValueError(f"{type(self).__name__}: dot must be one of {self.DOTS}, got "
+                             f"{self.dot!r}")
         mr, nv = conv_tile(self.target, self.dtype)
         object.__setattr__(self, "mr", self.mr or mr)
         object.__setattr__(self, "nv", self.nv or nv)
@@ -161,25 +163,26 @@ class ConvKernel(epilogue.Chained, Tiled):
                           + abi.pointers("float64", "sums", written=True))
         return signature
 
+    @property
+    def extension(self) -> str | None:
+        """The target extension the k loop's instructions need."""
+        return "avx512_bf16" if self.dot == "dpbf16" else None
+
     def check_types(self) -> None:
-        """dpbf16 and amx multiply bfloat16 pairs: both operands must be bfloat16, and the
-        target must have the instructions' extension."""
-        if self.dot == "fma":
+        """A k loop on bfloat16 pairs needs bfloat16 inputs and weights, and a target with the
+        instructions' extension."""
+        if self.extension is None:
             return
         if (self.input_type, self.weight_type) != (BF16, BF16):
             raise ValueError(f"{self.symbol}: {self.dot} needs bfloat16 inputs and weights")
-        needs = {"dpbf16": "avx512_bf16", "amx": "amx_bf16"}[self.dot]
-        if not self.target.has(needs):
-            raise ValueError(f"{self.symbol}: {self.dot} needs a target with {needs}")
+        if not self.target.has(self.extension):
+            raise ValueError(f"{self.symbol}: {self.dot} needs a target with "
+                             f"{self.extension}")
 
     def ir(self) -> str:
         self.check_types()
         module = new_module(self.symbol)
-        if self.dot == "amx":
-            from .amx import AmxEmitter
-            AmxEmitter(self, module).emit()
-        else:
-            _Emitter(self, module).emit()
+        _Emitter(self, module).emit()
         return str(module)
 
 
@@ -189,7 +192,7 @@ class _Emitter:
         self.f = abi.new_function(module, kernel.symbol, kernel.dtype, kernel.lanes,
                                   kernel.target.fma)
         if kernel.dot == "dpbf16":
-            self.f.require(kernel.target.features_for("avx512_bf16"))
+            self.f.require(kernel.target.features_for(kernel.extension))
         self.b = self.f.b
 
     # -- arguments ----------------------------------------------------------------------
@@ -208,7 +211,11 @@ class _Emitter:
                                              v["sums.width"], 2)
             self.sum_scalars = {n: v[f"sums.{n}"] for n in sum_kind(k.sums).scalars}
         self.tiles()
+        self.finish_tiles()
         f.finish()
+
+    def finish_tiles(self) -> None:
+        """After the last tile (the AMX kernel releases its tile registers here)."""
 
     # -- the tile loop --------------------------------------------------------------------
     def tiles(self) -> None:

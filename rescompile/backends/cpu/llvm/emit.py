@@ -202,7 +202,7 @@ class Function:
         if not self.narrow_at(ptr):
             return self.splat(self.b.load(ptr, name=f"{name}.scalar"), name=name)
         halves = ir.VectorType(I16, 2 * self.lanes)
-        both = self._splat(self.b.load(ptr, name=f"{name}.stored"), halves, f"{name}.halves")
+        both = self.splat_as(self.b.load(ptr, name=f"{name}.stored"), halves, f"{name}.halves")
         words = self.b.bitcast(both, ir.VectorType(I32, self.lanes))
         high = self.b.and_(words, ir.Constant(words.type, [0xFFFF0000 - (1 << 32)]
                                               * self.lanes))
@@ -265,10 +265,10 @@ class Function:
 
     def splat_int(self, value, name: str = ""):
         vec = ir.VectorType(I64, self.lanes)
-        return self._splat(value, vec, name)
+        return self.splat_as(value, vec, name)
 
     def splat_int32(self, value, name: str = ""):
-        return self._splat(value, ir.VectorType(I32, self.lanes), name)
+        return self.splat_as(value, ir.VectorType(I32, self.lanes), name)
 
     def masked_load(self, ptr, mask, name: str = ""):
         vec = ir.VectorType(ptr.type.pointee, self.lanes)
@@ -286,9 +286,9 @@ class Function:
 
     # -- arithmetic -----------------------------------------------------------------------
     def splat(self, value, name: str = ""):
-        return self._splat(value, self.vector, name)
+        return self.splat_as(value, self.vector, name)
 
-    def _splat(self, value, vec, name: str = ""):
+    def splat_as(self, value, vec, name: str = ""):
         """`value` in every lane (`name` for the vector, `name.lane0` for the step before)."""
         name = name or f"{value.name or 'value'}.splat"
         one = self.b.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(I32, 0),

@@ -132,13 +132,15 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def address(kernel, cache_dir=None) -> int:
-    """The address of the kernel's function (compiled, or loaded, once per process)."""
+def address(kernel, cache_dir=None, check_host: bool = True) -> int:
+    """The address of the kernel's function (compiled, or loaded, once per process); refused
+    for a target the host cannot run, unless `check_host` is False (the AMX smoke run, which
+    finds out in a process of its own)."""
     key = cache_key(kernel)
     with _lock:
         if key not in _engines:
             target = kernel.target
-            if not target.runs_here():
+            if check_host and not target.runs_here():
                 raise ValueError(f"kernels for {target.isa} cannot run on this CPU")
             engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target.machine())
             engine.add_object_file(llvm.ObjectFileRef.from_data(cached_object(kernel,

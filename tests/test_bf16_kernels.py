@@ -1,0 +1,334 @@
+"""The CPU micro-kernels with bfloat16 tensors, against the bfloat16 reference: NumPy in
+float64 on the bfloat16 values, rounded to bfloat16 where the kernel stores (its outputs, and
+the first output before out2 and the sums are made of it).
+
+Every variant this CPU runs: float32 FMAs on bfloat16 storage for AVX-512 (without its
+extensions), AVX2 and the portable SSE2 set; vdpbf16ps where the host has AVX512-BF16; and the
+AMX kernel with its tile instructions emulated in vector code (vdpbf16ps), which runs its
+staging, weight layout and epilogue here. The real AMX kernel is generated for a target that
+has AMX and its assembly checked; it never runs on a host without AMX.
+
+Tolerances, relative to the expected tensor's max: 1e-2 for a conv's outputs. A stored output
+is its float32 value rounded to bfloat16, off by at most half an ulp (2^-9 of itself), and the
+float32 sum it is rounded from differs from the float64 reference in its last bits, which can
+move a value across a rounding boundary: one ulp, 2^-8 = 3.9e-3. `out2` (and an epilogue step
+scaling by up to 2) doubles that: 7.8e-3. Sums and outputs of the compute type (float32) made
+of stored values are held to 1e-5, the float32 kernels' bound: they round nothing.
+"""
+
+import zlib
+
+import numpy as np
+import pytest
+
+from rescompile import ops
+from rescompile.backends.cpu.llvm import epilogue, jit
+from rescompile.backends.cpu.llvm.amx import AmxConvKernel
+from rescompile.backends.cpu.llvm.conv import ConvKernel
+from rescompile.backends.cpu.llvm.pixelwise import EltwiseKernel, MeanGradKernel, MeanKernel
+from rescompile.backends.cpu.llvm.reduce import BatchNormGradApply, ChannelSums, SlotSum
+from rescompile.backends.cpu.llvm.wgrad import WgradKernel
+from rescompile.backends.cpu.target import generic_target, host_target, target_for
+from rescompile.backends.cpu.tuning import AMX_TILE, conv_tile
+from rescompile.backends.cpu.weights import pack_weights
+from rescompile.precision import numpy_dtype, round_bf16
+from microkernels import call, close, conv_reference, epilogue_reference, padded, strides
+from test_cpu_microkernels import CONV_CASES, _operands
+
+BF16 = "bfloat16"
+TOL = 1e-2  # a conv's bfloat16 outputs (see above)
+F32_TOL = 1e-5  # what is not rounded to bfloat16
+HOST = host_target()
+HAS_BF16 = HOST.has("avx512_bf16")
+needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="the host has no AVX512-BF16")
+
+
+def _fma_targets():
+    """FMA variants this host runs: its vector ISA without extensions, and narrower ones."""
+    targets = [target_for(HOST.isa)]
+    for isa in ("avx2", "portable"):
+        target = generic_target(isa)
+        if isa != HOST.isa and target.runs_here():
+            targets.append(target)
+    return targets
+
+
+# (name, kernel class, target, dot, extra keywords): every conv variant this host runs
+VARIANTS = [(f"fma-{t.isa}", ConvKernel, t, "fma", {}) for t in _fma_targets()]
+if HAS_BF16:
+    VARIANTS += [("dpbf16", ConvKernel, HOST, "dpbf16", {}),
+                 ("amx-emulated", AmxConvKernel, HOST, "amx", {"emulated": True})]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bf16-objects")
+
+
+def bf16(array) -> np.ndarray:
+    return np.asarray(array, np.float32).astype(numpy_dtype(BF16))
+
+
+def stored(array) -> np.ndarray:
+    """float64 values as a bfloat16 store leaves them."""
+    return round_bf16(np.asarray(array, np.float32)).astype(np.float64)
+
+
+def _conv_kernel(variant, steps, out2, cout, sums=None):
+    _, cls, target, dot, extra = variant
+    """The conv kernel of a variant with every per-pixel tensor bfloat16 (as the lowering
+    types a bfloat16 model's), per-channel operands float32."""
+    _, cls, target, dot, extra = variant
+    tile = AMX_TILE if dot == "amx" else conv_tile(target, "float32", cout)
+    kernel = cls("float32", target, steps, out2, *tile, sums=sums, dot=dot, **extra)
+    pixels = {"x", "w", *kernel.outputs, *kernel.sum_against}
+    pixels |= {o.role for chain in kernel.chains for o in chain.operands
+               if o.kind == epilogue.PIXEL}
+    roles = {p.role for p in kernel.signature.pointers}
+    return cls("float32", target, steps, out2, *tile, sums=sums, dot=dot,
+               storage=tuple(sorted((r, BF16) for r in pixels & roles)), **extra)
+
+
+def _layout(kernel) -> str:
+    return {"fma": "", "dpbf16": "vnni2", "amx": "amx"}[kernel.dot]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"k{c[5]}s{c[6]}c{c[4]}")
+def test_conv_kernel_against_the_bf16_reference(case, variant, cache_dir):
+    """Odd sizes (pixels, channels, depth), strides 1 and 2, 1x1 to 7x7, every epilogue step,
+    out2: the kernel against float64 on the bfloat16 inputs and weights, rounded where it
+    stores. An odd input channel count takes FMAs in the lowering; the pair kernels still
+    compute it here when the depth of a window row is even."""
+    n, h, w, cin, cout, k, stride, pads, steps, out2 = case
+    kernel = _conv_kernel(variant, steps, out2, cout)
+    if kernel.dot == "dpbf16" and (k * cin) % 2:
+        pytest.skip("vdpbf16ps needs pairs of inputs in each window row (lowering: FMAs)")
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    x = stored(rng.standard_normal((n, h, w, cin)))
+    weights = stored(rng.standard_normal((k, k, cin, cout)))
+    y = conv_reference(x, weights, stride, pads)
+    operands, scalars = _operands(rng, tuple(steps) + tuple(out2 or ()), 0, y.shape,
+                                  np.float32)
+    operands = {r: bf16(a) if a.ndim == 4 else a for r, a in operands.items()}
+    as64 = {r: a.astype(np.float64) for r, a in operands.items()}
+    expected = stored(epilogue_reference(steps, 0, y, as64, scalars))
+    expected2 = epilogue_reference(out2 or (), len(steps), expected, as64, scalars)
+    xp = bf16(padded(x, pads))
+    out = bf16(np.full(y.shape, np.nan))
+    out2_array = bf16(np.full(y.shape, np.nan))
+    fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=y.shape[1], ow=y.shape[2],
+                  panels_outer=0, **strides("x", xp), **strides("out", out),
+                  **strides("out2", out2_array), **scalars)
+    for name, array in operands.items():
+        if array.ndim == 4:
+            fields.update(strides(name, array))
+    packed = pack_weights(weights, kernel.nr, None, BF16, _layout(kernel))
+    pointers = dict(x=xp, w=packed, out=out, out2=out2_array, **operands)
+    call(kernel, fields, pointers, (0, n * y.shape[1] * y.shape[2]), (0, cout), cache_dir)
+    assert close(out.astype(np.float32), expected) < TOL
+    if out2 is not None:
+        assert close(out2_array.astype(np.float32), expected2) < TOL
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
+def test_conv_statistics_are_of_the_stored_output(variant, cache_dir):
+    """A conv's batch statistics are the moments of its output as stored (as the reference's
+    batch_moments reads the stored tensor), summed in float32 and float64: 1e-5."""
+    kernel = _conv_kernel(variant, ("add",), None, 20, sums="batch_moments")
+    rng = np.random.default_rng(10)
+    x = stored(rng.standard_normal((3, 6, 7, 6)))
+    weights = stored(rng.standard_normal((3, 3, 6, 20)))
+    residual = bf16(rng.standard_normal((3, 6, 7, 20)) + 2.0)
+    out = bf16(np.zeros((3, 6, 7, 20)))
+    chunk, pixels = 64, 3 * 42
+    slots = -(-pixels // chunk)
+    partial = np.full(slots * 2 * 20, np.nan)
+    xp = bf16(padded(x, (1, 1, 1, 1)))
+    fields = dict(cin=6, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0, **strides("x", xp),
+                  **strides("out", out), **strides("e0.other", residual),
+                  **{"sums.chunk": chunk, "sums.width": 20})
+    pointers = {"x": xp, "w": pack_weights(weights, kernel.nr, None, BF16, _layout(kernel)),
+                "out": out, "e0.other": residual, "sums": partial}
+    for start in range(0, pixels, chunk):
+        call(kernel, fields, pointers, (start, min(pixels, start + chunk)), (0, 20), cache_dir)
+    y = conv_reference(x, weights, 1, (1, 1, 1, 1)) + residual.astype(np.float64)
+    assert close(out.astype(np.float32), y) < TOL
+    combine = SlotSum("float32", HOST, 2, "moments")
+    mean, var = np.empty(20, np.float32), np.empty(20, np.float32)
+    call(combine, dict(slots=slots, width=20, images=3, pixels=42),
+         {"partial": partial, "out0": mean, "out1": var}, (0, 1), (0, 20), cache_dir)
+    ref_mean, ref_var = ops.get("batch_moments").run_reference({}, out.astype(np.float64))
+    assert close(mean, ref_mean) < F32_TOL and close(var, ref_var) < F32_TOL
+
+
+ELTWISE = [(("affine", "relu"), ("add",)), (("relu_grad", "add"), None),
+           (("batch_normalize",), None), (("bias_add", "add", "relu"), ("affine", "relu"))]
+
+
+@pytest.mark.parametrize("target", _fma_targets(), ids=lambda t: t.isa)
+@pytest.mark.parametrize("chain", ELTWISE, ids=lambda c: "_".join(c[0]))
+def test_eltwise_kernel(chain, target, cache_dir):
+    """bfloat16 in, out and pixel operands, per-channel operands float32; out2 is made of
+    out as stored."""
+    steps, out2 = chain
+    storage = {"x": BF16, "out": BF16, "out2": BF16}
+    rng = np.random.default_rng(6)
+    x = bf16(rng.standard_normal((3, 4, 5, 13)))
+    operands, scalars = _operands(rng, steps + (out2 or ()), 0, x.shape, np.float32)
+    operands = {r: bf16(a) if a.ndim == 4 else a for r, a in operands.items()}
+    storage.update({r: BF16 for r, a in operands.items() if a.ndim == 4})
+    kernel = EltwiseKernel("float32", target, steps, out2)
+    roles = {p.role for p in kernel.signature.pointers}
+    kernel = EltwiseKernel("float32", target, steps, out2,
+                           storage=tuple(sorted((r, t) for r, t in storage.items()
+                                                if r in roles)))
+    as64 = {r: a.astype(np.float64) for r, a in operands.items()}
+    expected = stored(epilogue_reference(steps, 0, x.astype(np.float64), as64, scalars))
+    expected2 = epilogue_reference(out2 or (), len(steps), expected, as64, scalars)
+    out, out2_array = bf16(np.zeros(x.shape)), bf16(np.zeros(x.shape))
+    fields = dict(oh=4, ow=5, **strides("x", x), **strides("out", out),
+                  **strides("out2", out2_array), **scalars)
+    for name, array in operands.items():
+        if array.ndim == 4:
+            fields.update(strides(name, array))
+    call(kernel, fields, dict(x=x, out=out, out2=out2_array, **operands), (0, 60), (0, 13),
+         cache_dir)
+    assert close(out.astype(np.float32), expected) < TOL
+    if out2 is not None:
+        assert close(out2_array.astype(np.float32), expected2) < TOL
+
+
+def test_rounding_is_to_nearest_even_as_ml_dtypes_rounds(cache_dir):
+    """A float32 -> bfloat16 copy rounds every value as the reference backend's ml_dtypes
+    does, bit for bit: ties to even both ways, carries into the exponent, the largest
+    finite values, overflow to infinity, denormals, signed zeros, infinities and NaN."""
+    bits = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F808001, 0x3FFF8000, 0x7F7F7FFF,
+                     0x7F7F8000, 0x7F7FFFFF, 0x00008000, 0x00018000, 0x00000001, 0x80000000,
+                     0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0xBF808000],
+                    np.uint32)
+    rng = np.random.default_rng(15)
+    values = np.concatenate([bits.view(np.float32),
+                             rng.standard_normal(46).astype(np.float32) * 1e3])
+    x = values.reshape(1, 1, 64, 1)
+    out = bf16(np.zeros(x.shape))
+    kernel = EltwiseKernel("float32", HOST, storage=(("out", BF16),))
+    call(kernel, dict(oh=1, ow=64, **strides("x", x), **strides("out", out)),
+         {"x": x, "out": out}, (0, 64), (0, 1), cache_dir)
+    expected = bf16(x)
+    nan = np.isnan(expected.astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(out.astype(np.float32)), nan)
+    np.testing.assert_array_equal(out.view(np.uint16)[~nan], expected.view(np.uint16)[~nan])
+
+
+def test_mean_and_its_gradient_cross_types(cache_dir):
+    """The global mean reads bfloat16 and writes float32 (the pooled features); its gradient
+    reads float32 and writes bfloat16."""
+    rng = np.random.default_rng(9)
+    x = bf16(rng.standard_normal((3, 5, 7, 19)))
+    out = np.empty((3, 19), np.float32)
+    call(MeanKernel("float32", HOST, storage=(("x", BF16),)),
+         dict(h=5, w=7, **strides("x", x), **strides("out", out)), {"x": x, "out": out},
+         (0, 3), (0, 19), cache_dir)
+    assert close(out, x.astype(np.float64).mean(axis=(1, 2))) < F32_TOL
+    dy = rng.standard_normal((3, 10)).astype(np.float32)
+    grad = bf16(np.zeros((3, 4, 5, 10)))
+    call(MeanGradKernel("float32", HOST, storage=(("out", BF16),)),
+         dict(oh=4, ow=5, **strides("dy", dy), **strides("out", grad)),
+         {"dy": dy, "out": grad}, (0, 60), (0, 10), cache_dir)
+    (expected,) = ops.get("global_avg_pool_grad").run_reference({"in_hw": (4, 5)}, dy)
+    assert close(grad.astype(np.float32), stored(expected)) < 1e-7
+
+
+@pytest.mark.parametrize("target", _fma_targets(), ids=lambda t: t.isa)
+def test_weight_gradient_reads_bf16_and_sums_in_float32(target, cache_dir):
+    """dW of bfloat16 x and dy, accumulated in float32 registers and float64 slots: the
+    exact products of bfloat16 values summed, so float32's bound holds (1e-5)."""
+    rng = np.random.default_rng(16)
+    n, h, w, cin, cout, k = 2, 7, 6, 5, 20, 3
+    xp = bf16(padded(rng.standard_normal((n, h, w, cin)), (1, 1, 1, 1)))
+    dy = bf16(rng.standard_normal((n, h, w, cout)))
+    kernel = WgradKernel("float32", target, storage=(("dy", BF16), ("x", BF16)))
+    pixels, chunk = n * h * w, 23
+    slots = -(-pixels // chunk)
+    partial = np.full(slots * k * k * cin * cout, np.nan)
+    fields = dict(cin=cin, kh=k, kw=k, stride=1, oh=h, ow=w, chunk=chunk, width=cout,
+                  **strides("x", xp), **strides("dy", dy))
+    for start in range(0, pixels, chunk):
+        call(kernel, fields, {"x": xp, "dy": dy, "partial": partial},
+             (start, min(pixels, start + chunk)), (0, cout), cache_dir)
+    dw = partial.reshape(slots, -1).sum(axis=0).reshape(k, k, cin, cout)
+    x64, dy64 = xp.astype(np.float64), dy.astype(np.float64)
+    expected = np.zeros((k, k, cin, cout))
+    for i in range(k):
+        for j in range(k):
+            expected[i, j] = np.einsum("nhwc,nhwo->co", x64[:, i:i + h, j:j + w], dy64)
+    assert close(dw, expected) < F32_TOL
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_batch_norm_gradient_kernels(relu, cache_dir):
+    """The sums and the apply of a batch-norm gradient on bfloat16 dy and x, per-channel
+    vectors float32: sums at float32's bound, dx rounded once where it is stored."""
+    rng = np.random.default_rng(11)
+    x, dr = bf16(rng.standard_normal((2, 5, 6, 11))), bf16(rng.standard_normal((2, 5, 6, 11)))
+    gamma = rng.uniform(0.5, 1.5, 11).astype(np.float32)
+    beta = rng.normal(0, 0.3, 11).astype(np.float32)
+    x32, dr32 = x.astype(np.float32), dr.astype(np.float32)
+    mean, var = x32.mean(axis=(0, 1, 2)), x32.var(axis=(0, 1, 2))
+    attrs = {"epsilon": 1e-3, "alpha": 0.1}
+    name = "batch_norm_relu_grad" if relu else "batch_norm_grad"
+    args = (dr32, x32, gamma, beta, mean, var) if relu else (dr32, x32, gamma, mean, var)
+    dx_ref, dgamma_ref, dbeta_ref = ops.get(name).run_reference(
+        attrs, *[a.astype(np.float64) for a in args])
+    pointers = {"dy": dr, "x": x, "gamma": gamma, "beta": beta, "mean": mean, "var": var}
+    fields = dict(oh=5, ow=6, epsilon=1e-3, alpha=0.1, chunk=16, width=11, images=2,
+                  **strides("dy", dr), **strides("x", x))
+    partial = np.full(4 * 2 * 11, np.nan)
+    sums = ChannelSums("float32", HOST, f"{name}_sums", storage=(("dy", BF16), ("x", BF16)))
+    for start in range(0, 60, 16):
+        call(sums, fields, dict(pointers, partial=partial), (start, min(60, start + 16)),
+             (0, 11), cache_dir)
+    dbeta, dgamma = partial.reshape(4, 2, 11).sum(axis=0)
+    assert close(dgamma, dgamma_ref) < F32_TOL and close(dbeta, dbeta_ref) < F32_TOL
+    dx = bf16(np.zeros(x.shape))
+    apply = BatchNormGradApply("float32", HOST, f"{name}_apply",
+                               storage=(("dy", BF16), ("out", BF16), ("x", BF16)))
+    call(apply, dict(fields, **strides("out", dx)),
+         dict(pointers, dgamma=dgamma_ref.astype(np.float32),
+              dbeta=dbeta_ref.astype(np.float32), out=dx), (0, 60), (0, 11), cache_dir)
+    assert close(dx.astype(np.float32), stored(dx_ref)) < TOL
+
+
+def test_amx_kernel_is_generated_with_its_features_and_instructions():
+    """The AMX conv for a target with AMX, on this host whatever it has: its function
+    carries the AMX features (so code generation never aborts the process), and its
+    assembly configures, loads, multiplies, stores and releases the tiles."""
+    target = generic_target("avx512+amx_bf16+avx512_bf16")
+    kernel = _conv_kernel(("amx", AmxConvKernel, target, "amx", {}), ("bias_add", "relu"),
+                          ("affine",), 40)
+    text = kernel.ir()
+    assert '"target-features"="+avx512f,+avx512bw,+amx-tile,+amx-bf16"' in text
+    assembly = jit.assembly(text, target)
+    for instruction in ("ldtilecfg", "tilezero", "tileloadd", "tdpbf16ps", "tilestored",
+                        "tilerelease"):
+        assert instruction in assembly, instruction
+    assert assembly.count("tdpbf16ps") % 4 == 0  # the 2 x 2 blocking: 4 a k step
+    if not HOST.has("amx_bf16"):
+        assert not target.runs_here()
+        with pytest.raises(ValueError, match="cannot run"):
+            jit.address(kernel)
+
+
+def test_pair_kernel_needs_its_extension_and_bfloat16_operands():
+    """vdpbf16ps only where the target has AVX512-BF16 and for bfloat16 inputs and weights;
+    a kernel generated for it carries the feature, so it compiles on any code generator."""
+    target = generic_target("avx512+avx512_bf16")
+    kernel = _conv_kernel(("dpbf16", ConvKernel, target, "dpbf16", {}), ("relu",), None, 32)
+    assembly = jit.assembly(kernel.ir(), generic_target("avx512"))
+    assert "vdpbf16ps" in assembly
+    with pytest.raises(ValueError, match="needs a target with avx512_bf16"):
+        ConvKernel("float32", generic_target("avx512"), dot="dpbf16",
+                   storage=(("w", BF16), ("x", BF16))).ir()
+    with pytest.raises(ValueError, match="needs bfloat16 inputs and weights"):
+        ConvKernel("float32", target, dot="dpbf16").ir()
