@@ -6,14 +6,20 @@ runtimes a user would pick instead, in the same process, as ratios:
     torch.compile  PyTorch's inductor with freezing (inference) or compiled train step
     onnxruntime    ONNX Runtime, all graph optimisations (inference)
 
-The peak is measured with the kernel library's own FMA loop on the same number of threads
-(`backends/cpu/llvm/measure.py`), so "% of peak" is of this machine, now. The machine is shared
-and noisy: implementations are timed in interleaved rounds (A B C, A B C: drift hits all alike)
-and only medians and ratios measured in one run mean anything.
+With `dtype="bfloat16"` the PyTorch peers run under `torch.autocast("cpu", dtype=bfloat16)`
+(bfloat16 convolutions, oneDNN's AMX or AVX512-BF16 kernels where the CPU has them), and ONNX
+Runtime, which has no bfloat16 path on x86, runs float32 and is named so.
+
+The peak is measured with the kernel library's own loop of the instruction the kernels multiply
+with (FMAs; vdpbf16ps or AMX tiles for a bfloat16 model on a host that has them), on the same
+number of threads (`backends/cpu/llvm/measure.py`), so "% of peak" is of this machine, now.
+The machine is shared and noisy: implementations are timed in interleaved rounds (A B C, A B C:
+drift hits all alike) and only medians and ratios measured in one run mean anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import subprocess
@@ -25,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .dump import summary
+from .precision import BFLOAT16, compute_dtype
 from .runtime import compile
 
 
@@ -90,7 +97,7 @@ class Report:
     dtype: str
     threads: int
     target: str
-    fma_peak_gflops: float
+    fma_peak_gflops: float  # the peak of `peak_instruction` (named so for older reports)
     compile_cold_s: float
     compile_warm_s: float | None
     timing: Timing
@@ -100,6 +107,7 @@ class Report:
     peers: dict = field(default_factory=dict)  # name -> Peer, or why it did not run
     step_memory: dict = field(default_factory=dict)  # rescompile / pytorch -> bytes
     profile: list = field(default_factory=list)
+    peak_instruction: str = "fma"
 
     @property
     def images_per_s(self) -> float:
@@ -111,8 +119,9 @@ class Report:
 
 
 def random_inputs(spec, batch: int, dtype: str):
+    """Images as the user passes them (float32 for a bfloat16 model) and labels."""
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((batch, *spec.model.input)).astype(dtype)
+    images = rng.standard_normal((batch, *spec.model.input)).astype(compute_dtype(dtype))
     return images, np.arange(batch) % spec.model.num_classes
 
 
@@ -164,7 +173,7 @@ def interleaved(calls: dict, rounds: int, reps: int) -> dict[str, Timing]:
 
 def bench(spec, mode="infer", batch=128, backend="cpu", dtype="float32", repeat=5,
           profile=False, peers=True, warm=True, threads=2, rounds=2) -> Report:
-    from .backends.cpu.llvm.measure import fma_peak_gflops
+    from .backends.cpu.llvm.measure import peak_gflops, peak_instruction
     from .backends.cpu.target import host_target
     with tempfile.TemporaryDirectory(prefix="rescompile-bench-") as cache_dir:
         exe, cold = compile_and_warm(spec, mode, backend, dtype, batch, cache_dir)
@@ -176,13 +185,15 @@ def bench(spec, mode="infer", batch=128, backend="cpu", dtype="float32", repeat=
     ready = {name: r for name, r in runners.items() if not isinstance(r, str)}
     timings = interleaved({"rescompile": ours, **{n: fn for n, (fn, _) in ready.items()}},
                           rounds, max(1, repeat // rounds))
-    target = getattr(getattr(exe.program, "target", None), "isa", None) or host_target().isa
+    target = getattr(exe.program, "target", None) or host_target()
+    instruction = peak_instruction(target, dtype)
     report = Report(spec.name, mode, batch, backend, dtype, threads,
-                    f"{target} ({host_target().cpu})",
-                    fma_peak_gflops(host_target(), threads, dtype), cold, warm_s,
+                    f"{target.name} ({host_target().cpu})",
+                    peak_gflops(target, threads, dtype), cold, warm_s,
                     timings["rescompile"], gflop(exe, batch),
                     getattr(exe.program, "allocated_bytes", lambda b: None)(batch),
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    peak_instruction=instruction)
     for name, runner in runners.items():
         report.peers[name] = Peer(runner[1], timings[name]) if name in ready else runner
     if peers and backend == "cpu":
@@ -220,15 +231,17 @@ def peer_runners(spec, exe, mode, images, labels, threads) -> dict:
 def torch_runner(spec, exe, mode, images, labels, threads, compiled: bool = False):
     """The same model in PyTorch (channels_last): a call returning the logits (infer) or
     running one train step. `compiled`: through torch.compile (inductor; with freezing in
-    inference, which folds the weights into the generated code as ORT folds them)."""
+    inference, which folds the weights into the generated code as ORT folds them). A
+    bfloat16 model's peer runs under autocast to bfloat16 (float32 weights, as ours)."""
     import torch
     from .interop.torch_model import to_nchw, torch_module, train_step_fn
     torch.set_num_threads(threads)
-    module = torch_module(spec, exe.params, mode, exe.dtype)
+    module = torch_module(spec, exe.params, mode, compute_dtype(exe.dtype))
     x = to_nchw(images)
+    autocast = exe.dtype == BFLOAT16
     if mode == "train":
         return train_step_fn(torch.compile(module) if compiled else module, spec, x,
-                             torch.from_numpy(labels))
+                             torch.from_numpy(labels), autocast=autocast)
     module.eval()
     if compiled:
         import torch._inductor.config as inductor
@@ -236,9 +249,25 @@ def torch_runner(spec, exe, mode, images, labels, threads, compiled: bool = Fals
         module = torch.compile(module)
 
     def infer():
-        with torch.no_grad():
-            return module(x).numpy()
+        with torch.no_grad(), _autocast(autocast):
+            return module(x).float().numpy()
     return infer
+
+
+def _autocast(enabled: bool):
+    """PyTorch's mixed precision on the CPU: bfloat16 convolutions and matmuls."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import torch
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def peer_label(name: str, dtype: str) -> str:
+    """A peer as a bfloat16 report names it: PyTorch's run bfloat16 (autocast), ONNX
+    Runtime's float32."""
+    if dtype != BFLOAT16:
+        return name
+    return f"{name} fp32" if name == "onnxruntime" else f"{name} bf16"
 
 
 def ort_runner(spec, exe, mode, images, labels, threads):
@@ -257,10 +286,12 @@ PEERS = {
 
 def format_report(r: Report) -> str:
     peak = r.fma_peak_gflops
+    instruction = {"fma": "FMA", "dpbf16": "vdpbf16ps", "amx": "AMX tdpbf16ps"}[
+        r.peak_instruction]
     lines = [f"{r.spec} {r.mode} batch {r.batch} {r.dtype}, backend {r.backend}, "
              f"{r.threads} threads",
-             f"target      {r.target}; FMA peak {peak:.0f} GFLOP/s on {r.threads} threads "
-             f"(the kernel library's peak loop)",
+             f"target      {r.target}; {instruction} peak {peak:.0f} GFLOP/s on {r.threads} "
+             f"threads (the kernel library's peak loop)",
              f"compile     cold {r.compile_cold_s:.1f} s" +
              (f", warm {r.compile_warm_s:.2f} s" if r.compile_warm_s is not None else "") +
              " (fresh process, first call included)",
@@ -268,7 +299,7 @@ def format_report(r: Report) -> str:
              f"(min {r.timing.min_s * 1e3:.2f}, max {r.timing.max_s * 1e3:.2f}, "
              f"{r.timing.runs} runs)",
              f"throughput  {r.images_per_s:.1f} images/s, {r.gflops:.1f} GFLOP/s "
-             f"({100 * r.gflops / peak:.0f}% of FMA peak)",
+             f"({100 * r.gflops / peak:.0f}% of {instruction} peak)",
              f"memory      allocated {(r.allocated_bytes or 0) / 2**20:.1f} MiB, "
              f"process max RSS {r.max_rss_bytes / 2**20:.0f} MiB"]
     if r.step_memory:
@@ -277,14 +308,15 @@ def format_report(r: Report) -> str:
             for who, m in r.step_memory.items()) + " (a fresh process's peak growth over two "
             "calls)")
     for name, peer in r.peers.items():
+        name = peer_label(name, r.dtype)
         if isinstance(peer, Peer):
             gflops = r.gflop_per_call / peer.timing.median_s
-            lines.append(f"{name:<14} median {peer.timing.median_s * 1e3:.2f} ms, "
+            lines.append(f"{name:<18} median {peer.timing.median_s * 1e3:.2f} ms, "
                          f"{gflops:.1f} GFLOP/s ({100 * gflops / peak:.0f}% of peak), setup "
                          f"{peer.setup_s:.1f} s -> rescompile is "
                          f"{peer.timing.median_s / r.timing.median_s:.2f}x its throughput")
         else:
-            lines.append(f"{name:<14} {peer}")
+            lines.append(f"{name:<18} {peer}")
     if r.profile:
         lines.append(f"{'kernel (node)':<40} {'op':<16} {'calls':>5} {'ms':>8} {'wait':>6} "
                      f"{'%':>5} {'GFLOP/s':>8}")

@@ -49,12 +49,16 @@ def torch_module(spec, params: dict, mode: str = "infer", dtype: str = "float32"
     return SpecModule().to(device=device, memory_format=torch.channels_last)
 
 
-def train_step_fn(module, spec, images, labels):
+def train_step_fn(module, spec, images, labels, autocast: bool = False):
     """One step as the spec trains, in PyTorch's own terms: cross_entropy with the spec's
     label smoothing; SGD with its momentum (PyTorch's dampening-free momentum is TensorFlow's
     update) or Nesterov momentum, and weight decay on what `train.weight_decay_on` names
     (SGD's weight_decay adds wd * w to the gradient: the gradient of our wd * w**2 / 2); the
-    learning rate from LambdaLR with lambda t: lr_at(t) / peak. Returns the cross-entropy."""
+    learning rate from LambdaLR with lambda t: lr_at(t) / peak. Returns the cross-entropy.
+    `autocast`: the forward pass and the loss under autocast to bfloat16 (PyTorch's mixed
+    precision; the backward pass follows the forward's types, the update is float32)."""
+    import contextlib
+
     import torch
     train = spec.train
     decayed = set(decayed_variables(build(spec, "train").variables, train.weight_decay_on))
@@ -71,8 +75,10 @@ def train_step_fn(module, spec, images, labels):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(module(images), labels,
-                                                 label_smoothing=train.label_smoothing)
+        with (torch.autocast("cpu", dtype=torch.bfloat16) if autocast
+              else contextlib.nullcontext()):
+            loss = torch.nn.functional.cross_entropy(module(images), labels,
+                                                     label_smoothing=train.label_smoothing)
         loss.backward()
         opt.step()
         schedule.step()

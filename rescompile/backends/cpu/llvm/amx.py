@@ -78,7 +78,7 @@ class AmxEmitter(_Emitter):
     def __init__(self, kernel: AmxConvKernel, module: ir.Module):
         super().__init__(kernel, module)
         self.f.require(kernel.target.features_for(kernel.extension))
-        self.tiles_ops = (_EmulatedTiles if kernel.emulated else _Tiles)(self.f)
+        self.tiles_ops = (_EmulatedTiles if kernel.emulated else Tiles)(self.f)
 
     def emit(self) -> None:
         b = self.b
@@ -148,7 +148,7 @@ class AmxEmitter(_Emitter):
             b.store(row, dst, align=2)
 
 
-class _Tiles:
+class Tiles:
     """The AMX instructions, on tile registers named by number."""
 
     def __init__(self, f):
