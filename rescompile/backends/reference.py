@@ -33,8 +33,11 @@ class ReferenceProgram:
         check_fits(self._value_bytes(entry, feeds), f"the reference backend's values of "
                                                     f"{entry_name!r}")
         env = dict(self.saved.get(entry.after, {})) if entry.after else {}
-        env.update({name: self.precision.round(value, self.precision.storage(
-            self.graph.value(name))) for name, value in feeds.items()})
+        env.update(feeds)
+        if self.precision.mixed:  # as the kernels read what is fed
+            env.update({name: self.precision.round(value, self.precision.storage(
+                self.graph.value(name))) for name, value in feeds.items()
+                if name in self.graph.values})
         interpret(entry.nodes, env, self.precision, self.graph)
         self.saved[entry_name] = env
         return {name: env[name] for name in entry.fetches}

@@ -209,8 +209,7 @@ class CpuProgram:
         """A fed or host-made `array` of value `name` in the type the arena stores it in
         (converted once per array)."""
         kind = self.types.of(name)
-        if not isinstance(array, np.ndarray) or kind == self.types.compute \
-                or name not in self.graph.values:
+        if kind == self.types.compute or not isinstance(array, np.ndarray):
             return array
         have = self._stored.get(name)
         if have is None or have[0] is not array:

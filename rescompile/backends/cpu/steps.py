@@ -21,6 +21,7 @@ arena stores it in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -135,10 +136,18 @@ class TensorTypes:
 
     def of(self, value: str) -> str:
         """A graph value's type, or that of the value a made tensor copies."""
-        base = next((value[:value.index(s)] for s in MADE_SUFFIXES if s in value), value)
-        if base not in self.graph.values:
+        if not self.precision.mixed:
             return self.compute
-        return self.precision.storage(self.graph.value(base))
+        known = self._known.get(value)
+        if known is None:
+            base = next((value[:value.index(s)] for s in MADE_SUFFIXES if s in value), value)
+            known = self._known[value] = (self.precision.storage(self.graph.value(base))
+                                          if base in self.graph.values else self.compute)
+        return known
+
+    @functools.cached_property
+    def _known(self) -> dict[str, str]:
+        return {}
 
     def bound(self, use: Use) -> str:
         return self.weights if use.how == "packed" else self.of(use.value)
