@@ -80,3 +80,16 @@ def close(got, expected) -> float:
     """Max error relative to the expected tensor's max magnitude."""
     scale = max(np.abs(expected).max(), 1e-30)
     return float(np.abs(np.asarray(got, np.float64) - expected).max() / scale)
+
+
+def run_eltwise(kernel, x, out, out2, operands: dict, scalars: dict, cache_dir) -> None:
+    """An elementwise kernel over every pixel and channel of x (into out and out2), with its
+    epilogue operands (per-channel vectors, or tensors of x's shape) and scalars."""
+    n, h, w, c = x.shape
+    fields = dict(oh=h, ow=w, **strides("x", x), **strides("out", out),
+                  **strides("out2", out2), **scalars)
+    for name, array in operands.items():
+        if array.ndim == 4:
+            fields.update(strides(name, array))
+    call(kernel, fields, dict(x=x, out=out, out2=out2, **operands), (0, n * h * w), (0, c),
+         cache_dir)

@@ -1,7 +1,7 @@
 """dtype="bfloat16" end to end: what the user sees (float32 in and out), the reference
 backend's rounding, the CPU backend against float32 and against the bfloat16 reference on
-random specs and on the TF oracle's model, training, thread counts, memory, checkpoints,
-artifacts, the CLI, and the cuda backend's refusal.
+random specs and on the TF oracle's model, training, memory, checkpoints, artifacts, the CLI,
+and the cuda backend's refusal (1 and 2 threads: test_cpu_program.py).
 
 Tolerances (README, Numerics), each measured here:
 - logits within 2e-2 of float32's, relative to the largest: rounding every activation and
@@ -195,33 +195,6 @@ def test_activations_take_half_the_bytes_of_float32():
         assert 2 * bf16.image_bytes[value] == f32.image_bytes[value], value
     assert 2 * bf16.packed_bytes == f32.packed_bytes
     assert bf16.thread_region.nbytes * 2 == pytest.approx(f32.thread_region.nbytes, rel=0.02)
-
-
-@pytest.mark.parametrize("mode", ["infer", "train"])
-def test_one_and_two_threads_give_the_same_bits(mode):
-    """bfloat16 keeps the fixed-order reductions: a train step (and inference) on 1 thread
-    and on 2 are the same bits."""
-    import numba
-    spec = tiny_spec(unit="bottleneck", input=[12, 12, 3])
-    rng = np.random.default_rng(2)
-    x, labels = rng.standard_normal((9, 12, 12, 3)), rng.integers(0, 5, 9)
-    results = []
-    before = numba.get_num_threads()
-    for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
-        numba.set_num_threads(threads)
-        try:
-            exe = rc.compile(spec, mode=mode, backend="cpu", dtype="bfloat16", seed=3)
-            if mode == "infer":
-                results.append(({"logits": exe.forward(x)},))
-            else:
-                loss, grads = exe.loss_and_grads(x, labels)
-                exe.train_step(x, labels)
-                results.append((grads, exe.state, {"loss": np.asarray(loss)}))
-        finally:
-            numba.set_num_threads(before)
-    for one, two in zip(*results):
-        for name in one:
-            np.testing.assert_array_equal(one[name], two[name], err_msg=name)
 
 
 def test_training_converges_and_stays_close_to_float32():

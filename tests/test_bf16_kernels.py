@@ -32,7 +32,8 @@ from rescompile.backends.cpu.target import generic_target, host_target, target_f
 from rescompile.backends.cpu.tuning import AMX_TILE, conv_tile
 from rescompile.backends.cpu.weights import pack_weights
 from rescompile.precision import numpy_dtype, round_bf16
-from microkernels import call, close, conv_reference, epilogue_reference, padded, strides
+from microkernels import (call, close, conv_reference, epilogue_reference, padded,
+                          run_eltwise, strides)
 from test_cpu_microkernels import CONV_CASES, _operands
 
 BF16 = "bfloat16"
@@ -187,13 +188,7 @@ def test_eltwise_kernel(chain, target, cache_dir):
     expected = stored(epilogue_reference(steps, 0, x.astype(np.float64), as64, scalars))
     expected2 = epilogue_reference(out2 or (), len(steps), expected, as64, scalars)
     out, out2_array = bf16(np.zeros(x.shape)), bf16(np.zeros(x.shape))
-    fields = dict(oh=4, ow=5, **strides("x", x), **strides("out", out),
-                  **strides("out2", out2_array), **scalars)
-    for name, array in operands.items():
-        if array.ndim == 4:
-            fields.update(strides(name, array))
-    call(kernel, fields, dict(x=x, out=out, out2=out2_array, **operands), (0, 60), (0, 13),
-         cache_dir)
+    run_eltwise(kernel, x, out, out2_array, operands, scalars, cache_dir)
     assert close(out.astype(np.float32), expected) < TOL
     if out2 is not None:
         assert close(out2_array.astype(np.float32), expected2) < TOL

@@ -33,7 +33,7 @@ from rescompile.backends.cpu.weights import pack_weights
 from rescompile.backends.cpu.target import ISAS, generic_target, host_target
 from rescompile.padding import pads_2d
 from microkernels import (call, close, conv_reference, epilogue_reference, padded,
-                          strides)
+                          run_eltwise, strides)
 
 TOL = {"float32": 1e-5, "float64": 1e-12}
 RUNNABLE = [host_target()] + [generic_target(isa) for isa in ISAS
@@ -207,13 +207,7 @@ def test_eltwise_kernel(chain, dtype, cache_dir):
     expected = epilogue_reference(steps, 0, x.astype(np.float64), operands, scalars)
     expected2 = epilogue_reference(out2 or (), len(steps), expected, operands, scalars)
     out, out2_array = np.empty_like(x), np.empty_like(x)
-    fields = dict(oh=4, ow=5, **strides("x", x), **strides("out", out),
-                  **strides("out2", out2_array), **scalars)
-    for name, array in operands.items():
-        if array.ndim == 4:
-            fields.update(strides(name, array))
-    call(kernel, fields, dict(x=x, out=out, out2=out2_array, **operands), (0, 60), (0, 13),
-         cache_dir)
+    run_eltwise(kernel, x, out, out2_array, operands, scalars, cache_dir)
     finite = np.isfinite(expected)
     np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
     assert close(out[finite], expected[finite]) < TOL[dtype]

@@ -206,9 +206,11 @@ def test_random_specs_train_like_the_reference(spec, batch, seed):
         assert rel_err(exe.state[name], value, floor=1e-4) < TRAIN_TOL[dtype], name
 
 
-def test_training_does_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_training_does_not_depend_on_the_thread_count(dtype):
     """Every reduction is cut into fixed chunks combined in order: a step on 1 thread and on
-    2 gives the same bits (so a run resumed on another machine continues bit for bit)."""
+    2 gives the same bits (so a run resumed on another machine continues bit for bit), in
+    bfloat16 as in float32."""
     import numba
     spec = tiny_spec(unit="bottleneck", input=[12, 12, 3])
     rng = np.random.default_rng(2)
@@ -218,7 +220,7 @@ def test_training_does_not_depend_on_the_thread_count():
     for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
         numba.set_num_threads(threads)
         try:
-            exe = rc.compile(spec, mode="train", backend="cpu", seed=3)
+            exe = rc.compile(spec, mode="train", backend="cpu", seed=3, dtype=dtype)
             loss, grads = exe.loss_and_grads(x, labels)
             exe.train_step(x, labels)
             results.append((loss, grads, exe.state))
