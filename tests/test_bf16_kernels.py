@@ -77,12 +77,13 @@ def stored(array) -> np.ndarray:
 
 def _conv_kernel(variant, steps, out2, cout, sums=None):
     _, cls, target, dot, extra = variant
-    """The conv kernel of a variant with every per-pixel tensor bfloat16 (as the lowering
-    types a bfloat16 model's), per-channel operands float32."""
+    """The conv kernel of a variant as the lowering types a bfloat16 model's: every per-pixel
+    tensor bfloat16, per-channel operands float32, the weights bfloat16 for the pair
+    kernels and float32 holding bfloat16 values for the FMA ones."""
     _, cls, target, dot, extra = variant
     tile = AMX_TILE if dot == "amx" else conv_tile(target, "float32", cout)
     kernel = cls("float32", target, steps, out2, *tile, sums=sums, dot=dot, **extra)
-    pixels = {"x", "w", *kernel.outputs, *kernel.sum_against}
+    pixels = {"x", *kernel.outputs, *kernel.sum_against} | ({"w"} if dot != "fma" else set())
     pixels |= {o.role for chain in kernel.chains for o in chain.operands
                if o.kind == epilogue.PIXEL}
     roles = {p.role for p in kernel.signature.pointers}
@@ -92,6 +93,10 @@ def _conv_kernel(variant, steps, out2, cout, sums=None):
 
 def _layout(kernel) -> str:
     return {"fma": "", "dpbf16": "vnni2", "amx": "amx"}[kernel.dot]
+
+
+def _packed(weights, kernel):
+    return pack_weights(weights, kernel.nr, None, kernel.weight_type, _layout(kernel), BF16)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
@@ -124,8 +129,7 @@ def test_conv_kernel_against_the_bf16_reference(case, variant, cache_dir):
     for name, array in operands.items():
         if array.ndim == 4:
             fields.update(strides(name, array))
-    packed = pack_weights(weights, kernel.nr, None, BF16, _layout(kernel))
-    pointers = dict(x=xp, w=packed, out=out, out2=out2_array, **operands)
+    pointers = dict(x=xp, w=_packed(weights, kernel), out=out, out2=out2_array, **operands)
     call(kernel, fields, pointers, (0, n * y.shape[1] * y.shape[2]), (0, cout), cache_dir)
     assert close(out.astype(np.float32), expected) < TOL
     if out2 is not None:
@@ -149,8 +153,8 @@ def test_conv_statistics_are_of_the_stored_output(variant, cache_dir):
     fields = dict(cin=6, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0, **strides("x", xp),
                   **strides("out", out), **strides("e0.other", residual),
                   **{"sums.chunk": chunk, "sums.width": 20})
-    pointers = {"x": xp, "w": pack_weights(weights, kernel.nr, None, BF16, _layout(kernel)),
-                "out": out, "e0.other": residual, "sums": partial}
+    pointers = {"x": xp, "w": _packed(weights, kernel), "out": out, "e0.other": residual,
+                "sums": partial}
     for start in range(0, pixels, chunk):
         call(kernel, fields, pointers, (start, min(pixels, start + chunk)), (0, 20), cache_dir)
     y = conv_reference(x, weights, 1, (1, 1, 1, 1)) + residual.astype(np.float64)

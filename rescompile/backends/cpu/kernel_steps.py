@@ -96,7 +96,8 @@ def conv_step(node, types: TensorTypes, target: Target, x: str, weights: Use,
     h, w, cin = geometry.shape
     oh, ow = geometry.out_hw
     dot = conv_dot(types, target, x, cin)
-    mr, nv = AMX_TILE if dot == "amx" else conv_tile(target, types.compute, geometry.cout)
+    mr, nv = AMX_TILE if dot == "amx" else conv_tile(
+        target, types.compute, geometry.cout, widens=dot == "fma" and types.of(x) == BFLOAT16)
     kernel = (AmxConvKernel if dot == "amx" else ConvKernel)(
         types.compute, target, chain_of(epi), None if out2 is None else chain_of(out2), mr, nv,
         sums=sums and sums.op, dot=dot)
@@ -106,7 +107,7 @@ def conv_step(node, types: TensorTypes, target: Target, x: str, weights: Use,
                       layout=WEIGHT_LAYOUTS[dot]))
     tensors["x"] = x
     size = DTYPE_BYTES[types.of(x)]
-    weight_bytes = geometry.k ** 2 * cin * geometry.cout * DTYPE_BYTES[types.weights]
+    weight_bytes = geometry.k ** 2 * cin * geometry.cout * DTYPE_BYTES[types.packed(uses["w"])]
     fields = dict(cin=cin, kh=geometry.k, kw=geometry.k, stride=geometry.stride, oh=oh, ow=ow,
                   panels_outer=int(panels_outer(weight_bytes)))
     more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs))

@@ -102,7 +102,8 @@ def _grad_filter(node, graph, target, types):
     h, w, cin = image_shape(graph, x)
     oh, ow, cout = image_shape(graph, dy)
     pads = pads_2d(h, w, k, stride, node.attrs["padding"])
-    kernel = WgradKernel(types.compute, target, *conv_tile(target, types.compute, cout))
+    kernel = WgradKernel(types.compute, target, *conv_tile(
+        target, types.compute, cout, widens=types.of(x) == types.weights != types.compute))
     partial = f"{node.name}:partial"
     slots = Slots(8 * k * k * cin * cout, oh * ow, WGRAD_CHUNK)
     step = Step(name=node.name, op=node.op, kernel=kernel,

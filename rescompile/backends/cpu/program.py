@@ -189,20 +189,21 @@ class CpuProgram:
         return "\n".join(parts) + "\n"
 
     def packed(self, use, arrays: dict) -> np.ndarray:
-        """The weights `use` (a packed Use) points at, packed as it says in the type the kernels
-        read weights in; packed again only when the array changes."""
+        """The weights `use` (a packed Use) points at, packed as it says, rounded to the weight
+        type and held in the packed type (`TensorTypes.packed`); packed again only when the
+        array changes."""
         source = arrays[use.value]
         have = self._packed.get(use)
         if have is None or have[0] is not source:
             out = have[1] if have is not None else None
-            self._packed[use] = (source, pack_weights(transformed(source, use.transform),
-                                                      use.nr, out, self.types.weights,
-                                                      use.layout))
+            self._packed[use] = (source, pack_weights(
+                transformed(source, use.transform), use.nr, out, self.types.packed(use),
+                use.layout, self.types.weights))
         return self._packed[use][1]
 
     def packed_bytes(self, use) -> int:
         """The bytes of the weights `use` points at, packed."""
-        return DTYPE_BYTES[self.types.weights] * packed_elements(
+        return DTYPE_BYTES[self.types.packed(use)] * packed_elements(
             self.graph.value(use.value).shape, use.nr, use.layout, use.transform)
 
     def stored(self, name: str, array):

@@ -131,8 +131,14 @@ class TensorTypes:
 
     @property
     def weights(self) -> str:
-        """Packed conv weights' type."""
+        """The type conv weights are rounded to as the kernels read them."""
         return self.precision.weights
+
+    def packed(self, use: Use) -> str:
+        """The element type of packed weights: the rounded type for a kernel that multiplies
+        it as it is (pairs of bfloat16: "vnni2", "amx"), else the compute type holding the
+        rounded values (an FMA kernel then widens no weight in its inner loop)."""
+        return self.weights if use.layout else self.compute
 
     def of(self, value: str) -> str:
         """A graph value's type, or that of the value a made tensor copies."""
@@ -150,7 +156,7 @@ class TensorTypes:
         return {}
 
     def bound(self, use: Use) -> str:
-        return self.weights if use.how == "packed" else self.of(use.value)
+        return self.packed(use) if use.how == "packed" else self.of(use.value)
 
     def typed(self, step: Step) -> Step:
         """`step` with its kernel given the type of each tensor it binds: every pointer the

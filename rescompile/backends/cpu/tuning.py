@@ -53,13 +53,24 @@ MAX_TILE_ROWS = 14
 AMX_TILE = (32, 2)
 
 
-def conv_tile(target: Target, dtype: str, channels: int | None = None) -> tuple[int, int]:
+# Registers a broadcast input takes beyond the one of a plain broadcast when the tile widens it
+# (a bfloat16 input on FMAs: the 16 bits broadcast, then shifted into place), so the loads
+# and shifts of successive rows overlap. Measured on a 3 x 3, 64-channel layer (Zen 5): a 6 x 16
+# AVX2 tile spilled an accumulator and ran at 81% of float32's 6 x 16, a 5 x 16 at 96%; on
+# AVX-512, 13 x 32 at 101%, 14 x 32 at 95%.
+WIDENING_REGISTERS = 2
+
+
+def conv_tile(target: Target, dtype: str, channels: int | None = None,
+              widens: bool = False) -> tuple[int, int]:
     """(MR, NV) of the conv and weight-gradient register tiles for `channels` output channels:
     NV vectors of channels, 2 unless one vector holds them all (a 16-channel layer on
     AVX-512 would otherwise leave half of every tile masked off), and as many rows as leave
-    registers for the NV weight vectors and one broadcast (6 on 16 registers, 14 on 32), at
-    most MAX_TILE_ROWS. Derived from the shapes and the instruction set alone: the rows group
-    the sums a conv makes of its output, so the tile must not depend on a measurement."""
+    registers for the NV weight vectors and one broadcast (6 on 16 registers, 14 on 32; with
+    `widens`, WIDENING_REGISTERS more for a broadcast it widens), at most MAX_TILE_ROWS.
+    Derived from the shapes, the types and the instruction set alone: the rows group the sums
+    a conv makes of its output, so the tile must not depend on a measurement."""
     lanes = target.lanes(dtype)
     nv = 1 if channels is not None and channels <= lanes else 2
-    return min((target.registers - nv - 1) // nv, MAX_TILE_ROWS), nv
+    free = target.registers - nv - 1 - (WIDENING_REGISTERS if widens else 0)
+    return min(free // nv, MAX_TILE_ROWS), nv

@@ -1,7 +1,9 @@
 """Conv weights as the micro-kernels read them: packed into panels of a tile's width (and
-rotated and transposed for a data gradient), converted to the type the kernels read them in,
-on a cache-line boundary. A weight array is packed and converted once per load (`program.py`
-repacks only when the array changes).
+rotated and transposed for a data gradient), rounded to the type the kernels read them in
+(bfloat16 for a bfloat16 model: held as bfloat16 by the kernels that multiply pairs of it, as
+float32 by the FMA kernels, which then widen nothing in their inner loop), on a cache-line
+boundary. A weight array is packed and converted once per load (`program.py` repacks only
+when the array changes).
 
 Layouts (`Use.layout`), K = kh * kw * cin the depth, R = kw * cin a window row's:
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...precision import numpy_dtype
+from ...precision import BFLOAT16, numpy_dtype, round_bf16
 from .arena import aligned_empty
 
 AMX_DEPTH = 32  # bfloat16 elements of k per AMX tile row (64 bytes)
@@ -38,11 +40,14 @@ def packed_elements(shape, nr: int, layout: str = "", transform: str = "") -> in
 
 
 def pack_weights(w: np.ndarray, nr: int, out: np.ndarray | None = None, dtype: str | None = None,
-                 layout: str = "") -> np.ndarray:
+                 layout: str = "", rounded: str | None = None) -> np.ndarray:
     """HWIO (or [C, K]) weights in `layout` for panels of `nr` output channels, as `dtype`
-    (default: w's), zero-padded past the last output channel, on a cache-line boundary (the
+    (default: w's), their values rounded to `rounded` (bfloat16 values held in float32 for an
+    FMA kernel), zero-padded past the last output channel, on a cache-line boundary (the
     kernel's aligned loads need it)."""
     kind = numpy_dtype(dtype) if dtype else w.dtype
+    if rounded == BFLOAT16 and kind != numpy_dtype(BFLOAT16):
+        w = round_bf16(w)
     if w.ndim == 2:
         w = w.reshape(1, 1, *w.shape)
     kh, kw, cin, cout = w.shape

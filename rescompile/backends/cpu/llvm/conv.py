@@ -361,9 +361,10 @@ class _Emitter:
                     lambda o: (channel[o.role][j] if o.kind == epilogue.CHANNEL
                                else load(pixel(o.role), j, o.role)),
                     self.v, f".m{m}_{j}") for j in range(k.nv)]
-                outputs.append(values)
+                stored = [f.stored_form(value, self.ptr[out]) for value in values]
+                outputs.append(stored)
                 # what the next chain and the sums are made of: the output as stored
-                values = [f.as_stored(value, self.ptr[out]) for value in values]
+                values = [f.read_back(value, self.ptr[out]) for value in stored]
                 if out == "out":
                     stored_first = values
             valid = b.icmp_signed("<", f.i64(m), rows, name=f"row{m}_valid")

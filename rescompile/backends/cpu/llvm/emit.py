@@ -183,9 +183,8 @@ class Function:
 
     def vstore(self, value, ptr, align: int | None = None) -> None:
         """Store a vector of the compute type as `ptr`'s elements (narrowed, rounded to
-        nearest even, if stored narrower)."""
-        if self.narrow_at(ptr):
-            value = self.narrow(value)
+        nearest even, if stored narrower; `value` may be `stored_form` already)."""
+        value = self.stored_form(value, ptr)
         self.b.store(value, self.vptr(ptr), align=align or self.bytes_of(ptr))
 
     def load_scalar(self, ptr, name: str = ""):
@@ -198,14 +197,14 @@ class Function:
 
     def splat_element(self, ptr, name: str = ""):
         """The element at `ptr` in every lane (for a bfloat16 element: the 16 bits broadcast to
-        every half of the vector, the low halves cleared, so no scalar widening)."""
+        every half of the vector, then each 32-bit lane shifted up by 16, which leaves the bits
+        as a float32's high half: no scalar widening, and no register held for a mask)."""
         if not self.narrow_at(ptr):
             return self.splat(self.b.load(ptr, name=f"{name}.scalar"), name=name)
         halves = ir.VectorType(I16, 2 * self.lanes)
         both = self.splat_as(self.b.load(ptr, name=f"{name}.stored"), halves, f"{name}.halves")
         words = self.b.bitcast(both, ir.VectorType(I32, self.lanes))
-        high = self.b.and_(words, ir.Constant(words.type, [0xFFFF0000 - (1 << 32)]
-                                              * self.lanes))
+        high = self.b.shl(words, ir.Constant(words.type, [16] * self.lanes))
         return self.b.bitcast(high, self.vector, name=name)
 
     @staticmethod
@@ -231,24 +230,33 @@ class Function:
         return self.b.bitcast(wide, ir.VectorType(ir.FloatType(), raw.type.count), name=name)
 
     def narrow(self, value):
-        """A float32 vector as the nearest bfloat16 bits (ties to even), a NaN as a quiet NaN
-        of its sign: what ml_dtypes' (and so the reference backend's) rounding gives."""
+        """A float32 vector as the nearest bfloat16 bits, ties to even, a NaN as a quiet NaN of
+        its sign: what ml_dtypes' (and so the reference backend's) rounding gives. Integer
+        arithmetic: the same bits on every instruction set."""
         b, n = self.b, value.type.count
         words = ir.VectorType(I32, n)
 
         def const(c):
             return ir.Constant(words, [c] * n)
         bits = b.bitcast(value, words, name="bits")
-        odd = b.and_(b.lshr(bits, const(16)), const(1), name="odd")
+        high = b.lshr(bits, const(16), name="high")
+        odd = b.and_(high, const(1), name="odd")
         rounded = b.lshr(b.add(bits, b.add(odd, const(0x7FFF))), const(16), name="rounded")
-        quiet = b.or_(b.lshr(bits, const(16)), const(0x40), name="quiet_nan")
+        quiet = b.or_(high, const(0x40), name="quiet_nan")
         nan = b.fcmp_unordered("uno", value, value, name="nan")
         return b.trunc(b.select(nan, quiet, rounded), ir.VectorType(I16, n), name="bf16")
 
-    def as_stored(self, value, ptr):
-        """`value` as it reads back after a store through `ptr` (rounded to bfloat16 there,
-        unchanged elsewhere): what the rest of a kernel uses of an output it stores."""
-        return self.widen(self.narrow(value)) if self.narrow_at(ptr) else value
+    def stored_form(self, value, ptr):
+        """`value` as `ptr` holds it: its bfloat16 bits for a bfloat16 pointer (rounded once
+        here; a value in that form already is left as it is), else itself."""
+        if self.narrow_at(ptr) and value.type.element != I16:
+            return self.narrow(value)
+        return value
+
+    def read_back(self, stored, ptr):
+        """A `stored_form` value as the compute type reads it back: what the rest of a kernel
+        uses of an output it stores."""
+        return self.widen(stored) if self.narrow_at(ptr) else stored
 
     def mask(self, first_lane: int, width):
         """Lanes first_lane.. of one vector that lie below `width` (a run-time count)."""
@@ -278,8 +286,7 @@ class Function:
         return self.widen(raw, name) if self.narrow_at(ptr) else raw
 
     def masked_store(self, value, ptr, mask) -> None:
-        if self.narrow_at(ptr):
-            value = self.narrow(value)
+        value = self.stored_form(value, ptr)
         fn = self._intrinsic("masked.store", VOID,
                              [value.type, value.type.as_pointer(), I32, mask.type])
         self.b.call(fn, [value, self.vptr(ptr), ir.Constant(I32, self.bytes_of(ptr)), mask])

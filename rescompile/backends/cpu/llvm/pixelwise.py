@@ -91,9 +91,10 @@ class EltwiseKernel(epilogue.Chained, PixelKernel):
 
                 value = load_vector(f, element("x", c), mask, name="x")
                 for chain, out in zip(self.chains, self.outputs):
-                    value = epilogue.apply_chain(f, chain, value, operand, v)
+                    value = f.stored_form(epilogue.apply_chain(f, chain, value, operand, v),
+                                          ptr[out])
                     store_vector(f, value, element(out, c), mask)
-                    value = f.as_stored(value, ptr[out])  # what out2 is made of
+                    value = f.read_back(value, ptr[out])  # what out2 is made of
             channel_vectors(f, vector)
             walk.advance()
 
