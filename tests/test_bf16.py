@@ -286,3 +286,35 @@ def test_the_readme_digits_job_in_bfloat16(capsys):
     assert main(["train", str(spec), "--data", "digits", "--dtype", "bfloat16"]) == 0
     accuracy = re.findall(r"^test accuracy ([\d.]+)%", capsys.readouterr().out, re.M)
     assert accuracy and float(accuracy[-1]) >= 97.0, accuracy
+
+
+def test_a_model_on_emulated_amx_kernels(monkeypatch):
+    """The lowering as on an AMX host (every bfloat16 conv on AMX tiles, 32 x 32 blocks, the
+    weights in AMX's layout, the data gradients' rotated ones too), with the tile
+    instructions emulated (vdpbf16ps): inference and a training step's gradients against
+    the bfloat16 reference, as every other instruction set."""
+    import functools
+    from rescompile.backends.cpu import kernel_steps
+    from rescompile.backends.cpu.llvm.amx import AmxConvKernel
+    from rescompile.backends.cpu.target import host_target
+    if not host_target().has("avx512_bf16"):
+        pytest.skip("the emulation runs on AVX512-BF16")
+    monkeypatch.setattr(kernel_steps, "conv_dot", lambda types, target, x, cin:
+                        "amx" if types.of(x) == "bfloat16" else "fma")
+    monkeypatch.setattr(kernel_steps, "AmxConvKernel",
+                        functools.partial(AmxConvKernel, emulated=True))
+    spec = tiny_spec(unit="bottleneck", input=[9, 9, 3])
+    x = np.random.default_rng(3).standard_normal((4, 9, 9, 3))
+    reference = _compiled(spec, "train", "reference", "bfloat16")
+    cpu = _compiled(spec, "train", "cpu", "bfloat16", reference.params)
+    dots = {s.kernel.dot for s in cpu.program.plan("train_step").schedule.kernel_steps
+            if hasattr(s.kernel, "dot")}
+    assert "amx" in dots
+    assert rel_err(cpu.forward(x), reference.forward(x)) < LOGITS_TOL
+    loss, grads = cpu.loss_and_grads(x, [0, 1, 2, 3])
+    ref_loss, ref_grads = reference.loss_and_grads(x, [0, 1, 2, 3])
+    assert abs(loss - ref_loss) < LOSS_TOL * abs(ref_loss)
+    assert_gradients_close(grads, ref_grads)
+    infer = _compiled(spec, "infer", "cpu", "bfloat16", reference.params)
+    assert rel_err(infer.forward(x), _compiled(spec, "infer", "reference", "bfloat16",
+                                               reference.params).forward(x)) < LOGITS_TOL

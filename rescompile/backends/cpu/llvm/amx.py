@@ -39,7 +39,7 @@ from typing import ClassVar
 
 from llvmlite import ir
 
-from .conv import PAIR, ConvKernel, _Emitter
+from .conv import PAIR, ConvEmitter, ConvKernel
 from .emit import I16, I32, VOID, new_module
 
 I8 = ir.IntType(8)
@@ -72,7 +72,7 @@ class AmxConvKernel(ConvKernel):
         return str(module)
 
 
-class AmxEmitter(_Emitter):
+class AmxEmitter(ConvEmitter):
     """The conv emitter with the k loop on tiles (or their emulation)."""
 
     def __init__(self, kernel: AmxConvKernel, module: ir.Module):

@@ -59,8 +59,9 @@ the k loop multiplies (`dot`):
              adds in the compute type (any stored types; every instruction set)
     dpbf16   two input channels per step, for bfloat16 inputs and weights: a broadcast pair of
              inputs and NV vectors of weight pairs into `vdpbf16ps` (AVX512-BF16); the
-             weights packed in pairs of input channels ([panel][K/2][NR][2], VNNI-2), which
-             needs an even `cin` (a pair never straddles two pixels)
+             weights packed in pairs of consecutive k ([panel][K/2][NR][2], VNNI-2), which
+             needs an even count of inputs per window row, kw * cin (the lowering takes it
+             for an even cin)
     amx      AMX tiles (`amx.py`)
 
 The products of bfloat16 pairs are exact in float32, so every dot product is its float32 sum.
@@ -182,11 +183,11 @@ class ConvKernel(epilogue.Chained, Tiled):
     def ir(self) -> str:
         self.check_types()
         module = new_module(self.symbol)
-        _Emitter(self, module).emit()
+        ConvEmitter(self, module).emit()
         return str(module)
 
 
-class _Emitter:
+class ConvEmitter:
     def __init__(self, kernel: ConvKernel, module: ir.Module):
         self.k = kernel
         self.f = abi.new_function(module, kernel.symbol, kernel.dtype, kernel.lanes,
