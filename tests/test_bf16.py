@@ -138,22 +138,32 @@ def test_random_specs_logits(spec, batch, seed):
 @pytest.mark.parametrize("isa", [None, "avx512", "avx2", "portable"])
 def test_every_instruction_set_against_the_bf16_reference(isa):
     """The host's kernels (vdpbf16ps where it has AVX512-BF16) and every narrower set (float32
-    FMAs on bfloat16 storage): inference and a training step's gradients."""
+    FMAs on bfloat16 storage): a training step's logits, loss and gradients, and inference."""
     from rescompile.backends.cpu.target import host_target, target_for
     if isa is not None:
         try:
             target_for(isa)
         except ValueError:
             pytest.skip(f"this CPU ({host_target().name}) cannot run {isa}")
+    _train_against_the_reference(isa=isa)
+
+
+def _train_against_the_reference(**options):
+    """A bottleneck model's logits, loss and gradients on the cpu backend (compiled with
+    `options`) against the bfloat16 reference; the cpu executable."""
     spec = tiny_spec(unit="bottleneck", input=[9, 9, 3])
     x = np.random.default_rng(3).standard_normal((4, 9, 9, 3))
     reference = _compiled(spec, "train", "reference", "bfloat16")
-    cpu = _compiled(spec, "train", "cpu", "bfloat16", reference.params, isa=isa)
+    cpu = _compiled(spec, "train", "cpu", "bfloat16", reference.params, **options)
     assert rel_err(cpu.forward(x), reference.forward(x)) < LOGITS_TOL
     loss, grads = cpu.loss_and_grads(x, [0, 1, 2, 3])
     ref_loss, ref_grads = reference.loss_and_grads(x, [0, 1, 2, 3])
     assert abs(loss - ref_loss) < LOSS_TOL * abs(ref_loss)
     assert_gradients_close(grads, ref_grads)
+    infer = _compiled(spec, "infer", "cpu", "bfloat16", reference.params, **options)
+    expected = _compiled(spec, "infer", "reference", "bfloat16", reference.params).forward(x)
+    assert rel_err(infer.forward(x), expected) < LOGITS_TOL
+    return cpu
 
 
 def test_the_host_uses_its_bf16_instructions():
@@ -303,18 +313,6 @@ def test_a_model_on_emulated_amx_kernels(monkeypatch):
                         "amx" if types.of(x) == "bfloat16" else "fma")
     monkeypatch.setattr(kernel_steps, "AmxConvKernel",
                         functools.partial(AmxConvKernel, emulated=True))
-    spec = tiny_spec(unit="bottleneck", input=[9, 9, 3])
-    x = np.random.default_rng(3).standard_normal((4, 9, 9, 3))
-    reference = _compiled(spec, "train", "reference", "bfloat16")
-    cpu = _compiled(spec, "train", "cpu", "bfloat16", reference.params)
-    dots = {s.kernel.dot for s in cpu.program.plan("train_step").schedule.kernel_steps
-            if hasattr(s.kernel, "dot")}
-    assert "amx" in dots
-    assert rel_err(cpu.forward(x), reference.forward(x)) < LOGITS_TOL
-    loss, grads = cpu.loss_and_grads(x, [0, 1, 2, 3])
-    ref_loss, ref_grads = reference.loss_and_grads(x, [0, 1, 2, 3])
-    assert abs(loss - ref_loss) < LOSS_TOL * abs(ref_loss)
-    assert_gradients_close(grads, ref_grads)
-    infer = _compiled(spec, "infer", "cpu", "bfloat16", reference.params)
-    assert rel_err(infer.forward(x), _compiled(spec, "infer", "reference", "bfloat16",
-                                               reference.params).forward(x)) < LOGITS_TOL
+    cpu = _train_against_the_reference()
+    assert "amx" in {s.kernel.dot for s in cpu.program.plan("train_step").schedule.kernel_steps
+                     if hasattr(s.kernel, "dot")}
