@@ -1,4 +1,5 @@
-"""Each conv step's register tile, chosen on the host: derived, or measured once and cached.
+"""Each conv and weight-gradient step's register tile, chosen on the host: derived, or measured
+once and cached.
 
 Design note
 -----------
@@ -34,13 +35,15 @@ from ...errors import ResourceError
 from ...kernel_cache import cache_root, write_cache_file
 from .arena import Layout, aligned_empty
 from .llvm.conv import ConvKernel
+from .llvm.wgrad import WgradKernel
 from .steps import Step
-from .tuning import MAX_TILE_ROWS, PIXELS_PER_ITEM, conv_tile
+from .tuning import MAX_TILE_ROWS, PIXELS_PER_ITEM, WGRAD_GROUPS, conv_tile
 from .weights import pack_weights
 
 _CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 MAX_VECTORS = 4  # the widest tile tried: 4 vectors of channels
+MIN_TILE_ROWS = 4  # fewer rows than this cannot hide a multiply-add's latency
 TIMED_CALLS = 5  # the best of these is a candidate's time
 
 
@@ -49,15 +52,20 @@ def tuning_enabled(tune: bool | None) -> bool:
     return os.environ.get("RESCOMPILE_TUNE", "1") != "0" if tune is None else tune
 
 
-def candidates(target, dtype: str, channels: int) -> list[tuple[int, int]]:
+def candidates(target, dtype: str, channels: int, rows: int | None = None
+               ) -> list[tuple[int, int]]:
     """The tiles worth trying for `channels` output channels: the derived one, and 2 to
-    MAX_VECTORS vectors wide where the channels fill that many vectors."""
+    MAX_VECTORS vectors wide where the channels fill that many vectors; with `rows` (a
+    weight gradient's depth), each width also with the most rows that divide them (the depth
+    of a 1 x 1, 16-channel layer is one tile of 16 rows or two of 8, not 14 and 2)."""
     lanes = target.lanes(dtype)
     tiles = [conv_tile(target, dtype, channels)]
     for nv in range(2, MAX_VECTORS + 1):
         if nv * lanes <= channels:
             tiles.append((min((target.registers - nv - 1) // nv, MAX_TILE_ROWS), nv))
-    return list(dict.fromkeys(tiles))
+    if rows:
+        tiles += [(max(d for d in range(1, mr + 1) if rows % d == 0), nv) for mr, nv in tiles]
+    return list(dict.fromkeys(tile for tile in tiles if tile[0] >= MIN_TILE_ROWS))
 
 
 class Tuner:
@@ -76,10 +84,10 @@ class Tuner:
         return cache_root(self.cache_dir) / "tuning" / f"{self.target.fingerprint}.json"
 
     def retile(self, steps: list, layouts: dict[str, Layout]):
-        """The steps with their tiles chosen, and (step name, why) for each conv step."""
+        """The steps with their tiles chosen, and (step name, why) for each tiled step."""
         out, remarks = [], []
         for step in steps:
-            if isinstance(step, Step) and isinstance(step.kernel, ConvKernel):
+            if isinstance(step, Step) and isinstance(step.kernel, (ConvKernel, WgradKernel)):
                 (mr, nv), why = self._choose(step, layouts)
                 step = retiled(step, mr, nv)
                 remarks.append((step.name, f"tile {mr}x{step.kernel.nr}: {why}"))
@@ -88,9 +96,11 @@ class Tuner:
 
     def _choose(self, step: Step, layouts) -> tuple[tuple[int, int], str]:
         kernel = step.kernel
-        tiles = candidates(self.target, self.dtype, step.channels)
+        depth = step.fields["kh"] * step.fields["kw"] * step.fields["cin"] \
+            if isinstance(kernel, WgradKernel) else None
+        tiles = candidates(self.target, self.dtype, step.channels, depth)
         derived = (kernel.mr, kernel.nv)
-        if kernel.sums is not None:
+        if getattr(kernel, "sums", None) is not None:
             return derived, "derived (its rows group the sums it makes)"
         if len(tiles) == 1:
             return derived, "derived (the only tile that fits its channels)"
@@ -142,13 +152,15 @@ class Tuner:
 
     # -- measuring ----------------------------------------------------------------------------
     def _gflops(self, step: Step, layouts) -> float:
-        """The step's kernel on one work item of random data, its best of TIMED_CALLS."""
+        """The step's kernel on one work item of random data (a reduction's: one chunk), its
+        best of TIMED_CALLS."""
         self.measured += 1
-        images = max(1, -(-PIXELS_PER_ITEM // step.pixels))
+        work = step.fixed_chunk or PIXELS_PER_ITEM
+        images = max(1, -(-work // step.pixels))
+        pixels = min(images * step.pixels, step.fixed_chunk or images * step.pixels)
         consts, pointers, keep = _arguments(step, layouts, images)
         call = _CALL(self.address(step.kernel))
-        args = (consts.ctypes.data, pointers.ctypes.data, 0, images * step.pixels, 0,
-                step.channels)
+        args = (consts.ctypes.data, pointers.ctypes.data, 0, pixels, 0, step.channels)
         call(*args)
         best = float("inf")
         for _ in range(TIMED_CALLS):
@@ -156,12 +168,16 @@ class Tuner:
             call(*args)
             best = min(best, time.perf_counter() - start)
         del keep
-        return step.flops * images / best / 1e9
+        return step.flops * pixels / step.pixels / best / 1e9
 
 
 def retiled(step: Step, mr: int, nv: int) -> Step:
-    """The conv step with an MR x NV tile (its weights packed for that width)."""
+    """The step with an MR x NV tile: a conv's weights packed for that width, a weight
+    gradient's channels cut in that many panels."""
     kernel = dataclasses.replace(step.kernel, mr=mr, nv=nv)
+    if isinstance(kernel, WgradKernel):
+        return dataclasses.replace(step, kernel=kernel, channel_align=kernel.nr,
+                                   groups=min(-(-step.channels // kernel.nr), WGRAD_GROUPS))
     uses = dict(step.uses, w=dataclasses.replace(step.uses["w"], nr=kernel.nr))
     return dataclasses.replace(step, kernel=kernel, uses=uses, pixel_align=mr,
                                channel_align=kernel.nr)
@@ -200,6 +216,8 @@ def _arguments(step: Step, layouts, images: int):
             cin, k = values["cin"], values["kh"]
             array = pack_weights(rng.standard_normal((k, k, cin, step.channels)).astype(kind),
                                  use.nr)
+        elif use.value in step.slots:  # a reduction's float64 slots
+            array = np.zeros(step.slots[use.value].slot_bytes // 8)
         elif pointer.role in step.tensors:  # where the arena would point: data, or window
             lay = layouts[step.tensors[pointer.role]]
             array = aligned_empty(images * lay.image * kind.itemsize).view(kind)
