@@ -37,13 +37,12 @@ from .arena import Layout, aligned_empty
 from .llvm.conv import ConvKernel
 from .llvm.wgrad import WgradKernel
 from .steps import Step
-from .tuning import MAX_TILE_ROWS, PIXELS_PER_ITEM, WGRAD_GROUPS, conv_tile
+from .tuning import MIN_TILE_ROWS, PIXELS_PER_ITEM, WGRAD_GROUPS, conv_tile, tile_rows
 from .weights import pack_weights
 
 _CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 MAX_VECTORS = 4  # the widest tile tried: 4 vectors of channels
-MIN_TILE_ROWS = 4  # fewer rows than this cannot hide a multiply-add's latency
 TIMED_CALLS = 5  # the best of these is a candidate's time
 
 
@@ -52,19 +51,15 @@ def tuning_enabled(tune: bool | None) -> bool:
     return os.environ.get("RESCOMPILE_TUNE", "1") != "0" if tune is None else tune
 
 
-def candidates(target, dtype: str, channels: int, rows: int | None = None
+def candidates(target, dtype: str, channels: int, depth: int | None = None
                ) -> list[tuple[int, int]]:
     """The tiles worth trying for `channels` output channels: the derived one, and 2 to
-    MAX_VECTORS vectors wide where the channels fill that many vectors; with `rows` (a
-    weight gradient's depth), each width also with the most rows that divide them (the depth
-    of a 1 x 1, 16-channel layer is one tile of 16 rows or two of 8, not 14 and 2)."""
-    lanes = target.lanes(dtype)
-    tiles = [conv_tile(target, dtype, channels)]
+    MAX_VECTORS vectors wide where the channels fill that many vectors, each with the most
+    rows it allows and (a weight gradient, of `depth` rows) with rows that divide the depth."""
+    tiles = [conv_tile(target, dtype, channels, depth)]
     for nv in range(2, MAX_VECTORS + 1):
-        if nv * lanes <= channels:
-            tiles.append((min((target.registers - nv - 1) // nv, MAX_TILE_ROWS), nv))
-    if rows:
-        tiles += [(max(d for d in range(1, mr + 1) if rows % d == 0), nv) for mr, nv in tiles]
+        if nv * target.lanes(dtype) <= channels:
+            tiles += [(tile_rows(target, nv), nv), (tile_rows(target, nv, depth), nv)]
     return list(dict.fromkeys(tile for tile in tiles if tile[0] >= MIN_TILE_ROWS))
 
 

@@ -101,7 +101,7 @@ def _grad_filter(node, graph, target, dtype):
     h, w, cin = image_shape(graph, x)
     oh, ow, cout = image_shape(graph, dy)
     pads = pads_2d(h, w, k, stride, node.attrs["padding"])
-    kernel = WgradKernel(dtype, target, *conv_tile(target, dtype, cout))
+    kernel = WgradKernel(dtype, target, *conv_tile(target, dtype, cout, depth=k * k * cin))
     partial = f"{node.name}:partial"
     slots = Slots(8 * k * k * cin * cout, oh * ow, WGRAD_CHUNK)
     step = Step(name=node.name, op=node.op, kernel=kernel,

@@ -47,15 +47,27 @@ def panels_outer(weight_bytes: int) -> bool:
 # A register tile's rows each need a pointer in a general-purpose register (16 on x86-64),
 # whatever the vector registers allow.
 MAX_TILE_ROWS = 14
+MIN_TILE_ROWS = 4  # fewer rows than this cannot hide a multiply-add's latency
 
 
-def conv_tile(target: Target, dtype: str, channels: int | None = None) -> tuple[int, int]:
+def tile_rows(target: Target, nv: int, depth: int | None = None) -> int:
+    """The rows of a tile NV vectors wide: as many as leave registers for the NV weight
+    vectors and one broadcast (6 on 16 registers, 14 on 32), at most MAX_TILE_ROWS; with a
+    weight gradient's `depth` (its rows), the most of those that divide it, if that is at
+    least MIN_TILE_ROWS (a 1 x 1, 16-channel layer: 8 rows twice, not 14 and then 2)."""
+    rows = min((target.registers - nv - 1) // nv, MAX_TILE_ROWS)
+    if depth:
+        divisor = max(d for d in range(1, rows + 1) if depth % d == 0)
+        rows = divisor if divisor >= MIN_TILE_ROWS else rows
+    return rows
+
+
+def conv_tile(target: Target, dtype: str, channels: int | None = None,
+              depth: int | None = None) -> tuple[int, int]:
     """(MR, NV) of the conv and weight-gradient register tiles for `channels` output channels:
     NV vectors of channels, 2 unless one vector holds them all (a 16-channel layer on
-    AVX-512 would otherwise leave half of every tile masked off), and as many rows as leave
-    registers for the NV weight vectors and one broadcast (6 on 16 registers, 14 on 32), at
-    most MAX_TILE_ROWS. Derived from the shapes and the instruction set alone: the rows group
-    the sums a conv makes of its output, so the tile must not depend on a measurement."""
-    lanes = target.lanes(dtype)
-    nv = 1 if channels is not None and channels <= lanes else 2
-    return min((target.registers - nv - 1) // nv, MAX_TILE_ROWS), nv
+    AVX-512 would otherwise leave half of every tile masked off), and `tile_rows` rows.
+    Derived from the shapes and the instruction set alone: the rows group the sums a conv
+    makes of its output, so the tile must not depend on a measurement."""
+    nv = 1 if channels is not None and channels <= target.lanes(dtype) else 2
+    return tile_rows(target, nv, depth), nv
