@@ -430,41 +430,58 @@ def timing_rows(methods: list, gflop_per_call: float, peak: float) -> list[dict]
     return rows
 
 
+def text_table(columns: list[tuple], rows: list[dict]) -> list[str]:
+    """A header and a line per row; a column is (title, format spec of its width, its cell
+    of a row as text)."""
+    return [" ".join(f"{title:{spec}}" for title, spec, _ in columns).rstrip()] + \
+        [" ".join(f"{cell(row):{spec}}" for _, spec, cell in columns).rstrip() for row in rows]
+
+
+def _or_dash(value, spec: str) -> str:
+    """A figure a row may lack (None, or zero where it means "none"), as "-"."""
+    return f"{value:{spec}}" if value else "-"
+
+
+TIMING_COLUMNS = [
+    ("method", "<12", lambda r: r["method"]),
+    ("contender", "<14", lambda r: r["contender"]),
+    ("median ms", ">10", lambda r: f"{r['median_ms']:.2f}"),
+    ("min-max ms", ">17", lambda r: f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"),
+    ("GFLOP/s", ">8", lambda r: f"{r['gflops']:.1f}"),
+    ("% peak", ">6", lambda r: f"{r['percent_of_peak']:.0f}"),
+    ("setup s", ">7", lambda r: f"{r['setup_s']:.1f}"),
+    ("pid", ">7", lambda r: str(r["pid"])),
+    ("frameworks", "<17", lambda r: ",".join(r["frameworks"]) or "-"),
+    ("rescompile vs it", "<16", lambda r: "" if r["contender"] == "rescompile"
+     else f"{r['rescompile_speedup']:.2f}x"),
+]
+
+PROFILE_COLUMNS = [
+    ("kernel (node)", "<40", lambda r: r["name"][:40]),
+    ("op", "<16", lambda r: r["op"][:16]),
+    ("calls", ">5", lambda r: str(r["calls"])),
+    ("ms", ">8", lambda r: f"{r['ms']:.3f}"),
+    ("wait", ">6", lambda r: f"{r['wait_ms']:.3f}"),
+    ("%", ">5", lambda r: f"{r['percent']:.1f}"),
+    ("GFLOP/s", ">8", lambda r: _or_dash(r["gflops"], ".1f")),
+    ("read MB", ">8", lambda r: f"{r['bytes_read'] / 1e6:.3f}"),
+    ("write MB", ">8", lambda r: f"{r['bytes_written'] / 1e6:.3f}"),
+    ("FLOP/B", ">7", lambda r: _or_dash(r["flop_per_byte"], ".1f")),
+]
+
+
 def format_rows(rows: list[dict]) -> list[str]:
-    lines = [f"{'method':<12} {'contender':<14} {'median ms':>10} {'min-max ms':>17} "
-             f"{'GFLOP/s':>8} {'% peak':>6} {'setup s':>7} {'pid':>7}  {'frameworks':<17} "
-             f"rescompile vs it"]
-    for r in rows:
-        if "not_run" in r:
-            lines.append(f"{r['method']:<12} {r['contender']:<14} {r['not_run']}")
-            continue
-        ratio = "" if r["contender"] == "rescompile" else f"{r['rescompile_speedup']:.2f}x"
-        spread = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
-        lines.append(f"{r['method']:<12} {r['contender']:<14} {r['median_ms']:>10.2f} "
-                     f"{spread:>17} {r['gflops']:>8.1f} {r['percent_of_peak']:>6.0f} "
-                     f"{r['setup_s']:>7.1f} {r['pid']:>7}  "
-                     f"{','.join(r['frameworks']) or '-':<17} {ratio}")
-    return lines
+    """`timing_rows` as a table, the contenders that did not run after it."""
+    ran = [r for r in rows if "not_run" not in r]
+    return text_table(TIMING_COLUMNS, ran) + [
+        f"{r['method']:<12} {r['contender']:<14} {r['not_run']}" for r in rows
+        if "not_run" in r]
 
 
 def format_host(host: dict) -> str:
     flags = ", ".join(f"{flag} {'yes' if host[flag] else 'no'}" for flag in BF16_FLAGS)
     return (f"{host['cpu_model']}; LLVM CPU {host['llvm_cpu']}, kernels for {host['isa']}; "
             f"{flags}; {host['date']}")
-
-
-def format_profile(rows: list[dict]) -> list[str]:
-    """The profile's rows (`CpuProgram.profile_rows`): time, FLOP rate and bytes per step."""
-    lines = [f"{'kernel (node)':<40} {'op':<16} {'calls':>5} {'ms':>8} {'wait':>6} "
-             f"{'%':>5} {'GFLOP/s':>8} {'read MB':>8} {'write MB':>8} {'FLOP/B':>7}"]
-    for row in rows:
-        gf = f"{row['gflops']:.1f}" if row["gflops"] else "-"
-        per_byte = f"{row['flop_per_byte']:.1f}" if row["flop_per_byte"] else "-"
-        lines.append(f"{row['name'][:40]:<40} {row['op'][:16]:<16} {row['calls']:>5} "
-                     f"{row['ms']:>8.3f} {row['wait_ms']:>6.3f} {row['percent']:>5.1f} "
-                     f"{gf:>8} {row['bytes_read'] / 1e6:>8.3f} "
-                     f"{row['bytes_written'] / 1e6:>8.3f} {per_byte:>7}")
-    return lines
 
 
 def format_report(r: Report) -> str:
@@ -491,7 +508,7 @@ def format_report(r: Report) -> str:
             "calls)")
     lines += format_rows(timing_rows(r.methods, r.gflop_per_call, peak))
     if r.profile:
-        lines += format_profile(r.profile)
+        lines += text_table(PROFILE_COLUMNS, r.profile)
     return "\n".join(lines)
 
 
