@@ -53,6 +53,15 @@ def aligned_empty(nbytes: int, zero: bool = True) -> np.ndarray:
     return raw[start:start + nbytes]
 
 
+def packed_nbytes(graph, use, itemsize: int) -> int:
+    """Bytes of a "packed" use's weights: panels of `nr` output channels, the last one
+    zero-padded (HWIO or [C, K]; a data gradient's panels run over the input channels)."""
+    *taps, cin, cout = graph.value(use.value).shape
+    if use.transform == "dgrad":
+        cin, cout = cout, cin
+    return -(-cout // use.nr) * use.nr * math.prod(taps) * cin * itemsize
+
+
 @dataclass(frozen=True)
 class Layout:
     """Strides (elements) of one image, and where its data starts inside its zero border."""
@@ -291,14 +300,10 @@ class Arena:
     @property
     def packed_bytes(self) -> int:
         """The program's packed weights for this schedule (packed at the first run)."""
-        graph, packed = self.program.graph, {}
-        for step in self.schedule.kernel_steps:
-            for use in step.uses.values():
-                if use.how == "packed":
-                    *taps, cout = graph.value(use.value).shape
-                    panels = -(-cout // use.nr)
-                    packed[use.value, use.nr, use.transform] = \
-                        panels * use.nr * math.prod(taps) * self.itemsize
+        graph = self.program.graph
+        packed = {(use.value, use.nr, use.transform): packed_nbytes(graph, use, self.itemsize)
+                  for step in self.schedule.kernel_steps for use in step.uses.values()
+                  if use.how == "packed"}
         return sum(packed.values())
 
     @property
