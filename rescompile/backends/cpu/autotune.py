@@ -37,6 +37,7 @@ from .arena import Layout, aligned_empty
 from .llvm.conv import ConvKernel
 from .llvm.wgrad import WgradKernel
 from .steps import Step
+from .target import cache_bytes
 from .tuning import MIN_TILE_ROWS, PIXELS_PER_ITEM, WGRAD_GROUPS, conv_tile, tile_rows
 from .weights import pack_weights
 
@@ -85,7 +86,8 @@ class Tuner:
             if isinstance(step, Step) and isinstance(step.kernel, (ConvKernel, WgradKernel)):
                 (mr, nv), why = self._choose(step, layouts)
                 step = retiled(step, mr, nv)
-                remarks.append((step.name, f"tile {mr}x{step.kernel.nr}: {why}"))
+                remarks.append((step.name, f"tile {mr}x{step.kernel.nr}: {why}"
+                                           f"{_panel_order(step)}"))
             out.append(step)
         return out, remarks
 
@@ -176,6 +178,17 @@ def retiled(step: Step, mr: int, nv: int) -> Step:
     uses = dict(step.uses, w=dataclasses.replace(step.uses["w"], nr=kernel.nr))
     return dataclasses.replace(step, kernel=kernel, uses=uses, pixel_align=mr,
                                channel_align=kernel.nr)
+
+
+def _panel_order(step: Step) -> str:
+    """Why a conv runs tiles or panels outer (`tuning.panels_outer`)."""
+    if "panels_outer" not in step.fields:
+        return ""
+    fields = step.fields
+    weights = fields["kh"] * fields["kw"] * fields["cin"] * step.channels \
+        * np.dtype(step.kernel.dtype).itemsize
+    order = "panels outer" if fields["panels_outer"] else "tiles outer"
+    return f"; {order} (weights {weights >> 10} KiB, L2 {cache_bytes(2) >> 10} KiB)"
 
 
 def _layer_key(step: Step, layouts) -> str:
