@@ -1,10 +1,16 @@
-"""TensorFlow's numbers for the seed model's *basic* residual unit (tf_resnet_basic_small.npz).
+"""TensorFlow's numbers for the seed model's *basic* residual unit (tf_resnet_basic_small.npz,
+and tf_resnet_basic_tiny.npz for the CUDA simulator).
 
 This script is not part of the test suite and needs TensorFlow, which rescompile does not
 depend on. Run it from a virtual environment of its own (see tests/oracle/README.md):
 
     TF_ENABLE_ONEDNN_OPTS=0 OMP_NUM_THREADS=1 /path/to/tfvenv/bin/python \
-        tests/oracle/make_tf_basic.py tests/data/tf_resnet_basic_small.npz
+        tests/oracle/make_tf_basic.py tests/data/tf_resnet_basic_small.npz [small]
+    ... tests/oracle/make_tf_basic.py tests/data/tf_resnet_basic_tiny.npz tiny
+
+The second argument picks the configuration (`CONFIGS`): "small" is the model file's filters
+on 16x16 images; "tiny" shrinks every size (filters 4, 4, 8, 16 with a 4-filter stem, one
+unit per stage, batch 2 of 8x8 images) so that Numba's CUDA simulator runs it in seconds.
 
 The model is a port of tensorflow/models `research/resnet/resnet_model.py` (the CIFAR ResNet of
 the project's seed) with `use_bottleneck=False`, so every unit is the model file's `_residual`:
@@ -53,7 +59,13 @@ tf.config.experimental.enable_op_determinism()
 v1 = tf.compat.v1
 
 SEED = 1234            # the bottleneck oracle's seed: the same images and labels
-BATCH, SIZE, NUM_CLASSES, UNITS_PER_STAGE = 4, 16, 10, 2
+CONFIGS = {  # batch, image size, units per stage, filters (the stem's first)
+    "small": (4, 16, 2, [16, 16, 32, 64]),
+    "tiny": (2, 8, 1, [4, 4, 8, 16]),
+}
+CONFIG = sys.argv[2] if len(sys.argv) > 2 else "small"
+BATCH, SIZE, UNITS_PER_STAGE, FILTERS = CONFIGS[CONFIG]
+NUM_CLASSES = 10
 LEARNING_RATE, MOMENTUM = 0.1, 0.9
 
 HParams = namedtuple("HParams",
@@ -96,14 +108,14 @@ class ResNet:
     def _build_model(self):
         with v1.variable_scope("init"):
             x = self._images
-            x = self._conv("init_conv", x, 3, 3, 16, self._stride_arr(1))
+            x = self._conv("init_conv", x, 3, 3, FILTERS[0], self._stride_arr(1))
         self.unit_outputs["init"] = x
 
         strides = [1, 2, 2]
         activate_before_residual = [True, False, False]
         assert not self.hps.use_bottleneck
         res_func = self._residual
-        filters = [16, 16, 32, 64]
+        filters = FILTERS  # the model file's [16, 16, 32, 64] in the "small" configuration
 
         for stage in range(3):
             with v1.variable_scope("unit_%d_0" % (stage + 1)):
@@ -542,12 +554,12 @@ def main(path):
         key=lambda t: -t[1])[:3]
 
     meta = {
-        "config": "basic_small",
+        "config": f"basic_{CONFIG}",
         "unit": "basic",
         "shortcut": "pool_pad",
         "N": UNITS_PER_STAGE, "batch": BATCH, "size": SIZE, "num_classes": NUM_CLASSES,
         "seed": SEED,
-        "filters": [16, 16, 32, 64], "strides": [1, 2, 2],
+        "filters": FILTERS, "strides": [1, 2, 2],
         "activate_before_residual": [True, False, False],
         "hparams": {"relu_leakiness": HPS.relu_leakiness, "bn_epsilon": 0.001,
                     "bn_decay": 0.9, "weight_decay": HPS.weight_decay_rate,
@@ -577,4 +589,4 @@ def main(path):
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else
-         os.path.join(os.path.dirname(__file__), "..", "data", "tf_resnet_basic_small.npz"))
+         os.path.join(os.path.dirname(__file__), "..", "data", f"tf_resnet_basic_{CONFIG}.npz"))
