@@ -97,17 +97,17 @@ OPS = {  # (preset, mode) -> kernel-level op (with its epilogue chain) -> count
         'fused_conv2d[bias_add+relu]': 7, 'global_avg_pool': 1, 'prepare:bn_affine_params': 6,
         'prepare:fold_bn_weights': 7},
     ('seed_basic_small', 'train'): {
-        'add': 15, 'avg_pool_grad': 2, 'batch_norm_relu_grad_apply': 8,
-        'batch_norm_relu_grad_sums': 1, 'conv2d_grad_filter': 13, 'conv2d_grad_input': 1,
-        'crop_channels': 2, 'dense': 1, 'fused_batch_norm_relu_grad_apply[add]': 5,
+        'add': 15, 'batch_norm_relu_grad_apply': 8, 'batch_norm_relu_grad_sums': 1,
+        'conv2d_grad_filter': 13, 'conv2d_grad_input': 1, 'dense': 1,
+        'fused_batch_norm_relu_grad_apply[add]': 5,
         'fused_conv2d[]+stats': 7, 'fused_conv2d[add]+stats': 4,
         'fused_conv2d[add_pooled]+stats': 2,
         'fused_conv2d_grad_input[]+batch_norm_relu_grad_sums': 11,
         'fused_conv2d_grad_input[add]+batch_norm_relu_grad_sums': 1,
         'fused_elementwise[batch_normalize+relu]': 13, 'global_avg_pool': 1,
         'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 14, 'matmul': 2,
-        'momentum_update': 41, 'moving_average': 26, 'softmax_cross_entropy': 1,
-        'softmax_cross_entropy_grad': 1, 'sum_rows': 1},
+        'momentum_update': 41, 'moving_average': 26, 'pool_pad_grad': 2,
+        'softmax_cross_entropy': 1, 'softmax_cross_entropy_grad': 1, 'sum_rows': 1},
     ('resnet18_imagenet', 'infer'): {
         'dense': 1, 'fused_conv2d[bias_add+add+relu]': 8, 'fused_conv2d[bias_add+relu]': 9,
         'fused_conv2d[bias_add]': 3, 'global_avg_pool': 1, 'max_pool': 1,
@@ -142,8 +142,8 @@ CUDA_LAUNCHES = {  # (preset, mode) -> entry -> launches at batch 4
     ('seed_basic_small', 'infer'):
         {'prepare': 13, 'forward': 19},
     ('seed_basic_small', 'train'):
-        {'forward': 84, 'backward': 117, 'loss_and_grads': 220, 'train_step': 221,
-         'step_gradients': 219, 'apply_gradients': 2},
+        {'forward': 84, 'backward': 115, 'loss_and_grads': 218, 'train_step': 219,
+         'step_gradients': 217, 'apply_gradients': 2},
 }
 CPU_STEPS = {  # (preset, mode) -> (entry -> (kernel calls, host steps), micro-kernels)
     ('digits', 'infer'):
@@ -160,8 +160,8 @@ CPU_STEPS = {  # (preset, mode) -> (entry -> (kernel calls, host steps), micro-k
     ('seed_basic_small', 'infer'):
         ({'forward': (16, 0)}, 7),
     ('seed_basic_small', 'train'):
-        ({'train_step': (114, 102), 'forward': (42, 0), 'backward': (73, 31),
-          'loss_and_grads': (115, 35), 'step_gradients': (114, 35),
+        ({'train_step': (112, 102), 'forward': (42, 0), 'backward': (71, 31),
+          'loss_and_grads': (113, 35), 'step_gradients': (112, 35),
           'apply_gradients': (0, 67)}, 18),
 }
 

@@ -7,7 +7,8 @@ An epilogue is a list of steps applied in order to a value, each a dict
 flows in as
 the op's first input and `args` index the node's inputs for the rest.
 `add_pooled` is the seed's shortcut read where it is added: `x + pad_channels(avg_pool(s))`, so
-the pooled, padded tensor is never written. `out2` is a second
+the pooled, padded tensor is never written; `pool_pad_grad` is its gradient in one kernel,
+`avg_pool_grad(crop_channels(dy))`. `out2` is a second
 epilogue applied to the first output, giving a second output (a unit's `x + shortcut` and the
 next unit's BN-ReLU of it). `stats` (training) appends the batch mean and variance of the
 first output, exactly as `batch_moments` computes them, so a batch norm's reduction runs in its
@@ -133,8 +134,20 @@ def _add_pooled_ref(attrs, x, other):
     return (x + pad_channels_reference(attrs["before"], attrs["after"], pooled),)
 
 
+def _pool_pad_grad_ref(attrs, dy):
+    (cropped,) = get("crop_channels").run_reference(attrs, dy)
+    return get("avg_pool_grad").run_reference(attrs, cropped)
+
+
+def _pool_pad_grad_shape(attrs, dy):
+    (cropped,) = get("crop_channels").shape(attrs, dy)
+    return get("avg_pool_grad").shape(attrs, cropped)
+
+
 define("add_pooled", kind="epilogue", shape=_add_pooled_shape, reference=_add_pooled_ref,
        flops=lambda a, ins, outs: numel(outs[0]) * (a["k"] ** 2 + 1))
+define("pool_pad_grad", kind="window", shape=_pool_pad_grad_shape, reference=_pool_pad_grad_ref,
+       flops=lambda a, ins, outs: numel(outs[0]))
 define("bias_add", kind="epilogue", shape=_bias_shape, reference=lambda a, x, b: (x + b,))
 define("fused_conv2d", kind="conv", head="conv2d", inputs=("x", "w"), shape=_fused_conv_shape,
        reference=_fused_conv_ref, outputs=_output_names,

@@ -13,12 +13,17 @@ rewritten the same way. `add_pooled` is an epilogue op, so `fuse_epilogues` then
 the convolution that makes y like any residual add: the kernel that makes the sum reads x's
 k x k blocks at the output pixel's position and its channel less `before`.
 
-Refusals, each reported: the pooled or padded value has another reader or is a public output
-(it is then written anyway, and the add reads it as it is), or is made in another phase than
-the add. In training the backward pass reads neither (their gradients need only shapes), so
-the forward's shortcut fuses there too.
+In training, the shortcut's gradient is the reverse chain, which becomes one kernel the same
+way (its result is a tensor the gradient add reads, so it is written once, not twice):
+
+    crop_channels(dy) -> c; avg_pool_grad(c) -> d     pool_pad_grad(dy) {k, in_hw, before, after}
+
+Refusals, each reported: the pooled, padded or cropped value has another reader or is a public
+output (it is then written anyway, and is read as it is), or is made in another phase than
+its reader. In training the backward pass reads neither forward value (their gradients need
+only shapes), so the forward's shortcut fuses there too.
 Numerics: none. add_pooled's reference is avg_pool's, pad_channels' and add's references in
-that order (`ops/fused.py`).
+that order, pool_pad_grad's crop_channels' then avg_pool_grad's (`ops/fused.py`).
 """
 
 from __future__ import annotations
@@ -38,45 +43,59 @@ def fuse_shortcut(graph: Graph) -> PassResult:
     protected = set(graph.outputs.values())
     values = dict(graph.values)
     placed, dropped, remarks = {}, set(), []
+
+    def alone(reader: Node, value: str) -> Node | None:
+        """What makes `value`, if `reader` alone reads it and may take its place; a refusal
+        is reported."""
+        node = producers.get(value)
+        readers = [u.name for u in consumers[value] if u.name != reader.name]
+        why = (f"{value} is also read by {', '.join(readers)}" if readers else
+               f"{value} is a public output" if value in protected else
+               f"it is in the {node.phase} phase, {reader.name} in {reader.phase}"
+               if node.phase != reader.phase else None)
+        if why:
+            remarks.append((node.name, f"not fused into {reader.name}: {why}"))
+        return None if why else node
+
     for node in graph.nodes:
-        if node.op != "add":
-            continue
-        for y, other in (node.inputs, node.inputs[::-1]):
-            chain = _chain(node, other, producers, consumers, protected, remarks)
-            if chain:
-                placed[node.name] = _fused(values, node, y, chain)
-                dropped.update(n.name for n in chain)
-                break
+        made = _pooled_add(values, node, producers, alone) if node.op == "add" else \
+            _pool_pad_grad(values, node, producers, alone) if node.op == "avg_pool_grad" else None
+        if made:
+            fused, absorbed = made
+            placed[node.name] = fused
+            dropped.update(n.name for n in absorbed)
     if not placed:
         return PassResult(graph, False, remarks)
     nodes = [placed.get(n.name, n) for n in graph.nodes if n.name not in dropped]
     return PassResult(rebuild(graph, nodes, values), True, remarks)
 
 
-def _chain(add: Node, value: str, producers, consumers, protected, remarks) -> list[Node]:
-    """The shortcut ops that make `value` for `add` alone, outermost first, each op at most
-    once and in SHORTCUT_OPS' order."""
-    chain, reader = [], add
-    for op in SHORTCUT_OPS:
-        node = producers.get(value)
-        if node is None or node.op != op:
-            continue
-        readers = [u.name for u in consumers[value] if u.name != reader.name]
-        why = (f"{value} is also read by {', '.join(readers)}" if readers else
-               f"{value} is a public output" if value in protected else
-               f"it is in the {node.phase} phase, the add in {add.phase}"
-               if node.phase != add.phase else None)
-        if why:
-            remarks.append((node.name, f"not read through {add.name}: {why}"))
-            break
-        chain.append(node)
-        reader, value = node, node.inputs[0]
-    return chain
+def _pooled_add(values, add: Node, producers, alone):
+    """add(y, pad_channels(avg_pool(x))) as add_pooled(y, x), and the nodes it absorbs."""
+    for y, other in (add.inputs, add.inputs[::-1]):
+        chain, reader, value = [], add, other
+        for op in SHORTCUT_OPS:
+            maker = producers.get(value)
+            if maker is None or maker.op != op:
+                continue
+            if alone(reader, value) is None:
+                break
+            chain.append(maker)
+            reader, value = maker, maker.inputs[0]
+        if chain:
+            attrs = dict(PLAIN)
+            for node in chain:
+                attrs.update(SHORTCUT_OPS[node.op](node.attrs))
+            return make_node(values, "add_pooled", [y, value], attrs, name=add.name,
+                             scope=add.scope, phase=add.phase, outputs=list(add.outputs)), chain
+    return None
 
 
-def _fused(values, add: Node, y: str, chain: list[Node]) -> Node:
-    attrs = dict(PLAIN)
-    for node in chain:
-        attrs.update(SHORTCUT_OPS[node.op](node.attrs))
-    return make_node(values, "add_pooled", [y, chain[-1].inputs[0]], attrs, name=add.name,
-                     scope=add.scope, phase=add.phase, outputs=list(add.outputs))
+def _pool_pad_grad(values, grad: Node, producers, alone):
+    """avg_pool_grad(crop_channels(dy)) as pool_pad_grad(dy), and the crop it absorbs."""
+    crop = producers.get(grad.inputs[0])
+    if crop is None or crop.op != "crop_channels" or alone(grad, grad.inputs[0]) is None:
+        return None
+    return make_node(values, "pool_pad_grad", list(crop.inputs), {**grad.attrs, **crop.attrs},
+                     name=grad.name, scope=grad.scope, phase=grad.phase,
+                     outputs=list(grad.outputs)), [crop]

@@ -256,7 +256,8 @@ def _pool_pad(node, graph, target, dtype):
 
 
 def _spread(node, graph, target, dtype):
-    """avg_pool_grad or crop_channels: dy spread over each block, from channel `before`."""
+    """avg_pool_grad, crop_channels or both (pool_pad_grad): dy spread over each block, from
+    channel `before`."""
     (dy,), (out,) = node.inputs, node.outputs
     h, w, c = image_shape(graph, out)
     rows, cols, _ = image_shape(graph, dy)
@@ -291,6 +292,7 @@ LOWERINGS = {
     "pad_channels": _pool_pad,
     "avg_pool_grad": _spread,
     "crop_channels": _spread,
+    "pool_pad_grad": _spread,
 }
 
 

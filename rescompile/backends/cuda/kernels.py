@@ -35,6 +35,7 @@ LOWER = {
     "pad_channels": pool.lower_pool_pad,
     "avg_pool_grad": pool.lower_spread,
     "crop_channels": pool.lower_spread,
+    "pool_pad_grad": pool.lower_spread,
 }
 # Every other op with an expression (exprs.RULES) is one elementwise kernel.
 LOWER.update({op: elementwise.lower_elementwise for op in exprs.RULES if op not in LOWER})

@@ -81,8 +81,9 @@ def lower_pool_pad(ctx: Context, node) -> list[Launch]:
 
 
 def lower_spread(ctx: Context, node) -> list[Launch]:
-    """avg_pool_grad (before = 0) or crop_channels (k = 1): each pixel of a k x k block takes
-    its block's dy from channel `before` on, divided by k * k; zero outside every block."""
+    """avg_pool_grad (before = 0), crop_channels (k = 1) or both (pool_pad_grad): each pixel
+    of a k x k block takes its block's dy from channel `before` on, divided by k * k; zero
+    outside every block."""
     (dy,), (out,) = node.inputs, node.outputs
     (_, h, w, c), (_, oh, ow, cd) = ctx.shape(out), ctx.shape(dy)
     k, before, dt = node.attrs.get("k", 1), node.attrs.get("before", 0), f"np.{ctx.dtype}"

@@ -125,7 +125,8 @@ class PoolPadKernel(PixelKernel):
 class SpreadKernel(PixelKernel):
     """The gradient of PoolPadKernel's output: out[n, h, w, c] = dy[n, h / k, w / k,
     c + before] / (k * k), zero for the rows and columns past the last whole block
-    (`rows` x `cols` blocks): avg_pool_grad with before = 0, crop_channels with k = 1."""
+    (`rows` x `cols` blocks): avg_pool_grad with before = 0, crop_channels with k = 1, and
+    pool_pad_grad, both at once."""
 
     kind = "spread"
     sizes, reads, writes = ("oh", "ow", "k", "before", "rows", "cols"), ("dy",), ("out",)
