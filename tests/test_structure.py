@@ -3,9 +3,9 @@ kernel-level ops (with their epilogue chains), the CUDA launches per entry and t
 calls and host steps per entry. The values were reviewed when written, for instance
 ResNet-164 inference is the README's 163 fused convs and 3 projections, with every batch norm
 folded, and the seed's basic units read their pooled, padded shortcut in the epilogue of the
-conv that adds it (`add_pooled`). Any lost or new fusion fails here and shows as a diff of the table. A test also proves
-that each pass of each pipeline moves at least one of these tables, so none can be deleted
-quietly. A final test finds import cycles.
+conv that adds it (`add_pooled`). Any lost or new fusion fails here and shows as a diff of the
+table. A test also proves that each pass of each pipeline moves at least one of these tables,
+so none can be deleted quietly. A final test finds import cycles.
 """
 
 import ast

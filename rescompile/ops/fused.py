@@ -116,6 +116,13 @@ def _fold_shape(attrs, w, gamma, beta, mean, var):
     return [w, gamma]
 
 
+def pool_pad_params(attrs) -> tuple[int, int]:
+    """(k, before) of any op of the pooled shortcut or its gradient: avg_pool and
+    avg_pool_grad have no channel offset (before = 0), pad_channels and crop_channels no pool
+    (k = 1), add_pooled and pool_pad_grad both."""
+    return attrs.get("k", 1), attrs.get("before", 0)
+
+
 def pooled_shape(attrs, other) -> tuple:
     """The shape of `other` average-pooled over k x k blocks and channel-padded."""
     k, n, h, w, c = attrs["k"], *other

@@ -18,6 +18,7 @@ depends on the number of threads.
 from __future__ import annotations
 
 from ...errors import GraphError, UsageError
+from ...ops.fused import pool_pad_params
 from ...ops.fused_train import GRAD_HALVES
 from ...ops.registry import get, kind_of
 from ...padding import pads_2d
@@ -249,8 +250,8 @@ def _pool_pad(node, graph, target, dtype):
     """avg_pool or pad_channels: the pooled, padded read of the input (k = 1 or before = 0)."""
     (x,), (out,) = node.inputs, node.outputs
     oh, ow, c = image_shape(graph, out)
-    fields = dict(oh=oh, ow=ow, k=node.attrs.get("k", 1), before=node.attrs.get("before", 0),
-                  channels=image_shape(graph, x)[2])
+    k, before = pool_pad_params(node.attrs)
+    fields = dict(oh=oh, ow=ow, k=k, before=before, channels=image_shape(graph, x)[2])
     return [pixel_step(node, PoolPadKernel(dtype, target), {"x": x, "out": out}, fields,
                        oh * ow, c, pixel_split(oh * ow))]
 
@@ -261,8 +262,8 @@ def _spread(node, graph, target, dtype):
     (dy,), (out,) = node.inputs, node.outputs
     h, w, c = image_shape(graph, out)
     rows, cols, _ = image_shape(graph, dy)
-    fields = dict(oh=h, ow=w, k=node.attrs.get("k", 1), before=node.attrs.get("before", 0),
-                  rows=rows, cols=cols)
+    k, before = pool_pad_params(node.attrs)
+    fields = dict(oh=h, ow=w, k=k, before=before, rows=rows, cols=cols)
     return [pixel_step(node, SpreadKernel(dtype, target), {"dy": dy, "out": out}, fields,
                        h * w, c, pixel_split(h * w))]
 

@@ -9,6 +9,7 @@ no two threads write one address: no atomics, deterministic.
 
 from __future__ import annotations
 
+from ...ops.fused import pool_pad_params
 from ...padding import pads_2d
 from .elementwise import Operand, loop_launch
 from .launch import Context, Launch, value
@@ -73,8 +74,8 @@ def lower_pool_pad(ctx: Context, node) -> list[Launch]:
     """avg_pool (before = 0) or pad_channels (k = 1): the pooled read of the input."""
     (x,), (out,) = node.inputs, node.outputs
     size = ctx.size(out)
-    prelude = pooled_read("in0", ctx.shape(out), ctx.shape(x), node.attrs.get("k", 1),
-                          node.attrs.get("before", 0), "i", f"np.{ctx.dtype}", "pooled")
+    prelude = pooled_read("in0", ctx.shape(out), ctx.shape(x), *pool_pad_params(node.attrs),
+                          "i", f"np.{ctx.dtype}", "pooled")
     return [loop_launch(ctx, node.name, size, [Operand(value(x), None, ctx.size(x))],
                         [Operand(value(out), "i", size)], lambda e, loads: ["pooled"],
                         f"{node.op} {node.name}", prelude)]
@@ -86,7 +87,7 @@ def lower_spread(ctx: Context, node) -> list[Launch]:
     outside every block."""
     (dy,), (out,) = node.inputs, node.outputs
     (_, h, w, c), (_, oh, ow, cd) = ctx.shape(out), ctx.shape(dy)
-    k, before, dt = node.attrs.get("k", 1), node.attrs.get("before", 0), f"np.{ctx.dtype}"
+    (k, before), dt = pool_pad_params(node.attrs), f"np.{ctx.dtype}"
     prelude = [f"p = i // {c}", f"bh = (p // {w}) % {h} // {k}", f"bw = p % {w} // {k}",
                f"share = {dt}(0)", f"if bh < {oh} and bw < {ow}:",
                f"    share = in0[((p // {h * w} * {oh} + bh) * {ow} + bw) * {cd} + i % {c} + "

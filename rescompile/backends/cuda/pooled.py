@@ -30,4 +30,3 @@ def pooled_operands(node) -> dict[int, dict]:
     if node.op == "add_pooled":
         steps = [{"op": node.op, "args": [1], **node.attrs}]
     return {step["args"][0]: step for step in steps if step["op"] == "add_pooled"}
-
