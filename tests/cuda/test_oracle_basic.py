@@ -12,6 +12,7 @@ import pytest
 
 import cuda_helpers  # noqa: F401  (skips this module without a GPU or the simulator)
 import rescompile as rc
+from rescompile.dump import kernel_label
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PRECISIONS = {"float64": ("f64/", 1e-10, 1e-9), "float32": ("", 1e-5, 2e-5)}
@@ -41,14 +42,19 @@ def executable(mode, dtype, oracle):
 @pytest.mark.parametrize("dtype", list(PRECISIONS))
 def test_eval_logits(oracle, dtype):
     prefix, forward_tol, _ = PRECISIONS[dtype]
-    logits = executable("infer", dtype, oracle).forward(oracle["images"])
+    exe = executable("infer", dtype, oracle)
+    assert "fused_conv2d[add_pooled|affine+relu]" in {kernel_label(n) for n in exe.graph.nodes}
+    logits = exe.forward(oracle["images"])
     assert rel_err(logits, oracle[prefix + "eval/logits"]) < forward_tol
 
 
 def test_loss_gradients_and_one_momentum_step_float32(oracle):
-    """(float64 training adds a minute under the simulator and no code path of its own.)"""
-    _, forward_tol, tol = PRECISIONS["float32"]
+    """(float64 training adds a minute under the simulator and no code path of its own.) The
+    graphs hold add_pooled in conv epilogues (both modes) and pool_pad_grad."""
+    _, _, tol = PRECISIONS["float32"]
     exe = executable("train", "float32", oracle)
+    labels = {kernel_label(n) for n in exe.graph.nodes}
+    assert {"fused_conv2d[add_pooled]+stats", "pool_pad_grad"} <= labels, labels
     loss, grads = exe.loss_and_grads(oracle["images"], oracle["label_index"])
     assert abs(loss - oracle["train/cost_correct"]) < tol * abs(loss)
     for name, grad in grads.items():
