@@ -18,12 +18,13 @@ from .target import DTYPE_BYTES, Target
 from .tuning import PIXEL_SPLIT_MIN, REDUCE_CHUNK, conv_tile, panels_outer
 
 
-def chain_arguments(kernel, chains, inputs) -> tuple[dict, dict, dict]:
-    """Pointer uses, strided tensors and scalar fields of a kernel's epilogue chains, from the
-    node's epilogue steps (whose args index `inputs`)."""
+def chain_arguments(kernel, chains, inputs, graph) -> tuple[dict, dict, dict]:
+    """Pointer uses, strided tensors and scalar and size fields of a kernel's epilogue chains,
+    from the node's epilogue steps (whose args index `inputs`)."""
     uses, tensors, fields = {}, {}, {}
     for chain, steps in zip(kernel.chains, chains):
-        more_uses, more_tensors, more_fields = chain.arguments(list(steps), inputs)
+        more_uses, more_tensors, more_fields = chain.arguments(
+            list(steps), inputs, lambda value: image_shape(graph, value)[2])
         uses.update({role: Use(value) for role, value in more_uses.items()})
         tensors.update(more_tensors)
         fields.update(more_fields)
@@ -71,8 +72,9 @@ class Sums:
     scalars: dict = field(default_factory=dict)
 
 
-def conv_step(node, dtype: str, target: Target, x: str, weights: Use, geometry: ConvGeometry,
-              outputs, epi=(), out2=None, sums: Sums | None = None, inputs=None) -> Step:
+def conv_step(node, graph, dtype: str, target: Target, x: str, weights: Use,
+              geometry: ConvGeometry, outputs, epi=(), out2=None, sums: Sums | None = None,
+              inputs=None) -> Step:
     """A convolution step: x through the packed weights into outputs (and out2), with the
     epilogue (whose args index `inputs`, the node's by default), and with `sums` of its
     output."""
@@ -89,7 +91,7 @@ def conv_step(node, dtype: str, target: Target, x: str, weights: Use, geometry: 
     weight_bytes = geometry.k ** 2 * cin * geometry.cout * size
     fields = dict(cin=cin, kh=geometry.k, kw=geometry.k, stride=geometry.stride, oh=oh, ow=ow,
                   panels_outer=int(panels_outer(weight_bytes)))
-    more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs))
+    more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs), graph)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
     step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
@@ -147,7 +149,8 @@ def eltwise_step(node, graph, target, dtype, epi, out2, inputs=None, outputs=Non
     uses, tensors = output_uses(kernel, outputs)
     uses["x"], tensors["x"] = Use(inputs[0]), inputs[0]
     fields = dict(oh=h, ow=w)
-    for have, extra in zip((uses, tensors, fields), chain_arguments(kernel, (epi, out2), inputs)):
+    more = chain_arguments(kernel, (epi, out2), inputs, graph)
+    for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
     return Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
                 fields=fields, pixels=h * w, channels=c, channel_align=kernel.lanes,
