@@ -1,5 +1,10 @@
 """Whole-model CPU timings: rescompile's cpu backend beside PyTorch eager, torch.compile and
-ONNX Runtime, in one process, with the same weights.
+ONNX Runtime, with the same weights, timed two ways (every row says which):
+
+    own process   each contender alone in a fresh process (batch-1 cases; `--own-process`
+                  for every case): it warms up, then times its calls, with no other
+                  framework's thread pool beside it
+    interleaved   all of them in this process, in interleaved rounds
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \\
         PYTHONPATH=. .venv/bin/python benchmarks/bench_models.py --compile --out bench.json
@@ -13,10 +18,12 @@ Cases, all float32 on 2 threads:
 
 Peers (`rescompile.bench.PEERS`): PyTorch eager (channels_last), torch.compile (inductor; with
 freezing in inference), ONNX Runtime (all graph optimisations, inference only), each given
-`torch.set_num_threads(2)` / `intra_op_num_threads=2`. Timing: a warm-up call, then `--reps`
-timed calls per implementation in each of `--rounds` interleaved rounds; median, min and max
-over all timed calls. GFLOP/s and "% of peak" use the model's FLOPs and the FMA peak measured
-by the kernel library's own loop on 2 threads in the same run. For a train step, the memory it costs is
+`torch.set_num_threads(2)` / `intra_op_num_threads=2`. Timing, by either method: a warm-up
+call, then `--reps` timed calls per implementation in each of `--rounds` rounds; median, min
+and max over all timed calls. GFLOP/s and "% of peak" use the model's FLOPs and the FMA peak
+measured by the kernel library's own loop on 2 threads in the same run. The output names the
+CPU model, the LLVM CPU, the ISA the kernels were built for, the host's bfloat16 flags and the
+date (`rescompile.bench.host_info`). For a train step, the memory it costs is
 measured too: a fresh process's peak resident memory growth over two steps, for rescompile and
 PyTorch eager (`rescompile.bench.step_memory`). `--compile` also times compiling
 each model and mode of the cases in fresh processes, from `rescompile.compile`
@@ -44,7 +51,10 @@ sys.path.insert(0, str(ROOT))
 import rescompile  # noqa: E402
 from rescompile.backends.cpu.llvm.measure import fma_peak_gflops  # noqa: E402
 from rescompile.backends.cpu.target import host_target  # noqa: E402
-from rescompile.bench import gflop, interleaved, peer_runners, step_memory  # noqa: E402
+from rescompile.bench import (  # noqa: E402
+    INTERLEAVED, OWN_PROCESS, PEERS, PROFILE_COLUMNS, Method, format_host, format_rows, gflop,
+    host_info, interleaved_contenders, own_processes, peer_runners, step_memory, text_table,
+    timing_rows)
 
 PRESETS = ROOT / "rescompile" / "presets"
 CASES = {  # name -> (preset file, mode, batch)
@@ -56,9 +66,13 @@ CASES = {  # name -> (preset file, mode, batch)
 THREADS = 2
 
 
-def run_case(name, reps, rounds, want_peers, peak):
+def run_case(name, reps, rounds, peers, peak, own_process):
     preset, mode, n = CASES[name]
     spec = rescompile.load_spec(PRESETS / preset)
+    methods = []
+    if n == 1 or own_process:  # first: this process holds no peer's threads yet
+        methods.append(Method(OWN_PROCESS, own_processes(
+            spec, mode, n, "cpu", "float32", ("rescompile", *peers), THREADS, rounds, reps)))
     start = time.perf_counter()
     exe = rescompile.compile(spec, mode=mode, backend="cpu")
     rng = np.random.default_rng(0)
@@ -74,34 +88,22 @@ def run_case(name, reps, rounds, want_peers, peak):
             return exe.train_step(images, labels)
     first = ours()
     compile_s = time.perf_counter() - start
-    runners = peer_runners(spec, exe, mode, images, labels, THREADS) if want_peers else {}
-    ready = {k: v for k, v in runners.items() if not isinstance(v, str)}
+    runners = peer_runners(spec, exe, mode, images, labels, THREADS, peers)
     agreement = {}
     if mode == "infer":
-        for peer, (fn, _) in ready.items():
-            got = fn()
-            agreement[peer] = float(np.abs(got - first).max() / np.abs(first).max())
-    timings = interleaved({"rescompile": ours, **{k: fn for k, (fn, _) in ready.items()}},
-                          rounds, reps)
+        for peer, runner in runners.items():
+            if not isinstance(runner, str):
+                got = runner[0]()
+                agreement[peer] = float(np.abs(got - first).max() / np.abs(first).max())
+    methods.append(Method(INTERLEAVED, interleaved_contenders(ours, compile_s, runners, rounds,
+                                                              reps)))
     work = gflop(exe, n)
-    impls = {}
-    for impl, timing in timings.items():
-        ms = timing.median_s * 1e3
-        impls[impl] = {"median_ms": ms, "min_ms": timing.min_s * 1e3,
-                       "max_ms": timing.max_s * 1e3, "samples": timing.runs,
-                       "gflops": work / timing.median_s,
-                       "percent_of_peak": 100 * work / timing.median_s / peak,
-                       "setup_s": compile_s if impl == "rescompile" else ready[impl][1]}
-    ours_ms = impls["rescompile"]["median_ms"]
     memory = ({who: step_memory(spec, mode, n, "float32", who) for who in ("rescompile",
                                                                           "pytorch")}
-              if mode == "train" and want_peers else {})
-    return {"case": name, "batch": n, "mode": mode, "gflop_per_call": work, "impls": impls,
-            "step_memory_bytes": memory,
-            "not_run": {k: v for k, v in runners.items() if isinstance(v, str)},
-            "max_rel_diff_vs_rescompile": agreement,
-            "speedup_vs": {k: v["median_ms"] / ours_ms for k, v in impls.items()
-                           if k != "rescompile"}}, exe
+              if mode == "train" and "pytorch" in peers else {})
+    return {"case": name, "batch": n, "mode": mode, "gflop_per_call": work,
+            "rows": timing_rows(methods, work, peak), "step_memory_bytes": memory,
+            "max_rel_diff_vs_rescompile": agreement}, exe
 
 
 def compile_times(cases) -> dict:
@@ -111,7 +113,8 @@ def compile_times(cases) -> dict:
               "import rescompile; t = time.perf_counter();"
               "s = rescompile.load_spec({preset!r});"
               "e = rescompile.compile(s, mode={mode!r}, backend='cpu', cache_dir={cache!r});"
-              "x = np.zeros((2, *s.model.input), np.float32);"
+              "x = np.random.default_rng(0).standard_normal((2, *s.model.input))"
+              ".astype(np.float32);"
               "e.forward(x) if {mode!r} == 'infer' else e.train_step(x, [0, 1]);"
               "print(time.perf_counter() - t)")
     out = {}
@@ -132,13 +135,9 @@ def compile_times(cases) -> dict:
 
 def environment(peak: float) -> dict:
     import numba
-    target = host_target()
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"loadavg_before": os.getloadavg(), "cpus": os.cpu_count(), "cpu_model": cpu,
-            "llvm_cpu": target.cpu, "isa": target.isa, "fma_peak_gflops": peak,
-            "python": platform.python_version(), "numba": numba.__version__,
+    return {"loadavg_before": os.getloadavg(), "cpus": os.cpu_count(), **host_info(),
+            "fma_peak_gflops": peak, "python": platform.python_version(),
+            "numba": numba.__version__,
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
             "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
 
@@ -149,6 +148,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--own-process", action="store_true",
+                        help="time every case in own processes too (batch 1 always is)")
     parser.add_argument("--profile", action="store_true",
                         help="also record rescompile's per-kernel profile (top 12 printed)")
     parser.add_argument("--compile", action="store_true",
@@ -158,19 +159,16 @@ def main(argv=None) -> int:
 
     peak = fma_peak_gflops(host_target(), THREADS)
     env = environment(peak)
-    print(f"load average {env['loadavg_before']}, {env['cpus']} CPUs, {env['cpu_model']} "
-          f"({env['llvm_cpu']}, kernels for {env['isa']}), FMA peak {peak:.0f} GFLOP/s on "
-          f"{THREADS} threads")
+    print(f"{format_host(env)}\nload average {env['loadavg_before']}, {env['cpus']} CPUs, "
+          f"FMA peak {peak:.0f} GFLOP/s on {THREADS} threads")
+    peers = () if args.no_peers else tuple(PEERS)
     results = []
     for name in args.cases:
-        result, exe = run_case(name, args.reps, args.rounds, not args.no_peers, peak)
+        result, exe = run_case(name, args.reps, args.rounds, peers, peak, args.own_process)
         result["loadavg_after"] = os.getloadavg()
         results.append(result)
-        line = "  ".join(f"{k} {v['median_ms']:.1f} ms [{v['min_ms']:.1f}-{v['max_ms']:.1f}] "
-                         f"{v['percent_of_peak']:.0f}%" for k, v in result["impls"].items())
-        ratios = "  ".join(f"{v:.2f}x vs {k}" for k, v in result["speedup_vs"].items())
-        print(f"{name:16s} {line}  | rescompile {ratios} (load "
-              f"{result['loadavg_after'][0]:.2f})", flush=True)
+        print(f"{name} (load {result['loadavg_after'][0]:.2f})", flush=True)
+        print("\n".join("  " + line for line in format_rows(result["rows"])), flush=True)
         for who, used in result["step_memory_bytes"].items():
             print(f"  step memory {who}: {used / 2**20:.0f} MiB" if isinstance(used, int)
                   else f"  step memory {who}: {used}")
@@ -188,7 +186,7 @@ def main(argv=None) -> int:
 
 
 def profile(exe, name) -> list:
-    """Per-step milliseconds of one more call, slowest first."""
+    """Per-step milliseconds, FLOP rates and bytes of one more call, slowest first."""
     preset, mode, n = CASES[name]
     rng = np.random.default_rng(0)
     images = rng.standard_normal((n, *exe.spec.model.input)).astype(np.float32)
@@ -200,9 +198,7 @@ def profile(exe, name) -> list:
     rows = exe.program.profile_rows(n)
     exe.program.profile = None
     print(f"  profile {name}: {sum(r['ms'] for r in rows):.1f} ms in {len(rows)} steps")
-    for row in rows[:12]:
-        gf = f"{row['gflops']:.1f} GFLOP/s" if row["gflops"] else ""
-        print(f"    {row['ms']:8.2f} ms  {row['name']}  {gf}")
+    print("\n".join("    " + line for line in text_table(PROFILE_COLUMNS, rows[:12])))
     return rows
 
 

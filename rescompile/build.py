@@ -1,18 +1,26 @@
 """Spec -> forward graph, with every variable named as in the seed's TensorFlow scopes.
 
-The seed's pre-activation bottleneck (v2) and ResNet v1's post-activation bottleneck are both
-built here; they share the scope scheme (`unit_1_0/sub1/conv1/DW`, `.../sub2/bn2/gamma`,
-`.../sub_add/project/DW`), v1 adding `sub1/bn1` and `sub_add/project_bn`.
+Pre-activation units (v2, the seed's) and ResNet v1's post-activation units, bottleneck (1x1,
+3x3, 1x1) or basic (3x3, 3x3), are all built here; they share the scope scheme
+(`unit_1_0/sub1/conv1/DW`, `.../sub2/bn2/gamma`, `.../sub_add/project/DW`), v1 adding
+`sub1/bn1` and `sub_add/project_bn`. The shortcut is a projection or the seed's `_residual`
+one: an average pool with the stride and zero channels on both sides, which has no variables.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .errors import UsageError
 from .ir import BATCH, Graph, verify
 from .precision import compute_dtype
-from .spec import STEMS
+from .spec import STEMS, unit_convs
+
+# The scope of a pre-activation unit's first batch norm, when the shortcut is taken after it
+# (activate_before_residual) and when before it, as the seed's model file names them.
+ACTIVATION_SCOPES = {"bottleneck": ("common_bn_relu", "residual_bn_relu"),
+                     "basic": ("shared_activation", "residual_only_activation")}
 
 MODES = ("train", "infer")
 
@@ -122,39 +130,56 @@ class _Builder:
         self.activations[scope] = y
         return y
 
-    def strides(self, stride: int) -> tuple[int, int]:
-        """(conv1 stride, conv2 stride): the spec says which conv of a unit downsamples."""
-        return (stride, 1) if self.model.stride_on == "conv1" else (1, stride)
+    def convs(self, out_f: int, stride: int):
+        """(scope of conv k, kernel size, filters, stride) of the residual branch."""
+        convs = unit_convs(dataclasses.asdict(self.model), out_f, stride)
+        return [(f"sub{k}", *conv) for k, conv in enumerate(convs, start=1)]
 
     def preact_unit(self, scope, x, in_f, out_f, stride, activate_before_residual):
-        s1, s2 = self.strides(stride)
+        shared, residual_only = ACTIVATION_SCOPES[self.model.unit]
         if activate_before_residual:
-            x = self.bn_relu(f"{scope}/common_bn_relu/init_bn", x)
+            x = self.bn_relu(f"{scope}/{shared}/init_bn", x)
             shortcut = x
         else:
             shortcut = x
-            x = self.bn_relu(f"{scope}/residual_bn_relu/init_bn", x)
-        x = self.conv(f"{scope}/sub1/conv1", x, 1, out_f // 4, s1)
-        x = self.bn_relu(f"{scope}/sub2/bn2", x)
-        x = self.conv(f"{scope}/sub2/conv2", x, 3, out_f // 4, s2)
-        x = self.bn_relu(f"{scope}/sub3/bn3", x)
-        x = self.conv(f"{scope}/sub3/conv3", x, 1, out_f, 1)
-        if in_f != out_f or stride != 1:
-            shortcut = self.conv(f"{scope}/sub_add/project", shortcut, 1, out_f, stride)
+            x = self.bn_relu(f"{scope}/{residual_only}/init_bn", x)
+        for k, (sub, size, filters, s) in enumerate(self.convs(out_f, stride), start=1):
+            if k > 1:
+                x = self.bn_relu(f"{scope}/{sub}/bn{k}", x)
+            x = self.conv(f"{scope}/{sub}/conv{k}", x, size, filters, s)
+        shortcut = self.shortcut(scope, shortcut, in_f, out_f, stride)
         return self.node("add", [x, shortcut], {}, f"{scope}/sub_add/add")
 
     def postact_unit(self, scope, x, in_f, out_f, stride, _activate_before_residual):
-        s1, s2 = self.strides(stride)
         shortcut = x
-        mid = out_f // 4
-        x = self.bn_relu(f"{scope}/sub1/bn1", self.conv(f"{scope}/sub1/conv1", x, 1, mid, s1))
-        x = self.bn_relu(f"{scope}/sub2/bn2", self.conv(f"{scope}/sub2/conv2", x, 3, mid, s2))
-        x = self.batch_norm(f"{scope}/sub3/bn3", self.conv(f"{scope}/sub3/conv3", x, 1, out_f, 1))
-        if in_f != out_f or stride != 1:
-            shortcut = self.conv(f"{scope}/sub_add/project", shortcut, 1, out_f, stride)
-            shortcut = self.batch_norm(f"{scope}/sub_add/project_bn", shortcut)
+        convs = self.convs(out_f, stride)
+        for k, (sub, size, filters, s) in enumerate(convs, start=1):
+            x = self.batch_norm(f"{scope}/{sub}/bn{k}",
+                                self.conv(f"{scope}/{sub}/conv{k}", x, size, filters, s))
+            if k < len(convs):
+                x = self.relu(f"{scope}/{sub}", x)
+        shortcut = self.shortcut(scope, shortcut, in_f, out_f, stride)
         return self.relu(f"{scope}/sub_add", self.node("add", [x, shortcut], {},
                                                        f"{scope}/sub_add/add"))
+
+    def shortcut(self, scope, x, in_f, out_f, stride) -> str:
+        """The identity where the shape does not change; else a 1x1 projection (with batch
+        norm in v1), or the seed's average pool with the stride and zero channels on both
+        sides (no variables)."""
+        if in_f == out_f and stride == 1:
+            return x
+        if self.model.shortcut == "projection":
+            x = self.conv(f"{scope}/sub_add/project", x, 1, out_f, stride)
+            if not self.model.preactivation:
+                x = self.batch_norm(f"{scope}/sub_add/project_bn", x)
+            return x
+        if stride > 1:
+            x = self.node("avg_pool", [x], {"k": stride}, f"{scope}/sub_add/pool")
+        if out_f > in_f:
+            pad = (out_f - in_f) // 2
+            x = self.node("pad_channels", [x], {"before": pad, "after": out_f - in_f - pad},
+                          f"{scope}/sub_add/pad")
+        return x
 
     def head(self, x: str) -> str:
         if self.model.preactivation:

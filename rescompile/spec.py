@@ -3,8 +3,9 @@
 A spec arrives as TOML, JSON or a dict and leaves as frozen dataclasses. Validation is
 table-driven: each section is a table mapping a key to a *check*, a function
 ``(raw value, dotted path) -> canonical value`` that raises :class:`SpecError` naming the path
-and what is allowed. Cross-field rules (filters divisible by 4, input large enough for the
-strides, ...) run after a section's keys have been checked one by one.
+and what is allowed. Cross-field rules (a bottleneck's inner width a whole number, input large
+enough for the strides, a pooled shortcut that fits, ...) run after a section's keys have been
+checked one by one.
 
 Canonical values are tuples (never lists) and floats (never ints where a float is meant), so
 two equal specs hash and digest alike however they were written.
@@ -32,6 +33,7 @@ import numpy as np
 
 from .errors import SpecError
 from .fileio import read_bounded
+from .padding import out_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,6 +64,8 @@ class ModelSpec:
     stem: str
     stem_filters: int
     unit: str
+    shortcut: str
+    bottleneck_width: float
     preactivation: bool
     stride_on: str
     padding: str
@@ -326,8 +330,20 @@ class Stem:
 
 
 STEMS = {"cifar": Stem(3, 1), "imagenet": Stem(7, 2, pool=(3, 2))}
-# Each unit kind's constraint on a stage's filters, as (divisor, why).
-_UNIT_FILTER_DIVISOR = {"bottleneck": (4, "a bottleneck unit has filters/4 inner channels")}
+UNITS = ("bottleneck", "basic")
+SHORTCUTS = ("projection", "pool_pad")
+
+
+def unit_convs(model: Mapping, out_f: int, stride: int) -> list[tuple[int, int, int]]:
+    """(kernel size, filters, stride) of each conv of a unit's residual branch, in order, for
+    a model's fields (`unit`, `bottleneck_width`, `stride_on`): a bottleneck's 1x1, 3x3, 1x1
+    with `bottleneck_width * out_f` inner channels, or a basic unit's two 3x3; `stride_on`
+    says which of the first two convs downsamples."""
+    first, second = (stride, 1) if model["stride_on"] == "conv1" else (1, stride)
+    if model["unit"] == "basic":
+        return [(3, out_f, first), (3, out_f, second)]
+    inner = round(out_f * model["bottleneck_width"])
+    return [(1, inner, first), (3, inner, second), (1, out_f, 1)]
 
 # Upper bounds on sizes: far above any ResNet trained (ResNet-1001 has 111 units a stage and
 # 1024 filters), low enough that a typo cannot ask for a graph of millions of nodes.
@@ -368,11 +384,7 @@ def _model_rule(model: dict, path: str) -> None:
     units = sum(stage["units"] for stage in stages)
     if units > MAX_UNITS:
         raise SpecError(f"{path}.stages: at most {MAX_UNITS} units in all stages, got {units}")
-    divisor, why = _UNIT_FILTER_DIVISOR[model["unit"]]
-    for i, stage in enumerate(stages):
-        if stage["filters"] % divisor:
-            raise SpecError(f"{path}.stages[{i}].filters: must be divisible by {divisor} "
-                            f"({why}), got {stage['filters']}")
+    _check_width(model, path)
 
     if model["activate_before_residual"] is _DERIVED:
         # The seed's rule: only the first stage activates before taking the shortcut.
@@ -389,10 +401,61 @@ def _model_rule(model: dict, path: str) -> None:
         raise SpecError(f"{path}.input: height and width must be >= the total stride {total} "
                         f"(stem {strides[0]} x stages {'*'.join(map(str, strides[1:]))}), "
                         f"got {height}x{width}")
+    if model["shortcut"] == "pool_pad":
+        _check_pool_pad(model, path)
+
+
+def _check_width(model: dict, path: str) -> None:
+    """A bottleneck's inner width must be a whole number of channels; a basic unit has none."""
+    width = model["bottleneck_width"]
+    if model["unit"] == "basic":
+        if width != _MODEL_DEFAULTS["bottleneck_width"]:
+            raise SpecError(f"{path}.bottleneck_width: only bottleneck units read it (unit is "
+                            f"\"basic\"), got {width}")
+        return
+    for i, stage in enumerate(model["stages"]):
+        inner = stage["filters"] * width
+        if round(inner) < 1 or abs(inner - round(inner)) > 1e-9 * inner:
+            raise SpecError(f"{path}.stages[{i}].filters: times bottleneck_width {width} must be "
+                            f"a whole number of inner channels >= 1, got {stage['filters']} "
+                            f"({inner:g})")
+
+
+def _stem_size(model: dict, size: int) -> int:
+    """A spatial size after the stem's conv and pool."""
+    stem = STEMS[model["stem"]]
+    size = out_size(size, stem.kernel, stem.stride, model["padding"])
+    return out_size(size, stem.pool[0], stem.pool[1], model["padding"]) if stem.pool else size
+
+
+def _check_pool_pad(model: dict, path: str) -> None:
+    """The seed's shortcut (average pool with the stride, then zero channels on both sides)
+    must give the residual branch's shape at every unit that changes channels or size."""
+    sizes = [_stem_size(model, n) for n in model["input"][:2]]
+    in_f = model["stem_filters"]
+    for i, stage in enumerate(model["stages"]):
+        where, out_f, stride = f"{path}.stages[{i}]", stage["filters"], stage["stride"]
+        if out_f == in_f and stride != 1:
+            raise SpecError(f"{where}.stride: with shortcut \"pool_pad\" a unit whose channels "
+                            f"do not change ({in_f}) takes no pooled shortcut, so its stride "
+                            f"must be 1, got {stride}")
+        if out_f < in_f or (out_f - in_f) % 2:
+            raise SpecError(f"{where}.filters: with shortcut \"pool_pad\" the channels grow by "
+                            f"an even number of zero channels, {in_f} -> {out_f} does not")
+        branch = sizes
+        for k, _, s in unit_convs(model, out_f, stride):
+            branch = [out_size(n, k, s, model["padding"]) for n in branch]
+        pooled = [n // stride for n in sizes]
+        if branch != pooled:
+            raise SpecError(f"{where}.stride: with shortcut \"pool_pad\" the {stride}x{stride} "
+                            f"average pool of the {sizes[0]}x{sizes[1]} map gives "
+                            f"{pooled[0]}x{pooled[1]}, the convolutions {branch[0]}x{branch[1]}")
+        sizes, in_f = branch, out_f
 
 
 _MODEL_DEFAULTS = {
-    "stem": "cifar", "stem_filters": 16, "unit": "bottleneck", "preactivation": True,
+    "stem": "cifar", "stem_filters": 16, "unit": "bottleneck", "shortcut": "projection",
+    "bottleneck_width": 0.25, "preactivation": True,
     "stride_on": "conv1", "padding": "same", "activate_before_residual": _DERIVED,
     "relu_leakiness": 0.1,
 }
@@ -403,7 +466,9 @@ _MODEL = _table(
         "num_classes": _int(ge=2, le=MAX_CLASSES),
         "stem": _choice(*STEMS),
         "stem_filters": _int(ge=1, le=MAX_FILTERS),
-        "unit": _choice(*_UNIT_FILTER_DIVISOR),
+        "unit": _choice(*UNITS),
+        "shortcut": _choice(*SHORTCUTS),
+        "bottleneck_width": _float(gt=0, le=1),
         "preactivation": _bool,
         "stride_on": _choice("conv1", "conv2"),
         "padding": _choice("same", "symmetric"),

@@ -241,6 +241,13 @@ CLI_CASES = [
         stages="[" + ", ".join(["{ filters = 8, units = 1, stride = 1 }"] * 17) + "]")], 3,
      "at most 16 entries"),
     ("huge input", lambda d: ["dump", spec_text(input="[100000, 8, 3]")], 3, "<= 8192"),
+    ("pooled shortcut that does not fit", lambda d: ["dump", spec_text(
+        input="[7, 7, 3]", unit='"basic"', shortcut='"pool_pad"',
+        stages="[{ filters = 8, units = 1, stride = 2 }]")], 3,
+     'model.stages[0].stride: with shortcut "pool_pad" the 2x2 average pool of the 7x7 map '
+     'gives 3x3, the convolutions 4x4'),
+    ("width of a basic unit", lambda d: ["dump", spec_text(
+        unit='"basic"', bottleneck_width=0.5)], 3, "model.bottleneck_width: only bottleneck"),
     ("missing file", lambda d: ["dump", d / "nope" / "missing.toml"], 3, "no such spec file"),
     ("missing file here", lambda d: ["dump", "missing-spec.toml"], 3, "no such spec file"),
     ("unknown preset", lambda d: ["dump", "no-such-preset"], 3, "unknown name 'no-such-preset'"),
@@ -268,6 +275,10 @@ CLI_CASES = [
     ("unknown stage", lambda d: ["dump", d / "spec.toml", "--after", "nope"], 2,
      "unknown stage 'nope'"),
     ("unknown command", lambda d: ["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    ("unknown peer", lambda d: ["bench", d / "spec.toml", "--peer", "tvm"], 2,
+     "argument --peer: invalid choice: 'tvm'"),
+    ("peers and none", lambda d: ["bench", d / "spec.toml", "--no-peers", "--peer",
+                                  "pytorch"], 2, "not allowed with argument --no-peers"),
     ("predict suffix", lambda d: ["predict", d / "spec.toml", "--checkpoint", d / "ckpt.npz",
                                   d / "empty.npy", "-o", d / "out.txt"], 2,
      "must end in .json or .npy"),

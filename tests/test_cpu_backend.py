@@ -1,12 +1,17 @@
 """The CPU backend beyond numerics: generated-code safety, finite checks, the cache and bench
 commands. Executables are compiled once per module and shared."""
 
+import datetime
+import json
+import os
+
 import numpy as np
 import pytest
 
 import rescompile as rc
 from rescompile.backends.cpu.lower import lower_node
 from rescompile.backends.cpu.target import host_target
+from rescompile.bench import bench, cpu_model
 from rescompile.build import build
 from rescompile.cli import main
 from rescompile.kernel_cache import RECORD, write_cache_file
@@ -87,10 +92,39 @@ def test_dump_kernels_prints_generated_source(capsys):
     assert ("vfmadd" in assembly) == host_target().fma
 
 
-def test_bench_reports_a_table(capsys):
-    spec = tiny_spec().to_toml()
-    assert main(["bench", spec, "--batch", "2", "--repeat", "2", "--no-peers",
-                 "--no-warm", "--profile"]) == 0
-    out = capsys.readouterr().out
-    assert "images/s" in out and "% of FMA peak" in out and "kernel (node)" in out
-    assert "init/init_conv" in out
+def test_bench_times_each_contender_in_its_own_process_at_batch_1(tmp_path, capsys):
+    """At batch 1 each contender runs alone in a fresh process (no other framework imported
+    there), then all of them interleaved in this one; the report names the machine and the
+    ISA, and its profile the bytes each step moves."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    out = tmp_path / "bench.json"
+    assert main(["bench", tiny_spec().to_toml(), "--batch", "1", "--repeat", "1", "--rounds",
+                 "1", "--peer", "onnxruntime", "--no-warm", "--profile", "--json",
+                 str(out)]) == 0
+    text, target = capsys.readouterr().out, host_target()
+    assert f"{cpu_model()}; LLVM CPU {target.cpu}, kernels for {target.name};" in text
+    assert "images/s" in text and "% of FMA peak; own process" in text
+    assert "init/init_conv" in text and "FLOP/B" in text
+    doc = json.loads(out.read_text())
+    assert (doc["host"]["isa"], doc["host"]["llvm_cpu"]) == (target.name, target.cpu)
+    measured = datetime.datetime.fromisoformat(doc["host"]["date"])
+    assert abs(datetime.datetime.now().astimezone() - measured).total_seconds() < 600
+    rows = {(r["method"], r["contender"]): r for r in doc["rows"]}
+    assert list(rows) == [(method, who) for method in ("own process", "interleaved")
+                          for who in ("rescompile", "onnxruntime")]
+    alone = [rows["own process", who] for who in ("rescompile", "onnxruntime")]
+    assert len({row["pid"] for row in alone} | {os.getpid()}) == 3
+    assert [row["frameworks"] for row in alone] == [[], ["onnxruntime"]]
+    assert {rows["interleaved", who]["pid"] for who in ("rescompile", "onnxruntime")} == \
+        {os.getpid()}
+    conv = next(row for row in doc["profile"] if row["name"] == "init/init_conv")
+    assert conv["bytes_read"] > 0 and conv["flop_per_byte"] > 0
+
+
+def test_bench_interleaves_at_larger_batches_unless_asked():
+    for own_process, methods in ((None, ["interleaved"]), (True, ["own process",
+                                                                  "interleaved"])):
+        report = bench(tiny_spec(), batch=2, backend="reference", repeat=1, rounds=1,
+                       peers=False, warm=False, own_process=own_process)
+        assert [m.name for m in report.methods] == methods

@@ -147,6 +147,25 @@ def test_profile_counts_every_kernel_call(resnet164):
     assert shared[-1] == 1
 
 
+def test_profile_counts_the_bytes_a_conv_step_moves():
+    """The train step's projection 1x1 conv, 4 -> 8 channels on 8 x 8 images, batch 2:
+    it reads its input and one panel of packed weights, and writes its output."""
+    exe = rc.compile(tiny_spec(), mode="train", backend="cpu")
+    program = exe.program
+    program.start_profile()
+    exe.train_step(np.ones((2, 8, 8, 3), np.float32), np.array([0, 1]))
+    rows = {r["name"]: r for r in program.profile_rows(2)}
+    program.profile = None
+    row = rows["unit_1_0/sub_add/project"]
+    nr = next(s for s in program.plan("train_step").schedule.steps
+              if s.name == row["name"]).uses["w"].nr
+    assert row["bytes_read"] == 4 * (2 * 8 * 8 * 4 + 1 * 1 * 4 * nr)
+    assert row["bytes_written"] == 4 * 2 * 8 * 8 * 8
+    assert row["flop_per_byte"] == 2 * (2 * 8 * 8) * 4 * 8 / (row["bytes_read"] +
+                                                                row["bytes_written"])
+    assert rows["unit_1_0/sub2/bn2"]["flop_per_byte"] is None  # a pass without FLOPs
+
+
 # --- training ---------------------------------------------------------------------------------
 # Tolerances against the reference, relative to each tensor's max: float64 1e-10; float32 1e-4
 # (a gradient passes through three convolutions and batch norms per unit, each summing
@@ -272,8 +291,9 @@ def test_resnet164_train_step_structure(resnet164_train):
     assert hosts == {"softmax_cross_entropy", "softmax_cross_entropy_grad", "l2_penalty",
                      "l2_penalty_grad", "matmul", "sum_rows", "add", "momentum_update",
                      "moving_average"}
-    # the first stage's 16-channel layers have kernels of their own where a vector holds 16
-    assert len(program.kernels) == {"avx512": 22}.get(program.target.isa, 18)
+    # the first stage's 16-channel layers have kernels of their own where a vector holds 16,
+    # and weight gradients tiles whose rows divide their depth
+    assert len(program.kernels) == {"avx512": 25}.get(program.target.isa, 19)
     phases = sum(1 for a, b in zip([None] + steps, steps)
                  if isinstance(b, Step) and not isinstance(a, Step))
     assert phases == 2  # the forward and backward bodies: two calls of the driver

@@ -1,10 +1,11 @@
 """ONNX in and out: `rescompile export` writes a checked ONNX model that ONNX Runtime runs to
-rescompile's logits; `import-onnx` reads it back as the same spec and bitwise the same
-weights; a torchvision-layout ResNet-50 exported by torch.onnx.export (batch norm folded into
-the convs) imports to the module's own logits; bad files are refused naming the node.
-The CLI's torch import and eval/predict on an artifact are here too. Tolerances: ORT against
-rescompile 1e-5 (float32 rounding of two implementations, measured 2.3e-7); the torch export
-in float64 1e-10 (measured 3.6e-15), in float32 2e-5 (measured 1.7e-6)."""
+rescompile's logits (basic units and the pooled shortcut too); `import-onnx` reads it back as
+the same spec and bitwise the same weights; torchvision-layout ResNet-50, ResNet-18, ResNet-34
+and Wide ResNet-50-2 exported by torch.onnx.export, with the TorchScript exporter and with the
+default (dynamo) one, import to the module's own logits; bad files are refused naming the
+node. The CLI's torch import and eval/predict on an artifact are here too. Tolerances: ORT
+against rescompile 1e-5 (float32 rounding of two implementations, measured 2.3e-7); the torch
+export in float64 1e-10 (measured 3.6e-15), in float32 2e-5 (measured 1.7e-6)."""
 
 import dataclasses
 
@@ -19,19 +20,25 @@ from conftest import random_bn_state, rel_err, tiny_spec  # noqa: E402
 from rescompile import checkpoint  # noqa: E402
 from rescompile.cli import main  # noqa: E402
 from rescompile.interop import from_onnx  # noqa: E402
-from torch_layouts import TorchvisionResNet, randomized  # noqa: E402
+from torch_layouts import (TorchvisionResNet, randomized, resnet18, resnet34,  # noqa: E402
+                           wide_resnet50_2)
 
 CIFAR = tiny_spec(unit="bottleneck")  # a pre-activation CIFAR ResNet
+# The seed's basic units: a stride-1 unit that widens (a pad alone), then a pool and a pad.
+BASIC = tiny_spec(unit="basic", shortcut="pool_pad")
+TORCHVISION = {"resnet18-imagenet": resnet18, "resnet34-imagenet": resnet34,
+               "wide-resnet50-2-imagenet": wide_resnet50_2}
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A trained-looking checkpoint of the CIFAR spec, exported with the CLI."""
+@pytest.fixture(scope="module", params=[CIFAR, BASIC], ids=["bottleneck", "basic"])
+def exported(request, tmp_path_factory):
+    """A trained-looking checkpoint of a CIFAR spec, exported with the CLI."""
     d = tmp_path_factory.mktemp("onnx")
-    exe = rc.compile(CIFAR, mode="infer", backend="reference", dtype="float32", seed=1)
+    spec = request.param
+    exe = rc.compile(spec, mode="infer", backend="reference", dtype="float32", seed=1)
     exe.load_params(random_bn_state(exe, seed=2))
     exe.save(d / "ckpt.npz")
-    (d / "spec.toml").write_text(CIFAR.to_toml())
+    (d / "spec.toml").write_text(spec.to_toml())
     assert main(["export", str(d / "spec.toml"), "--checkpoint", str(d / "ckpt.npz"),
                  "-o", str(d / "model.onnx")]) == 0
     return d, exe
@@ -52,7 +59,7 @@ def test_export_then_import_is_bitwise_the_same(exported, tmp_path):
     d, exe = exported
     assert main(["import-onnx", str(d / "model.onnx"), "-o", str(tmp_path / "back.npz"),
                  "--spec-out", str(tmp_path / "back.toml")]) == 0
-    assert rc.load_spec(tmp_path / "back.toml") == CIFAR
+    assert rc.load_spec(tmp_path / "back.toml") == exe.spec
     back = checkpoint.read(tmp_path / "back.npz")[1]
     assert sorted(back) == sorted(exe.params)
     for name, value in exe.params.items():
@@ -81,6 +88,45 @@ def test_torch_exported_resnet50_imports_to_its_logits(resnet50, tmp_path, dtype
     with torch.no_grad():
         theirs = module(x).double().numpy()
     assert rel_err(exe.forward(x.permute(0, 2, 3, 1).numpy()), theirs) <= tolerance
+
+
+@pytest.fixture(scope="module", params=[
+    ("resnet18-imagenet", "torchscript"), ("resnet18-imagenet", "dynamo"),
+    ("resnet34-imagenet", "torchscript"), ("wide-resnet50-2-imagenet", "dynamo")],
+    ids="-".join)
+def torch_exported(request, tmp_path_factory):
+    """(preset, the module in float64, its float64 export's import at 32x32), exported by
+    torch's TorchScript exporter (opset 17) or its default one (dynamo, onnxscript). The basic
+    block goes through both; each other layout through one (an export of the 69M-weight wide
+    network takes 10 s)."""
+    preset, exporter = request.param
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")  # what torch's default exporter is written in
+    torch.manual_seed(3)
+    module = randomized(TORCHVISION[preset](), seed=3).double()
+    path = tmp_path_factory.mktemp("torch") / "model.onnx"
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    options = {"dynamo": True} if exporter == "dynamo" else {"dynamo": False,
+                                                             "opset_version": 17}
+    torch.onnx.export(module, (x,), str(path), **options)
+    return preset, module, from_onnx(path)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-10), ("float32", 2e-5)])
+def test_both_exporters_basic_and_wide_resnets_import_to_their_logits(torch_exported, backend,
+                                                                      dtype, tolerance):
+    """The float32 run takes the float64 file's weights, rounded as module.float() rounds
+    them, and is compared with the module in float32."""
+    preset, module, (spec, params) = torch_exported
+    assert spec.model == rc.preset(preset).replace(model={"input": [32, 32, 3]}).model
+    exe = rc.compile(spec, backend=backend, dtype=dtype)
+    exe.load_params(params)
+    x = np.random.default_rng(4).standard_normal((2, 3, 32, 32))
+    module = module.double() if dtype == "float64" else module.float()
+    with torch.no_grad():
+        theirs = module(torch.tensor(x, dtype=module.fc.weight.dtype)).double().numpy()
+    assert rel_err(exe.forward(x.transpose(0, 2, 3, 1)), theirs) <= tolerance
 
 
 def _edited(exported, tmp_path, change):
@@ -119,7 +165,7 @@ def test_bad_onnx_files_are_refused_naming_the_node(exported, tmp_path):
         onnx.numpy_helper.from_array(np.zeros(2, np.float32), "payload"))
     with pytest.raises(rc.InputError, match="initializer 'payload' is not a variable"):
         from_onnx(_edited(exported, tmp_path, extra))
-    with pytest.raises(rc.InputError, match=r"\(Sigmoid\) does not fit a bottleneck ResNet v1"):
+    with pytest.raises(rc.InputError, match=r"\(Sigmoid\) does not fit a ResNet v1"):
         from_onnx(_torch_model(tmp_path, relu))
 
 

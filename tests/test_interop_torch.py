@@ -1,9 +1,10 @@
-"""Importing PyTorch ResNets (`rescompile.interop.from_torch`): a torchvision-layout ResNet-50
-(64x64 images, to keep the float64 reference quick) and a CIFAR pre-activation ResNet with
-random weights and non-trivial BN statistics give the module's own eval-mode logits, on the
-reference and cpu backends. Tolerances: float64 1e-10 (float64 rounding over 50 layers,
-measured 2.7e-15 at most); float32 2e-5 (float32 rounding of both sides, measured 1.5e-6 at
-most). Bad state dicts are refused naming the tensor."""
+"""Importing PyTorch ResNets (`rescompile.interop.from_torch`): torchvision-layout ResNet-50
+(64x64 images, to keep the float64 reference quick), ResNet-18 and ResNet-34 (basic blocks)
+and Wide ResNet-50-2 (32x32 images), and a CIFAR pre-activation ResNet, with random weights
+and non-trivial BN statistics, give the module's own eval-mode logits, on the reference and
+cpu backends. Tolerances: float64 1e-10 (float64 rounding over 50 layers, measured 4e-15 at
+most); float32 2e-5 (float32 rounding of both sides, measured 1.5e-6 at most). Bad state dicts
+are refused naming the tensor."""
 
 import dataclasses
 
@@ -15,9 +16,12 @@ torch = pytest.importorskip("torch")
 import rescompile as rc  # noqa: E402
 from conftest import rel_err  # noqa: E402
 from rescompile.interop import from_torch  # noqa: E402
-from torch_layouts import PreActResNet, TorchvisionResNet, randomized  # noqa: E402
+from torch_layouts import (PreActResNet, TorchvisionResNet, randomized, resnet18,  # noqa: E402
+                           resnet34, wide_resnet50_2)
 
 TOLERANCE = {"float64": 1e-10, "float32": 2e-5}
+TORCHVISION = {"resnet18-imagenet": resnet18, "resnet34-imagenet": resnet34,
+               "wide-resnet50-2-imagenet": wide_resnet50_2}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +63,27 @@ def test_torchvision_resnet50_gives_the_modules_logits(resnet50, backend, dtype)
     assert rel_err(ours, their_logits(resnet50, x, dtype)) <= TOLERANCE[dtype]
 
 
+@pytest.fixture(scope="module", params=list(TORCHVISION))
+def torchvision_model(request):
+    """(preset, module in float64, its import at 32x32)."""
+    torch.manual_seed(2)
+    module = randomized(TORCHVISION[request.param](), seed=2).double()
+    return request.param, module, from_torch(module, input=(32, 32))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_torchvision_basic_and_wide_resnets_give_the_modules_logits(torchvision_model, backend,
+                                                                   dtype):
+    preset, module, (spec, params) = torchvision_model
+    assert spec.model == rc.preset(preset).replace(model={"input": [32, 32, 3]}).model
+    exe = rc.compile(spec, backend=backend, dtype=dtype)
+    exe.load_params(params)
+    x = images(32, seed=3)
+    ours = exe.forward(x.transpose(0, 2, 3, 1))
+    assert rel_err(ours, their_logits(module, x, dtype)) <= TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_preactivation_cifar_resnet_gives_the_modules_logits(preact, backend):
     spec, params = from_torch(preact.state_dict())
@@ -86,7 +111,7 @@ def test_a_given_spec_is_checked_against_the_weights(preact):
     (lambda s: s.update({"layer1.0.bn2.running_var": torch.ones(3)}),
      "tensor 'layer1.0.bn2.running_var': shape \\[3\\] does not fit"),
     (lambda s: [s.pop(k) for k in list(s) if k.startswith("layer1.0.conv3")],
-     "layer1.0 has no conv3: a basic-block ResNet"),
+     "tensor 'layer1.0.bn3.bias' has no place in 'preact-resnet10'"),
     (lambda s: s.pop("conv1.weight"), "not a supported ResNet"),
 ])
 def test_bad_state_dicts_are_refused_naming_the_tensor(preact, change, words):

@@ -1,4 +1,6 @@
-"""The reference backend against TensorFlow's own numbers for the seed's model.
+"""The reference and cpu backends against TensorFlow's own numbers for the seed's model, with
+bottleneck units (tf_resnet_small.npz) and with basic units and the pooled, zero-padded
+shortcut (tf_resnet_basic_small.npz, `seed-basic-small`).
 
 Tolerances (relative to each tensor's max |value|): float64 against TF's float64 run at 1e-10
 for the forward pass and 1e-9 for gradients and the step (TF's own float32/float64 gap is
@@ -7,13 +9,34 @@ for the forward pass and 1e-9 for gradients and the step (TF's own float32/float
 activations deep in the net.
 """
 
+import numpy as np
 import pytest
 
 import rescompile as rc
-from conftest import oracle_params, rel_err
+from conftest import DATA, oracle_params, rel_err
 
 BACKENDS = ["reference", "cpu"]
 PRECISIONS = {"float64": ("f64/", 1e-10, 1e-9), "float32": ("", 1e-5, 2e-5)}
+MODELS = {"bottleneck": ("seed-small", "tf_resnet_small.npz"),
+          "basic": ("seed-basic-small", "tf_resnet_basic_small.npz")}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def case(request):
+    """(spec, oracle) of one unit kind."""
+    preset, data = MODELS[request.param]
+    with np.load(DATA / data) as z:
+        return rc.preset(preset), {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def seed_spec(case):
+    return case[0]
+
+
+@pytest.fixture(scope="module")
+def oracle(case):
+    return case[1]
 
 
 @pytest.fixture(scope="module", params=[(b, d, m) for b in BACKENDS for d in PRECISIONS

@@ -15,6 +15,7 @@ from rescompile.passes import PIPELINES, Pass, PassError, PassResult, run_pipeli
 from rescompile.check import evaluate, random_feeds, relative_change
 from rescompile.ops.registry import ops_of_kind
 from rescompile.passes.fold_bn import fold_bn
+from rescompile.passes.shortcut import fuse_shortcut
 from conftest import EXAMPLES, tiny_spec
 
 CONVS = ops_of_kind("conv")
@@ -140,6 +141,30 @@ def test_bn_whose_output_has_two_consumers_still_folds_and_agrees():
     before, after = evaluate(graph, feeds), evaluate(result.graph, feeds)
     for key, value in graph.outputs.items():
         assert relative_change(before[value], after[value]) < 1e-12, key
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_the_pooled_shortcut_is_read_by_its_add_unless_its_value_is_wanted(mode):
+    """The pooled, padded tensor becomes part of the add (and in training the pooled one's
+    gradient one kernel; a pad alone's is one already) with the numbers unchanged; made a
+    public output, the pool stays, and says why."""
+    lowered = lower(tiny_spec(unit="basic", shortcut="pool_pad"), mode, "float64",
+                    optimize=False)
+    result = fuse_shortcut(lowered.graph)
+    ops = Counter(n.op for n in result.graph.nodes)
+    assert ops["add_pooled"] == 2 and not {"avg_pool", "pad_channels", "avg_pool_grad"} & set(ops)
+    train = mode == "train"
+    assert (ops["pool_pad_grad"], ops["crop_channels"]) == ((1, 1) if train else (0, 0))
+    feeds = random_feeds(lowered)
+    before, after = evaluate(lowered.graph, feeds), evaluate(result.graph, feeds)
+    for key, value in lowered.graph.outputs.items():
+        assert relative_change(before[value], after[value]) == 0, key
+    graph = lowered.graph.copy()
+    graph.outputs["pooled"] = "unit_2_0/sub_add/pool"
+    kept = fuse_shortcut(graph)
+    assert "avg_pool" in {n.op for n in kept.graph.nodes}
+    assert ("unit_2_0/sub_add/pool", "not fused into unit_2_0/sub_add/pad: "
+            "unit_2_0/sub_add/pool is a public output") in kept.remarks
 
 
 def test_stages_name_build_autodiff_and_every_pass():

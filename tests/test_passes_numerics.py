@@ -11,6 +11,7 @@ import rescompile as rc
 from rescompile.compiler import lower
 from rescompile.check import evaluate, random_feeds, relative_change
 from conftest import EXAMPLES, oracle_params, rel_err
+from strategies import residual_units
 
 # Relative to each output's max. The passes reassociate arithmetic (folded weights are
 # W * gamma / sqrt(var + eps) in float64, cast once; epilogues reorder a few adds), so the
@@ -21,6 +22,7 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 
 @st.composite
 def small_specs(draw):
+    """Either stem, unit kind, shortcut and bottleneck width; one or two stages."""
     stem = draw(st.sampled_from(["cifar", "imagenet"]))
     n_stages = draw(st.integers(1, 2))
     stages = [{"filters": draw(st.sampled_from([8, 16])), "units": draw(st.integers(1, 2)),
@@ -30,7 +32,8 @@ def small_specs(draw):
         "input": [size, size, 3], "num_classes": 5, "stem": stem, "stem_filters": 4,
         "preactivation": draw(st.booleans()), "stride_on": draw(st.sampled_from(["conv1",
                                                                                  "conv2"])),
-        "padding": draw(st.sampled_from(["same", "symmetric"])), "stages": stages,
+        "padding": draw(st.sampled_from(["same", "symmetric"])),
+        **draw(residual_units(4, stages)),
         "activate_before_residual": [draw(st.booleans()) for _ in stages],
         "relu_leakiness": draw(st.sampled_from([0.0, 0.1]))}})
 
@@ -52,7 +55,8 @@ def assert_pipeline_keeps_numbers(spec, mode, dtype, seed):
        seed=st.integers(0, 2 ** 16))
 def test_infer_pipeline_keeps_numbers(spec, dtype, seed):
     ops = assert_pipeline_keeps_numbers(spec, "infer", dtype, seed)
-    assert not {"batch_norm", "relu", "affine", "add", "bias_add"} & set(ops), ops
+    assert not {"batch_norm", "relu", "affine", "add", "bias_add", "add_pooled", "avg_pool",
+                "pad_channels"} & set(ops), ops
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

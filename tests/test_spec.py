@@ -16,7 +16,9 @@ from rescompile.spec import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET_FILES = sorted((ROOT / "rescompile" / "presets").glob("*.toml"))
-PRESET_NAMES = ["seed-small", "cifar-resnet164", "resnet50-imagenet", "digits-resnet"]
+PRESET_NAMES = ["seed-small", "cifar-resnet164", "resnet50-imagenet", "digits-resnet",
+                "seed-basic-small", "cifar-resnet32", "cifar-resnet56", "cifar-resnet110",
+                "resnet18-imagenet", "resnet34-imagenet", "wide-resnet50-2-imagenet"]
 
 
 def minimal() -> dict:
@@ -91,7 +93,11 @@ def test_ints_are_accepted_for_floats_and_stored_as_floats():
     ("model.num_classes", 1, "model.num_classes: must be >= 2"),
     ("model.stem", "vgg", "model.stem: must be one of 'cifar', 'imagenet'"),
     ("model.stem_filters", 0, "model.stem_filters: must be >= 1"),
-    ("model.unit", "basic", "model.unit: must be one of 'bottleneck'"),
+    ("model.unit", "plain", "model.unit: must be one of 'bottleneck', 'basic'"),
+    ("model.shortcut", "conv", "model.shortcut: must be one of 'projection', 'pool_pad'"),
+    ("model.bottleneck_width", 0, "model.bottleneck_width: must be > 0 and <= 1"),
+    ("model.bottleneck_width", 0.3, "model.stages[0].filters: times bottleneck_width 0.3 must "
+                                    "be a whole number of inner channels >= 1, got 64 (19.2)"),
     ("model.stride_on", "conv3", "model.stride_on: must be one of 'conv1', 'conv2'"),
     ("model.padding", "valid", "model.padding: must be one of 'same', 'symmetric'"),
     ("model.stages", [], "model.stages: must not be empty"),
@@ -154,7 +160,8 @@ def test_recipe_fields_are_checked_together(change, expected):
 
 @pytest.mark.parametrize("stage, expected", [
     ({"filters": 0, "units": 1, "stride": 1}, "model.stages[1].filters: must be >= 1"),
-    ({"filters": 10, "units": 1, "stride": 1}, "model.stages[1].filters: must be divisible by 4"),
+    ({"filters": 10, "units": 1, "stride": 1}, "model.stages[1].filters: times "
+                                               "bottleneck_width 0.25 must be a whole number"),
     ({"filters": 64, "units": 0, "stride": 1}, "model.stages[1].units: must be >= 1"),
     ({"filters": 64, "units": 1, "stride": 0}, "model.stages[1].stride: must be >= 1 and <= 4, "
                                                "got 0"),
@@ -166,6 +173,55 @@ def test_invalid_stage_is_named(stage, expected):
     d = minimal()
     d["model"]["stages"][1] = stage
     assert expected in error_of(d)
+
+
+def basic(**model) -> dict:
+    """The seed's basic-unit CIFAR ResNet (filters 16, 32, 64) with `model` changed."""
+    d = minimal()
+    d["model"].update({"unit": "basic", "shortcut": "pool_pad", "stages": [
+        {"filters": 16, "units": 1, "stride": 1}, {"filters": 32, "units": 1, "stride": 2},
+        {"filters": 64, "units": 1, "stride": 2}], **model})
+    return d
+
+
+def test_every_unit_and_shortcut_combination_builds_where_shapes_allow():
+    for unit in ("basic", "bottleneck"):
+        for shortcut in ("projection", "pool_pad"):
+            for preactivation in (True, False):
+                d = basic(unit=unit, shortcut=shortcut, preactivation=preactivation)
+                if unit == "bottleneck":
+                    d["model"]["stages"] = [dict(s, filters=4 * s["filters"])
+                                            for s in d["model"]["stages"]]
+                    d["model"]["stem_filters"] = 64 if shortcut == "pool_pad" else 16
+                model = spec_from_dict(d).model
+                assert (model.unit, model.shortcut) == (unit, shortcut)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"input": [31, 32, 3]}, "model.stages[1].stride: with shortcut \"pool_pad\" the 2x2 "
+                             "average pool of the 31x32 map gives 15x16, the convolutions "
+                             "16x16"),
+    ({"stages": [{"filters": 16, "units": 1, "stride": 2}]},
+     "model.stages[0].stride: with shortcut \"pool_pad\" a unit whose channels do not change "
+     "(16) takes no pooled shortcut, so its stride must be 1, got 2"),
+    ({"stages": [{"filters": 16, "units": 1, "stride": 1}, {"filters": 33, "units": 1,
+                                                            "stride": 2}]},
+     "model.stages[1].filters: with shortcut \"pool_pad\" the channels grow by an even number "
+     "of zero channels, 16 -> 33 does not"),
+    ({"stem_filters": 32}, "model.stages[0].filters: with shortcut \"pool_pad\" the channels "
+                           "grow by an even number of zero channels, 32 -> 16 does not"),
+    ({"bottleneck_width": 0.5}, "model.bottleneck_width: only bottleneck units read it (unit "
+                                "is \"basic\"), got 0.5"),
+])
+def test_combinations_that_cannot_be_built_are_named(change, expected):
+    assert error_of(basic(**change)) == expected
+
+
+def test_pool_pad_fits_wherever_each_stride_divides_the_map():
+    """Stride 1 units that widen take a pad alone; SAME and symmetric padding agree here."""
+    d = basic(input=[36, 36, 3], padding="symmetric", stages=[
+        {"filters": 24, "units": 1, "stride": 1}, {"filters": 32, "units": 2, "stride": 3}])
+    assert spec_from_dict(d).model.stages[1].stride == 3
 
 
 def test_error_message_starts_with_the_path():
@@ -438,8 +494,8 @@ def test_preset_by_name_and_by_file_stem():
 
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(SpecError) as info:
-        preset("resnet18")
-    assert "resnet18" in str(info.value)
+        preset("resnet19")
+    assert "resnet19" in str(info.value)
     for name in PRESET_NAMES:
         assert name in str(info.value)
 

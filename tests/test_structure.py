@@ -2,9 +2,10 @@
 kernel-level ops (with their epilogue chains), the CUDA launches per entry and the CPU kernel
 calls and host steps per entry. The values were reviewed when written, for instance
 ResNet-164 inference is the README's 163 fused convs and 3 projections, with every batch norm
-folded. Any lost or new fusion fails here and shows as a diff of the table. A test also proves
-that each pass of each pipeline moves at least one of these tables, so none can be deleted
-quietly. A final test finds import cycles.
+folded, and the seed's basic units read their pooled, padded shortcut in the epilogue of the
+conv that adds it (`add_pooled`). Any lost or new fusion fails here and shows as a diff of the
+table. A test also proves that each pass of each pipeline moves at least one of these tables,
+so none can be deleted quietly. A final test finds import cycles.
 """
 
 import ast
@@ -90,6 +91,27 @@ OPS = {  # (preset, mode) -> kernel-level op (with its epilogue chain) -> count
         'max_pool': 1, 'max_pool_grad': 1, 'momentum_update': 161, 'moving_average': 106,
         'relu_grad': 1, 'softmax_cross_entropy': 1, 'softmax_cross_entropy_grad': 1,
         'sum_rows': 1},
+    ('seed_basic_small', 'infer'): {
+        'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
+        'fused_conv2d[add_pooled|affine+relu]': 2, 'fused_conv2d[add|affine+relu]': 3,
+        'fused_conv2d[bias_add+relu]': 7, 'global_avg_pool': 1, 'prepare:bn_affine_params': 6,
+        'prepare:fold_bn_weights': 7},
+    ('seed_basic_small', 'train'): {
+        'add': 15, 'batch_norm_relu_grad_apply': 8, 'batch_norm_relu_grad_sums': 1,
+        'conv2d_grad_filter': 13, 'conv2d_grad_input': 1, 'dense': 1,
+        'fused_batch_norm_relu_grad_apply[add]': 5,
+        'fused_conv2d[]+stats': 7, 'fused_conv2d[add]+stats': 4,
+        'fused_conv2d[add_pooled]+stats': 2,
+        'fused_conv2d_grad_input[]+batch_norm_relu_grad_sums': 11,
+        'fused_conv2d_grad_input[add]+batch_norm_relu_grad_sums': 1,
+        'fused_elementwise[batch_normalize+relu]': 13, 'global_avg_pool': 1,
+        'global_avg_pool_grad': 1, 'l2_penalty': 1, 'l2_penalty_grad': 14, 'matmul': 2,
+        'momentum_update': 41, 'moving_average': 26, 'pool_pad_grad': 2,
+        'softmax_cross_entropy': 1, 'softmax_cross_entropy_grad': 1, 'sum_rows': 1},
+    ('resnet18_imagenet', 'infer'): {
+        'dense': 1, 'fused_conv2d[bias_add+add+relu]': 8, 'fused_conv2d[bias_add+relu]': 9,
+        'fused_conv2d[bias_add]': 3, 'global_avg_pool': 1, 'max_pool': 1,
+        'prepare:fold_bn_weights': 20},
     ('tiny-imagenet-v2', 'infer'): {
         'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
         'fused_conv2d[add|affine+relu]': 1, 'fused_conv2d[bias_add+relu]': 4,
@@ -117,22 +139,34 @@ CUDA_LAUNCHES = {  # (preset, mode) -> entry -> launches at batch 4
     ('seed_small', 'train'):
         {'forward': 122, 'backward': 168, 'loss_and_grads': 318, 'train_step': 319,
          'step_gradients': 317, 'apply_gradients': 2},
+    ('seed_basic_small', 'infer'):
+        {'prepare': 13, 'forward': 19},
+    ('seed_basic_small', 'train'):
+        {'forward': 84, 'backward': 115, 'loss_and_grads': 218, 'train_step': 219,
+         'step_gradients': 217, 'apply_gradients': 2},
 }
 CPU_STEPS = {  # (preset, mode) -> (entry -> (kernel calls, host steps), isa -> micro-kernels)
-    # A layer whose channels fit one vector gets a tile one vector wide, so the micro-kernels
-    # depend on the vector width (the host's instruction set).
+    # A layer whose channels fit one vector gets a tile one vector wide, and a weight
+    # gradient's tile rows that divide its depth, so the micro-kernels depend on the vector
+    # width and the register count (the host's instruction set).
     ('digits', 'infer'):
         ({'forward': (12, 0)}, {'avx512': 7, 'avx2': 8, 'portable': 7}),
     ('digits', 'train'):
         ({'train_step': (70, 66), 'forward': (26, 0), 'backward': (45, 23),
           'loss_and_grads': (71, 27), 'step_gradients': (70, 27), 'apply_gradients': (0, 39)},
-         {'avx512': 20, 'avx2': 20, 'portable': 17}),
+         {'avx512': 22, 'avx2': 22, 'portable': 18}),
     ('seed_small', 'infer'):
         ({'forward': (25, 0)}, {'avx512': 8, 'avx2': 7, 'portable': 7}),
     ('seed_small', 'train'):
         ({'train_step': (172, 153), 'forward': (63, 0), 'backward': (110, 49),
           'loss_and_grads': (173, 53), 'step_gradients': (172, 53),
-          'apply_gradients': (0, 100)}, {'avx512': 22, 'avx2': 18, 'portable': 18}),
+          'apply_gradients': (0, 100)}, {'avx512': 25, 'avx2': 19, 'portable': 19}),
+    ('seed_basic_small', 'infer'):
+        ({'forward': (16, 0)}, {'avx512': 9, 'avx2': 7, 'portable': 7}),
+    ('seed_basic_small', 'train'):
+        ({'train_step': (112, 102), 'forward': (42, 0), 'backward': (71, 31),
+          'loss_and_grads': (113, 35), 'step_gradients': (112, 35),
+          'apply_gradients': (0, 67)}, {'avx512': 23, 'avx2': 18, 'portable': 18}),
 }
 
 
@@ -175,7 +209,19 @@ def test_cpu_kernel_calls_per_entry(preset, mode):
     assert (calls, len(exe.program.kernels)) == (expected_calls, kernels[exe.program.target.isa])
 
 
-SMALL = ["digits", "seed_small", "tiny-imagenet-v2"]
+SMALL = ["digits", "seed_small", "tiny-imagenet-v2", "seed_basic_small"]
+BASIC = ["seed_basic_small", "resnet32_cifar", "resnet56_cifar", "resnet110_cifar",
+         "resnet18_imagenet", "resnet34_imagenet"]
+# What a fused inference graph of basic units must not run as a kernel of its own: a batch norm
+# or its affine, a ReLU, a residual add, or any part of the shortcut (pool, pad, its read).
+STANDALONE = {"batch_norm", "affine", "relu", "add", "add_pooled", "avg_pool", "pad_channels",
+              "fused_elementwise"}
+
+
+@pytest.mark.parametrize("preset", BASIC)
+def test_basic_units_fuse_as_fully_as_bottlenecks(preset):
+    graph = lower(source(preset), "infer", "float32").graph
+    assert not {n.op for n in graph.nodes} & STANDALONE
 
 
 @pytest.mark.parametrize("mode, removed", [(mode, p.name) for mode, passes in PIPELINES.items()

@@ -19,6 +19,8 @@ VARIANTS = {
                                relu_leakiness=0.0),
     "v1-imagenet-stem": dict(preactivation=False, stem="imagenet", input=[16, 16, 3],
                              padding="same"),
+    "v2-basic-pool-pad": dict(unit="basic", shortcut="pool_pad"),
+    "v1-wide": dict(preactivation=False, bottleneck_width=0.5, padding="symmetric"),
 }
 
 

@@ -90,6 +90,28 @@ def test_max_pool(padding):
     vjp_check("max_pool", {"k": 3, "stride": 2, "padding": padding}, [rand(2, 7, 6, 3)], [0])
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_avg_pool(k):
+    """Odd sizes: the rows and columns that fill no block get no gradient."""
+    vjp_check("avg_pool", {"k": k}, [rand(2, 7, 5, 3)], [0])
+
+
+@pytest.mark.parametrize("op", ["pad_channels", "crop_channels"])
+def test_channel_padding_and_cropping(op):
+    vjp_check(op, {"before": 2, "after": 1}, [rand(2, 3, 3, 5)], [0])
+
+
+def test_add_pooled_is_its_parts():
+    """The fused shortcut add: add(x, pad_channels(avg_pool(s)))."""
+    x, s = rand(2, 3, 2, 8), rand(2, 7, 5, 4, seed=2)
+    attrs = {"k": 2, "before": 2, "after": 2}
+    (fused,) = ops.get("add_pooled").reference(attrs, x, s)
+    (pooled,) = ops.get("avg_pool").reference({"k": 2}, s)
+    (padded,) = ops.get("pad_channels").reference({"before": 2, "after": 2}, pooled)
+    np.testing.assert_array_equal(fused, x + padded)
+    assert (padded[..., :2] == 0).all() and (padded[..., 6:] == 0).all()
+
+
 def test_global_avg_pool():
     vjp_check("global_avg_pool", {}, [rand(2, 3, 4, 5)], [0])
 

@@ -1,26 +1,33 @@
 """Two PyTorch ResNet layouts written here with torch.nn alone (torchvision's wheel does not
-import beside the CPU torch): torchvision's bottleneck ResNet, whose state dict is key for key
-what torchvision's resnet50() gives, and the common CIFAR pre-activation bottleneck ResNet.
-Their BN statistics and affine parameters are drawn away from identity."""
+import beside the CPU torch): torchvision's ResNets, whose state dicts are key for key what
+torchvision's resnet18(), resnet34(), resnet50() and wide_resnet50_2() give, and the common
+CIFAR pre-activation bottleneck ResNet. Their BN statistics and affine parameters are drawn
+away from identity."""
 
 import torch
 from torch import nn
 
 
-class Bottleneck(nn.Module):
-    """torchvision.models.resnet.Bottleneck: the stride on the 3x3 conv (ResNet v1.5)."""
+def _downsample(inplanes, out, stride):
+    return nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
 
-    def __init__(self, inplanes, width, stride, project):
+
+class Bottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck: the stride on the 3x3 conv (ResNet v1.5); its
+    inner width is planes * width_per_group / 64 (wide_resnet50_2: twice ResNet-50's)."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride, project, width_per_group=64):
         super().__init__()
+        width = planes * width_per_group // 64
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width * 4)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = nn.Sequential(nn.Conv2d(inplanes, width * 4, 1, stride, bias=False),
-                                        nn.BatchNorm2d(width * 4)) if project else None
+        self.downsample = _downsample(inplanes, planes * 4, stride) if project else None
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -29,8 +36,31 @@ class Bottleneck(nn.Module):
         return self.relu(out + (self.downsample(x) if self.downsample is not None else x))
 
 
+class BasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock: two 3x3 convs, the stride on the first."""
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride, project, width_per_group=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = _downsample(inplanes, planes, stride) if project else None
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
 class TorchvisionResNet(nn.Module):
-    def __init__(self, layers=(3, 4, 6, 3), num_classes=1000, base=64):
+    """torchvision.models.resnet.ResNet: resnet18 is (BasicBlock, (2, 2, 2, 2)), resnet34
+    (BasicBlock, (3, 4, 6, 3)), resnet50 (Bottleneck, (3, 4, 6, 3)), wide_resnet50_2 the
+    last with width_per_group=128."""
+
+    def __init__(self, layers=(3, 4, 6, 3), num_classes=1000, base=64, block=Bottleneck,
+                 width_per_group=64):
         super().__init__()
         self.conv1 = nn.Conv2d(3, base, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(base)
@@ -38,12 +68,13 @@ class TorchvisionResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         inplanes = base
         for s, units in enumerate(layers, start=1):
-            width = base * 2 ** (s - 1)
+            planes = base * 2 ** (s - 1)
             blocks = []
             for u in range(units):
                 stride = 2 if s > 1 and u == 0 else 1
-                blocks.append(Bottleneck(inplanes, width, stride, u == 0))
-                inplanes = width * 4
+                project = stride != 1 or inplanes != planes * block.expansion
+                blocks.append(block(inplanes, planes, stride, project, width_per_group))
+                inplanes = planes * block.expansion
             setattr(self, f"layer{s}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
@@ -75,6 +106,18 @@ class PreActBottleneck(nn.Module):
         out = self.conv2(torch.relu(self.bn2(out)))
         out = self.conv3(torch.relu(self.bn3(out)))
         return out + shortcut
+
+
+def resnet18(**kw):
+    return TorchvisionResNet((2, 2, 2, 2), block=BasicBlock, **kw)
+
+
+def resnet34(**kw):
+    return TorchvisionResNet((3, 4, 6, 3), block=BasicBlock, **kw)
+
+
+def wide_resnet50_2(**kw):
+    return TorchvisionResNet((3, 4, 6, 3), width_per_group=128, **kw)
 
 
 class PreActResNet(nn.Module):

@@ -1,7 +1,11 @@
 """ONNX in: a file rescompile exported (its spec in the metadata, its graph checked node for
-node against the spec's), or a bottleneck ResNet v1 as `torch.onnx.export` writes a
-torchvision-layout module (batch norm folded into the convs or not), recognised by following
-the data flow from the input. Either way: (spec, params by rescompile's TF names).
+node against the spec's), or a ResNet v1 as `torch.onnx.export` writes a torchvision-layout
+module, with basic blocks (resnet18/34) or bottlenecks of any width (resnet50,
+wide_resnet50_2), recognised by following the data flow from the input. Both of torch's
+exporters are read: the TorchScript one (`dynamo=False`) and the default one (`dynamo=True`,
+through onnxscript: opset 18, ReduceMean with its axes as an input, a Reshape before the
+classifier); batch norm folded into the convs or not, local functions inlined first. Either
+way: (spec, params by rescompile's TF names).
 
 The file is parsed by the `onnx` package (protobuf: data, never code). Anything that does not
 fit is refused with the first node that does not match and why.
@@ -21,7 +25,7 @@ from ..resources import check_fits
 from ..spec import ResNetSpec, load_spec
 from .layouts import hwio_from_oihw
 from .onnx_model import SPEC_KEY, onnx_nodes
-from .torch_import import TORCHVISION_EPSILON, TORCH_MOMENTUM
+from .torch_import import TORCHVISION_EPSILON, TORCH_MOMENTUM, model_name, unit_kind
 
 
 def from_onnx(path, input=None) -> tuple[ResNetSpec, dict[str, np.ndarray]]:
@@ -43,6 +47,8 @@ def from_onnx(path, input=None) -> tuple[ResNetSpec, dict[str, np.ndarray]]:
     metadata = {p.key: p.value for p in model.metadata_props}
     if SPEC_KEY in metadata:
         return _own(path, model, metadata[SPEC_KEY], inits)
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
     return _Tracer(path, model.graph, inits).resnet_v1(input)
 
 
@@ -107,7 +113,7 @@ class _Tracer:
     def refuse(self, node, why: str):
         name = node.name or (node.output[0] if node.output else "?")
         raise InputError(f"{self.path}: node {name!r} ({node.op_type}) does not fit a "
-                         f"bottleneck ResNet v1: {why}")
+                         f"ResNet v1: {why}")
 
     def only(self, tensor: str, op: str | None = None, after=None):
         """The one node reading `tensor`, of type `op` if given."""
@@ -135,6 +141,8 @@ class _Tracer:
         if a.get("group", 1) != 1 or a.get("dilations", [1, 1]) != [1, 1] or \
                 strides[0] != strides[1] or weight.shape[2] != weight.shape[3]:
             self.refuse(conv, "grouped, dilated or non-square convolutions are not ResNet's")
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            self.refuse(conv, f"auto_pad {a['auto_pad']!r}: only explicit pads are read")
         bias = self.inits.get(conv.input[2]) if len(conv.input) > 2 else None
         out = conv.output[0]
         users = self.consumers.get(out, [])
@@ -185,22 +193,29 @@ class _Tracer:
             users = self.consumers.get(x, [])
             if any(u.op_type in ("GlobalAveragePool", "ReduceMean") for u in users):
                 break
-            x, filters, stride, stride_on = self._unit(x, users, params, stages, units)
+            x = self._unit(x, users, params, stages, units)
         head = self._head(x, params)
+        unit, width = unit_kind(len(units[0]) == 3, units[0][0][0], units[0][-1][0])
+        if any(len(u) != len(units[0]) for u in units):
+            self.refuse(self.graph.node[-1], "its units mix basic blocks and bottlenecks")
         model = {
             "input": [int(size[0]), int(size[1]), int(first.weight.shape[1])],
             "num_classes": int(head), "stem": "imagenet" if imagenet else "cifar",
-            "stem_filters": int(first.weight.shape[0]), "unit": "bottleneck",
-            "preactivation": False, "stride_on": stride_on, "padding": self.padding,
+            "stem_filters": int(first.weight.shape[0]), "unit": unit, "bottleneck_width": width,
+            "preactivation": False, "stride_on": self._stride_on(unit, units),
+            "padding": self.padding,
             "stages": [{"filters": f, "units": n, "stride": s} for f, s, n in stages],
             "activate_before_residual": [True] + [False] * (len(stages) - 1),
             "relu_leakiness": 0.0}
-        depth = 2 + 3 * sum(n for _, _, n in stages)
-        spec = load_spec({"name": f"onnx-resnet{depth}", "model": model, "batch_norm": {
+        name = model_name(unit, width, [n for _, _, n in stages])
+        spec = load_spec({"name": f"onnx-{name}", "model": model, "batch_norm": {
             "epsilon": self.epsilon or TORCHVISION_EPSILON, "decay": 1 - TORCH_MOMENTUM}})
         return spec, params
 
-    def _unit(self, x, users, params, stages, units):
+    def _unit(self, x, users, params, stages, units) -> str:
+        """One unit from its input `x`: its convs (each but the last followed by a ReLU, the
+        last by the residual add), the add's shortcut (x, or a projection of it), then the
+        ReLU after the add. Records the unit's (filters, stride) of each conv in `units`."""
         convs = [u for u in users if u.op_type == "Conv"]
         adds = [u for u in users if u.op_type == "Add"]
         if not convs or len(convs) + len(adds) != len(users):
@@ -209,29 +224,44 @@ class _Tracer:
         main = next((c for c in convs if self._is_main(c)), None)
         if main is None:
             self.refuse(convs[0], "no conv of this unit is followed by a ReLU")
-        c1 = self.conv_bn(main)
-        c2 = self.conv_bn(self.only(self.relu(c1.output, main), "Conv"))
-        c3 = self.conv_bn(self.only(self.relu(c2.output, main), "Conv"))
-        add = self.only(c3.output, "Add")
+        branch = [self.conv_bn(main)]
+        while True:
+            nxt = self.only(branch[-1].output, after=main)
+            if nxt.op_type == "Add":
+                break
+            branch.append(self.conv_bn(self.only(self.relu(branch[-1].output, main), "Conv")))
+        if len(branch) not in (2, 3):
+            self.refuse(main, f"a unit of {len(branch)} convs is neither a basic block nor a "
+                              f"bottleneck")
+        add = nxt
         project = [c for c in convs if c is not main]
         shortcut = self.conv_bn(project[0]) if project else None
-        other = [i for i in add.input if i != c3.output]
+        other = [i for i in add.input if i != branch[-1].output]
         if other != [shortcut.output if shortcut else x]:
             self.refuse(add, "the residual add does not take the unit's shortcut")
-        filters, stride = int(c3.weight.shape[0]), max(c1.stride, c2.stride)
+        filters, stride = int(branch[-1].weight.shape[0]), max(c.stride for c in branch)
         if shortcut is not None or not stages or stages[-1][0] != filters:
             stages.append([filters, stride, 0])
         stage = len(stages)
         stages[-1][2] += 1
         unit = f"unit_{stage}_{stages[-1][2] - 1}"
-        for k, conv in enumerate((c1, c2, c3), start=1):
+        for k, conv in enumerate(branch, start=1):
             self._store(params, f"{unit}/sub{k}/conv{k}", f"{unit}/sub{k}/bn{k}", conv)
+            self._check_padding(main, conv)
         if shortcut is not None:
             self._store(params, f"{unit}/sub_add/project", f"{unit}/sub_add/project_bn",
                         shortcut)
-        self._check_padding(main, c2)
-        return self.relu(add.output[0], add), filters, stride, \
-            "conv2" if c2.stride > 1 or c1.stride == 1 else "conv1"
+        units.append([(int(c.weight.shape[0]), c.stride) for c in branch])
+        return self.relu(add.output[0], add)
+
+    def _stride_on(self, unit: str, units) -> str:
+        """Which conv of a downsampling unit strides (torchvision's: a basic block's first, a
+        bottleneck's 3x3)."""
+        for convs in units:
+            strides = [stride for _, stride in convs]
+            if max(strides) > 1:
+                return "conv1" if strides[0] > 1 else "conv2"
+        return "conv1" if unit == "basic" else "conv2"
 
     def _is_main(self, conv) -> bool:
         out = conv.output[0]

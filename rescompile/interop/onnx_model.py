@@ -33,14 +33,28 @@ def _max_pool(graph, node):
     return "MaxPool", dict(_window(graph, node, k), kernel_shape=[k, k])
 
 
+def _avg_pool(graph, node):
+    k = node.attrs["k"]
+    return "AveragePool", {"kernel_shape": [k, k], "strides": [k, k]}
+
+
+def _pad_channels(graph, node):
+    """Zero channels before and after (NCHW: the pads of N, C, H, W, then their ends), the
+    pads a constant input of the node."""
+    before, after = node.attrs["before"], node.attrs["after"]
+    return "Pad", {}, [np.array([0, before, 0, 0, 0, after, 0, 0], np.int64)]
+
+
 def _relu(graph, node):
     alpha = node.attrs["alpha"]
     return ("LeakyRelu", {"alpha": alpha}) if alpha else ("Relu", {})
 
 
-EXPORTERS = {  # op -> (graph, node) -> (ONNX op type, its attributes)
+EXPORTERS = {  # op -> (graph, node) -> (ONNX op type, its attributes[, constant inputs])
     "conv2d": _conv,
     "max_pool": _max_pool,
+    "avg_pool": _avg_pool,
+    "pad_channels": _pad_channels,
     "relu": _relu,
     "batch_norm": lambda graph, node: ("BatchNormalization",
                                        {"epsilon": node.attrs["epsilon"]}),
@@ -50,17 +64,23 @@ EXPORTERS = {  # op -> (graph, node) -> (ONNX op type, its attributes)
 }
 
 
-def _node(helper, graph, node):
+def _nodes(helper, numpy_helper, graph, node) -> list:
+    """The node's ONNX node, after a Constant node for each constant input it takes."""
     if node.op not in EXPORTERS:
         raise ValueError(f"node {node.name!r}: no ONNX mapping for op {node.op!r}")
-    kind, attrs = EXPORTERS[node.op](graph, node)
-    return helper.make_node(kind, list(node.inputs), [node.outputs[0]], **attrs)
+    kind, attrs, *constants = EXPORTERS[node.op](graph, node)
+    names = [f"{node.outputs[0]}/constant{i}" for i in range(len(constants[0] if constants else
+                                                                     ()))]
+    made = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(c, name))
+            for name, c in zip(names, constants[0] if constants else ())]
+    return made + [helper.make_node(kind, list(node.inputs) + names, [node.outputs[0]],
+                                    **attrs)]
 
 
 def onnx_nodes(graph) -> list:
     """The ONNX nodes of a spec's inference graph (as built), in graph order."""
-    from onnx import helper
-    return [_node(helper, graph, n) for n in graph.nodes]
+    from onnx import helper, numpy_helper
+    return [made for n in graph.nodes for made in _nodes(helper, numpy_helper, graph, n)]
 
 
 def onnx_model(spec, params: dict):

@@ -1,16 +1,19 @@
-"""Weights from PyTorch: a torchvision-layout bottleneck ResNet (resnet50/101/152) or a
-pre-activation CIFAR ResNet, as a module or its state dict, as a spec and rescompile's
-variables (by their TensorFlow names).
+"""Weights from PyTorch: a torchvision-layout ResNet (resnet18/34 with basic blocks,
+resnet50/101/152 and the wide wide_resnet50_2/101_2 with bottlenecks) or a pre-activation CIFAR
+ResNet, as a module or its state dict, as a spec and rescompile's variables (by their
+TensorFlow names).
 
 Layouts (module paths as the module names them; torchvision is not needed):
 
-- torchvision: `conv1`, `bn1`, `layer{s}.{u}.conv{1,2,3}`, `.bn{1,2,3}`,
-  `.downsample.{0,1}`, `fc`. ResNet v1 with the stride on the 3x3 conv, symmetric padding,
-  plain ReLU, batch-norm epsilon 1e-5 (a module's own epsilon when a module is given).
-- preact (the common PyTorch CIFAR pre-activation bottleneck): `conv1` (3x3 stem), then
-  `layer{s}.{u}.bn1`, `.conv1`, `.bn2`, `.conv2`, `.bn3`, `.conv3`, `.shortcut.0`, and the
-  final `bn`, `linear`. The stride is on the 3x3 conv and a projection reads the activated
-  input, as that code does.
+- torchvision: `conv1`, `bn1`, `layer{s}.{u}.conv{1,2,3}`, `.bn{1,2,3}` (a basic block has
+  no conv3: two 3x3 convs, the stride on the first), `.downsample.{0,1}`, `fc`. ResNet v1
+  with the stride on the 3x3 conv, symmetric padding, plain ReLU, batch-norm epsilon 1e-5 (a
+  module's own epsilon when a module is given). A bottleneck's inner width (conv1's filters
+  over conv3's) is the spec's `bottleneck_width`: 0.25, or 0.5 for the wide ones.
+- preact (the common PyTorch CIFAR pre-activation ResNet, bottleneck or basic): `conv1`
+  (3x3 stem), then `layer{s}.{u}.bn1`, `.conv1`, `.bn2`, `.conv2` (`.bn3`, `.conv3`),
+  `.shortcut.0`, and the final `bn`, `linear`. The stride is on the 3x3 conv and a projection
+  reads the activated input, as that code does.
 
 Convolutions are converted from OIHW to HWIO and the classifier from [classes, features] to
 [features, classes]; every tensor's shape is checked against the spec, and a missing,
@@ -26,6 +29,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..build import ACTIVATION_SCOPES
 from ..compiler import lower
 from ..errors import InputError
 from ..spec import ResNetSpec, load_spec
@@ -114,38 +118,54 @@ def _units(state: dict) -> list[int]:
     for stage, units in found.items():
         if sorted(units) != list(range(len(units))):
             raise InputError(f"not a supported ResNet: layer{stage} has blocks {sorted(units)}")
-        if f"layer{stage}.0.conv3.weight" not in state:
-            raise InputError(f"layer{stage}.0 has no conv3: a basic-block ResNet (resnet18/34) "
-                             f"is not one rescompile builds (bottleneck units only)")
     return [len(found[s]) for s in sorted(found)]
+
+
+def unit_kind(has_conv3: bool, conv1_filters: int, last_filters: int) -> tuple[str, float]:
+    """(unit, bottleneck_width) of a block with or without a third conv, from its first conv's
+    filters and its last conv's (a bottleneck's width is their ratio)."""
+    if not has_conv3:
+        return "basic", 0.25
+    return "bottleneck", conv1_filters / last_filters
+
+
+def model_name(unit: str, width: float, units: list[int]) -> str:
+    """resnet<depth>, and wide-resnet<depth>-<k> for a bottleneck k times ResNet's width."""
+    depth = 2 + (2 if unit == "basic" else 3) * sum(units)
+    return f"resnet{depth}" if width == 0.25 else f"wide-resnet{depth}-{width / 0.25:g}"
 
 
 def _infer_spec(state: dict, layout: str, epsilon, input) -> ResNetSpec:
     units = _units(state)
     stem = state["conv1.weight"]
     head = state["fc.weight" if layout == "torchvision" else "linear.weight"]
-    filters = [int(state[f"layer{s}.0.conv3.weight"].shape[0]) for s in range(1, len(units) + 1)]
+    last = "conv3" if "layer1.0.conv3.weight" in state else "conv2"
+    unit, width = unit_kind(last == "conv3", state["layer1.0.conv1.weight"].shape[0],
+                                   state[f"layer1.0.{last}.weight"].shape[0])
+    filters = [int(state[f"layer{s}.0.{last}.weight"].shape[0]) for s in range(1, len(units) + 1)]
     torchvision = layout == "torchvision"
     size = input or ((224, 224) if torchvision else (32, 32))
     model = {
         "input": [int(size[0]), int(size[1]), int(stem.shape[1])],
         "num_classes": int(head.shape[0]), "stem": "imagenet" if torchvision else "cifar",
-        "stem_filters": int(stem.shape[0]), "unit": "bottleneck",
-        "preactivation": not torchvision, "stride_on": "conv2", "padding": "symmetric",
+        "stem_filters": int(stem.shape[0]), "unit": unit, "bottleneck_width": width,
+        "preactivation": not torchvision,
+        "stride_on": "conv2" if unit == "bottleneck" else "conv1", "padding": "symmetric",
         "stages": [{"filters": f, "units": n, "stride": 1 if s == 0 else 2}
                    for s, (f, n) in enumerate(zip(filters, units))],
         "activate_before_residual": [True] * len(units) if not torchvision else
         [True] + [False] * (len(units) - 1),
         "relu_leakiness": 0.0}
-    depth = 2 + 3 * sum(units)
-    return load_spec({"name": f"{layout}-resnet{depth}", "model": model, "batch_norm": {
+    return load_spec({"name": f"{layout}-{model_name(unit, width, units)}", "model": model,
+                      "batch_norm": {
         "epsilon": epsilon or TORCHVISION_EPSILON, "decay": 1 - TORCH_MOMENTUM}})
 
 
 def _checked(spec: ResNetSpec, inferred: ResNetSpec) -> ResNetSpec:
     """The given spec, if its model is the one the weights describe (input size aside)."""
     given, wanted = spec.model, inferred.model
-    for field in ("num_classes", "stem", "stem_filters", "unit", "preactivation", "stages"):
+    for field in ("num_classes", "stem", "stem_filters", "unit", "shortcut", "bottleneck_width",
+                  "preactivation", "stages"):
         if getattr(given, field) != getattr(wanted, field):
             raise InputError(f"spec {spec.name!r}: model.{field} is {getattr(given, field)!r}, "
                              f"but the weights describe {getattr(wanted, field)!r}")
@@ -163,28 +183,29 @@ def _names(layout: str, spec: ResNetSpec) -> dict[str, tuple[str, str]]:
     names.update(_bn(head[1], final))
     names[f"{head[0]}.weight"] = ("logit/DW", "dense")
     names[f"{head[0]}.bias"] = ("logit/biases", "copy")
+    convs = 2 if spec.model.unit == "basic" else 3
     for s, stage in enumerate(spec.model.stages, start=1):
         for u in range(stage.units):
             torch_unit, ours = f"layer{s}.{u}", f"unit_{s}_{u}"
-            for k in (1, 2, 3):
+            for k in range(1, convs + 1):
                 names[f"{torch_unit}.conv{k}.weight"] = (f"{ours}/sub{k}/conv{k}/DW", "conv")
-            names.update(_unit_norms(layout, torch_unit, ours, spec, s, u))
+            names.update(_unit_norms(layout, torch_unit, ours, spec, s, u, convs))
             projection = "downsample.0" if layout == "torchvision" else "shortcut.0"
             names[f"{torch_unit}.{projection}.weight"] = (f"{ours}/sub_add/project/DW", "conv")
     return names
 
 
-def _unit_norms(layout, torch_unit, ours, spec, s, u) -> dict:
+def _unit_norms(layout, torch_unit, ours, spec, s, u, convs) -> dict:
     if layout == "torchvision":
         names = {}
-        for k in (1, 2, 3):
+        for k in range(1, convs + 1):
             names.update(_bn(f"{torch_unit}.bn{k}", f"{ours}/sub{k}/bn{k}"))
         names.update(_bn(f"{torch_unit}.downsample.1", f"{ours}/sub_add/project_bn"))
         return names
-    first = "common_bn_relu" if spec.model.activate_before_residual[s - 1] and u == 0 else \
-        "residual_bn_relu"
+    shared, residual_only = ACTIVATION_SCOPES[spec.model.unit]
+    first = shared if spec.model.activate_before_residual[s - 1] and u == 0 else residual_only
     names = _bn(f"{torch_unit}.bn1", f"{ours}/{first}/init_bn")
-    for k in (2, 3):
+    for k in range(2, convs + 1):
         names.update(_bn(f"{torch_unit}.bn{k}", f"{ours}/sub{k}/bn{k}"))
     return names
 

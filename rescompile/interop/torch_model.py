@@ -122,8 +122,20 @@ def _max_pool(attrs, x):
     return F.max_pool2d(F.pad(x, (l, r, t, b), value=float("-inf")), k, s)
 
 
+def _avg_pool(attrs, x):
+    import torch.nn.functional as F
+    return F.avg_pool2d(x, attrs["k"], attrs["k"])
+
+
+def _pad_channels(attrs, x):
+    import torch.nn.functional as F
+    return F.pad(x, (0, 0, 0, 0, attrs["before"], attrs["after"]))  # NCHW: W, H, then C
+
+
 TORCH_OPS = {
     "conv2d": _conv,
+    "avg_pool": _avg_pool,
+    "pad_channels": _pad_channels,
     "batch_norm": _batch_norm,
     "relu": _relu,
     "add": lambda a, x, y: x + y,

@@ -3,8 +3,12 @@ fused op can never mean something its parts do not.
 
 An epilogue is a list of steps applied in order to a value, each a dict
 `{"op": name, "args": [operand indices], **attrs}` naming an op of kind "epilogue"
-(`bias_add`, `affine`, `relu`, `add`, `batch_normalize`, `relu_grad`); the value flows in as
-the op's first input and `args` index the node's inputs for the rest. `out2` is a second
+(`bias_add`, `affine`, `relu`, `add`, `add_pooled`, `batch_normalize`, `relu_grad`); the value
+flows in as
+the op's first input and `args` index the node's inputs for the rest.
+`add_pooled` is the seed's shortcut read where it is added: `x + pad_channels(avg_pool(s))`, so
+the pooled, padded tensor is never written; `pool_pad_grad` is its gradient in one kernel,
+`avg_pool_grad(crop_channels(dy))`. `out2` is a second
 epilogue applied to the first output, giving a second output (a unit's `x + shortcut` and the
 next unit's BN-ReLU of it). `stats` (training) appends the batch mean and variance of the
 first output, exactly as `batch_moments` computes them, so a batch norm's reduction runs in its
@@ -13,10 +17,12 @@ producer's kernel.
 
 import numpy as np
 
+from .channels import pad_channels_reference
 from .conv import conv_reference, conv_shape, conv_flops
 from ..precision import stored
 from .norm import NUMPY, batch_moments, bn_inv, bn_shift, check_channels
-from .registry import define, get, ops_of_kind, require
+from .pool import avg_pool_reference
+from .registry import define, get, numel, ops_of_kind, require
 
 
 def step_attrs(step: dict) -> dict:
@@ -113,6 +119,45 @@ def _fold_shape(attrs, w, gamma, beta, mean, var):
     return [w, gamma]
 
 
+def pool_pad_params(attrs) -> tuple[int, int]:
+    """(k, before) of any op of the pooled shortcut or its gradient: avg_pool and
+    avg_pool_grad have no channel offset (before = 0), pad_channels and crop_channels no pool
+    (k = 1), add_pooled and pool_pad_grad both."""
+    return attrs.get("k", 1), attrs.get("before", 0)
+
+
+def pooled_shape(attrs, other) -> tuple:
+    """The shape of `other` average-pooled over k x k blocks and channel-padded."""
+    k, n, h, w, c = attrs["k"], *other
+    return (n, h // k, w // k, c + attrs["before"] + attrs["after"])
+
+
+def _add_pooled_shape(attrs, x, other):
+    require(len(other) == 4 and pooled_shape(attrs, other) == tuple(x),
+            f"the pooled, padded shortcut {list(pooled_shape(attrs, other))} does not match "
+            f"{list(x)}")
+    return [x]
+
+
+def _add_pooled_ref(attrs, x, other):
+    pooled = avg_pool_reference(attrs["k"], other)
+    return (x + pad_channels_reference(attrs["before"], attrs["after"], pooled),)
+
+
+def _pool_pad_grad_ref(attrs, dy):
+    (cropped,) = get("crop_channels").run_reference(attrs, dy)
+    return get("avg_pool_grad").run_reference(attrs, cropped)
+
+
+def _pool_pad_grad_shape(attrs, dy):
+    (cropped,) = get("crop_channels").shape(attrs, dy)
+    return get("avg_pool_grad").shape(attrs, cropped)
+
+
+define("add_pooled", kind="epilogue", shape=_add_pooled_shape, reference=_add_pooled_ref,
+       flops=lambda a, ins, outs: numel(outs[0]) * (a["k"] ** 2 + 1))
+define("pool_pad_grad", kind="window", shape=_pool_pad_grad_shape, reference=_pool_pad_grad_ref,
+       flops=lambda a, ins, outs: numel(outs[0]))
 define("bias_add", kind="epilogue", shape=_bias_shape, reference=lambda a, x, b: (x + b,))
 define("fused_conv2d", kind="conv", head="conv2d", inputs=("x", "w"), shape=_fused_conv_shape,
        reference=_fused_conv_ref, outputs=_output_names,

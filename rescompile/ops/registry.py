@@ -28,6 +28,7 @@ KINDS = {
     "conv_grad_filter": "a convolution's weight gradient: a reduction over every pixel",
     "dense": "the fully connected layer of the head",
     "window": "pooling over a window of pixels, and its gradient",
+    "channels": "a tensor's channels zero-padded or cropped, pixel by pixel",
     "epilogue": "elementwise on one tensor, reading per-channel vectors or tensors of its shape: "
                 "can run as an epilogue step of the kernel that makes the tensor",
     "elementwise": "a chain of epilogue steps on a tensor, as one kernel",

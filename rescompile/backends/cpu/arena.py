@@ -1,4 +1,5 @@
-"""An arena: the buffers and driver tables of one schedule at one batch size and thread count.
+"""An arena: the buffers and driver tables of one schedule at one batch size and thread count
+(the most its calls run on: `threads.py`).
 
 Where values live (what `rescompile dump --memory` reports):
 - batch buffers: values in `schedule.batch_values` (fetched, or read by a later segment), for
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 import operator
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +41,7 @@ from . import driver
 from .llvm import sync
 from .steps import Step
 from .target import DTYPE_BYTES
+from .threads import ThreadCount
 from .tuning import CHUNK_FLOPS, CHUNKS_PER_THREAD
 
 ALIGN = 64  # bytes: every buffer starts on a cache line (the packed weights need 32)
@@ -135,6 +138,7 @@ class Arena:
         self.batch_buffers = {v: aligned_empty(nbytes) for v, nbytes in whole.items()}
         self.thread_memory = aligned_empty(self.thread_region.nbytes * threads)
         self.shared_memory = aligned_empty(self.shared_region.nbytes)
+        self.thread_counts = {}  # (begin, end) of the steps a call runs -> its ThreadCount
         self._tables()
 
     def itemsize(self, value: str) -> int:
@@ -262,14 +266,20 @@ class Arena:
         self.bound = current
 
     def run(self, profile: np.ndarray, shared=None) -> None:
-        """Run the whole schedule; or only the shared steps [begin, end) of `shared`."""
+        """Run the whole schedule, or only the shared steps [begin, end) of `shared`, on as
+        many of the arena's threads as run it fastest now (`threads.py`); a profiled run on
+        all of them, as its table reports."""
         begin, end = self.shared_steps
         if shared is not None:
             begin, end = begin + shared[0], begin + shared[1]
+        count = self.thread_counts.setdefault((begin, end), ThreadCount(self.threads))
+        threads = self.threads if profile.shape[0] else count.choose()
         self.counters[:] = 0
+        start = time.perf_counter()
         driver.run(self.steps, self.segments, self.operands, self.consts, self.scratch,
-                   self.counters, self.n_items, self.n_shared, begin, end, self.threads,
+                   self.counters, self.n_items, self.n_shared, begin, end, threads,
                    self.program.barrier, self.barrier_state, profile)
+        count.record(threads, time.perf_counter() - start)
 
     def view(self, value: str) -> np.ndarray:
         """The images of `value` in its batch or shared buffer, without their border (a

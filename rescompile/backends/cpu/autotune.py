@@ -1,4 +1,5 @@
-"""Each conv step's register tile, chosen on the host: derived, or measured once and cached.
+"""Each conv and weight-gradient step's register tile, chosen on the host: derived, or measured
+once and cached.
 
 Design note
 -----------
@@ -32,11 +33,13 @@ import numpy as np
 
 from ...errors import ResourceError
 from ...kernel_cache import cache_root, write_cache_file
-from ...precision import numpy_dtype
+from ...precision import ITEMSIZE, numpy_dtype
 from .arena import Layout, aligned_empty
 from .llvm.conv import ConvKernel
+from .llvm.wgrad import WgradKernel
 from .steps import Step
-from .tuning import MAX_TILE_ROWS, PIXELS_PER_ITEM, conv_tile
+from .target import cache_bytes
+from .tuning import MIN_TILE_ROWS, PIXELS_PER_ITEM, WGRAD_GROUPS, conv_tile, tile_rows
 from .weights import pack_weights
 
 _CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -50,15 +53,18 @@ def tuning_enabled(tune: bool | None) -> bool:
     return os.environ.get("RESCOMPILE_TUNE", "1") != "0" if tune is None else tune
 
 
-def candidates(target, dtype: str, channels: int) -> list[tuple[int, int]]:
+def candidates(target, dtype: str, channels: int, depth: int | None = None,
+               widens: bool = False) -> list[tuple[int, int]]:
     """The tiles worth trying for `channels` output channels: the derived one, and 2 to
-    MAX_VECTORS vectors wide where the channels fill that many vectors."""
-    lanes = target.lanes(dtype)
-    tiles = [conv_tile(target, dtype, channels)]
+    MAX_VECTORS vectors wide where the channels fill that many vectors, each with the most
+    rows it allows and (a weight gradient, of `depth` rows) with rows that divide the depth;
+    a kernel that `widens` its broadcast input leaves it its registers in every one."""
+    tiles = [conv_tile(target, dtype, channels, depth, widens)]
     for nv in range(2, MAX_VECTORS + 1):
-        if nv * lanes <= channels:
-            tiles.append((min((target.registers - nv - 1) // nv, MAX_TILE_ROWS), nv))
-    return list(dict.fromkeys(tiles))
+        if nv * target.lanes(dtype) <= channels:
+            tiles += [(tile_rows(target, nv, widens=widens), nv),
+                      (tile_rows(target, nv, depth, widens), nv)]
+    return list(dict.fromkeys(tile for tile in tiles if tile[0] >= MIN_TILE_ROWS))
 
 
 class Tuner:
@@ -77,23 +83,26 @@ class Tuner:
         return cache_root(self.cache_dir) / "tuning" / f"{self.target.fingerprint}.json"
 
     def retile(self, steps: list, layouts: dict[str, Layout]):
-        """The steps with their tiles chosen, and (step name, why) for each conv step."""
+        """The steps with their tiles chosen, and (step name, why) for each tiled step."""
         out, remarks = [], []
         for step in steps:
-            if isinstance(step, Step) and isinstance(step.kernel, ConvKernel):
+            if isinstance(step, Step) and isinstance(step.kernel, (ConvKernel, WgradKernel)):
                 (mr, nv), why = self._choose(step, layouts)
                 step = retiled(step, mr, nv)
-                remarks.append((step.name, f"tile {mr}x{step.kernel.nr}: {why}"))
+                remarks.append((step.name, f"tile {mr}x{step.kernel.nr}: {why}"
+                                           f"{_panel_order(step)}"))
             out.append(step)
         return out, remarks
 
     def _choose(self, step: Step, layouts) -> tuple[tuple[int, int], str]:
         kernel = step.kernel
-        tiles = candidates(self.target, self.dtype, step.channels)
+        depth = step.fields["kh"] * step.fields["kw"] * step.fields["cin"] \
+            if isinstance(kernel, WgradKernel) else None
+        tiles = candidates(self.target, self.dtype, step.channels, depth, kernel.widens)
         derived = (kernel.mr, kernel.nv)
-        if kernel.sums is not None:
+        if getattr(kernel, "sums", None) is not None:
             return derived, "derived (its rows group the sums it makes)"
-        if kernel.dot == "amx":
+        if getattr(kernel, "dot", None) == "amx":
             return derived, "derived (AMX tiles)"
         if len(tiles) == 1:
             return derived, "derived (the only tile that fits its channels)"
@@ -145,13 +154,15 @@ class Tuner:
 
     # -- measuring ----------------------------------------------------------------------------
     def _gflops(self, step: Step, layouts) -> float:
-        """The step's kernel on one work item of random data, its best of TIMED_CALLS."""
+        """The step's kernel on one work item of random data (a reduction's: one chunk), its
+        best of TIMED_CALLS."""
         self.measured += 1
-        images = max(1, -(-PIXELS_PER_ITEM // step.pixels))
+        work = step.fixed_chunk or PIXELS_PER_ITEM
+        images = max(1, -(-work // step.pixels))
+        pixels = min(images * step.pixels, step.fixed_chunk or images * step.pixels)
         consts, pointers, keep = _arguments(step, layouts, images)
         call = _CALL(self.address(step.kernel))
-        args = (consts.ctypes.data, pointers.ctypes.data, 0, images * step.pixels, 0,
-                step.channels)
+        args = (consts.ctypes.data, pointers.ctypes.data, 0, pixels, 0, step.channels)
         call(*args)
         best = float("inf")
         for _ in range(TIMED_CALLS):
@@ -159,15 +170,30 @@ class Tuner:
             call(*args)
             best = min(best, time.perf_counter() - start)
         del keep
-        return step.flops * images / best / 1e9
+        return step.flops * pixels / step.pixels / best / 1e9
 
 
 def retiled(step: Step, mr: int, nv: int) -> Step:
-    """The conv step with an MR x NV tile (its weights packed for that width)."""
+    """The step with an MR x NV tile: a conv's weights packed for that width, a weight
+    gradient's channels cut in that many panels."""
     kernel = dataclasses.replace(step.kernel, mr=mr, nv=nv)
+    if isinstance(kernel, WgradKernel):
+        return dataclasses.replace(step, kernel=kernel, channel_align=kernel.nr,
+                                   groups=min(-(-step.channels // kernel.nr), WGRAD_GROUPS))
     uses = dict(step.uses, w=dataclasses.replace(step.uses["w"], nr=kernel.nr))
     return dataclasses.replace(step, kernel=kernel, uses=uses, pixel_align=mr,
                                channel_align=kernel.nr)
+
+
+def _panel_order(step: Step) -> str:
+    """Why a conv runs tiles or panels outer (`tuning.panels_outer`)."""
+    if "panels_outer" not in step.fields:
+        return ""
+    fields = step.fields
+    weights = fields["kh"] * fields["kw"] * fields["cin"] * step.channels \
+        * ITEMSIZE[step.kernel.element("w")]
+    order = "panels outer" if fields["panels_outer"] else "tiles outer"
+    return f"; {order} (weights {weights >> 10} KiB, L2 {cache_bytes(2) >> 10} KiB)"
 
 
 def _layer_key(step: Step, layouts) -> str:
@@ -203,6 +229,8 @@ def _arguments(step: Step, layouts, images: int):
             cin, k = values["cin"], values["kh"]
             array = pack_weights(rng.standard_normal((k, k, cin, step.channels)), use.nr,
                                  dtype=pointer.dtype, layout=use.layout)
+        elif use.value in step.slots:  # a reduction's float64 slots
+            array = np.zeros(step.slots[use.value].slot_bytes // 8)
         elif pointer.role in step.tensors:  # where the arena would point: data, or window
             lay = layouts[step.tensors[pointer.role]]
             array = aligned_empty(images * lay.image * kind.itemsize).view(kind)

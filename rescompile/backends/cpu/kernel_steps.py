@@ -17,18 +17,20 @@ from .llvm.pixelwise import EltwiseKernel
 from .llvm.reduce import SlotSum, sum_kind
 from .steps import Slots, Step, TensorTypes, Use, image_shape
 from .target import DTYPE_BYTES, Target
-from .tuning import AMX_TILE, PIXEL_SPLIT_MIN, REDUCE_CHUNK, conv_tile, panels_outer
+from .tuning import (AMX_TILE, PIXEL_SPLIT_MIN, REDUCE_CHUNK, conv_tile, panels_outer,
+                     widens)
 
 # How each way of multiplying reads its packed weights (`weights.pack_weights`).
 WEIGHT_LAYOUTS = {"fma": "", "dpbf16": "vnni2", "amx": "amx"}
 
 
-def chain_arguments(kernel, chains, inputs) -> tuple[dict, dict, dict]:
-    """Pointer uses, strided tensors and scalar fields of a kernel's epilogue chains, from the
-    node's epilogue steps (whose args index `inputs`)."""
+def chain_arguments(kernel, chains, inputs, graph) -> tuple[dict, dict, dict]:
+    """Pointer uses, strided tensors and scalar and size fields of a kernel's epilogue chains,
+    from the node's epilogue steps (whose args index `inputs`)."""
     uses, tensors, fields = {}, {}, {}
     for chain, steps in zip(kernel.chains, chains):
-        more_uses, more_tensors, more_fields = chain.arguments(list(steps), inputs)
+        more_uses, more_tensors, more_fields = chain.arguments(
+            list(steps), inputs, lambda value: image_shape(graph, value)[2])
         uses.update({role: Use(value) for role, value in more_uses.items()})
         tensors.update(more_tensors)
         fields.update(more_fields)
@@ -87,7 +89,7 @@ def conv_dot(types: TensorTypes, target: Target, x: str, cin: int) -> str:
     return "dpbf16" if target.has("avx512_bf16") and cin % 2 == 0 else "fma"
 
 
-def conv_step(node, types: TensorTypes, target: Target, x: str, weights: Use,
+def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: Use,
               geometry: ConvGeometry, outputs, epi=(), out2=None, sums: Sums | None = None,
               inputs=None) -> Step:
     """A convolution step: x through the packed weights into outputs (and out2), with the
@@ -97,7 +99,7 @@ def conv_step(node, types: TensorTypes, target: Target, x: str, weights: Use,
     oh, ow = geometry.out_hw
     dot = conv_dot(types, target, x, cin)
     mr, nv = AMX_TILE if dot == "amx" else conv_tile(
-        target, types.compute, geometry.cout, widens=dot == "fma" and types.of(x) == BFLOAT16)
+        target, types.compute, geometry.cout, widens=widens(types.of(x), types.compute, dot))
     kernel = (AmxConvKernel if dot == "amx" else ConvKernel)(
         types.compute, target, chain_of(epi), None if out2 is None else chain_of(out2), mr, nv,
         sums=sums and sums.op, dot=dot)
@@ -110,7 +112,7 @@ def conv_step(node, types: TensorTypes, target: Target, x: str, weights: Use,
     weight_bytes = geometry.k ** 2 * cin * geometry.cout * DTYPE_BYTES[types.packed(uses["w"])]
     fields = dict(cin=cin, kh=geometry.k, kw=geometry.k, stride=geometry.stride, oh=oh, ow=ow,
                   panels_outer=int(panels_outer(weight_bytes)))
-    more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs))
+    more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs), graph)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
     step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
@@ -169,7 +171,8 @@ def eltwise_step(node, graph, target, types: TensorTypes, epi, out2, inputs=None
     uses, tensors = output_uses(kernel, outputs)
     uses["x"], tensors["x"] = Use(inputs[0]), inputs[0]
     fields = dict(oh=h, ow=w)
-    for have, extra in zip((uses, tensors, fields), chain_arguments(kernel, (epi, out2), inputs)):
+    more = chain_arguments(kernel, (epi, out2), inputs, graph)
+    for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
     return Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
                 fields=fields, pixels=h * w, channels=c, channel_align=kernel.lanes,

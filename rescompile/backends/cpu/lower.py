@@ -18,19 +18,21 @@ depends on the number of threads.
 from __future__ import annotations
 
 from ...errors import GraphError, UsageError
+from ...ops.fused import pool_pad_params
 from ...ops.fused_train import GRAD_HALVES
 from ...ops.registry import get, kind_of
 from ...padding import pads_2d
 from .kernel_steps import (ConvGeometry, Sums, chain_arguments, conv_step, copy_step,
                            eltwise_step, pixel_split, pixel_step, slot_sum, with_sums)
 from .llvm.epilogue import RULES, chain_of
-from .llvm.pixelwise import MaxPoolGradKernel, MaxPoolKernel, MeanGradKernel, MeanKernel
+from .llvm.pixelwise import (MaxPoolGradKernel, MaxPoolKernel, MeanGradKernel, MeanKernel,
+                             PoolPadKernel, SpreadKernel)
 from .llvm.reduce import MOMENTS, SUMS, BatchNormGradApply, ChannelSums, sum_kind
 from .llvm.wgrad import WgradKernel
 from .steps import (HOST_KINDS, HostStep, Slots, Step, TensorTypes, Use, image_shape,
                     is_host, tensor_types)
 from .target import Target
-from .tuning import REDUCE_CHUNK, WGRAD_CHUNK, WGRAD_GROUPS, conv_tile
+from .tuning import REDUCE_CHUNK, WGRAD_CHUNK, WGRAD_GROUPS, conv_tile, widens
 
 
 # -- convolutions ---------------------------------------------------------------------------
@@ -44,15 +46,15 @@ def _conv(node, graph, target, types):
     outputs = list(node.outputs)
     sums = Sums(MOMENTS, f"{node.name}:stats") if attrs.get("stats") else None
     made = outputs[:-2] if sums else outputs
-    conv = conv_step(node, types, target, x, Use(w), geometry, made, attrs.get("epilogue", ()),
-                     attrs.get("out2"), sums)
+    conv = conv_step(node, graph, types, target, x, Use(w), geometry, made,
+                     attrs.get("epilogue", ()), attrs.get("out2"), sums)
     return with_sums(conv, sums, outputs[len(made):], types, target)
 
 
 def _dense(node, graph, target, types):
     """x [N, C] @ w [C, K] + b: a 1x1 conv over 1x1 images with a bias epilogue."""
     c, k = graph.value(node.inputs[1]).shape
-    step = conv_step(node, types, target, node.inputs[0], Use(node.inputs[1]),
+    step = conv_step(node, graph, types, target, node.inputs[0], Use(node.inputs[1]),
                      ConvGeometry((1, 1, c), 1, k, 1, (0, 0, 0, 0)), list(node.outputs),
                      [{"op": "bias_add", "args": [2]}])
     step.split = "channels"
@@ -84,7 +86,7 @@ def _grad_input(node, graph, target, types):
     sums = step and Sums(step["op"], f"{node.name}:sums",
                          _roles(step["op"], [node.inputs[i] for i in step["args"]], skip=1),
                          {n: step[n] for n in sum_kind(step["op"]).scalars})
-    conv = conv_step(node, types, target, source, Use(w, transform="dgrad"),
+    conv = conv_step(node, graph, types, target, source, Use(w, transform="dgrad"),
                      ConvGeometry((hd, wdd, cout), k, cin, 1, pads), node.outputs[:1],
                      node.attrs.get("epilogue", ()), sums=sums)
     return steps + with_sums(conv, sums, node.outputs[1:], types, target)
@@ -102,8 +104,9 @@ def _grad_filter(node, graph, target, types):
     h, w, cin = image_shape(graph, x)
     oh, ow, cout = image_shape(graph, dy)
     pads = pads_2d(h, w, k, stride, node.attrs["padding"])
-    kernel = WgradKernel(types.compute, target, *conv_tile(
-        target, types.compute, cout, widens=types.of(x) == types.weights != types.compute))
+    tile = conv_tile(target, types.compute, cout, depth=k * k * cin,
+                     widens=widens(types.of(x), types.compute))
+    kernel = WgradKernel(types.compute, target, *tile)
     partial = f"{node.name}:partial"
     slots = Slots(8 * k * k * cin * cout, oh * ow, WGRAD_CHUNK)
     step = Step(name=node.name, op=node.op, kernel=kernel,
@@ -151,7 +154,8 @@ def _bn_grad_apply(node, graph, target, types):
     tensors = {"dy": roles["dy"], "x": roles["x"], "out": dx}
     fields = dict(oh=h, ow=w, images=lambda n: n,
                   **{n: float(node.attrs[n]) for n in ("epsilon", "alpha") if n in node.attrs})
-    more = chain_arguments(kernel, [node.attrs.get("epilogue", ())], list(node.inputs))
+    more = chain_arguments(kernel, [node.attrs.get("epilogue", ())], list(node.inputs),
+                           graph)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
     return [Step(name=f"{node.name}/apply", op=node.op, kernel=kernel, uses=uses,
@@ -246,6 +250,28 @@ def _mean_grad(node, graph, target, types):
                        h * w, c, pixel_split(h * w))]
 
 
+def _pool_pad(node, graph, target, types):
+    """avg_pool or pad_channels: the pooled, padded read of the input (k = 1 or before = 0)."""
+    (x,), (out,) = node.inputs, node.outputs
+    oh, ow, c = image_shape(graph, out)
+    k, before = pool_pad_params(node.attrs)
+    fields = dict(oh=oh, ow=ow, k=k, before=before, channels=image_shape(graph, x)[2])
+    return [pixel_step(node, PoolPadKernel(types.compute, target), {"x": x, "out": out}, fields,
+                       oh * ow, c, pixel_split(oh * ow))]
+
+
+def _spread(node, graph, target, types):
+    """avg_pool_grad, crop_channels or both (pool_pad_grad): dy spread over each block, from
+    channel `before`."""
+    (dy,), (out,) = node.inputs, node.outputs
+    h, w, c = image_shape(graph, out)
+    rows, cols, _ = image_shape(graph, dy)
+    k, before = pool_pad_params(node.attrs)
+    fields = dict(oh=h, ow=w, k=k, before=before, rows=rows, cols=cols)
+    return [pixel_step(node, SpreadKernel(types.compute, target), {"dy": dy, "out": out}, fields,
+                       h * w, c, pixel_split(h * w))]
+
+
 LOWERINGS = {
     "conv2d": _conv,
     "fused_conv2d": _conv,
@@ -267,6 +293,11 @@ LOWERINGS = {
     "max_pool_grad": _max_pool_grad,
     "global_avg_pool": _mean,
     "global_avg_pool_grad": _mean_grad,
+    "avg_pool": _pool_pad,
+    "pad_channels": _pool_pad,
+    "avg_pool_grad": _spread,
+    "crop_channels": _spread,
+    "pool_pad_grad": _spread,
 }
 
 

@@ -38,6 +38,7 @@ from .llvm import jit, measure, sync
 from .steps import HostStep, Step, TensorTypes
 from .schedule import build_schedule, build_shared_schedule
 from .target import DTYPE_BYTES, target_for
+from .traffic import step_bytes
 from .weights import pack_weights, packed_elements, transformed
 
 
@@ -327,10 +328,12 @@ class CpuProgram:
     def profile_rows(self, batch: int, calls: int = 1, entry: str | None = None) -> list[dict]:
         """The profile of `calls` runs at `batch` as rows per kernel step, slowest first:
         kernel milliseconds per run (thread time over the threads, about its share of the
-        wall time), waits at barriers, and the kernel's GFLOP/s per thread."""
+        wall time), waits at barriers, the kernel's GFLOP/s per thread, and the bytes its
+        tensors hold (`traffic.py`) with its FLOPs per byte."""
         hz = measure.cycles_per_second(self.target)
         table = self.profile
-        steps = self._profiled_schedule(entry).steps
+        schedule = self._profiled_schedule(entry)
+        arena, steps = self.arena(schedule, batch), schedule.steps
         n = len(steps)
         kernel = (table[:, :n, 0] + table[:, n:, 0]).sum(axis=0) / hz
         wait = (table[:, :n, 1] + table[:, n:, 1]).sum(axis=0) / hz
@@ -340,13 +343,17 @@ class CpuProgram:
         for i, step in enumerate(steps):
             if not isinstance(step, Step):
                 continue
+            read, written = step_bytes(arena, step)
             rows.append({"name": step.name, "op": step.op, "kernel": step.kernel.symbol,
                          "calls": int(counted[i]) // calls,
                          "ms": 1e3 * kernel[i] / threads / calls,
                          "wait_ms": 1e3 * wait[i] / threads / calls,
                          "percent": 100 * kernel[i] / total if total else 0.0,
                          "gflops": (step.flops * batch * calls / kernel[i] / 1e9
-                                    if kernel[i] and step.flops else None)})
+                                    if kernel[i] and step.flops else None),
+                         "bytes_read": read, "bytes_written": written,
+                         "flop_per_byte": (step.flops * batch / (read + written)
+                                           if step.flops else None)})
         return sorted(rows, key=lambda r: -r["ms"])
 
     def _profiled_schedule(self, entry: str | None):

@@ -47,6 +47,7 @@ def panels_outer(weight_bytes: int) -> bool:
 # A register tile's rows each need a pointer in a general-purpose register (16 on x86-64),
 # whatever the vector registers allow.
 MAX_TILE_ROWS = 14
+MIN_TILE_ROWS = 4  # fewer rows than this cannot hide a multiply-add's latency
 # An AMX conv's block (MR pixels x NV vectors of 16 channels): 2 x 2 tiles of 16 x 16
 # accumulators, as oneDNN's AMX convolutions block them (the 8 tiles: 2 A, 2 B, 4 C). Fixed
 # by the tile registers, so never measured.
@@ -61,16 +62,32 @@ AMX_TILE = (32, 2)
 WIDENING_REGISTERS = 2
 
 
+def widens(input_type: str, compute: str, dot: str = "fma") -> bool:
+    """Whether a tile widens its broadcast input in the k loop: an input stored narrower than
+    the compute type, multiplied one channel at a time by FMAs (`dot`, `ConvKernel.dot`)."""
+    return dot == "fma" and input_type != compute
+
+
+def tile_rows(target: Target, nv: int, depth: int | None = None, widens: bool = False) -> int:
+    """The rows of a tile NV vectors wide: as many as leave registers for the NV weight
+    vectors and one broadcast (6 on 16 registers, 14 on 32; with `widens`,
+    WIDENING_REGISTERS more for a broadcast it widens), at most MAX_TILE_ROWS; with a weight
+    gradient's `depth` (its rows), the most of those that divide it, if that is at least
+    MIN_TILE_ROWS (a 1 x 1, 16-channel layer: 8 rows twice, not 14 and then 2)."""
+    free = target.registers - nv - 1 - (WIDENING_REGISTERS if widens else 0)
+    rows = min(free // nv, MAX_TILE_ROWS)
+    if depth:
+        divisor = max(d for d in range(1, rows + 1) if depth % d == 0)
+        rows = divisor if divisor >= MIN_TILE_ROWS else rows
+    return rows
+
+
 def conv_tile(target: Target, dtype: str, channels: int | None = None,
-              widens: bool = False) -> tuple[int, int]:
+              depth: int | None = None, widens: bool = False) -> tuple[int, int]:
     """(MR, NV) of the conv and weight-gradient register tiles for `channels` output channels:
     NV vectors of channels, 2 unless one vector holds them all (a 16-channel layer on
-    AVX-512 would otherwise leave half of every tile masked off), and as many rows as leave
-    registers for the NV weight vectors and one broadcast (6 on 16 registers, 14 on 32; with
-    `widens`, WIDENING_REGISTERS more for a broadcast it widens), at most MAX_TILE_ROWS.
+    AVX-512 would otherwise leave half of every tile masked off), and `tile_rows` rows.
     Derived from the shapes, the types and the instruction set alone: the rows group the sums
     a conv makes of its output, so the tile must not depend on a measurement."""
-    lanes = target.lanes(dtype)
-    nv = 1 if channels is not None and channels <= lanes else 2
-    free = target.registers - nv - 1 - (WIDENING_REGISTERS if widens else 0)
-    return min(free // nv, MAX_TILE_ROWS), nv
+    nv = 1 if channels is not None and channels <= target.lanes(dtype) else 2
+    return tile_rows(target, nv, depth, widens), nv

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from . import exprs
 from .launch import Context, Launch, Ref, grid_launch, value
+from .pooled import pooled_operands, pooled_read
 from .source import indent, kernel_module
 
 
@@ -59,10 +60,20 @@ def loop_launch(ctx: Context, node_name: str, size: int, ins, outs, compute,
 
 
 def rule_launch(ctx: Context, node, ins=None, outs=None, attrs=None, prelude=()) -> Launch:
-    """A node whose every output is elementwise in its largest operand, by its exprs rule."""
-    loop_shape = max((ctx.shape(v) for v in node.inputs + node.outputs),
-                     key=lambda s: (len(s), s))
-    ins = ins or operands(ctx, node.inputs, loop_shape)
+    """A node whose every output is elementwise in its largest operand, by its exprs rule; an
+    operand an add_pooled step reads is read through its pool."""
+    pooled = pooled_operands(node)
+    loop_shape = max((ctx.shape(v) for j, v in enumerate(node.inputs + node.outputs)
+                      if j not in pooled), key=lambda s: (len(s), s))
+    if ins is None:
+        ins = operands(ctx, [v for j, v in enumerate(node.inputs) if j not in pooled],
+                       loop_shape)
+        for j, step in sorted(pooled.items()):
+            v = node.inputs[j]
+            ins.insert(j, Operand(value(v), None, ctx.size(v)))
+            prelude = list(prelude) + pooled_read(f"in{j}", loop_shape, ctx.shape(v),
+                                                  step["k"], step["before"], "i",
+                                                  f"np.{ctx.dtype}", f"v{j}")
     outs = outs or operands(ctx, node.outputs, loop_shape)
     size = max(op.size for op in outs)
     attrs = node.attrs if attrs is None else attrs

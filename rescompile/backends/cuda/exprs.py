@@ -113,6 +113,7 @@ def _relu_grad(e, a, dy, x):
 
 
 @rule("add")
+@rule("add_pooled")  # ops/fused.py: the kernel reads `y` through its pool (cuda/pool.py)
 def _add(e, a, x, y):
     return [e.let(f"{x} + {y}")]
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from ...padding import pads_2d
 from . import exprs
 from .launch import Context, Launch, Ref, cdiv, grid_launch, value
+from .pooled import pooled_operands, pooled_read
 from .source import indent, kernel_module
 
 
@@ -181,11 +182,17 @@ def gemm_source(p: Problem, t: Tiles, n_inputs: int, store: list[str], dtype: st
 def _epilogue_store(node, shapes: list[tuple], out_shape: tuple, dtype: str, index: str,
                     channel: str, first_input: int = 0) -> list[str]:
     """Generated epilogue: exactly the node's steps, reading operand j (kernel parameter
-    in{first_input + j}) at the element (`index`), its channel, or as a scalar."""
+    in{first_input + j}) at the element (`index`), its channel, as a scalar, or (an
+    add_pooled step's) through its pool."""
     e = exprs.Emitter(dtype, prefix="ep")
+    pooled, reads = pooled_operands(node), []
 
     def read(j):
         shape = tuple(shapes[j])
+        if j in pooled:
+            reads.extend(pooled_read(f"in{first_input + j}", out_shape, shape, pooled[j]["k"],
+                                     pooled[j]["before"], index, f"np.{dtype}", f"pooled{j}"))
+            return f"pooled{j}"
         where = index if shape == tuple(out_shape) else ("0" if not shape else channel)
         return f"in{first_input + j}[{where}]"
 
@@ -193,7 +200,7 @@ def _epilogue_store(node, shapes: list[tuple], out_shape: tuple, dtype: str, ind
     operands = [read(j) for j in range(len(shapes))]
     y = exprs.epilogue(e, attrs.get("epilogue", ()), "y", operands)
     first = len(e.lines)
-    lines = e.lines[:first] + [f"out0[{index}] = {y}"]
+    lines = reads + e.lines[:first] + [f"out0[{index}] = {y}"]
     if attrs.get("out2"):
         y2 = exprs.epilogue(e, attrs["out2"], y, operands)
         lines += e.lines[first:] + [f"out1[{index}] = {y2}"]

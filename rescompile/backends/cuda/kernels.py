@@ -31,6 +31,11 @@ LOWER = {
     "softmax_cross_entropy_grad": head.lower_xent_grad,
     "max_pool": pool.lower_max_pool,
     "max_pool_grad": pool.lower_max_pool_grad,
+    "avg_pool": pool.lower_pool_pad,
+    "pad_channels": pool.lower_pool_pad,
+    "avg_pool_grad": pool.lower_spread,
+    "crop_channels": pool.lower_spread,
+    "pool_pad_grad": pool.lower_spread,
 }
 # Every other op with an expression (exprs.RULES) is one elementwise kernel.
 LOWER.update({op: elementwise.lower_elementwise for op in exprs.RULES if op not in LOWER})

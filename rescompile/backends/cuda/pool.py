@@ -1,15 +1,19 @@
-"""max_pool and its gradient (ops/pool.py) as elementwise loops over windows.
+"""max_pool and its gradient (ops/pool.py) as elementwise loops over windows, and the seed's
+shortcut: avg_pool and pad_channels (ops/channels.py) as one pooled read, which the
+epilogues of add_pooled read too, and their gradients as one spread.
 
-The gradient is written as a gather (each input pixel visits the windows that contain it and
-takes dy from those whose *first* maximum it is, as TensorFlow's MaxPoolGrad) so no two
-threads write one address: no atomics, deterministic.
+The gradients are written as gathers (each input pixel visits the windows that contain it; for
+max_pool it takes dy from those whose *first* maximum it is, as TensorFlow's MaxPoolGrad) so
+no two threads write one address: no atomics, deterministic.
 """
 
 from __future__ import annotations
 
+from ...ops.fused import pool_pad_params
 from ...padding import pads_2d
 from .elementwise import Operand, loop_launch
 from .launch import Context, Launch, value
+from .pooled import pooled_read
 from .source import indent
 
 
@@ -64,3 +68,31 @@ def lower_max_pool_grad(ctx: Context, node) -> list[Launch]:
     ins = [Operand(value(x), None, size), Operand(value(dy), None, ctx.size(dy))]
     return [loop_launch(ctx, node.name, size, ins, [Operand(value(node.outputs[0]), "i", size)],
                         lambda e, loads: ["total"], f"{node.op} {node.name}", prelude)]
+
+
+def lower_pool_pad(ctx: Context, node) -> list[Launch]:
+    """avg_pool (before = 0) or pad_channels (k = 1): the pooled read of the input."""
+    (x,), (out,) = node.inputs, node.outputs
+    size = ctx.size(out)
+    prelude = pooled_read("in0", ctx.shape(out), ctx.shape(x), *pool_pad_params(node.attrs),
+                          "i", f"np.{ctx.dtype}", "pooled")
+    return [loop_launch(ctx, node.name, size, [Operand(value(x), None, ctx.size(x))],
+                        [Operand(value(out), "i", size)], lambda e, loads: ["pooled"],
+                        f"{node.op} {node.name}", prelude)]
+
+
+def lower_spread(ctx: Context, node) -> list[Launch]:
+    """avg_pool_grad (before = 0), crop_channels (k = 1) or both (pool_pad_grad): each pixel
+    of a k x k block takes its block's dy from channel `before` on, divided by k * k; zero
+    outside every block."""
+    (dy,), (out,) = node.inputs, node.outputs
+    (_, h, w, c), (_, oh, ow, cd) = ctx.shape(out), ctx.shape(dy)
+    (k, before), dt = pool_pad_params(node.attrs), f"np.{ctx.dtype}"
+    prelude = [f"p = i // {c}", f"bh = (p // {w}) % {h} // {k}", f"bw = p % {w} // {k}",
+               f"share = {dt}(0)", f"if bh < {oh} and bw < {ow}:",
+               f"    share = in0[((p // {h * w} * {oh} + bh) * {ow} + bw) * {cd} + i % {c} + "
+               f"{before}] / {dt}({k * k})"]
+    size = ctx.size(out)
+    return [loop_launch(ctx, node.name, size, [Operand(value(dy), None, ctx.size(dy))],
+                        [Operand(value(out), "i", size)], lambda e, loads: ["share"],
+                        f"{node.op} {node.name}", prelude)]

@@ -44,6 +44,9 @@ step into fixed chunks of pixels, one call each, and combines the slots in order
 gradient's batch-norm gradient sums (g, g * xhat, read against the batch norm's input
 `sums.x`), so the reduction reads the gradient while it is in registers.
 
+An epilogue operand read through a pool ("pooled", the seed's shortcut) is read at each row's
+(n, oh, ow), kept beside its window origin, as `epilogue.read_operand` reads it everywhere.
+
 Registers and values are named by role in the IR: `x_row<m>` (a tile row's window origin),
 `w<j>` (a weight vector), `a<m>` (a broadcast input), `acc<m>_<j>` (an accumulator), and each
 epilogue step's result after its op (`relu2.m1_0`: row 1, vector 0).
@@ -257,8 +260,9 @@ class ConvEmitter:
         last = b.sub(rows, f.i64(1), name="last_row")
         tensors = k.outputs + [r for chain in k.chains for r in chain.pixel_roles] \
             + k.sum_against
-        self.x_rows, self.offsets = [], {t: [] for t in tensors}
+        self.x_rows, self.offsets, self.positions = [], {t: [] for t in tensors}, []
         for m in range(k.mr):
+            self.positions.append((n, oh, ow))
             x_off = b.add(b.add(b.mul(n, v["x.image"], name="x.image_off"),
                                 b.mul(oh, self.x_row_step, name="x.row_off"), name="x.row_start"),
                           b.mul(ow, self.x_pixel_step, name="x.pixel_off"), name=f"x_row{m}.at")
@@ -355,13 +359,17 @@ class ConvEmitter:
             def pixel(t):
                 return f.element(self.ptr[t], b.add(self.offsets[t][m], c, name=f"{t}.at{m}"),
                                  name=f"{t}.row{m}")
+            def operand(o, j):
+                if o.kind == epilogue.CHANNEL:
+                    return channel[o.role][j]
+                if o.kind == epilogue.PIXEL:
+                    return load(pixel(o.role), j, o.role)
+                return epilogue.read_operand(f, o, self.v, self.ptr, self.positions[m],
+                                             b.add(c, f.i64(j * k.lanes)), masks[j])
             outputs, values = [], acc[m]
             for chain, out in zip(k.chains, k.outputs):
-                values = [epilogue.apply_chain(
-                    f, chain, values[j],
-                    lambda o: (channel[o.role][j] if o.kind == epilogue.CHANNEL
-                               else load(pixel(o.role), j, o.role)),
-                    self.v, f".m{m}_{j}") for j in range(k.nv)]
+                values = [epilogue.apply_chain(f, chain, values[j], lambda o: operand(o, j),
+                                               self.v, f".m{m}_{j}") for j in range(k.nv)]
                 stored = [f.stored_form(value, self.ptr[out]) for value in values]
                 outputs.append(stored)
                 # what the next chain and the sums are made of: the output as stored

@@ -19,6 +19,8 @@ import contextlib
 import llvmlite.binding as llvm
 from llvmlite import ir
 
+from .. import tuning
+
 I1 = ir.IntType(1)
 I16 = ir.IntType(16)
 I32 = ir.IntType(32)
@@ -67,6 +69,11 @@ class Tiled(Vectors):
     @property
     def nr(self) -> int:
         return self.nv * self.lanes
+
+    @property
+    def widens(self) -> bool:
+        """Whether the k loop widens its broadcast input, "x" (`tuning.widens`)."""
+        return tuning.widens(self.element("x"), self.dtype, getattr(self, "dot", "fma"))
 
 
 class Function:

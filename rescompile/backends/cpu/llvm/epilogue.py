@@ -3,17 +3,22 @@ applied to a vector of the running value, and `apply_chain`, which runs a chain 
 every kernel that has one.
 
 A rule names what the step reads besides the value, in the order of the step's `args`: a
-per-channel vector ("channel": bias, scale, gamma, ...) or a tensor of the value's own shape
-("pixel": the residual of an add); and which of the step's attributes it reads at run time
-("scalars": relu's alpha, batch_normalize's epsilon). Kernels take those operands as run-time
-arguments, named `e<step>.<name>` (`Operand.role`), so one compiled kernel serves every layer
-whose epilogue has the same steps.
+per-channel vector ("channel": bias, scale, gamma, ...), a tensor of the value's own shape
+("pixel": the residual of an add), or a tensor read through an average pool over `k` x `k`
+blocks and `before` zero channels ("pooled": the seed's shortcut, k and before being the
+step's sizes, the tensor's channel count `<role>.channels` a size of its own); which of the
+step's attributes it reads at run time as floats ("scalars": relu's alpha, batch_normalize's
+epsilon) and as integers ("sizes": add_pooled's k and before). Kernels take those operands as
+run-time arguments, named `e<step>.<name>` (`Operand.role`), so one compiled kernel serves
+every layer whose epilogue has the same steps. Every kernel reads an operand with
+`read_operand` (the conv tile keeps its own row offsets for "pixel" operands).
 
 The arithmetic is each op's reference (`ops/`), written on vectors:
 - bias_add:  v + bias
 - affine:    v * scale + shift
 - relu:      v < 0 ? v * alpha : v   (NaN is not < 0, so it passes through, as in the reference)
 - add:       v + other
+- add_pooled: v + pooled(shortcut)   (pixels.pooled_vector)
 - batch_normalize: ops/norm.py bn_apply, on vectors (arith.py)
 - relu_grad: x < 0 ? v * alpha : v   (v is the gradient, x the relu's input)
 """
@@ -26,13 +31,15 @@ from typing import Callable
 from ....ops import norm
 from . import abi
 from .arith import VectorArithmetic
+from .pixels import load_vector, offset, pooled_vector
 
 
 @dataclass(frozen=True)
 class Rule:
-    operands: tuple[tuple[str, str], ...]  # (name, "channel" or "pixel"), one per arg
+    operands: tuple[tuple[str, str], ...]  # (name, CHANNEL, PIXEL or POOLED), one per arg
     scalars: tuple[str, ...]
     apply: Callable  # (Function, value, operand vectors, scalar vectors) -> value
+    sizes: tuple[str, ...] = ()  # integer attributes, read at run time
 
 
 def _relu(f, v, operands, scalars):
@@ -53,13 +60,18 @@ def _normalize(f, v, operands, scalars):
     return norm.bn_apply(m, x, gamma, beta, mean, var, epsilon).value
 
 
-CHANNEL, PIXEL = "channel", "pixel"
+def _add(f, v, operands, scalars):
+    return f.b.fadd(v, operands[0])
+
+
+CHANNEL, PIXEL, POOLED = "channel", "pixel", "pooled"
 RULES = {
     "bias_add": Rule((("bias", CHANNEL),), (), lambda f, v, o, s: f.b.fadd(v, o[0])),
     "affine": Rule((("scale", CHANNEL), ("shift", CHANNEL)), (),
                    lambda f, v, o, s: f.fma(v, o[0], o[1])),
     "relu": Rule((), ("alpha",), _relu),
-    "add": Rule((("other", PIXEL),), (), lambda f, v, o, s: f.b.fadd(v, o[0])),
+    "add": Rule((("other", PIXEL),), (), _add),
+    "add_pooled": Rule((("shortcut", POOLED),), (), _add, sizes=("k", "before")),
     "batch_normalize": Rule(tuple((n, CHANNEL) for n in ("gamma", "beta", "mean", "var")),
                             ("epsilon",), _normalize),
     "relu_grad": Rule((("x", PIXEL),), ("alpha",), _relu_grad),
@@ -89,6 +101,19 @@ def scalar_field(step: int, name: str) -> str:
     return f"e{step}.{name}"
 
 
+def read_operand(f, o: Operand, v: dict, ptr: dict, at, c, mask):
+    """Operand `o`'s vector of channels from c (at pixel `at` = (n, oh, ow) of the output),
+    from the kernel's fields `v` and pointers `ptr`."""
+    if o.kind == CHANNEL:
+        return load_vector(f, f.element(ptr[o.role], c), mask, name=o.role)
+    if o.kind == PIXEL:
+        where = f.b.add(offset(f, v, o.role, *at), c, name=f"{o.role}.at")
+        return load_vector(f, f.element(ptr[o.role], where), mask, name=o.role)
+    return pooled_vector(f, v, o.role, ptr[o.role], v[scalar_field(o.step, "k")],
+                         v[scalar_field(o.step, "before")], v[f"{o.role}.channels"], at, c,
+                         mask, name=o.role)
+
+
 @dataclass(frozen=True)
 class Chain:
     """Epilogue steps (op names), numbered from `first` in the kernel that runs them."""
@@ -115,26 +140,38 @@ class Chain:
     def pixel_roles(self) -> list[str]:
         return [o.role for o in self.operands if o.kind == PIXEL]
 
+    @property
+    def pooled_roles(self) -> list[str]:
+        return [o.role for o in self.operands if o.kind == POOLED]
+
     def signature(self, kernel) -> abi.Signature:
         """Its operands' pointers (of the types `kernel` stores them in), the strides of its
-        pixel operands and its scalars."""
+        pixel and pooled operands, its scalars and sizes, and each pooled operand's channel
+        count."""
         return (abi.stored(kernel, *[o.role for o in self.operands])
-                + abi.strides(*self.pixel_roles)
+                + abi.strides(*self.pixel_roles, *self.pooled_roles)
                 + abi.scalars(*[scalar_field(i, s) for i, op in self.numbered()
-                                for s in rule(op).scalars]))
+                                for s in rule(op).scalars])
+                + abi.sizes(*[scalar_field(i, s) for i, op in self.numbered()
+                              for s in rule(op).sizes],
+                            *[f"{role}.channels" for role in self.pooled_roles]))
 
-    def arguments(self, steps: list[dict], inputs: list[str]):
+    def arguments(self, steps: list[dict], inputs: list[str], channels_of: Callable):
         """What a node's epilogue `steps` (whose args index `inputs`) give this chain's
-        signature: pointer role -> value, pixel role -> tensor, scalar field -> float."""
+        signature: pointer role -> value, strided role -> tensor, scalar field -> float,
+        size field -> int (`channels_of(value)`: a pooled operand's channel count)."""
         uses, tensors, fields = {}, {}, {}
         for operand in self.operands:
             value = inputs[steps[operand.step - self.first]["args"][operand.position]]
             uses[operand.role] = value
-            if operand.kind == PIXEL:
+            if operand.kind != CHANNEL:
                 tensors[operand.role] = value
+            if operand.kind == POOLED:
+                fields[f"{operand.role}.channels"] = channels_of(value)
         for i, op in self.numbered():
-            for name in rule(op).scalars:
-                fields[scalar_field(i, name)] = float(steps[i - self.first][name])
+            step = steps[i - self.first]
+            fields.update({scalar_field(i, n): float(step[n]) for n in rule(op).scalars})
+            fields.update({scalar_field(i, n): int(step[n]) for n in rule(op).sizes})
         return uses, tensors, fields
 
 

@@ -91,3 +91,36 @@ def store_vector(f: Function, value, ptr, mask) -> None:
 
 
 TRUE = ir.Constant(I1, 1)
+
+
+def lanes_within(f: Function, first, low, high):
+    """Lanes i of one vector whose index first + i lies in [low, high)."""
+    index = f.b.add(f.splat_int(first, "first_lanes"),
+                    ir.Constant(ir.VectorType(I64, f.lanes), list(range(f.lanes))), name="lane")
+    return f.b.and_(f.b.icmp_signed(">=", index, f.splat_int(low, "low_lanes")),
+                    f.b.icmp_signed("<", index, f.splat_int(high, "high_lanes")),
+                    name="lanes_within")
+
+
+def pooled_vector(f: Function, v: dict, tensor: str, base, window, before, channels,
+                  at, c, mask, name: str = ""):
+    """The vector of channels from c at pixel `at` = (n, oh, ow) of `tensor` (its base pointer
+    `base`, `channels` wide) average-pooled over `window` x `window` blocks and zero-padded by
+    `before` channels: the mean of the block at (oh * window, ow * window) in channels
+    c - before on, zero where those are not the tensor's. The taps are summed in row-major
+    order, then divided (ops/pool.py avg_pool_reference)."""
+    b = f.b
+    n, oh, ow = at
+    source = b.sub(c, before, name=f"{name}.channel")
+    valid = lanes_within(f, source, f.i64(0), channels)
+    valid = valid if mask is None else b.and_(valid, mask)
+    origin = b.add(offset(f, v, tensor, n, b.mul(oh, window), b.mul(ow, window)), source,
+                   name=f"{name}.block")
+    total = f.slot(f.vector, f"{name}.total", f.vconst(0.0))
+    with f.loop(0, window, 1, f"{name}.i") as i:
+        row = b.add(origin, b.mul(i, v[f"{tensor}.row"]))
+        with f.loop(0, window, 1, f"{name}.j") as j:
+            tap = f.element(base, b.add(row, b.mul(j, v[f"{tensor}.pixel"])))
+            f.set(total, b.fadd(f.get(total), f.masked_load(tap, valid, name=f"{name}.tap")))
+    count = f.splat(b.uitofp(b.mul(window, window), f.scalar), name=f"{name}.count")
+    return b.fdiv(f.get(total), count, name=name)

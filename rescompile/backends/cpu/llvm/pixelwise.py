@@ -1,5 +1,7 @@
 """Kernels that are not GEMMs: the epilogue vocabulary on a tensor (elementwise chains, and a
-plain copy into the interior of a zero-bordered buffer), max pooling and the global mean.
+plain copy into the interior of a zero-bordered buffer), max pooling, the global mean, and the
+seed's shortcut where no add reads it (its average pool and channel padding, and their
+gradients).
 Each walks output pixels and vectors of channels (`pixels.py`); all are memory-bound, so they
 are written for clarity, not registers.
 """
@@ -15,7 +17,8 @@ from llvmlite import ir
 from ..target import Target
 from . import abi, epilogue
 from .emit import Function, Vectors, new_module
-from .pixels import PixelWalk, channel_vectors, load_vector, offset, store_vector
+from .pixels import (PixelWalk, channel_vectors, load_vector, offset, pooled_vector,
+                     store_vector)
 
 
 # A pooling window's geometry, then the input's and the output's sizes.
@@ -85,9 +88,7 @@ class EltwiseKernel(epilogue.Chained, PixelKernel):
 
             def vector(c, mask):
                 def operand(o: epilogue.Operand):
-                    where = f.element(ptr[o.role], c) if o.kind == epilogue.CHANNEL \
-                        else element(o.role, c)
-                    return load_vector(f, where, mask, name=o.role)
+                    return epilogue.read_operand(f, o, v, ptr, at, c, mask)
 
                 value = load_vector(f, element("x", c), mask, name="x")
                 for chain, out in zip(self.chains, self.outputs):
@@ -95,6 +96,60 @@ class EltwiseKernel(epilogue.Chained, PixelKernel):
                                           ptr[out])
                     store_vector(f, value, element(out, c), mask)
                     value = f.read_back(value, ptr[out])  # what out2 is made of
+            channel_vectors(f, vector)
+            walk.advance()
+
+
+@dataclass(frozen=True)
+class PoolPadKernel(PixelKernel):
+    """out = x average-pooled over k x k blocks, then zero-padded by `before` channels (and
+    whatever is left after them): avg_pool with before = 0, pad_channels with k = 1. The
+    arithmetic is the pooled epilogue operand's (`pixels.pooled_vector`)."""
+
+    kind = "poolpad"
+    sizes, reads, writes = ("oh", "ow", "k", "before", "channels"), ("x",), ("out",)
+
+    def body(self, f: Function, v, ptr) -> None:
+        walk = PixelWalk(f, v["oh"], v["ow"])
+        with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
+            at = walk.position()
+
+            def vector(c, mask):
+                value = pooled_vector(f, v, "x", ptr["x"], v["k"], v["before"], v["channels"],
+                                      at, c, mask, name="pooled")
+                out = f.b.add(offset(f, v, "out", *at), c)
+                store_vector(f, value, f.element(ptr["out"], out), mask)
+            channel_vectors(f, vector)
+            walk.advance()
+
+
+@dataclass(frozen=True)
+class SpreadKernel(PixelKernel):
+    """The gradient of PoolPadKernel's output: out[n, h, w, c] = dy[n, h / k, w / k,
+    c + before] / (k * k), zero for the rows and columns past the last whole block
+    (`rows` x `cols` blocks): avg_pool_grad with before = 0, crop_channels with k = 1, and
+    pool_pad_grad, both at once."""
+
+    kind = "spread"
+    sizes, reads, writes = ("oh", "ow", "k", "before", "rows", "cols"), ("dy",), ("out",)
+
+    def body(self, f: Function, v, ptr) -> None:
+        b = f.b
+        walk = PixelWalk(f, v["oh"], v["ow"])
+        count = f.splat(b.uitofp(b.mul(v["k"], v["k"]), f.scalar), name="count")
+        with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
+            n, h, w = walk.position()
+            block_h, block_w = b.udiv(h, v["k"], name="block_h"), b.udiv(w, v["k"], name="block_w")
+            inside = b.and_(b.icmp_signed("<", block_h, v["rows"]),
+                            b.icmp_signed("<", block_w, v["cols"]), name="in_a_block")
+
+            def vector(c, mask):
+                lanes = f.splat_flag(inside)
+                lanes = lanes if mask is None else b.and_(lanes, mask)
+                source = b.add(offset(f, v, "dy", n, block_h, block_w), b.add(c, v["before"]))
+                dy = f.masked_load(f.element(ptr["dy"], source), lanes, name="dy")
+                out = f.element(ptr["out"], b.add(offset(f, v, "out", n, h, w), c))
+                store_vector(f, b.fdiv(dy, count, name="share"), out, mask)
             channel_vectors(f, vector)
             walk.advance()
 

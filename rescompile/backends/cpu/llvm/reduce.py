@@ -242,7 +242,8 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
                                 ch["dbeta"]).value
                 dx.name = "dx"
                 dx = epilogue.apply_chain(
-                    f, self.chains[0], dx, lambda o: _pixel(f, v, ptr, o.role, at, c, mask), v)
+                    f, self.chains[0], dx,
+                    lambda o: epilogue.read_operand(f, o, v, ptr, at, c, mask), v)
                 out = f.element(ptr["out"], b.add(offset(f, v, "out", *at), c))
                 store_vector(f, dx, out, mask)
             channel_vectors(f, vector)

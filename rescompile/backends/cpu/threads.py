@@ -1,0 +1,75 @@
+"""How many of the process's threads a call of the driver runs on.
+
+Design note
+-----------
+The driver splits a call over the threads Numba gives it, and at batch 1 (and in training)
+every layer ends at a barrier. Where another process or thread pool keeps a core busy, each
+barrier waits for a thread that is not running: ResNet-164 at batch 1 took 16 ms on 2 threads
+beside a busy core, and 4 ms on one thread, where it takes 3 ms on 2 threads alone.
+
+So each kind of call (an arena's whole schedule, or one range of its steps) keeps the last
+few durations on each thread count (`WINDOW`). While its calls on all threads run well above
+their best (`SLOWER`: the sign that a core is taken) it tries one thread: at once while one
+thread has no record or a better one, else every `PROBE` calls; on one thread it tries all threads every `PROBE` calls. A machine
+busy from the first call shows no such sign, so it also tries one thread at call `WINDOW` and
+at calls doubling from there (2 `WINDOW`, 4 `WINDOW`, ...): rarer and rarer, a cost that
+vanishes on a quiet machine. A trial
+faster than the median of the count in use switches to it, and a switch starts the new
+count's record afresh (its older durations were measured under another load). Calls on a
+quiet machine stay near their best and never try one thread. Which thread computes what never
+changes a number (driver.py), so neither does the count.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+WINDOW = 5  # recent durations kept per thread count
+SLOWER = 1.5  # a median this far above the best on all threads suggests a busy core
+PROBE = 16  # while in doubt, try the other thread count once every this many calls
+
+
+class ThreadCount:
+    """The thread count for the next call of one kind (`choose`), from the durations of the
+    calls before it (`record`)."""
+
+    def __init__(self, most: int):
+        self.most = most
+        self.recent = {most: deque(maxlen=WINDOW), 1: deque(maxlen=WINDOW)}
+        self.best = float("inf")  # the fastest call on all threads
+        self.current = most
+        self.calls = 0
+
+    def choose(self) -> int:
+        self.calls += 1
+        if self.most == 1:
+            return 1
+        other = 1 if self.current == self.most else self.most
+        in_doubt = self.current == 1 or self._crowded()
+        if in_doubt and (self._promising(other) or self.calls % PROBE == 0):
+            return other
+        return 1 if self.current == self.most and self._routine_trial() else self.current
+
+    def record(self, threads: int, seconds: float) -> None:
+        if threads == self.most:
+            self.best = min(self.best, seconds)
+        if threads != self.current and self.recent[self.current] and \
+                seconds < statistics.median(self.recent[self.current]):
+            self.current = threads
+            self.recent[threads].clear()
+        self.recent[threads].append(seconds)
+
+    def _promising(self, threads: int) -> bool:
+        """Never tried, or faster than the count in use when last tried."""
+        recent = self.recent[threads]
+        return not recent or statistics.median(recent) < statistics.median(
+            self.recent[self.current])
+
+    def _routine_trial(self) -> bool:
+        rounds, rest = divmod(self.calls, WINDOW)
+        return rest == 0 and rounds & (rounds - 1) == 0
+
+    def _crowded(self) -> bool:
+        recent = self.recent[self.most]
+        return len(recent) == WINDOW and statistics.median(recent) > SLOWER * self.best

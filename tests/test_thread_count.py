@@ -1,0 +1,80 @@
+"""The thread count a call runs on (backends/cpu/threads.py): the policy on scripted
+durations, and the same bits on one thread as on all."""
+
+import numba
+import numpy as np
+import pytest
+
+import rescompile as rc
+from rescompile.backends.cpu import threads
+from rescompile.backends.cpu.threads import PROBE, SLOWER, WINDOW, ThreadCount
+
+from conftest import tiny_spec
+
+
+def play(count: ThreadCount, seconds_on, calls: int) -> list:
+    """The thread counts of `calls` calls, each lasting seconds_on(threads, call)."""
+    chosen = []
+    for call in range(calls):
+        n = count.choose()
+        count.record(n, seconds_on(n, call))
+        chosen.append(n)
+    return chosen
+
+
+def test_a_quiet_machine_stays_on_all_threads_but_for_rare_trials():
+    chosen = play(ThreadCount(2), lambda n, call: 1.0 if n == 2 else 1.9, 1000)
+    trials = [call + 1 for call, n in enumerate(chosen) if n == 1]
+    assert trials == [WINDOW * 2 ** k for k in range(8)]  # 5, 10, 20, ... 640
+
+
+def test_a_busy_core_moves_the_calls_to_one_thread_and_a_free_one_back():
+    def seconds_on(n, call):
+        busy = 20 <= call < 200
+        return {2: 5.0 if busy else 1.0, 1: 1.9}[n]
+    chosen = play(ThreadCount(2), seconds_on, 300)
+    assert chosen[:WINDOW - 1] == [2] * (WINDOW - 1)
+    # The median of WINDOW calls turns slow within WINDOW // 2 + 1 busy calls, then one
+    # thread is tried and kept, with a trial of all threads every PROBE calls.
+    switched = 20 + WINDOW // 2 + 1
+    assert chosen[switched] == 1
+    busy_tail = chosen[switched + 1:200]
+    assert busy_tail.count(2) <= len(busy_tail) // PROBE + 1
+    # Freed, the next trial of all threads is faster and they are kept.
+    assert chosen[200 + PROBE + 1:] == [2] * (300 - 200 - PROBE - 1)
+
+
+def test_a_machine_busy_from_the_start_finds_one_thread_at_the_first_trial():
+    chosen = play(ThreadCount(2), lambda n, call: 5.0 if n == 2 else 1.9, 100)
+    assert chosen[WINDOW - 1] == 1
+    later = chosen[WINDOW:]
+    assert later.count(2) <= len(later) // PROBE + 1
+
+
+def test_noise_below_the_threshold_tries_nothing_more():
+    rng = np.random.default_rng(0)
+    chosen = play(ThreadCount(2), lambda n, call:
+                  (1.0 + (SLOWER - 1) * 0.9 * rng.random()) if n == 2 else 3.0, 200)
+    assert chosen.count(1) == len([k for k in range(8) if WINDOW * 2 ** k <= 200])
+
+
+def test_one_thread_is_one_thread():
+    assert play(ThreadCount(1), lambda n, call: 1.0, 50) == [1] * 50
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
+def test_a_call_on_one_thread_gives_the_bits_of_all(monkeypatch):
+    """Inference at an odd batch runs images depth first and one shared: both parts, on an
+    arena laid out for 2 threads, run on 1."""
+    spec = tiny_spec(unit="bottleneck", input=[12, 12, 3])
+    x = np.random.default_rng(5).standard_normal((3, 12, 12, 3))
+    infer = rc.compile(spec, mode="infer", backend="cpu", seed=4)
+    train = rc.compile(spec, mode="train", backend="cpu", seed=4)
+    labels = np.array([0, 2, 1])
+    on_all = infer.forward(x), train.loss_and_grads(x, labels)
+    monkeypatch.setattr(threads.ThreadCount, "choose", lambda self: 1)
+    on_one = infer.forward(x), train.loss_and_grads(x, labels)
+    np.testing.assert_array_equal(on_all[0], on_one[0])
+    assert on_all[1][0] == on_one[1][0]
+    for name, grad in on_all[1][1].items():
+        np.testing.assert_array_equal(grad, on_one[1][1][name], err_msg=name)
