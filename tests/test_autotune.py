@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 import rescompile as rc
+from rescompile.backends.cpu.autotune import candidates
 from rescompile.backends.cpu.llvm.conv import ConvKernel
+from rescompile.backends.cpu.llvm.wgrad import WgradKernel
+from rescompile.backends.cpu.target import generic_target
+from rescompile.backends.cpu.tuning import WIDENING_REGISTERS, conv_tile
 from conftest import tiny_spec
 
 # 64 output channels: a layer that admits more than one tile on every instruction set.
@@ -25,6 +29,11 @@ def compiled(cache_dir, tune=True, mode="infer", **options):
 def tiles(exe) -> dict:
     return {s.name: (s.kernel.mr, s.kernel.nv) for plan in exe.program.plans.values()
             for s in plan.schedule.kernel_steps if isinstance(s.kernel, ConvKernel)}
+
+
+def wgrad_tiles(exe) -> dict:
+    return {s.name: (s.kernel.mr, s.kernel.nv) for plan in exe.program.plans.values()
+            for s in plan.schedule.kernel_steps if isinstance(s.kernel, WgradKernel)}
 
 
 def test_a_second_compile_reuses_the_choices(tmp_path):
@@ -61,13 +70,16 @@ def test_an_unreadable_choice_file_is_measured_again_with_a_warning(tmp_path):
     json.loads(again.program.tuner.path.read_text())  # rewritten whole
 
 
-def test_tuning_changes_no_number(tmp_path):
-    """A train step with other tiles than the derived ones is the same bits: the cached
-    choices are set to the widest candidate of every layer that has several."""
-    program = compiled(tmp_path, mode="train").program
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tuning_changes_no_number(tmp_path, dtype):
+    """A train step with other tiles than the derived ones is the same bits, in either
+    dtype: the cached choices are set to the widest candidate of every layer that has
+    several, the weight gradients' included (bfloat16: their inputs widened in the k loop,
+    their rows left the widening's registers)."""
+    program = compiled(tmp_path, mode="train", dtype=dtype).program
     lanes = program.target.lanes("float32")
     doc = json.loads(program.tuner.path.read_text())
-    for choice in doc["choices"]["float32"].values():
+    for choice in doc["choices"][dtype].values():
         mr, nr = max((tuple(map(int, tile.split("x"))) for tile in choice["gflops"]),
                      key=lambda tile: tile[1])
         choice["tile"] = [mr, nr // lanes]
@@ -76,11 +88,16 @@ def test_tuning_changes_no_number(tmp_path):
     images, labels = rng.standard_normal((3, *WIDE.model.input)), rng.integers(0, 5, 3)
     results = []
     for tune in (True, False):
-        exe = compiled(tmp_path, tune=tune, mode="train")
+        exe = compiled(tmp_path, tune=tune, mode="train", dtype=dtype)
         loss = exe.train_step(images, labels)
-        results.append((loss, exe.state, exe.forward(images), tiles(exe)))
-    (loss_a, state_a, logits_a, tiles_a), (loss_b, state_b, logits_b, tiles_b) = results
-    assert tiles_a != tiles_b
+        results.append((loss, exe.state, exe.forward(images), tiles(exe), wgrad_tiles(exe)))
+    (loss_a, state_a, logits_a, tiles_a, wgrad_a), \
+        (loss_b, state_b, logits_b, tiles_b, wgrad_b) = results
+    assert tiles_a != tiles_b and wgrad_a != wgrad_b
+    if dtype == "bfloat16":
+        widened = [s.kernel for s in exe.program.plan("train_step").schedule.kernel_steps
+                   if isinstance(s.kernel, WgradKernel)]
+        assert widened and all(kernel.widens for kernel in widened)
     assert loss_a == loss_b
     np.testing.assert_array_equal(logits_a, logits_b)
     for name, value in state_a.items():
@@ -94,3 +111,18 @@ def test_tuning_off_measures_nothing(tmp_path):
     assert exe.program.tuner.measured == 0 and not exe.program.tuner.path.exists()
     assert all("derived" in why for _, why in exe.program.schedule.remarks
                if why.startswith("tile "))
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_every_candidate_of_a_widening_kernel_leaves_its_registers(isa):
+    """A kernel that widens its broadcast input (bfloat16 on FMAs) is tried only on tiles that
+    leave WIDENING_REGISTERS for it (its derived tile first), a weight gradient's too."""
+    target = generic_target(isa)
+    for depth in (None, 16, 9 * 64):
+        widening = candidates(target, "float32", 128, depth, widens=True)
+        assert widening[0] == conv_tile(target, "float32", 128, depth, widens=True)
+        for mr, nv in widening:
+            assert nv * mr + nv + 1 + WIDENING_REGISTERS <= target.registers, (mr, nv)
+        # AVX2's 16 registers leave a widening tile 2 vectors wide only (5 x 16, or 4 x 16
+        # for a depth of 16); AVX-512's 32 leave 2 to 4
+        assert {nv for _, nv in widening} == ({2} if isa == "avx2" else {2, 3, 4})

@@ -148,11 +148,12 @@ def test_every_instruction_set_against_the_bf16_reference(isa):
     _train_against_the_reference(isa=isa)
 
 
-def _train_against_the_reference(**options):
-    """A bottleneck model's logits, loss and gradients on the cpu backend (compiled with
-    `options`) against the bfloat16 reference; the cpu executable."""
-    spec = tiny_spec(unit="bottleneck", input=[9, 9, 3])
-    x = np.random.default_rng(3).standard_normal((4, 9, 9, 3))
+def _train_against_the_reference(spec=None, **options):
+    """A model's logits, loss and gradients on the cpu backend (compiled with `options`)
+    against the bfloat16 reference, and its inference; the cpu executable. By default a
+    bottleneck model."""
+    spec = spec or tiny_spec(unit="bottleneck", input=[9, 9, 3])
+    x = np.random.default_rng(3).standard_normal((4, *spec.model.input))
     reference = _compiled(spec, "train", "reference", "bfloat16")
     cpu = _compiled(spec, "train", "cpu", "bfloat16", reference.params, **options)
     assert rel_err(cpu.forward(x), reference.forward(x)) < LOGITS_TOL
@@ -164,6 +165,28 @@ def _train_against_the_reference(**options):
     expected = _compiled(spec, "infer", "reference", "bfloat16", reference.params).forward(x)
     assert rel_err(infer.forward(x), expected) < LOGITS_TOL
     return cpu
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_basic_units_with_the_pooled_shortcut_against_the_bf16_reference(optimize):
+    """The seed's basic unit with its pooled, padded shortcut: read through its pool in the
+    epilogue of the conv that adds it and spread back in one kernel (optimize=True), or pooled
+    and padded by kernels of their own (optimize=False); every kernel reads and writes the
+    shortcut and its gradient as stored, bfloat16."""
+    from rescompile.backends.cpu.llvm.pixelwise import PoolPadKernel, SpreadKernel
+    cpu = _train_against_the_reference(tiny_spec(unit="basic", shortcut="pool_pad"),
+                                       optimize=optimize)
+    steps = cpu.program.plan("train_step").schedule.kernel_steps
+    pooled = [(s, o.role) for s in steps for chain in getattr(s.kernel, "chains", [])
+              for o in chain.operands if o.kind == "pooled"]
+    own = [s for s in steps if isinstance(s.kernel, PoolPadKernel)]
+    assert (bool(pooled), bool(own)) == (optimize, not optimize)
+    spread = [s for s in steps if isinstance(s.kernel, SpreadKernel)]
+    assert spread
+    for step, role in pooled:
+        assert step.kernel.element(role) == "bfloat16", step.name
+    for step in own + spread:
+        assert {p.dtype for p in step.kernel.signature.pointers} == {"bfloat16"}, step.name
 
 
 def test_the_host_uses_its_bf16_instructions():

@@ -122,6 +122,33 @@ def test_bench_times_each_contender_in_its_own_process_at_batch_1(tmp_path, caps
     assert conv["bytes_read"] > 0 and conv["flop_per_byte"] > 0
 
 
+def test_bench_of_a_bfloat16_model_names_its_peers_precision_and_peak():
+    """bench in bfloat16 at batch 1: rescompile and ONNX Runtime (float32, named so) in
+    processes of their own and interleaved, the peak of the instruction the kernels multiply
+    with, and a profile whose bytes are of the stored types (half of float32's for a conv's
+    bfloat16 input and output)."""
+    from rescompile.backends.cpu.llvm.measure import peak_instruction
+    from rescompile.bench import PEAK_INSTRUCTIONS, format_report, report_json
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    reports = {dtype: bench(tiny_spec(), batch=1, dtype=dtype, repeat=1, rounds=1,
+                            peers=["onnxruntime"], warm=False, profile=True)
+               for dtype in ("float32", "bfloat16")}
+    report = reports["bfloat16"]
+    doc = json.loads(report_json(report))
+    assert [(r["method"], r["contender"]) for r in doc["rows"]] == [
+        (method, who) for method in ("own process", "interleaved")
+        for who in ("rescompile", "onnxruntime fp32")]
+    assert doc["host"]["isa"] == host_target().name
+    instruction = PEAK_INSTRUCTIONS[peak_instruction(host_target(), "bfloat16")]
+    assert report.peak_instruction == peak_instruction(host_target(), "bfloat16")
+    text = format_report(report)
+    assert f"% of {instruction} peak; own process" in text and "onnxruntime fp32" in text
+    conv = {dtype: next(row for row in r.profile if row["name"] == "unit_1_0/sub1/conv1")
+            for dtype, r in reports.items()}
+    assert 2 * conv["bfloat16"]["bytes_written"] == conv["float32"]["bytes_written"]
+
+
 def test_bench_interleaves_at_larger_batches_unless_asked():
     for own_process, methods in ((None, ["interleaved"]), (True, ["own process",
                                                                   "interleaved"])):

@@ -147,20 +147,25 @@ def test_profile_counts_every_kernel_call(resnet164):
     assert shared[-1] == 1
 
 
-def test_profile_counts_the_bytes_a_conv_step_moves():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_profile_counts_the_bytes_a_conv_step_moves(dtype):
     """The train step's projection 1x1 conv, 4 -> 8 channels on 8 x 8 images, batch 2:
-    it reads its input and one panel of packed weights, and writes its output."""
-    exe = rc.compile(tiny_spec(), mode="train", backend="cpu")
+    it reads its input and one panel of packed weights, and writes its output, each in the
+    bytes of the type it is stored in (a bfloat16 model's activations 2 an element, its
+    packed weights 2 for the pair kernels, 4 for FMAs, which hold them as float32)."""
+    exe = rc.compile(tiny_spec(), mode="train", backend="cpu", dtype=dtype)
     program = exe.program
     program.start_profile()
     exe.train_step(np.ones((2, 8, 8, 3), np.float32), np.array([0, 1]))
     rows = {r["name"]: r for r in program.profile_rows(2)}
     program.profile = None
     row = rows["unit_1_0/sub_add/project"]
-    nr = next(s for s in program.plan("train_step").schedule.steps
-              if s.name == row["name"]).uses["w"].nr
-    assert row["bytes_read"] == 4 * (2 * 8 * 8 * 4 + 1 * 1 * 4 * nr)
-    assert row["bytes_written"] == 4 * 2 * 8 * 8 * 8
+    weights = next(s for s in program.plan("train_step").schedule.steps
+                   if s.name == row["name"]).uses["w"]
+    pixel = 2 if dtype == "bfloat16" else 4
+    packed = {"bfloat16": 2, "float32": 4}[program.types.packed(weights)]
+    assert row["bytes_read"] == pixel * 2 * 8 * 8 * 4 + packed * 1 * 1 * 4 * weights.nr
+    assert row["bytes_written"] == pixel * 2 * 8 * 8 * 8
     assert row["flop_per_byte"] == 2 * (2 * 8 * 8) * 4 * 8 / (row["bytes_read"] +
                                                                 row["bytes_written"])
     assert rows["unit_1_0/sub2/bn2"]["flop_per_byte"] is None  # a pass without FLOPs
