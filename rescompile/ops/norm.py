@@ -109,8 +109,7 @@ def _bn_vjp(g, node, dy, dmean=None, dvar=None):
         return g.emit("batch_norm_grad", [dy, x, gamma, mean, var], eps, "d", n_outputs=3)
     local = g.emit("batch_norm_grad_sums", [dy, x, gamma, mean, var], eps, "d_sums",
                    n_outputs=2)
-    dgamma, dbeta = (g.emit("rank_mean", [s], {}, f"d_{what}_mean")
-                     for s, what in zip(local, ("gamma", "beta")))
+    dgamma, dbeta = g.emit("rank_mean", local, {}, "d_sums_mean", n_outputs=2)
     dx = g.emit("batch_norm_grad_apply", [dy, x, gamma, mean, var, dgamma, dbeta], eps, "d")
     return [dx, dgamma, dbeta]
 

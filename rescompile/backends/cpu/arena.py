@@ -165,7 +165,7 @@ class Arena:
             total += len(consts[-1])
         self.consts = np.concatenate(consts) if consts else np.zeros(0, np.int64)
         self.steps = np.zeros((2 * n, driver.STEP_COLUMNS), np.int64)
-        rows, self.fed_rows = [], []
+        rows, row_steps, self.fed_rows = [], [], []
         for copy, placement in enumerate(("depth_first", "shared")):
             for i, step in enumerate(schedule.steps):
                 row = self.steps[copy * n + i]
@@ -176,6 +176,7 @@ class Arena:
                 row[driver.FN] = self.program.address(step.kernel)
                 for pointer in step.kernel.signature.pointers:
                     rows.append(self._operand(step, pointer.role, placement, len(rows)))
+                    row_steps.append(copy * n + i)
                 row[driver.OPS_END] = len(rows)
                 self._shape_row(row, step)
         self.operands = np.array(rows, np.int64).reshape(-1, 3)
@@ -188,7 +189,10 @@ class Arena:
         self.bound_keys = list(rows_of)
         self.bound_names = [value for _, value, _ in self.bound_keys]
         self.bound_rows = list(rows_of.values())
-        self.bound: list | None = None  # the arrays the operand rows point at now
+        self.bound_steps = [{row_steps[row] for row, _ in key_rows}
+                            for key_rows in self.bound_rows]
+        self.bound = [None] * len(self.bound_keys)  # the arrays the operand rows point at now
+        self.bindings: dict = {}  # (begin, end) of the steps a call runs -> its keys, names
         self.scratch = np.zeros((self.threads, driver.POINTER_BLOCK), np.int64)
         self.barrier_state = np.zeros(sync.STATE_WORDS, np.int64)
         counters = len(schedule.segments) + n
@@ -250,28 +254,45 @@ class Arena:
                 0, 0]
 
     # -- running --------------------------------------------------------------------------
-    def bind(self, arrays: dict) -> None:
+    def bind(self, arrays: dict, shared=None) -> None:
         """Point fed values, variables, host outputs and packed weights at the current
-        arrays: only rows whose array is not the one bound last time change. A host step's
-        output not computed yet is bound by a later call, before the phase that reads it."""
-        current = [arrays.get(value) for value in self.bound_names]
-        if self.bound is not None and all(map(operator.is_, current, self.bound)):
+        arrays, for the rows of the steps a call runs (all, or the shared steps [begin, end)
+        of `shared`, as `run`): only rows whose array is not the one bound last time change. A
+        host step's output not computed yet is bound by a later call, before the steps that
+        read it. A train step with synchronised batch norms runs hundreds of short calls
+        between its exchanges, so a call looks only at the arrays its own steps read."""
+        keys, names = self._binding(self._steps_of(shared))
+        current = list(map(arrays.get, names))
+        if all(map(operator.is_, current, map(self.bound.__getitem__, keys))):
             return
-        for k, array in enumerate(current):
-            if array is not None and (self.bound is None or array is not self.bound[k]):
+        for k, array in zip(keys, current):
+            if array is not None and array is not self.bound[k]:
                 kind, value, use = self.bound_keys[k]
                 data = self.program.packed(use, arrays) if kind == "packed" else array
                 for row, offset in self.bound_rows[k]:
                     self.operands[row, driver.BASE] = data.ctypes.data + offset
-        self.bound = current
+                self.bound[k] = array
+
+    def _steps_of(self, shared) -> tuple[int, int]:
+        """Rows of `self.steps` a call runs: the whole schedule (both copies), or the shared
+        copy's [begin, end)."""
+        if shared is None:
+            return 0, len(self.steps)
+        begin = self.shared_steps[0]
+        return begin + shared[0], begin + shared[1]
+
+    def _binding(self, steps: tuple[int, int]) -> tuple[list, list]:
+        if steps not in self.bindings:
+            keys = [k for k, rows in enumerate(self.bound_steps)
+                    if any(steps[0] <= row < steps[1] for row in rows)]
+            self.bindings[steps] = keys, [self.bound_names[k] for k in keys]
+        return self.bindings[steps]
 
     def run(self, profile: np.ndarray, shared=None) -> None:
         """Run the whole schedule, or only the shared steps [begin, end) of `shared`, on as
         many of the arena's threads as run it fastest now (`threads.py`); a profiled run on
         all of them, as its table reports."""
-        begin, end = self.shared_steps
-        if shared is not None:
-            begin, end = begin + shared[0], begin + shared[1]
+        begin, end = self.shared_steps if shared is None else self._steps_of(shared)
         count = self.thread_counts.setdefault((begin, end), ThreadCount(self.threads))
         threads = self.threads if profile.shape[0] else count.choose()
         self.counters[:] = 0

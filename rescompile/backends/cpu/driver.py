@@ -19,7 +19,8 @@ Calling step s on images [n0, n0 + g) by thread t resolves each operand to
 n0, weights with neither), writes the addresses into the thread's own pointer block and calls
 the kernel, `fn(consts, pointers, p_begin, p_end, c_begin, c_end)`, through its address.
 
-One parallel region runs everything, one iteration per thread:
+One parallel region runs everything, one iteration per thread (on one thread, `run_alone` runs
+it on the calling thread):
 - depth first: images [0, n_items) go through each segment of the program in work items of the
   segment's `images`; a thread takes the next item from an atomic counter until none is left,
   so a core that runs slower (a shared machine) simply takes fewer. In inference an image
@@ -180,39 +181,58 @@ def run_program(steps, segments, operands, consts, scratch, counters, n_items, n
     """Run the depth-first segments on images [0, n_items), then the shared steps
     [shared_begin, shared_end) on the next n_shared images (see the module's design note).
     `counters` holds a counter per segment, then one per shared step."""
+    for t in prange(threads):
+        _thread(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
+                shared_begin, shared_end, threads, barrier, barrier_state, profile, t)
+
+
+@njit(cache=True, nogil=True)
+def run_alone(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
+              shared_begin, shared_end, threads, barrier, barrier_state, profile):
+    """`run_program` on one thread, the caller's: a parallel region of one thread hands the
+    work to a pool thread, which the OS may wake on another core than the one whose caches
+    hold what the host steps between runs just wrote (a train step with synchronised batch
+    norms runs hundreds of such runs: 9% slower on one core than on its own thread)."""
+    _thread(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
+            shared_begin, shared_end, 1, barrier, barrier_state, profile, 0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _thread(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
+            shared_begin, shared_end, threads, barrier, barrier_state, profile, t):
+    """Thread t's part of a run: work items and chunks taken from the counters."""
     consts_at = _address(consts)
     barrier_at = _address(barrier_state)
     counters_at = _address(counters)
-    for t in prange(threads):
-        pointers = scratch[t]
-        for g in range(segments.shape[0]):
-            group = segments[g, SEG_IMAGES]
-            items = (n_items + group - 1) // group
-            counter = counters_at + 8 * COUNTER_STRIDE * g
+    pointers = scratch[t]
+    for g in range(segments.shape[0]):
+        group = segments[g, SEG_IMAGES]
+        items = (n_items + group - 1) // group
+        counter = counters_at + 8 * COUNTER_STRIDE * g
+        item = _fetch_add(counter, 1)
+        while item < items:
+            n0 = item * group
+            count = min(group, n_items - n0)
+            for s in range(segments[g, SEG_BEGIN], segments[g, SEG_END]):
+                _run_step(steps, s, operands, consts_at, pointers, t, n0, 0,
+                          count * steps[s, PIXELS], 0, steps[s, CHANNELS], profile)
             item = _fetch_add(counter, 1)
-            while item < items:
-                n0 = item * group
-                count = min(group, n_items - n0)
-                for s in range(segments[g, SEG_BEGIN], segments[g, SEG_END]):
-                    _run_step(steps, s, operands, consts_at, pointers, t, n0, 0,
-                              count * steps[s, PIXELS], 0, steps[s, CHANNELS], profile)
-                item = _fetch_add(counter, 1)
-            if g + 1 < segments.shape[0]:
-                _wait(barrier, barrier_at, threads, t, segments[g, SEG_END] - 1, profile)
-        if n_shared == 0:
-            continue
-        for s in range(shared_begin, shared_end):
-            counter = counters_at + 8 * COUNTER_STRIDE * (segments.shape[0] + s - shared_begin)
-            pixels = (n_shared if steps[s, BATCHED] else 1) * steps[s, PIXELS]
-            pieces, groups = _pieces(steps, s, pixels)
+        if g + 1 < segments.shape[0]:
+            _wait(barrier, barrier_at, threads, t, segments[g, SEG_END] - 1, profile)
+    if n_shared == 0:
+        return
+    for s in range(shared_begin, shared_end):
+        counter = counters_at + 8 * COUNTER_STRIDE * (segments.shape[0] + s - shared_begin)
+        pixels = (n_shared if steps[s, BATCHED] else 1) * steps[s, PIXELS]
+        pieces, groups = _pieces(steps, s, pixels)
+        c = _fetch_add(counter, 1)
+        while c < pieces:
+            p_begin, p_end, c_begin, c_end = _piece(steps, s, pixels, c, pieces, groups)
+            if p_begin < p_end and c_begin < c_end:
+                _run_step(steps, s, operands, consts_at, pointers, t, n_items, p_begin,
+                          p_end, c_begin, c_end, profile)
             c = _fetch_add(counter, 1)
-            while c < pieces:
-                p_begin, p_end, c_begin, c_end = _piece(steps, s, pixels, c, pieces, groups)
-                if p_begin < p_end and c_begin < c_end:
-                    _run_step(steps, s, operands, consts_at, pointers, t, n_items, p_begin,
-                              p_end, c_begin, c_end, profile)
-                c = _fetch_add(counter, 1)
-            _wait(barrier, barrier_at, threads, t, s, profile)
+        _wait(barrier, barrier_at, threads, t, s, profile)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -247,20 +267,24 @@ def _piece(steps, s, pixels, c, pieces, groups):
     return 0, pixels, c_begin, c_end
 
 
-def run(*program) -> None:
-    """`run_program(*program)`, one thread of the process at a time."""
+def run(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
+        shared_begin, shared_end, threads, barrier, barrier_state, profile) -> None:
+    """`run_program`, or `run_alone` on one thread; one thread of the process at a time."""
+    function = run_alone if threads == 1 else run_program
     with _entry:
-        run_program(*program)
+        function(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
+                 shared_begin, shared_end, threads, barrier, barrier_state, profile)
 
 
 def warm_up() -> None:
     """Compile (or load from Numba's cache) the driver now, with an empty program; a cache
     entry Numba cannot read is emptied and the driver compiled again."""
     steps = np.zeros((0, STEP_COLUMNS), np.int64)
-    repairing_numba_cache(compiled_functions(), lambda: run(
-        steps, np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64), np.zeros(1, np.int64),
-        np.zeros((1, POINTER_BLOCK), np.int64), np.zeros(COUNTER_STRIDE, np.int64),
-        0, 0, 0, 0, 1, 0, np.zeros(16, np.int64), empty_profile()))
+    empty = (steps, np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64), np.zeros(1, np.int64),
+             np.zeros((1, POINTER_BLOCK), np.int64), np.zeros(COUNTER_STRIDE, np.int64),
+             0, 0, 0, 0, 1, 0, np.zeros(16, np.int64), empty_profile())
+    repairing_numba_cache(compiled_functions(),
+                          lambda: (run_program(*empty), run_alone(*empty)))
 
 
 def empty_profile() -> np.ndarray:
@@ -273,4 +297,5 @@ def threads() -> int:
 
 def compiled_functions() -> list:
     """The Numba dispatchers this module compiles (for the tests that pin their number)."""
-    return [_chunk, _resolve, _run_step, _wait, _pieces, _piece, run_program]
+    return [_chunk, _resolve, _run_step, _wait, _pieces, _piece, _thread, run_program,
+            run_alone]

@@ -270,7 +270,7 @@ class CpuProgram:
             j = i
             while j < plan.end and isinstance(steps[j], Step):
                 j += 1
-            arena.bind(arrays)
+            arena.bind(arrays, shared=(i, j))
             if self.check_finite:
                 for k in range(i, j):
                     arena.run(driver.empty_profile(), shared=(k, k + 1))

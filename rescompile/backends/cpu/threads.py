@@ -7,17 +7,17 @@ every layer ends at a barrier. Where another process or thread pool keeps a core
 barrier waits for a thread that is not running: ResNet-164 at batch 1 took 16 ms on 2 threads
 beside a busy core, and 4 ms on one thread, where it takes 3 ms on 2 threads alone.
 
-So each kind of call (an arena's whole schedule, or one range of its steps) keeps the last
-few durations on each thread count (`WINDOW`). While its calls on all threads run well above
-their best (`SLOWER`: the sign that a core is taken) it tries one thread: at once while one
-thread has no record or a better one, else every `PROBE` calls; on one thread it tries all threads every `PROBE` calls. A machine
-busy from the first call shows no such sign, so it also tries one thread at call `WINDOW` and
-at calls doubling from there (2 `WINDOW`, 4 `WINDOW`, ...): rarer and rarer, a cost that
-vanishes on a quiet machine. A trial
-faster than the median of the count in use switches to it, and a switch starts the new
-count's record afresh (its older durations were measured under another load). Calls on a
-quiet machine stay near their best and never try one thread. Which thread computes what never
-changes a number (driver.py), so neither does the count.
+So each kind of call (an arena's whole schedule, or one range of its steps) keeps the last few
+durations on each thread count (`WINDOW`). While its calls on all threads run well above their
+best (`SLOWER`: the sign that a core is taken) it tries one thread: at once while one thread
+has no record or a better one, else every `PROBE` calls; on one thread it tries all threads
+every `PROBE` calls. A machine busy from the first call shows no such sign, so it also tries
+one thread at call `WINDOW` and at calls doubling from there (2 `WINDOW`, 4 `WINDOW`, ...):
+rarer and rarer, a cost that vanishes on a quiet machine. A trial faster than the median of the
+count in use switches to it, and a switch starts the new count's record afresh (its older
+durations were measured under another load). Calls on a quiet machine stay near their best and
+never try one thread. Which thread computes what never changes a number (driver.py), so neither
+does the count.
 """
 
 from __future__ import annotations
