@@ -45,6 +45,12 @@ def test_sync_batch_norm_changes_only_the_training_graph():
     graph = rc.compile(SYNC, mode="train").graph
     ops = {n.op for n in graph.nodes}
     assert {"sync_moments", "rank_mean", "batch_norm_relu_grad_apply"} <= ops
+    # one exchange forward and one backward per batch norm: the moments together, the
+    # gradient's two sums together
+    norms = sum(n.op == "batch_norm" for n in rc.compile(SYNC, mode="train",
+                                                         optimize=False).graph.nodes)
+    exchanges = [n for n in graph.nodes if n.op in ("sync_moments", "rank_mean")]
+    assert len(exchanges) == 2 * norms and all(len(n.inputs) == 2 for n in exchanges)
     assert "relu_grad" not in ops and "batch_norm_grad_sums" not in ops
     assert any(n.attrs.get("sums") for n in graph.nodes)
     infer = [rc.compile(s, mode="infer").graph.nodes for s in (tiny_spec(), SYNC)]
