@@ -9,6 +9,7 @@ import pytest
 
 import rescompile as rc
 from conftest import tiny_spec
+from rescompile.backends.cpu.steps import HostStep, Step
 from rescompile.data import BatchStream, Normalization, load_dataset
 from rescompile.distributed import Solo
 from rescompile.distributed.data_parallel import DataParallel, check_replicas
@@ -62,6 +63,25 @@ def test_sync_batch_norm_changes_only_the_training_graph():
     assert a.train_step(images, labels) == b.train_step(images, labels)
     for name, value in a.state.items():
         np.testing.assert_array_equal(b.state[name], value, err_msg=name)
+
+
+def test_cpu_exchanges_run_inside_the_driver():
+    """On the cpu backend every exchange is a kernel step (`cpu/llvm/exchange.py`), so a
+    synchronised step runs in as many driver runs, around as many host steps, as a per-rank
+    one: none is cut at an exchange."""
+    layouts = {}
+    for name, spec in (("per-rank", tiny_spec()), ("sync", SYNC)):
+        program = rc.compile(spec, mode="train", backend="cpu").program
+        steps = program.plan("step_gradients").schedule.steps
+        host = [isinstance(s, HostStep) for s in steps]
+        runs = sum(1 for i, h in enumerate(host) if not h and (i == 0 or host[i - 1]))
+        exchanges = [s for s in steps if s.op in ("sync_moments", "rank_mean")]
+        layouts[name] = runs, sum(host), len(exchanges)
+        assert all(isinstance(s, Step) and "link" in s.uses for s in exchanges)
+    norms = sum(n.op == "batch_norm" for n in rc.compile(SYNC, mode="train",
+                                                         optimize=False).graph.nodes)
+    assert layouts["sync"] == layouts["per-rank"][:2] + (2 * norms,)
+    assert layouts["per-rank"][2] == 0
 
 
 def test_apply_gradients_names_what_is_missing():

@@ -7,7 +7,9 @@
   computed separately (bitwise: the same kernels on the same shares, then the same mean);
 - the ranks' variables stay bitwise equal (digests compared);
 - a resumed two-rank run is bit-identical to an uninterrupted one (CLI, cpu backend);
-- a rank that raises, or is killed, ends the whole job within seconds;
+- a rank that raises, or is killed, ends the whole job within seconds; a rank that never
+  comes to an exchange ends it at the exchange deadline, named (also when the exchange runs
+  inside the cpu backend's driver);
 - ranks started with different flags or specs stop the job at once, naming the difference.
 Without mpi4py (the `mpi` extra, also in `test`) these are skipped.
 """
@@ -128,3 +130,15 @@ def test_a_failing_rank_ends_the_job(tmp_path, how, code):
         assert done.returncode == code
         assert "rank 1 of 2: injected failure on rank 1" in done.stderr
     assert ended - failed_at < 20, f"the job took {ended - failed_at:.1f} s to end"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_silent_rank_ends_the_job_at_the_exchange_deadline(tmp_path, backend):
+    out = tmp_path / "silent"
+    done = mpiexec(sys.executable, SCRIPT, "silent", backend, out)
+    ended = time.time()
+    started = float((tmp_path / "silent.started_at").read_text())
+    assert done.returncode == 6, done.stderr
+    assert "rank 0 of 2: exchanging batch-norm" in done.stderr, done.stderr
+    assert "rank(s) 1 did not answer within 2 s" in done.stderr, done.stderr
+    assert 2 <= ended - started < 20, f"the job took {ended - started:.1f} s to end"

@@ -23,6 +23,7 @@ import socket
 import statistics
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -75,6 +76,52 @@ class Solo:
         raise SystemExit(code)
 
 
+def silence(what: str, ranks, limit: float) -> ResourceError:
+    """The error of an exchange of `what` that heard nothing from `ranks` within `limit`
+    seconds."""
+    return ResourceError(
+        f"exchanging {what}: rank(s) {', '.join(map(str, sorted(ranks)))} did not answer "
+        f"within {limit:.3g} s (the exchange deadline, --exchange-timeout); is its host down "
+        f"or its link cut?")
+
+
+@dataclass(frozen=True)
+class NativeMpi:
+    """A communicator as native code calls MPI on it: its handle and MPI_BYTE's (as integers
+    of `handle_bytes`), the bytes of an MPI_Request and an MPI_Status, and the addresses of
+    MPI_Isend, MPI_Irecv and MPI_Test in the library mpi4py loaded. These are facts of the
+    MPI library (MPICH's handles are ints, Open MPI's pointers), read from mpi4py, never
+    assumed."""
+    comm: int
+    byte: int
+    handle_bytes: int
+    request_bytes: int
+    status_bytes: int
+    isend: int
+    irecv: int
+    test: int
+
+    @classmethod
+    def of(cls, comm) -> NativeMpi:
+        import ctypes
+        from mpi4py import MPI
+        if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
+            raise UsageError("synchronised batch norm on the cpu backend exchanges from the "
+                             "driver's threads: MPI must be initialised with at least "
+                             "MPI_THREAD_SERIALIZED (mpi4py's default is MULTIPLE)")
+        handle_bytes = MPI._sizeof(MPI.Comm)
+        if MPI._sizeof(MPI.Datatype) != handle_bytes:
+            raise UsageError("this MPI library's communicator and datatype handles differ "
+                             "in size; the cpu backend cannot call it")
+        # dlsym on mpi4py's extension module searches the MPI library it was linked with
+        library = ctypes.CDLL(MPI.__file__, mode=getattr(os, "RTLD_NOLOAD", 0))
+        address = {name: ctypes.cast(getattr(library, f"MPI_{name.capitalize()}"),
+                                     ctypes.c_void_p).value
+                   for name in ("isend", "irecv", "test")}
+        return cls(comm.handle, MPI.BYTE.handle, handle_bytes, MPI._sizeof(MPI.Request),
+                   MPI._sizeof(MPI.Status), **address)
+
+
 class MpiWorld:
     """The ranks of `comm` (an mpi4py communicator)."""
     MEAN_TAGS = (101, 102)   # message tags: the two phases of `mean`
@@ -89,6 +136,7 @@ class MpiWorld:
         self.local_size = local.Get_size()
         local.Free()
         self._buffers: dict[tuple, tuple] = {}
+        self._native: NativeMpi | None = None
 
     def mean(self, buffer: np.ndarray) -> None:
         """Reduce-scatter by hand, then all-gather: rank r receives slice r of every rank's
@@ -146,12 +194,14 @@ class MpiWorld:
         while waiting:
             waiting = [(peer, request) for peer, request in waiting if not request.Test()]
             if waiting and time.monotonic() > ends:
-                silent = sorted({peer for peer, _ in waiting})
-                raise ResourceError(
-                    f"exchanging {what}: rank(s) {', '.join(map(str, silent))} did not answer "
-                    f"within {limit:.3g} s (the exchange deadline, --exchange-timeout); is "
-                    f"its host down or its link cut?")
+                raise silence(what, {peer for peer, _ in waiting}, limit)
             time.sleep(0)  # let the prefetching thread have the interpreter
+
+    def native(self) -> NativeMpi:
+        """What code of our own needs to exchange messages on this world's communicator."""
+        if self._native is None:
+            self._native = NativeMpi.of(self.comm)
+        return self._native
 
     def _scratch(self, n: int, dtype) -> tuple:
         """Buffers for a reduction of n elements, allocated once per (n, dtype)."""

@@ -12,7 +12,15 @@ mean of the ranks' statistics:
 Each op exchanges its operands in one message: a step waits at each exchange for the slowest
 rank, so a synchronised batch norm costs one wait forward and one backward, not one per value.
 On one process both are the identity.
+
+The combination is written once (`COMBINE`), over `over_ranks(term)`: the mean over the ranks
+of term(r), its terms added in rank order and the sum divided by the number of ranks (what
+NumPy's `mean(axis=0)` of a [ranks, channels] array computes). The references pass NumPy rows,
+the CPU backend's exchange kernel a loop over the ranks in IR (`cpu/llvm/exchange.py`).
 """
+
+import functools
+import operator
 
 import numpy as np
 
@@ -20,29 +28,39 @@ from ..distributed.world import current
 from .registry import define, require
 
 
+def rank_spread(var_r, mean_r, mean):
+    """One rank's term of the global variance: its variance plus its mean's squared distance
+    from the global mean."""
+    spread = mean_r - mean
+    return var_r + spread * spread
+
+
+def combine_moments(over_ranks, means, variances):
+    """The global (mean, var) from the ranks' `means(r)` and `variances(r)`."""
+    mean = over_ranks(means)
+    return mean, over_ranks(lambda r: rank_spread(variances(r), means(r), mean))
+
+
+def combine_means(over_ranks, first, second):
+    return over_ranks(first), over_ranks(second)
+
+
+COMBINE = {"sync_moments": combine_moments, "rank_mean": combine_means}
+
+
+def _exchanged(op: str, first, second, what: str):
+    world = current()
+    if world.size == 1:
+        return first, second
+    every = world.gather(np.stack([first, second]), what)  # [ranks, 2, channels]
+
+    def over_ranks(term):
+        return functools.reduce(operator.add, map(term, range(world.size))) / world.size
+    return COMBINE[op](over_ranks, lambda r: every[r, 0], lambda r: every[r, 1])
+
+
 def sync_moments(mean, var):
-    world = current()
-    if world.size == 1:
-        return mean, var
-    means, variances = _gathered(world, [mean, var], "batch-norm means and variances")
-    global_mean = means.mean(axis=0)
-    spread = means - global_mean
-    return global_mean, (variances + spread * spread).mean(axis=0)
-
-
-def _rank_mean_ref(attrs, dgamma, dbeta):
-    world = current()
-    if world.size == 1:
-        return dgamma, dbeta
-    return tuple(g.mean(axis=0) for g in _gathered(world, [dgamma, dbeta],
-                                                   "batch-norm gradient sums"))
-
-
-def _gathered(world, arrays: list, what: str) -> list:
-    """Every rank's copy of each of `arrays` (one per-channel vector each), from one
-    exchange: [ranks x channels] arrays in the order given."""
-    every = world.gather(np.stack(arrays), what)
-    return [every[:, i] for i in range(len(arrays))]
+    return _exchanged("sync_moments", mean, var, "batch-norm means and variances")
 
 
 def _pair_shape(attrs, first, second):
@@ -54,5 +72,6 @@ def _pair_shape(attrs, first, second):
 define("sync_moments", kind="collective", shape=_pair_shape,
        reference=lambda a, m, v: sync_moments(m, v),
        outputs=("mean", "var"))
-define("rank_mean", kind="collective", shape=_pair_shape, reference=_rank_mean_ref,
+define("rank_mean", kind="collective", shape=_pair_shape,
+       reference=lambda a, g, b: _exchanged("rank_mean", g, b, "batch-norm gradient sums"),
        outputs=("dgamma", "dbeta"))

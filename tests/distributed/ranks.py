@@ -3,6 +3,7 @@ JSON to the path given last.
 
     ranks.py parity BACKEND OUT   sync and per-rank batch norm against one process
     ranks.py fail HOW OUT         rank 1 fails at its third step (HOW: raise or kill)
+    ranks.py silent BACKEND OUT   rank 1 never comes to the first exchange
 """
 
 import hashlib
@@ -132,11 +133,32 @@ def fail(world, how: str, out: str) -> None:
                       backend="reference", dtype="float64"))
 
 
+SILENT_DEADLINE_S = 2
+
+
+def silent(world, backend: str, out: str) -> None:
+    """Rank 1 sleeps instead of stepping: rank 0's first exchange of batch statistics (from
+    inside the cpu backend's driver) must give up at the deadline and name rank 1."""
+    exe = rc.compile(spec(True), mode="train", backend=backend, dtype="float64", seed=SEED)
+    world.barrier()
+    if world.rank == 1:
+        time.sleep(120)
+        return
+    with open(out + ".started_at", "w") as f:
+        f.write(repr(time.time()))
+    images, labels = batches()[0]
+    exe.step_gradients(images[:BATCH // 2], labels[:BATCH // 2])
+
+
 def main() -> None:
     command, arg, out = sys.argv[1:4]
-    world = world_for(True)
+    world = world_for(True, SILENT_DEADLINE_S if command == "silent" else None)
     if command == "fail":
         fail(world, arg, out)
+        return
+    if command == "silent":
+        with failing_together(world), joined(world):
+            silent(world, arg, out)
         return
     with failing_together(world), joined(world):
         results = parity(world, arg)

@@ -259,8 +259,8 @@ class Arena:
         arrays, for the rows of the steps a call runs (all, or the shared steps [begin, end)
         of `shared`, as `run`): only rows whose array is not the one bound last time change. A
         host step's output not computed yet is bound by a later call, before the steps that
-        read it. A train step with synchronised batch norms runs hundreds of short calls
-        between its exchanges, so a call looks only at the arrays its own steps read."""
+        read it. A call looks only at the arrays its own steps read: an entry cut by host
+        steps into many short calls does not walk every binding of the schedule each time."""
         keys, names = self._binding(self._steps_of(shared))
         current = list(map(arrays.get, names))
         if all(map(operator.is_, current, map(self.bound.__getitem__, keys))):

@@ -191,9 +191,9 @@ def run_alone(steps, segments, operands, consts, scratch, counters, n_items, n_s
               shared_begin, shared_end, threads, barrier, barrier_state, profile):
     """`run_program` on one thread, the caller's: a parallel region of one thread hands the
     work to a pool thread, which the OS may wake on another core than the one whose caches
-    hold what the host steps between runs just wrote (a train step with synchronised batch
-    norms runs hundreds of such runs: 1,311 ms a step at batch 64 through the region, 1,114
-    ms on the calling thread)."""
+    hold what the host steps between runs just wrote (measured when a synchronised train
+    step still ran as hundreds of runs: 1,311 ms a step at batch 64 through the region,
+    1,114 ms on the calling thread)."""
     _thread(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
             shared_begin, shared_end, 1, barrier, barrier_state, profile, 0)
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from ...errors import GraphError, UsageError
 from ...ops.fused import pool_pad_params
+from ...ops.collective import COMBINE
 from ...ops.fused_train import GRAD_HALVES
 from ...ops.registry import get, kind_of
 from ...padding import pads_2d
 from .kernel_steps import (ConvGeometry, Sums, chain_arguments, conv_step, copy_step,
                            eltwise_step, pixel_split, pixel_step, slot_sum, with_sums)
 from .llvm.epilogue import RULES, chain_of
+from .llvm.exchange import LINK_VALUE, RankExchange
 from .llvm.pixelwise import (MaxPoolGradKernel, MaxPoolKernel, MeanGradKernel, MeanKernel,
                              PoolPadKernel, SpreadKernel)
 from .llvm.reduce import MOMENTS, SUMS, BatchNormGradApply, ChannelSums, sum_kind
@@ -272,6 +274,21 @@ def _spread(node, graph, target, types):
                        h * w, c, pixel_split(h * w))]
 
 
+# -- exchanges with the other ranks -----------------------------------------------------------
+
+def _exchange(node, graph, target, types):
+    """A collective op: this rank's two vectors exchanged with the other ranks and combined,
+    in one call (its width is one channel-aligned unit, so the step is one piece)."""
+    (width,) = graph.value(node.inputs[0]).shape
+    kernel = RankExchange(types.compute, target, node.op)
+    uses = {"link": Use(LINK_VALUE, "link"),
+            **{f"in{k}": Use(v) for k, v in enumerate(node.inputs)},
+            **{f"out{k}": Use(v) for k, v in enumerate(node.outputs)}}
+    return [Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors={},
+                 fields=dict(width=width), pixels=1, channels=width, channel_align=width,
+                 split="channels", batched=False)]
+
+
 LOWERINGS = {
     "conv2d": _conv,
     "fused_conv2d": _conv,
@@ -298,6 +315,7 @@ LOWERINGS = {
     "avg_pool_grad": _spread,
     "crop_channels": _spread,
     "pool_pad_grad": _spread,
+    **{op: _exchange for op in COMBINE},
 }
 
 

@@ -34,7 +34,9 @@ from ...precision import Precision, to_storage
 from . import driver
 from .arena import Arena
 from .autotune import Tuner, tuning_enabled
+from .link import RankLink
 from .llvm import jit, measure, sync
+from .llvm.exchange import LINK_VALUE
 from .steps import HostStep, Step, TensorTypes
 from .schedule import build_schedule, build_shared_schedule
 from .target import DTYPE_BYTES, target_for
@@ -87,6 +89,8 @@ class CpuProgram:
         self._stored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.profile: np.ndarray | None = None  # per (thread, step): cycles, wait, calls
         self._last_batch: int | None = None
+        self.link: RankLink | None = None  # to the job's ranks, for a graph that exchanges
+        self._exchanging: dict = {}  # schedule -> whether it has exchange steps
 
     def _load(self, kernels: list, progress: bool, start: float) -> None:
         """Compile (or find in the cache) and load every kernel, the barrier and the driver."""
@@ -234,6 +238,8 @@ class CpuProgram:
         if plan.begin == 0:
             host.clear()
         arrays.update({name: self.stored(name, value) for name, value in host.items()})
+        if self._exchanges(plan.schedule):
+            arrays[LINK_VALUE] = self.link.bind(DTYPE_BYTES[self.types.compute])
         if plan.schedule.segments:
             arena.bind(arrays)
             if self.check_finite:
@@ -243,6 +249,17 @@ class CpuProgram:
         else:
             self._run_phases(arena, plan, arrays, host)
         return {name: self._fetch(arena, host, arrays, name, batch) for name in entry.fetches}
+
+    def _exchanges(self, schedule) -> bool:
+        """Whether `schedule` exchanges with other ranks; the link to them made at the
+        first that does."""
+        if schedule not in self._exchanging:
+            self._exchanging[schedule] = any("link" in s.uses for s in schedule.kernel_steps)
+            if self._exchanging[schedule] and self.link is None:
+                widest = max(s.channels for p in self.plans.values()
+                             for s in p.schedule.kernel_steps if "link" in s.uses)
+                self.link = RankLink(self.target, self.cache_dir, widest)
+        return self._exchanging[schedule]
 
     def _batch(self, entry, arrays) -> int:
         batch = batch_of(self.graph, entry, arrays)
@@ -274,10 +291,18 @@ class CpuProgram:
             if self.check_finite:
                 for k in range(i, j):
                     arena.run(driver.empty_profile(), shared=(k, k + 1))
+                    self._linked()
                     self._check(steps[k], {v: arena.view(v) for v in _checked(steps[k])})
             else:
                 arena.run(self._profile_table(arena), shared=(i, j))
+                self._linked()
             i = j
+
+    def _linked(self) -> None:
+        """Raise the failure of an exchange in the run just ended (the steps after it
+        computed nothing worth keeping)."""
+        if self.link is not None:
+            self.link.check()
 
     def _host_step(self, arena: Arena, step: HostStep, arrays: dict, host: dict) -> None:
         env, views = {}, []
@@ -370,6 +395,7 @@ class CpuProgram:
         for index in range(plan.begin, plan.end):
             step = plan.schedule.steps[index]
             arena.run(driver.empty_profile(), shared=(index, index + 1))
+            self._linked()
             self._check(step, {v: arena.view(v) for v in _checked(step)})
 
     @staticmethod

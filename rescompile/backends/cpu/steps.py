@@ -30,17 +30,22 @@ from ...ops.registry import kind_of
 from ...precision import Precision
 
 # Kinds of op run on the host: small tensors, where a kernel call would cost more than it
-# saves (parameter-only and collective ops have no per-image tensor at all).
-HOST_KINDS = ("loss", "head_grad", "update", "moving_statistics", "parameter", "collective")
+# saves (parameter-only ops have no per-image tensor at all).
+HOST_KINDS = ("loss", "head_grad", "update", "moving_statistics", "parameter")
+# Kinds run as kernels though no tensor of theirs has a batch dimension: an exchange with the
+# other ranks (`llvm/exchange.py`), run inside the driver's run so that it does not cut a
+# step into runs around it.
+EXCHANGE_KINDS = ("collective",)
 
 
 @dataclass(frozen=True)
 class Use:
     """How a kernel argument points at a value: "data" (its first element), "window" (the
-    top-left corner of a conv's padded window: `pads` before the data), or "packed" (the
+    top-left corner of a conv's padded window: `pads` before the data), "packed" (the
     value's weights packed into panels of `nr` channels in `layout` (`weights.py`: "" one
     input channel a row, "vnni2" pairs of them interleaved, "amx" pairs in AMX tile rows);
-    `transform` "dgrad" rotates and transposes them for a data gradient)."""
+    `transform` "dgrad" rotates and transposes them for a data gradient), or "link" (the
+    int64 words of the program's link to the job's ranks, `link.py`: no tensor)."""
     value: str
     how: str = "data"
     pads: tuple[int, int] = (0, 0)  # (top, left) for "window"
@@ -156,6 +161,8 @@ class TensorTypes:
         return {}
 
     def bound(self, use: Use) -> str:
+        if use.how == "link":
+            return "int64"
         return self.packed(use) if use.how == "packed" else self.of(use.value)
 
     def typed(self, step: Step) -> Step:
@@ -200,5 +207,6 @@ def batched(graph, value: str) -> bool:
 
 def is_host(node, graph) -> bool:
     """Whether a node runs as a host step: its kind's, or it has no per-image tensor."""
-    return (kind_of(node.op) in HOST_KINDS
-            or not any(batched(graph, v) for v in node.inputs + node.outputs))
+    kind = kind_of(node.op)
+    return kind in HOST_KINDS or (kind not in EXCHANGE_KINDS and not any(
+        batched(graph, v) for v in node.inputs + node.outputs))

@@ -10,7 +10,8 @@ What is counted is what the step's tensors say, for the images of one run of the
 - packed weights: the packed panels once per run, in their layout and packed type
   (`program.packed_bytes`; a depth-first segment rereads them for every image it takes,
   mostly from cache);
-- a float64 slot buffer: its slots for the batch; any other tensor: its graph shape.
+- a float64 slot buffer: its slots for the batch; the link to the ranks: nothing; any other
+  tensor: its graph shape.
 It is the traffic the kernels ask for, not a measurement of DRAM's: a tensor still in a cache
 counts the same, and a value read through two roles counts once.
 """
@@ -39,6 +40,8 @@ def _written_bytes(arena: Arena, step: Step, value: str) -> int:
 
 def _tensor_bytes(arena: Arena, use: Use) -> int:
     schedule, graph, value = arena.schedule, arena.program.graph, use.value
+    if use.how == "link":
+        return 0
     if use.how == "packed":
         return arena.program.packed_bytes(use)
     if value in schedule.slots:

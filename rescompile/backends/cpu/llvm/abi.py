@@ -13,8 +13,8 @@ arguments, in declaration order. A field is
 
 and a pointer has a role (what the step points it at), the element type it points to (the
 type its tensor is stored in: the kernel's dtype, bfloat16 for a mixed-precision model's
-activations and conv weights, float64 for the slots of a reduction) and whether the kernel
-writes it.
+activations and conv weights, float64 for the slots of a reduction, int64 for the link to
+the ranks of a job) and whether the kernel writes it.
 
 The kernel generator loads its arguments from the signature (`load_arguments`), lowering
 checks each step against it (`check`): a missing, extra or mistyped field or pointer fails
@@ -33,6 +33,9 @@ from .emit import MEMORY_TYPES, I64, Function
 CALL_PARAMS = [("consts", I64.as_pointer()), ("ptrs", I64.as_pointer()), ("p_begin", I64),
                ("p_end", I64), ("c_begin", I64), ("c_end", I64)]
 FIELD_KINDS = ("size", "stride", "scalar")
+# What a pointer may point to: a tensor's stored type, or int64 words (the link to the ranks
+# of a job, `exchange.py`).
+POINTER_TYPES = {**MEMORY_TYPES, "int64": I64}
 STRIDES = ("image", "row", "pixel")
 
 
@@ -135,7 +138,7 @@ def load_arguments(f: Function, signature: Signature):
     for i, pointer in enumerate(signature.pointers):
         at = b.gep(f.args["ptrs"], [f.i64(i)], name=f"{pointer.role}.at")
         address = b.load(at, name=f"{pointer.role}.address")
-        ptrs[pointer.role] = b.inttoptr(address, MEMORY_TYPES[pointer.dtype].as_pointer(),
+        ptrs[pointer.role] = b.inttoptr(address, POINTER_TYPES[pointer.dtype].as_pointer(),
                                         name=pointer.role)
     return values, ptrs
 
