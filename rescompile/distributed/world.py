@@ -126,6 +126,7 @@ class MpiWorld:
     """The ranks of `comm` (an mpi4py communicator)."""
     MEAN_TAGS = (101, 102)   # message tags: the two phases of `mean`
     GATHER_TAG = 103
+    ABORT_GRACE_S = 0.5
 
     def __init__(self, comm, deadline: Deadline | None = None):
         from mpi4py import MPI
@@ -171,6 +172,11 @@ class MpiWorld:
         self.comm.Barrier()
 
     def abort(self, code: int) -> None:
+        """End every rank with `code`. The launcher forwards a rank's output through a pipe
+        it reads between other work: aborting right after a print can end the job before
+        the line is read (Hydra loses it about one time in ten on a loaded machine), so the
+        abort waits ABORT_GRACE_S first."""
+        time.sleep(self.ABORT_GRACE_S)
         self.comm.Abort(code)
 
     def _exchange(self, outgoing, incoming: np.ndarray, tag: int, what: str) -> None:
