@@ -39,7 +39,8 @@ from .llvm.conv import ConvKernel
 from .llvm.wgrad import WgradKernel
 from .steps import Step
 from .target import cache_bytes
-from .tuning import MIN_TILE_ROWS, PIXELS_PER_ITEM, WGRAD_GROUPS, conv_tile, tile_rows
+from .tuning import (MIN_TILE_ROWS, PIXELS_PER_ITEM, POINTER_ROWS, WGRAD_GROUPS, conv_tile,
+                     tile_rows)
 from .weights import pack_weights
 
 _CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -57,13 +58,16 @@ def candidates(target, dtype: str, channels: int, depth: int | None = None,
                widens: bool = False) -> list[tuple[int, int]]:
     """The tiles worth trying for `channels` output channels: the derived one, and 2 to
     MAX_VECTORS vectors wide where the channels fill that many vectors, each with the most
-    rows it allows and (a weight gradient, of `depth` rows) with rows that divide the depth;
-    a kernel that `widens` its broadcast input leaves it its registers in every one."""
+    rows it allows, with rows that divide a weight gradient's `depth`, and with no more rows
+    than leave their pointers in registers (POINTER_ROWS); a kernel that `widens` its
+    broadcast input leaves it its registers in every one."""
     tiles = [conv_tile(target, dtype, channels, depth, widens)]
-    for nv in range(2, MAX_VECTORS + 1):
-        if nv * target.lanes(dtype) <= channels:
-            tiles += [(tile_rows(target, nv, widens=widens), nv),
-                      (tile_rows(target, nv, depth, widens), nv)]
+    widths = [tiles[0][1]] + [nv for nv in range(2, MAX_VECTORS + 1)
+                              if nv * target.lanes(dtype) <= channels]
+    for nv in widths:
+        rows = tile_rows(target, nv, widens=widens)
+        tiles += [(rows, nv), (tile_rows(target, nv, depth, widens), nv),
+                  (min(rows, POINTER_ROWS), nv)]
     return list(dict.fromkeys(tile for tile in tiles if tile[0] >= MIN_TILE_ROWS))
 
 

@@ -48,6 +48,12 @@ def panels_outer(weight_bytes: int) -> bool:
 # whatever the vector registers allow.
 MAX_TILE_ROWS = 14
 MIN_TILE_ROWS = 4  # fewer rows than this cannot hide a multiply-add's latency
+# The k loop keeps its weight pointer, counter and bound beside the stack pointer, leaving 12
+# of the 16 for row pointers: a tile of more rows reloads spilled row pointers from the stack
+# every k step. That costs most where one broadcast feeds one multiply-add (one vector of
+# channels): a 3 x 3, 16-channel layer ran at 141-161 GFLOP/s a thread on 14 x 16 and at
+# 187-202 on 10 to 12 x 16 (Zen 5). So the tuner also tries each width at this many rows.
+POINTER_ROWS = 12
 # An AMX conv's block (MR pixels x NV vectors of 16 channels): 2 x 2 tiles of 16 x 16
 # accumulators, as oneDNN's AMX convolutions block them (the 8 tiles: 2 A, 2 B, 4 C). Fixed
 # by the tile registers, so never measured.
