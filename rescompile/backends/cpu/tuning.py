@@ -51,8 +51,11 @@ MIN_TILE_ROWS = 4  # fewer rows than this cannot hide a multiply-add's latency
 # The k loop keeps its weight pointer, counter and bound beside the stack pointer, leaving 12
 # of the 16 for row pointers: a tile of more rows reloads spilled row pointers from the stack
 # every k step. That costs most where one broadcast feeds one multiply-add (one vector of
-# channels): a 3 x 3, 16-channel layer ran at 141-161 GFLOP/s a thread on 14 x 16 and at
-# 187-202 on 10 to 12 x 16 (Zen 5). So the tuner also tries each width at this many rows.
+# channels), so such a tile takes at most this many rows: a 3 x 3, 16-channel layer ran at
+# 141-161 GFLOP/s a thread on 14 x 16 and at 187-202 on 12 x 16, its training forms 135 and
+# 119 (with their sums, forward and data gradient) against 192 and 149 (Zen 5). Wider tiles
+# amortise the reloads over their vectors (14 x 32 and 12 x 32 within a few percent either
+# way), so the tuner tries both.
 POINTER_ROWS = 12
 # An AMX conv's block (MR pixels x NV vectors of 16 channels): 2 x 2 tiles of 16 x 16
 # accumulators, as oneDNN's AMX convolutions block them (the 8 tiles: 2 A, 2 B, 4 C). Fixed
@@ -77,11 +80,12 @@ def widens(input_type: str, compute: str, dot: str = "fma") -> bool:
 def tile_rows(target: Target, nv: int, depth: int | None = None, widens: bool = False) -> int:
     """The rows of a tile NV vectors wide: as many as leave registers for the NV weight
     vectors and one broadcast (6 on 16 registers, 14 on 32; with `widens`,
-    WIDENING_REGISTERS more for a broadcast it widens), at most MAX_TILE_ROWS; with a weight
+    WIDENING_REGISTERS more for a broadcast it widens), at most MAX_TILE_ROWS, or
+    POINTER_ROWS for one vector; with a weight
     gradient's `depth` (its rows), the most of those that divide it, if that is at least
     MIN_TILE_ROWS (a 1 x 1, 16-channel layer: 8 rows twice, not 14 and then 2)."""
     free = target.registers - nv - 1 - (WIDENING_REGISTERS if widens else 0)
-    rows = min(free // nv, MAX_TILE_ROWS)
+    rows = min(free // nv, MAX_TILE_ROWS if nv > 1 else POINTER_ROWS)
     if depth:
         divisor = max(d for d in range(1, rows + 1) if depth % d == 0)
         rows = divisor if divisor >= MIN_TILE_ROWS else rows
