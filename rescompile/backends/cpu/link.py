@@ -23,31 +23,30 @@ WHAT = "batch-norm statistics"
 
 
 class RankLink:
-    """The link of one program: `widest` is the most channels an exchange sends."""
+    """The link of one program: `widest` is the most channels an exchange sends, each of
+    `itemsize` bytes."""
 
-    def __init__(self, target, cache_dir, widest: int):
-        self.target, self.cache_dir, self.widest = target, cache_dir, widest
+    def __init__(self, target, cache_dir, widest: int, itemsize: int):
+        self.target, self.cache_dir = target, cache_dir
+        self.row_bytes = 2 * widest * itemsize
         self.world = None
         self.cycles = 0.0  # of the counter the deadline is in
         self.words = np.zeros(LINK_HEADER, np.int64)
         self.rows = np.zeros(0)
 
-    def bind(self, itemsize: int) -> np.ndarray:
-        """The link to `current()`'s ranks, for rows of `itemsize`-byte elements."""
+    def bind(self) -> np.ndarray:
+        """The link to `current()`'s ranks."""
         world = current()
-        if world is not self.world or self.rows.nbytes < self._rows_bytes(world, itemsize):
-            self._join(world, itemsize)
+        if world is not self.world:
+            self._join(world)
         self.words[FAILED] = self.words[ERROR] = 0
         if world.size > 1:
             self.words[DEADLINE] = int(world.deadline.seconds() * self.cycles)
         return self.words
 
-    def _rows_bytes(self, world, itemsize: int) -> int:
-        return world.size * 2 * self.widest * itemsize
-
-    def _join(self, world, itemsize: int) -> None:
+    def _join(self, world) -> None:
         self.world = world
-        self.rows = np.zeros(self._rows_bytes(world, itemsize), np.uint8)
+        self.rows = np.zeros(world.size * self.row_bytes, np.uint8)
         if world.size == 1:
             self.words = np.zeros(LINK_HEADER, np.int64)
         elif isinstance(world, MpiWorld):

@@ -30,6 +30,7 @@ import numpy as np
 
 from ...entries import batch_of, kept_values
 from ...interpret import interpret
+from ...ops.registry import kind_of
 from ...precision import Precision, to_storage
 from . import driver
 from .arena import Arena
@@ -37,7 +38,7 @@ from .autotune import Tuner, tuning_enabled
 from .link import RankLink
 from .llvm import jit, measure, sync
 from .llvm.exchange import LINK_VALUE
-from .steps import HostStep, Step, TensorTypes
+from .steps import EXCHANGE_KINDS, HostStep, Step, TensorTypes
 from .schedule import build_schedule, build_shared_schedule
 from .target import DTYPE_BYTES, target_for
 from .traffic import step_bytes
@@ -89,8 +90,7 @@ class CpuProgram:
         self._stored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.profile: np.ndarray | None = None  # per (thread, step): cycles, wait, calls
         self._last_batch: int | None = None
-        self.link: RankLink | None = None  # to the job's ranks, for a graph that exchanges
-        self._exchanging: dict = {}  # schedule -> whether it has exchange steps
+        self.link = _link(graph, self.target, cache_dir, self.types.compute)
 
     def _load(self, kernels: list, progress: bool, start: float) -> None:
         """Compile (or find in the cache) and load every kernel, the barrier and the driver."""
@@ -238,8 +238,8 @@ class CpuProgram:
         if plan.begin == 0:
             host.clear()
         arrays.update({name: self.stored(name, value) for name, value in host.items()})
-        if self._exchanges(plan.schedule):
-            arrays[LINK_VALUE] = self.link.bind(DTYPE_BYTES[self.types.compute])
+        if self.link is not None:
+            arrays[LINK_VALUE] = self.link.bind()
         if plan.schedule.segments:
             arena.bind(arrays)
             if self.check_finite:
@@ -249,17 +249,6 @@ class CpuProgram:
         else:
             self._run_phases(arena, plan, arrays, host)
         return {name: self._fetch(arena, host, arrays, name, batch) for name in entry.fetches}
-
-    def _exchanges(self, schedule) -> bool:
-        """Whether `schedule` exchanges with other ranks; the link to them made at the
-        first that does."""
-        if schedule not in self._exchanging:
-            self._exchanging[schedule] = any("link" in s.uses for s in schedule.kernel_steps)
-            if self._exchanging[schedule] and self.link is None:
-                widest = max(s.channels for p in self.plans.values()
-                             for s in p.schedule.kernel_steps if "link" in s.uses)
-                self.link = RankLink(self.target, self.cache_dir, widest)
-        return self._exchanging[schedule]
 
     def _batch(self, entry, arrays) -> int:
         batch = batch_of(self.graph, entry, arrays)
@@ -404,6 +393,14 @@ class CpuProgram:
             if not np.all(np.isfinite(array)):
                 raise FloatingPointError(f"kernel for node {step.name!r} ({step.op}) "
                                          f"produced NaN or Inf in {value!r}")
+
+
+def _link(graph, target, cache_dir, compute: str) -> RankLink | None:
+    """The link to the job's ranks of a graph with exchanges (`steps.EXCHANGE_KINDS`), sized
+    for its widest; none for a graph without."""
+    widths = [graph.value(n.inputs[0]).shape[0] for n in graph.nodes
+              if kind_of(n.op) in EXCHANGE_KINDS]
+    return RankLink(target, cache_dir, max(widths), DTYPE_BYTES[compute]) if widths else None
 
 
 def _checked(step: Step) -> list[str]:
