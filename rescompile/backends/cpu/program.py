@@ -211,6 +211,13 @@ class CpuProgram:
         return DTYPE_BYTES[self.types.packed(use)] * packed_elements(
             self.graph.value(use.value).shape, use.nr, use.layout, use.transform)
 
+    def stored_all(self, arrays: dict) -> dict:
+        """`stored` of each of `arrays` (a copy of them as they are where every tensor is
+        stored in the compute type: a call feeds every variable, hundreds of them)."""
+        if not self.types.precision.mixed:
+            return dict(arrays)
+        return {name: self.stored(name, a) for name, a in arrays.items()}
+
     def stored(self, name: str, array):
         """A fed or host-made `array` of value `name` in the type the arena stores it in
         (converted once per array)."""
@@ -230,14 +237,14 @@ class CpuProgram:
             self.prepared = {name: np.ascontiguousarray(env[name]) for name in entry.fetches}
             return dict(self.prepared)
         plan = self.plan(entry_name)
-        arrays = {name: self.stored(name, a) for name, a in feeds.items()}
+        arrays = self.stored_all(feeds)
         arrays.update(self.prepared)
         batch = self._batch(entry, arrays)
         arena = self.arena(plan.schedule, batch)
         host = self.host.setdefault(plan.schedule, {})
         if plan.begin == 0:
             host.clear()
-        arrays.update({name: self.stored(name, value) for name, value in host.items()})
+        arrays.update(self.stored_all(host))
         if self.link is not None:
             arrays[LINK_VALUE] = self.link.bind()
         if plan.schedule.segments:
