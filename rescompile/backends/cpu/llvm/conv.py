@@ -15,6 +15,7 @@ kernels; NUMBA-NOTES measured it at 63-85 GFLOP/s per core on ResNet-164's layer
         for each panel of NR channels:         weights packed [panel][k][NR], zero-padded
             acc[MR][NV] = 0
             for tap (i, j), for c in cin:      acc += x[row m, tap, c] * w[k, :]
+                                               (panels outer: prefetch w[next panel][k])
             epilogue steps on acc; store out (and out2)
 
 No im2col: the input is read in place. Row m's input pointer is its pixel's window origin,
@@ -87,6 +88,8 @@ from .slots import add_f64, statistics_slot
 
 GEOMETRY = abi.sizes("cin", "kh", "kw", "stride", "oh", "ow", "panels_outer")
 PAIR = 2  # input channels per vdpbf16ps (and per AMX tile element pair)
+CACHE_LINE = 64  # bytes, on every x86-64
+L2_LOCALITY = 2  # llvm.prefetch's locality for prefetcht1: into L2, not L1
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,11 @@ class ConvEmitter:
         """Tiles outer: a tile's input stays in L1 while every panel of weights passes. With
         `panels_outer` set, panels outer: a panel stays in cache while every tile passes (the
         layers whose weights outweigh their pixels, whose weights would otherwise stream from
-        memory once per tile)."""
+        memory once per tile); then each k step also prefetches the same step's weights of
+        the next panel into L2, so the next panel streams in while this one's tiles compute
+        (the hardware prefetcher starts afresh with each call, and at batch 1 a call of a wide
+        layer is a panel or two: ResNet-18's 7 x 7, 512-channel layers took 0.82 ms without,
+        0.67 ms with, on Zen 5). The AMX k loop (`amx.py`) loads its B tiles unprefetched."""
         f, b, k, v = self.f, self.b, self.k, self.v
         self.walk = PixelWalk(f, v["oh"], v["ow"])
         p_begin, p_end = f.args["p_begin"], f.args["p_end"]
@@ -234,12 +241,14 @@ class ConvEmitter:
         by_panel = b.icmp_signed("!=", v["panels_outer"], f.i64(0), name="by_panel")
         with b.if_else(by_panel) as (panels_first, tiles_first):
             with panels_first:
+                self.next_panel = b.mul(self.k_depth, f.i64(k.nr), name="next_panel")
                 with f.loop(c_begin, c_end, k.nr, "c") as c:
                     self.walk.restart()
                     with f.loop(p_begin, p_end, k.mr, "p") as p:
                         rows = self.tile_rows(p)
                         self.store_tile(self.accumulate(c), c, rows)
             with tiles_first:
+                self.next_panel = None
                 with f.loop(p_begin, p_end, k.mr, "p") as p:
                     rows = self.tile_rows(p)
                     with f.loop(c_begin, c_end, k.nr, "c") as c:
@@ -294,9 +303,23 @@ class ConvEmitter:
                 f.set(a_ptr[m], f.element(self.x_rows[m], window_row))
             with f.loop(0, steps, 1, "kc"):
                 w_at = f.get(w_ptr, "w_at")
+                if self.next_panel is not None:
+                    self.prefetch(f.element(w_at, self.next_panel, name="w_next"))
                 step(acc, a_ptr, w_at)
                 f.set(w_ptr, f.element(w_at, k.nr * k.pairs))
         return [[f.get(acc[m][j], f"acc{m}_{j}") for j in range(k.nv)] for m in range(k.mr)]
+
+    def prefetch(self, w_next) -> None:
+        """Into L2, the cache lines of one k step's weights at `w_next` (an address past the
+        last panel is harmless: a prefetch never faults)."""
+        f, b, k = self.f, self.b, self.k
+        byte_ptr = ir.IntType(8).as_pointer()
+        prefetch = f.intrinsic("llvm.prefetch.p0i8", ir.VoidType(), [byte_ptr, I32, I32, I32])
+        per_line = CACHE_LINE // f.bytes_of(w_next)
+        for line in range(max(1, k.nr * k.pairs // per_line)):
+            at = b.bitcast(f.element(w_next, line * per_line), byte_ptr, name=f"w_next.line{line}")
+            b.call(prefetch, [at, ir.Constant(I32, 0), ir.Constant(I32, L2_LOCALITY),
+                              ir.Constant(I32, 1)])
 
     def _fma_step(self, acc, a_ptr, w_at) -> None:
         """One input channel: NV weight vectors, MR broadcasts, MR x NV multiply-adds."""
