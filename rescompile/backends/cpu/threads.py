@@ -11,8 +11,13 @@ So each kind of call (an arena's whole schedule, or one range of its steps) keep
 durations on each thread count (`WINDOW`). While its calls on all threads run well above their
 best (`SLOWER`: the sign that a core is taken) it tries one thread: at once while one thread
 has no record or a better one, else every `PROBE` calls; on one thread it tries all threads
-every `PROBE` calls. A machine busy from the first call shows no such sign, so it also tries
-one thread at call `WINDOW` and at calls doubling from there (2 `WINDOW`, 4 `WINDOW`, ...):
+every `PROBE` calls, and also 2, 4 and 8 calls after the switch: on a shared VM a burst of
+noise (a few calls, the other vCPU descheduled) looks like a busy core, and without the early
+trials each burst kept ResNet-18 at batch 1 on one thread (19 ms a call against 11) for PROBE calls
+(in a simulation of such bursts the early trials took the mean call from 1.51 to 1.39 times
+the quiet one, and cost nothing measurable where a core stays busy). A machine busy from the
+first call shows no such sign, so it also tries one thread at call `WINDOW` and at calls
+doubling from there (2 `WINDOW`, 4 `WINDOW`, ...):
 rarer and rarer, a cost that vanishes on a quiet machine. A trial faster than the median of the
 count in use switches to it, and a switch starts the new count's record afresh (its older
 durations were measured under another load). Calls on a quiet machine stay near their best and
@@ -40,6 +45,7 @@ class ThreadCount:
         self.best = float("inf")  # the fastest call on all threads
         self.current = most
         self.calls = 0
+        self.switched_at = 0  # the call that last changed the count
 
     def choose(self) -> int:
         self.calls += 1
@@ -47,7 +53,7 @@ class ThreadCount:
             return 1
         other = 1 if self.current == self.most else self.most
         in_doubt = self.current == 1 or self._crowded()
-        if in_doubt and (self._promising(other) or self.calls % PROBE == 0):
+        if in_doubt and (self._promising(other) or self._probe_due()):
             return other
         return 1 if self.current == self.most and self._routine_trial() else self.current
 
@@ -57,6 +63,7 @@ class ThreadCount:
         if threads != self.current and self.recent[self.current] and \
                 seconds < statistics.median(self.recent[self.current]):
             self.current = threads
+            self.switched_at = self.calls
             self.recent[threads].clear()
         self.recent[threads].append(seconds)
 
@@ -65,6 +72,14 @@ class ThreadCount:
         recent = self.recent[threads]
         return not recent or statistics.median(recent) < statistics.median(
             self.recent[self.current])
+
+    def _probe_due(self) -> bool:
+        """Every PROBE calls, and on one thread also 2, 4, 8, ... calls after the switch to
+        it: a burst of noise on a shared machine looks like a busy core for a few calls, and
+        the calls after it should not wait PROBE calls on one thread."""
+        since = self.calls - self.switched_at
+        early = self.current == 1 and 2 <= since < PROBE and since & (since - 1) == 0
+        return early or self.calls % PROBE == 0
 
     def _routine_trial(self) -> bool:
         rounds, rest = divmod(self.calls, WINDOW)
