@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import rescompile as rc
 from rescompile.backends.cpu import driver
 from rescompile.backends.cpu.arena import CHUNKS_PER_THREAD
+from rescompile.backends.cpu.tuning import PIXEL_SPLIT_MIN
 from conftest import random_bn_state, rel_err, tiny_spec
 from strategies import small_specs
 
@@ -144,6 +145,10 @@ def test_profile_counts_every_kernel_call(resnet164):
     assert all(1 <= c <= high * threads for c in shared)
     stage1 = [i for i, s in enumerate(program.schedule.steps) if s.pixels == 1024]
     assert all(low * threads <= shared[i] <= high * threads for i in stage1)
+    # every layer of more than a few pixels keeps every thread busy, whatever its split: a
+    # 3 x 3 layer whose channels are one panel (stages 2 and 3) is cut by pixels instead
+    layers = [i for i, s in enumerate(program.schedule.steps) if s.pixels >= PIXEL_SPLIT_MIN]
+    assert len(layers) > 150 and all(shared[i] >= threads for i in layers)
     assert shared[-1] == 1
 
 

@@ -39,6 +39,7 @@ from ...precision import numpy_dtype
 from ...resources import check_fits
 from . import driver
 from .llvm import sync
+from .kernel_steps import pixel_split
 from .steps import Step
 from .target import DTYPE_BYTES
 from .threads import ThreadCount
@@ -198,11 +199,21 @@ class Arena:
         counters = len(schedule.segments) + n
         self.counters = np.zeros(counters * driver.COUNTER_STRIDE, np.int64)
 
+    def _split(self, step: Step) -> str:
+        """How the shared copy of `step` is cut: as lowered, but by pixels where its channels
+        make fewer panels than there are threads (ResNet-164's 3 x 3 layers of 32 and 64
+        channels, one panel each, ran at batch 1 on one thread while the other waited)."""
+        panels = -(-step.channels // step.channel_align)
+        if step.split == "channels" and panels < self.threads and not step.fixed_chunk \
+                and pixel_split(step.pixels) == "pixels":
+            return "pixels"
+        return step.split
+
     def _shape_row(self, row, step: Step) -> None:
         row[driver.PIXELS], row[driver.CHANNELS] = step.pixels, step.channels
         row[driver.PIXEL_ALIGN], row[driver.CHANNEL_ALIGN] = step.pixel_align, step.channel_align
         row[driver.SPLIT] = {"pixels": driver.SPLIT_PIXELS, "channels": driver.SPLIT_CHANNELS,
-                             "both": driver.SPLIT_BOTH}[step.split]
+                             "both": driver.SPLIT_BOTH}[self._split(step)]
         row[driver.CHUNKS] = (step.groups if step.split == "both" else
                               shared_chunks(step.flops * self.n_shared, self.threads))
         row[driver.BATCHED] = int(step.batched)

@@ -14,7 +14,8 @@ buffer; everything else lives in per-thread buffers.
 
 The images that do not divide evenly among the threads (all of them at batch 1) run the same
 steps shared: each layer split over the threads by pixels, or by channel panels where a
-thread would read more weights than input (`kernel_steps._split`), with a barrier between layers.
+thread would read more weights than input (`kernel_steps._split`) and the panels are at least
+as many as the threads (`Arena._split`), with a barrier between layers.
 
 Training depends across images (batch statistics), so its schedule is shared throughout: every
 step over the whole batch, cut into pieces the threads take, a barrier after each. Host steps
