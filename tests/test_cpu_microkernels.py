@@ -179,6 +179,7 @@ def test_every_instruction_set_compiles(isa):
     register = {"avx512": "zmm", "avx2": "ymm", "portable": "xmm"}[isa]
     assert f"%{register}" in assembly
     assert ("vfmadd" in assembly) == (isa != "portable")
+    assert "prefetcht1" in assembly  # panels outer: the next panel's weights, into L2
     assert kernel.nr == {"avx512": 32, "avx2": 16, "portable": 8}[isa]
 
 
