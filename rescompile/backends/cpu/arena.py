@@ -38,8 +38,8 @@ from ...memory import assign_buffers, lifetimes
 from ...precision import numpy_dtype
 from ...resources import check_fits
 from . import driver
-from .llvm import sync
 from .kernel_steps import pixel_split
+from .llvm import sync
 from .steps import Step
 from .target import DTYPE_BYTES
 from .threads import ThreadCount

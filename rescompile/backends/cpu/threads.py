@@ -13,16 +13,15 @@ best (`SLOWER`: the sign that a core is taken) it tries one thread: at once whil
 has no record or a better one, else every `PROBE` calls; on one thread it tries all threads
 every `PROBE` calls, and also 2, 4 and 8 calls after the switch: on a shared VM a burst of
 noise (a few calls, the other vCPU descheduled) looks like a busy core, and without the early
-trials each burst kept ResNet-18 at batch 1 on one thread (19 ms a call against 11) for PROBE calls
-(in a simulation of such bursts the early trials took the mean call from 1.51 to 1.39 times
-the quiet one, and cost nothing measurable where a core stays busy). A machine busy from the
-first call shows no such sign, so it also tries one thread at call `WINDOW` and at calls
-doubling from there (2 `WINDOW`, 4 `WINDOW`, ...):
-rarer and rarer, a cost that vanishes on a quiet machine. A trial faster than the median of the
-count in use switches to it, and a switch starts the new count's record afresh (its older
-durations were measured under another load). Calls on a quiet machine stay near their best and
-never try one thread. Which thread computes what never changes a number (driver.py), so neither
-does the count.
+trials each burst kept ResNet-18 at batch 1 on one thread (19 ms a call against 11) for
+PROBE calls (in a simulation of such bursts the early trials took the mean call from 1.51 to
+1.39 times the quiet one, and cost nothing measurable where a core stays busy). A machine
+busy from the first call shows no such sign, so it also tries one thread at call `WINDOW`
+and at calls doubling from there (2 `WINDOW`, 4 `WINDOW`, ...): rarer and rarer, a cost that
+vanishes on a quiet machine. A trial faster than the median of the count in use switches to
+it, and a switch starts the new count's record afresh (its older durations were measured under
+another load). Calls on a quiet machine stay near their best and never try one thread. Which
+thread computes what never changes a number (driver.py), so neither does the count.
 """
 
 from __future__ import annotations
