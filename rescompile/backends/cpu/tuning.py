@@ -86,9 +86,9 @@ def tile_rows(target: Target, nv: int, depth: int | None = None, widens: bool = 
     """The rows of a tile NV vectors wide: as many as leave registers for the NV weight
     vectors and one broadcast (6 on 16 registers, 14 on 32; with `widens`,
     WIDENING_REGISTERS more for a broadcast it widens), at most MAX_TILE_ROWS, or
-    POINTER_ROWS for one vector; with a weight
-    gradient's `depth` (its rows), the most of those that divide it, if that is at least
-    MIN_TILE_ROWS (a 1 x 1, 16-channel layer: 8 rows twice, not 14 and then 2)."""
+    POINTER_ROWS for one vector; with a weight gradient's `depth` (its rows), the most of
+    those that divide it, if that is at least MIN_TILE_ROWS (a 1 x 1, 16-channel layer: 8
+    rows twice, not 14 and then 2)."""
     free = target.registers - nv - 1 - (WIDENING_REGISTERS if widens else 0)
     rows = min(free // nv, MAX_TILE_ROWS if nv > 1 else POINTER_ROWS)
     if depth:

@@ -40,9 +40,7 @@ from typing import ClassVar
 from llvmlite import ir
 
 from .conv import PAIR, ConvEmitter, ConvKernel
-from .emit import I16, I32, VOID, new_module
-
-I8 = ir.IntType(8)
+from .emit import I8, I16, I32, VOID, new_module
 TILE_ROWS = 16
 TILE_BYTES = 64  # a tile row
 DEPTH = TILE_BYTES // 2  # bfloat16 of k per A row (weights.AMX_DEPTH)

@@ -81,7 +81,7 @@ from llvmlite import ir
 from ..target import Target
 from ..tuning import conv_tile
 from . import abi, epilogue
-from .emit import BF16, I32, Tiled, new_module
+from .emit import BF16, I8, I32, VOID, Tiled, new_module
 from .pixels import TRUE, PixelWalk, load_vector, next_pixel, offset, store_vector
 from .reduce import sum_kind, sum_operands, sum_terms
 from .slots import add_f64, statistics_slot
@@ -313,11 +313,11 @@ class ConvEmitter:
         """Into L2, the cache lines of one k step's weights at `w_next` (an address past the
         last panel is harmless: a prefetch never faults)."""
         f, b, k = self.f, self.b, self.k
-        byte_ptr = ir.IntType(8).as_pointer()
-        prefetch = f.intrinsic("llvm.prefetch.p0i8", ir.VoidType(), [byte_ptr, I32, I32, I32])
+        prefetch = f.intrinsic("llvm.prefetch.p0i8", VOID, [I8.as_pointer(), I32, I32, I32])
         per_line = CACHE_LINE // f.bytes_of(w_next)
         for line in range(max(1, k.nr * k.pairs // per_line)):
-            at = b.bitcast(f.element(w_next, line * per_line), byte_ptr, name=f"w_next.line{line}")
+            at = b.bitcast(f.element(w_next, line * per_line), I8.as_pointer(),
+                           name=f"w_next.line{line}")
             b.call(prefetch, [at, ir.Constant(I32, 0), ir.Constant(I32, L2_LOCALITY),
                               ir.Constant(I32, 1)])
 

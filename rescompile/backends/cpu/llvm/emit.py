@@ -22,6 +22,7 @@ from llvmlite import ir
 from .. import tuning
 
 I1 = ir.IntType(1)
+I8 = ir.IntType(8)
 I16 = ir.IntType(16)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)

@@ -40,7 +40,7 @@ from ....ops.collective import COMBINE
 from ..target import Target
 from . import abi
 from .arith import Vec
-from .emit import I32, I64, VOID, Function, new_module
+from .emit import I8, I32, I64, VOID, Function, new_module
 
 # The link's header words.
 (RANKS, RANK, TRANSPORT, GATHER, DEADLINE, FAILED, ERROR, COMM, BYTE, TAG, ISEND, IRECV,
@@ -48,7 +48,7 @@ from .emit import I32, I64, VOID, Function, new_module
 LINK_HEADER = 16
 LINK_VALUE = "rank:link"  # the name a step's link pointer binds to
 TRANSPORT_SYMBOL = "rescompile_exchange"
-I8P = ir.IntType(8).as_pointer()
+I8P = I8.as_pointer()
 
 
 def words(nbytes: int) -> int:

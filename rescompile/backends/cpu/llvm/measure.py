@@ -24,7 +24,7 @@ from llvmlite import ir
 
 from ..target import Target
 from . import jit
-from .emit import I32, I64, Function, new_module
+from .emit import I8, I32, I64, Function, new_module
 
 PEAK_SYMBOL = "rescompile_peak"
 CYCLES_SYMBOL = "rescompile_cycles"
@@ -97,10 +97,10 @@ class PeakLoop:
         from .amx import A_TILES, B_TILES, C_TILES, TILE_BYTES, TILE_ROWS, Tiles
         f.require(self.target.features_for("amx_bf16"))
         b, tiles = f.b, Tiles(f)
-        data = f.slot(ir.ArrayType(ir.IntType(8), TILE_ROWS * TILE_BYTES), "tile_data")
-        at = b.bitcast(data, ir.IntType(8).as_pointer())
+        data = f.slot(ir.ArrayType(I8, TILE_ROWS * TILE_BYTES), "tile_data")
+        at = b.bitcast(data, I8.as_pointer())
         for byte in range(TILE_ROWS * TILE_BYTES):  # zeros: the sums stay finite
-            b.store(ir.Constant(ir.IntType(8), 0), b.gep(at, [f.i64(byte)]))
+            b.store(ir.Constant(I8, 0), b.gep(at, [f.i64(byte)]))
         tiles.configure()
         for tile in (*A_TILES, *B_TILES):
             tiles.load(tile, at, f.i64(TILE_BYTES))
