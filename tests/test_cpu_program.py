@@ -89,8 +89,8 @@ def resnet164():
 
 def test_resnet164_schedule_structure(resnet164):
     """163 fused convs and 3 projections, one pad copy of the images, the pool and the dense
-    head: 169 kernel calls per image, from 8 distinct micro-kernels (7 where a vector holds
-    fewer than 16 channels)."""
+    head: 169 kernel calls per image, from 10 distinct micro-kernels (8 where a vector holds
+    fewer than 16 channels), the 3x3 layers' Winograd tiles among them."""
     schedule = resnet164.program.schedule
     ops = [s.op for s in schedule.steps]
     assert len(ops) == 169
@@ -100,8 +100,10 @@ def test_resnet164_schedule_structure(resnet164):
     one = (1 if resnet164.program.target.lanes("float32") >= 16 else 2,)
     kernels = {(type(k).__name__, getattr(k, "epilogue", ()), getattr(k, "out2", None))
                + ((k.nv,) if hasattr(k, "nv") else ()) for k in resnet164.program.kernels}
-    assert kernels == {("ConvKernel", ("bias_add", "relu"), None, 2),  # conv1, conv2
+    assert kernels == {("ConvKernel", ("bias_add", "relu"), None, 2),  # conv1
                        ("ConvKernel", ("bias_add", "relu"), None) + one,  # stage 1's, stem
+                       ("WinogradKernel", ("bias_add", "relu"), None, 2),  # conv2
+                       ("WinogradKernel", ("bias_add", "relu"), None) + one,  # stage 1's
                        ("ConvKernel", ("add",), ("affine", "relu"), 2),  # conv3 + next BN-ReLU
                        ("ConvKernel", ("add", "affine", "relu"), None, 2),  # last + final BN
                        ("ConvKernel", (), None, 2),  # projections

@@ -6,6 +6,8 @@ Where values live (what `rescompile dump --memory` reports):
   every image of the batch;
 - per-thread buffers: every other value the depth-first segments compute, for the images of
   one call (a segment's `images`), one region per thread;
+- kernel scratch: one region per thread, as large as the most any step uses (`Step.scratch`:
+  a Winograd convolution's transformed tiles), never holding a value between calls;
 - shared buffers: every value but the depth-first schedule's fetched ones, for the images that
   run shared (in training: the whole batch), with the float64 slot buffers of reductions and
   the tensors of no batch dimension (weight gradients, batch statistics);
@@ -134,8 +136,12 @@ class Arena:
                   if not (v in schedule.fetches and v in whole)}
         self.shared_region = plan_region(schedule.steps, shared, kinds, schedule.keep) \
             if self.n_shared else Region({}, 0)
-        check_fits(sum(whole.values()) + self.thread_region.nbytes * threads
-                   + self.shared_region.nbytes, f"the cpu backend's buffers for batch {batch}")
+        most = max((step.scratch for step in schedule.kernel_steps), default=0)
+        self.scratch_bytes = -(-most // ALIGN) * ALIGN  # a thread's kernel scratch
+        check_fits(sum(whole.values()) + (self.thread_region.nbytes + self.scratch_bytes)
+                   * threads + self.shared_region.nbytes,
+                   f"the cpu backend's buffers for batch {batch}")
+        self.kernel_scratch = aligned_empty(self.scratch_bytes * threads, zero=False)
         self.batch_buffers = {v: aligned_empty(nbytes) for v, nbytes in whole.items()}
         self.thread_memory = aligned_empty(self.thread_region.nbytes * threads)
         self.shared_memory = aligned_empty(self.shared_region.nbytes)
@@ -238,6 +244,8 @@ class Arena:
         weights are bound at run time)."""
         use = step.uses[role]
         value = use.value
+        if use.how == "scratch":
+            return [self.kernel_scratch.ctypes.data, self.scratch_bytes, 0]
         if use.how == "packed":
             self.fed_rows.append((row, ("packed", value, use), 0))
             return [0, 0, 0]
@@ -350,7 +358,7 @@ class Arena:
     @property
     def allocated_bytes(self) -> int:
         return (sum(b.nbytes for b in self.batch_buffers.values()) + self.thread_memory.nbytes
-                + self.shared_memory.nbytes + self.packed_bytes)
+                + self.kernel_scratch.nbytes + self.shared_memory.nbytes + self.packed_bytes)
 
     def summary(self) -> str:
         mib = 2.0 ** 20
@@ -361,6 +369,8 @@ class Arena:
                  f"{batch:>14,} bytes ({batch / mib:.1f} MiB)",
                  f"  per thread       {len(self.thread_region.offsets):>4} values "
                  f"{self.thread_region.nbytes:>14,} bytes x {self.threads} threads",
+                 f"  kernel scratch        {self.scratch_bytes:>14,} bytes x {self.threads} "
+                 f"threads",
                  f"  shared           {len(self.shared_region.offsets):>4} values "
                  f"{self.shared_region.nbytes:>14,} bytes",
                  f"  packed weights        {self.packed_bytes:>14,} bytes",

@@ -37,6 +37,7 @@ from ...precision import ITEMSIZE, numpy_dtype
 from .arena import Layout, aligned_empty
 from .llvm.conv import ConvKernel
 from .llvm.wgrad import WgradKernel
+from .llvm.winograd import WinogradKernel
 from .steps import Step
 from .target import cache_bytes
 from .tuning import (MIN_TILE_ROWS, PIXELS_PER_ITEM, POINTER_ROWS, WGRAD_GROUPS, conv_tile,
@@ -108,6 +109,8 @@ class Tuner:
             return derived, "derived (its rows group the sums it makes)"
         if getattr(kernel, "dot", None) == "amx":
             return derived, "derived (AMX tiles)"
+        if isinstance(kernel, WinogradKernel):
+            return derived, "derived (Winograd tiles)"
         if len(tiles) == 1:
             return derived, "derived (the only tile that fits its channels)"
         if not self.measure:

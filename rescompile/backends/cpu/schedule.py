@@ -96,7 +96,9 @@ class Schedule:
         if isinstance(s, HostStep):
             return f"{s.name}: host {s.op} -> {', '.join(s.outputs)}"
         placed = ", ".join(f"{v} [{self._placement(v)}]" for v in s.outputs)
-        return (f"{s.name}: {s.kernel.symbol} {s.pixels}px x {s.channels}ch, split by "
+        tiles = f" ({s.pixels} tiles)" if s.map_pixels else ""
+        return (f"{s.name}: {s.kernel.symbol} {s.output_pixels}px{tiles} x {s.channels}ch, "
+                f"split by "
                 f"{s.split} -> {placed}")
 
 
@@ -198,7 +200,7 @@ def _images_per_item(step: Step) -> int | None:
     op = OPS.get(step.op)  # a step of the backend's own ("copy", "slot_sum") has none
     if op is None or op.kind != "conv":
         return None
-    return max(1, math.ceil(PIXELS_PER_ITEM / step.pixels))
+    return max(1, math.ceil(PIXELS_PER_ITEM / step.output_pixels))
 
 
 def _segments(steps: list[Step]) -> tuple[list[Segment], list[tuple[str, str]]]:
@@ -210,7 +212,7 @@ def _segments(steps: list[Step]) -> tuple[list[Segment], list[tuple[str, str]]]:
             continue
         if images is not None:
             segments.append(Segment(begin, i, images))
-            remarks.append((step.name, f"starts a segment: {step.pixels} pixels per image, "
+            remarks.append((step.name, f"starts a segment: {step.output_pixels} pixels per image, "
                                        f"{wanted} image(s) per call instead of {images}"))
             begin = i
         images = wanted

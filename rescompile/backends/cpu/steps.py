@@ -44,8 +44,10 @@ class Use:
     top-left corner of a conv's padded window: `pads` before the data), "packed" (the
     value's weights packed into panels of `nr` channels in `layout` (`weights.py`: "" one
     input channel a row, "vnni2" pairs of them interleaved, "amx" pairs in AMX tile rows);
-    `transform` "dgrad" rotates and transposes them for a data gradient), or "link" (the
-    int64 words of the program's link to the job's ranks, `link.py`: no tensor)."""
+    `transform` "dgrad" rotates and transposes them for a data gradient, "winograd" makes
+    them Winograd's), "link" (the int64 words of the program's link to the job's ranks,
+    `link.py`: no tensor) or "scratch" (the calling thread's scratch, `Step.scratch` bytes of
+    it: no tensor)."""
     value: str
     how: str = "data"
     pads: tuple[int, int] = (0, 0)  # (top, left) for "window"
@@ -89,6 +91,12 @@ class Step:
     dilated: tuple[str, ...] = ()  # made tensors written at every stride-th pixel only
     slots: dict[str, Slots] = field(default_factory=dict)  # backend-made slot buffers
     origin: str = ""  # the node it lowers
+    scratch: int = 0  # bytes of per-thread scratch its kernel uses (a "scratch" Use)
+    map_pixels: int = 0  # output pixels per image, where `pixels` counts other units (tiles)
+
+    @property
+    def output_pixels(self) -> int:
+        return self.map_pixels or self.pixels
 
     @property
     def writes(self) -> tuple[str, ...]:
@@ -96,7 +104,8 @@ class Step:
 
     @property
     def inputs(self) -> list[str]:
-        return [u.value for role, u in self.uses.items() if role not in self.writes]
+        return [u.value for role, u in self.uses.items()
+                if role not in self.writes and u.how != "scratch"]
 
     @property
     def outputs(self) -> list[str]:

@@ -40,7 +40,7 @@ def _written_bytes(arena: Arena, step: Step, value: str) -> int:
 
 def _tensor_bytes(arena: Arena, use: Use) -> int:
     schedule, graph, value = arena.schedule, arena.program.graph, use.value
-    if use.how == "link":
+    if use.how in ("link", "scratch"):
         return 0
     if use.how == "packed":
         return arena.program.packed_bytes(use)

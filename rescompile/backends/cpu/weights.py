@@ -5,6 +5,9 @@ float32 by the FMA kernels, which then widen nothing in their inner loop), on a 
 boundary. A weight array is packed and converted once per load (`program.py` repacks only
 when the array changes).
 
+A Winograd convolution's weights are transformed first (`winograd.transform_weights`) and
+packed as a 4 x 4 kernel: in a panel, point p's [cin][nr] matrix is its p-th block of rows.
+
 Layouts (`Use.layout`), K = kh * kw * cin the depth, R = kw * cin a window row's:
 
     ""       [panel][K][nr]                 one input channel a row: the FMA tile's
@@ -20,6 +23,7 @@ import numpy as np
 
 from ...precision import BFLOAT16, numpy_dtype, round_bf16
 from .arena import aligned_empty
+from .winograd import WINDOW, transform_weights
 
 AMX_DEPTH = 32  # bfloat16 elements of k per AMX tile row (64 bytes)
 
@@ -34,6 +38,8 @@ def packed_elements(shape, nr: int, layout: str = "", transform: str = "") -> in
     *taps, cin, cout = (1, 1, *shape) if len(shape) == 2 else shape
     if transform == "dgrad":
         cin, cout = cout, cin
+    if transform == "winograd":
+        taps = [WINDOW, WINDOW]
     depth = taps[1] * cin
     depth = padded_row_depth(depth) if layout == "amx" else depth
     return -(-cout // nr) * nr * taps[0] * depth
@@ -69,7 +75,10 @@ def pack_weights(w: np.ndarray, nr: int, out: np.ndarray | None = None, dtype: s
 
 
 def transformed(w: np.ndarray, transform: str) -> np.ndarray:
-    """A data gradient's weights: rotated by 180 degrees, input and output channels swapped."""
+    """A data gradient's weights ("dgrad"): rotated by 180 degrees, input and output channels
+    swapped; a Winograd convolution's ("winograd"): G g G^T, a 4 x 4 kernel of its points."""
     if transform == "dgrad":
         return np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
+    if transform == "winograd":
+        return transform_weights(w)
     return w

@@ -366,6 +366,24 @@ class ConvEmitter:
 
     def epilogue(self, acc, c, rows, width) -> None:
         f, b, k = self.f, self.b, self.k
+        panel = self.panel_operands(c, width)
+        sums = [[None] * k.nv, [None] * k.nv]
+        for m in range(k.mr):
+            stored, valid = self.store_row(m, acc[m], c, rows, panel)
+            if k.sums:
+                self.add_row_sums(sums, stored, m, valid, c, panel)
+        if k.sums:
+            b.comment("the tile's two channel sums, into float64 slots")
+            for row, vectors in enumerate(sums):
+                for j in range(k.nv):
+                    add_f64(f, self.sums_slot, row, b.add(c, f.i64(j * k.lanes)), vectors[j],
+                            None if width is None else b.sub(width, f.i64(j * k.lanes)))
+
+    def panel_operands(self, c, width) -> dict:
+        """What every row of a panel's epilogue reads alike: the lane masks of its vectors
+        (none for a whole panel), a loader through them, and the per-channel operands of the
+        chains and of the sums."""
+        f, k = self.f, self.k
         masks = [None] * k.nv if width is None else [f.mask(j * k.lanes, width)
                                                       for j in range(k.nv)]
 
@@ -377,50 +395,58 @@ class ConvEmitter:
                    for chain in k.chains for o in chain.operands if o.kind == epilogue.CHANNEL}
         against = {n: [load(f.element(self.ptr[f"sums.{n}"], c), j, n) for j in range(k.nv)]
                    for n in k._sum_operands if n != "x"}
-        sums = [[None] * k.nv, [None] * k.nv]
-        for m in range(k.mr):
-            def pixel(t):
-                return f.element(self.ptr[t], b.add(self.offsets[t][m], c, name=f"{t}.at{m}"),
-                                 name=f"{t}.row{m}")
-            def operand(o, j):
-                if o.kind == epilogue.CHANNEL:
-                    return channel[o.role][j]
-                if o.kind == epilogue.PIXEL:
-                    return load(pixel(o.role), j, o.role)
-                return epilogue.read_operand(f, o, self.v, self.ptr, self.positions[m],
-                                             b.add(c, f.i64(j * k.lanes)), masks[j])
-            outputs, values = [], acc[m]
-            for chain, out in zip(k.chains, k.outputs):
-                values = [epilogue.apply_chain(f, chain, values[j], lambda o: operand(o, j),
-                                               self.v, f".m{m}_{j}") for j in range(k.nv)]
-                stored = [f.stored_form(value, self.ptr[out]) for value in values]
-                outputs.append(stored)
-                # what the next chain and the sums are made of: the output as stored
-                values = [f.read_back(value, self.ptr[out]) for value in stored]
-                if out == "out":
-                    stored_first = values
-            valid = b.icmp_signed("<", f.i64(m), rows, name=f"row{m}_valid")
-            with b.if_then(valid):
-                for out, vectors in zip(k.outputs, outputs):
-                    for j in range(k.nv):
-                        store_vector(f, vectors[j], f.element(pixel(out), j * k.lanes),
-                                     masks[j])
-            if k.sums:
-                self.add_row_sums(sums, stored_first, m, valid, against, pixel, load)
-        if k.sums:
-            b.comment("the tile's two channel sums, into float64 slots")
-            for row, vectors in enumerate(sums):
-                for j in range(k.nv):
-                    add_f64(f, self.sums_slot, row, b.add(c, f.i64(j * k.lanes)), vectors[j],
-                            None if width is None else b.sub(width, f.i64(j * k.lanes)))
+        return dict(masks=masks, load=load, channel=channel, against=against)
 
-    def add_row_sums(self, sums, values, m, valid, against, pixel, load) -> None:
+    def store_row(self, m: int, acc_row, c, rows, panel):
+        """Row m's vectors through each chain, stored where the row holds a pixel; the first
+        output as stored (what the sums are made of) and the row's validity."""
+        f, b, k = self.f, self.b, self.k
+        masks, load = panel["masks"], panel["load"]
+
+        def operand(o, j):
+            if o.kind == epilogue.CHANNEL:
+                return panel["channel"][o.role][j]
+            if o.kind == epilogue.PIXEL:
+                return load(self.pixel(o.role, m, c), j, o.role)
+            return epilogue.read_operand(f, o, self.v, self.ptr, self.positions[m],
+                                         b.add(c, f.i64(j * k.lanes)), masks[j])
+        outputs, values = [], acc_row
+        for chain, out in zip(k.chains, k.outputs):
+            values = [epilogue.apply_chain(f, chain, values[j], lambda o: operand(o, j),
+                                           self.v, f".m{m}_{j}") for j in range(k.nv)]
+            stored = [f.stored_form(value, self.ptr[out]) for value in values]
+            outputs.append(stored)
+            # what the next chain and the sums are made of: the output as stored
+            values = [f.read_back(value, self.ptr[out]) for value in stored]
+            if out == "out":
+                stored_first = values
+        valid = self.row_valid(m, rows)
+        with b.if_then(valid):
+            for out, vectors in zip(k.outputs, outputs):
+                for j in range(k.nv):
+                    store_vector(f, vectors[j], f.element(self.pixel(out, m, c), j * k.lanes),
+                                 masks[j])
+        return stored_first, valid
+
+    def pixel(self, tensor: str, m: int, c):
+        """Where row m's pixel of `tensor` holds channel c."""
+        b = self.b
+        return self.f.element(self.ptr[tensor], b.add(self.offsets[tensor][m], c,
+                                                      name=f"{tensor}.at{m}"),
+                              name=f"{tensor}.row{m}")
+
+    def row_valid(self, m: int, rows):
+        """Whether tile row m holds an output pixel (an i1): one of the rows left."""
+        return self.b.icmp_signed("<", self.f.i64(m), rows, name=f"row{m}_valid")
+
+    def add_row_sums(self, sums, values, m, valid, c, panel) -> None:
         """Add tile row m's summands (zero for a row past the last pixel) to `sums`."""
         f, b, k = self.f, self.b, self.k
         zero = f.vconst(0.0)
         for j in range(k.nv):
-            x = load(pixel("sums.x"), j, "sums.x") if k.sum_against else None
-            ch = {n: vectors[j] for n, vectors in against.items()}
+            x = panel["load"](self.pixel("sums.x", m, c), j, "sums.x") if k.sum_against \
+                else None
+            ch = {n: vectors[j] for n, vectors in panel["against"].items()}
             first, second = sum_terms(f, k.sums, values[j], x, ch, self.sum_scalars)
             first = b.select(valid, first, zero)
             sums[0][j] = first if m == 0 else b.fadd(sums[0][j], first)

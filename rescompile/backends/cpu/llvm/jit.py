@@ -41,10 +41,12 @@ _lock = threading.Lock()
 
 def generator_sources() -> list[Path]:
     """The source the IR is a function of: this package, the target's definitions, the tuning
-    constants, and `ops/`, whose formulas the kernels compute (`ops/norm.py`)."""
+    constants, Winograd's matrices, and `ops/`, whose formulas the kernels compute
+    (`ops/norm.py`)."""
     here = Path(__file__).parent
     ops = here.parents[2] / "ops"
-    return (sorted(here.glob("*.py")) + [here.parent / "target.py", here.parent / "tuning.py"]
+    return (sorted(here.glob("*.py"))
+            + [here.parent / name for name in ("target.py", "tuning.py", "winograd.py")]
             + sorted(ops.glob("*.py")))
 
 

@@ -1,0 +1,234 @@
+"""The Winograd convolution micro-kernel: a stride-1 3 x 3 convolution as F(2 x 2, 3 x 3)
+tiles (`../winograd.py` has the algorithm, its matrices and which layers take it).
+
+Design note
+-----------
+The call contract is the direct kernel's (`conv.py`), over a grid of tiles instead of pixels:
+a call computes tiles [p_begin, p_end) (2 x 2 output pixels each, `tiles_h` x `tiles_w` an
+image, counted over every image of the call) for output channels [c_begin, c_end). A register
+tile is MR tiles by NR channels, and each thread's scratch holds what passes between the
+three stages of one register tile in L1 and L2, never in memory-sized buffers:
+
+    for each MR tiles:
+        input transform   B^T d B of each tile's 4 x 4 window (x points at the window's
+                          top-left corner: the zero border is the caller's), a vector of
+                          input channels at a time, into inputs[point][row][cin]
+        for each panel of NR channels:
+            products      for each of the 16 points: acc[MR][NV] = inputs[point] times the
+                          point's transformed weights ([panel][point][cin][nr]), the direct
+                          kernel's k loop over cin; stored to products[point][row][nr]
+            output        A^T M A of each tile's 16 products: its 2 x 2 output pixels, each
+                          through the epilogue and stored, as the direct kernel stores a row
+
+An odd map's last tiles overhang it: their windows read one more row and column of zero
+border (`winograd.window_pads`) and the outputs past the map are not stored. The transforms
+are generated from their matrices: each output of one is a sum over the matrix row's
+non-zero entries, in the row's order. A tile's arithmetic does not depend on the call, its
+rows or its panel, so every output is the same bits whichever thread computes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+
+from . import abi
+from .conv import ConvEmitter, ConvKernel
+from .emit import new_module
+from .pixels import TRUE, PixelWalk, next_pixel, offset
+from ..winograd import INPUT_TRANSFORM, OUTPUT_TRANSFORM, POINTS, TILE, WINDOW
+
+GEOMETRY = abi.sizes("cin", "oh", "ow", "tiles_h", "tiles_w")
+
+
+def combine(f, coefficients, values, name: str):
+    """sum(c * value) over the non-zero coefficients, a positive one first (so no negation)."""
+    terms = sorted(((c, v) for c, v in zip(coefficients, values) if c), key=lambda t: t[0] < 0)
+    total = None
+    for c, value in terms:
+        if abs(c) != 1:
+            value = f.b.fmul(value, f.vconst(abs(c)))
+        if total is None:
+            total = value
+        else:
+            total = (f.b.fadd if c > 0 else f.b.fsub)(total, value)
+    total.name = name
+    return total
+
+
+def scratch_elements(mr: int, nr: int, cin: int) -> int:
+    """Scratch a thread needs: the transformed inputs of MR tiles, the products of a panel."""
+    return POINTS * mr * (cin + nr)
+
+
+@dataclass(frozen=True)
+class WinogradKernel(ConvKernel):
+    """What one compiled Winograd kernel computes: MR tiles by NR channels, with the direct
+    kernel's epilogue chains; every size and stride is a run-time value."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sums is not None or self.dot != "fma":
+            raise ValueError(f"{self.symbol}: Winograd tiles make no sums and multiply by "
+                             f"fused multiply-adds")
+
+    @property
+    def symbol(self) -> str:
+        return (f"winograd_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}_"
+                f"{self.chain_name('plain')}{self.storage_tag()}")
+
+    @property
+    def signature(self) -> abi.Signature:
+        """Geometry, the input (window origin), the transformed weights, the outputs, the
+        epilogue chains' operands and scalars, and the thread's scratch."""
+        signature = (GEOMETRY + abi.strides("x", *self.outputs) + abi.stored(self, "x", "w")
+                     + abi.stored(self, *self.outputs, written=True))
+        for chain in self.chains:
+            signature += chain.signature(self)
+        return signature + abi.pointers(self.dtype, "scratch")
+
+    def ir(self) -> str:
+        module = new_module(self.symbol)
+        WinogradEmitter(self, module).emit()
+        return str(module)
+
+
+class WinogradEmitter(ConvEmitter):
+    def emit(self) -> None:
+        f, b, k = self.f, self.b, self.k
+        b.comment(f"{k.symbol}: Winograd F(2x2, 3x3), {k.mr} tiles of 2 x 2 output pixels "
+                  f"by {k.nr} channels")
+        b.comment("arguments: sizes, strides (in elements) and scalars; pointers by role")
+        self.v, self.ptr = abi.load_arguments(f, k.signature)
+        v = self.v
+        b.comment("scratch: inputs[point][row][cin], then products[point][row][nr]")
+        self.inputs = self.ptr["scratch"]
+        self.products = f.element(self.inputs, b.mul(f.i64(POINTS * k.mr), v["cin"]),
+                                  name="products")
+        self.window = [[b.add(b.mul(f.i64(i), v["x.row"]), b.mul(f.i64(j), v["x.pixel"]),
+                              name=f"window{i}{j}") for j in range(WINDOW)]
+                       for i in range(WINDOW)]
+        self.tiles()
+        f.finish()
+
+    def tiles(self) -> None:
+        f, b, k, v = self.f, self.b, self.k, self.v
+        self.walk = PixelWalk(f, v["tiles_h"], v["tiles_w"])
+        p_end = f.args["p_end"]
+        with f.loop(f.args["p_begin"], p_end, k.mr, "p") as p:
+            rows = b.sub(p_end, p, name="rows_left")
+            self.tile_origins(rows)
+            self.output_pixels()
+            self.transform_inputs()
+            with f.loop(f.args["c_begin"], f.args["c_end"], k.nr, "c") as c:
+                self.multiply(c)
+                self.store_tile(None, c, rows)
+
+    def tile_origins(self, rows) -> None:
+        """Per row m: its tile's (n, tile row, tile column) and window origin. Rows past the
+        last tile repeat it; the next register tile starts at the tile after row MR-1."""
+        f, b, k, v = self.f, self.b, self.k, self.v
+        b.comment(f"{k.mr} tiles from p: window origins")
+        n, ty, tx = self.walk.position()
+        last = b.sub(rows, f.i64(1), name="last_row")
+        self.tile_at, self.x_rows = [], []
+        for m in range(k.mr):
+            self.tile_at.append((n, ty, tx))
+            origin = offset(f, v, "x", n, b.mul(ty, f.i64(TILE)), b.mul(tx, f.i64(TILE)),
+                            name=f"x_row{m}.at")
+            self.x_rows.append(f.element(self.ptr["x"], origin, name=f"x_row{m}"))
+            if m + 1 < k.mr:
+                n, ty, tx = next_pixel(f, v["tiles_h"], v["tiles_w"], n, ty, tx,
+                                       b.icmp_signed("<", f.i64(m), last))
+        self.walk.move_to(*next_pixel(f, v["tiles_h"], v["tiles_w"], n, ty, tx, TRUE))
+
+    def transform_inputs(self) -> None:
+        f, b, k, v = self.f, self.b, self.k, self.v
+        b.comment("input transform: B^T d B of each tile's window, a vector of channels at a "
+                  "time")
+        with f.loop(0, v["cin"], k.lanes, "ci") as ci:
+            for m in range(k.mr):
+                window = [[f.vload(f.element(self.x_rows[m], b.add(self.window[i][j], ci)),
+                                   name=f"d{m}_{i}{j}") for j in range(WINDOW)]
+                          for i in range(WINDOW)]
+                columns = [[combine(f, INPUT_TRANSFORM[a], [row[j] for row in window],
+                                    f"t{m}_{a}{j}") for j in range(WINDOW)]
+                           for a in range(WINDOW)]
+                for a, c in product(range(WINDOW), repeat=2):
+                    value = combine(f, INPUT_TRANSFORM[c], columns[a],
+                                    f"v{m}_{a}{c}")
+                    row = (a * WINDOW + c) * k.mr + m
+                    f.vstore(value, f.element(self.inputs, b.add(b.mul(f.i64(row), v["cin"]),
+                                                                 ci)))
+
+    def multiply(self, c) -> None:
+        """products[point] = inputs[point] x the point's weights, for the panel from c."""
+        f, b, k, v = self.f, self.b, self.k, self.v
+        b.comment("the 16 points' products: each a k loop over the input channels")
+        cin = v["cin"]
+        panel = b.mul(c, b.mul(f.i64(POINTS), cin), name="panel_offset")  # (c / NR) 16 cin NR
+        with f.loop(0, POINTS, 1, "point") as point:
+            w_start = f.element(self.ptr["w"], b.add(panel, b.mul(point, b.mul(cin, f.i64(k.nr)))))
+            w_ptr = f.slot(w_start.type, "w_at", w_start)
+            first = b.mul(point, f.i64(k.mr), name="point_rows")
+            a_ptr = [f.slot(self.inputs.type, f"a{m}_at", f.element(
+                self.inputs, b.mul(b.add(first, f.i64(m)), cin))) for m in range(k.mr)]
+            acc = [[f.slot(f.vector, f"acc{m}_{j}", f.vconst(0.0)) for j in range(k.nv)]
+                   for m in range(k.mr)]
+            with f.loop(0, cin, 1, "kc"):
+                w_at = f.get(w_ptr, "w_at")
+                self._fma_step(acc, a_ptr, w_at)
+                f.set(w_ptr, f.element(w_at, k.nr))
+            for m, j in product(range(k.mr), range(k.nv)):
+                at = b.add(b.mul(b.add(first, f.i64(m)), f.i64(k.nr)), f.i64(j * k.lanes))
+                f.vstore(f.get(acc[m][j]), f.element(self.products, at))
+
+    def epilogue(self, acc, c, rows, width) -> None:
+        """Row by row: the tile's 2 x 2 output pixels, A^T M A of its products, each through
+        the epilogue and stored as the direct kernel stores a row (`ConvEmitter.store_row`)."""
+        b, k = self.b, self.k
+        panel = self.panel_operands(c, width)
+        for m in range(k.mr):
+            b.comment(f"output transform and epilogue: row {m}'s 2 x 2 pixels")
+            for (a, bb), values in self.output_row(m).items():
+                self.positions, self.offsets, self.inside = self.pixels_at[a, bb]
+                self.store_row(m, values, c, rows, panel)
+
+    def output_pixels(self) -> None:
+        """For each pixel (a, bb) of a tile: each row's position, tensor offsets and whether
+        it lies inside the map (an odd map's last tiles overhang it)."""
+        f, b, k, v = self.f, self.b, self.k, self.v
+        tensors = k.outputs + [r for chain in k.chains for r in chain.pixel_roles]
+        self.pixels_at = {}
+        for a, bb in product(range(TILE), repeat=2):
+            positions, offsets, inside = [], {t: [] for t in tensors}, []
+            for m, (n, ty, tx) in enumerate(self.tile_at):
+                oh = b.add(b.mul(ty, f.i64(TILE)), f.i64(a), name=f"oh{m}_{a}{bb}")
+                ow = b.add(b.mul(tx, f.i64(TILE)), f.i64(bb), name=f"ow{m}_{a}{bb}")
+                positions.append((n, oh, ow))
+                for t in tensors:
+                    offsets[t].append(offset(f, v, t, n, oh, ow, name=f"{t}_at{m}_{a}{bb}"))
+                inside.append(b.and_(b.icmp_signed("<", oh, v["oh"]),
+                                     b.icmp_signed("<", ow, v["ow"]), name=f"inside{m}_{a}{bb}"))
+            self.pixels_at[a, bb] = positions, offsets, inside
+
+    def output_row(self, m: int) -> dict:
+        """Row m's vectors of each output pixel (a, bb): A^T M A of its 16 products, the
+        columns first."""
+        f, k = self.f, self.k
+        pixels = {pixel: [] for pixel in product(range(TILE), repeat=2)}
+        for j in range(k.nv):
+            products = [[f.vload(f.element(self.products,
+                                           ((p * WINDOW + q) * k.mr + m) * k.nr + j * k.lanes),
+                                 name=f"m{m}_{p}{q}_{j}") for q in range(WINDOW)]
+                        for p in range(WINDOW)]
+            columns = [[combine(f, OUTPUT_TRANSFORM[bb], products[p],
+                                f"s{m}_{p}{bb}_{j}") for bb in range(TILE)]
+                       for p in range(WINDOW)]
+            for a, bb in pixels:
+                column = [sums[bb] for sums in columns]
+                pixels[a, bb].append(combine(f, OUTPUT_TRANSFORM[a], column, f"y{m}_{a}{bb}_{j}"))
+        return pixels
+
+    def row_valid(self, m: int, rows):
+        return self.b.and_(super().row_valid(m, rows), self.inside[m], name=f"row{m}_stored")

@@ -1,0 +1,74 @@
+"""Winograd's minimal filtering F(2 x 2, 3 x 3) for the CPU backend's stride-1 3 x 3
+convolutions in inference: the transforms' matrices, the weight transform, and which layers
+take it.
+
+Design note
+-----------
+A 3 x 3 convolution computes each 2 x 2 block ("tile") of output pixels from the 4 x 4 input
+window over it. Lavin and Gray's algorithm (2016), with the points 0, 1, -1 and infinity,
+writes that as, per pair of input and output channels,
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A        g: 3 x 3 weights, d: 4 x 4 window, * elementwise
+
+so after the transforms a tile costs 16 products per channel pair instead of 36: 16 matrix
+products, one per point of the 4 x 4 transformed grid, of the tiles' transformed inputs by
+the transformed weights (U = G g G^T, made once per weight load, `weights.py`). That is 2.25x
+fewer multiply-adds; the transforms are additions only (B and A hold 0 and +-1), and the
+weight transform's halves are exact in binary.
+
+Numbers: a Winograd output is a different float sum than the direct convolution's, so its
+last bits differ; it sums 16 dot products of cin terms rather than one of 9 cin, and on a
+64-channel layer its float32 error against float64 was 0.26-0.42 of the direct kernel's
+(`tests/test_winograd.py` bounds it by the direct kernel's). The choice is fixed by the
+layer's shape and type alone (`applies`), never timed, so a layer gives the same bits on every
+thread count, batch and host. Training keeps the direct kernel wherever a convolution makes
+batch statistics of its output as it stores it, and for the gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TILE = 2  # output pixels per side of a tile
+WINDOW = 4  # input pixels per side of a tile's window: TILE + 3 - 1
+POINTS = WINDOW * WINDOW  # products per tile and channel pair
+
+# B^T (input), G (weights) and A^T (output) of F(2, 3); F(2 x 2, 3 x 3) nests each twice.
+INPUT_TRANSFORM = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+WEIGHT_TRANSFORM = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+OUTPUT_TRANSFORM = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+# The smallest output map (per side) that takes Winograd: on a 7 x 7 map, 16 tiles cover 64
+# pixels for 49 (30% of the products wasted), and the transformed weights, 16/9 of the
+# direct kernel's, are read once per image at batch 1, where such a layer waits on memory.
+MIN_MAP = 8
+
+
+def transform_weights(w: np.ndarray) -> np.ndarray:
+    """HWIO 3 x 3 weights as U = G g G^T per channel pair, [4, 4, cin, cout] (packed like a
+    4 x 4 kernel: point (i, j)'s matrix is its "tap"), computed in float64 and rounded once."""
+    g = np.asarray(WEIGHT_TRANSFORM)
+    u = np.einsum("ai,ijck,bj->abck", g, w.astype(np.float64), g)
+    return u.astype(w.dtype)
+
+
+def tiles(pixels: int) -> int:
+    """Tiles along a side of `pixels` output pixels (an odd side's last tile overhangs it)."""
+    return -(-pixels // TILE)
+
+
+def applies(k: int, stride: int, pads, out_hw, cin: int, lanes: int, plain: bool) -> bool:
+    """Whether a convolution runs as Winograd tiles: 3 x 3, stride 1, padded 1 on every side
+    (output maps the size of the input's), a map at least MIN_MAP a side, whole vectors of
+    input channels (the input transform runs a vector of them at a time), and `plain`: an
+    inference convolution of unmixed precision (no sums of its output, nothing stored
+    narrower than it computes)."""
+    return (plain and k == 3 and stride == 1 and tuple(pads) == (1, 1, 1, 1)
+            and min(out_hw) >= MIN_MAP and cin % lanes == 0)
+
+
+def window_pads(out_hw) -> tuple[int, int, int, int]:
+    """The input's zero border a Winograd convolution reads: 1 on every side, and 1 more
+    below and to the right of an odd map, which its last tiles' windows overhang."""
+    oh, ow = out_hw
+    return 1, 1 + oh % TILE, 1, 1 + ow % TILE

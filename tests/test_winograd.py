@@ -1,0 +1,172 @@
+"""Winograd F(2x2, 3x3) (`backends/cpu/winograd.py`, `llvm/winograd.py`): the matrices against
+the definition of a convolution, the kernel against float64 NumPy (odd maps whose last tiles
+overhang them, output channels that are not a multiple of the panel, every kind of epilogue
+operand, a second output), a call's exact tile and channel range, and which layers lowering
+gives it.
+
+Tolerances, relative to the expected tensor's max: float64 1e-12; float32 2e-6 for these
+<= 288-term dot products of unit normals, whose direct float32 sum errs by about 1e-6. A
+Winograd output carries the transforms' few extra roundings but sums 16 shorter dot products
+(cin terms each, not 9 cin), and `test_float32_error_...` bounds its error by the direct
+kernel's on the same data.
+"""
+
+import zlib
+
+import numpy as np
+import pytest
+
+from pathlib import Path
+
+import rescompile as rc
+from rescompile.backends.cpu import CpuProgram, winograd
+from rescompile.backends.cpu.llvm.conv import ConvKernel
+from rescompile.backends.cpu.llvm.winograd import WinogradKernel, scratch_elements
+from rescompile.backends.cpu.target import host_target
+from rescompile.backends.cpu.weights import pack_weights, transformed
+from rescompile.compiler import lower
+from rescompile.entries import make_entries
+from microkernels import (call, close, conv_reference, epilogue_reference, padded, strides)
+from test_cpu_microkernels import _operands
+
+TOL = {"float32": 2e-6, "float64": 1e-12}
+PRESETS = Path(rc.__file__).parent / "presets"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("objects")
+
+
+def test_the_matrices_compute_a_3x3_correlation():
+    """Y = A^T [(G g G^T) * (B^T d B)] A is the 2 x 2 valid correlation of a 4 x 4 window."""
+    rng = np.random.default_rng(0)
+    d, g = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
+    bt, at = np.array(winograd.INPUT_TRANSFORM), np.array(winograd.OUTPUT_TRANSFORM)
+    u = transformed(g.reshape(3, 3, 1, 1), "winograd")[:, :, 0, 0]
+    y = at @ (u * (bt @ d @ bt.T)) @ at.T
+    direct = [[(d[i:i + 3, j:j + 3] * g).sum() for j in range(2)] for i in range(2)]
+    np.testing.assert_allclose(y, direct, rtol=0, atol=1e-13)
+
+
+def _layer(rng, n, h, w, cin, cout, dtype, steps, out2):
+    """Inputs, weights, epilogue operands, and the float64 expected out and out2."""
+    x = rng.standard_normal((n, h, w, cin)).astype(dtype)
+    weights = rng.standard_normal((3, 3, cin, cout)).astype(dtype)
+    y = conv_reference(x, weights, 1, (1, 1, 1, 1))
+    operands, scalars = _operands(rng, steps, 0, y.shape, dtype)
+    more, more_scalars = _operands(rng, out2 or (), len(steps), y.shape, dtype)
+    operands.update(more)
+    scalars.update(more_scalars)
+    expected = epilogue_reference(steps, 0, y, operands, scalars)
+    return x, weights, operands, scalars, expected, \
+        epilogue_reference(out2 or (), len(steps), expected, operands, scalars)
+
+
+def _run(kernel, x, weights, operands, scalars, tiles, channels, cache_dir):
+    """The kernel on tiles [tiles) and channels [channels) of x: out and out2 (NaN where not
+    written)."""
+    n, h, w, cin = x.shape
+    cout = weights.shape[-1]
+    out = np.full((n, h, w, cout), np.nan, x.dtype)
+    out2 = np.full_like(out, np.nan)
+    xp = padded(x, winograd.window_pads((h, w)))
+    fields = dict(cin=cin, oh=h, ow=w, tiles_h=winograd.tiles(h), tiles_w=winograd.tiles(w),
+                  **strides("x", xp), **strides("out", out), **strides("out2", out2), **scalars)
+    for name, array in operands.items():
+        if array.ndim == 4:
+            fields.update(strides(name, array))
+    scratch = np.full(scratch_elements(kernel.mr, kernel.nr, cin), np.nan, x.dtype)
+    packed = pack_weights(transformed(weights, "winograd"), kernel.nr)
+    pointers = dict(x=xp, w=packed, out=out, out2=out2, scratch=scratch, **operands)
+    call(kernel, fields, pointers, tiles, channels, cache_dir)
+    return out, out2
+
+
+CASES = [
+    # (n, h, w, cin in vectors, cout, epilogue, out2)
+    (2, 9, 11, 1, 40, ("bias_add", "relu"), None),
+    (1, 8, 8, 2, 33, ("add",), ("affine", "relu")),
+    (3, 10, 7, 1, 16, ("batch_normalize", "relu"), None),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}x{c[2]}c{c[4]}")
+def test_winograd_kernel_matches_numpy(case, dtype, cache_dir):
+    n, h, w, vectors, cout, steps, out2 = case
+    cin = vectors * host_target().lanes(dtype)
+    kernel = WinogradKernel(dtype, host_target(), steps, out2)
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    x, weights, operands, scalars, expected, expected2 = _layer(rng, n, h, w, cin, cout, dtype,
+                                                                steps, out2)
+    tiles = n * winograd.tiles(h) * winograd.tiles(w)
+    out, second = _run(kernel, x, weights, operands, scalars, (0, tiles), (0, cout), cache_dir)
+    assert close(out, expected) < TOL[dtype]
+    if out2 is not None:
+        assert close(second, expected2) < TOL[dtype]
+
+
+def test_a_call_covers_exactly_its_tiles_and_channels(cache_dir):
+    """Tiles starting mid-row and spanning images, channels from a panel to mid-panel: those
+    pixels get the same bits as a whole call gives them, and nothing else is written."""
+    kernel = WinogradKernel("float32", host_target(), ("bias_add",))
+    lanes = host_target().lanes("float32")
+    rng = np.random.default_rng(5)
+    x, weights, operands, scalars, _, _ = _layer(rng, 3, 7, 9, lanes, 3 * lanes, "float32",
+                                                 ("bias_add",), None)
+    th, tw = winograd.tiles(7), winograd.tiles(9)
+    whole, _ = _run(kernel, x, weights, operands, scalars, (0, 3 * th * tw), (0, 3 * lanes),
+                    cache_dir)
+    t0, t1, c0, c1 = 5, 2 * th * tw + 3, kernel.nr, 3 * lanes - 3
+    part, _ = _run(kernel, x, weights, operands, scalars, (t0, t1), (c0, c1), cache_dir)
+    tile = np.arange(3 * th * tw).reshape(3, th, tw)
+    covered = np.repeat(np.repeat(tile, 2, axis=1), 2, axis=2)[:, :7, :9]
+    inside = np.zeros(part.shape, bool)
+    inside[..., c0:c1] = ((covered >= t0) & (covered < t1))[..., None]
+    assert np.array_equal(part[inside], whole[inside])
+    assert np.isnan(part[~inside]).all()
+
+
+def test_float32_error_stays_within_a_small_factor_of_the_direct_kernels(cache_dir):
+    """On a 64-channel layer, Winograd's float32 error against float64 is no larger than the
+    direct kernel's (measured on four seeds: 0.26-0.42 of it, the shorter sums outweighing
+    the transforms' roundings)."""
+    lanes = host_target().lanes("float32")
+    cin = 64 // lanes * lanes
+    rng = np.random.default_rng(6)
+    x, weights, operands, scalars, expected, _ = _layer(rng, 2, 12, 12, cin, 64, "float32",
+                                                        ("bias_add",), None)
+    tiles = 2 * 6 * 6
+    fast, _ = _run(WinogradKernel("float32", host_target(), ("bias_add",)), x, weights,
+                   operands, scalars, (0, tiles), (0, 64), cache_dir)
+    direct = ConvKernel("float32", host_target(), ("bias_add",))
+    out = np.full(expected.shape, np.nan, np.float32)
+    xp = padded(x, (1, 1, 1, 1))
+    fields = dict(cin=cin, kh=3, kw=3, stride=1, oh=12, ow=12, panels_outer=0,
+                  **strides("x", xp), **strides("out", out))
+    call(direct, fields, dict(x=xp, w=pack_weights(weights, direct.nr), out=out, **operands),
+         (0, 2 * 144), (0, 64), cache_dir)
+    error = np.abs(fast - expected).max()
+    assert error <= np.abs(out - expected).max()
+
+
+def test_lowering_gives_winograd_the_stride_1_3x3_layers_of_inference():
+    """In an inference schedule, every stride-1 3 x 3 convolution on a map of at least
+    MIN_MAP a side, of whole vectors of input channels, runs as Winograd tiles (all but the
+    stem's 3-channel one and the strided ones), and nothing else does."""
+    graph = lower(PRESETS / "seed_basic_small.toml", "infer", "float32").graph
+    program = CpuProgram(graph, make_entries(graph, "infer"), "float32", tune=False,
+                         generate_only=True)
+    lowered = {s.name: type(s.kernel) for s in program.schedule.kernel_steps}
+    expected = {}
+    for node in graph.nodes:
+        if node.op == "fused_conv2d":
+            k = graph.value(node.inputs[1]).shape[0]
+            h = graph.value(node.outputs[0]).shape[1]
+            cin = graph.value(node.inputs[0]).shape[-1]
+            takes = (k == 3 and node.attrs["stride"] == 1 and h >= winograd.MIN_MAP
+                     and cin % program.target.lanes("float32") == 0)
+            expected[node.name] = WinogradKernel if takes else ConvKernel
+    assert {n: lowered[n] for n in expected} == expected
+    assert set(expected.values()) == {WinogradKernel, ConvKernel}
