@@ -22,12 +22,13 @@ import rescompile as rc
 from rescompile.backends.cpu import CpuProgram, winograd
 from rescompile.backends.cpu.llvm.conv import ConvKernel
 from rescompile.backends.cpu.llvm.winograd import WinogradKernel, scratch_elements
-from rescompile.backends.cpu.target import host_target
+from rescompile.backends.cpu.llvm import jit
+from rescompile.backends.cpu.target import ISAS, generic_target, host_target
 from rescompile.backends.cpu.weights import pack_weights, transformed
 from rescompile.compiler import lower
 from rescompile.entries import make_entries
 from microkernels import (call, close, conv_reference, epilogue_reference, padded, strides)
-from test_cpu_microkernels import _operands
+from test_cpu_microkernels import RUNNABLE, _operands
 
 TOL = {"float32": 2e-6, "float64": 1e-12}
 PRESETS = Path(rc.__file__).parent / "presets"
@@ -105,6 +106,29 @@ def test_winograd_kernel_matches_numpy(case, dtype, cache_dir):
     assert close(out, expected) < TOL[dtype]
     if out2 is not None:
         assert close(second, expected2) < TOL[dtype]
+
+
+@pytest.mark.parametrize("target", RUNNABLE, ids=lambda t: t.isa)
+def test_every_runnable_instruction_set(target, cache_dir):
+    """Each variant this CPU can run (the host's, and narrower ones) computes the same layer:
+    an odd map, a residual add and a second output."""
+    kernel = WinogradKernel("float32", target, ("add",), ("affine", "relu"))
+    rng = np.random.default_rng(7)
+    x, weights, operands, scalars, expected, expected2 = _layer(
+        rng, 2, 9, 7, 2 * target.lanes("float32"), 21, "float32", ("add",), ("affine", "relu"))
+    tiles = 2 * winograd.tiles(9) * winograd.tiles(7)
+    out, out2 = _run(kernel, x, weights, operands, scalars, (0, tiles), (0, 21), cache_dir)
+    assert close(out, expected) < TOL["float32"] and close(out2, expected2) < TOL["float32"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_instruction_set_compiles(isa):
+    """Variants this CPU cannot run are still generated and compiled, with their registers."""
+    target = generic_target(isa)
+    assembly = jit.assembly(WinogradKernel("float32", target, ("bias_add", "relu")).ir(), target)
+    register = {"avx512": "zmm", "avx2": "ymm", "portable": "xmm"}[isa]
+    assert f"%{register}" in assembly
+    assert ("vfmadd" in assembly) == (isa != "portable")
 
 
 def test_a_call_covers_exactly_its_tiles_and_channels(cache_dir):
