@@ -21,7 +21,8 @@ from pathlib import Path
 import rescompile as rc
 from rescompile.backends.cpu import CpuProgram, winograd
 from rescompile.backends.cpu.llvm.conv import ConvKernel
-from rescompile.backends.cpu.llvm.winograd import WinogradKernel, scratch_elements
+from rescompile.backends.cpu.llvm.winograd import (WinogradInputKernel, WinogradKernel,
+                                                   scratch_elements)
 from rescompile.backends.cpu.llvm import jit
 from rescompile.backends.cpu.target import ISAS, generic_target, host_target
 from rescompile.backends.cpu.weights import pack_weights, transformed
@@ -129,6 +130,39 @@ def test_every_instruction_set_compiles(isa):
     register = {"avx512": "zmm", "avx2": "ymm", "portable": "xmm"}[isa]
     assert f"%{register}" in assembly
     assert ("vfmadd" in assembly) == (isa != "portable")
+
+
+def test_a_staged_transform_gives_the_same_bits(cache_dir):
+    """The input transform as a step of its own (`WinogradInputKernel`, then a `staged`
+    kernel reading its output) computes exactly what the kernel that transforms its own
+    tiles does, over calls of a few tiles each."""
+    lanes = host_target().lanes("float32")
+    rng = np.random.default_rng(8)
+    steps = ("bias_add", "add", "relu")
+    x, weights, operands, scalars, expected, _ = _layer(rng, 2, 9, 10, 2 * lanes, 40,
+                                                        "float32", steps, None)
+    n, h, w, cin = x.shape
+    th, tw = winograd.tiles(h), winograd.tiles(w)
+    whole, _ = _run(WinogradKernel("float32", host_target(), steps), x, weights, operands,
+                    scalars, (0, n * th * tw), (0, 40), cache_dir)
+    xp = padded(x, winograd.window_pads((h, w)))
+    staged_input = np.full((n, winograd.POINTS, th * tw, cin), np.nan, np.float32)
+    transform = WinogradInputKernel("float32", host_target())
+    fields = dict(cin=cin, tiles_h=th, tiles_w=tw, **strides("x", xp),
+                  **strides("out", staged_input))
+    for first in range(0, n * th * tw, 7):
+        call(transform, fields, dict(x=xp, out=staged_input),
+             (first, min(first + 7, n * th * tw)), (0, cin), cache_dir)
+    kernel = WinogradKernel("float32", host_target(), steps, staged=True)
+    out = np.full(expected.shape, np.nan, np.float32)
+    fields = dict(cin=cin, oh=h, ow=w, tiles_h=th, tiles_w=tw, **strides("x", staged_input),
+                  **strides("out", out), **strides("e1.other", out), **scalars)
+    scratch = np.full(scratch_elements(kernel.mr, kernel.nr, cin, staged=True), np.nan,
+                      np.float32)
+    pointers = dict(x=staged_input, w=pack_weights(transformed(weights, "winograd"), kernel.nr),
+                    out=out, scratch=scratch, **operands)
+    call(kernel, fields, pointers, (0, n * th * tw), (0, 40), cache_dir)
+    assert np.array_equal(out, whole) and close(out, expected) < TOL["float32"]
 
 
 def test_a_call_covers_exactly_its_tiles_and_channels(cache_dir):

@@ -14,12 +14,12 @@ from .llvm.amx import AmxConvKernel
 from .llvm.conv import ConvKernel
 from .llvm.epilogue import chain_of
 from .llvm.pixelwise import EltwiseKernel
-from .llvm.winograd import WinogradKernel, scratch_elements
+from .llvm.winograd import WinogradInputKernel, WinogradKernel, scratch_elements
 from .llvm.reduce import SlotSum, sum_kind
 from .steps import Slots, Step, TensorTypes, Use, image_shape
 from .target import DTYPE_BYTES, Target
-from .tuning import (AMX_TILE, PIXEL_SPLIT_MIN, REDUCE_CHUNK, conv_tile, panels_outer,
-                     widens)
+from .tuning import (AMX_TILE, PIXEL_SPLIT_MIN, REDUCE_CHUNK, STAGED_MIN_PANELS, conv_tile,
+                     panels_outer, widens)
 from . import winograd
 
 # How each way of multiplying reads its packed weights (`weights.pack_weights`).
@@ -99,11 +99,6 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     output."""
     h, w, cin = geometry.shape
     oh, ow = geometry.out_hw
-    plain = sums is None and not weights.transform and not types.precision.mixed
-    if winograd.applies(geometry.k, geometry.stride, geometry.pads, (oh, ow), cin,
-                        target.lanes(types.compute), plain):
-        return winograd_step(node, graph, types, target, x, weights, geometry, outputs, epi,
-                             out2, inputs)
     dot = conv_dot(types, target, x, cin)
     mr, nv = AMX_TILE if dot == "amx" else conv_tile(
         target, types.compute, geometry.cout, widens=widens(types.of(x), types.compute, dot))
@@ -132,33 +127,59 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     return step
 
 
-def winograd_step(node, graph, types: TensorTypes, target: Target, x: str, weights: Use,
-                  geometry: ConvGeometry, outputs, epi=(), out2=None, inputs=None) -> Step:
-    """A convolution as Winograd tiles (`winograd.applies`): `conv_step`'s arguments, its
-    "pixels" the tiles of 2 x 2 output pixels."""
+def takes_winograd(types: TensorTypes, target: Target, geometry: ConvGeometry) -> bool:
+    """Whether an inference convolution (no sums of its output, direct weights) runs as
+    Winograd tiles (`winograd.applies`): not where anything is stored narrower than computed."""
+    return winograd.applies(geometry.k, geometry.stride, geometry.pads, geometry.out_hw,
+                            geometry.shape[2], target.lanes(types.compute),
+                            not types.precision.mixed)
+
+
+def winograd_steps(node, graph, types: TensorTypes, target: Target, x: str, weights: str,
+                   geometry: ConvGeometry, outputs, epi=(), out2=None) -> list[Step]:
+    """A convolution as Winograd tiles (`takes_winograd`), its "pixels" the tiles of 2 x 2
+    output pixels: one kernel, or where the layer is cut by output channels (weights
+    outweighing the input: each call a few panels over every tile) into many panels
+    (`tuning.STAGED_MIN_PANELS`), the input transform as a step of its own first, so that it
+    runs once, not once per call."""
     h, w, cin = geometry.shape
     oh, ow = geometry.out_hw
-    mr, nv = conv_tile(target, types.compute, geometry.cout)
-    kernel = WinogradKernel(types.compute, target, chain_of(epi),
-                            None if out2 is None else chain_of(out2), mr, nv)
-    uses, tensors = output_uses(kernel, outputs)
-    uses.update(x=Use(x, "window", (1, 1)),
-                w=Use(weights.value, "packed", nr=kernel.nr, transform="winograd"),
-                scratch=Use(f"{node.name}:scratch", "scratch"))
-    tensors["x"] = x
     size = DTYPE_BYTES[types.compute]
-    weight_bytes = winograd.POINTS * cin * geometry.cout * size
-    fields = dict(cin=cin, oh=oh, ow=ow, tiles_h=winograd.tiles(oh), tiles_w=winograd.tiles(ow))
-    more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs), graph)
+    split = _split(winograd.POINTS * cin * geometry.cout * size, h * w * cin * size)
+    tiles = dict(tiles_h=winograd.tiles(oh), tiles_w=winograd.tiles(ow))
+    per_image = tiles["tiles_h"] * tiles["tiles_w"]
+    mr, nv = conv_tile(target, types.compute, geometry.cout)
+    panels = -(-geometry.cout // (nv * target.lanes(types.compute)))
+    staged = split == "channels" and panels >= STAGED_MIN_PANELS
+    steps, source = [], x
+    if staged:
+        source = f"{node.name}:winograd_input"
+        kernel = WinogradInputKernel(types.compute, target)
+        steps.append(Step(name=f"{node.name}/transform", op="winograd_input", kernel=kernel,
+                          uses={"x": Use(x, "window", (1, 1)), "out": Use(source)},
+                          tensors={"x": x, "out": source}, fields=dict(cin=cin, **tiles),
+                          pixels=per_image, channels=cin, channel_align=cin,
+                          split=pixel_split(per_image), pads={x: winograd.window_pads((oh, ow))},
+                          made={source: (winograd.POINTS, per_image, cin)}))
+    kernel = WinogradKernel(types.compute, target, chain_of(epi),
+                            None if out2 is None else chain_of(out2), mr, nv, staged=staged)
+    uses, tensors = output_uses(kernel, outputs)
+    uses.update(x=Use(source) if staged else Use(x, "window", (1, 1)),
+                w=Use(weights, "packed", nr=kernel.nr, transform="winograd"),
+                scratch=Use(f"{node.name}:scratch", "scratch"))
+    tensors["x"] = source
+    fields = dict(cin=cin, oh=oh, ow=ow, **tiles)
+    more = chain_arguments(kernel, (epi, out2), list(node.inputs), graph)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
-    return Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
-                fields=fields, pixels=fields["tiles_h"] * fields["tiles_w"],
-                channels=geometry.cout, pixel_align=mr, channel_align=kernel.nr,
-                split=_split(weight_bytes, h * w * cin * size),
-                flops=2.0 * oh * ow * geometry.cout * geometry.k ** 2 * cin,
-                pads={x: winograd.window_pads((oh, ow))},
-                scratch=scratch_elements(mr, kernel.nr, cin) * size, map_pixels=oh * ow)
+    steps.append(Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
+                      fields=fields, pixels=per_image, channels=geometry.cout, pixel_align=mr,
+                      channel_align=kernel.nr, split=split,
+                      flops=2.0 * oh * ow * geometry.cout * geometry.k ** 2 * cin,
+                      pads={} if staged else {x: winograd.window_pads((oh, ow))},
+                      scratch=scratch_elements(mr, kernel.nr, cin, staged) * size,
+                      map_pixels=oh * ow))
+    return steps
 
 
 def _add_sums(step: Step, sums: Sums) -> None:

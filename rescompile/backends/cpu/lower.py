@@ -24,7 +24,8 @@ from ...ops.fused_train import GRAD_HALVES
 from ...ops.registry import get, kind_of
 from ...padding import pads_2d
 from .kernel_steps import (ConvGeometry, Sums, chain_arguments, conv_step, copy_step,
-                           eltwise_step, pixel_split, pixel_step, slot_sum, with_sums)
+                           eltwise_step, pixel_split, pixel_step, slot_sum, takes_winograd,
+                           winograd_steps, with_sums)
 from .llvm.epilogue import RULES, chain_of
 from .llvm.exchange import LINK_VALUE, RankExchange
 from .llvm.pixelwise import (MaxPoolGradKernel, MaxPoolKernel, MeanGradKernel, MeanKernel,
@@ -47,6 +48,9 @@ def _conv(node, graph, target, types):
                             pads_2d(h, wd, k, attrs["stride"], attrs["padding"]))
     outputs = list(node.outputs)
     sums = Sums(MOMENTS, f"{node.name}:stats") if attrs.get("stats") else None
+    if sums is None and takes_winograd(types, target, geometry):
+        return winograd_steps(node, graph, types, target, x, w, geometry, outputs,
+                              attrs.get("epilogue", ()), attrs.get("out2"))
     made = outputs[:-2] if sums else outputs
     conv = conv_step(node, graph, types, target, x, Use(w), geometry, made,
                      attrs.get("epilogue", ()), attrs.get("out2"), sums)

@@ -20,6 +20,12 @@ three stages of one register tile in L1 and L2, never in memory-sized buffers:
             output        A^T M A of each tile's 16 products: its 2 x 2 output pixels, each
                           through the epilogue and stored, as the direct kernel stores a row
 
+A layer cut by output channels into many panels (`tuning.STAGED_MIN_PANELS`: weights that
+outweigh the input, each call a panel or two over every tile) would transform every tile in
+every call; there the input transform is a kernel of its own (`WinogradInputKernel`), run
+once over the threads into a tensor of 16 rows (the points) of tiles, and a `staged` kernel
+reads its rows from that tensor instead: the same values, so the same bits.
+
 An odd map's last tiles overhang it: their windows read one more row and column of zero
 border (`winograd.window_pads`) and the outputs past the map are not stored. The transforms
 are generated from their matrices: each output of one is a sum over the matrix row's
@@ -29,12 +35,13 @@ rows or its panel, so every output is the same bits whichever thread computes it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 
 from . import abi
 from .conv import ConvEmitter, ConvKernel
-from .emit import new_module
+from ..target import Target
+from .emit import Vectors, new_module
 from .pixels import TRUE, PixelWalk, next_pixel, offset
 from ..winograd import INPUT_TRANSFORM, OUTPUT_TRANSFORM, POINTS, TILE, WINDOW
 
@@ -56,15 +63,73 @@ def combine(f, coefficients, values, name: str):
     return total
 
 
-def scratch_elements(mr: int, nr: int, cin: int) -> int:
-    """Scratch a thread needs: the transformed inputs of MR tiles, the products of a panel."""
-    return POINTS * mr * (cin + nr)
+def transform_window(f, load, store, name: str) -> None:
+    """B^T d B of one tile's 4 x 4 window, a vector of channels: load(i, j) reads the window's
+    input (i, j), store(point, value) takes each of the 16 transformed values."""
+    window = [[load(i, j) for j in range(WINDOW)] for i in range(WINDOW)]
+    columns = [[combine(f, INPUT_TRANSFORM[a], [row[j] for row in window], f"t{name}_{a}{j}")
+                for j in range(WINDOW)] for a in range(WINDOW)]
+    for a, c in product(range(WINDOW), repeat=2):
+        store(a * WINDOW + c, combine(f, INPUT_TRANSFORM[c], columns[a], f"v{name}_{a}{c}"))
+
+
+def scratch_elements(mr: int, nr: int, cin: int, staged: bool = False) -> int:
+    """Scratch a thread needs: the products of MR tiles by a panel, and unless `staged` the
+    transformed inputs of those tiles."""
+    return POINTS * mr * (nr + (0 if staged else cin))
+
+
+@dataclass(frozen=True)
+class WinogradInputKernel(Vectors):
+    """The input transform alone, for a `staged` Winograd kernel: each tile's 16 transformed
+    vectors of channels into `out`, an image of 16 rows (the points) of tiles_h * tiles_w
+    pixels (the tiles) of cin channels. A call covers tiles [p_begin, p_end)."""
+    dtype: str
+    target: Target
+    storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
+
+    @property
+    def symbol(self) -> str:
+        return f"winograd_input_{self.dtype}_{self.target.isa}{self.storage_tag()}"
+
+    @property
+    def signature(self) -> abi.Signature:
+        return (abi.sizes("cin", "tiles_h", "tiles_w") + abi.strides("x", "out")
+                + abi.stored(self, "x") + abi.stored(self, "out", written=True))
+
+    def ir(self) -> str:
+        module = new_module(self.symbol)
+        f = abi.new_function(module, self.symbol, self.dtype, self.lanes, self.target.fma)
+        b = f.b
+        b.comment(f"{self.symbol}: B^T d B of each tile's 4 x 4 window, into 16 rows of tiles")
+        v, ptr = abi.load_arguments(f, self.signature)
+        per_image = b.mul(v["tiles_h"], v["tiles_w"], name="tiles_per_image")
+        with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p") as p:
+            n, t = b.udiv(p, per_image, name="n"), b.urem(p, per_image, name="tile")
+            ty, tx = b.udiv(t, v["tiles_w"], name="ty"), b.urem(t, v["tiles_w"], name="tx")
+            origin = offset(f, v, "x", n, b.mul(ty, f.i64(TILE)), b.mul(tx, f.i64(TILE)),
+                            name="window")
+            out = b.add(b.mul(n, v["out.image"]), b.mul(t, v["out.pixel"]), name="out.tile")
+            with f.loop(0, v["cin"], self.lanes, "ci") as ci:
+                def load(i, j):
+                    at = b.add(b.add(b.mul(f.i64(i), v["x.row"]), b.mul(f.i64(j), v["x.pixel"])),
+                               b.add(origin, ci))
+                    return f.vload(f.element(ptr["x"], at), name=f"d{i}{j}")
+
+                def store(point, value):
+                    at = b.add(b.add(out, b.mul(f.i64(point), v["out.row"])), ci)
+                    f.vstore(value, f.element(ptr["out"], at))
+                transform_window(f, load, store, "")
+        f.finish()
+        return str(module)
 
 
 @dataclass(frozen=True)
 class WinogradKernel(ConvKernel):
     """What one compiled Winograd kernel computes: MR tiles by NR channels, with the direct
-    kernel's epilogue chains; every size and stride is a run-time value."""
+    kernel's epilogue chains; every size and stride is a run-time value. `staged`: x is the
+    transformed input (`WinogradInputKernel`'s), not the input."""
+    staged: bool = field(default=False, kw_only=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,7 +139,8 @@ class WinogradKernel(ConvKernel):
 
     @property
     def symbol(self) -> str:
-        return (f"winograd_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}_"
+        staged = "_staged" if self.staged else ""
+        return (f"winograd{staged}_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}_"
                 f"{self.chain_name('plain')}{self.storage_tag()}")
 
     @property
@@ -101,13 +167,17 @@ class WinogradEmitter(ConvEmitter):
         b.comment("arguments: sizes, strides (in elements) and scalars; pointers by role")
         self.v, self.ptr = abi.load_arguments(f, k.signature)
         v = self.v
-        b.comment("scratch: inputs[point][row][cin], then products[point][row][nr]")
-        self.inputs = self.ptr["scratch"]
-        self.products = f.element(self.inputs, b.mul(f.i64(POINTS * k.mr), v["cin"]),
-                                  name="products")
-        self.window = [[b.add(b.mul(f.i64(i), v["x.row"]), b.mul(f.i64(j), v["x.pixel"]),
-                              name=f"window{i}{j}") for j in range(WINDOW)]
-                       for i in range(WINDOW)]
+        if k.staged:
+            b.comment("scratch: products[point][row][nr]")
+            self.products = self.ptr["scratch"]
+        else:
+            b.comment("scratch: inputs[point][row][cin], then products[point][row][nr]")
+            self.inputs = self.ptr["scratch"]
+            self.products = f.element(self.inputs, b.mul(f.i64(POINTS * k.mr), v["cin"]),
+                                      name="products")
+            self.window = [[b.add(b.mul(f.i64(i), v["x.row"]), b.mul(f.i64(j), v["x.pixel"]),
+                                  name=f"window{i}{j}") for j in range(WINDOW)]
+                           for i in range(WINDOW)]
         self.tiles()
         f.finish()
 
@@ -119,23 +189,30 @@ class WinogradEmitter(ConvEmitter):
             rows = b.sub(p_end, p, name="rows_left")
             self.tile_origins(rows)
             self.output_pixels()
-            self.transform_inputs()
+            if not k.staged:
+                self.transform_inputs()
             with f.loop(f.args["c_begin"], f.args["c_end"], k.nr, "c") as c:
                 self.multiply(c)
                 self.store_tile(None, c, rows)
 
     def tile_origins(self, rows) -> None:
-        """Per row m: its tile's (n, tile row, tile column) and window origin. Rows past the
-        last tile repeat it; the next register tile starts at the tile after row MR-1."""
+        """Per row m: its tile's (n, tile row, tile column) and where x holds it: its window's
+        origin, or (staged) its transformed input's first point. Rows past the last tile
+        repeat it; the next register tile starts at the tile after row MR-1."""
         f, b, k, v = self.f, self.b, self.k, self.v
-        b.comment(f"{k.mr} tiles from p: window origins")
+        b.comment(f"{k.mr} tiles from p: where x holds them")
         n, ty, tx = self.walk.position()
         last = b.sub(rows, f.i64(1), name="last_row")
         self.tile_at, self.x_rows = [], []
         for m in range(k.mr):
             self.tile_at.append((n, ty, tx))
-            origin = offset(f, v, "x", n, b.mul(ty, f.i64(TILE)), b.mul(tx, f.i64(TILE)),
-                            name=f"x_row{m}.at")
+            if k.staged:
+                tile = b.add(b.mul(ty, v["tiles_w"]), tx, name=f"tile{m}")
+                origin = b.add(b.mul(n, v["x.image"]), b.mul(tile, v["x.pixel"]),
+                               name=f"x_row{m}.at")
+            else:
+                origin = offset(f, v, "x", n, b.mul(ty, f.i64(TILE)), b.mul(tx, f.i64(TILE)),
+                                name=f"x_row{m}.at")
             self.x_rows.append(f.element(self.ptr["x"], origin, name=f"x_row{m}"))
             if m + 1 < k.mr:
                 n, ty, tx = next_pixel(f, v["tiles_h"], v["tiles_w"], n, ty, tx,
@@ -148,18 +225,14 @@ class WinogradEmitter(ConvEmitter):
                   "time")
         with f.loop(0, v["cin"], k.lanes, "ci") as ci:
             for m in range(k.mr):
-                window = [[f.vload(f.element(self.x_rows[m], b.add(self.window[i][j], ci)),
-                                   name=f"d{m}_{i}{j}") for j in range(WINDOW)]
-                          for i in range(WINDOW)]
-                columns = [[combine(f, INPUT_TRANSFORM[a], [row[j] for row in window],
-                                    f"t{m}_{a}{j}") for j in range(WINDOW)]
-                           for a in range(WINDOW)]
-                for a, c in product(range(WINDOW), repeat=2):
-                    value = combine(f, INPUT_TRANSFORM[c], columns[a],
-                                    f"v{m}_{a}{c}")
-                    row = (a * WINDOW + c) * k.mr + m
-                    f.vstore(value, f.element(self.inputs, b.add(b.mul(f.i64(row), v["cin"]),
-                                                                 ci)))
+                def load(i, j, m=m):
+                    return f.vload(f.element(self.x_rows[m], b.add(self.window[i][j], ci)),
+                                   name=f"d{m}_{i}{j}")
+
+                def store(point, value, m=m):
+                    row = b.mul(f.i64(point * k.mr + m), v["cin"])
+                    f.vstore(value, f.element(self.inputs, b.add(row, ci)))
+                transform_window(f, load, store, str(m))
 
     def multiply(self, c) -> None:
         """products[point] = inputs[point] x the point's weights, for the panel from c."""
@@ -171,8 +244,8 @@ class WinogradEmitter(ConvEmitter):
             w_start = f.element(self.ptr["w"], b.add(panel, b.mul(point, b.mul(cin, f.i64(k.nr)))))
             w_ptr = f.slot(w_start.type, "w_at", w_start)
             first = b.mul(point, f.i64(k.mr), name="point_rows")
-            a_ptr = [f.slot(self.inputs.type, f"a{m}_at", f.element(
-                self.inputs, b.mul(b.add(first, f.i64(m)), cin))) for m in range(k.mr)]
+            a_ptr = [f.slot(self.x_rows[m].type, f"a{m}_at", self.point_row(point, first, m))
+                     for m in range(k.mr)]
             acc = [[f.slot(f.vector, f"acc{m}_{j}", f.vconst(0.0)) for j in range(k.nv)]
                    for m in range(k.mr)]
             with f.loop(0, cin, 1, "kc"):
@@ -182,6 +255,15 @@ class WinogradEmitter(ConvEmitter):
             for m, j in product(range(k.mr), range(k.nv)):
                 at = b.add(b.mul(b.add(first, f.i64(m)), f.i64(k.nr)), f.i64(j * k.lanes))
                 f.vstore(f.get(acc[m][j]), f.element(self.products, at))
+
+    def point_row(self, point, first, m: int):
+        """Where row m's transformed inputs of `point` start: in x (staged), or in the
+        scratch's inputs[point][row]."""
+        f, b, v = self.f, self.b, self.v
+        if self.k.staged:
+            return f.element(self.x_rows[m], b.mul(point, v["x.row"]), name=f"a{m}_start")
+        return f.element(self.inputs, b.mul(b.add(first, f.i64(m)), v["cin"]),
+                         name=f"a{m}_start")
 
     def epilogue(self, acc, c, rows, width) -> None:
         """Row by row: the tile's 2 x 2 output pixels, A^T M A of its products, each through
