@@ -89,27 +89,34 @@ def resnet164():
 
 def test_resnet164_schedule_structure(resnet164):
     """163 fused convs and 3 projections, one pad copy of the images, the pool and the dense
-    head: 169 kernel calls per image, from 10 distinct micro-kernels (8 where a vector holds
-    fewer than 16 channels), the 3x3 layers' Winograd tiles among them."""
+    head: 169 kernel calls per image (and on 8-lane vectors 18 staged input transforms), from
+    10 distinct micro-kernels, the 3x3 layers' Winograd tiles among them."""
     schedule = resnet164.program.schedule
     ops = [s.op for s in schedule.steps]
-    assert len(ops) == 169
+    lanes = resnet164.program.target.lanes("float32")
+    assert ops.count("winograd_input") == (18 if lanes <= 8 else 0)
+    assert len(ops) == 169 + ops.count("winograd_input")
     assert (ops.count("fused_conv2d"), ops.count("conv2d"), ops.count("copy")) == (163, 3, 1)
     assert ops[-2:] == ["global_avg_pool", "dense"]
-    # the first stage's 16-channel layers take a tile one vector wide where a vector holds 16
-    one = (1 if resnet164.program.target.lanes("float32") >= 16 else 2,)
+    # the first stage's 16-channel layers take a tile one vector wide where a vector holds 16,
+    # the dense head's 10 classes where it holds 10; a 3x3 layer of 4 or more panels (64
+    # channels in 8-lane vectors) transforms its input in a kernel of its own
+    one, head = (1 if lanes >= 16 else 2,), (1 if lanes >= 10 else 2,)
     kernels = {(type(k).__name__, getattr(k, "epilogue", ()), getattr(k, "out2", None))
-               + ((k.nv,) if hasattr(k, "nv") else ()) for k in resnet164.program.kernels}
+               + tuple(getattr(k, field) for field in ("nv", "staged") if hasattr(k, field))
+               for k in resnet164.program.kernels}
+    staged = {("WinogradInputKernel", (), None),
+              ("WinogradKernel", ("bias_add", "relu"), None, 2, True)} if lanes <= 8 else set()
     assert kernels == {("ConvKernel", ("bias_add", "relu"), None, 2),  # conv1
                        ("ConvKernel", ("bias_add", "relu"), None) + one,  # stage 1's, stem
-                       ("WinogradKernel", ("bias_add", "relu"), None, 2),  # conv2
-                       ("WinogradKernel", ("bias_add", "relu"), None) + one,  # stage 1's
+                       ("WinogradKernel", ("bias_add", "relu"), None, 2, False),  # conv2
+                       ("WinogradKernel", ("bias_add", "relu"), None) + one + (False,),
                        ("ConvKernel", ("add",), ("affine", "relu"), 2),  # conv3 + next BN-ReLU
                        ("ConvKernel", ("add", "affine", "relu"), None, 2),  # last + final BN
                        ("ConvKernel", (), None, 2),  # projections
-                       ("ConvKernel", ("bias_add",), None, 1),  # the dense head: 10 classes
+                       ("ConvKernel", ("bias_add",), None) + head,  # the dense head
                        ("EltwiseKernel", (), None),  # the images into a padded buffer
-                       ("MeanKernel", (), None)}
+                       ("MeanKernel", (), None)} | staged
     assert len(resnet164.program.kernels) == len(kernels)
     assert [s.images for s in schedule.segments] == [1]
 
