@@ -97,7 +97,8 @@ def _layout(kernel) -> str:
 
 
 def _packed(weights, kernel):
-    return pack_weights(weights, kernel.nr, None, kernel.weight_type, _layout(kernel), BF16)
+    return pack_weights(round_bf16(weights), kernel.nr, None, kernel.weight_type,
+                        _layout(kernel))
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])

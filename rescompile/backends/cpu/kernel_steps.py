@@ -127,12 +127,13 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     return step
 
 
-def takes_winograd(types: TensorTypes, target: Target, geometry: ConvGeometry) -> bool:
-    """Whether an inference convolution (no sums of its output, direct weights) runs as
-    Winograd tiles (`winograd.applies`): not where anything is stored narrower than computed."""
+def takes_winograd(types: TensorTypes, target: Target, x: str, geometry: ConvGeometry) -> bool:
+    """Whether an inference convolution (no sums of its output, direct weights) of `x` runs as
+    Winograd tiles (`winograd.applies`): where the direct kernel would multiply by fused
+    multiply-adds (not pairs of bfloat16 on vdpbf16ps or AMX, whose rate is twice and more)."""
     return winograd.applies(geometry.k, geometry.stride, geometry.pads, geometry.out_hw,
                             geometry.shape[2], target.lanes(types.compute),
-                            not types.precision.mixed)
+                            conv_dot(types, target, x, geometry.shape[2]) == "fma")
 
 
 def winograd_steps(node, graph, types: TensorTypes, target: Target, x: str, weights: str,

@@ -48,7 +48,7 @@ def _conv(node, graph, target, types):
                             pads_2d(h, wd, k, attrs["stride"], attrs["padding"]))
     outputs = list(node.outputs)
     sums = Sums(MOMENTS, f"{node.name}:stats") if attrs.get("stats") else None
-    if sums is None and takes_winograd(types, target, geometry):
+    if sums is None and takes_winograd(types, target, x, geometry):
         return winograd_steps(node, graph, types, target, x, w, geometry, outputs,
                               attrs.get("epilogue", ()), attrs.get("out2"))
     made = outputs[:-2] if sums else outputs

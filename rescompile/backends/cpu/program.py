@@ -201,9 +201,10 @@ class CpuProgram:
         have = self._packed.get(use)
         if have is None or have[0] is not source:
             out = have[1] if have is not None else None
+            read = self.types.precision.round(source, self.types.weights)  # as multiplied
             self._packed[use] = (source, pack_weights(
-                transformed(source, use.transform), use.nr, out, self.types.packed(use),
-                use.layout, self.types.weights))
+                transformed(read, use.transform), use.nr, out, self.types.packed(use),
+                use.layout))
         return self._packed[use][1]
 
     def packed_bytes(self, use) -> int:

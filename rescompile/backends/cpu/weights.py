@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...precision import BFLOAT16, numpy_dtype, round_bf16
+from ...precision import numpy_dtype
 from .arena import aligned_empty
 from .winograd import WINDOW, transform_weights
 
@@ -46,14 +46,12 @@ def packed_elements(shape, nr: int, layout: str = "", transform: str = "") -> in
 
 
 def pack_weights(w: np.ndarray, nr: int, out: np.ndarray | None = None, dtype: str | None = None,
-                 layout: str = "", rounded: str | None = None) -> np.ndarray:
+                 layout: str = "") -> np.ndarray:
     """HWIO (or [C, K]) weights in `layout` for panels of `nr` output channels, as `dtype`
-    (default: w's), their values rounded to `rounded` (bfloat16 values held in float32 for an
-    FMA kernel), zero-padded past the last output channel, on a cache-line boundary (the
-    kernel's aligned loads need it)."""
+    (default: w's), zero-padded past the last output channel, on a cache-line boundary (the
+    kernel's aligned loads need it). A bfloat16 model's weights come rounded to bfloat16
+    already (and then transformed: a Winograd kernel's are float32 sums of bfloat16 values)."""
     kind = numpy_dtype(dtype) if dtype else w.dtype
-    if rounded == BFLOAT16 and kind != numpy_dtype(BFLOAT16):
-        w = round_bf16(w)
     if w.ndim == 2:
         w = w.reshape(1, 1, *w.shape)
     kh, kw, cin, cout = w.shape

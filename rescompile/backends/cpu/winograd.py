@@ -12,7 +12,8 @@ writes that as, per pair of input and output channels,
 
 so after the transforms a tile costs 16 products per channel pair instead of 36: 16 matrix
 products, one per point of the 4 x 4 transformed grid, of the tiles' transformed inputs by
-the transformed weights (U = G g G^T, made once per weight load, `weights.py`). That is 2.25x
+the transformed weights (U = G g G^T, made once per weight load, `weights.py`, from the
+weights as the kernels read them: rounded to bfloat16 first in a bfloat16 model). That is 2.25x
 fewer multiply-adds; the transforms are additions only (B and A hold 0 and +-1), and the
 weight transform's halves are exact in binary.
 
@@ -58,13 +59,14 @@ def tiles(pixels: int) -> int:
     return -(-pixels // TILE)
 
 
-def applies(k: int, stride: int, pads, out_hw, cin: int, lanes: int, plain: bool) -> bool:
+def applies(k: int, stride: int, pads, out_hw, cin: int, lanes: int, fma: bool) -> bool:
     """Whether a convolution runs as Winograd tiles: 3 x 3, stride 1, padded 1 on every side
     (output maps the size of the input's), a map at least MIN_MAP a side, whole vectors of
-    input channels (the input transform runs a vector of them at a time), and `plain`: an
-    inference convolution of unmixed precision (no sums of its output, nothing stored
-    narrower than it computes)."""
-    return (plain and k == 3 and stride == 1 and tuple(pads) == (1, 1, 1, 1)
+    input channels (the input transform runs a vector of them at a time), and `fma`: its
+    direct kernel would multiply by fused multiply-adds in the compute type (the transforms
+    and the products are float32 or float64; a bfloat16 model's are float32 sums of its
+    bfloat16 activations and weights, rounded to bfloat16 as stored)."""
+    return (fma and k == 3 and stride == 1 and tuple(pads) == (1, 1, 1, 1)
             and min(out_hw) >= MIN_MAP and cin % lanes == 0)
 
 

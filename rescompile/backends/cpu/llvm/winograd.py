@@ -244,8 +244,8 @@ class WinogradEmitter(ConvEmitter):
             w_start = f.element(self.ptr["w"], b.add(panel, b.mul(point, b.mul(cin, f.i64(k.nr)))))
             w_ptr = f.slot(w_start.type, "w_at", w_start)
             first = b.mul(point, f.i64(k.mr), name="point_rows")
-            a_ptr = [f.slot(self.x_rows[m].type, f"a{m}_at", self.point_row(point, first, m))
-                     for m in range(k.mr)]
+            starts = [self.point_row(point, first, m) for m in range(k.mr)]
+            a_ptr = [f.slot(start.type, f"a{m}_at", start) for m, start in enumerate(starts)]
             acc = [[f.slot(f.vector, f"acc{m}_{j}", f.vconst(0.0)) for j in range(k.nv)]
                    for m in range(k.mr)]
             with f.loop(0, cin, 1, "kc"):
