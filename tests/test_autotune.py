@@ -12,9 +12,10 @@ import rescompile as rc
 from rescompile.backends.cpu.autotune import candidates
 from rescompile.backends.cpu.llvm.conv import ConvKernel
 from rescompile.backends.cpu.llvm.wgrad import WgradKernel
+from rescompile.backends.cpu.llvm.winograd import WinogradKernel
 from rescompile.backends.cpu.target import generic_target
 from rescompile.backends.cpu.tuning import POINTER_ROWS, WIDENING_REGISTERS, conv_tile
-from conftest import tiny_spec
+from conftest import random_bn_state, tiny_spec
 
 # 64 output channels: a layer that admits more than one tile on every instruction set.
 WIDE = tiny_spec(stem_filters=16, stages=[{"filters": 64, "units": 1, "stride": 1}],
@@ -76,14 +77,7 @@ def test_tuning_changes_no_number(tmp_path, dtype):
     dtype: the cached choices are set to the widest candidate of every layer that has
     several, the weight gradients' included (bfloat16: their inputs widened in the k loop,
     their rows left the widening's registers)."""
-    program = compiled(tmp_path, mode="train", dtype=dtype).program
-    lanes = program.target.lanes("float32")
-    doc = json.loads(program.tuner.path.read_text())
-    for choice in doc["choices"][dtype].values():
-        mr, nr = max((tuple(map(int, tile.split("x"))) for tile in choice["gflops"]),
-                     key=lambda tile: tile[1])
-        choice["tile"] = [mr, nr // lanes]
-    program.tuner.path.write_text(json.dumps(doc))
+    choose_the_widest(compiled(tmp_path, mode="train", dtype=dtype).program, dtype)
     rng = np.random.default_rng(0)
     images, labels = rng.standard_normal((3, *WIDE.model.input)), rng.integers(0, 5, 3)
     results = []
@@ -102,6 +96,37 @@ def test_tuning_changes_no_number(tmp_path, dtype):
     np.testing.assert_array_equal(logits_a, logits_b)
     for name, value in state_a.items():
         np.testing.assert_array_equal(value, state_b[name], err_msg=name)
+
+
+def choose_the_widest(program, dtype: str) -> None:
+    """Set the cached choice of every layer that has several tiles to its widest."""
+    lanes = program.target.lanes("float32")
+    doc = json.loads(program.tuner.path.read_text())
+    for choice in doc["choices"][dtype].values():
+        mr, nr = max((tuple(map(int, tile.split("x"))) for tile in choice["gflops"]),
+                     key=lambda tile: tile[1])
+        choice["tile"] = [mr, nr // lanes]
+    program.tuner.path.write_text(json.dumps(doc))
+
+
+def test_a_winograd_tile_changes_no_number(tmp_path):
+    """Winograd layers (3x3, 64 channels on 8 x 8 maps) are measured like any conv, and with
+    their widest tile give the same logits as with the derived one."""
+    spec = tiny_spec(stem_filters=64, unit="basic", activate_before_residual=[True],
+                     stages=[{"filters": 64, "units": 1, "stride": 1}])
+    first = rc.compile(spec, mode="infer", backend="cpu", tune=True, cache_dir=tmp_path)
+    choose_the_widest(first.program, "float32")
+    images = np.random.default_rng(1).standard_normal((2, *spec.model.input))
+    runs = []
+    for tune in (True, False):
+        exe = rc.compile(spec, mode="infer", backend="cpu", tune=tune, cache_dir=tmp_path)
+        exe.load_params(random_bn_state(exe))
+        tiles = {s.name: (s.kernel.mr, s.kernel.nv) for s in exe.program.schedule.kernel_steps
+                 if isinstance(s.kernel, WinogradKernel)}
+        runs.append((tiles, exe.forward(images)))
+    (tiles_a, logits_a), (tiles_b, logits_b) = runs
+    assert tiles_a and tiles_a != tiles_b
+    np.testing.assert_array_equal(logits_a, logits_b)
 
 
 def test_tuning_off_measures_nothing(tmp_path):

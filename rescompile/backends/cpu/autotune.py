@@ -37,12 +37,13 @@ from ...precision import ITEMSIZE, numpy_dtype
 from .arena import Layout, aligned_empty
 from .llvm.conv import ConvKernel
 from .llvm.wgrad import WgradKernel
-from .llvm.winograd import WinogradKernel
+from .llvm.winograd import WinogradKernel, scratch_elements
 from .steps import Step
 from .target import cache_bytes
 from .tuning import (MIN_TILE_ROWS, PIXELS_PER_ITEM, POINTER_ROWS, WGRAD_GROUPS, conv_tile,
                      tile_rows)
-from .weights import pack_weights
+from .weights import pack_weights, transformed
+from .winograd import WEIGHT_TAPS
 
 _CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
@@ -109,8 +110,6 @@ class Tuner:
             return derived, "derived (its rows group the sums it makes)"
         if getattr(kernel, "dot", None) == "amx":
             return derived, "derived (AMX tiles)"
-        if isinstance(kernel, WinogradKernel):
-            return derived, "derived (Winograd tiles)"
         if len(tiles) == 1:
             return derived, "derived (the only tile that fits its channels)"
         if not self.measure:
@@ -188,8 +187,12 @@ def retiled(step: Step, mr: int, nv: int) -> Step:
         return dataclasses.replace(step, kernel=kernel, channel_align=kernel.nr,
                                    groups=min(-(-step.channels // kernel.nr), WGRAD_GROUPS))
     uses = dict(step.uses, w=dataclasses.replace(step.uses["w"], nr=kernel.nr))
+    scratch = step.scratch
+    if isinstance(kernel, WinogradKernel):  # a Winograd tile's scratch grows with the tile
+        scratch = scratch_elements(mr, kernel.nr, step.fields["cin"], kernel.staged) \
+            * ITEMSIZE[kernel.dtype]
     return dataclasses.replace(step, kernel=kernel, uses=uses, pixel_align=mr,
-                               channel_align=kernel.nr)
+                               channel_align=kernel.nr, scratch=scratch)
 
 
 def _panel_order(step: Step) -> str:
@@ -233,9 +236,12 @@ def _arguments(step: Step, layouts, images: int):
     for pointer in step.kernel.signature.pointers:
         use, kind, start = step.uses[pointer.role], numpy_dtype(pointer.dtype), 0
         if use.how == "packed":
-            cin, k = values["cin"], values["kh"]
-            array = pack_weights(rng.standard_normal((k, k, cin, step.channels)), use.nr,
+            k = WEIGHT_TAPS if "winograd" in use.transform else values["kh"]
+            weights = rng.standard_normal((k, k, values["cin"], step.channels))
+            array = pack_weights(transformed(weights, use.transform), use.nr,
                                  dtype=pointer.dtype, layout=use.layout)
+        elif use.how == "scratch":
+            array = np.zeros(step.scratch // kind.itemsize, kind)
         elif use.value in step.slots:  # a reduction's float64 slots
             array = np.zeros(step.slots[use.value].slot_bytes // 8)
         elif pointer.role in step.tensors:  # where the arena would point: data, or window

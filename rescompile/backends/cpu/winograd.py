@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import numpy as np
 
+WEIGHT_TAPS = 3  # the kernel's side: F(2 x 2, 3 x 3)
 TILE = 2  # output pixels per side of a tile
-WINDOW = 4  # input pixels per side of a tile's window: TILE + 3 - 1
+WINDOW = TILE + WEIGHT_TAPS - 1  # input pixels per side of a tile's window
 POINTS = WINDOW * WINDOW  # products per tile and channel pair
 
 # B^T (input), G (weights) and A^T (output) of F(2, 3); F(2 x 2, 3 x 3) nests each twice.
@@ -66,7 +67,7 @@ def applies(k: int, stride: int, pads, out_hw, cin: int, lanes: int, fma: bool) 
     direct kernel would multiply by fused multiply-adds in the compute type (the transforms
     and the products are float32 or float64; a bfloat16 model's are float32 sums of its
     bfloat16 activations and weights, rounded to bfloat16 as stored)."""
-    return (fma and k == 3 and stride == 1 and tuple(pads) == (1, 1, 1, 1)
+    return (fma and k == WEIGHT_TAPS and stride == 1 and tuple(pads) == (1, 1, 1, 1)
             and min(out_hw) >= MIN_MAP and cin % lanes == 0)
 
 
