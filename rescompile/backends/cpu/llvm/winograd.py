@@ -38,12 +38,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import product
 
+from ..target import Target
+from ..winograd import INPUT_TRANSFORM, OUTPUT_TRANSFORM, POINTS, TILE, WINDOW
 from . import abi
 from .conv import ConvEmitter, ConvKernel
-from ..target import Target
 from .emit import Vectors, new_module
 from .pixels import TRUE, PixelWalk, next_pixel, offset
-from ..winograd import INPUT_TRANSFORM, OUTPUT_TRANSFORM, POINTS, TILE, WINDOW
 
 GEOMETRY = abi.sizes("cin", "oh", "ow", "tiles_h", "tiles_w")
 
@@ -241,7 +241,8 @@ class WinogradEmitter(ConvEmitter):
         cin = v["cin"]
         panel = b.mul(c, b.mul(f.i64(POINTS), cin), name="panel_offset")  # (c / NR) 16 cin NR
         with f.loop(0, POINTS, 1, "point") as point:
-            w_start = f.element(self.ptr["w"], b.add(panel, b.mul(point, b.mul(cin, f.i64(k.nr)))))
+            point_offset = b.mul(point, b.mul(cin, f.i64(k.nr)), name="point_offset")
+            w_start = f.element(self.ptr["w"], b.add(panel, point_offset))
             w_ptr = f.slot(w_start.type, "w_at", w_start)
             first = b.mul(point, f.i64(k.mr), name="point_rows")
             starts = [self.point_row(point, first, m) for m in range(k.mr)]
