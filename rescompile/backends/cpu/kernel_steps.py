@@ -14,7 +14,7 @@ from .llvm.amx import AmxConvKernel
 from .llvm.conv import ConvKernel
 from .llvm.epilogue import chain_of
 from .llvm.pixelwise import EltwiseKernel
-from .llvm.winograd import WinogradInputKernel, WinogradKernel, scratch_elements
+from .llvm.winograd import WinogradInputKernel, WinogradKernel
 from .llvm.reduce import SlotSum, sum_kind
 from .steps import Slots, Step, TensorTypes, Use, image_shape
 from .target import DTYPE_BYTES, Target
@@ -178,7 +178,7 @@ def winograd_steps(node, graph, types: TensorTypes, target: Target, x: str, weig
                       channel_align=kernel.nr, split=split,
                       flops=2.0 * oh * ow * geometry.cout * geometry.k ** 2 * cin,
                       pads={} if staged else {x: winograd.window_pads((oh, ow))},
-                      scratch=scratch_elements(mr, kernel.nr, cin, staged) * size,
+                      scratch=kernel.scratch_bytes(cin),
                       map_pixels=oh * ow))
     return steps
 

@@ -98,8 +98,7 @@ class Schedule:
         placed = ", ".join(f"{v} [{self._placement(v)}]" for v in s.outputs)
         tiles = f" ({s.pixels} tiles)" if s.map_pixels else ""
         return (f"{s.name}: {s.kernel.symbol} {s.output_pixels}px{tiles} x {s.channels}ch, "
-                f"split by "
-                f"{s.split} -> {placed}")
+                f"split by {s.split} -> {placed}")
 
 
 def build_schedule(graph, entry, target, types: TensorTypes, tuner=None) -> Schedule:

@@ -159,7 +159,12 @@ class ConvKernel(epilogue.Chained, Tiled):
     def signature(self) -> abi.Signature:
         """Geometry, the input (window origin), the packed weights, the outputs, the epilogue
         chains' operands and scalars, and the sums' operands, scalars and slots."""
-        signature = (GEOMETRY + abi.strides("x", *self.outputs, *self.sum_against)
+        return GEOMETRY + self.tensors_signature()
+
+    def tensors_signature(self) -> abi.Signature:
+        """Every argument but the geometry: the input, the packed weights, the outputs, the
+        epilogue chains' operands and scalars, and the sums' operands, scalars and slots."""
+        signature = (abi.strides("x", *self.outputs, *self.sum_against)
                      + abi.stored(self, "x", "w") + abi.stored(self, *self.outputs, written=True))
         for chain in self.chains:
             signature += chain.signature(self)

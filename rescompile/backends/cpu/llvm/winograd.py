@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import product
 
-from ..target import Target
+from ..target import DTYPE_BYTES, Target
 from ..winograd import INPUT_TRANSFORM, OUTPUT_TRANSFORM, POINTS, TILE, WINDOW
 from . import abi
 from .conv import ConvEmitter, ConvKernel
@@ -73,6 +73,14 @@ def transform_window(f, load, store, name: str) -> None:
         store(a * WINDOW + c, combine(f, INPUT_TRANSFORM[c], columns[a], f"v{name}_{a}{c}"))
 
 
+def window_offsets(f, v: dict) -> list:
+    """The element offsets of a tile's 4 x 4 window from its origin in x (`v`: the kernel's
+    fields), [i][j] for window row i and column j."""
+    b = f.b
+    return [[b.add(b.mul(f.i64(i), v["x.row"]), b.mul(f.i64(j), v["x.pixel"]),
+                   name=f"window{i}{j}") for j in range(WINDOW)] for i in range(WINDOW)]
+
+
 def scratch_elements(mr: int, nr: int, cin: int, staged: bool = False) -> int:
     """Scratch a thread needs: the products of MR tiles by a panel, and unless `staged` the
     transformed inputs of those tiles."""
@@ -104,6 +112,7 @@ class WinogradInputKernel(Vectors):
         b.comment(f"{self.symbol}: B^T d B of each tile's 4 x 4 window, into 16 rows of tiles")
         v, ptr = abi.load_arguments(f, self.signature)
         per_image = b.mul(v["tiles_h"], v["tiles_w"], name="tiles_per_image")
+        window = window_offsets(f, v)
         with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p") as p:
             n, t = b.udiv(p, per_image, name="n"), b.urem(p, per_image, name="tile")
             ty, tx = b.udiv(t, v["tiles_w"], name="ty"), b.urem(t, v["tiles_w"], name="tx")
@@ -112,8 +121,7 @@ class WinogradInputKernel(Vectors):
             out = b.add(b.mul(n, v["out.image"]), b.mul(t, v["out.pixel"]), name="out.tile")
             with f.loop(0, v["cin"], self.lanes, "ci") as ci:
                 def load(i, j):
-                    at = b.add(b.add(b.mul(f.i64(i), v["x.row"]), b.mul(f.i64(j), v["x.pixel"])),
-                               b.add(origin, ci))
+                    at = b.add(window[i][j], b.add(origin, ci))
                     return f.vload(f.element(ptr["x"], at), name=f"d{i}{j}")
 
                 def store(point, value):
@@ -145,13 +153,14 @@ class WinogradKernel(ConvKernel):
 
     @property
     def signature(self) -> abi.Signature:
-        """Geometry, the input (window origin), the transformed weights, the outputs, the
-        epilogue chains' operands and scalars, and the thread's scratch."""
-        signature = (GEOMETRY + abi.strides("x", *self.outputs) + abi.stored(self, "x", "w")
-                     + abi.stored(self, *self.outputs, written=True))
-        for chain in self.chains:
-            signature += chain.signature(self)
-        return signature + abi.pointers(self.dtype, "scratch")
+        """Geometry, the direct kernel's tensors (`ConvKernel.tensors_signature`: x the
+        window origin or the staged input, the weights transformed), and the thread's
+        scratch."""
+        return GEOMETRY + self.tensors_signature() + abi.pointers(self.dtype, "scratch")
+
+    def scratch_bytes(self, cin: int) -> int:
+        """The per-thread scratch this tile needs on `cin` input channels."""
+        return scratch_elements(self.mr, self.nr, cin, self.staged) * DTYPE_BYTES[self.dtype]
 
     def ir(self) -> str:
         module = new_module(self.symbol)
@@ -175,9 +184,7 @@ class WinogradEmitter(ConvEmitter):
             self.inputs = self.ptr["scratch"]
             self.products = f.element(self.inputs, b.mul(f.i64(POINTS * k.mr), v["cin"]),
                                       name="products")
-            self.window = [[b.add(b.mul(f.i64(i), v["x.row"]), b.mul(f.i64(j), v["x.pixel"]),
-                                  name=f"window{i}{j}") for j in range(WINDOW)]
-                           for i in range(WINDOW)]
+            self.window = window_offsets(f, v)
         self.tiles()
         f.finish()
 
