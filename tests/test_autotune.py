@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 import rescompile as rc
+from rescompile.backends.cpu import autotune
 from rescompile.backends.cpu.autotune import candidates
 from rescompile.backends.cpu.llvm.conv import ConvKernel
 from rescompile.backends.cpu.llvm.wgrad import WgradKernel
 from rescompile.backends.cpu.llvm.winograd import WinogradKernel
 from rescompile.backends.cpu.target import generic_target
-from rescompile.backends.cpu.tuning import POINTER_ROWS, WIDENING_REGISTERS, conv_tile
+from rescompile.backends.cpu.tuning import (EMPTY_ROWS, MIN_TILE_ROWS, POINTER_ROWS,
+                                            WIDENING_REGISTERS, conv_tile)
 from conftest import random_bn_state, tiny_spec
 
 # 64 output channels: a layer that admits more than one tile on every instruction set.
@@ -60,6 +62,20 @@ def test_choices_of_another_cpu_are_never_read(tmp_path):
     again = compiled(tmp_path)
     assert again.program.tuner.measured == first.program.tuner.measured
     assert (1, 1) not in tiles(again).values()
+
+
+def test_choices_an_older_tuner_made_are_measured_again(tmp_path):
+    first = compiled(tmp_path)
+    path = first.program.tuner.path
+    doc = json.loads(path.read_text())
+    doc["format"] = autotune.FORMAT - 1
+    doc["choices"]["float32"] = {key: {"tile": [1, 1], "gflops": {}}
+                                 for key in doc["choices"]["float32"]}
+    path.write_text(json.dumps(doc))
+    again = compiled(tmp_path)
+    assert again.program.tuner.measured == first.program.tuner.measured
+    assert (1, 1) not in tiles(again).values()
+    assert json.loads(path.read_text())["format"] == autotune.FORMAT
 
 
 def test_an_unreadable_choice_file_is_measured_again_with_a_warning(tmp_path):
@@ -165,3 +181,24 @@ def test_every_width_is_also_tried_with_its_row_pointers_in_registers(isa):
         assert tiles[0] == conv_tile(target, "float32", channels)
         for width in {nv for _, nv in tiles}:
             assert min(mr for mr, nv in tiles if nv == width) <= POINTER_ROWS, (channels, width)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_a_small_map_takes_rows_that_divide_its_pixels(isa):
+    """Where the widest rows would leave more than EMPTY_ROWS of the tiles over an image's
+    pixels empty (16 Winograd tiles of a 7 x 7 or 8 x 8 map on AVX-512's 14 rows: 12 of
+    28), the derived tile (the tuner's first candidate) takes the most rows that divide the
+    pixels; a map they cover well keeps them (49 pixels on 14 rows: 7 empty of 56)."""
+    target = generic_target(isa)
+    widest = conv_tile(target, "float32", 512)[0]
+    for pixels in (1, 4, 16, 36, 49, 64, 3136):
+        mr, _ = conv_tile(target, "float32", 512, pixels=pixels)
+        computed = -(-pixels // widest) * widest
+        if (computed - pixels) / computed <= EMPTY_ROWS or pixels < MIN_TILE_ROWS:
+            assert mr == widest, pixels
+        else:
+            assert pixels % mr == 0 and mr >= MIN_TILE_ROWS, pixels
+            assert not any(pixels % rows == 0 for rows in range(mr + 1, widest)), pixels
+        assert candidates(target, "float32", 512, pixels=pixels)[0] == (mr, 2)
+    assert conv_tile(generic_target("avx512"), "float32", 512, pixels=16)[0] == 8
+    assert conv_tile(generic_target("avx512"), "float32", 512, pixels=49)[0] == 14

@@ -40,7 +40,7 @@ from .llvm.wgrad import WgradKernel
 from .llvm.winograd import WinogradKernel
 from .steps import Step
 from .target import cache_bytes
-from .tuning import (MIN_TILE_ROWS, PIXELS_PER_ITEM, POINTER_ROWS, WGRAD_GROUPS, conv_tile,
+from .tuning import (MIN_TILE_ROWS, POINTER_ROWS, WGRAD_GROUPS, conv_tile, images_per_item,
                      tile_rows)
 from .weights import pack_weights, transformed
 from .winograd import WEIGHT_TAPS
@@ -48,6 +48,10 @@ from .winograd import WEIGHT_TAPS
 _CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 MAX_VECTORS = 4  # the widest tile tried: 4 vectors of channels
+# What the choices in a file were measured on. A file of another format holds choices an
+# older tuner made (format 1 timed a small map's layers on calls of more images than the
+# schedule gives them), so its layers are measured again.
+FORMAT = 2
 TIMED_CALLS = 5  # the best of these is a candidate's time
 
 
@@ -57,18 +61,19 @@ def tuning_enabled(tune: bool | None) -> bool:
 
 
 def candidates(target, dtype: str, channels: int, depth: int | None = None,
-               widens: bool = False) -> list[tuple[int, int]]:
+               widens: bool = False, pixels: int | None = None) -> list[tuple[int, int]]:
     """The tiles worth trying for `channels` output channels: the derived one, and 2 to
     MAX_VECTORS vectors wide where the channels fill that many vectors, each with the most
-    rows it allows, with rows that divide a weight gradient's `depth`, and with no more rows
-    than leave their pointers in registers (POINTER_ROWS); a kernel that `widens` its
-    broadcast input leaves it its registers in every one."""
-    tiles = [conv_tile(target, dtype, channels, depth, widens)]
+    rows it allows, with rows that divide a weight gradient's `depth` or a conv's `pixels`
+    an image (`tuning.tile_rows`), and with no more rows than leave their pointers in
+    registers (POINTER_ROWS); a kernel that `widens` its broadcast input leaves it its
+    registers in every one."""
+    tiles = [conv_tile(target, dtype, channels, depth, widens, pixels)]
     widths = [tiles[0][1]] + [nv for nv in range(2, MAX_VECTORS + 1)
                               if nv * target.lanes(dtype) <= channels]
     for nv in widths:
         rows = tile_rows(target, nv, widens=widens)
-        tiles += [(rows, nv), (tile_rows(target, nv, depth, widens), nv),
+        tiles += [(rows, nv), (tile_rows(target, nv, depth, widens, pixels), nv),
                   (min(rows, POINTER_ROWS), nv)]
     return list(dict.fromkeys(tile for tile in tiles if tile[0] >= MIN_TILE_ROWS))
 
@@ -102,9 +107,10 @@ class Tuner:
 
     def _choose(self, step: Step, layouts) -> tuple[tuple[int, int], str]:
         kernel = step.kernel
-        depth = step.fields["kh"] * step.fields["kw"] * step.fields["cin"] \
-            if isinstance(kernel, WgradKernel) else None
-        tiles = candidates(self.target, self.dtype, step.channels, depth, kernel.widens)
+        wgrad = isinstance(kernel, WgradKernel)
+        depth = step.fields["kh"] * step.fields["kw"] * step.fields["cin"] if wgrad else None
+        tiles = candidates(self.target, self.dtype, step.channels, depth, kernel.widens,
+                           None if wgrad else step.pixels)
         derived = (kernel.mr, kernel.nv)
         if getattr(kernel, "sums", None) is not None:
             return derived, "derived (its rows group the sums it makes)"
@@ -129,7 +135,8 @@ class Tuner:
 
     # -- the cache of choices -----------------------------------------------------------------
     def _cached(self) -> dict:
-        """This dtype's choices from the cache file (an unreadable file: none, and a warning)."""
+        """This dtype's choices from the cache file (an unreadable file: none, and a warning;
+        one of another FORMAT: none)."""
         if self._choices is None:
             self._choices = {}
             try:
@@ -138,9 +145,9 @@ class Tuner:
                 return self._choices
             try:
                 doc = json.loads(text)
-                self._choices = _valid(doc["choices"][self.dtype] if self.dtype in
-                                       doc["choices"] else {})
-            except (ValueError, KeyError, TypeError) as exc:
+                if doc.get("format") == FORMAT and self.dtype in doc["choices"]:
+                    self._choices = _valid(doc["choices"][self.dtype])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 warnings.warn(f"{self.path}: tuning choices unreadable ({exc}); measuring "
                               f"again", RuntimeWarning, stacklevel=2)
         return self._choices
@@ -148,9 +155,10 @@ class Tuner:
     def _store(self) -> None:
         try:
             doc = json.loads(self.path.read_text())
-            doc["choices"] = dict(doc["choices"])
-        except (OSError, ValueError, KeyError, TypeError):
+            doc["choices"] = dict(doc["choices"]) if doc.get("format") == FORMAT else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             doc = {"target": dataclasses.asdict(self.target), "choices": {}}
+        doc["format"] = FORMAT
         doc["choices"][self.dtype] = self._choices
         try:
             write_cache_file(cache_root(self.cache_dir), f"tuning/{self.path.name}",
@@ -160,12 +168,22 @@ class Tuner:
 
     # -- measuring ----------------------------------------------------------------------------
     def _gflops(self, step: Step, layouts) -> float:
-        """The step's kernel on one work item of random data (a reduction's: one chunk), its
-        best of TIMED_CALLS."""
+        """The step's kernel on random data, its best of TIMED_CALLS: on one work item (a
+        reduction's: one chunk) and, where a work item is several images, on one image too
+        (batch 1's calls), the rate over both."""
         self.measured += 1
-        work = step.fixed_chunk or PIXELS_PER_ITEM
-        images = max(1, -(-work // step.pixels))
-        pixels = min(images * step.pixels, step.fixed_chunk or images * step.pixels)
+        if step.fixed_chunk:
+            sizes = [-(-step.fixed_chunk // step.pixels)]
+        else:
+            sizes = sorted({1, images_per_item(step.output_pixels)})
+        seconds = flops = 0.0
+        for images in sizes:
+            pixels = min(images * step.pixels, step.fixed_chunk or images * step.pixels)
+            seconds += self._best(step, layouts, images, pixels)
+            flops += step.flops * pixels / step.pixels
+        return flops / seconds / 1e9
+
+    def _best(self, step: Step, layouts, images: int, pixels: int) -> float:
         consts, pointers, keep = _arguments(step, layouts, images)
         call = _CALL(self.address(step.kernel))
         args = (consts.ctypes.data, pointers.ctypes.data, 0, pixels, 0, step.channels)
@@ -176,7 +194,7 @@ class Tuner:
             call(*args)
             best = min(best, time.perf_counter() - start)
         del keep
-        return step.flops * pixels / step.pixels / best / 1e9
+        return best
 
 
 def retiled(step: Step, mr: int, nv: int) -> Step:

@@ -101,7 +101,8 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     oh, ow = geometry.out_hw
     dot = conv_dot(types, target, x, cin)
     mr, nv = AMX_TILE if dot == "amx" else conv_tile(
-        target, types.compute, geometry.cout, widens=widens(types.of(x), types.compute, dot))
+        target, types.compute, geometry.cout, widens=widens(types.of(x), types.compute, dot),
+        pixels=oh * ow)
     kernel = (AmxConvKernel if dot == "amx" else ConvKernel)(
         types.compute, target, chain_of(epi), None if out2 is None else chain_of(out2), mr, nv,
         sums=sums and sums.op, dot=dot)
@@ -149,7 +150,7 @@ def winograd_steps(node, graph, types: TensorTypes, target: Target, x: str, weig
     split = _split(winograd.POINTS * cin * geometry.cout * size, h * w * cin * size)
     tiles = dict(tiles_h=winograd.tiles(oh), tiles_w=winograd.tiles(ow))
     per_image = tiles["tiles_h"] * tiles["tiles_w"]
-    mr, nv = conv_tile(target, types.compute, geometry.cout)
+    mr, nv = conv_tile(target, types.compute, geometry.cout, pixels=per_image)
     panels = -(-geometry.cout // (nv * target.lanes(types.compute)))
     staged = split == "channels" and panels >= STAGED_MIN_PANELS
     steps, source = [], x

@@ -41,7 +41,7 @@ from .arena import Layout
 from .kernel_steps import copy_step
 from .lower import lower_node
 from .steps import HostStep, Slots, Step, TensorTypes, batched, image_shape, tensor_types
-from .tuning import PIXELS_PER_ITEM
+from .tuning import images_per_item
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def _images_per_item(step: Step) -> int | None:
     op = OPS.get(step.op)  # a step of the backend's own ("copy", "slot_sum") has none
     if op is None or op.kind != "conv":
         return None
-    return max(1, math.ceil(PIXELS_PER_ITEM / step.output_pixels))
+    return images_per_item(step.output_pixels)
 
 
 def _segments(steps: list[Step]) -> tuple[list[Segment], list[tuple[str, str]]]:

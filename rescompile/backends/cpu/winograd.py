@@ -40,11 +40,12 @@ INPUT_TRANSFORM = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 WEIGHT_TRANSFORM = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 OUTPUT_TRANSFORM = ((1, 1, 1, 0), (0, 1, -1, -1))
 
-# The smallest output map (per side) that takes Winograd: on a 7 x 7 map, 16 tiles cover 64
-# pixels for 49 (30% of the products wasted), and the transformed weights, 16/9 of the
-# direct kernel's, are read once per image at batch 1, where such a layer waits on memory:
-# ResNet-18's 7 x 7, 512-channel layers ran 1.02-1.07x the direct kernel's speed (Zen 5).
-MIN_MAP = 8
+# The smallest output map (per side) that takes Winograd. On a 7 x 7 map 16 tiles cover 64
+# pixels for 49, and the transformed weights, 16/9 of the direct kernel's, are read once per
+# image at batch 1; still ResNet-18's 7 x 7, 512-channel layers ran 1.35-1.4x the direct
+# kernel's speed on tiles of 8 rows (`tuning.EMPTY_ROWS`; Zen 5). Smaller maps, whose
+# weights weigh more still against their pixels, were not measured.
+MIN_MAP = 7
 
 
 def transform_weights(w: np.ndarray) -> np.ndarray:
