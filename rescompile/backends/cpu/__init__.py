@@ -3,7 +3,9 @@ and run by one Numba function (`driver.py`), for inference and training alike.""
 
 import numba
 
-# NUMBA-NOTES: OpenMP threads and OpenBLAS threads fight on 2 cores; workqueue does not.
+# The driver runs on its own pool (`pool.py`), sized by Numba's thread count, whose query
+# starts the threading layer's threads: workqueue's sleep, where OpenMP's would spin against
+# OpenBLAS's (NUMBA-NOTES).
 numba.config.THREADING_LAYER = "workqueue"
 
 from .lower import supports  # noqa: E402

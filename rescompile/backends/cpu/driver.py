@@ -19,8 +19,9 @@ Calling step s on images [n0, n0 + g) by thread t resolves each operand to
 n0, weights with neither), writes the addresses into the thread's own pointer block and calls
 the kernel, `fn(consts, pointers, p_begin, p_end, c_begin, c_end)`, through its address.
 
-One parallel region runs everything, one iteration per thread (on one thread, `run_alone` runs
-it on the calling thread):
+Every thread of a run runs `_thread`: the calling thread, and the other threads of a `pool.py`
+pool, which `serve` the runs the caller posts in a job table (on one thread, `run_alone` runs
+it on the calling thread alone):
 - depth first: images [0, n_items) go through each segment of the program in work items of the
   segment's `images`; a thread takes the next item from an atomic counter until none is left,
   so a core that runs slower (a shared machine) simply takes fewer. In inference an image
@@ -39,12 +40,12 @@ The driver is shape-generic: every model, depth and batch runs this one compiled
 (plus the micro-kernels it calls), so nothing here is compiled per layer. The program tables
 are arrays, so Numba's on-disk cache keeps the compiled driver valid across processes.
 
-Threads: Numba's workqueue layer aborts the whole process when two Python threads enter a
-parallel region at once ("Concurrent access has been detected"). Every entry goes through
-`run`, which holds one process-wide lock for the region: executables used from several
-threads take turns inside the driver (each call uses every core anyway), and everything
-around it (input checks, host steps, other backends) still runs concurrently. Uncontended,
-the lock costs about 0.1 us a call.
+Threads: a pool has one job table, so every entry goes through `run`, which holds one
+process-wide lock for the run: executables used from several threads take turns inside the
+driver (each call uses every core anyway), and everything around it (input checks, host
+steps, other backends) still runs concurrently. Uncontended, the lock costs about 0.1 us a
+call. (Numba's own parallel region, which this replaced, cost 90-120 us a call back to back
+and 200-300 us after an idle gap, its threads asleep between calls.)
 """
 
 from __future__ import annotations
@@ -54,11 +55,14 @@ import threading
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...kernel_cache import repairing_numba_cache
+from .pool import (ARRAY_WORDS, JOB_ARRAYS, JOB_BARRIER, JOB_BEGIN, JOB_END, JOB_ITEMS,
+                   JOB_SHARED, JOB_START, JOB_THREADS, job_table)
+from .llvm.sync import SPINS_BEFORE_SLEEP, SPINS_BETWEEN_CALLS
 
 # steps columns
 (FN, CONSTS, OPS_BEGIN, OPS_END, PIXELS, CHANNELS, PIXEL_ALIGN, CHANNEL_ALIGN, SPLIT,
@@ -94,15 +98,26 @@ def _call_kernel(typingctx, fn, consts, pointers, p_begin, p_end, c_begin, c_end
 
 
 @intrinsic
-def _call_barrier(typingctx, fn, state, threads):
-    sig = types.void(types.int64, types.int64, types.int64)
+def _call_barrier(typingctx, fn, state, threads, spins):
+    sig = types.void(types.int64, types.int64, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
-        address, state_address, count = args
-        fnty = ir.FunctionType(ir.VoidType(), [_I64.as_pointer(), _I64])
+        address, state_address, count, patience = args
+        fnty = ir.FunctionType(ir.VoidType(), [_I64.as_pointer(), _I64, _I64])
         callee = builder.inttoptr(address, fnty.as_pointer())
-        builder.call(callee, [builder.inttoptr(state_address, _I64.as_pointer()), count])
+        builder.call(callee, [builder.inttoptr(state_address, _I64.as_pointer()), count,
+                              patience])
         return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _words(typingctx, address):
+    """The int64 words at `address`, as a pointer carray can view."""
+    sig = types.CPointer(types.int64)(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], _I64.as_pointer())
     return sig, codegen
 
 
@@ -170,30 +185,70 @@ def _run_step(steps, s, operands, consts_at, pointers, t, n0, p_begin, p_end, c_
 def _wait(barrier, barrier_at, threads, t, s, profile):
     if profile.shape[0] > 0:
         start = _cycles()
-    _call_barrier(barrier, barrier_at, threads)
+    _call_barrier(barrier, barrier_at, threads, SPINS_BEFORE_SLEEP)
     if profile.shape[0] > 0:
         profile[t, s, WAIT_CYCLES] += _cycles() - start
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def run_program(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
-                shared_begin, shared_end, threads, barrier, barrier_state, profile):
-    """Run the depth-first segments on images [0, n_items), then the shared steps
-    [shared_begin, shared_end) on the next n_shared images (see the module's design note).
-    `counters` holds a counter per segment, then one per shared step."""
-    for t in prange(threads):
-        _thread(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
-                shared_begin, shared_end, threads, barrier, barrier_state, profile, t)
+@njit(cache=True, nogil=True)
+def serve(job, t):
+    """Pool thread t's life: wait at the job table's start barrier for a run (spinning long
+    first: calls come back to back), run its part, again."""
+    while True:
+        _start(job)
+        _part(job, t)
+
+
+@njit(cache=True, nogil=True)
+def lead(job):
+    """The calling thread's part of a run posted in `job`: release the pool, run thread 0."""
+    _start(job)
+    _part(job, 0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _start(job):
+    _call_barrier(job[JOB_BARRIER], _address(job) + 8 * JOB_START, job[JOB_THREADS],
+                  SPINS_BETWEEN_CALLS)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _part(job, t):
+    """Thread t's part of the run in `job`, then a barrier: no thread leaves a run (the
+    caller least of all) before every thread is done with it."""
+    threads, barrier = job[JOB_THREADS], job[JOB_BARRIER]
+    state = _array(job, 6)
+    _thread(_array2(job, 0), _array2(job, 1), _array2(job, 2), _array(job, 3),
+            _array2(job, 4), _array(job, 5), job[JOB_ITEMS], job[JOB_SHARED], job[JOB_BEGIN],
+            job[JOB_END], threads, barrier, state, _array3(job, 7), t)
+    _call_barrier(barrier, _address(state), threads, SPINS_BEFORE_SLEEP)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _array(job, i):
+    at = JOB_ARRAYS + ARRAY_WORDS * i
+    return carray(_words(job[at]), (job[at + 1],))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _array2(job, i):
+    at = JOB_ARRAYS + ARRAY_WORDS * i
+    return carray(_words(job[at]), (job[at + 1], job[at + 2]))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _array3(job, i):
+    at = JOB_ARRAYS + ARRAY_WORDS * i
+    return carray(_words(job[at]), (job[at + 1], job[at + 2], job[at + 3]))
 
 
 @njit(cache=True, nogil=True)
 def run_alone(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
               shared_begin, shared_end, threads, barrier, barrier_state, profile):
-    """`run_program` on one thread, the caller's: a parallel region of one thread hands the
-    work to a pool thread, which the OS may wake on another core than the one whose caches
-    hold what the host steps between runs just wrote (measured when a synchronised train
-    step still ran as hundreds of runs: 1,311 ms a step at batch 64 through the region,
-    1,114 ms on the calling thread)."""
+    """A run on one thread, the caller's, with no pool: a pool thread may run on another
+    core than the one whose caches hold what the host steps between runs just wrote
+    (measured when a synchronised train step still ran as hundreds of runs: 1,311 ms a step
+    at batch 64 through a parallel region of one thread, 1,114 ms on the calling thread)."""
     _thread(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
             shared_begin, shared_end, 1, barrier, barrier_state, profile, 0)
 
@@ -270,11 +325,22 @@ def _piece(steps, s, pixels, c, pieces, groups):
 
 def run(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
         shared_begin, shared_end, threads, barrier, barrier_state, profile) -> None:
-    """`run_program`, or `run_alone` on one thread; one thread of the process at a time."""
-    function = run_alone if threads == 1 else run_program
+    """A run on `threads` threads: the caller's and a pool's (`pool.py`), or `run_alone`
+    on one; one thread of the process at a time."""
     with _entry:
-        function(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
-                 shared_begin, shared_end, threads, barrier, barrier_state, profile)
+        if threads == 1:
+            run_alone(steps, segments, operands, consts, scratch, counters, n_items,
+                      n_shared, shared_begin, shared_end, 1, barrier, barrier_state, profile)
+            return
+        job = job_table(threads, barrier, serve)
+        job[[JOB_ITEMS, JOB_SHARED, JOB_BEGIN, JOB_END]] = (n_items, n_shared, shared_begin,
+                                                            shared_end)
+        arrays = (steps, segments, operands, consts, scratch, counters, barrier_state, profile)
+        for i, array in enumerate(arrays):
+            at = JOB_ARRAYS + ARRAY_WORDS * i
+            job[at] = array.ctypes.data
+            job[at + 1:at + 1 + array.ndim] = array.shape
+        lead(job)
 
 
 def warm_up() -> None:
@@ -284,8 +350,7 @@ def warm_up() -> None:
     empty = (steps, np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64), np.zeros(1, np.int64),
              np.zeros((1, POINTER_BLOCK), np.int64), np.zeros(COUNTER_STRIDE, np.int64),
              0, 0, 0, 0, 1, 0, np.zeros(16, np.int64), empty_profile())
-    repairing_numba_cache(compiled_functions(),
-                          lambda: (run_program(*empty), run_alone(*empty)))
+    repairing_numba_cache(compiled_functions(), lambda: (run_alone(*empty), _compile_pool()))
 
 
 def empty_profile() -> np.ndarray:
@@ -298,5 +363,12 @@ def threads() -> int:
 
 def compiled_functions() -> list:
     """The Numba dispatchers this module compiles (for the tests that pin their number)."""
-    return [_chunk, _resolve, _run_step, _wait, _pieces, _piece, _thread, run_program,
-            run_alone]
+    return [_chunk, _resolve, _run_step, _wait, _pieces, _piece, _thread, _start, _part,
+            _array, _array2, _array3, serve, lead, run_alone]
+
+
+def _compile_pool() -> None:
+    """Compile (or load) the pool's functions without running them: `serve` never returns."""
+    job = types.Array(types.int64, 1, "C")
+    serve.compile((job, types.int64))
+    lead.compile((job,))

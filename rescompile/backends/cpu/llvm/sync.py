@@ -28,7 +28,12 @@ from .emit import I32, I64, VOID, new_module
 
 SYMBOL = "rescompile_barrier"
 STATE_WORDS = 24  # arrived at word 0, generation at 8, sleepers at 16: a cache line each
+# Pauses a waiter spins before it sleeps (a pause is about 30 ns on Zen 5): between the
+# layers of a call, about 60 us; between calls, where a pool thread waits for the next one
+# (`pool.py`), about 1.5 ms, so that calls made back to back never wait for a sleeping
+# thread to be woken (on a VM whose idle vCPUs halt, a wake-up took 100-300 us).
 SPINS_BEFORE_SLEEP = 2000
+SPINS_BETWEEN_CALLS = 50_000
 SYS_FUTEX = 202  # x86-64
 FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 128, 129
 SLEEP_NS = 1_000_000  # the longest one sleep lasts before it looks again
@@ -36,23 +41,24 @@ SLEEP_NS = 1_000_000  # the longest one sleep lasts before it looks again
 
 @dataclass(frozen=True)
 class Barrier:
-    """`rescompile_barrier(state, threads)`: returns once `threads` threads have called it
-    on the same `state` (STATE_WORDS words, zeroed once)."""
+    """`rescompile_barrier(state, threads, spins)`: returns once `threads` threads have called
+    it on the same `state` (STATE_WORDS words, zeroed once); a waiter spins `spins` times
+    before it sleeps."""
     target: Target
     symbol = SYMBOL
 
     def ir(self) -> str:
         module = new_module(SYMBOL)
-        fn = ir.Function(module, ir.FunctionType(VOID, [I64.as_pointer(), I64]), SYMBOL)
-        state, threads = fn.args
-        state.name, threads.name = "state", "threads"
-        _Emitter(module, fn, state, threads).emit()
+        fn = ir.Function(module, ir.FunctionType(VOID, [I64.as_pointer(), I64, I64]), SYMBOL)
+        state, threads, spins = fn.args
+        state.name, threads.name, spins.name = "state", "threads", "spins"
+        _Emitter(module, fn, state, threads, spins).emit()
         return str(module)
 
 
 class _Emitter:
-    def __init__(self, module, fn, state, threads):
-        self.fn, self.state, self.threads = fn, state, threads
+    def __init__(self, module, fn, state, threads, spins):
+        self.fn, self.state, self.threads, self.spins = fn, state, threads, spins
         self.pause = ir.Function(module, ir.FunctionType(VOID, []), "llvm.x86.sse2.pause")
         self.syscall = ir.Function(module, ir.FunctionType(I64, [I64], var_arg=True),
                                    "syscall")
@@ -87,7 +93,7 @@ class _Emitter:
         b.ret_void()
 
     def wait(self, generation, sleepers, seen, done) -> None:
-        """Spin until the generation moves; past SPINS_BEFORE_SLEEP checks, sleep between
+        """Spin until the generation moves; past `spins` checks, sleep between
         them, counted in `sleepers` so that the last thread knows to wake them."""
         b, entry = self.b, self.b.block
         spin, relax, sleep = (self.fn.append_basic_block(n) for n in ("spin", "relax", "sleep"))
@@ -99,7 +105,7 @@ class _Emitter:
         b.cbranch(b.icmp_signed("!=", now, seen, name="released"), done, relax)
 
         b.position_at_end(relax)
-        patient = b.icmp_signed("<", spins, ir.Constant(I64, SPINS_BEFORE_SLEEP), name="patient")
+        patient = b.icmp_signed("<", spins, self.spins, name="patient")
         with b.if_else(patient) as (short, long):
             with short:
                 b.call(self.pause, [])

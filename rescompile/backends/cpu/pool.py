@@ -1,0 +1,54 @@
+"""The threads that run the driver's calls beside the calling thread.
+
+Design note
+-----------
+A run on T threads is the calling thread and T - 1 threads of a pool, made once per process
+and thread count. Each pool thread lives in the driver's `serve`: it waits at a barrier in
+the pool's job table, runs its part of the run the caller wrote there (the arrays' addresses
+and sizes, the run's scalars: `driver.run`), and meets the others at the run's end. The
+caller joins that barrier to start a run, so a run costs no thread a wake-up while calls come
+back to back: a waiting pool thread spins about 1.5 ms before it sleeps
+(`sync.SPINS_BETWEEN_CALLS`), the time a caller takes between calls, and is woken by the
+caller only after that. Numba's parallel region, which this replaced, put its threads to
+sleep after each call and woke them with the next, 90-120 us a call back to back and 200-300
+us after an idle gap on a VM whose idle vCPUs halt (Zen 5, 2 cores); ResNet-18 at batch 1
+ran 10-35% slower alone in a process than beside another framework's spinning thread pool.
+
+The pool threads are daemons: they hold no Python state and sleep between bursts of calls.
+A forked child has none of its parent's threads, so it starts its own pools.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+# The job table's words: the run's scalars, then each array's address and 3 sizes, then the
+# state of the barrier at which the pool's threads wait for a run, whose words (8 apart)
+# never share a cache line.
+(JOB_THREADS, JOB_BARRIER, JOB_ITEMS, JOB_SHARED, JOB_BEGIN, JOB_END) = range(6)
+JOB_ARRAYS = 8  # steps, segments, operands, consts, scratch, counters, barrier state, profile
+ARRAY_WORDS = 4
+JOB_START = 40
+JOB_WORDS = 64
+
+_pools: dict[int, np.ndarray] = {}  # thread count -> that pool's job table
+
+
+def job_table(threads: int, barrier: int, serve) -> np.ndarray:
+    """The job table of the pool for runs on `threads` threads, whose threads meet at
+    `barrier` (a barrier kernel's address: kept for the process) and run `serve(job, t)`
+    (the driver's), started at the first run."""
+    if threads not in _pools:
+        job = np.zeros(JOB_WORDS, np.int64)
+        job[JOB_THREADS], job[JOB_BARRIER] = threads, barrier
+        for t in range(1, threads):
+            threading.Thread(target=serve, args=(job, t), name=f"rescompile-{t}",
+                             daemon=True).start()
+        _pools[threads] = job
+    return _pools[threads]
+
+
+os.register_at_fork(after_in_child=_pools.clear)
