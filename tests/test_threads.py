@@ -1,22 +1,26 @@
 """Executables used from several Python threads (a thread-pool server, say): concurrent calls
-give the bits serial calls give, lose no update, and never abort the process.
+give the bits serial calls give, lose no update, and never hang the process; the CPU
+driver's thread pool is made once, and a forked child makes its own.
 
-Numba's workqueue layer aborts the process (SIGABRT) on a second concurrent entry into a
-parallel region, so the forward test runs in a subprocess: without the driver's lock it fails
-as a test instead of taking pytest down. (The train-step test runs in this process: without
-the executable's lock it fails on lost updates, and without both locks it aborts.)"""
+The driver's pool has one job table, so a second concurrent entry would mix two runs' tables
+(and could leave a thread waiting forever): the forward test runs in a subprocess, so that
+without the driver's lock it fails or times out as a test instead of taking pytest down.
+(The train-step test runs in this process: without the executable's lock it fails on lost
+updates.)"""
 
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
 
 import rescompile as rc
-from conftest import ROOT, tiny_spec
+from rescompile.backends.cpu import driver
+from conftest import ROOT, random_bn_state, tiny_spec
 
 THREADS, CALLS = 4, 30
 
@@ -98,3 +102,34 @@ def test_concurrent_train_steps_lose_no_update(backend):
     for name, value in serial.state.items():
         assert np.array_equal(shared.state[name], value), name
 
+
+
+def pool_threads() -> int:
+    return sum(t.name.startswith("rescompile-") for t in threading.enumerate())
+
+
+@pytest.mark.skipif(driver.threads() < 2, reason="one thread: runs use no pool")
+def test_the_pool_is_made_once_and_a_forked_child_makes_its_own():
+    """Runs on every thread reuse one pool of threads - 1; a child forked after them has
+    none of its parent's threads, makes its own pool and computes the same logits."""
+    exe = rc.compile(tiny_spec(), backend="cpu", seed=5)
+    exe.load_params(random_bn_state(exe, seed=5))
+    images = np.random.default_rng(2).standard_normal((1, 8, 8, 3)).astype(np.float32)
+    expected = exe.forward(images)
+    made = pool_threads()
+    assert made == driver.threads() - 1
+    for _ in range(20):
+        assert np.array_equal(exe.forward(images), expected)
+    assert pool_threads() == made
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only on the parent's bits, run on a pool of its own
+        twice = exe.forward(np.concatenate([images, images]))  # a new batch: every thread
+        same = np.array_equal(twice, np.concatenate([expected, expected]))
+        os._exit(0 if same and pool_threads() == made else 1)
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, done

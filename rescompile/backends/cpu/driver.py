@@ -60,8 +60,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...kernel_cache import repairing_numba_cache
-from .pool import (ARRAY_WORDS, JOB_ARRAYS, JOB_BARRIER, JOB_BEGIN, JOB_END, JOB_ITEMS,
-                   JOB_SHARED, JOB_START, JOB_THREADS, job_table)
+from .pool import (ARRAY_BARRIER_STATE, ARRAY_CONSTS, ARRAY_COUNTERS, ARRAY_OPERANDS,
+                   ARRAY_PROFILE, ARRAY_SCRATCH, ARRAY_SEGMENTS, ARRAY_STEPS, ARRAY_WORDS,
+                   JOB_ARRAYS, JOB_BARRIER, JOB_BEGIN, JOB_END, JOB_ITEMS, JOB_SHARED, JOB_START,
+                   JOB_THREADS, job_table)
 from .llvm.sync import SPINS_BEFORE_SLEEP, SPINS_BETWEEN_CALLS
 
 # steps columns
@@ -217,10 +219,11 @@ def _part(job, t):
     """Thread t's part of the run in `job`, then a barrier: no thread leaves a run (the
     caller least of all) before every thread is done with it."""
     threads, barrier = job[JOB_THREADS], job[JOB_BARRIER]
-    state = _array(job, 6)
-    _thread(_array2(job, 0), _array2(job, 1), _array2(job, 2), _array(job, 3),
-            _array2(job, 4), _array(job, 5), job[JOB_ITEMS], job[JOB_SHARED], job[JOB_BEGIN],
-            job[JOB_END], threads, barrier, state, _array3(job, 7), t)
+    state = _array(job, ARRAY_BARRIER_STATE)
+    _thread(_array2(job, ARRAY_STEPS), _array2(job, ARRAY_SEGMENTS),
+            _array2(job, ARRAY_OPERANDS), _array(job, ARRAY_CONSTS), _array2(job, ARRAY_SCRATCH),
+            _array(job, ARRAY_COUNTERS), job[JOB_ITEMS], job[JOB_SHARED], job[JOB_BEGIN],
+            job[JOB_END], threads, barrier, state, _array3(job, ARRAY_PROFILE), t)
     _call_barrier(barrier, _address(state), threads, SPINS_BEFORE_SLEEP)
 
 
@@ -335,8 +338,10 @@ def run(steps, segments, operands, consts, scratch, counters, n_items, n_shared,
         job = job_table(threads, barrier, serve)
         job[[JOB_ITEMS, JOB_SHARED, JOB_BEGIN, JOB_END]] = (n_items, n_shared, shared_begin,
                                                             shared_end)
-        arrays = (steps, segments, operands, consts, scratch, counters, barrier_state, profile)
-        for i, array in enumerate(arrays):
+        arrays = {ARRAY_STEPS: steps, ARRAY_SEGMENTS: segments, ARRAY_OPERANDS: operands,
+                  ARRAY_CONSTS: consts, ARRAY_SCRATCH: scratch, ARRAY_COUNTERS: counters,
+                  ARRAY_BARRIER_STATE: barrier_state, ARRAY_PROFILE: profile}
+        for i, array in arrays.items():
             at = JOB_ARRAYS + ARRAY_WORDS * i
             job[at] = array.ctypes.data
             job[at + 1:at + 1 + array.ndim] = array.shape

@@ -29,8 +29,11 @@ import numpy as np
 # state of the barrier at which the pool's threads wait for a run, whose words (8 apart)
 # never share a cache line.
 (JOB_THREADS, JOB_BARRIER, JOB_ITEMS, JOB_SHARED, JOB_BEGIN, JOB_END) = range(6)
-JOB_ARRAYS = 8  # steps, segments, operands, consts, scratch, counters, barrier state, profile
+JOB_ARRAYS = 8
 ARRAY_WORDS = 4
+# the arrays, in their order in the table
+(ARRAY_STEPS, ARRAY_SEGMENTS, ARRAY_OPERANDS, ARRAY_CONSTS, ARRAY_SCRATCH, ARRAY_COUNTERS,
+ ARRAY_BARRIER_STATE, ARRAY_PROFILE) = range(8)
 JOB_START = 40
 JOB_WORDS = 64
 
