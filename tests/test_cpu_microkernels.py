@@ -459,9 +459,10 @@ def test_barrier_holds_threads_together_when_one_is_late():
     import threading
     import time
     import ctypes
-    from rescompile.backends.cpu.llvm.sync import SPINS_BEFORE_SLEEP, STATE_WORDS, Barrier
-    wait = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(
-        jit.address(Barrier(host_target())))
+    from rescompile.backends.cpu.llvm.sync import SLEEP_NS, SPINS_BEFORE_SLEEP, STATE_WORDS, \
+        Barrier
+    wait = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                            ctypes.c_int64)(jit.address(Barrier(host_target())))
     state = np.zeros(STATE_WORDS, np.int64)
     rounds, reached, behind = 60, [0, 0], []
 
@@ -470,7 +471,7 @@ def test_barrier_holds_threads_together_when_one_is_late():
             if me == 1:
                 time.sleep(0.002)  # the other thread spins out and sleeps on the futex
             reached[me] = k + 1
-            wait(state.ctypes.data, 2, SPINS_BEFORE_SLEEP)
+            wait(state.ctypes.data, 2, SPINS_BEFORE_SLEEP, SLEEP_NS)
             if reached[1 - me] < k + 1:
                 behind.append((me, k))
 

@@ -64,7 +64,8 @@ from .pool import (ARRAY_BARRIER_STATE, ARRAY_CONSTS, ARRAY_COUNTERS, ARRAY_OPER
                    ARRAY_PROFILE, ARRAY_SCRATCH, ARRAY_SEGMENTS, ARRAY_STEPS, ARRAY_WORDS,
                    JOB_ARRAYS, JOB_BARRIER, JOB_BEGIN, JOB_END, JOB_ITEMS, JOB_SHARED, JOB_START,
                    JOB_THREADS, job_table)
-from .llvm.sync import SPINS_BEFORE_SLEEP, SPINS_BETWEEN_CALLS
+from .llvm.sync import (SLEEP_NS, SLEEP_NS_BETWEEN_CALLS, SPINS_BEFORE_SLEEP,
+                        SPINS_BETWEEN_CALLS)
 
 # steps columns
 (FN, CONSTS, OPS_BEGIN, OPS_END, PIXELS, CHANNELS, PIXEL_ALIGN, CHANNEL_ALIGN, SPLIT,
@@ -100,15 +101,14 @@ def _call_kernel(typingctx, fn, consts, pointers, p_begin, p_end, c_begin, c_end
 
 
 @intrinsic
-def _call_barrier(typingctx, fn, state, threads, spins):
-    sig = types.void(types.int64, types.int64, types.int64, types.int64)
+def _call_barrier(typingctx, fn, state, threads, spins, sleep_ns):
+    sig = types.void(*([types.int64] * 5))
 
     def codegen(context, builder, signature, args):
-        address, state_address, count, patience = args
-        fnty = ir.FunctionType(ir.VoidType(), [_I64.as_pointer(), _I64, _I64])
+        address, state_address, *rest = args
+        fnty = ir.FunctionType(ir.VoidType(), [_I64.as_pointer(), _I64, _I64, _I64])
         callee = builder.inttoptr(address, fnty.as_pointer())
-        builder.call(callee, [builder.inttoptr(state_address, _I64.as_pointer()), count,
-                              patience])
+        builder.call(callee, [builder.inttoptr(state_address, _I64.as_pointer()), *rest])
         return context.get_dummy_value()
     return sig, codegen
 
@@ -187,7 +187,7 @@ def _run_step(steps, s, operands, consts_at, pointers, t, n0, p_begin, p_end, c_
 def _wait(barrier, barrier_at, threads, t, s, profile):
     if profile.shape[0] > 0:
         start = _cycles()
-    _call_barrier(barrier, barrier_at, threads, SPINS_BEFORE_SLEEP)
+    _call_barrier(barrier, barrier_at, threads, SPINS_BEFORE_SLEEP, SLEEP_NS)
     if profile.shape[0] > 0:
         profile[t, s, WAIT_CYCLES] += _cycles() - start
 
@@ -211,7 +211,7 @@ def lead(job):
 @njit(cache=True, nogil=True, inline="always")
 def _start(job):
     _call_barrier(job[JOB_BARRIER], _address(job) + 8 * JOB_START, job[JOB_THREADS],
-                  SPINS_BETWEEN_CALLS)
+                  SPINS_BETWEEN_CALLS, SLEEP_NS_BETWEEN_CALLS)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -224,7 +224,7 @@ def _part(job, t):
             _array2(job, ARRAY_OPERANDS), _array(job, ARRAY_CONSTS), _array2(job, ARRAY_SCRATCH),
             _array(job, ARRAY_COUNTERS), job[JOB_ITEMS], job[JOB_SHARED], job[JOB_BEGIN],
             job[JOB_END], threads, barrier, state, _array3(job, ARRAY_PROFILE), t)
-    _call_barrier(barrier, _address(state), threads, SPINS_BEFORE_SLEEP)
+    _call_barrier(barrier, _address(state), threads, SPINS_BEFORE_SLEEP, SLEEP_NS)
 
 
 @njit(cache=True, nogil=True, inline="always")

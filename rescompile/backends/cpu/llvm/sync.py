@@ -10,7 +10,7 @@ resets `arrived` and bumps the generation (release), which lets the others throu
 
 Waiting spins with `pause` for a short while (a layer at batch 1 is tens of microseconds, so
 the other thread is usually close), then sleeps on the generation word with Linux's futex
-(at most a millisecond at a time, then it looks again): where the late thread was preempted
+(at most `sleep_ns` at a time, then it looks again): where the late thread was preempted
 (another framework's thread pool spinning in the same process, any busy thread of a user's
 server), a waiter that only yielded would keep taking the core back from the very thread it
 waits for; one that sleeps gives it up, and costs a wake-up when the last thread arrives,
@@ -34,31 +34,37 @@ STATE_WORDS = 24  # arrived at word 0, generation at 8, sleepers at 16: a cache 
 # thread to be woken (on a VM whose idle vCPUs halt, a wake-up took 100-300 us).
 SPINS_BEFORE_SLEEP = 2000
 SPINS_BETWEEN_CALLS = 50_000
+# The longest one sleep lasts before the waiter looks again (a wake-up is never lost, so this
+# only bounds the damage of a bug): a millisecond within a call; between calls, where a pool
+# thread may wait for hours, 100 ms, so that an idle process wakes 10 times a second.
+SLEEP_NS = 1_000_000
+SLEEP_NS_BETWEEN_CALLS = 100_000_000
 SYS_FUTEX = 202  # x86-64
 FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 128, 129
-SLEEP_NS = 1_000_000  # the longest one sleep lasts before it looks again
 
 
 @dataclass(frozen=True)
 class Barrier:
-    """`rescompile_barrier(state, threads, spins)`: returns once `threads` threads have called
-    it on the same `state` (STATE_WORDS words, zeroed once); a waiter spins `spins` times
-    before it sleeps."""
+    """`rescompile_barrier(state, threads, spins, sleep_ns)`: returns once `threads` threads
+    have called it on the same `state` (STATE_WORDS words, zeroed once); a waiter spins
+    `spins` times, then sleeps at most `sleep_ns` at a time."""
     target: Target
     symbol = SYMBOL
 
     def ir(self) -> str:
         module = new_module(SYMBOL)
-        fn = ir.Function(module, ir.FunctionType(VOID, [I64.as_pointer(), I64, I64]), SYMBOL)
-        state, threads, spins = fn.args
-        state.name, threads.name, spins.name = "state", "threads", "spins"
-        _Emitter(module, fn, state, threads, spins).emit()
+        fn = ir.Function(module, ir.FunctionType(VOID, [I64.as_pointer(), I64, I64, I64]),
+                         SYMBOL)
+        for arg, name in zip(fn.args, ("state", "threads", "spins", "sleep_ns")):
+            arg.name = name
+        _Emitter(module, fn, *fn.args).emit()
         return str(module)
 
 
 class _Emitter:
-    def __init__(self, module, fn, state, threads, spins):
-        self.fn, self.state, self.threads, self.spins = fn, state, threads, spins
+    def __init__(self, module, fn, state, threads, spins, sleep_ns):
+        self.fn, self.state, self.threads = fn, state, threads
+        self.spins, self.sleep_ns = spins, sleep_ns
         self.pause = ir.Function(module, ir.FunctionType(VOID, []), "llvm.x86.sse2.pause")
         self.syscall = ir.Function(module, ir.FunctionType(I64, [I64], var_arg=True),
                                    "syscall")
@@ -125,13 +131,13 @@ class _Emitter:
         b.branch(spin)
 
     def timeout(self):
-        """A struct timespec of SLEEP_NS on the stack (futex's relative timeout)."""
+        """A struct timespec of `sleep_ns` (under a second) on the stack (futex's relative
+        timeout)."""
         b = self.b
         with b.goto_entry_block():
             spec = b.alloca(ir.ArrayType(I64, 2), name="timeout")
         b.store(ir.Constant(I64, 0), b.gep(spec, [ir.Constant(I32, 0), ir.Constant(I32, 0)]))
-        b.store(ir.Constant(I64, SLEEP_NS),
-                b.gep(spec, [ir.Constant(I32, 0), ir.Constant(I32, 1)]))
+        b.store(self.sleep_ns, b.gep(spec, [ir.Constant(I32, 0), ir.Constant(I32, 1)]))
         return b.ptrtoint(spec, I64, name="timeout_at")
 
     def futex(self, word, op: int, value, timeout=None) -> None:
