@@ -173,14 +173,13 @@ class Tuner:
         (batch 1's calls), the rate over both."""
         self.measured += 1
         if step.fixed_chunk:
-            sizes = [-(-step.fixed_chunk // step.pixels)]
+            images = -(-step.fixed_chunk // step.pixels)
+            calls = [(images, min(images * step.pixels, step.fixed_chunk))]
         else:
-            sizes = sorted({1, images_per_item(step.output_pixels)})
-        seconds = flops = 0.0
-        for images in sizes:
-            pixels = min(images * step.pixels, step.fixed_chunk or images * step.pixels)
-            seconds += self._best(step, layouts, images, pixels)
-            flops += step.flops * pixels / step.pixels
+            calls = [(images, images * step.pixels)
+                     for images in sorted({1, images_per_item(step.output_pixels)})]
+        seconds = sum(self._best(step, layouts, images, pixels) for images, pixels in calls)
+        flops = sum(step.flops * pixels / step.pixels for _, pixels in calls)
         return flops / seconds / 1e9
 
     def _best(self, step: Step, layouts, images: int, pixels: int) -> float:

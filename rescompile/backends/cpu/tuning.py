@@ -112,10 +112,10 @@ def tile_rows(target: Target, nv: int, depth: int | None = None, widens: bool = 
     rows would leave more than EMPTY_ROWS of the tiles over them empty."""
     free = target.registers - nv - 1 - (WIDENING_REGISTERS if widens else 0)
     rows = min(free // nv, MAX_TILE_ROWS if nv > 1 else POINTER_ROWS)
-    if pixels and _empty(rows, pixels) > EMPTY_ROWS:
-        depth = pixels
-    if depth:
-        divisor = max(d for d in range(1, rows + 1) if depth % d == 0)
+    wasteful = pixels and _empty(rows, pixels) > EMPTY_ROWS
+    divided = depth or (pixels if wasteful else None)
+    if divided:
+        divisor = max(d for d in range(1, rows + 1) if divided % d == 0)
         rows = divisor if divisor >= MIN_TILE_ROWS else rows
     return rows
 
