@@ -7,7 +7,7 @@ import pytest
 
 import rescompile as rc
 from rescompile.backends.cpu import threads
-from rescompile.backends.cpu.threads import PROBE, SLOWER, WINDOW, ThreadCount
+from rescompile.backends.cpu.threads import PROBE, SHARE, SLOWER, WINDOW, ThreadCount
 
 from conftest import tiny_spec
 
@@ -16,20 +16,25 @@ from conftest import tiny_spec
 EARLY_PROBES = len([k for k in range(1, PROBE.bit_length()) if 2 ** k < PROBE])
 
 
-def play(count: ThreadCount, seconds_on, calls: int) -> list:
-    """The thread counts of `calls` calls, each lasting seconds_on(threads, call)."""
+def play(count: ThreadCount, seconds_on, calls: int, share_on=lambda n, call: 1.0) -> list:
+    """The thread counts of `calls` calls, each lasting seconds_on(threads, call), its
+    threads on their cores share_on(threads, call) of that time."""
     chosen = []
     for call in range(calls):
         n = count.choose()
-        count.record(n, seconds_on(n, call))
+        count.record(n, seconds_on(n, call), share_on(n, call))
         chosen.append(n)
     return chosen
 
 
-def test_a_quiet_machine_stays_on_all_threads_but_for_rare_trials():
-    chosen = play(ThreadCount(2), lambda n, call: 1.0 if n == 2 else 1.9, 1000)
-    trials = [call + 1 for call, n in enumerate(chosen) if n == 1]
-    assert trials == [WINDOW * 2 ** k for k in range(8)]  # 5, 10, 20, ... 640
+def test_a_quiet_machine_stays_on_all_threads():
+    assert play(ThreadCount(2), lambda n, call: 1.0 if n == 2 else 1.9, 1000) == [2] * 1000
+
+
+def test_calls_of_unknown_share_on_a_quiet_machine_stay_on_all_threads():
+    chosen = play(ThreadCount(2), lambda n, call: 1.0 if n == 2 else 1.9, 100,
+                  lambda n, call: None)
+    assert chosen == [2] * 100
 
 
 def test_a_busy_core_moves_the_calls_to_one_thread_and_a_free_one_back():
@@ -48,11 +53,20 @@ def test_a_busy_core_moves_the_calls_to_one_thread_and_a_free_one_back():
     assert chosen[200 + PROBE + 1:] == [2] * (300 - 200 - PROBE - 1)
 
 
-def test_a_machine_busy_from_the_start_finds_one_thread_at_the_first_trial():
-    chosen = play(ThreadCount(2), lambda n, call: 5.0 if n == 2 else 1.9, 100)
-    assert chosen[WINDOW - 1] == 1
-    later = chosen[WINDOW:]
+def test_a_machine_busy_from_the_start_finds_one_thread_from_the_share():
+    """Every call slow from the first leaves no faster best to compare with; the threads'
+    share of their cores (half of one taken) says a core is busy."""
+    chosen = play(ThreadCount(2), lambda n, call: 5.0 if n == 2 else 1.9, 100,
+                  lambda n, call: 0.5 if n == 2 else 1.0)
+    assert chosen[:WINDOW + 1] == [2] * WINDOW + [1]
+    later = chosen[WINDOW + 1:]
     assert later.count(2) <= len(later) // PROBE + 1 + EARLY_PROBES
+
+
+def test_a_share_at_the_threshold_tries_nothing():
+    chosen = play(ThreadCount(2), lambda n, call: 1.0 if n == 2 else 1.9, 100,
+                  lambda n, call: SHARE)
+    assert chosen == [2] * 100
 
 
 def test_a_burst_of_noise_costs_a_few_calls_on_one_thread_not_a_probe_period():
@@ -61,17 +75,16 @@ def test_a_burst_of_noise_costs_a_few_calls_on_one_thread_not_a_probe_period():
     def seconds_on(n, call):
         return {2: 5.0 if 20 <= call < 23 else 1.0, 1: 1.9}[n]
     chosen = play(ThreadCount(2), seconds_on, 60)
-    routine = {WINDOW * 2 ** k - 1 for k in range(8)}  # the quiet machine's trials
-    after_burst = [call for call, n in enumerate(chosen)
-                   if n == 1 and call >= 20 and call not in routine]
-    assert after_burst and max(after_burst) <= 23 + 2  # without the early trial: 23 + PROBE
+    on_one = [call for call, n in enumerate(chosen) if n == 1]
+    assert on_one and min(on_one) >= 20 and max(on_one) <= 23 + 2  # no early trial: 23 + PROBE
 
 
 def test_noise_below_the_threshold_tries_nothing_more():
     rng = np.random.default_rng(0)
     chosen = play(ThreadCount(2), lambda n, call:
-                  (1.0 + (SLOWER - 1) * 0.9 * rng.random()) if n == 2 else 3.0, 200)
-    assert chosen.count(1) == len([k for k in range(8) if WINDOW * 2 ** k <= 200])
+                  (1.0 + (SLOWER - 1) * 0.9 * rng.random()) if n == 2 else 3.0, 200,
+                  lambda n, call: SHARE + (1 - SHARE) * rng.random())
+    assert chosen == [2] * 200
 
 
 def test_one_thread_is_one_thread():

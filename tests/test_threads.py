@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import rescompile as rc
-from rescompile.backends.cpu import driver
+from rescompile.backends.cpu import driver, pool
 from conftest import ROOT, random_bn_state, tiny_spec
 
 THREADS, CALLS = 4, 30
@@ -133,3 +133,19 @@ def test_the_pool_is_made_once_and_a_forked_child_makes_its_own():
         os.kill(pid, 9)
         os.waitpid(pid, 0)
     assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, done
+
+
+@pytest.mark.skipif(driver.threads() < 2, reason="one thread: runs use no pool")
+def test_runs_on_the_pool_record_their_threads_share_of_the_cores():
+    """The CPU time of the caller and the pool's threads reaches the thread count: each run
+    on every thread but the first (the pool is made in it) records a share of its threads'
+    time: near 1 on a quiet machine, more on calls as short as these (the clocks are read
+    around the run), never 0 (the policy on scripted shares: test_thread_count.py)."""
+    exe = rc.compile(tiny_spec(), backend="cpu", seed=5)
+    images = np.random.default_rng(2).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    for _ in range(4):
+        exe.forward(images)
+    assert pool.cpu_seconds(driver.threads()) is not None
+    counts = [c for a in exe.program.arenas.values() for c in a.thread_counts.values()]
+    shares = [share for count in counts for share in count.shares]
+    assert len(shares) >= 3 and all(0 < share < 3 for share in shares), shares

@@ -39,7 +39,7 @@ import numpy as np
 from ...memory import assign_buffers, lifetimes
 from ...precision import numpy_dtype
 from ...resources import check_fits
-from . import driver
+from . import driver, pool
 from .kernel_steps import pixel_split
 from .llvm import sync
 from .steps import Step
@@ -315,11 +315,14 @@ class Arena:
         count = self.thread_counts.setdefault((begin, end), ThreadCount(self.threads))
         threads = self.threads if profile.shape[0] else count.choose()
         self.counters[:] = 0
+        cpu = pool.cpu_seconds(threads) if threads > 1 else None
         start = time.perf_counter()
         driver.run(self.steps, self.segments, self.operands, self.consts, self.scratch,
                    self.counters, self.n_items, self.n_shared, begin, end, threads,
                    self.program.barrier, self.barrier_state, profile)
-        count.record(threads, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        share = None if cpu is None else (pool.cpu_seconds(threads) - cpu) / (threads * seconds)
+        count.record(threads, seconds, share)
 
     def view(self, value: str) -> np.ndarray:
         """The images of `value` in its batch or shared buffer, without their border (a

@@ -15,13 +15,16 @@ us after an idle gap on a VM whose idle vCPUs halt (Zen 5, 2 cores); ResNet-18 a
 ran 10-35% slower alone in a process than beside another framework's spinning thread pool.
 
 The pool threads are daemons: they hold no Python state and sleep between bursts of calls.
-A forked child has none of its parent's threads, so it starts its own pools.
+A forked child has none of its parent's threads, so it starts its own pools. What CPU time a
+run's threads got (`cpu_seconds`) tells the thread count whether a core was taken from them
+(`threads.py`).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -38,6 +41,7 @@ JOB_START = 40
 JOB_WORDS = 64
 
 _pools: dict[int, np.ndarray] = {}  # thread count -> that pool's job table
+_workers: dict[int, list[threading.Thread]] = {}  # thread count -> that pool's threads
 
 
 def job_table(threads: int, barrier: int, serve) -> np.ndarray:
@@ -47,11 +51,27 @@ def job_table(threads: int, barrier: int, serve) -> np.ndarray:
     if threads not in _pools:
         job = np.zeros(JOB_WORDS, np.int64)
         job[JOB_THREADS], job[JOB_BARRIER] = threads, barrier
-        for t in range(1, threads):
-            threading.Thread(target=serve, args=(job, t), name=f"rescompile-{t}",
-                             daemon=True).start()
-        _pools[threads] = job
+        workers = [threading.Thread(target=serve, args=(job, t), name=f"rescompile-{t}",
+                                    daemon=True) for t in range(1, threads)]
+        for worker in workers:
+            worker.start()
+        _pools[threads], _workers[threads] = job, workers
     return _pools[threads]
 
 
-os.register_at_fork(after_in_child=_pools.clear)
+def cpu_seconds(threads: int) -> float | None:
+    """The CPU time of the calling thread and the threads of the pool for runs on `threads`
+    (None before that pool's first run)."""
+    workers = _workers.get(threads)
+    if workers is None:
+        return None
+    return time.thread_time() + sum(time.clock_gettime(time.pthread_getcpuclockid(w.ident))
+                                    for w in workers)
+
+
+def _forget_pools() -> None:
+    _pools.clear()
+    _workers.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
