@@ -4,6 +4,9 @@ overhang them, output channels that are not a multiple of the panel, every kind 
 operand, a second output), a call's exact tile and channel range, and which layers lowering
 gives it.
 
+The vdpbf16ps variant (bfloat16 tensors) is held to what it computes, its transforms rounded
+to bfloat16 (`test_pair_kernel_matches_its_roundings` gives its bounds).
+
 Tolerances, relative to the expected tensor's max: float64 1e-12; float32 2e-6 for these
 <= 288-term dot products of unit normals, whose direct float32 sum errs by about 1e-6. A
 Winograd output carries the transforms' few extra roundings but sums 16 shorter dot products
@@ -19,10 +22,10 @@ import pytest
 from pathlib import Path
 
 import rescompile as rc
+from rescompile.precision import numpy_dtype
 from rescompile.backends.cpu import CpuProgram, winograd
 from rescompile.backends.cpu.llvm.conv import ConvKernel
-from rescompile.backends.cpu.llvm.winograd import (WinogradInputKernel, WinogradKernel,
-                                                   scratch_elements)
+from rescompile.backends.cpu.llvm.winograd import WinogradInputKernel, WinogradKernel
 from rescompile.backends.cpu.llvm import jit
 from rescompile.backends.cpu.target import ISAS, generic_target, host_target
 from rescompile.backends.cpu.weights import pack_weights, transformed
@@ -32,6 +35,7 @@ from microkernels import (call, close, conv_reference, epilogue_reference, padde
 from test_cpu_microkernels import RUNNABLE, _operands
 
 TOL = {"float32": 2e-6, "float64": 1e-12}
+ULP = 2.0 ** -8  # bfloat16's, relative: a stored output rounded the other way
 PRESETS = Path(rc.__file__).parent / "presets"
 
 
@@ -78,7 +82,7 @@ def _run(kernel, x, weights, operands, scalars, tiles, channels, cache_dir):
     for name, array in operands.items():
         if array.ndim == 4:
             fields.update(strides(name, array))
-    scratch = np.full(scratch_elements(kernel.mr, kernel.nr, cin), np.nan, x.dtype)
+    scratch = np.full(kernel.scratch_bytes(cin) // x.dtype.itemsize, np.nan, x.dtype)
     packed = pack_weights(transformed(weights, "winograd"), kernel.nr)
     pointers = dict(x=xp, w=packed, out=out, out2=out2, scratch=scratch, **operands)
     call(kernel, fields, pointers, tiles, channels, cache_dir)
@@ -132,10 +136,15 @@ def test_every_instruction_set_compiles(isa):
     assert ("vfmadd" in assembly) == (isa != "portable")
 
 
-def test_a_staged_transform_gives_the_same_bits(cache_dir):
+DOTS = ["fma"] + (["dpbf16"] if host_target().has("avx512_bf16") else [])
+
+
+@pytest.mark.parametrize("dot", DOTS)
+def test_a_staged_transform_gives_the_same_bits(dot, cache_dir):
     """The input transform as a step of its own (`WinogradInputKernel`, then a `staged`
     kernel reading its output) computes exactly what the kernel that transforms its own
-    tiles does, over calls of a few tiles each."""
+    tiles does, over calls of a few tiles each; with vdpbf16ps (bfloat16 tensors), its
+    tensor holds the transformed inputs rounded to bfloat16, as the scratch does."""
     lanes = host_target().lanes("float32")
     rng = np.random.default_rng(8)
     steps = ("bias_add", "add", "relu")
@@ -143,26 +152,48 @@ def test_a_staged_transform_gives_the_same_bits(cache_dir):
                                                         "float32", steps, None)
     n, h, w, cin = x.shape
     th, tw = winograd.tiles(h), winograd.tiles(w)
-    whole, _ = _run(WinogradKernel("float32", host_target(), steps), x, weights, operands,
-                    scalars, (0, n * th * tw), (0, 40), cache_dir)
-    xp = padded(x, winograd.window_pads((h, w)))
-    staged_input = np.full((n, winograd.POINTS, th * tw, cin), np.nan, np.float32)
-    transform = WinogradInputKernel("float32", host_target())
-    fields = dict(cin=cin, tiles_h=th, tiles_w=tw, **strides("x", xp),
-                  **strides("out", staged_input))
-    for first in range(0, n * th * tw, 7):
-        call(transform, fields, dict(x=xp, out=staged_input),
-             (first, min(first + 7, n * th * tw)), (0, cin), cache_dir)
-    kernel = WinogradKernel("float32", host_target(), steps, staged=True)
-    out = np.full(expected.shape, np.nan, np.float32)
-    fields = dict(cin=cin, oh=h, ow=w, tiles_h=th, tiles_w=tw, **strides("x", staged_input),
-                  **strides("out", out), **strides("e1.other", out), **scalars)
-    scratch = np.full(scratch_elements(kernel.mr, kernel.nr, cin, staged=True), np.nan,
-                      np.float32)
-    pointers = dict(x=staged_input, w=pack_weights(transformed(weights, "winograd"), kernel.nr),
-                    out=out, scratch=scratch, **operands)
-    call(kernel, fields, pointers, (0, n * th * tw), (0, 40), cache_dir)
-    assert np.array_equal(out, whole) and close(out, expected) < TOL["float32"]
+    pairs = dot == "dpbf16"
+    kind = numpy_dtype("bfloat16") if pairs else np.float32
+    storage = (("out", "bfloat16"), ("w", "bfloat16"), ("x", "bfloat16")) if pairs else ()
+    x = x.astype(kind)
+    xp = padded(x.astype(np.float32), winograd.window_pads((h, w))).astype(kind)
+    kernels = {staged: WinogradKernel("float32", host_target(), steps, staged=staged, dot=dot,
+                                      storage=storage) for staged in (False, True)}
+    packed = pack_weights(transformed(_bf16(weights).astype(np.float32) if pairs else weights,
+                                      "winograd"), kernels[False].nr,
+                          dtype="bfloat16" if pairs else None, layout="vnni2" if pairs else "")
+    outputs = {}
+    for staged, kernel in kernels.items():
+        source = xp
+        if staged:
+            source = np.full((n, winograd.POINTS, th * tw, cin), np.nan,
+                             np.float32).astype(kind)
+            transform = WinogradInputKernel("float32", host_target(), storage=(
+                (("out", "bfloat16"), ("x", "bfloat16")) if pairs else ()))
+            fields = dict(cin=cin, tiles_h=th, tiles_w=tw, **strides("x", xp),
+                          **strides("out", source))
+            for first in range(0, n * th * tw, 7):
+                call(transform, fields, dict(x=xp, out=source),
+                     (first, min(first + 7, n * th * tw)), (0, cin), cache_dir)
+        out = np.full(expected.shape, np.nan, np.float32).astype(kind)
+        fields = dict(cin=cin, oh=h, ow=w, tiles_h=th, tiles_w=tw, **strides("x", source),
+                      **strides("out", out), **strides("e1.other", out), **scalars)
+        scratch = np.full(kernel.scratch_bytes(cin) // 4, np.nan, np.float32)
+        pointers = dict(x=source, w=packed, out=out, scratch=scratch, **operands)
+        call(kernel, fields, pointers, (0, n * th * tw), (0, 40), cache_dir)
+        outputs[staged] = out.astype(np.float32)
+    assert np.array_equal(outputs[True], outputs[False])
+    assert close(outputs[True], expected) < (2e-2 if pairs else TOL["float32"])
+
+
+def test_the_pair_kernel_is_generated_on_any_host():
+    """The vdpbf16ps variant for an AVX512-BF16 target, whatever this host has: its products
+    on vdpbf16ps, its transformed inputs converted by vcvtneps2bf16."""
+    target = generic_target("avx512+avx512_bf16")
+    kernel = WinogradKernel("float32", target, ("bias_add", "relu"), dot="dpbf16",
+                            storage=(("out", "bfloat16"), ("w", "bfloat16"), ("x", "bfloat16")))
+    assembly = jit.assembly(kernel.ir(), target)
+    assert "vdpbf16ps" in assembly and "vcvtneps2bf16" in assembly
 
 
 def test_a_call_covers_exactly_its_tiles_and_channels(cache_dir):
@@ -209,6 +240,76 @@ def test_float32_error_stays_within_a_small_factor_of_the_direct_kernels(cache_d
     assert error <= np.abs(out - expected).max()
 
 
+def _bf16(array) -> np.ndarray:
+    return np.asarray(array, np.float32).astype(numpy_dtype("bfloat16"))
+
+
+@pytest.mark.skipif(not host_target().has("avx512_bf16"), reason="host has no AVX512-BF16")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}x{c[2]}c{c[4]}")
+def test_pair_kernel_matches_its_roundings(case, cache_dir):
+    """The vdpbf16ps variant on bfloat16 inputs and weights, against float64 NumPy of what it
+    computes: B^T d B and G g G^T each rounded to bfloat16, their products summed, A^T M A,
+    the epilogue, and the output rounded to bfloat16 as stored (within ULP: a float32 sum
+    near a rounding boundary may round the other way, an epilogue scaling by up to 2 doubles
+    it for out2; measured 0 to 1.4e-6); and within 2e-2 of the exact convolution of its
+    bfloat16 operands (measured 4.5e-3 to 5.7e-3, more than ULP: the transforms' roundings
+    show)."""
+    n, h, w, vectors, cout, steps, out2 = case
+    target = host_target()
+    cin = vectors * target.lanes("float32")
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()) + 1)
+    x = _bf16(rng.standard_normal((n, h, w, cin)))
+    weights = _bf16(rng.standard_normal((3, 3, cin, cout))).astype(np.float32)
+    operands, scalars = _operands(rng, steps, 0, (n, h, w, cout), "float32")
+    more, more_scalars = _operands(rng, out2 or (), len(steps), (n, h, w, cout), "float32")
+    operands.update(more)
+    scalars.update(more_scalars)
+    kernel = WinogradKernel("float32", target, steps, out2, dot="dpbf16",
+                            storage=(("out", "bfloat16"), ("out2", "bfloat16"),
+                                     ("w", "bfloat16"), ("x", "bfloat16")))
+    xp = padded(x.astype(np.float32), winograd.window_pads((h, w))).astype(x.dtype)
+    out, second = _bf16(np.full((n, h, w, cout), np.nan)), _bf16(np.full((n, h, w, cout),
+                                                                       np.nan))
+    fields = dict(cin=cin, oh=h, ow=w, tiles_h=winograd.tiles(h), tiles_w=winograd.tiles(w),
+                  **strides("x", xp), **strides("out", out), **strides("out2", second),
+                  **scalars)
+    for name, array in operands.items():
+        if array.ndim == 4:
+            fields.update(strides(name, array))
+    scratch = np.full(kernel.scratch_bytes(cin) // 4, np.nan, np.float32)
+    packed = pack_weights(transformed(weights, "winograd"), kernel.nr, dtype="bfloat16",
+                          layout="vnni2")
+    tiles = n * winograd.tiles(h) * winograd.tiles(w)
+    call(kernel, fields, dict(x=xp, w=packed, out=out, out2=second, scratch=scratch,
+                              **operands), (0, tiles), (0, cout), cache_dir)
+    y = _rounded_winograd(x.astype(np.float64), weights.astype(np.float64))
+    exact = conv_reference(x.astype(np.float64), weights.astype(np.float64), 1, (1, 1, 1, 1))
+    for conv, tol in ((y, ULP), (exact, 2e-2)):
+        expected = epilogue_reference(steps, 0, conv, operands, scalars)
+        stored = _bf16(expected).astype(np.float64)
+        assert close(out.astype(np.float32), stored) < tol
+        if out2 is not None:
+            expected2 = epilogue_reference(out2, len(steps), stored, operands, scalars)
+            assert close(second.astype(np.float32), expected2) < 2 * tol
+
+
+def _rounded_winograd(x, w):
+    """F(2x2, 3x3) in float64 with the transformed inputs and weights rounded to bfloat16."""
+    n, h, wd, cin = x.shape
+    th, tw = winograd.tiles(h), winograd.tiles(wd)
+    xp = padded(x, winograd.window_pads((h, wd)))
+    bt, at = np.array(winograd.INPUT_TRANSFORM), np.array(winograd.OUTPUT_TRANSFORM)
+    u = _bf16(transformed(w.astype(np.float32), "winograd")).astype(np.float64)
+    y = np.zeros((n, 2 * th, 2 * tw, w.shape[-1]))
+    for i in range(th):
+        for j in range(tw):
+            d = xp[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4, :]
+            v = _bf16(np.einsum("ab,nbcq,dc->nadq", bt, d, bt)).astype(np.float64)
+            m = np.einsum("nabq,abqk->nabk", v, u)
+            y[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2] = np.einsum("ia,nabk,jb->nijk", at, m, at)
+    return y[:, :h, :wd]
+
+
 def test_lowering_gives_winograd_the_stride_1_3x3_layers_of_inference():
     """In an inference schedule, every stride-1 3 x 3 convolution on a map of at least
     MIN_MAP a side, of whole vectors of input channels, runs as Winograd tiles (all but the
@@ -230,18 +331,21 @@ def test_lowering_gives_winograd_the_stride_1_3x3_layers_of_inference():
     assert set(expected.values()) == {WinogradKernel, ConvKernel}
 
 
-def test_a_bfloat16_model_takes_winograd_where_it_multiplies_by_fmas():
-    """On the host's plain vector ISA (bfloat16 storage, float32 FMAs) a bfloat16 model's
-    stride-1 3x3 layers run as Winograd tiles, reading and storing bfloat16, and its logits
-    stay within the bfloat16 tolerance of the bfloat16 reference (2e-2, `test_bf16.py`;
-    measured 3e-3, as the direct kernels' own)."""
+@pytest.mark.parametrize("dot", DOTS)
+def test_a_bfloat16_model_takes_winograd_on_fmas_and_on_vdpbf16ps(dot):
+    """On the host's plain vector ISA (bfloat16 storage, float32 FMAs) and, where it has
+    them, on AVX512-BF16's vdpbf16ps, a bfloat16 model's stride-1 3x3 layers run as Winograd
+    tiles, reading and storing bfloat16, and its logits stay within the bfloat16 tolerance
+    of the bfloat16 reference (2e-2, `test_bf16.py`; measured 3e-3 on FMAs, as the direct
+    kernels' own, and 4.4e-3 on vdpbf16ps)."""
     spec = rc.load_spec(PRESETS / "seed_basic_small.toml")
     rng = np.random.default_rng(9)
     x = rng.standard_normal((3, *spec.model.input)).astype(np.float32)
+    host = host_target()
     exe = rc.compile(spec, mode="infer", backend="cpu", dtype="bfloat16",
-                     isa=host_target().isa)
+                     isa=host.name if dot == "dpbf16" else host.isa)
     kernels = [s.kernel for s in exe.program.schedule.kernel_steps
                if isinstance(s.kernel, WinogradKernel)]
-    assert kernels and all(k.element("x") == "bfloat16" for k in kernels)
+    assert kernels and all(k.element("x") == "bfloat16" and k.dot == dot for k in kernels)
     reference = rc.compile(spec, mode="infer", backend="reference", dtype="bfloat16")
     assert close(exe.forward(x), reference.forward(x).astype(np.float64)) < 2e-2

@@ -131,10 +131,10 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
 def takes_winograd(types: TensorTypes, target: Target, x: str, geometry: ConvGeometry) -> bool:
     """Whether an inference convolution (no sums of its output, direct weights) of `x` runs as
     Winograd tiles (`winograd.applies`): where the direct kernel would multiply by fused
-    multiply-adds (not pairs of bfloat16 on vdpbf16ps or AMX, whose rate is twice and more)."""
+    multiply-adds or vdpbf16ps, not on AMX tiles."""
     return winograd.applies(geometry.k, geometry.stride, geometry.pads, geometry.out_hw,
                             geometry.shape[2], target.lanes(types.compute),
-                            conv_dot(types, target, x, geometry.shape[2]) == "fma")
+                            conv_dot(types, target, x, geometry.shape[2]) != "amx")
 
 
 def winograd_steps(node, graph, types: TensorTypes, target: Target, x: str, weights: str,
@@ -153,21 +153,25 @@ def winograd_steps(node, graph, types: TensorTypes, target: Target, x: str, weig
     mr, nv = conv_tile(target, types.compute, geometry.cout, pixels=per_image)
     panels = -(-geometry.cout // (nv * target.lanes(types.compute)))
     staged = split == "channels" and panels >= STAGED_MIN_PANELS
+    dot = conv_dot(types, target, x, cin)
+    kernel = WinogradKernel(types.compute, target, chain_of(epi),
+                            None if out2 is None else chain_of(out2), mr, nv, staged=staged,
+                            dot=dot)
     steps, source = [], x
-    if staged:
-        source = f"{node.name}:winograd_input"
-        kernel = WinogradInputKernel(types.compute, target)
-        steps.append(Step(name=f"{node.name}/transform", op="winograd_input", kernel=kernel,
+    if staged:  # the transformed input in the type the products read it in
+        source = (f"{x}:winograd_pairs:{node.name}" if dot == "dpbf16"
+                  else f"{node.name}:winograd_input")
+        transform = WinogradInputKernel(types.compute, target)
+        steps.append(Step(name=f"{node.name}/transform", op="winograd_input", kernel=transform,
                           uses={"x": Use(x, "window", (1, 1)), "out": Use(source)},
                           tensors={"x": x, "out": source}, fields=dict(cin=cin, **tiles),
                           pixels=per_image, channels=cin, channel_align=cin,
                           split=pixel_split(per_image), pads={x: winograd.window_pads((oh, ow))},
                           made={source: (winograd.POINTS, per_image, cin)}))
-    kernel = WinogradKernel(types.compute, target, chain_of(epi),
-                            None if out2 is None else chain_of(out2), mr, nv, staged=staged)
     uses, tensors = output_uses(kernel, outputs)
     uses.update(x=Use(source) if staged else Use(x, "window", (1, 1)),
-                w=Use(weights, "packed", nr=kernel.nr, transform="winograd"),
+                w=Use(weights, "packed", nr=kernel.nr, transform="winograd",
+                      layout=WEIGHT_LAYOUTS[dot]),
                 scratch=Use(f"{node.name}:scratch", "scratch"))
     tensors["x"] = source
     fields = dict(cin=cin, oh=oh, ow=ow, **tiles)

@@ -129,7 +129,9 @@ class HostStep:
 
 
 # Tensors the backend makes of a graph value, stored as that value is: "<value><suffix>..."
-MADE_SUFFIXES = (":padded", ":dilated")
+# (":winograd_pairs": a staged Winograd layer's transformed input, which vdpbf16ps multiplies
+# as bfloat16 pairs, as its input is stored; `kernel_steps.winograd_steps`)
+MADE_SUFFIXES = (":padded", ":dilated", ":winograd_pairs")
 
 
 @dataclass(frozen=True, eq=False)

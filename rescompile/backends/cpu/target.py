@@ -52,7 +52,9 @@ _GENERIC_CPU = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "portable": "x86-64"
 DTYPE_BYTES = ITEMSIZE  # bytes per element of each stored type (precision.py)
 EXTENSIONS = ("amx_bf16", "avx512_bf16")  # most capable first
 # extension -> (the LLVM features a kernel using it needs, the host features that offer it)
-_EXTENSION_FEATURES = {"avx512_bf16": ("+avx512f,+avx512bw,+avx512bf16", ("avx512bf16",)),
+# (AVX512-BF16 with AVX512DQ, which every CPU that has it has: vfpclassps finds denormals.)
+_EXTENSION_FEATURES = {"avx512_bf16": ("+avx512f,+avx512bw,+avx512dq,+avx512bf16",
+                                       ("avx512bf16",)),
                        "amx_bf16": ("+avx512f,+avx512bw,+amx-tile,+amx-bf16",
                                     ("amx-tile", "amx-bf16"))}
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from llvmlite import ir
 
 from ....errors import GraphError
-from .emit import MEMORY_TYPES, I64, Function
+from ..target import Target
+from .emit import CONVERTED_LANES, MEMORY_TYPES, I64, Function
 
 CALL_PARAMS = [("consts", I64.as_pointer()), ("ptrs", I64.as_pointer()), ("p_begin", I64),
                ("p_end", I64), ("c_begin", I64), ("c_end", I64)]
@@ -143,6 +144,13 @@ def load_arguments(f: Function, signature: Signature):
     return values, ptrs
 
 
-def new_function(module: ir.Module, name: str, dtype: str, lanes: int, fma: bool) -> Function:
-    """A kernel with the call signature every kernel has."""
-    return Function(module, name, CALL_PARAMS, dtype, lanes, fma)
+def new_function(module: ir.Module, name: str, dtype: str, lanes: int,
+                 target: Target | None) -> Function:
+    """A kernel with the call signature every kernel has, for `target`: its FMAs, and where it
+    has AVX512-BF16 a float32 kernel's conversion to bfloat16 by instruction (None: a scalar
+    function, with neither)."""
+    f = Function(module, name, CALL_PARAMS, dtype, lanes, target is not None and target.fma)
+    if target is not None and target.has("avx512_bf16") and dtype == "float32" \
+            and lanes == CONVERTED_LANES:
+        f.convert_bf16(target.features_for("avx512_bf16"))
+    return f

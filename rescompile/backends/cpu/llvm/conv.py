@@ -202,9 +202,7 @@ class ConvEmitter:
     def __init__(self, kernel: ConvKernel, module: ir.Module):
         self.k = kernel
         self.f = abi.new_function(module, kernel.symbol, kernel.dtype, kernel.lanes,
-                                  kernel.target.fma)
-        if kernel.dot == "dpbf16":
-            self.f.require(kernel.target.features_for(kernel.extension))
+                                  kernel.target)  # vdpbf16ps: the target's AVX512-BF16
         self.b = self.f.b
 
     # -- arguments ----------------------------------------------------------------------

@@ -29,6 +29,8 @@ I64 = ir.IntType(64)
 VOID = ir.VoidType()
 FLOAT_TYPES = {"float32": ir.FloatType(), "float64": ir.DoubleType()}  # compute types
 MEMORY_TYPES = {**FLOAT_TYPES, "bfloat16": I16}  # stored types, as they sit in memory
+CONVERTED_LANES = 16  # float32 lanes vcvtneps2bf16 narrows (a zmm register)
+FP_SUBNORMAL = 0x90  # llvm.is.fpclass's test: negative (0x10) or positive (0x80) subnormal
 BF16 = "bfloat16"
 
 
@@ -94,13 +96,26 @@ class Function:
         self._entry = self.fn.append_basic_block("entry")
         self._body = self.fn.append_basic_block("start")
         self.b = ir.IRBuilder(self._body)
+        self.features = ""  # the function's own target features (`require`)
+        self.converts_bf16 = False  # narrows by vcvtneps2bf16 (`convert_bf16`)
 
     def require(self, features: str) -> None:
-        """Give this function its own target features (an LLVM "target-features" attribute):
-        a kernel using instructions beyond the code generator's CPU (vdpbf16ps, AMX) is then
-        compiled for them, never aborting code generation (NUMBA-NOTES)."""
+        """Give this function its own target features (an LLVM "target-features" attribute),
+        merged with those required before: a kernel using instructions beyond the code
+        generator's CPU (vdpbf16ps, AMX) is then compiled for them, never aborting code
+        generation (NUMBA-NOTES)."""
         # llvmlite's attribute set lists only keyword attributes; a string one is added as is
-        set.add(self.fn.attributes, f'"target-features"="{features}"')
+        attribute = '"target-features"="{}"'
+        set.discard(self.fn.attributes, attribute.format(self.features))
+        self.features = ",".join(dict.fromkeys(f for f in f"{self.features},{features}"
+                                               .split(",") if f))
+        set.add(self.fn.attributes, attribute.format(self.features))
+
+    def convert_bf16(self, features: str) -> None:
+        """Narrow float32 vectors of 16 lanes to bfloat16 by vcvtneps2bf16 (`narrow`), with
+        the AVX512-BF16 `features` it needs."""
+        self.require(features)
+        self.converts_bf16 = True
 
     def intrinsic(self, name: str, ret, params):
         """The declaration of the LLVM intrinsic `name` (declared once per module)."""
@@ -239,8 +254,33 @@ class Function:
 
     def narrow(self, value):
         """A float32 vector as the nearest bfloat16 bits, ties to even, a NaN as a quiet NaN of
-        its sign: what ml_dtypes' (and so the reference backend's) rounding gives. Integer
-        arithmetic: the same bits on every instruction set."""
+        its sign: what ml_dtypes' (and so the reference backend's) rounding gives, the same
+        bits on every instruction set. Where the function `converts_bf16`, by vcvtneps2bf16,
+        one instruction for the integer arithmetic's nine: it gives these bits for every
+        value but a denormal (which it flushes to zero), so a vector holding a denormal (a
+        rare branch) takes the integer arithmetic."""
+        if not self.converts_bf16 or value.type.count != CONVERTED_LANES:
+            return self.narrow_bits(value)
+        b, vector = self.b, value.type
+        convert = self.intrinsic("llvm.x86.avx512bf16.cvtneps2bf16.512",
+                                 ir.VectorType(I16, vector.count), [vector])
+        classify = self.intrinsic("llvm.is.fpclass.v16f32",
+                                  ir.VectorType(ir.IntType(1), vector.count), [vector, I32])
+        denormal = b.call(classify, [value, ir.Constant(I32, FP_SUBNORMAL)], name="denormal")
+        any_denormal = b.icmp_unsigned("!=", b.bitcast(denormal, I16), ir.Constant(I16, 0),
+                                       name="any_denormal")
+        converted = b.call(convert, [value], name="bf16.converted")
+        before = b.block
+        with b.if_then(any_denormal, likely=False):
+            exact = self.narrow_bits(value)
+            exact_from = b.block
+        bits = b.phi(converted.type, name="bf16")
+        bits.add_incoming(converted, before)
+        bits.add_incoming(exact, exact_from)
+        return bits
+
+    def narrow_bits(self, value):
+        """`narrow` in integer arithmetic."""
         b, n = self.b, value.type.count
         words = ir.VectorType(I32, n)
 

@@ -75,7 +75,7 @@ class RankExchange:
 
     def ir(self) -> str:
         module = new_module(self.symbol)
-        f = abi.new_function(module, self.symbol, self.dtype, 1, False)
+        f = abi.new_function(module, self.symbol, self.dtype, 1, None)
         v, ptr = abi.load_arguments(f, self.signature)
         b, width, link = f.b, v["width"], ptr["link"]
         ranks, rank = (b.load(f.element(link, w), name=n) for w, n in ((RANKS, "ranks"),

@@ -50,7 +50,7 @@ class PixelKernel(Vectors):
 
     def ir(self) -> str:
         module = new_module(self.symbol)
-        f = abi.new_function(module, self.symbol, self.dtype, self.lanes, self.target.fma)
+        f = abi.new_function(module, self.symbol, self.dtype, self.lanes, self.target)
         f.b.comment(f"{self.symbol}: fields {', '.join(x.name for x in self.signature.fields)}")
         v, ptr = abi.load_arguments(f, self.signature)
         self.body(f, v, ptr)

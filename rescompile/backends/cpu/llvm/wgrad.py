@@ -57,7 +57,7 @@ class WgradKernel(Tiled):
 
     def ir(self) -> str:
         module = new_module(self.symbol)
-        f = abi.new_function(module, self.symbol, self.dtype, self.lanes, self.target.fma)
+        f = abi.new_function(module, self.symbol, self.dtype, self.lanes, self.target)
         f.b.comment(f"{self.symbol}: a {self.mr} x {self.nr} tile of depth by output channels")
         v, ptr = abi.load_arguments(f, self.signature)
         _Emitter(self, f, v, ptr).emit()

@@ -16,7 +16,9 @@ three stages of one register tile in L1 and L2, never in memory-sized buffers:
         for each panel of NR channels:
             products      for each of the 16 points: acc[MR][NV] = inputs[point] times the
                           point's transformed weights ([panel][point][cin][nr]), the direct
-                          kernel's k loop over cin; stored to products[point][row][nr]
+                          kernel's k loop over cin (`dot`: fused multiply-adds, or vdpbf16ps
+                          on pairs of channels, the weights in VNNI-2, [panel][point][cin /
+                          2][nr][2]); stored to products[point][row][nr]
             output        A^T M A of each tile's 16 products: its 2 x 2 output pixels, each
                           through the epilogue and stored, as the direct kernel stores a row
 
@@ -25,6 +27,11 @@ outweigh the input, each call a panel or two over every tile) would transform ev
 every call; there the input transform is a kernel of its own (`WinogradInputKernel`), run
 once over the threads into a tensor of 16 rows (the points) of tiles, and a `staged` kernel
 reads its rows from that tensor instead: the same values, so the same bits.
+
+The transformed inputs are held in the compute type for fused multiply-adds, and as
+bfloat16 for vdpbf16ps (`transformed_type`), which multiplies bfloat16 pairs: a bfloat16
+model on AVX512-BF16 rounds them, as it rounds the transformed weights, where the direct
+kernel's inputs and weights are stored values already (`../winograd.py` has what that costs).
 
 An odd map's last tiles overhang it: their windows read one more row and column of zero
 border (`winograd.window_pads`) and the outputs past the map are not stored. The transforms
@@ -42,7 +49,7 @@ from ..target import DTYPE_BYTES, Target
 from ..winograd import INPUT_TRANSFORM, OUTPUT_TRANSFORM, POINTS, TILE, WINDOW
 from . import abi
 from .conv import ConvEmitter, ConvKernel
-from .emit import Vectors, new_module
+from .emit import BF16, MEMORY_TYPES, Vectors, new_module
 from .pixels import TRUE, PixelWalk, next_pixel, offset
 
 GEOMETRY = abi.sizes("cin", "oh", "ow", "tiles_h", "tiles_w")
@@ -81,12 +88,6 @@ def window_offsets(f, v: dict) -> list:
                    name=f"window{i}{j}") for j in range(WINDOW)] for i in range(WINDOW)]
 
 
-def scratch_elements(mr: int, nr: int, cin: int, staged: bool = False) -> int:
-    """Scratch a thread needs: the products of MR tiles by a panel, and unless `staged` the
-    transformed inputs of those tiles."""
-    return POINTS * mr * (nr + (0 if staged else cin))
-
-
 @dataclass(frozen=True)
 class WinogradInputKernel(Vectors):
     """The input transform alone, for a `staged` Winograd kernel: each tile's 16 transformed
@@ -107,7 +108,7 @@ class WinogradInputKernel(Vectors):
 
     def ir(self) -> str:
         module = new_module(self.symbol)
-        f = abi.new_function(module, self.symbol, self.dtype, self.lanes, self.target.fma)
+        f = abi.new_function(module, self.symbol, self.dtype, self.lanes, self.target)
         b = f.b
         b.comment(f"{self.symbol}: B^T d B of each tile's 4 x 4 window, into 16 rows of tiles")
         v, ptr = abi.load_arguments(f, self.signature)
@@ -141,15 +142,21 @@ class WinogradKernel(ConvKernel):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.sums is not None or self.dot != "fma":
-            raise ValueError(f"{self.symbol}: Winograd tiles make no sums and multiply by "
-                             f"fused multiply-adds")
+        if self.sums is not None:
+            raise ValueError(f"{self.symbol}: Winograd tiles make no sums")
 
     @property
     def symbol(self) -> str:
         staged = "_staged" if self.staged else ""
-        return (f"winograd{staged}_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}_"
+        dot = "" if self.dot == "fma" else f"_{self.dot}"
+        return (f"winograd{staged}_{self.dtype}_{self.target.isa}{dot}_{self.mr}x{self.nr}_"
                 f"{self.chain_name('plain')}{self.storage_tag()}")
+
+    @property
+    def transformed_type(self) -> str:
+        """The type the products read the transformed inputs in: bfloat16 pairs for vdpbf16ps,
+        else the compute type."""
+        return BF16 if self.dot == "dpbf16" else self.dtype
 
     @property
     def signature(self) -> abi.Signature:
@@ -159,8 +166,10 @@ class WinogradKernel(ConvKernel):
         return GEOMETRY + self.tensors_signature() + abi.pointers(self.dtype, "scratch")
 
     def scratch_bytes(self, cin: int) -> int:
-        """The per-thread scratch this tile needs on `cin` input channels."""
-        return scratch_elements(self.mr, self.nr, cin, self.staged) * DTYPE_BYTES[self.dtype]
+        """The per-thread scratch this tile needs on `cin` input channels: the products of MR
+        tiles by a panel, and unless `staged` the transformed inputs of those tiles."""
+        inputs = 0 if self.staged else cin * DTYPE_BYTES[self.transformed_type]
+        return POINTS * self.mr * (self.nr * DTYPE_BYTES[self.dtype] + inputs)
 
     def ir(self) -> str:
         module = new_module(self.symbol)
@@ -176,14 +185,15 @@ class WinogradEmitter(ConvEmitter):
         b.comment("arguments: sizes, strides (in elements) and scalars; pointers by role")
         self.v, self.ptr = abi.load_arguments(f, k.signature)
         v = self.v
+        self.products = self.ptr["scratch"]
         if k.staged:
             b.comment("scratch: products[point][row][nr]")
-            self.products = self.ptr["scratch"]
         else:
-            b.comment("scratch: inputs[point][row][cin], then products[point][row][nr]")
-            self.inputs = self.ptr["scratch"]
-            self.products = f.element(self.inputs, b.mul(f.i64(POINTS * k.mr), v["cin"]),
-                                      name="products")
+            b.comment(f"scratch: products[point][row][nr], then inputs[point][row][cin] "
+                      f"({k.transformed_type})")
+            after = f.element(self.products, f.i64(POINTS * k.mr * k.nr), name="after")
+            self.inputs = b.bitcast(after, MEMORY_TYPES[k.transformed_type].as_pointer(),
+                                    name="inputs")
             self.window = window_offsets(f, v)
         self.tiles()
         f.finish()
@@ -256,10 +266,11 @@ class WinogradEmitter(ConvEmitter):
             a_ptr = [f.slot(start.type, f"a{m}_at", start) for m, start in enumerate(starts)]
             acc = [[f.slot(f.vector, f"acc{m}_{j}", f.vconst(0.0)) for j in range(k.nv)]
                    for m in range(k.mr)]
-            with f.loop(0, cin, 1, "kc"):
+            step = self._pair_step if k.dot == "dpbf16" else self._fma_step
+            with f.loop(0, cin, k.pairs, "kc"):
                 w_at = f.get(w_ptr, "w_at")
-                self._fma_step(acc, a_ptr, w_at)
-                f.set(w_ptr, f.element(w_at, k.nr))
+                step(acc, a_ptr, w_at)
+                f.set(w_ptr, f.element(w_at, k.nr * k.pairs))
             for m, j in product(range(k.mr), range(k.nv)):
                 at = b.add(b.mul(b.add(first, f.i64(m)), f.i64(k.nr)), f.i64(j * k.lanes))
                 f.vstore(f.get(acc[m][j]), f.element(self.products, at))
