@@ -349,3 +349,13 @@ def test_a_bfloat16_model_takes_winograd_on_fmas_and_on_vdpbf16ps(dot):
     assert kernels and all(k.element("x") == "bfloat16" and k.dot == dot for k in kernels)
     reference = rc.compile(spec, mode="infer", backend="reference", dtype="bfloat16")
     assert close(exe.forward(x), reference.forward(x).astype(np.float64)) < 2e-2
+
+
+def test_the_pair_kernel_needs_bfloat16_operands_and_its_extension():
+    """vdpbf16ps Winograd tiles refuse float32 operands and a target without AVX512-BF16, in
+    one line, before generating anything."""
+    storage = (("out", "bfloat16"), ("w", "bfloat16"), ("x", "bfloat16"))
+    with pytest.raises(ValueError, match="needs bfloat16 inputs and weights"):
+        WinogradKernel("float32", generic_target("avx512+avx512_bf16"), dot="dpbf16").ir()
+    with pytest.raises(ValueError, match="needs a target with avx512_bf16"):
+        WinogradKernel("float32", generic_target("avx512"), dot="dpbf16", storage=storage).ir()

@@ -201,8 +201,9 @@ class ConvKernel(epilogue.Chained, Tiled):
 class ConvEmitter:
     def __init__(self, kernel: ConvKernel, module: ir.Module):
         self.k = kernel
+        # (on a target with AVX512-BF16 the function carries its features, as vdpbf16ps needs)
         self.f = abi.new_function(module, kernel.symbol, kernel.dtype, kernel.lanes,
-                                  kernel.target)  # vdpbf16ps: the target's AVX512-BF16
+                                  kernel.target)
         self.b = self.f.b
 
     # -- arguments ----------------------------------------------------------------------

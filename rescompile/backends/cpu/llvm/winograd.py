@@ -172,6 +172,7 @@ class WinogradKernel(ConvKernel):
         return POINTS * self.mr * (self.nr * DTYPE_BYTES[self.dtype] + inputs)
 
     def ir(self) -> str:
+        self.check_types()
         module = new_module(self.symbol)
         WinogradEmitter(self, module).emit()
         return str(module)
