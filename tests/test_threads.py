@@ -103,7 +103,6 @@ def test_concurrent_train_steps_lose_no_update(backend):
         assert np.array_equal(shared.state[name], value), name
 
 
-
 def pool_threads() -> int:
     return sum(t.name.startswith("rescompile-") for t in threading.enumerate())
 

@@ -40,8 +40,8 @@ ARRAY_WORDS = 4
 JOB_START = 40
 JOB_WORDS = 64
 
-_pools: dict[int, np.ndarray] = {}  # thread count -> that pool's job table
-_workers: dict[int, list[threading.Thread]] = {}  # thread count -> that pool's threads
+# thread count -> that pool's job table and threads
+_pools: dict[int, tuple[np.ndarray, list[threading.Thread]]] = {}
 
 
 def job_table(threads: int, barrier: int, serve) -> np.ndarray:
@@ -55,23 +55,18 @@ def job_table(threads: int, barrier: int, serve) -> np.ndarray:
                                     daemon=True) for t in range(1, threads)]
         for worker in workers:
             worker.start()
-        _pools[threads], _workers[threads] = job, workers
-    return _pools[threads]
+        _pools[threads] = job, workers
+    return _pools[threads][0]
 
 
 def cpu_seconds(threads: int) -> float | None:
     """The CPU time of the calling thread and the threads of the pool for runs on `threads`
     (None before that pool's first run)."""
-    workers = _workers.get(threads)
-    if workers is None:
+    if threads not in _pools:
         return None
+    _, workers = _pools[threads]
     return time.thread_time() + sum(time.clock_gettime(time.pthread_getcpuclockid(w.ident))
                                     for w in workers)
 
 
-def _forget_pools() -> None:
-    _pools.clear()
-    _workers.clear()
-
-
-os.register_at_fork(after_in_child=_forget_pools)
+os.register_at_fork(after_in_child=_pools.clear)

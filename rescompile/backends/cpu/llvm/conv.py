@@ -125,9 +125,12 @@ class ConvKernel(epilogue.Chained, Tiled):
         steps = self.chain_name("plain")
         if self.sums:
             steps += f"__sums_{sum_kind(self.sums).short}"
-        dot = "" if self.dot == "fma" else f"_{self.dot}"
-        return (f"conv_{self.dtype}_{self.target.isa}{dot}_{self.mr}x{self.nr}_{steps}"
-                f"{self.storage_tag()}")
+        return (f"conv_{self.dtype}_{self.target.isa}{self.dot_tag()}_{self.mr}x{self.nr}_"
+                f"{steps}{self.storage_tag()}")
+
+    def dot_tag(self) -> str:
+        """A symbol's part for how the k loop multiplies: empty for fused multiply-adds."""
+        return "" if self.dot == "fma" else f"_{self.dot}"
 
     @property
     def input_type(self) -> str:

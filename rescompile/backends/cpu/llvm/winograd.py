@@ -148,9 +148,8 @@ class WinogradKernel(ConvKernel):
     @property
     def symbol(self) -> str:
         staged = "_staged" if self.staged else ""
-        dot = "" if self.dot == "fma" else f"_{self.dot}"
-        return (f"winograd{staged}_{self.dtype}_{self.target.isa}{dot}_{self.mr}x{self.nr}_"
-                f"{self.chain_name('plain')}{self.storage_tag()}")
+        return (f"winograd{staged}_{self.dtype}_{self.target.isa}{self.dot_tag()}_{self.mr}x"
+                f"{self.nr}_{self.chain_name('plain')}{self.storage_tag()}")
 
     @property
     def transformed_type(self) -> str:
