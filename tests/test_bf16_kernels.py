@@ -201,6 +201,52 @@ def test_eltwise_kernel(chain, target, cache_dir):
         assert close(out2_array.astype(np.float32), expected2) < TOL
 
 
+SPECIAL_BIASES = np.array([0x7FFFFFFF, 0x7F800001, 0xFFFFFFFF, 0xFFC00001, 0x7F800000,
+                           0xFF800000, 0x7F7FFFFF, 0x00000001, 0x80400000], np.uint32)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
+def test_conv_epilogue_rounds_special_values(variant, cache_dir):
+    """A tile row's outputs are rounded the fast way and checked once (`rounded_once`): a NaN
+    whose payload would carry into the exponent of the unguarded integer rounding, and a
+    signalling NaN, stay NaN; infinities stay infinite; the largest finite value rounds to
+    infinity; a denormal rounds as ml_dtypes rounds it. Where the kernel rounds by
+    vcvtneps2bf16 it runs with MXCSR's denormals-are-zero and flush-to-zero instead: its
+    arithmetic reads a denormal as zero (so the instruction meets none), and the caller gets
+    its MXCSR back. Every other output is the reference's, within TOL."""
+    n, h, w, cin, cout = 2, 3, 5, 4, 32
+    kernel = _conv_kernel(variant, ("bias_add", "relu"), None, cout)
+    rng = np.random.default_rng(21)
+    x = stored(rng.standard_normal((n, h, w, cin)))
+    weights = stored(rng.standard_normal((1, 1, cin, cout)))
+    weights[..., :len(SPECIAL_BIASES)] = 0.0  # the special channels are their bias alone
+    bias = (rng.standard_normal(cout) * 4).astype(np.float32)
+    bias[:len(SPECIAL_BIASES)] = SPECIAL_BIASES.view(np.float32)
+    alpha = 0.25  # a leaky ReLU: negative values are scaled, not zeroed
+    out = bf16(np.zeros((n, h, w, cout)))
+    fields = dict(cin=cin, kh=1, kw=1, stride=1, oh=h, ow=w, panels_outer=0,
+                  **strides("x", x), **strides("out", out), **{"e1.alpha": alpha})
+    pointers = {"x": bf16(x), "w": _packed(weights, kernel), "out": out, "e0.bias": bias}
+    call(kernel, fields, pointers, (0, n * h * w), (0, cout), cache_dir)
+    got = out.astype(np.float32)
+    flushes = "vcvtneps2bf16" in jit.assembly(kernel.ir(), kernel.target)
+    # flushing, the arithmetic reads a denormal as a zero: the accumulator's, +0.0
+    seen = np.where(np.abs(bias) < np.finfo(np.float32).tiny, np.float32(0), bias) \
+        if flushes else bias
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = np.where(seen < 0, seen * np.float32(alpha), seen)
+        expected = epilogue_reference(("bias_add", "relu"), 0, conv_reference(
+            x, weights, 1, (0,) * 4), {"e0.bias": bias.astype(np.float64)}, {"e1.alpha": alpha})
+    special = out[..., :len(SPECIAL_BIASES)]
+    want = bf16(np.broadcast_to(exact[:len(SPECIAL_BIASES)], special.shape))
+    nan = np.isnan(want.astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(special.astype(np.float32)), nan)
+    np.testing.assert_array_equal(special.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    assert close(got[..., len(SPECIAL_BIASES):], expected[..., len(SPECIAL_BIASES):]) < TOL
+    tiny = np.float32(1e-38)
+    assert tiny / np.float32(16) > 0  # the caller's MXCSR back: denormals not flushed
+
+
 @pytest.mark.parametrize("channels", [1, 16])
 def test_rounding_is_to_nearest_even_as_ml_dtypes_rounds(channels, cache_dir):
     """A float32 -> bfloat16 copy rounds every value as the reference backend's ml_dtypes

@@ -209,12 +209,19 @@ class ConvEmitter:
                                   kernel.target)
         self.b = self.f.b
 
+    def flush_if_rounding(self) -> None:
+        """Where vcvtneps2bf16 rounds the stored rows, run with denormals flushed: every value
+        a row rounds (`store_row`) is made by arithmetic, which then makes no denormal."""
+        if self.f.converts_bf16 and any(self.k.element(out) == BF16 for out in self.k.outputs):
+            self.f.flush_denormals()
+
     # -- arguments ----------------------------------------------------------------------
     def emit(self) -> None:
         f, b, k = self.f, self.b, self.k
         b.comment(f"{k.symbol}: a {k.mr} x {k.nr} tile of output pixels by channels")
         b.comment("arguments: sizes, strides (in elements) and scalars; pointers by role")
         self.v, self.ptr = abi.load_arguments(f, k.signature)
+        self.flush_if_rounding()
         v = self.v
         self.k_depth = b.mul(b.mul(v["kh"], v["kw"]), v["cin"], name="k_depth")
         self.x_row_step = b.mul(v["x.row"], v["stride"], name="x_row_step")
@@ -417,16 +424,22 @@ class ConvEmitter:
                 return load(self.pixel(o.role, m, c), j, o.role)
             return epilogue.read_operand(f, o, self.v, self.ptr, self.positions[m],
                                          b.add(c, f.i64(j * k.lanes)), masks[j])
-        outputs, values = [], acc_row
-        for chain, out in zip(k.chains, k.outputs):
-            values = [epilogue.apply_chain(f, chain, values[j], lambda o: operand(o, j),
-                                           self.v, f".m{m}_{j}") for j in range(k.nv)]
-            stored = [f.stored_form(value, self.ptr[out]) for value in values]
-            outputs.append(stored)
-            # what the next chain and the sums are made of: the output as stored
-            values = [f.read_back(value, self.ptr[out]) for value in stored]
-            if out == "out":
-                stored_first = values
+        def row_values() -> list:
+            """Each output's vectors as stored, then the first output's as read back."""
+            outputs, values = [], acc_row
+            for chain, out in zip(k.chains, k.outputs):
+                values = [epilogue.apply_chain(f, chain, values[j], lambda o: operand(o, j),
+                                               self.v, f".m{m}_{j}") for j in range(k.nv)]
+                stored = [f.stored_form(value, self.ptr[out]) for value in values]
+                outputs += stored
+                # what the next chain and the sums are made of: the output as stored
+                values = [f.read_back(value, self.ptr[out]) for value in stored]
+                if out == "out":
+                    stored_first = values
+            return outputs + stored_first
+        made = f.rounded_once(row_values)
+        outputs = [made[i * k.nv:(i + 1) * k.nv] for i in range(len(k.outputs) + 1)]
+        stored_first = outputs.pop()
         valid = self.row_valid(m, rows)
         with b.if_then(valid):
             for out, vectors in zip(k.outputs, outputs):

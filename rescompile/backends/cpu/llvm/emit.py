@@ -15,6 +15,7 @@ So a kernel reads and writes any mix of stored types with the same code.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import llvmlite.binding as llvm
 from llvmlite import ir
@@ -30,7 +31,9 @@ VOID = ir.VoidType()
 FLOAT_TYPES = {"float32": ir.FloatType(), "float64": ir.DoubleType()}  # compute types
 MEMORY_TYPES = {**FLOAT_TYPES, "bfloat16": I16}  # stored types, as they sit in memory
 CONVERTED_LANES = 16  # float32 lanes vcvtneps2bf16 narrows (a zmm register)
-FP_SUBNORMAL = 0x90  # llvm.is.fpclass's test: negative (0x10) or positive (0x80) subnormal
+FPCLASS_DENORMAL = 0x20  # vfpclassps's test for a denormal, either sign
+CHECKED, FAST, EXACT = "checked", "fast", "exact"  # how `narrow` rounds (`rounded_once`)
+MXCSR_FTZ, MXCSR_DAZ = 1 << 15, 1 << 6  # flush-to-zero, denormals-are-zero
 BF16 = "bfloat16"
 
 
@@ -98,6 +101,8 @@ class Function:
         self.b = ir.IRBuilder(self._body)
         self.features = ""  # the function's own target features (`require`)
         self.converts_bf16 = False  # narrows by vcvtneps2bf16 (`convert_bf16`)
+        self._rounding, self._suspects = CHECKED, None  # `rounded_once`'s state
+        self._caller_mxcsr = None  # where `flush_denormals` keeps the caller's MXCSR
 
     def require(self, features: str) -> None:
         """Give this function its own target features (an LLVM "target-features" attribute),
@@ -124,8 +129,26 @@ class Function:
             return existing
         return ir.Function(self.module, ir.FunctionType(ret, params), name)
 
+    def flush_denormals(self) -> None:
+        """From here to the function's end, arithmetic flushes denormals to zero, in and out
+        (MXCSR's DAZ and FTZ; `finish` gives the caller its MXCSR back). Then no float32
+        result is a denormal, and vcvtneps2bf16 rounds every one exactly: `rounded_once`
+        checks none of them."""
+        b = self.b
+        self._caller_mxcsr = self.slot(I32, "caller_mxcsr")
+        kept = self.slot(I32, "mxcsr")
+        save = self.intrinsic("llvm.x86.sse.stmxcsr", VOID, [I8.as_pointer()])
+        load = self.intrinsic("llvm.x86.sse.ldmxcsr", VOID, [I8.as_pointer()])
+        b.call(save, [b.bitcast(self._caller_mxcsr, I8.as_pointer())])
+        flushing = b.or_(self.get(self._caller_mxcsr), ir.Constant(I32, MXCSR_FTZ | MXCSR_DAZ))
+        self.set(kept, flushing)
+        b.call(load, [b.bitcast(kept, I8.as_pointer())])
+
     def finish(self) -> None:
         """Close the function: the entry block (slots only) falls through to the body."""
+        if self._caller_mxcsr is not None:
+            load = self.intrinsic("llvm.x86.sse.ldmxcsr", VOID, [I8.as_pointer()])
+            self.b.call(load, [self.b.bitcast(self._caller_mxcsr, I8.as_pointer())])
         self.b.ret_void()
         ir.IRBuilder(self._entry).branch(self._body)
 
@@ -255,21 +278,21 @@ class Function:
     def narrow(self, value):
         """A float32 vector as the nearest bfloat16 bits, ties to even, a NaN as a quiet NaN of
         its sign: what ml_dtypes' (and so the reference backend's) rounding gives, the same
-        bits on every instruction set. Where the function `converts_bf16`, by vcvtneps2bf16,
-        one instruction for the integer arithmetic's nine: it gives these bits for every
-        value but a denormal (which it flushes to zero), so a vector holding a denormal (a
-        rare branch) takes the integer arithmetic."""
-        if not self.converts_bf16 or value.type.count != CONVERTED_LANES:
+        bits on every instruction set. Inside `rounded_once`, the fast rounding, checked
+        there; elsewhere exact on its own: by vcvtneps2bf16 where the function
+        `converts_bf16` (a vector holding a denormal, which it flushes to zero, takes a rare
+        branch to the integer arithmetic), else by `narrow_bits`."""
+        if self._rounding == EXACT:
             return self.narrow_bits(value)
-        b, vector = self.b, value.type
-        convert = self.intrinsic("llvm.x86.avx512bf16.cvtneps2bf16.512",
-                                 ir.VectorType(I16, vector.count), [vector])
-        classify = self.intrinsic("llvm.is.fpclass.v16f32",
-                                  ir.VectorType(ir.IntType(1), vector.count), [vector, I32])
-        denormal = b.call(classify, [value, ir.Constant(I32, FP_SUBNORMAL)], name="denormal")
-        any_denormal = b.icmp_unsigned("!=", b.bitcast(denormal, I16), ir.Constant(I16, 0),
+        if self._rounding == FAST:
+            return self._narrow_fast(value)
+        if not self._converts(value):
+            return self.narrow_bits(value)
+        b = self.b
+        converted, denormal = self._convert(value)
+        any_denormal = b.icmp_unsigned("!=", b.bitcast(denormal, ir.IntType(value.type.count)),
+                                       ir.Constant(ir.IntType(value.type.count), 0),
                                        name="any_denormal")
-        converted = b.call(convert, [value], name="bf16.converted")
         before = b.block
         with b.if_then(any_denormal, likely=False):
             exact = self.narrow_bits(value)
@@ -279,20 +302,107 @@ class Function:
         bits.add_incoming(exact, exact_from)
         return bits
 
+    def rounded_once(self, compute) -> list:
+        """The list of values `compute()` makes, its bfloat16 roundings (`narrow`) made the
+        fast way and checked once for all: vcvtneps2bf16 (wrong on a denormal) where the
+        function `converts_bf16`, else the integer rounding without its NaN guard (wrong on a
+        NaN). Where any rounded vector held such a value, a rare branch makes every value
+        again by `narrow_bits`. One check for a tile row's vectors in place of one each:
+        the branches cost more than the rounding."""
+        if self._rounding != CHECKED:  # part of an enclosing batch
+            return compute()
+        b = self.b
+        self._rounding, self._suspects = FAST, []
+        try:
+            fast = compute()
+            suspects = self._suspects
+        finally:
+            self._rounding, self._suspects = CHECKED, None
+        if not suspects:
+            return fast
+        suspect = self._any(suspects)
+        before = b.block
+        self._rounding = EXACT
+        try:
+            with b.if_then(suspect, likely=False):
+                exact = compute()
+                exact_from = b.block
+        finally:
+            self._rounding = CHECKED
+        merged = []
+        for quick, slow in zip(fast, exact):
+            if quick is slow:
+                merged.append(quick)
+                continue
+            value = b.phi(quick.type, name=quick.name)
+            value.add_incoming(quick, before)
+            value.add_incoming(slow, exact_from)
+            merged.append(value)
+        return merged
+
+    def _converts(self, value) -> bool:
+        return self.converts_bf16 and value.type.count == CONVERTED_LANES
+
+    def _convert(self, value, classify: bool = True):
+        """vcvtneps2bf16's bits of `value`, and its lanes that hold a denormal (vfpclassps;
+        None unless `classify`)."""
+        b, vector = self.b, value.type
+        convert = self.intrinsic("llvm.x86.avx512bf16.cvtneps2bf16.512",
+                                 ir.VectorType(I16, vector.count), [vector])
+        if not classify:
+            return b.call(convert, [value], name="bf16.converted"), None
+        classify = self.intrinsic("llvm.x86.avx512.fpclass.ps.512",
+                                  ir.VectorType(I1, vector.count), [vector, I32])
+        denormal = b.call(classify, [value, ir.Constant(I32, FPCLASS_DENORMAL)],
+                          name="denormal")
+        return b.call(convert, [value], name="bf16.converted"), denormal
+
+    def _narrow_fast(self, value):
+        """`narrow`'s fast way, its suspect lanes kept for `rounded_once`'s check: a denormal
+        mask, or the value itself (a NaN anywhere makes the check's sum a NaN)."""
+        if self._converts(value):
+            bits, denormal = self._convert(value, classify=self._caller_mxcsr is None)
+            if denormal is not None:
+                self._suspects.append(denormal)
+            return bits
+        self._suspects.append(value)
+        return self.b.trunc(self._rounded(value), ir.VectorType(I16, value.type.count),
+                            name="bf16")
+
+    def _any(self, suspects):
+        """Whether any suspect lane is one (an i1): denormal masks or'ed, values summed."""
+        b = self.b
+        masks = [s for s in suspects if s.type.element == I1]
+        values = [s for s in suspects if s.type.element != I1]
+        if values:  # a NaN anywhere makes the sum a NaN
+            total = functools.reduce(lambda x, y: b.fadd(x, y, name="nan_probe"), values)
+            masks.append(b.fcmp_unordered("uno", total, total, name="nan"))
+        flags = functools.reduce(lambda x, y: b.or_(x, y, name="suspect"), masks)
+        lanes = ir.IntType(flags.type.count)
+        return b.icmp_unsigned("!=", b.bitcast(flags, lanes), ir.Constant(lanes, 0),
+                               name="any_suspect")
+
     def narrow_bits(self, value):
         """`narrow` in integer arithmetic."""
+        b, n = self.b, value.type.count
+        words = ir.VectorType(I32, n)
+        high = b.lshr(b.bitcast(value, words), ir.Constant(words, [16] * n), name="high")
+        quiet = b.or_(high, ir.Constant(words, [0x40] * n), name="quiet_nan")
+        nan = b.fcmp_unordered("uno", value, value, name="nan")
+        return b.trunc(b.select(nan, quiet, self._rounded(value)), ir.VectorType(I16, n),
+                       name="bf16")
+
+    def _rounded(self, value):
+        """The high half of `value`'s bits rounded to nearest even (as i32 lanes): right
+        for every value but a NaN, whose payload may carry into its exponent."""
         b, n = self.b, value.type.count
         words = ir.VectorType(I32, n)
 
         def const(c):
             return ir.Constant(words, [c] * n)
         bits = b.bitcast(value, words, name="bits")
-        high = b.lshr(bits, const(16), name="high")
-        odd = b.and_(high, const(1), name="odd")
-        rounded = b.lshr(b.add(bits, b.add(odd, const(0x7FFF))), const(16), name="rounded")
-        quiet = b.or_(high, const(0x40), name="quiet_nan")
-        nan = b.fcmp_unordered("uno", value, value, name="nan")
-        return b.trunc(b.select(nan, quiet, rounded), ir.VectorType(I16, n), name="bf16")
+        odd = b.and_(b.lshr(bits, const(16)), const(1), name="odd")
+        return b.lshr(b.add(bits, b.add(odd, const(0x7FFF))), const(16), name="rounded")
 
     def stored_form(self, value, ptr):
         """`value` as `ptr` holds it: its bfloat16 bits for a bfloat16 pointer (rounded once

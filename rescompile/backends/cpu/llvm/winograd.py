@@ -184,6 +184,7 @@ class WinogradEmitter(ConvEmitter):
                   f"by {k.nr} channels")
         b.comment("arguments: sizes, strides (in elements) and scalars; pointers by role")
         self.v, self.ptr = abi.load_arguments(f, k.signature)
+        self.flush_if_rounding()
         v = self.v
         self.products = self.ptr["scratch"]
         if k.staged:
@@ -246,10 +247,15 @@ class WinogradEmitter(ConvEmitter):
                     return f.vload(f.element(self.x_rows[m], b.add(self.window[i][j], ci)),
                                    name=f"d{m}_{i}{j}")
 
-                def store(point, value, m=m):
+                def transformed(m=m) -> list:
+                    """The window's 16 transformed vectors, as the scratch holds them."""
+                    points = [None] * POINTS
+                    transform_window(f, load, lambda point, value: points.__setitem__(
+                        point, f.stored_form(value, self.inputs)), str(m))
+                    return points
+                for point, value in enumerate(f.rounded_once(transformed)):
                     row = b.mul(f.i64(point * k.mr + m), v["cin"])
                     f.vstore(value, f.element(self.inputs, b.add(row, ci)))
-                transform_window(f, load, store, str(m))
 
     def multiply(self, c) -> None:
         """products[point] = inputs[point] x the point's weights, for the panel from c."""
