@@ -382,11 +382,16 @@ def test_amx_kernel_is_generated_with_its_features_and_instructions():
 
 def test_pair_kernel_needs_its_extension_and_bfloat16_operands():
     """vdpbf16ps only where the target has AVX512-BF16 and for bfloat16 inputs and weights;
-    a kernel generated for it carries the feature, so it compiles on any code generator."""
+    a kernel generated for it carries the feature, so it compiles on any code generator.
+    A tile one vector wide takes each input pair as the instruction's broadcast memory
+    operand."""
     target = generic_target("avx512+avx512_bf16")
     kernel = _conv_kernel(("dpbf16", ConvKernel, target, "dpbf16", {}), ("relu",), None, 32)
     assembly = jit.assembly(kernel.ir(), generic_target("avx512"))
     assert "vdpbf16ps" in assembly
+    one_vector = _conv_kernel(("dpbf16", ConvKernel, target, "dpbf16", {}), ("relu",), None, 16)
+    dots = re.findall(r"^\s*vdpbf16ps\s.*$", jit.assembly(one_vector.ir(), target), re.M)
+    assert dots and all("{1to16}" in dot for dot in dots)  # the input pair broadcast by it
     with pytest.raises(ValueError, match="needs a target with avx512_bf16"):
         ConvKernel("float32", generic_target("avx512"), dot="dpbf16",
                    storage=(("w", BF16), ("x", BF16))).ir()
