@@ -114,6 +114,29 @@ def test_tuning_changes_no_number(tmp_path, dtype):
         np.testing.assert_array_equal(value, state_b[name], err_msg=name)
 
 
+def test_a_train_step_is_the_same_bits_on_every_vector_width(tmp_path):
+    """AVX2 and AVX-512 kernels take a train step to the same bits: the tiles differ (16
+    registers against 32), and no sum depends on a tile (`slots.BlockSums`), the batch
+    statistics and batch-norm gradient sums a conv makes included."""
+    if not generic_target("avx512").runs_here():
+        pytest.skip("the host runs no AVX-512")
+    rng = np.random.default_rng(1)
+    images, labels = rng.standard_normal((5, *WIDE.model.input)), rng.integers(0, 5, 5)
+    results = []
+    for isa in ("avx2", "avx512"):
+        exe = compiled(tmp_path, tune=False, mode="train", isa=isa)
+        sums = [s.kernel for s in exe.program.plan("train_step").schedule.kernel_steps
+                if isinstance(s.kernel, ConvKernel) and s.kernel.sums]
+        results.append((exe.train_step(images, labels), exe.state, exe.forward(images),
+                        {(k.sums, k.mr) for k in sums}))
+    (loss_a, state_a, logits_a, sums_a), (loss_b, state_b, logits_b, sums_b) = results
+    assert sums_a and sums_a != sums_b
+    assert loss_a == loss_b
+    np.testing.assert_array_equal(logits_a, logits_b)
+    for name, value in state_a.items():
+        np.testing.assert_array_equal(value, state_b[name], err_msg=name)
+
+
 def choose_the_widest(program, dtype: str) -> None:
     """Set the cached choice of every layer that has several tiles to its widest."""
     lanes = program.target.lanes("float32")

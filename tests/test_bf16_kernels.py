@@ -157,7 +157,7 @@ def test_conv_statistics_are_of_the_stored_output(variant, cache_dir):
                   **strides("out", out), **strides("e0.other", residual),
                   **{"sums.chunk": chunk, "sums.width": 20})
     pointers = {"x": xp, "w": _packed(weights, kernel), "out": out, "e0.other": residual,
-                "sums": partial}
+                "sums": partial, "scratch": np.full(2 * 20, np.nan, np.float32)}
     for start in range(0, pixels, chunk):
         call(kernel, fields, pointers, (start, min(pixels, start + chunk)), (0, 20), cache_dir)
     y = conv_reference(x, weights, 1, (1, 1, 1, 1)) + residual.astype(np.float64)

@@ -31,6 +31,7 @@ from rescompile.backends.cpu.llvm.reduce import BatchNormGradApply, ChannelSums,
 from rescompile.backends.cpu.llvm.wgrad import WgradKernel
 from rescompile.backends.cpu.weights import pack_weights
 from rescompile.backends.cpu.target import ISAS, generic_target, host_target
+from rescompile.backends.cpu.tuning import SUM_BLOCK
 from rescompile.padding import pads_2d
 from microkernels import (call, close, conv_reference, epilogue_reference, padded,
                           run_eltwise, strides)
@@ -316,25 +317,35 @@ def _combine(dtype, partial, slots, width, rows, mode, images, pixels, cache_dir
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_conv_statistics_over_fixed_chunks(dtype, cache_dir):
     """The conv's output statistics, chunk by chunk into float64 slots, then combined: the
-    mean and biased variance of batch_moments."""
-    kernel = ConvKernel(dtype, host_target(), ("add",), sums="batch_moments")
+    mean and biased variance of batch_moments. Whatever the tile (MR 3, 5 or the derived
+    one), the slots are bit for bit a standalone sums kernel's over the stored output: both
+    sum the same blocks of pixels (`slots.BlockSums`), one ending inside the first chunk."""
     rng = np.random.default_rng(10)
     x = rng.standard_normal((3, 6, 7, 5)).astype(dtype)
     weights = rng.standard_normal((3, 3, 5, 20)).astype(dtype)
     residual = (rng.standard_normal((3, 6, 7, 20)) + 2.0).astype(dtype)
     y = conv_reference(x, weights, 1, (1, 1, 1, 1)) + residual
-    out = np.empty(y.shape, dtype)
-    chunk, pixels = 50, 3 * 42
+    chunk, pixels = 100, 3 * 42
+    assert SUM_BLOCK < chunk
     slots = -(-pixels // chunk)
-    partial = np.full(slots * 2 * 20, np.nan)
     xp = padded(x, (1, 1, 1, 1))
-    fields = dict(cin=5, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0, **strides("x", xp),
-                  **strides("out", out), **strides("e0.other", residual),
-                  **{"sums.chunk": chunk, "sums.width": 20})
-    _chunked(kernel, fields, {"x": xp, "w": pack_weights(weights, kernel.nr), "out": out,
-                              "e0.other": residual, "sums": partial}, pixels, (0, 20), chunk,
-             cache_dir)
-    assert close(out, y) < TOL[dtype]
+    for mr in (0, 3, 5):
+        kernel = ConvKernel(dtype, host_target(), ("add",), mr=mr, sums="batch_moments")
+        out = np.empty(y.shape, dtype)
+        partial = np.full(slots * 2 * 20, np.nan)
+        fields = dict(cin=5, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0,
+                      **strides("x", xp), **strides("out", out), **strides("e0.other", residual),
+                      **{"sums.chunk": chunk, "sums.width": 20})
+        _chunked(kernel, fields, {"x": xp, "w": pack_weights(weights, kernel.nr), "out": out,
+                                  "e0.other": residual, "sums": partial,
+                                  "scratch": np.full(2 * 20, np.nan, dtype)},
+                 pixels, (0, 20), chunk, cache_dir)
+        assert close(out, y) < TOL[dtype]
+        standalone = np.full(slots * 2 * 20, np.nan)
+        _chunked(ChannelSums(dtype, host_target(), "batch_moments"),
+                 dict(oh=6, ow=7, chunk=chunk, width=20, **strides("x", out)),
+                 {"x": out, "partial": standalone}, pixels, (0, 20), chunk, cache_dir)
+        np.testing.assert_array_equal(partial, standalone, err_msg=f"MR {kernel.mr}")
     mean, var = _combine(dtype, partial, slots, 20, 2, "moments", 3, 42, cache_dir)
     ref_mean, ref_var = ops.get("batch_moments").run_reference({}, y)
     assert close(mean, ref_mean) < TOL[dtype] and close(var, ref_var) < TOL[dtype]

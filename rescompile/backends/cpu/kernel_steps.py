@@ -198,6 +198,9 @@ def _add_sums(step: Step, sums: Sums) -> None:
     step.fields.update({"sums.chunk": REDUCE_CHUNK, "sums.width": step.channels})
     step.slots[sums.partial] = Slots(16 * step.channels, step.pixels, REDUCE_CHUNK)
     step.split, step.fixed_chunk = "pixels", REDUCE_CHUNK
+    # the running sums of a block of pixels, between tiles (`slots.BlockSums`)
+    step.uses["scratch"] = Use(f"{step.name}:scratch", "scratch")
+    step.scratch = 2 * step.channels * DTYPE_BYTES[step.kernel.dtype]
 
 
 def with_sums(conv: Step, sums: Sums | None, outputs, types: TensorTypes, target) -> list[Step]:

@@ -132,7 +132,7 @@ def conv_tile(target: Target, dtype: str, channels: int | None = None,
     """(MR, NV) of the conv and weight-gradient register tiles for `channels` output channels:
     NV vectors of channels, 2 unless one vector holds them all (a 16-channel layer on
     AVX-512 would otherwise leave half of every tile masked off), and `tile_rows` rows.
-    Derived from the shapes, the types and the instruction set alone: the rows group the sums
-    a conv makes of its output, so the tile must not depend on a measurement."""
+    Derived from the shapes, the types and the instruction set alone; the tuner may measure
+    others (`autotune.candidates`), and no tile changes a number."""
     nv = 1 if channels is not None and channels <= target.lanes(dtype) else 2
     return tile_rows(target, nv, depth, widens, pixels), nv

@@ -37,10 +37,13 @@ computes it.
 Weights of a dense layer are a 1x1 kernel over 1x1 images: the head runs on the same tile.
 
 With `sums` (training: an op of `reduce.SUMS`), the kernel also makes two per-channel sums of
-its output over the call's pixels, in float64 (a tile's rows in the kernel's dtype, then into
-float64), into slot `p_begin / sums.chunk` of a [slot][2][sums.width] buffer: the caller cuts a
-step into fixed chunks of pixels, one call each, and combines the slots in order
-(`reduce.SlotSum`), so the sums do not depend on how many threads ran the calls. The sums are
+its output over the call's pixels, in float64, into slot `p_begin / sums.chunk` of a
+[slot][2][sums.width] buffer: the caller cuts a step into fixed chunks of pixels, one call each,
+and combines the slots in order (`reduce.SlotSum`), so the sums do not depend on how many
+threads ran the calls. Within a call, blocks of SUM_BLOCK pixels are summed in the kernel's
+dtype, each then added into float64 (`slots.BlockSums`, the running sums kept in the thread's
+scratch from tile to tile), so they do not depend on the tile either: the tuner may time
+these kernels' tiles, and every instruction set makes the same bits. The sums are
 `reduce.ChannelSums`': batch_moments (y, y * y: a forward conv's batch statistics), or a data
 gradient's batch-norm gradient sums (g, g * xhat, read against the batch norm's input
 `sums.x`), so the reduction reads the gradient while it is in registers.
@@ -79,12 +82,12 @@ from typing import ClassVar
 from llvmlite import ir
 
 from ..target import Target
-from ..tuning import conv_tile
+from ..tuning import SUM_BLOCK, conv_tile
 from . import abi, epilogue
 from .emit import BF16, I8, I32, VOID, Tiled, new_module
 from .pixels import TRUE, PixelWalk, load_vector, next_pixel, offset, store_vector
 from .reduce import sum_kind, sum_operands, sum_terms
-from .slots import add_f64, statistics_slot
+from .slots import BlockSums, statistics_slot
 
 GEOMETRY = abi.sizes("cin", "kh", "kw", "stride", "oh", "ow", "panels_outer")
 PAIR = 2  # input channels per vdpbf16ps (and per AMX tile element pair)
@@ -175,7 +178,8 @@ class ConvKernel(epilogue.Chained, Tiled):
             signature += (abi.stored(self, *[f"sums.{n}" for n in self._sum_operands])
                           + abi.scalars(*[f"sums.{n}" for n in sum_kind(self.sums).scalars])
                           + abi.sizes("sums.chunk", "sums.width")
-                          + abi.pointers("float64", "sums", written=True))
+                          + abi.pointers("float64", "sums", written=True)
+                          + abi.pointers(self.dtype, "scratch"))
         return signature
 
     @property
@@ -228,11 +232,13 @@ class ConvEmitter:
         self.x_pixel_step = b.mul(v["x.pixel"], v["stride"], name="x_pixel_step")
         self.row_depth = b.mul(v["kw"], v["cin"], name="row_depth")
         if k.sums:
-            self.sums_slot = statistics_slot(f, self.ptr["sums"], v["sums.chunk"],
-                                             v["sums.width"], 2)
+            slot = statistics_slot(f, self.ptr["sums"], v["sums.chunk"], v["sums.width"], 2)
+            self.block_sums = BlockSums(f, slot, self.ptr["scratch"])
             self.sum_scalars = {n: v[f"sums.{n}"] for n in sum_kind(k.sums).scalars}
         self.tiles()
         self.finish_tiles()
+        if k.sums:
+            self.block_sums.finish()
         f.finish()
 
     def finish_tiles(self) -> None:
@@ -272,6 +278,7 @@ class ConvEmitter:
         """Rows left from p (at most MR are used) and the tile's row pointers."""
         self.b.comment(f"tile of {self.k.mr} pixels from p: row pointers")
         rows = self.b.sub(self.f.args["p_end"], p, name="rows_left")
+        self.tile_start = p
         self.row_pointers(rows)
         return rows
 
@@ -381,19 +388,19 @@ class ConvEmitter:
                 self.epilogue(acc, c, rows, width)
 
     def epilogue(self, acc, c, rows, width) -> None:
-        f, b, k = self.f, self.b, self.k
+        b, k = self.b, self.k
         panel = self.panel_operands(c, width)
-        sums = [[None] * k.nv, [None] * k.nv]
+        if k.sums:
+            b.comment("the panel's running block sums")
+            sums = self.block_sums.open(c, panel["masks"])
         for m in range(k.mr):
             stored, valid = self.store_row(m, acc[m], c, rows, panel)
             if k.sums:
                 self.add_row_sums(sums, stored, m, valid, c, panel)
+                with b.if_then(b.and_(valid, self.ends_block(m)), likely=False):
+                    self.block_sums.end_block(sums, c, width)
         if k.sums:
-            b.comment("the tile's two channel sums, into float64 slots")
-            for row, vectors in enumerate(sums):
-                for j in range(k.nv):
-                    add_f64(f, self.sums_slot, row, b.add(c, f.i64(j * k.lanes)), vectors[j],
-                            None if width is None else b.sub(width, f.i64(j * k.lanes)))
+            self.block_sums.close(sums, c, panel["masks"])
 
     def panel_operands(self, c, width) -> dict:
         """What every row of a panel's epilogue reads alike: the lane masks of its vectors
@@ -470,7 +477,11 @@ class ConvEmitter:
                 else None
             ch = {n: vectors[j] for n, vectors in panel["against"].items()}
             first, second = sum_terms(f, k.sums, values[j], x, ch, self.sum_scalars)
-            first = b.select(valid, first, zero)
-            sums[0][j] = first if m == 0 else b.fadd(sums[0][j], first)
-            sums[1][j] = (b.fmul(first, second) if m == 0
-                          else f.fma(first, second, sums[1][j]))
+            self.block_sums.add(sums, j, b.select(valid, first, zero), second)
+
+    def ends_block(self, m: int):
+        """Whether tile row m's pixel is the last of a block of sums (an i1)."""
+        f, b = self.f, self.b
+        done = b.sub(b.add(self.tile_start, f.i64(m + 1)), f.args["p_begin"])
+        return b.icmp_unsigned("==", b.urem(done, f.i64(SUM_BLOCK)), f.i64(0),
+                               name=f"row{m}_ends_block")

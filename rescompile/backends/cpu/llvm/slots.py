@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
-from .emit import I32, Function
+from .emit import I32, I64, Function
+from .pixels import channel_vectors, load_vector, store_vector
 
 F64 = ir.DoubleType()
 
@@ -56,21 +57,94 @@ def halves(f: Function, vector) -> list:
 
 def add_f64(f: Function, slot: Slot, row, c, vector, left=None) -> None:
     """slot[row][c : c + lanes] += vector, in float64 (`row`: an int or an i64); only the
-    first `left` lanes (an i64) when given (the last, partial vector of a channel range)."""
+    first `left` lanes (an i64) when given (the last, partial vector of a channel range), by
+    masked loads and stores."""
     b = f.b
     row = f.i64(row) if isinstance(row, int) else row
     at = b.gep(slot.base, [b.add(b.mul(slot.width, row), c)])
-    if left is None:
-        offset = 0
-        for part in halves(f, vector):
-            where = b.bitcast(b.gep(at, [f.i64(offset)]), part.type.as_pointer())
+    offset = 0
+    for part in halves(f, vector):
+        where = b.bitcast(b.gep(at, [f.i64(offset)]), part.type.as_pointer())
+        if left is None:
             b.store(b.fadd(b.load(where, align=8), part), where, align=8)
-            offset += part.type.count
-        return
-    for lane in range(f.lanes):
-        with b.if_then(b.icmp_signed("<", f.i64(lane), left)):
-            value = b.extract_element(vector, ir.Constant(I32, lane))
-            if f.dtype == "float32":
-                value = b.fpext(value, F64)
-            where = b.gep(at, [f.i64(lane)])
-            b.store(b.fadd(b.load(where), value), where)
+        else:
+            mask = _lanes_below(f, offset, part.type.count, left)
+            load = f._intrinsic("masked.load", part.type,
+                                [part.type.as_pointer(), I32, mask.type, part.type])
+            store = f._intrinsic("masked.store", ir.VoidType(),
+                                 [part.type, part.type.as_pointer(), I32, mask.type])
+            total = b.fadd(b.call(load, [where, ir.Constant(I32, 8), mask,
+                                         ir.Constant(part.type, None)]), part)
+            b.call(store, [total, where, ir.Constant(I32, 8), mask])
+        offset += part.type.count
+
+
+def _lanes_below(f: Function, first: int, count: int, left):
+    """Which of `count` lanes numbered from `first` lie below `left` (an i64)."""
+    lanes = ir.VectorType(I64, count)
+    numbers = ir.Constant(lanes, [first + i for i in range(count)])
+    return f.b.icmp_signed("<", numbers, f.splat_as(left, lanes, "left_lanes"))
+
+
+class BlockSums:
+    """Two rows of per-channel sums made SUM_BLOCK pixels at a time (`tuning.SUM_BLOCK`,
+    counted from the call's first pixel): each block summed in the kernel's dtype, then added
+    into the float64 `slot` as it ends. The blocks, so the bits, are a standalone sums
+    kernel's (`reduce.ChannelSums`), whatever tile made the rows. A conv keeps a block's
+    running sums in `partial` ([2][width] of its dtype, the thread's scratch) from one tile
+    to the next: a panel's are loaded (`open`), added to row by row (`add`), added to the
+    slot where a block ends (`end_block`) and stored (`close`); `finish` adds what is left
+    at the end of the call."""
+
+    def __init__(self, f: Function, slot: Slot, partial):
+        self.f, self.slot, self.partial = f, slot, partial
+        with f.loop(0, 2, 1, "zero_partial") as row:
+            with f.loop(f.args["c_begin"], f.args["c_end"], 1, "zero_partial_c") as c:
+                f.b.store(ir.Constant(f.scalar, 0.0), self._at(row, c))
+
+    def _at(self, row, c):
+        b = self.f.b
+        row = self.f.i64(row) if isinstance(row, int) else row
+        return b.gep(self.partial, [b.add(b.mul(row, self.slot.width), c)])
+
+    def _vector(self, row: int, c, j: int):
+        return self._at(row, self.f.b.add(c, self.f.i64(j * self.f.lanes)))
+
+    def open(self, c, masks) -> list:
+        """The running sums of the panel from c: two rows of one variable per vector."""
+        f = self.f
+        return [[f.slot(f.vector, f"sums{row}_{j}",
+                        load_vector(f, self._vector(row, c, j), mask, name=f"sums{row}_{j}"))
+                 for j, mask in enumerate(masks)] for row in range(2)]
+
+    def add(self, sums, j: int, first, second) -> None:
+        """Row 0 += first, row 1 += first * second (one rounding: a fused multiply-add)."""
+        f = self.f
+        f.set(sums[0][j], f.b.fadd(f.get(sums[0][j]), first))
+        f.set(sums[1][j], f.fma(first, second, f.get(sums[1][j])))
+
+    def end_block(self, sums, c, width) -> None:
+        """The block's sums into the slot (the first `width` channels from c: None for
+        every lane), and the running sums zeroed."""
+        f = self.f
+        for row, variables in enumerate(sums):
+            for j, variable in enumerate(variables):
+                left = None if width is None else f.b.sub(width, f.i64(j * f.lanes))
+                add_f64(f, self.slot, row, f.b.add(c, f.i64(j * f.lanes)), f.get(variable),
+                        left)
+                f.set(variable, f.vconst(0.0))
+
+    def close(self, sums, c, masks) -> None:
+        for row, variables in enumerate(sums):
+            for j, (variable, mask) in enumerate(zip(variables, masks)):
+                store_vector(self.f, self.f.get(variable), self._vector(row, c, j), mask)
+
+    def finish(self) -> None:
+        """The last block's sums, every channel's, into the slot."""
+        f = self.f
+
+        def vector(c, mask):
+            left = None if mask is None else f.b.sub(f.args["c_end"], c, name="lanes_left")
+            for row in range(2):
+                add_f64(f, self.slot, row, c, load_vector(f, self._at(row, c), mask), left)
+        channel_vectors(f, vector)
