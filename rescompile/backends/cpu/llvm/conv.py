@@ -42,8 +42,8 @@ its output over the call's pixels, in float64, into slot `p_begin / sums.chunk` 
 and combines the slots in order (`reduce.SlotSum`), so the sums do not depend on how many
 threads ran the calls. Within a call, blocks of SUM_BLOCK pixels are summed in the kernel's
 dtype, each then added into float64 (`slots.BlockSums`, the running sums kept in the thread's
-scratch from tile to tile), so they do not depend on the tile either: the tuner may time
-these kernels' tiles, and every instruction set makes the same bits. The sums are
+scratch from tile to tile), so they depend neither on the tile nor on the instruction set
+(AVX2 and AVX-512 make the same bits). The sums are
 `reduce.ChannelSums`': batch_moments (y, y * y: a forward conv's batch statistics), or a data
 gradient's batch-norm gradient sums (g, g * xhat, read against the batch norm's input
 `sums.x`), so the reduction reads the gradient while it is in registers.

@@ -304,11 +304,11 @@ class Function:
 
     def rounded_once(self, compute) -> list:
         """The list of values `compute()` makes, its bfloat16 roundings (`narrow`) made the
-        fast way and checked once for all: vcvtneps2bf16 (wrong on a denormal) where the
-        function `converts_bf16`, else the integer rounding without its NaN guard (wrong on a
-        NaN). Where any rounded vector held such a value, a rare branch makes every value
-        again by `narrow_bits`. One check for a tile row's vectors in place of one each:
-        the branches cost more than the rounding."""
+        fast way and checked once for all: vcvtneps2bf16 (wrong on a denormal, so checked
+        unless the function `flush_denormals`) where the function `converts_bf16`, else the
+        integer rounding without its NaN guard (wrong on a NaN). Where any rounded vector held
+        such a value, a rare branch makes every value again by `narrow_bits`. One check for a
+        tile row's vectors in place of one each: the branches cost more than the rounding."""
         if self._rounding != CHECKED:  # part of an enclosing batch
             return compute()
         b = self.b
@@ -351,9 +351,9 @@ class Function:
                                  ir.VectorType(I16, vector.count), [vector])
         if not classify:
             return b.call(convert, [value], name="bf16.converted"), None
-        classify = self.intrinsic("llvm.x86.avx512.fpclass.ps.512",
-                                  ir.VectorType(I1, vector.count), [vector, I32])
-        denormal = b.call(classify, [value, ir.Constant(I32, FPCLASS_DENORMAL)],
+        fpclass = self.intrinsic("llvm.x86.avx512.fpclass.ps.512",
+                                 ir.VectorType(I1, vector.count), [vector, I32])
+        denormal = b.call(fpclass, [value, ir.Constant(I32, FPCLASS_DENORMAL)],
                           name="denormal")
         return b.call(convert, [value], name="bf16.converted"), denormal
 
@@ -437,9 +437,11 @@ class Function:
         return self.splat_as(value, ir.VectorType(I32, self.lanes), name)
 
     def masked_load(self, ptr, mask, name: str = ""):
-        vec = ir.VectorType(ptr.type.pointee, self.lanes)
+        """The lanes of `mask` (as many as it has) from `ptr` on, zero where it is off."""
+        vec = ir.VectorType(ptr.type.pointee, mask.type.count)
         fn = self._intrinsic("masked.load", vec, [vec.as_pointer(), I32, mask.type, vec])
-        raw = self.b.call(fn, [self.vptr(ptr), ir.Constant(I32, self.bytes_of(ptr)), mask,
+        raw = self.b.call(fn, [self.b.bitcast(ptr, vec.as_pointer()),
+                               ir.Constant(I32, self.bytes_of(ptr)), mask,
                                ir.Constant(vec, None)], name=name)
         return self.widen(raw, name) if self.narrow_at(ptr) else raw
 
@@ -447,7 +449,8 @@ class Function:
         value = self.stored_form(value, ptr)
         fn = self._intrinsic("masked.store", VOID,
                              [value.type, value.type.as_pointer(), I32, mask.type])
-        self.b.call(fn, [value, self.vptr(ptr), ir.Constant(I32, self.bytes_of(ptr)), mask])
+        self.b.call(fn, [value, self.b.bitcast(ptr, value.type.as_pointer()),
+                         ir.Constant(I32, self.bytes_of(ptr)), mask])
 
     # -- arithmetic -----------------------------------------------------------------------
     def splat(self, value, name: str = ""):

@@ -64,18 +64,13 @@ def add_f64(f: Function, slot: Slot, row, c, vector, left=None) -> None:
     at = b.gep(slot.base, [b.add(b.mul(slot.width, row), c)])
     offset = 0
     for part in halves(f, vector):
-        where = b.bitcast(b.gep(at, [f.i64(offset)]), part.type.as_pointer())
+        here = b.gep(at, [f.i64(offset)])
         if left is None:
+            where = b.bitcast(here, part.type.as_pointer())
             b.store(b.fadd(b.load(where, align=8), part), where, align=8)
         else:
             mask = _lanes_below(f, offset, part.type.count, left)
-            load = f._intrinsic("masked.load", part.type,
-                                [part.type.as_pointer(), I32, mask.type, part.type])
-            store = f._intrinsic("masked.store", ir.VoidType(),
-                                 [part.type, part.type.as_pointer(), I32, mask.type])
-            total = b.fadd(b.call(load, [where, ir.Constant(I32, 8), mask,
-                                         ir.Constant(part.type, None)]), part)
-            b.call(store, [total, where, ir.Constant(I32, 8), mask])
+            f.masked_store(b.fadd(f.masked_load(here, mask), part), here, mask)
         offset += part.type.count
 
 
