@@ -290,11 +290,8 @@ class Function:
             return self.narrow_bits(value)
         b = self.b
         converted, denormal = self._convert(value)
-        any_denormal = b.icmp_unsigned("!=", b.bitcast(denormal, ir.IntType(value.type.count)),
-                                       ir.Constant(ir.IntType(value.type.count), 0),
-                                       name="any_denormal")
         before = b.block
-        with b.if_then(any_denormal, likely=False):
+        with b.if_then(self._any([denormal]), likely=False):
             exact = self.narrow_bits(value)
             exact_from = b.block
         bits = b.phi(converted.type, name="bf16")
@@ -349,13 +346,13 @@ class Function:
         b, vector = self.b, value.type
         convert = self.intrinsic("llvm.x86.avx512bf16.cvtneps2bf16.512",
                                  ir.VectorType(I16, vector.count), [vector])
+        converted = b.call(convert, [value], name="bf16.converted")
         if not classify:
-            return b.call(convert, [value], name="bf16.converted"), None
+            return converted, None
         fpclass = self.intrinsic("llvm.x86.avx512.fpclass.ps.512",
                                  ir.VectorType(I1, vector.count), [vector, I32])
-        denormal = b.call(fpclass, [value, ir.Constant(I32, FPCLASS_DENORMAL)],
-                          name="denormal")
-        return b.call(convert, [value], name="bf16.converted"), denormal
+        return converted, b.call(fpclass, [value, ir.Constant(I32, FPCLASS_DENORMAL)],
+                                 name="denormal")
 
     def _narrow_fast(self, value):
         """`narrow`'s fast way, its suspect lanes kept for `rounded_once`'s check: a denormal
@@ -416,11 +413,12 @@ class Function:
         uses of an output it stores."""
         return self.widen(stored) if self.narrow_at(ptr) else stored
 
-    def mask(self, first_lane: int, width):
-        """Lanes first_lane.. of one vector that lie below `width` (a run-time count)."""
-        lanes = ir.Constant(ir.VectorType(I64, self.lanes),
-                            [first_lane + i for i in range(self.lanes)])
-        return self.b.icmp_signed("<", lanes, self.splat_int(width, "width_lanes"),
+    def mask(self, first_lane: int, width, lanes: int | None = None):
+        """Lanes first_lane.. of one vector (of `lanes` lanes, the function's by default) that
+        lie below `width` (a run-time count)."""
+        vec = ir.VectorType(I64, lanes or self.lanes)
+        numbers = ir.Constant(vec, [first_lane + i for i in range(vec.count)])
+        return self.b.icmp_signed("<", numbers, self.splat_as(width, vec, "width_lanes"),
                                   name=f"mask_from{first_lane}")
 
     def splat_flag(self, flag):

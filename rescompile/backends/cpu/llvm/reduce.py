@@ -29,7 +29,7 @@ from .arith import Vec, VectorArithmetic
 from .emit import Function
 from .pixels import PixelWalk, channel_vectors, load_vector, offset, store_vector
 from .pixelwise import PixelKernel
-from .slots import F64, add_f64, statistics_slot
+from .slots import F64, add_f64, add_summands, statistics_slot
 
 
 @dataclass(frozen=True)
@@ -141,9 +141,8 @@ class ChannelSums(PixelKernel):
                     x = _pixel(f, v, ptr, "x", at, c, mask)
                     summed = x if self.summed == "x" else _pixel(f, v, ptr, self.summed, at, c,
                                                                  mask)
-                    g, h = sum_terms(f, self.op, summed, x, ch, scalars)
-                    f.set(first, b.fadd(f.get(first), g))
-                    f.set(second, f.fma(g, h, f.get(second)))
+                    add_summands(f, first, second, *sum_terms(f, self.op, summed, x, ch,
+                                                              scalars))
                     walk.advance()
                 add_f64(f, slot, 0, c, f.get(first), left)
                 add_f64(f, slot, 1, c, f.get(second), left)

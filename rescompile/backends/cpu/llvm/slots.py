@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
-from .emit import I32, I64, Function
+from .emit import I32, Function
 from .pixels import channel_vectors, load_vector, store_vector
 
 F64 = ir.DoubleType()
@@ -69,16 +69,17 @@ def add_f64(f: Function, slot: Slot, row, c, vector, left=None) -> None:
             where = b.bitcast(here, part.type.as_pointer())
             b.store(b.fadd(b.load(where, align=8), part), where, align=8)
         else:
-            mask = _lanes_below(f, offset, part.type.count, left)
+            mask = f.mask(offset, left, part.type.count)
             f.masked_store(b.fadd(f.masked_load(here, mask), part), here, mask)
         offset += part.type.count
 
 
-def _lanes_below(f: Function, first: int, count: int, left):
-    """Which of `count` lanes numbered from `first` lie below `left` (an i64)."""
-    lanes = ir.VectorType(I64, count)
-    numbers = ir.Constant(lanes, [first + i for i in range(count)])
-    return f.b.icmp_signed("<", numbers, f.splat_as(left, lanes, "left_lanes"))
+def add_summands(f: Function, total, product, first, second) -> None:
+    """The variables `total` += first and `product` += first * second (one rounding: a fused
+    multiply-add): every sums kernel's step, so a conv's sums and a standalone kernel's are
+    the same bits."""
+    f.set(total, f.b.fadd(f.get(total), first))
+    f.set(product, f.fma(first, second, f.get(product)))
 
 
 class BlockSums:
@@ -113,10 +114,7 @@ class BlockSums:
                  for j, mask in enumerate(masks)] for row in range(2)]
 
     def add(self, sums, j: int, first, second) -> None:
-        """Row 0 += first, row 1 += first * second (one rounding: a fused multiply-add)."""
-        f = self.f
-        f.set(sums[0][j], f.b.fadd(f.get(sums[0][j]), first))
-        f.set(sums[1][j], f.fma(first, second, f.get(sums[1][j])))
+        add_summands(self.f, sums[0][j], sums[1][j], first, second)
 
     def end_block(self, sums, c, width) -> None:
         """The block's sums into the slot (the first `width` channels from c: None for
