@@ -99,13 +99,18 @@ def _dot_id(name: str) -> str:
 
 def kernel_label(node) -> str:
     """A node's op with the chains a fused node runs: `fused_conv2d[bias_add+relu]`, with
-    `|` before a second output's chain and `+stats` or `+<op>` for a reduction it makes."""
-    if "epilogue" not in node.attrs:
+    `|` before a second output's chain, `>` after a prologue's (the chain on its input:
+    `prologue_conv2d_grad_filter[batch_normalize+relu>]`) and `+stats` or `+<op>` for a
+    reduction it makes."""
+    attrs = node.attrs
+    if "epilogue" not in attrs and "prologue" not in attrs:
         return node.op
-    chains = ["+".join(step["op"] for step in node.attrs["epilogue"])]
-    if node.attrs.get("out2"):
-        chains.append("+".join(step["op"] for step in node.attrs["out2"]))
-    label = f"{node.op}[{'|'.join(chains)}]"
+    chains = ["+".join(step["op"] for step in attrs["epilogue"])] if "epilogue" in attrs else []
+    if attrs.get("out2"):
+        chains.append("+".join(step["op"] for step in attrs["out2"]))
+    prologue = "+".join(step["op"] for step in attrs["prologue"]) + ">" \
+        if "prologue" in attrs else ""
+    label = f"{node.op}[{prologue}{'|'.join(chains)}]"
     if node.attrs.get("stats"):
         label += "+stats"
     if node.attrs.get("sums"):

@@ -174,8 +174,9 @@ def test_profile_counts_every_kernel_call(resnet164):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_profile_counts_the_bytes_a_conv_step_moves(dtype):
     """The train step's projection 1x1 conv, 4 -> 8 channels on 8 x 8 images, batch 2:
-    it reads its input and one panel of packed weights, and writes its output, each in the
-    bytes of the type it is stored in (a bfloat16 model's activations 2 an element, its
+    it reads its input, the four per-channel vectors of the BN-ReLU it applies as it reads
+    (float32, `fuse_prologues`) and one panel of packed weights, and writes its output, each
+    in the bytes of the type it is stored in (a bfloat16 model's activations 2 an element, its
     packed weights 2 for the pair kernels, 4 for FMAs, which hold them as float32)."""
     exe = rc.compile(tiny_spec(), mode="train", backend="cpu", dtype=dtype)
     program = exe.program
@@ -188,7 +189,7 @@ def test_profile_counts_the_bytes_a_conv_step_moves(dtype):
                    if s.name == row["name"]).uses["w"]
     pixel = 2 if dtype == "bfloat16" else 4
     packed = {"bfloat16": 2, "float32": 4}[program.types.packed(weights)]
-    assert row["bytes_read"] == pixel * 2 * 8 * 8 * 4 + packed * 1 * 1 * 4 * weights.nr
+    assert row["bytes_read"] == pixel * 2 * 8 * 8 * 4 + 4 * 4 * 4 + packed * 1 * 1 * 4 * weights.nr
     assert row["bytes_written"] == pixel * 2 * 8 * 8 * 8
     assert row["flop_per_byte"] == 2 * (2 * 8 * 8) * 4 * 8 / (row["bytes_read"] +
                                                                 row["bytes_written"])
@@ -306,13 +307,17 @@ def test_resnet164_train_step_structure(resnet164_train):
     steps = program.plan("train_step").schedule.steps
     kernels = [s for s in steps if isinstance(s, Step)]
     ops = [s.op for s in kernels]
-    assert len(kernels) == 1324
+    assert len(kernels) == 1216
     # per conv: forward (+ its statistics' sum), data gradient, weight gradient (+ its sum);
-    # per batch norm: normalise, the gradient's sums' combination and its apply
-    assert (ops.count("fused_conv2d"), ops.count("fused_conv2d_grad_input"),
-            ops.count("conv2d_grad_input"), ops.count("conv2d_grad_filter")) == (163, 164, 1, 166)
+    # per batch norm: normalise, the gradient's sums' combination and its apply; the 1 x 1
+    # convs reading a BN-ReLU (conv1, conv3, the first projection) normalise as they read,
+    # forward and weight gradient
+    assert (ops.count("fused_conv2d"), ops.count("prologue_fused_conv2d"),
+            ops.count("fused_conv2d_grad_input"), ops.count("conv2d_grad_input"),
+            ops.count("conv2d_grad_filter"), ops.count("prologue_conv2d_grad_filter")) == \
+        (55, 109, 164, 1, 57, 109)
     assert (ops.count("fused_elementwise"), ops.count("batch_norm_relu_grad_apply"),
-            ops.count("fused_batch_norm_relu_grad_apply")) == (163, 112, 51)
+            ops.count("fused_batch_norm_relu_grad_apply")) == (55, 112, 51)
     # only the last batch norm, whose input gradient comes from the pool, sums on its own
     assert ops.count("batch_norm_relu_grad_sums") == 1
     assert "add" not in ops  # every gradient add runs in the kernel making its operand
@@ -322,7 +327,7 @@ def test_resnet164_train_step_structure(resnet164_train):
                      "moving_average"}
     # the first stage's 16-channel layers have kernels of their own where a vector holds 16,
     # and weight gradients tiles whose rows divide their depth
-    assert len(program.kernels) == {"avx512": 25}.get(program.target.isa, 19)
+    assert len(program.kernels) == {"avx512": 29}.get(program.target.isa, 22)
     phases = sum(1 for a, b in zip([None] + steps, steps)
                  if isinstance(b, Step) and not isinstance(a, Step))
     assert phases == 2  # the forward and backward bodies: two calls of the driver

@@ -60,7 +60,8 @@ def test_train_graph_is_never_bn_folded(seed_train):
     before, after = seed_train.stages[1][1].count_ops(), seed_train.graph.count_ops()
     assert before["batch_norm"] == 19
     assert not {"batch_norm", "fold_bn_weights", "bn_affine_params", "affine"} & set(after)
-    assert all(not n.attrs.get("stats") or n.op == "fused_conv2d" for n in seed_train.graph.nodes)
+    assert all(not n.attrs.get("stats") or n.op in ("fused_conv2d", "prologue_fused_conv2d")
+               for n in seed_train.graph.nodes)
 
 
 def test_train_pipeline_fuses_normalize_relu_stats_and_relu_backward(seed_train):
@@ -74,7 +75,10 @@ def test_train_pipeline_fuses_normalize_relu_stats_and_relu_backward(seed_train)
     assert (len(in_convs), ops["batch_norm_relu_grad_sums"]) == (18, 1)
     normalize_relu = [n for n in seed_train.graph.nodes if n.op == "fused_elementwise"
                       and [s["op"] for s in n.attrs["epilogue"]] == ["batch_normalize", "relu"]]
-    assert len(normalize_relu) == 19
+    # the rest run as the prologue of the 1 x 1 convs reading them (a BN-ReLU by its gamma)
+    prologues = {n.inputs[n.attrs["prologue"][0]["args"][0]] for n in seed_train.graph.nodes
+                 if "prologue" in n.attrs}
+    assert (len(normalize_relu), len(prologues)) == (7, 12)
     assert sum(bool(n.attrs.get("stats")) for n in seed_train.graph.nodes) == 19
 
 
@@ -90,13 +94,13 @@ def test_gradient_fusions_report_their_refusals(seed_train):
 
 
 def test_a_backend_without_a_fused_kernel_skips_its_pass_and_says_so():
-    """The cuda backend has no kernel for the gradient halves and fused data gradients: its
-    pipeline leaves their passes out, each with a remark, and its graph holds only ops it
-    runs."""
+    """The cuda backend has no kernel for the gradient halves, fused data gradients and
+    prologue convs: its pipeline leaves their passes out, each with a remark, and its graph
+    holds only ops it runs."""
     from rescompile.backends import cuda
     lowered = lower(tiny_spec(), "train", backend="cuda")
     skipped = {r.pass_name: r.reason for r in lowered.remarks if r.node == "(pipeline)"}
-    assert set(skipped) == {"split_bn_grad", "fuse_grad_adds"}
+    assert set(skipped) == {"split_bn_grad", "fuse_grad_adds", "fuse_prologues"}
     assert "has no kernel for batch_norm_relu_grad_apply" in skipped["split_bn_grad"]
     assert all(cuda.supports(n.op) for n in lowered.graph.nodes)
     assert not any(r.node == "(pipeline)" for r in lower(tiny_spec(), "train").remarks)

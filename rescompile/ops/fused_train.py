@@ -17,6 +17,10 @@ bits.
   fused node's inputs after the head's own; `fused_conv2d_grad_input` also takes `sums`, a step
   naming a norm_grad_sums op whose outputs (of the data gradient it makes) it appends, so a
   batch-norm gradient's reduction reads the data gradient while it is being written.
+- prologue_<head> for the kernels that can read their input through per-channel steps: the
+  head on `prologue` steps applied to its first input (args index the node's inputs, as an
+  epilogue's do), the result stored as the tensor would be (`stored`), so a batch norm and
+  ReLU whose output only 1 x 1 convolutions and their weight gradients read is never written.
 """
 
 from ..precision import stored
@@ -124,3 +128,25 @@ def _define_epilogue_form(head: str, takes_sums: bool) -> None:
 _define_epilogue_form("conv2d_grad_input", takes_sums=True)
 for _apply in ("batch_norm_grad_apply", "batch_norm_relu_grad_apply"):
     _define_epilogue_form(_apply, takes_sums=False)
+
+
+def _define_prologue_form(head: str, own: int | None) -> None:
+    """Define prologue_<head>: head on its first input through `prologue` steps; the head
+    reads the node's first `own` inputs (None: every input)."""
+    base = get(head)
+
+    def shape(attrs, x, *rest):
+        check_epilogue(attrs["prologue"], x, (x,) + rest)
+        return base.shape(attrs, *((x,) + rest)[:own])
+
+    def reference(attrs, x, *rest):
+        arrays = (x,) + rest
+        activated = stored(apply_epilogue(attrs["prologue"], x, arrays))
+        return base.run_reference(attrs, *((activated,) + rest)[:own])
+
+    define(f"prologue_{head}", kind=base.kind, inputs=base.inputs, shape=shape,
+           reference=reference, outputs=base.outputs, flops=base.flops)
+
+
+_define_prologue_form("fused_conv2d", own=None)
+_define_prologue_form("conv2d_grad_filter", own=2)

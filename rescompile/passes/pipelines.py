@@ -6,6 +6,7 @@ from .constants import fold_constants
 from .dce import dce
 from .fold_bn import fold_bn
 from .fuse import fuse_elementwise, fuse_epilogues
+from .prologue import fuse_prologues
 from .grad_fusion import fuse_bn_grad_sums, fuse_grad_adds, split_bn_grad
 from .shortcut import fuse_shortcut
 from .train_fusion import fuse_relu_grad, fuse_stats, split_bn
@@ -30,6 +31,7 @@ TRAIN = [
     Pass("split_bn_grad", split_bn_grad),          # BN gradient -> its sums + its apply
     Pass("fuse_grad_adds", fuse_grad_adds),        # gradient adds into the kernel making one
     Pass("fuse_bn_grad_sums", fuse_bn_grad_sums),  # BN-gradient sums into the data gradient
+    Pass("fuse_prologues", fuse_prologues),        # BN-ReLU into the 1x1 convs reading it
 ]
 
 PIPELINES = {"infer": INFER, "train": TRAIN}

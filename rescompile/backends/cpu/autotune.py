@@ -40,7 +40,6 @@ from ...precision import ITEMSIZE, numpy_dtype
 from .arena import Layout, aligned_empty
 from .llvm.conv import ConvKernel
 from .llvm.wgrad import WgradKernel
-from .llvm.winograd import WinogradKernel
 from .steps import Step
 from .target import cache_bytes
 from .tuning import (MIN_TILE_ROWS, POINTER_ROWS, WGRAD_GROUPS, conv_tile, images_per_item,
@@ -207,8 +206,8 @@ def retiled(step: Step, mr: int, nv: int) -> Step:
         return dataclasses.replace(step, kernel=kernel, channel_align=kernel.nr,
                                    groups=min(-(-step.channels // kernel.nr), WGRAD_GROUPS))
     uses = dict(step.uses, w=dataclasses.replace(step.uses["w"], nr=kernel.nr))
-    scratch = kernel.scratch_bytes(step.fields["cin"]) if isinstance(kernel, WinogradKernel) \
-        else step.scratch  # a Winograd tile's scratch grows with the tile
+    # a Winograd tile's scratch, and a prologue's staged rows, grow with the tile
+    scratch = kernel.scratch_bytes(step.fields["cin"], step.channels)
     return dataclasses.replace(step, kernel=kernel, uses=uses, pixel_align=mr,
                                channel_align=kernel.nr, scratch=scratch)
 

@@ -93,10 +93,10 @@ def conv_dot(types: TensorTypes, target: Target, x: str, cin: int) -> str:
 
 def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: Use,
               geometry: ConvGeometry, outputs, epi=(), out2=None, sums: Sums | None = None,
-              inputs=None) -> Step:
-    """A convolution step: x through the packed weights into outputs (and out2), with the
-    epilogue (whose args index `inputs`, the node's by default), and with `sums` of its
-    output."""
+              inputs=None, prologue=()) -> Step:
+    """A convolution step: x (through the `prologue` steps) through the packed weights into
+    outputs (and out2), with the epilogue (whose args, and the prologue's, index `inputs`,
+    the node's by default), and with `sums` of its output."""
     h, w, cin = geometry.shape
     oh, ow = geometry.out_hw
     dot = conv_dot(types, target, x, cin)
@@ -105,7 +105,7 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
         pixels=oh * ow)
     kernel = (AmxConvKernel if dot == "amx" else ConvKernel)(
         types.compute, target, chain_of(epi), None if out2 is None else chain_of(out2), mr, nv,
-        sums=sums and sums.op, dot=dot)
+        sums=sums and sums.op, dot=dot, prologue=chain_of(prologue))
     uses, tensors = output_uses(kernel, outputs)
     uses.update(x=Use(x, "window", geometry.pads[::2]),
                 w=Use(weights.value, "packed", nr=kernel.nr, transform=weights.transform,
@@ -115,9 +115,12 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     weight_bytes = geometry.k ** 2 * cin * geometry.cout * DTYPE_BYTES[types.packed(uses["w"])]
     fields = dict(cin=cin, kh=geometry.k, kw=geometry.k, stride=geometry.stride, oh=oh, ow=ow,
                   panels_outer=int(panels_outer(weight_bytes)))
-    more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs), graph)
+    inputs = list(inputs or node.inputs)
+    more = chain_arguments(kernel, (epi, out2), inputs, graph)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
+    if prologue:
+        add_prologue(kernel.prologue_chain, prologue, inputs, uses, fields)
     step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
                 fields=fields, pixels=oh * ow, channels=geometry.cout, pixel_align=kernel.mr,
                 channel_align=kernel.nr, split=_split(weight_bytes, h * w * cin * size),
@@ -125,7 +128,17 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
                 pads={x: geometry.pads})
     if sums is not None:
         _add_sums(step, sums)
+    if sums is not None or prologue:
+        step.uses["scratch"] = Use(f"{step.name}:scratch", "scratch")
+        step.scratch = kernel.scratch_bytes(cin, geometry.cout)
     return step
+
+
+def add_prologue(chain, steps, inputs, uses: dict, fields: dict) -> None:
+    """A prologue's per-channel operands and scalar fields, from the node's steps."""
+    more_uses, _, more_fields = chain.arguments(list(steps), inputs, None)
+    uses.update({role: Use(value) for role, value in more_uses.items()})
+    fields.update(more_fields)
 
 
 def takes_winograd(types: TensorTypes, target: Target, x: str, geometry: ConvGeometry) -> bool:
@@ -198,9 +211,6 @@ def _add_sums(step: Step, sums: Sums) -> None:
     step.fields.update({"sums.chunk": REDUCE_CHUNK, "sums.width": step.channels})
     step.slots[sums.partial] = Slots(16 * step.channels, step.pixels, REDUCE_CHUNK)
     step.split, step.fixed_chunk = "pixels", REDUCE_CHUNK
-    # the running sums of a block of pixels, between tiles (`slots.BlockSums`)
-    step.uses["scratch"] = Use(f"{step.name}:scratch", "scratch")
-    step.scratch = 2 * step.channels * DTYPE_BYTES[step.kernel.dtype]
 
 
 def with_sums(conv: Step, sums: Sums | None, outputs, types: TensorTypes, target) -> list[Step]:

@@ -23,7 +23,8 @@ from ...ops.collective import COMBINE
 from ...ops.fused_train import GRAD_HALVES
 from ...ops.registry import get, kind_of
 from ...padding import pads_2d
-from .kernel_steps import (ConvGeometry, Sums, chain_arguments, conv_step, copy_step,
+from .kernel_steps import (ConvGeometry, Sums, add_prologue, chain_arguments, conv_step,
+                           copy_step,
                            eltwise_step, pixel_split, pixel_step, slot_sum, takes_winograd,
                            winograd_steps, with_sums)
 from .llvm.epilogue import RULES, chain_of
@@ -48,12 +49,13 @@ def _conv(node, graph, target, types):
                             pads_2d(h, wd, k, attrs["stride"], attrs["padding"]))
     outputs = list(node.outputs)
     sums = Sums(MOMENTS, f"{node.name}:stats") if attrs.get("stats") else None
-    if sums is None and takes_winograd(types, target, x, geometry):
+    prologue = attrs.get("prologue", ())
+    if sums is None and not prologue and takes_winograd(types, target, x, geometry):
         return winograd_steps(node, graph, types, target, x, w, geometry, outputs,
                               attrs.get("epilogue", ()), attrs.get("out2"))
     made = outputs[:-2] if sums else outputs
     conv = conv_step(node, graph, types, target, x, Use(w), geometry, made,
-                     attrs.get("epilogue", ()), attrs.get("out2"), sums)
+                     attrs.get("epilogue", ()), attrs.get("out2"), sums, prologue=prologue)
     return with_sums(conv, sums, outputs[len(made):], types, target)
 
 
@@ -104,22 +106,28 @@ def _roles(op: str, values, skip: int = 0) -> dict[str, str]:
 
 
 def _grad_filter(node, graph, target, types):
-    """dW from the weight-gradient tile, chunk by chunk into float64 slots, then their sum."""
-    x, dy = node.inputs
+    """dW from the weight-gradient tile, chunk by chunk into float64 slots, then their sum;
+    with a prologue, on x through its steps (staged a block of pixels at a time)."""
+    x, dy = node.inputs[:2]
+    prologue = node.attrs.get("prologue", ())
     k, stride = node.attrs["k"], node.attrs["stride"]
     h, w, cin = image_shape(graph, x)
     oh, ow, cout = image_shape(graph, dy)
     pads = pads_2d(h, w, k, stride, node.attrs["padding"])
     tile = conv_tile(target, types.compute, cout, depth=k * k * cin,
                      widens=widens(types.of(x), types.compute))
-    kernel = WgradKernel(types.compute, target, *tile)
+    kernel = WgradKernel(types.compute, target, *tile, prologue=chain_of(prologue))
     partial = f"{node.name}:partial"
     slots = Slots(8 * k * k * cin * cout, oh * ow, WGRAD_CHUNK)
-    step = Step(name=node.name, op=node.op, kernel=kernel,
-                uses={"x": Use(x, "window", pads[::2]), "dy": Use(dy), "partial": Use(partial)},
-                tensors={"x": x, "dy": dy},
-                fields=dict(cin=cin, kh=k, kw=k, stride=stride, oh=oh, ow=ow,
-                            chunk=WGRAD_CHUNK, width=cout),
+    uses = {"x": Use(x, "window", pads[::2]), "dy": Use(dy), "partial": Use(partial)}
+    fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=oh, ow=ow, chunk=WGRAD_CHUNK,
+                  width=cout)
+    if prologue:
+        add_prologue(kernel.prologue_chain, prologue, list(node.inputs), uses, fields)
+        uses["scratch"] = Use(f"{node.name}:scratch", "scratch")
+    step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses,
+                tensors={"x": x, "dy": dy}, fields=fields,
+                scratch=kernel.scratch_bytes(cin),
                 pixels=oh * ow, channels=cout, channel_align=kernel.nr, split="both",
                 flops=2.0 * oh * ow * cout * k * k * cin, pads={x: pads},
                 fixed_chunk=WGRAD_CHUNK, groups=min(-(-cout // kernel.nr), WGRAD_GROUPS),
@@ -296,10 +304,12 @@ def _exchange(node, graph, target, types):
 LOWERINGS = {
     "conv2d": _conv,
     "fused_conv2d": _conv,
+    "prologue_fused_conv2d": _conv,
     "dense": _dense,
     "conv2d_grad_input": _grad_input,
     "fused_conv2d_grad_input": _grad_input,
     "conv2d_grad_filter": _grad_filter,
+    "prologue_conv2d_grad_filter": _grad_filter,
     "fused_elementwise": _fused_eltwise,
     **{op: _single(op) for op in RULES},
     **{op: _reduction for op in SUMS},

@@ -48,6 +48,13 @@ scratch from tile to tile), so they depend neither on the tile nor on the instru
 gradient's batch-norm gradient sums (g, g * xhat, read against the batch norm's input
 `sums.x`), so the reduction reads the gradient while it is in registers.
 
+With a `prologue` (a chain of per-channel steps: a batch norm and its ReLU, `passes/prologue.py`)
+the kernel reads its input through the chain: a 1 x 1 conv's tile first stages its MR rows of
+input channels, each through the chain and stored in the input's type, into the thread's
+scratch (`stage_rows`), and the k loop reads them there. A layer's chain is evaluated as the
+elementwise kernel evaluates it (`epilogue.apply_chain`), so its activation, never written,
+is the same bits as the tensor it replaces.
+
 An epilogue operand read through a pool ("pooled", the seed's shortcut) is read at each row's
 (n, oh, ow), kept beside its window origin, as `epilogue.read_operand` reads it everywhere.
 
@@ -81,10 +88,11 @@ from typing import ClassVar
 
 from llvmlite import ir
 
+from ....precision import ITEMSIZE
 from ..target import Target
 from ..tuning import SUM_BLOCK, conv_tile
 from . import abi, epilogue
-from .emit import BF16, I8, I32, VOID, Tiled, new_module
+from .emit import BF16, I8, I32, L1_LOCALITY, L2_LOCALITY, Tiled, new_module
 from .pixels import TRUE, PixelWalk, load_vector, next_pixel, offset, store_vector
 from .reduce import sum_kind, sum_operands, sum_terms
 from .slots import BlockSums, statistics_slot
@@ -92,7 +100,6 @@ from .slots import BlockSums, statistics_slot
 GEOMETRY = abi.sizes("cin", "kh", "kw", "stride", "oh", "ow", "panels_outer")
 PAIR = 2  # input channels per vdpbf16ps (and per AMX tile element pair)
 CACHE_LINE = 64  # bytes, on every x86-64
-L2_LOCALITY = 2  # llvm.prefetch's locality for prefetcht1: into L2, not L1
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class ConvKernel(epilogue.Chained, Tiled):
     mr: int = 0
     nv: int = 0
     sums: str | None = None  # an op of reduce.SUMS
+    prologue: tuple[str, ...] = field(default=(), kw_only=True)
     storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
     dot: str = field(default="fma", kw_only=True)  # one of DOTS
     DOTS: ClassVar[tuple[str, ...]] = ("fma", "dpbf16")  # amx: amx.AmxConvKernel
@@ -117,6 +125,7 @@ class ConvKernel(epilogue.Chained, Tiled):
         object.__setattr__(self, "mr", self.mr or mr)
         object.__setattr__(self, "nv", self.nv or nv)
         object.__setattr__(self, "epilogue", tuple(self.epilogue))
+        object.__setattr__(self, "prologue", tuple(self.prologue))
         if self.out2 is not None:
             object.__setattr__(self, "out2", tuple(self.out2))
         self.chains  # noqa: B018 - checks every step has a rule
@@ -128,6 +137,8 @@ class ConvKernel(epilogue.Chained, Tiled):
         steps = self.chain_name("plain")
         if self.sums:
             steps += f"__sums_{sum_kind(self.sums).short}"
+        if self.prologue:
+            steps = f"in_{'_'.join(self.prologue)}__{steps}"
         return (f"conv_{self.dtype}_{self.target.isa}{self.dot_tag()}_{self.mr}x{self.nr}_"
                 f"{steps}{self.storage_tag()}")
 
@@ -153,6 +164,18 @@ class ConvKernel(epilogue.Chained, Tiled):
         return 1 if self.dot == "fma" else PAIR
 
     @property
+    def prologue_chain(self) -> epilogue.Chain:
+        """The prologue's steps, numbered after the epilogue chains'."""
+        return epilogue.Chain(self.prologue, self.chains[-1].end)
+
+    def scratch_bytes(self, cin: int, channels: int) -> int:
+        """The per-thread scratch: the running block sums of `channels` (with `sums`), then,
+        from a cache line, the staged rows of `cin` input channels (with a prologue)."""
+        sums = 2 * channels * ITEMSIZE[self.dtype] if self.sums else 0
+        staged = self.mr * cin * ITEMSIZE[self.input_type] if self.prologue else 0
+        return (-(-sums // CACHE_LINE) * CACHE_LINE if staged else sums) + staged
+
+    @property
     def sum_against(self) -> list[str]:
         """The batch norm's input the sums read (`sums.x`), if they read one."""
         return ["sums.x"] if "x" in self._sum_operands else []
@@ -174,12 +197,15 @@ class ConvKernel(epilogue.Chained, Tiled):
                      + abi.stored(self, "x", "w") + abi.stored(self, *self.outputs, written=True))
         for chain in self.chains:
             signature += chain.signature(self)
+        if self.prologue:
+            signature += self.prologue_chain.signature(self)
         if self.sums:
             signature += (abi.stored(self, *[f"sums.{n}" for n in self._sum_operands])
                           + abi.scalars(*[f"sums.{n}" for n in sum_kind(self.sums).scalars])
                           + abi.sizes("sums.chunk", "sums.width")
-                          + abi.pointers("float64", "sums", written=True)
-                          + abi.pointers(self.dtype, "scratch"))
+                          + abi.pointers("float64", "sums", written=True))
+        if self.sums or self.prologue:
+            signature += abi.pointers(self.dtype, "scratch")
         return signature
 
     @property
@@ -235,6 +261,8 @@ class ConvEmitter:
             slot = statistics_slot(f, self.ptr["sums"], v["sums.chunk"], v["sums.width"], 2)
             self.block_sums = BlockSums(f, slot, self.ptr["scratch"])
             self.sum_scalars = {n: v[f"sums.{n}"] for n in sum_kind(k.sums).scalars}
+        if k.prologue:
+            self.staged = self.staging_area()
         self.tiles()
         self.finish_tiles()
         if k.sums:
@@ -280,7 +308,61 @@ class ConvEmitter:
         rows = self.b.sub(self.f.args["p_end"], p, name="rows_left")
         self.tile_start = p
         self.row_pointers(rows)
+        if self.k.prologue:
+            self.stage_rows()
         return rows
+
+    # -- the prologue: the tile's input rows through its chain, into the scratch -------------
+    def staging_area(self):
+        """Where the staged rows start: the scratch after the block sums, from a cache line
+        (`ConvKernel.scratch_bytes`), as pointers of the input's type."""
+        f, b, k, v = self.f, self.b, self.k, self.v
+        sums = b.mul(v["sums.width"], f.i64(2 * ITEMSIZE[k.dtype])) if k.sums else f.i64(0)
+        start = b.mul(b.udiv(b.add(sums, f.i64(CACHE_LINE - 1)), f.i64(CACHE_LINE)),
+                      f.i64(CACHE_LINE), name="staged_offset")
+        raw = b.gep(b.bitcast(self.ptr["scratch"], I8.as_pointer()), [start])
+        return b.bitcast(raw, self.ptr["x"].type, name="staged")
+
+    def stage_rows(self) -> None:
+        """Each tile row's input channels through the prologue, stored in the input's type in
+        the scratch, whole vectors then a masked tail; the k loop then reads the staged rows.
+        The chain's per-channel operands are loaded once a vector of channels for every row."""
+        f, b, k, v = self.f, self.b, self.k, self.v
+        b.comment(f"prologue: the tile's {k.mr} input rows through {', '.join(k.prologue)}")
+        cin = v["cin"]
+        staged = [f.element(self.staged, b.mul(f.i64(m), cin), name=f"staged{m}")
+                  for m in range(k.mr)]
+        self.prefetch_next_rows()
+        whole = b.sub(cin, b.urem(cin, f.i64(k.lanes)), name="whole_channels")
+        with f.loop(0, whole, k.lanes, "ci") as ci:
+            self.stage_vector(staged, ci, None)
+        with b.if_then(b.icmp_signed("<", whole, cin), likely=False):
+            self.stage_vector(staged, whole, f.mask(0, b.sub(cin, whole)))
+        self.x_rows = staged
+
+    def prefetch_next_rows(self) -> None:
+        """Into L1, the next tile's input rows (where the pixels run on: a guess past a row's
+        end, which a prefetch may make): staging waits on its loads before the k loop can
+        start, where the k loop alone overlaps its loads with its multiply-adds."""
+        f, b, k, v = self.f, self.b, self.k, self.v
+        ahead = b.mul(self.x_pixel_step, f.i64(k.mr), name="next_tile")
+        row_bytes = b.mul(v["cin"], f.i64(ITEMSIZE[k.input_type]))
+        for m in range(k.mr):
+            start = b.bitcast(f.element(self.x_rows[m], ahead), I8.as_pointer(),
+                              name=f"x_row{m}.next")
+            with f.loop(0, row_bytes, CACHE_LINE, f"line{m}") as line:
+                f.prefetch(b.gep(start, [line]), L1_LOCALITY)
+
+    def stage_vector(self, staged, ci, mask) -> None:
+        f, k = self.f, self.k
+        chain = k.prologue_chain
+        channel = {o.role: load_vector(f, f.element(self.ptr[o.role], ci), mask, o.role)
+                   for o in chain.operands}
+        for m in range(k.mr):
+            x = load_vector(f, f.element(self.x_rows[m], ci), mask, name=f"x{m}")
+            value = epilogue.apply_chain(f, chain, x, lambda o: channel[o.role], self.v,
+                                         f".in{m}")
+            store_vector(f, value, f.element(staged[m], ci), mask)
 
     def row_pointers(self, rows) -> None:
         """Per row m of the tile: the input window origin and each pixel tensor's offset.
@@ -333,14 +415,11 @@ class ConvEmitter:
     def prefetch(self, w_next) -> None:
         """Into L2, the cache lines of one k step's weights at `w_next` (an address past the
         last panel is harmless: a prefetch never faults)."""
-        f, b, k = self.f, self.b, self.k
-        prefetch = f.intrinsic("llvm.prefetch.p0i8", VOID, [I8.as_pointer(), I32, I32, I32])
+        f, k = self.f, self.k
         per_line = CACHE_LINE // f.bytes_of(w_next)
         for line in range(max(1, k.nr * k.pairs // per_line)):
-            at = b.bitcast(f.element(w_next, line * per_line), I8.as_pointer(),
-                           name=f"w_next.line{line}")
-            b.call(prefetch, [at, ir.Constant(I32, 0), ir.Constant(I32, L2_LOCALITY),
-                              ir.Constant(I32, 1)])
+            f.prefetch(f.element(w_next, line * per_line, name=f"w_next.line{line}"),
+                       L2_LOCALITY)
 
     def _fma_step(self, acc, a_ptr, w_at) -> None:
         """One input channel: NV weight vectors, MR broadcasts, MR x NV multiply-adds."""

@@ -28,6 +28,7 @@ I16 = ir.IntType(16)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 VOID = ir.VoidType()
+L1_LOCALITY, L2_LOCALITY = 3, 2  # llvm.prefetch's locality: prefetcht0 (L1), prefetcht1 (L2)
 FLOAT_TYPES = {"float32": ir.FloatType(), "float64": ir.DoubleType()}  # compute types
 MEMORY_TYPES = {**FLOAT_TYPES, "bfloat16": I16}  # stored types, as they sit in memory
 CONVERTED_LANES = 16  # float32 lanes vcvtneps2bf16 narrows (a zmm register)
@@ -128,6 +129,13 @@ class Function:
         if existing is not None:
             return existing
         return ir.Function(self.module, ir.FunctionType(ret, params), name)
+
+    def prefetch(self, address, locality: int) -> None:
+        """A read prefetch of the cache line at `address` (any pointer; one past the end of an
+        array is harmless: a prefetch never faults), into L1 or L2 (`L1_LOCALITY`, `L2_LOCALITY`)."""
+        fn = self.intrinsic("llvm.prefetch.p0i8", VOID, [I8.as_pointer(), I32, I32, I32])
+        self.b.call(fn, [self.b.bitcast(address, I8.as_pointer()), ir.Constant(I32, 0),
+                         ir.Constant(I32, locality), ir.Constant(I32, 1)])
 
     def flush_denormals(self) -> None:
         """From here to the function's end, arithmetic flushes denormals to zero, in and out

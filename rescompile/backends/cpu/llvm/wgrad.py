@@ -18,17 +18,25 @@ run.
 
 Depth tiles past K repeat its last row and are not stored; the last channel panel loads and
 adds masked.
+
+With a `prologue` (a 1 x 1 layer's batch norm and ReLU, `passes/prologue.py`), each block's
+pixels are first staged into the thread's scratch, every input channel through the chain and
+stored in the input's type (`stage_block`: a vector of channels at a time over the block's
+pixels, so the chain's per-channel arithmetic is done once a vector), and the tiles read the
+block there, contiguous.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ....precision import ITEMSIZE
 from ..target import Target
 from ..tuning import WGRAD_BLOCK as BLOCK, conv_tile
 from . import abi
-from .emit import Function, Tiled, new_module
-from .pixels import PixelWalk, load_vector, offset
+from .emit import L2_LOCALITY, Function, Tiled, new_module
+from .epilogue import Chain, apply_chain
+from .pixels import PixelWalk, load_vector, offset, store_vector
 from .slots import add_f64, statistics_slot
 
 
@@ -38,22 +46,41 @@ class WgradKernel(Tiled):
     target: Target
     mr: int = 0
     nv: int = 0
+    prologue: tuple[str, ...] = field(default=(), kw_only=True)
     storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
 
     def __post_init__(self):
         mr, nv = conv_tile(self.target, self.dtype)
         object.__setattr__(self, "mr", self.mr or mr)
         object.__setattr__(self, "nv", self.nv or nv)
+        object.__setattr__(self, "prologue", tuple(self.prologue))
 
     @property
     def symbol(self) -> str:
-        return f"wgrad_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}{self.storage_tag()}"
+        steps = f"_in_{'_'.join(self.prologue)}" if self.prologue else ""
+        return (f"wgrad_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}{steps}"
+                f"{self.storage_tag()}")
+
+    @property
+    def prologue_chain(self) -> Chain:
+        return Chain(self.prologue)
+
+    def scratch_bytes(self, cin: int) -> int:
+        """A block of staged pixels of `cin` channels (whole vectors), with a prologue."""
+        vectors = -(-cin // self.lanes)
+        return vectors * self.lanes * BLOCK * ITEMSIZE[self.element("x")] if self.prologue \
+            else 0
 
     @property
     def signature(self) -> abi.Signature:
-        return (abi.sizes("cin", "kh", "kw", "stride", "oh", "ow") + abi.strides("x", "dy")
-                + abi.sizes("chunk", "width") + abi.stored(self, "x", "dy")
-                + abi.pointers("float64", "partial", written=True))
+        signature = (abi.sizes("cin", "kh", "kw", "stride", "oh", "ow")
+                     + abi.strides("x", "dy") + abi.sizes("chunk", "width")
+                     + abi.stored(self, "x", "dy")
+                     + abi.pointers("float64", "partial", written=True))
+        if self.prologue:
+            signature += (self.prologue_chain.signature(self)
+                          + abi.pointers(self.dtype, "scratch"))
+        return signature
 
     def ir(self) -> str:
         module = new_module(self.symbol)
@@ -86,6 +113,8 @@ class _Emitter:
             end = b.add(start, f.i64(BLOCK))
             end = b.select(b.icmp_signed("<", end, f.args["p_end"]), end, f.args["p_end"])
             origin = self.walk.position()
+            if k.prologue:
+                self.stage_block(start, end, origin)
             with f.loop(0, self.depth, k.mr, "k0") as k0:
                 offsets = self.depth_offsets(k0)
                 with f.loop(f.args["c_begin"], f.args["c_end"], k.nr, "c") as c:
@@ -116,6 +145,55 @@ class _Emitter:
                 self.walk.move_to(n, oh, b.add(ow, b.sub(run, f.i64(1))))
                 self.walk.advance()
 
+    def run_from(self, p, end):
+        """The pixels from p (the walk's position) to its output row's end, or to `end`
+        (across rows where x and dy are contiguous), and where x holds p's window origin."""
+        f, b, v = self.f, self.b, self.v
+        n, oh, ow = self.walk.position()
+        run = b.select(self.contiguous, b.sub(end, p), b.sub(v["ow"], ow))
+        run = b.select(b.icmp_signed("<", b.add(p, run), end), run, b.sub(end, p))
+        x_at = f.element(self.ptr["x"], b.add(b.add(b.mul(n, v["x.image"]),
+                                                    b.mul(b.mul(oh, v["stride"]), v["x.row"])),
+                                              b.mul(ow, self.pixel_step)))
+        return run, x_at
+
+    def stage_block(self, start, end, origin) -> None:
+        """The block's pixels through the prologue into the scratch, by vectors of channels
+        ([vector][pixel][lane]: a tile's rows stream through one vector's run): a vector of
+        channels at a time (whole vectors, then a masked tail) over every pixel, prefetching
+        the next block's."""
+        f, b, k, v = self.f, self.b, self.k, self.v
+        b.comment(f"prologue: the block's pixels through {', '.join(k.prologue)}")
+        cin = v["cin"]
+        staged = b.bitcast(self.ptr["scratch"], self.ptr["x"].type, name="staged")
+        whole = b.sub(cin, b.urem(cin, f.i64(k.lanes)), name="whole_channels")
+        next_block = b.mul(self.pixel_step, f.i64(BLOCK), name="next_block")
+
+        def channels(ci, mask):
+            chain = k.prologue_chain
+            operand = {o.role: load_vector(f, f.element(self.ptr[o.role], ci), mask, o.role)
+                       for o in chain.operands}
+            self.walk.move_to(*origin)
+            with f.runs(start, end, "stage_row") as (p, step):
+                run, x_at = self.run_from(p, end)
+                into = f.element(staged, b.add(b.mul(ci, f.i64(BLOCK)),
+                                               b.mul(b.sub(p, start), f.i64(k.lanes))))
+                with f.loop(0, run, 1, "q") as q:
+                    at = f.element(x_at, b.add(b.mul(q, self.pixel_step), ci))
+                    # the next block's same channels into L2, where its staging will read them
+                    f.prefetch(f.element(at, next_block, name="x.next_block"), L2_LOCALITY)
+                    x = load_vector(f, at, mask, name="x")
+                    value = apply_chain(f, chain, x, lambda o: operand[o.role], v)
+                    store_vector(f, value, f.element(into, b.mul(q, f.i64(k.lanes))), mask)
+                self.skip(run)
+                step(run)
+
+        with f.loop(0, whole, k.lanes, "ci") as ci:
+            channels(ci, None)
+        with b.if_then(b.icmp_signed("<", whole, cin), likely=False):
+            channels(whole, f.mask(0, b.sub(cin, whole)))
+        self.staged = staged
+
     def depth_offsets(self, k0) -> list:
         """Element offsets, from a pixel's window origin, of the tile's depth rows (rows past K
         repeat the last)."""
@@ -125,6 +203,11 @@ class _Emitter:
         for m in range(k.mr):
             depth = b.add(k0, f.i64(m))
             depth = b.select(b.icmp_signed("<", depth, self.depth), depth, last)
+            if k.prologue:  # a 1 x 1 window: the depth is the channel, staged by vectors
+                lanes = f.i64(k.lanes)
+                offsets.append(b.add(b.mul(b.udiv(depth, lanes), f.i64(BLOCK * k.lanes)),
+                                     b.urem(depth, lanes)))
+                continue
             offsets.append(b.add(b.mul(b.udiv(depth, self.row_depth), v["x.row"]),
                                  b.urem(depth, self.row_depth)))
         return offsets
@@ -135,15 +218,13 @@ class _Emitter:
         f, b, k, v = self.f, self.b, self.k, self.v
         acc = [[f.slot(f.vector, f"acc{m}_{j}", f.vconst(0.0)) for j in range(k.nv)]
                for m in range(k.mr)]
+        x_step = f.i64(k.lanes) if k.prologue else self.pixel_step
         with f.runs(start, end, "row") as (p, step):
             # one output row's run of pixels: from the walk's position to the row's end
             n, oh, ow = self.walk.position()
-            run = b.select(self.contiguous, b.sub(end, p), b.sub(v["ow"], ow))
-            run = b.select(b.icmp_signed("<", b.add(p, run), end), run, b.sub(end, p))
-            x_at = f.element(self.ptr["x"], b.add(b.add(b.mul(n, v["x.image"]),
-                                                        b.mul(b.mul(oh, v["stride"]),
-                                                              v["x.row"])),
-                                                  b.mul(ow, self.pixel_step)))
+            run, x_at = self.run_from(p, end)
+            if k.prologue:  # the block's staged pixels (`depth_offsets` picks the vector)
+                x_at = f.element(self.staged, b.mul(b.sub(p, start), f.i64(k.lanes)))
             dy_at = f.element(self.ptr["dy"], b.add(offset(f, v, "dy", n, oh, ow), c))
             x_ptr = f.slot(x_at.type, "x_at", x_at)
             dy_ptr = f.slot(dy_at.type, "dy_at", dy_at)
@@ -155,7 +236,7 @@ class _Emitter:
                     a = f.splat_element(f.element(here, offsets[m]), name=f"x{m}")
                     for j in range(k.nv):
                         f.set(acc[m][j], f.fma(a, dy[j], f.get(acc[m][j])))
-                f.set(x_ptr, f.element(here, self.pixel_step))
+                f.set(x_ptr, f.element(here, x_step))
                 f.set(dy_ptr, f.element(grads, v["dy.pixel"]))
             self.skip(run)
             step(run)

@@ -164,7 +164,7 @@ class WinogradKernel(ConvKernel):
         scratch."""
         return GEOMETRY + self.tensors_signature() + abi.pointers(self.dtype, "scratch")
 
-    def scratch_bytes(self, cin: int) -> int:
+    def scratch_bytes(self, cin: int, channels: int = 0) -> int:
         """The per-thread scratch this tile needs on `cin` input channels: the products of MR
         tiles by a panel, and unless `staged` the transformed inputs of those tiles."""
         inputs = 0 if self.staged else cin * DTYPE_BYTES[self.transformed_type]
