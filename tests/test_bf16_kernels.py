@@ -77,19 +77,19 @@ def stored(array) -> np.ndarray:
     return round_bf16(np.asarray(array, np.float32)).astype(np.float64)
 
 
-def _conv_kernel(variant, steps, out2, cout, sums=None):
-    _, cls, target, dot, extra = variant
+def _conv_kernel(variant, steps, out2, cout, sums=None, prologue=()):
     """The conv kernel of a variant as the lowering types a bfloat16 model's: every per-pixel
     tensor bfloat16, per-channel operands float32, the weights bfloat16 for the pair
     kernels and float32 holding bfloat16 values for the FMA ones."""
     _, cls, target, dot, extra = variant
     tile = AMX_TILE if dot == "amx" else conv_tile(target, "float32", cout)
-    kernel = cls("float32", target, steps, out2, *tile, sums=sums, dot=dot, **extra)
+    kernel = cls("float32", target, steps, out2, *tile, sums=sums, dot=dot, prologue=prologue,
+                 **extra)
     pixels = {"x", *kernel.outputs, *kernel.sum_against} | ({"w"} if dot != "fma" else set())
     pixels |= {o.role for chain in kernel.chains for o in chain.operands
                if o.kind == epilogue.PIXEL}
     roles = {p.role for p in kernel.signature.pointers}
-    return cls("float32", target, steps, out2, *tile, sums=sums, dot=dot,
+    return cls("float32", target, steps, out2, *tile, sums=sums, dot=dot, prologue=prologue,
                storage=tuple(sorted((r, BF16) for r in pixels & roles)), **extra)
 
 
@@ -165,6 +165,42 @@ def test_conv_statistics_are_of_the_stored_output(variant, cache_dir):
     combine = SlotSum("float32", HOST, 2, "moments")
     mean, var = np.empty(20, np.float32), np.empty(20, np.float32)
     call(combine, dict(slots=slots, width=20, images=3, pixels=42),
+         {"partial": partial, "out0": mean, "out1": var}, (0, 1), (0, 20), cache_dir)
+    ref_mean, ref_var = ops.get("batch_moments").run_reference({}, out.astype(np.float64))
+    assert close(mean, ref_mean) < F32_TOL and close(var, ref_var) < F32_TOL
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
+def test_conv_prologue_against_the_bf16_reference(variant, cache_dir):
+    """A 1 x 1 conv (stride 2; 10 input channels, a masked tail on every vector width) that
+    reads its input through a batch norm and ReLU (`fuse_prologues`), with a residual add
+    and its statistics, so the scratch holds both the running block sums and the staged rows:
+    against float64 on the activation as a bfloat16 tensor stores it (1e-2, the output's
+    rounding; an activation a float32 rounding moves across a bfloat16 tie is one unit of
+    2^-8 in a sum of 10), and the statistics of the stored output."""
+    prologue = ("batch_normalize", "relu")
+    kernel = _conv_kernel(variant, ("add",), None, 20, sums="batch_moments", prologue=prologue)
+    rng = np.random.default_rng(11)
+    x = bf16(rng.standard_normal((2, 9, 9, 10)))
+    weights = stored(rng.standard_normal((1, 1, 10, 20)))
+    residual = bf16(rng.standard_normal((2, 5, 5, 20)))
+    operands, scalars = _operands(rng, prologue, 1, x.shape, np.float32)
+    activated = stored(epilogue_reference(prologue, 1, x.astype(np.float64),
+                                          operands, scalars))
+    y = conv_reference(activated, weights, 2, (0, 0, 0, 0)) + residual.astype(np.float64)
+    out = bf16(np.full(y.shape, np.nan))
+    partial = np.full(2 * 20, np.nan)
+    fields = dict(cin=10, kh=1, kw=1, stride=2, oh=5, ow=5, panels_outer=0,
+                  **strides("x", x), **strides("out", out), **strides("e0.other", residual),
+                  **scalars, **{"sums.chunk": 64, "sums.width": 20})
+    pointers = {"x": x, "w": _packed(weights, kernel), "out": out, "e0.other": residual,
+                "sums": partial, **operands,
+                "scratch": np.full(kernel.scratch_bytes(10, 20) // 4, np.nan, np.float32)}
+    call(kernel, fields, pointers, (0, 50), (0, 20), cache_dir)
+    assert close(out.astype(np.float32), stored(y)) < TOL
+    combine = SlotSum("float32", HOST, 2, "moments")
+    mean, var = np.empty(20, np.float32), np.empty(20, np.float32)
+    call(combine, dict(slots=1, width=20, images=2, pixels=25),
          {"partial": partial, "out0": mean, "out1": var}, (0, 1), (0, 20), cache_dir)
     ref_mean, ref_var = ops.get("batch_moments").run_reference({}, out.astype(np.float64))
     assert close(mean, ref_mean) < F32_TOL and close(var, ref_var) < F32_TOL

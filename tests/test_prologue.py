@@ -1,7 +1,7 @@
 """fuse_prologues: a batch norm and ReLU read only by 1 x 1 convolutions and their weight
 gradients runs in those kernels (on the input as they read it) and is never written. What it
 fuses and refuses, that it changes no number (the reference in float64; the cpu backend's train
-step bit for bit, on every vector width the host runs, in float32 and bfloat16), and that the
+step bit for bit, on every instruction set the host runs, in float32 and bfloat16), and that the
 arena no longer holds the activations it replaced."""
 
 import numpy as np
@@ -65,8 +65,11 @@ def test_the_fusion_changes_no_number_in_the_reference():
         assert relative_change(b[plain.graph.outputs[key]], a[value]) == 0, key
 
 
-def hosts_vector_widths():
-    return [isa for isa in ("avx2", "avx512") if generic_target(isa).runs_here()]
+def instruction_sets():
+    """The host's own kernels (vdpbf16ps for bfloat16 where it has AVX512-BF16) and every
+    vector width it runs (float32 FMAs, or none: the portable set)."""
+    return [None] + [isa for isa in ("avx512", "avx2", "portable")
+                     if generic_target(isa).runs_here()]
 
 
 def executable(dtype, isa, pipeline=None):
@@ -77,7 +80,7 @@ def executable(dtype, isa, pipeline=None):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("isa", hosts_vector_widths())
+@pytest.mark.parametrize("isa", instruction_sets())
 def test_a_train_step_is_the_same_bits_with_and_without_the_fusion(dtype, isa):
     """Two train steps (the second on updated weights and statistics) and the forward after
     them: the prologue's activation is the elementwise kernel's, bit for bit; the arena's
