@@ -192,7 +192,8 @@ def test_conv_prologue_against_the_bf16_reference(variant, cache_dir):
     partial = np.full(2 * 20, np.nan)
     fields = dict(cin=10, kh=1, kw=1, stride=2, oh=5, ow=5, panels_outer=0,
                   **strides("x", x), **strides("out", out), **strides("e0.other", residual),
-                  **scalars, **{"sums.chunk": 64, "sums.width": 20})
+                  staged_offset=kernel.staged_offset(20), **scalars,
+                  **{"sums.chunk": 64, "sums.width": 20})
     pointers = {"x": x, "w": _packed(weights, kernel), "out": out, "e0.other": residual,
                 "sums": partial, **operands,
                 "scratch": np.full(kernel.scratch_bytes(10, 20) // 4, np.nan, np.float32)}

@@ -121,6 +121,7 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
         have.update(extra)
     if prologue:
         add_prologue(kernel.prologue_chain, prologue, inputs, uses, fields)
+        fields["staged_offset"] = kernel.staged_offset(geometry.cout)
     step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
                 fields=fields, pixels=oh * ow, channels=geometry.cout, pixel_align=kernel.mr,
                 channel_align=kernel.nr, split=_split(weight_bytes, h * w * cin * size),

@@ -170,10 +170,16 @@ class ConvKernel(epilogue.Chained, Tiled):
 
     def scratch_bytes(self, cin: int, channels: int) -> int:
         """The per-thread scratch: the running block sums of `channels` (with `sums`), then,
-        from a cache line, the staged rows of `cin` input channels (with a prologue)."""
+        from `staged_offset`, the staged rows of `cin` input channels (with a prologue)."""
+        if not self.prologue:
+            return 2 * channels * ITEMSIZE[self.dtype] if self.sums else 0
+        return self.staged_offset(channels) + self.mr * cin * ITEMSIZE[self.input_type]
+
+    def staged_offset(self, channels: int) -> int:
+        """Where in the scratch a prologue's staged rows start: past the block sums of
+        `channels`, on a cache line."""
         sums = 2 * channels * ITEMSIZE[self.dtype] if self.sums else 0
-        staged = self.mr * cin * ITEMSIZE[self.input_type] if self.prologue else 0
-        return (-(-sums // CACHE_LINE) * CACHE_LINE if staged else sums) + staged
+        return -(-sums // CACHE_LINE) * CACHE_LINE
 
     @property
     def sum_against(self) -> list[str]:
@@ -198,7 +204,7 @@ class ConvKernel(epilogue.Chained, Tiled):
         for chain in self.chains:
             signature += chain.signature(self)
         if self.prologue:
-            signature += self.prologue_chain.signature(self)
+            signature += self.prologue_chain.signature(self) + abi.sizes("staged_offset")
         if self.sums:
             signature += (abi.stored(self, *[f"sums.{n}" for n in self._sum_operands])
                           + abi.scalars(*[f"sums.{n}" for n in sum_kind(self.sums).scalars])
@@ -314,14 +320,11 @@ class ConvEmitter:
 
     # -- the prologue: the tile's input rows through its chain, into the scratch -------------
     def staging_area(self):
-        """Where the staged rows start: the scratch after the block sums, from a cache line
-        (`ConvKernel.scratch_bytes`), as pointers of the input's type."""
-        f, b, k, v = self.f, self.b, self.k, self.v
-        sums = b.mul(v["sums.width"], f.i64(2 * ITEMSIZE[k.dtype])) if k.sums else f.i64(0)
-        start = b.mul(b.udiv(b.add(sums, f.i64(CACHE_LINE - 1)), f.i64(CACHE_LINE)),
-                      f.i64(CACHE_LINE), name="staged_offset")
-        raw = b.gep(b.bitcast(self.ptr["scratch"], I8.as_pointer()), [start])
-        return b.bitcast(raw, self.ptr["x"].type, name="staged")
+        """Where the staged rows start (`ConvKernel.staged_offset`, in bytes), as a pointer of
+        the input's type."""
+        raw = self.b.gep(self.b.bitcast(self.ptr["scratch"], I8.as_pointer()),
+                         [self.v["staged_offset"]])
+        return self.b.bitcast(raw, self.ptr["x"].type, name="staged")
 
     def stage_rows(self) -> None:
         """Each tile row's input channels through the prologue, stored in the input's type in
