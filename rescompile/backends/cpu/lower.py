@@ -24,9 +24,8 @@ from ...ops.fused_train import GRAD_HALVES
 from ...ops.registry import get, kind_of
 from ...padding import pads_2d
 from .kernel_steps import (ConvGeometry, Sums, add_prologue, chain_arguments, conv_step,
-                           copy_step,
-                           eltwise_step, pixel_split, pixel_step, slot_sum, takes_winograd,
-                           winograd_steps, with_sums)
+                           copy_step, eltwise_step, pixel_split, pixel_step, slot_sum,
+                           takes_winograd, winograd_steps, with_sums)
 from .llvm.epilogue import RULES, chain_of
 from .llvm.exchange import LINK_VALUE, RankExchange
 from .llvm.pixelwise import (MaxPoolGradKernel, MaxPoolKernel, MeanGradKernel, MeanKernel,
