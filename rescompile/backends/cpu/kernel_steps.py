@@ -26,11 +26,14 @@ from . import winograd
 WEIGHT_LAYOUTS = {"fma": "", "dpbf16": "vnni2", "amx": "amx"}
 
 
-def chain_arguments(kernel, chains, inputs, graph) -> tuple[dict, dict, dict]:
-    """Pointer uses, strided tensors and scalar and size fields of a kernel's epilogue chains,
-    from the node's epilogue steps (whose args index `inputs`)."""
+def chain_arguments(kernel, chains, inputs, graph, prologue=()) -> tuple[dict, dict, dict]:
+    """Pointer uses, strided tensors and scalar and size fields of a kernel's epilogue chains
+    (and of its prologue's), from the node's steps (whose args index `inputs`)."""
     uses, tensors, fields = {}, {}, {}
-    for chain, steps in zip(kernel.chains, chains):
+    pairs = list(zip(kernel.chains, chains)) if chains else []
+    if prologue:
+        pairs.append((kernel.prologue_chain, prologue))
+    for chain, steps in pairs:
         more_uses, more_tensors, more_fields = chain.arguments(
             list(steps), inputs, lambda value: image_shape(graph, value)[2])
         uses.update({role: Use(value) for role, value in more_uses.items()})
@@ -115,12 +118,10 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     weight_bytes = geometry.k ** 2 * cin * geometry.cout * DTYPE_BYTES[types.packed(uses["w"])]
     fields = dict(cin=cin, kh=geometry.k, kw=geometry.k, stride=geometry.stride, oh=oh, ow=ow,
                   panels_outer=int(panels_outer(weight_bytes)))
-    inputs = list(inputs or node.inputs)
-    more = chain_arguments(kernel, (epi, out2), inputs, graph)
+    more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs), graph, prologue)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
     if prologue:
-        add_prologue(kernel.prologue_chain, prologue, inputs, uses, fields)
         fields["staged_offset"] = kernel.staged_offset(geometry.cout)
     step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
                 fields=fields, pixels=oh * ow, channels=geometry.cout, pixel_align=kernel.mr,
@@ -133,13 +134,6 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
         step.uses["scratch"] = Use(f"{step.name}:scratch", "scratch")
         step.scratch = kernel.scratch_bytes(cin, geometry.cout)
     return step
-
-
-def add_prologue(chain, steps, inputs, uses: dict, fields: dict) -> None:
-    """A prologue's per-channel operands and scalar fields, from the node's steps."""
-    more_uses, _, more_fields = chain.arguments(list(steps), inputs, None)
-    uses.update({role: Use(value) for role, value in more_uses.items()})
-    fields.update(more_fields)
 
 
 def takes_winograd(types: TensorTypes, target: Target, x: str, geometry: ConvGeometry) -> bool:

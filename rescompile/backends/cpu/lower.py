@@ -23,9 +23,9 @@ from ...ops.collective import COMBINE
 from ...ops.fused_train import GRAD_HALVES
 from ...ops.registry import get, kind_of
 from ...padding import pads_2d
-from .kernel_steps import (ConvGeometry, Sums, add_prologue, chain_arguments, conv_step,
-                           copy_step, eltwise_step, pixel_split, pixel_step, slot_sum,
-                           takes_winograd, winograd_steps, with_sums)
+from .kernel_steps import (ConvGeometry, Sums, chain_arguments, conv_step, copy_step,
+                           eltwise_step, pixel_split, pixel_step, slot_sum, takes_winograd,
+                           winograd_steps, with_sums)
 from .llvm.epilogue import RULES, chain_of
 from .llvm.exchange import LINK_VALUE, RankExchange
 from .llvm.pixelwise import (MaxPoolGradKernel, MaxPoolKernel, MeanGradKernel, MeanKernel,
@@ -119,13 +119,16 @@ def _grad_filter(node, graph, target, types):
     partial = f"{node.name}:partial"
     slots = Slots(8 * k * k * cin * cout, oh * ow, WGRAD_CHUNK)
     uses = {"x": Use(x, "window", pads[::2]), "dy": Use(dy), "partial": Use(partial)}
+    tensors = {"x": x, "dy": dy}
     fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=oh, ow=ow, chunk=WGRAD_CHUNK,
                   width=cout)
     if prologue:
-        add_prologue(kernel.prologue_chain, prologue, list(node.inputs), uses, fields)
+        more = chain_arguments(kernel, (), list(node.inputs), graph, prologue)
+        for have, extra in zip((uses, tensors, fields), more):
+            have.update(extra)
         uses["scratch"] = Use(f"{node.name}:scratch", "scratch")
-    step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses,
-                tensors={"x": x, "dy": dy}, fields=fields,
+    step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
+                fields=fields,
                 scratch=kernel.scratch_bytes(cin),
                 pixels=oh * ow, channels=cout, channel_align=kernel.nr, split="both",
                 flops=2.0 * oh * ow * cout * k * k * cin, pads={x: pads},

@@ -93,7 +93,8 @@ from ..target import Target
 from ..tuning import SUM_BLOCK, conv_tile
 from . import abi, epilogue
 from .emit import BF16, I8, I32, L1_LOCALITY, L2_LOCALITY, Tiled, new_module
-from .pixels import TRUE, PixelWalk, load_vector, next_pixel, offset, store_vector
+from .pixels import (TRUE, PixelWalk, channel_vectors, load_vector, next_pixel, offset,
+                     store_vector)
 from .reduce import sum_kind, sum_operands, sum_terms
 from .slots import BlockSums, statistics_slot
 
@@ -172,14 +173,17 @@ class ConvKernel(epilogue.Chained, Tiled):
         """The per-thread scratch: the running block sums of `channels` (with `sums`), then,
         from `staged_offset`, the staged rows of `cin` input channels (with a prologue)."""
         if not self.prologue:
-            return 2 * channels * ITEMSIZE[self.dtype] if self.sums else 0
+            return self._block_sums_bytes(channels)
         return self.staged_offset(channels) + self.mr * cin * ITEMSIZE[self.input_type]
 
     def staged_offset(self, channels: int) -> int:
         """Where in the scratch a prologue's staged rows start: past the block sums of
         `channels`, on a cache line."""
-        sums = 2 * channels * ITEMSIZE[self.dtype] if self.sums else 0
-        return -(-sums // CACHE_LINE) * CACHE_LINE
+        return -(-self._block_sums_bytes(channels) // CACHE_LINE) * CACHE_LINE
+
+    def _block_sums_bytes(self, channels: int) -> int:
+        """Two rows of running sums (`slots.BlockSums`), with `sums`."""
+        return 2 * channels * ITEMSIZE[self.dtype] if self.sums else 0
 
     @property
     def sum_against(self) -> list[str]:
@@ -328,19 +332,15 @@ class ConvEmitter:
 
     def stage_rows(self) -> None:
         """Each tile row's input channels through the prologue, stored in the input's type in
-        the scratch, whole vectors then a masked tail; the k loop then reads the staged rows.
+        the scratch, a vector of channels at a time; the k loop then reads the staged rows.
         The chain's per-channel operands are loaded once a vector of channels for every row."""
         f, b, k, v = self.f, self.b, self.k, self.v
         b.comment(f"prologue: the tile's {k.mr} input rows through {', '.join(k.prologue)}")
-        cin = v["cin"]
-        staged = [f.element(self.staged, b.mul(f.i64(m), cin), name=f"staged{m}")
+        staged = [f.element(self.staged, b.mul(f.i64(m), v["cin"]), name=f"staged{m}")
                   for m in range(k.mr)]
         self.prefetch_next_rows()
-        whole = b.sub(cin, b.urem(cin, f.i64(k.lanes)), name="whole_channels")
-        with f.loop(0, whole, k.lanes, "ci") as ci:
-            self.stage_vector(staged, ci, None)
-        with b.if_then(b.icmp_signed("<", whole, cin), likely=False):
-            self.stage_vector(staged, whole, f.mask(0, b.sub(cin, whole)))
+        channel_vectors(f, lambda ci, mask: self.stage_vector(staged, ci, mask), f.i64(0),
+                        v["cin"])
         self.x_rows = staged
 
     def prefetch_next_rows(self) -> None:
@@ -359,8 +359,7 @@ class ConvEmitter:
     def stage_vector(self, staged, ci, mask) -> None:
         f, k = self.f, self.k
         chain = k.prologue_chain
-        channel = {o.role: load_vector(f, f.element(self.ptr[o.role], ci), mask, o.role)
-                   for o in chain.operands}
+        channel = epilogue.channel_operands(f, chain, self.ptr, ci, mask)
         for m in range(k.mr):
             x = load_vector(f, f.element(self.x_rows[m], ci), mask, name=f"x{m}")
             value = epilogue.apply_chain(f, chain, x, lambda o: channel[o.role], self.v,

@@ -132,7 +132,8 @@ class Function:
 
     def prefetch(self, address, locality: int) -> None:
         """A read prefetch of the cache line at `address` (any pointer; one past the end of an
-        array is harmless: a prefetch never faults), into L1 or L2 (`L1_LOCALITY`, `L2_LOCALITY`)."""
+        array is harmless: a prefetch never faults), into L1 or L2 (`L1_LOCALITY`,
+        `L2_LOCALITY`)."""
         fn = self.intrinsic("llvm.prefetch.p0i8", VOID, [I8.as_pointer(), I32, I32, I32])
         self.b.call(fn, [self.b.bitcast(address, I8.as_pointer()), ir.Constant(I32, 0),
                          ir.Constant(I32, locality), ir.Constant(I32, 1)])

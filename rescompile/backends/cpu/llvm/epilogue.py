@@ -114,6 +114,13 @@ def read_operand(f, o: Operand, v: dict, ptr: dict, at, c, mask):
                          mask, name=o.role)
 
 
+def channel_operands(f, chain, ptr: dict, c, mask) -> dict:
+    """The vector of channels from c of each of the chain's operands (all per-channel ones:
+    a prologue's), by role."""
+    return {o.role: load_vector(f, f.element(ptr[o.role], c), mask, name=o.role)
+            for o in chain.operands}
+
+
 @dataclass(frozen=True)
 class Chain:
     """Epilogue steps (op names), numbered from `first` in the kernel that runs them."""

@@ -66,12 +66,15 @@ class PixelWalk:
         self.move_to(*next_pixel(self.f, self.grid_h, self.grid_w, *self.position()))
 
 
-def channel_vectors(f: Function, body) -> None:
-    """Call body(c, mask) for each vector of channels in [c_begin, c_end): mask is None for a
-    whole vector, else the lanes below c_end (the last, partial vector)."""
+def channel_vectors(f: Function, body, start=None, stop=None) -> None:
+    """Call body(c, mask) for each vector of channels in [start, stop) (by default the call's
+    [c_begin, c_end)): mask is None for a whole vector, else the lanes below stop (the last,
+    partial vector)."""
     b = f.b
-    with f.loop(f.args["c_begin"], f.args["c_end"], f.lanes, "c") as c:
-        width = b.sub(f.args["c_end"], c, name="width")
+    start = f.args["c_begin"] if start is None else start
+    stop = f.args["c_end"] if stop is None else stop
+    with f.loop(start, stop, f.lanes, "c") as c:
+        width = b.sub(stop, c, name="width")
         with b.if_else(b.icmp_signed(">=", width, f.i64(f.lanes))) as (whole, partial):
             with whole:
                 body(c, None)

@@ -35,8 +35,8 @@ from ..target import Target
 from ..tuning import WGRAD_BLOCK as BLOCK, conv_tile
 from . import abi
 from .emit import L2_LOCALITY, Function, Tiled, new_module
-from .epilogue import Chain, apply_chain
-from .pixels import PixelWalk, load_vector, offset, store_vector
+from .epilogue import Chain, apply_chain, channel_operands
+from .pixels import PixelWalk, channel_vectors, load_vector, offset, store_vector
 from .slots import add_f64, statistics_slot
 
 
@@ -160,19 +160,15 @@ class _Emitter:
     def stage_block(self, start, end, origin) -> None:
         """The block's pixels through the prologue into the scratch, by vectors of channels
         ([vector][pixel][lane]: a tile's rows stream through one vector's run): a vector of
-        channels at a time (whole vectors, then a masked tail) over every pixel, prefetching
-        the next block's."""
+        channels at a time over every pixel, prefetching the next block's."""
         f, b, k, v = self.f, self.b, self.k, self.v
         b.comment(f"prologue: the block's pixels through {', '.join(k.prologue)}")
-        cin = v["cin"]
         staged = b.bitcast(self.ptr["scratch"], self.ptr["x"].type, name="staged")
-        whole = b.sub(cin, b.urem(cin, f.i64(k.lanes)), name="whole_channels")
         next_block = b.mul(self.pixel_step, f.i64(BLOCK), name="next_block")
 
         def channels(ci, mask):
             chain = k.prologue_chain
-            operand = {o.role: load_vector(f, f.element(self.ptr[o.role], ci), mask, o.role)
-                       for o in chain.operands}
+            operand = channel_operands(f, chain, self.ptr, ci, mask)
             self.walk.move_to(*origin)
             with f.runs(start, end, "stage_row") as (p, step):
                 run, x_at = self.run_from(p, end)
@@ -188,10 +184,7 @@ class _Emitter:
                 self.skip(run)
                 step(run)
 
-        with f.loop(0, whole, k.lanes, "ci") as ci:
-            channels(ci, None)
-        with b.if_then(b.icmp_signed("<", whole, cin), likely=False):
-            channels(whole, f.mask(0, b.sub(cin, whole)))
+        channel_vectors(f, channels, f.i64(0), v["cin"])
         self.staged = staged
 
     def depth_offsets(self, k0) -> list:
