@@ -50,10 +50,12 @@ gradient's batch-norm gradient sums (g, g * xhat, read against the batch norm's 
 
 With a `prologue` (a chain of per-channel steps: a batch norm and its ReLU, `passes/prologue.py`)
 the kernel reads its input through the chain: a 1 x 1 conv's tile first stages its MR rows of
-input channels, each through the chain and stored in the input's type, into the thread's
-scratch (`stage_rows`), and the k loop reads them there. A layer's chain is evaluated as the
-elementwise kernel evaluates it (`epilogue.apply_chain`), so its activation, never written,
-is the same bits as the tensor it replaces.
+input channels, each through the chain and rounded to the input's type, into the thread's
+scratch (`stage_rows`), and the k loop reads them there; where FMAs multiply a bfloat16 input,
+the rounded rows are staged widened (`staged_type`), so the k loop widens nothing and its
+tile needs no registers for it. A layer's chain is evaluated as the elementwise kernel (or
+the epilogue making it as a second output) evaluates it (`epilogue.apply_chain`), so its
+activation, never written, is the same bits as the tensor it replaces.
 
 An epilogue operand read through a pool ("pooled", the seed's shortcut) is read at each row's
 (n, oh, ow), kept beside its window origin, as `epilogue.read_operand` reads it everywhere.
@@ -92,7 +94,7 @@ from ....precision import ITEMSIZE
 from ..target import Target
 from ..tuning import SUM_BLOCK, conv_tile
 from . import abi, epilogue
-from .emit import BF16, I8, I32, L1_LOCALITY, L2_LOCALITY, Tiled, new_module
+from .emit import BF16, I8, I32, L1_LOCALITY, L2_LOCALITY, MEMORY_TYPES, Tiled, new_module
 from .pixels import (TRUE, PixelWalk, channel_vectors, load_vector, next_pixel, offset,
                      store_vector)
 from .reduce import sum_kind, sum_operands, sum_terms
@@ -165,6 +167,18 @@ class ConvKernel(epilogue.Chained, Tiled):
         return 1 if self.dot == "fma" else PAIR
 
     @property
+    def staged_type(self) -> str:
+        """The staged rows' type: the compute type where FMAs multiply them (each value
+        rounded to the input's type first), so the k loop widens nothing; the input's for
+        bfloat16 pairs."""
+        return self.dtype if self.dot == "fma" else self.input_type
+
+    @property
+    def widens(self) -> bool:
+        """Whether the k loop widens its broadcast input: never from staged rows."""
+        return super().widens and not self.prologue
+
+    @property
     def prologue_chain(self) -> epilogue.Chain:
         """The prologue's steps, numbered after the epilogue chains'."""
         return epilogue.Chain(self.prologue, self.chains[-1].end)
@@ -174,7 +188,7 @@ class ConvKernel(epilogue.Chained, Tiled):
         from `staged_offset`, the staged rows of `cin` input channels (with a prologue)."""
         if not self.prologue:
             return self._block_sums_bytes(channels)
-        return self.staged_offset(channels) + self.mr * cin * ITEMSIZE[self.input_type]
+        return self.staged_offset(channels) + self.mr * cin * ITEMSIZE[self.staged_type]
 
     def staged_offset(self, channels: int) -> int:
         """Where in the scratch a prologue's staged rows start: past the block sums of
@@ -325,10 +339,11 @@ class ConvEmitter:
     # -- the prologue: the tile's input rows through its chain, into the scratch -------------
     def staging_area(self):
         """Where the staged rows start (`ConvKernel.staged_offset`, in bytes), as a pointer of
-        the input's type."""
+        their type."""
         raw = self.b.gep(self.b.bitcast(self.ptr["scratch"], I8.as_pointer()),
                          [self.v["staged_offset"]])
-        return self.b.bitcast(raw, self.ptr["x"].type, name="staged")
+        return self.b.bitcast(raw, MEMORY_TYPES[self.k.staged_type].as_pointer(),
+                              name="staged")
 
     def stage_rows(self) -> None:
         """Each tile row's input channels through the prologue, stored in the input's type in
@@ -364,6 +379,10 @@ class ConvEmitter:
             x = load_vector(f, f.element(self.x_rows[m], ci), mask, name=f"x{m}")
             value = epilogue.apply_chain(f, chain, x, lambda o: channel[o.role], self.v,
                                          f".in{m}")
+            # the activation as the tensor it replaces would hold it, in the staged type
+            value = f.stored_form(value, self.ptr["x"])
+            if k.staged_type != k.input_type:
+                value = f.read_back(value, self.ptr["x"])
             store_vector(f, value, f.element(staged[m], ci), mask)
 
     def row_pointers(self, rows) -> None:
