@@ -50,15 +50,16 @@ def test_dump_dot(capsys):
 
 def test_dump_dot_draws_one_arrow_per_pair_and_each_fused_chain(capsys):
     """A folded weight and its bias reach the conv on one arrow labelled with both; a fused
-    node's box names its epilogue chain."""
+    node's box names its epilogue chain (and its prologue's)."""
     assert main(["dump", SEED, "--format", "dot"]) == 0
     lines = capsys.readouterr().out.splitlines()
     fold = '"unit_1_0/sub2/bn2/fold" -> "unit_1_0/sub1/conv1"'
     arrows = [line for line in lines if line.strip().startswith(fold)]
     assert len(arrows) == 1
     assert r'label="unit_1_0/sub2/bn2/fold\nunit_1_0/sub2/bn2/fold:b"' in arrows[0]
-    assert any('"unit_1_0/sub3/conv3" [label="fused_conv2d[add|affine+relu]' in line
-               for line in lines)
+    assert any('"unit_1_0/sub3/conv3" [label="fused_conv2d[add]' in line for line in lines)
+    assert any('"unit_1_1/sub1/conv1" [label="prologue_fused_conv2d[affine+relu>bias_add+relu]'
+               in line for line in lines)
 
 
 def test_run_reports_what_it_did(capsys):

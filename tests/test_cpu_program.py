@@ -88,36 +88,42 @@ def resnet164():
 
 
 def test_resnet164_schedule_structure(resnet164):
-    """163 fused convs and 3 projections, one pad copy of the images, the pool and the dense
-    head: 169 kernel calls per image (and on 8-lane vectors 18 staged input transforms), from
-    10 distinct micro-kernels (11 where stage 3's Winograd tiles take fewer rows), the 3x3
-    layers' Winograd tiles among them."""
+    """166 convs (53 of them conv1s reading the residual stream through the unit's BN-ReLU as
+    they load it, `fuse_prologues`; 3 projections), one pad copy of the images, the pool and
+    the dense head: 169 kernel calls per image (and on 8-lane vectors 18 staged input
+    transforms), from 11 distinct micro-kernels (12 where stage 3's Winograd tiles take fewer
+    rows), the 3x3 layers' Winograd tiles among them."""
     schedule = resnet164.program.schedule
     ops = [s.op for s in schedule.steps]
     lanes = resnet164.program.target.lanes("float32")
     assert ops.count("winograd_input") == (18 if lanes <= 8 else 0)
     assert len(ops) == 169 + ops.count("winograd_input")
-    assert (ops.count("fused_conv2d"), ops.count("conv2d"), ops.count("copy")) == (163, 3, 1)
+    assert (ops.count("fused_conv2d"), ops.count("prologue_fused_conv2d"), ops.count("conv2d"),
+            ops.count("copy")) == (110, 53, 3, 1)
     assert ops[-2:] == ["global_avg_pool", "dense"]
     # the first stage's 16-channel layers take a tile one vector wide where a vector holds 16,
     # the dense head's 10 classes where it holds 10; a 3x3 layer of 4 or more panels (64
     # channels in 8-lane vectors) transforms its input in a kernel of its own
     one, head = (1 if lanes >= 16 else 2,), (1 if lanes >= 10 else 2,)
-    kernels = {(type(k).__name__, getattr(k, "epilogue", ()), getattr(k, "out2", None))
+    kernels = {(type(k).__name__, getattr(k, "epilogue", ()), getattr(k, "out2", None),
+                getattr(k, "prologue", None))
                + tuple(getattr(k, field) for field in ("nv", "staged") if hasattr(k, field))
                for k in resnet164.program.kernels}
-    staged = {("WinogradInputKernel", (), None),
-              ("WinogradKernel", ("bias_add", "relu"), None, 2, True)} if lanes <= 8 else set()
-    assert kernels == {("ConvKernel", ("bias_add", "relu"), None, 2),  # conv1
-                       ("ConvKernel", ("bias_add", "relu"), None) + one,  # stage 1's, stem
-                       ("WinogradKernel", ("bias_add", "relu"), None, 2, False),  # conv2
-                       ("WinogradKernel", ("bias_add", "relu"), None) + one + (False,),
-                       ("ConvKernel", ("add",), ("affine", "relu"), 2),  # conv3 + next BN-ReLU
-                       ("ConvKernel", ("add", "affine", "relu"), None, 2),  # last + final BN
-                       ("ConvKernel", (), None, 2),  # projections
-                       ("ConvKernel", ("bias_add",), None) + head,  # the dense head
-                       ("EltwiseKernel", (), None),  # the images into a padded buffer
-                       ("MeanKernel", (), None)} | staged
+    staged = {("WinogradInputKernel", (), None, None),
+              ("WinogradKernel", ("bias_add", "relu"), None, (), 2, True)} if lanes <= 8 \
+        else set()
+    bn_relu = ("affine", "relu")
+    assert kernels == {("ConvKernel", ("bias_add", "relu"), None, bn_relu, 2),  # conv1
+                       ("ConvKernel", ("bias_add", "relu"), None, bn_relu) + one,  # stage 1's
+                       ("ConvKernel", ("bias_add", "relu"), None, ()) + one,  # stem, unit_1_0
+                       ("WinogradKernel", ("bias_add", "relu"), None, (), 2, False),  # conv2
+                       ("WinogradKernel", ("bias_add", "relu"), None, ()) + one + (False,),
+                       ("ConvKernel", ("add",), None, (), 2),  # conv3
+                       ("ConvKernel", ("add", "affine", "relu"), None, (), 2),  # last + BN
+                       ("ConvKernel", (), None, (), 2),  # projections
+                       ("ConvKernel", ("bias_add",), None, ()) + head,  # the dense head
+                       ("EltwiseKernel", (), None, None),  # the images into a padded buffer
+                       ("MeanKernel", (), None, None)} | staged
     # stage 3's 8 x 8 maps make 16 Winograd tiles an image: where the widest rows would leave
     # a quarter of their tiles empty (14 rows: 12 of 28), the rows that divide 16 instead, in
     # a kernel of their own

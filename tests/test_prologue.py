@@ -1,11 +1,16 @@
 """fuse_prologues: a batch norm and ReLU read only by 1 x 1 convolutions and their weight
-gradients runs in those kernels (on the input as they read it) and is never written. What it
-fuses and refuses, that it changes no number (the reference in float64; the cpu backend's train
-step bit for bit, on every instruction set the host runs, in float32 and bfloat16), and that the
-arena no longer holds the activations it replaced."""
+gradients runs in those kernels (on the input as they read it) and is never written; in
+inference the same chain leaves the conv that made it as a second output. What it fuses and
+refuses, that it changes no number (the reference in float64; the cpu backend's train step and
+forward bit for bit, on every instruction set the host runs, in float32 and bfloat16), and that
+the arena no longer holds the activations it replaced."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+import rescompile
 
 from rescompile.backends.cpu.llvm.conv import ConvKernel
 from rescompile.backends.cpu.llvm.wgrad import WgradKernel
@@ -24,6 +29,7 @@ SPEC = tiny_spec(unit="bottleneck", preactivation=True, stride_on="conv1", stem_
                          {"filters": 40, "units": 1, "stride": 2}],
                  activate_before_residual=[True, False])
 WITHOUT = [p for p in PIPELINES["train"] if p.name != "fuse_prologues"]
+INFER_WITHOUT = [p for p in PIPELINES["infer"] if p.name != "fuse_prologues"]
 
 
 def readers(graph, op):
@@ -105,4 +111,58 @@ def test_a_train_step_is_the_same_bits_with_and_without_the_fusion(dtype, isa):
     np.testing.assert_array_equal(logits_a, logits_b)
     for name, value in state_a.items():
         np.testing.assert_array_equal(value, state_b[name], err_msg=name)
+    assert bytes_a < bytes_b
+
+
+def test_an_inference_activation_leaves_its_conv_for_the_one_by_one_convs_reading_it():
+    """The next unit's BN-ReLU, a conv3's second output without the pass, is applied by the
+    conv1 reading the stream; a second output read through a padded 3 x 3 window stays, said
+    why."""
+    graph = lower(SPEC, "infer", "float64").graph
+    assert readers(graph, "prologue_fused_conv2d") == ["unit_1_1/sub1/conv1",
+                                                        "unit_2_0/sub1/conv1"]
+    assert not any(n.attrs.get("out2") for n in graph.nodes)
+    assert "unit_1_1/residual_bn_relu/relu" not in graph.values
+    conv3 = next(n for n in graph.nodes if n.name == "unit_1_0/sub3/conv3")
+    assert (conv3.outputs, conv3.attrs["epilogue"]) == (("unit_1_0/sub_add/add",),
+                                                        [{"op": "add", "args": [2]}])
+    assert len(conv3.inputs) == 3  # the chain's operands went with it
+    preset = Path(rescompile.__file__).parent / "presets" / "seed_basic_small.toml"
+    basic = lower(preset, "infer", "float64")
+    kept = [n.name for n in basic.graph.nodes if n.attrs.get("out2")]
+    remarks = {r.node: r.reason for r in basic.remarks if r.pass_name == "fuse_prologues"}
+    assert kept and set(kept) == set(remarks)
+    assert all("window wider than 1 x 1, or padded" in why for why in remarks.values())
+
+
+def test_the_inference_fusion_changes_no_number_in_the_reference():
+    fused = lower(SPEC, "infer", "float64")
+    plain = lower(SPEC, "infer", "float64", pipeline=INFER_WITHOUT)
+    feeds = random_feeds(fused, batch=3)
+    a, b = evaluate(fused.graph, feeds), evaluate(plain.graph, feeds)
+    for key, value in fused.graph.outputs.items():
+        assert relative_change(b[plain.graph.outputs[key]], a[value]) == 0, key
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("isa", instruction_sets())
+def test_inference_is_the_same_bits_with_and_without_the_fusion(dtype, isa):
+    """The conv1s' staged rows are the activation the conv3s stored (rounded to bfloat16,
+    then held in float32 where FMAs multiply them), bit for bit, on odd channel counts; the
+    forward's arena holds one tensor fewer a unit."""
+    rng = np.random.default_rng(7)
+    images = rng.standard_normal((5, 8, 8, 3))
+    results = []
+    for pipeline in (None, INFER_WITHOUT):
+        lowered = lower(SPEC, "infer", dtype, pipeline=pipeline, backend="cpu")
+        exe = Executable(lowered, backend="cpu", seed=2, tune=False, isa=isa)
+        exe.load_state(random_bn_state(exe, seed=4))
+        schedule = exe.program.plan("forward").schedule
+        staged = [s.kernel for s in schedule.kernel_steps
+                  if isinstance(s.kernel, ConvKernel) and s.kernel.prologue]
+        results.append((exe.forward(images), len(staged),
+                        exe.program.arena(schedule, 5).shared_region.nbytes))
+    (logits_a, staged_a, bytes_a), (logits_b, staged_b, bytes_b) = results
+    assert (staged_a, staged_b) == (2, 0)
+    np.testing.assert_array_equal(logits_a, logits_b)
     assert bytes_a < bytes_b

@@ -32,9 +32,9 @@ TINY_IMAGENET = {"name": "tiny-imagenet-v2", "model": {
 
 OPS = {  # (preset, mode) -> kernel-level op (with its epilogue chain) -> count
     ('digits', 'infer'): {
-        'conv2d': 2, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
-        'fused_conv2d[add|affine+relu]': 1, 'fused_conv2d[bias_add+relu]': 5,
-        'global_avg_pool': 1, 'prepare:bn_affine_params': 2, 'prepare:fold_bn_weights': 5},
+        'conv2d': 2, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1, 'fused_conv2d[add]': 1,
+        'fused_conv2d[bias_add+relu]': 4, 'global_avg_pool': 1, 'prepare:bn_affine_params': 2,
+        'prepare:fold_bn_weights': 5, 'prologue_fused_conv2d[affine+relu>bias_add+relu]': 1},
     ('digits', 'train'): {
         'add': 11, 'batch_norm_relu_grad_apply': 7, 'batch_norm_relu_grad_sums': 1, 'conv2d': 1,
         'conv2d_grad_filter': 4, 'conv2d_grad_input': 2, 'dense': 1, 'fused_conv2d[]+stats': 3,
@@ -50,9 +50,9 @@ OPS = {  # (preset, mode) -> kernel-level op (with its epilogue chain) -> count
         'prologue_fused_conv2d[batch_normalize+relu>add]+stats': 2, 'softmax_cross_entropy': 1,
         'softmax_cross_entropy_grad': 1, 'sum_rows': 1},
     ('seed_small', 'infer'): {
-        'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
-        'fused_conv2d[add|affine+relu]': 5, 'fused_conv2d[bias_add+relu]': 13,
-        'global_avg_pool': 1, 'prepare:bn_affine_params': 6, 'prepare:fold_bn_weights': 13},
+        'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1, 'fused_conv2d[add]': 5,
+        'fused_conv2d[bias_add+relu]': 8, 'global_avg_pool': 1, 'prepare:bn_affine_params': 6,
+        'prepare:fold_bn_weights': 13, 'prologue_fused_conv2d[affine+relu>bias_add+relu]': 5},
     ('seed_small', 'train'): {
         'add': 24, 'batch_norm_relu_grad_apply': 16, 'batch_norm_relu_grad_sums': 1, 'conv2d': 2,
         'conv2d_grad_filter': 9, 'conv2d_grad_input': 2, 'dense': 1,
@@ -69,9 +69,9 @@ OPS = {  # (preset, mode) -> kernel-level op (with its epilogue chain) -> count
         'prologue_fused_conv2d[batch_normalize+relu>add]+stats': 6, 'softmax_cross_entropy': 1,
         'softmax_cross_entropy_grad': 1, 'sum_rows': 1},
     ('resnet164_cifar', 'infer'): {
-        'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
-        'fused_conv2d[add|affine+relu]': 53, 'fused_conv2d[bias_add+relu]': 109,
-        'global_avg_pool': 1, 'prepare:bn_affine_params': 54, 'prepare:fold_bn_weights': 109},
+        'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1, 'fused_conv2d[add]': 53,
+        'fused_conv2d[bias_add+relu]': 56, 'global_avg_pool': 1, 'prepare:bn_affine_params': 54,
+        'prepare:fold_bn_weights': 109, 'prologue_fused_conv2d[affine+relu>bias_add+relu]': 53},
     ('resnet164_cifar', 'train'): {
         'add': 168, 'batch_norm_relu_grad_apply': 112, 'batch_norm_relu_grad_sums': 1, 'conv2d': 2,
         'conv2d_grad_filter': 57, 'conv2d_grad_input': 2, 'dense': 1,
@@ -126,10 +126,10 @@ OPS = {  # (preset, mode) -> kernel-level op (with its epilogue chain) -> count
         'fused_conv2d[bias_add]': 3, 'global_avg_pool': 1, 'max_pool': 1,
         'prepare:fold_bn_weights': 20},
     ('tiny-imagenet-v2', 'infer'): {
-        'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1,
-        'fused_conv2d[add|affine+relu]': 1, 'fused_conv2d[bias_add+relu]': 4,
-        'fused_elementwise[affine+relu]': 1, 'global_avg_pool': 1, 'max_pool': 1,
-        'prepare:bn_affine_params': 3, 'prepare:fold_bn_weights': 4},
+        'conv2d': 3, 'dense': 1, 'fused_conv2d[add+affine+relu]': 1, 'fused_conv2d[add]': 1,
+        'fused_conv2d[bias_add+relu]': 2, 'global_avg_pool': 1, 'max_pool': 1,
+        'prepare:bn_affine_params': 3, 'prepare:fold_bn_weights': 4,
+        'prologue_fused_conv2d[affine+relu>bias_add+relu]': 2},
     ('tiny-imagenet-v2', 'train'): {
         'add': 11, 'batch_moments': 1, 'batch_norm_relu_grad_apply': 7,
         'batch_norm_relu_grad_sums': 1, 'conv2d': 3, 'conv2d_grad_filter': 5,
@@ -169,13 +169,13 @@ CPU_STEPS = {  # (preset, mode) -> (entry -> (kernel calls, host steps), isa -> 
     # AVX-512), so the micro-kernels depend on the vector width and the register count (the
     # host's instruction set).
     ('digits', 'infer'):
-        ({'forward': (12, 0)}, {'avx512': 9, 'avx2': 9, 'portable': 8}),
+        ({'forward': (12, 0)}, {'avx512': 10, 'avx2': 10, 'portable': 9}),
     ('digits', 'train'):
         ({'train_step': (66, 66), 'forward': (22, 0), 'backward': (45, 23),
           'loss_and_grads': (67, 27), 'step_gradients': (66, 27), 'apply_gradients': (0, 39)},
          {'avx512': 29, 'avx2': 26, 'portable': 21}),
     ('seed_small', 'infer'):
-        ({'forward': (25, 0)}, {'avx512': 13, 'avx2': 8, 'portable': 10}),
+        ({'forward': (25, 0)}, {'avx512': 15, 'avx2': 9, 'portable': 11}),
     ('seed_small', 'train'):
         ({'train_step': (160, 153), 'forward': (51, 0), 'backward': (110, 49),
           'loss_and_grads': (161, 53), 'step_gradients': (160, 53),

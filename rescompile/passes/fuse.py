@@ -5,7 +5,8 @@ fuse_elementwise), follow the head's value forward. While the value has exactly 
 and that consumer is an epilogue op (`ops/fused.py`: bias_add, affine, relu, add,
 batch_normalize), absorb it as the next epilogue step. When the value has several consumers it
 stays materialised, and one elementwise consumer chain may become the kernel's second output
-(`out2`): the next unit needs both `x + shortcut` and `relu(affine(x + shortcut))`.
+(`out2`): the next unit needs both `x + shortcut` and `relu(affine(x + shortcut))` (where
+only 1 x 1 convs read the second output, `fuse_prologues` later moves it into them).
 
     conv2d -> bias_add -> relu              fused_conv2d epilogue=[bias_add, relu]
     conv2d -> add(., shortcut) -> affine -> relu, and the sum feeds the next shortcut

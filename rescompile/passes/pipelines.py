@@ -17,6 +17,7 @@ INFER = [
     Pass("fuse_shortcut", fuse_shortcut),        # pooled, padded shortcut read by its add
     Pass("fuse_epilogues", fuse_epilogues),      # bias, affine, relu, residual add into convs
     Pass("fuse_elementwise", fuse_elementwise),  # what is left: one kernel per chain
+    Pass("fuse_prologues", fuse_prologues),      # an activation into the 1x1 convs reading it
     Pass("fold_constants", fold_constants),      # parameter-only nodes run once, in prepare
 ]
 
