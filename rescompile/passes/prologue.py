@@ -104,6 +104,8 @@ def _refusal(graph: Graph, chain: _Chain, readers: list[Node], protected) -> str
     if not chain.second_output and (attrs.get("out2") or attrs.get("stats")
                                     or len(chain.source.outputs) > 1):
         return "it makes more than one output"
+    if attrs.get("stats"):
+        return "its conv makes statistics too"
     if out in protected:
         return f"{out} is a public output"
     if any(len(graph.value(v).shape) != 1 for v in chain.operands):
@@ -149,7 +151,6 @@ def _without_second_output(values, conv: Node) -> Node:
     steps = [{**step, "args": [used.index(i) for i in step["args"]]}
              for step in conv.attrs["epilogue"]]
     attrs = {k: v for k, v in conv.attrs.items() if k != "out2"}
-    values.pop(conv.outputs[1], None)
     return make_node(values, conv.op, [conv.inputs[i] for i in used],
                      dict(attrs, epilogue=steps), name=conv.name, scope=conv.scope,
                      phase=conv.phase, outputs=conv.outputs[:1])

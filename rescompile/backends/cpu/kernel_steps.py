@@ -105,7 +105,7 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     dot = conv_dot(types, target, x, cin)
     mr, nv = AMX_TILE if dot == "amx" else conv_tile(
         target, types.compute, geometry.cout,
-        widens=widens(types.of(x), types.compute, dot) and not prologue,
+        widens=widens(types.of(x), types.compute, dot, staged=bool(prologue)),
         pixels=oh * ow)
     kernel = (AmxConvKernel if dot == "amx" else ConvKernel)(
         types.compute, target, chain_of(epi), None if out2 is None else chain_of(out2), mr, nv,

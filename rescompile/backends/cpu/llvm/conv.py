@@ -92,7 +92,7 @@ from llvmlite import ir
 
 from ....precision import ITEMSIZE
 from ..target import Target
-from ..tuning import SUM_BLOCK, conv_tile
+from ..tuning import SUM_BLOCK, conv_tile, widens
 from . import abi, epilogue
 from .emit import BF16, I8, I32, L1_LOCALITY, L2_LOCALITY, MEMORY_TYPES, Tiled, new_module
 from .pixels import (TRUE, PixelWalk, channel_vectors, load_vector, next_pixel, offset,
@@ -175,8 +175,8 @@ class ConvKernel(epilogue.Chained, Tiled):
 
     @property
     def widens(self) -> bool:
-        """Whether the k loop widens its broadcast input: never from staged rows."""
-        return super().widens and not self.prologue
+        """Whether the k loop widens its broadcast input (`tuning.widens`)."""
+        return widens(self.input_type, self.dtype, self.dot, staged=bool(self.prologue))
 
     @property
     def prologue_chain(self) -> epilogue.Chain:
@@ -346,9 +346,10 @@ class ConvEmitter:
                               name="staged")
 
     def stage_rows(self) -> None:
-        """Each tile row's input channels through the prologue, stored in the input's type in
-        the scratch, a vector of channels at a time; the k loop then reads the staged rows.
-        The chain's per-channel operands are loaded once a vector of channels for every row."""
+        """Each tile row's input channels through the prologue, rounded to the input's type,
+        into the scratch in the staged type, a vector of channels at a time; the k loop then
+        reads the staged rows. The chain's per-channel operands are loaded once a vector of
+        channels for every row."""
         f, b, k, v = self.f, self.b, self.k, self.v
         b.comment(f"prologue: the tile's {k.mr} input rows through {', '.join(k.prologue)}")
         staged = [f.element(self.staged, b.mul(f.i64(m), v["cin"]), name=f"staged{m}")
