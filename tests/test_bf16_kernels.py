@@ -127,7 +127,7 @@ def test_conv_kernel_against_the_bf16_reference(case, variant, cache_dir):
     out = bf16(np.full(y.shape, np.nan))
     out2_array = bf16(np.full(y.shape, np.nan))
     fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=y.shape[1], ow=y.shape[2],
-                  panels_outer=0, **strides("x", xp), **strides("out", out),
+                  panels_outer=0, streaming=0, **strides("x", xp), **strides("out", out),
                   **strides("out2", out2_array), **scalars)
     for name, array in operands.items():
         if array.ndim == 4:
@@ -153,7 +153,8 @@ def test_conv_statistics_are_of_the_stored_output(variant, cache_dir):
     slots = -(-pixels // chunk)
     partial = np.full(slots * 2 * 20, np.nan)
     xp = bf16(padded(x, (1, 1, 1, 1)))
-    fields = dict(cin=6, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0, **strides("x", xp),
+    fields = dict(cin=6, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0, streaming=0,
+                  **strides("x", xp),
                   **strides("out", out), **strides("e0.other", residual),
                   **{"sums.chunk": chunk, "sums.width": 20})
     pointers = {"x": xp, "w": _packed(weights, kernel), "out": out, "e0.other": residual,
@@ -190,7 +191,7 @@ def test_conv_prologue_against_the_bf16_reference(variant, cache_dir):
     y = conv_reference(activated, weights, 2, (0, 0, 0, 0)) + residual.astype(np.float64)
     out = bf16(np.full(y.shape, np.nan))
     partial = np.full(2 * 20, np.nan)
-    fields = dict(cin=10, kh=1, kw=1, stride=2, oh=5, ow=5, panels_outer=0,
+    fields = dict(cin=10, kh=1, kw=1, stride=2, oh=5, ow=5, panels_outer=0, streaming=0,
                   **strides("x", x), **strides("out", out), **strides("e0.other", residual),
                   staged_offset=kernel.staged_offset(20), **scalars,
                   **{"sums.chunk": 64, "sums.width": 20})
@@ -261,7 +262,7 @@ def test_conv_epilogue_rounds_special_values(variant, cache_dir):
     bias[:len(SPECIAL_BIASES)] = SPECIAL_BIASES.view(np.float32)
     alpha = 0.25  # a leaky ReLU: negative values are scaled, not zeroed
     out = bf16(np.zeros((n, h, w, cout)))
-    fields = dict(cin=cin, kh=1, kw=1, stride=1, oh=h, ow=w, panels_outer=0,
+    fields = dict(cin=cin, kh=1, kw=1, stride=1, oh=h, ow=w, panels_outer=0, streaming=0,
                   **strides("x", x), **strides("out", out), **{"e1.alpha": alpha})
     pointers = {"x": bf16(x), "w": _packed(weights, kernel), "out": out, "e0.bias": bias}
     call(kernel, fields, pointers, (0, n * h * w), (0, cout), cache_dir)

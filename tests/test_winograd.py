@@ -77,7 +77,8 @@ def _run(kernel, x, weights, operands, scalars, tiles, channels, cache_dir):
     out = np.full((n, h, w, cout), np.nan, x.dtype)
     out2 = np.full_like(out, np.nan)
     xp = padded(x, winograd.window_pads((h, w)))
-    fields = dict(cin=cin, oh=h, ow=w, tiles_h=winograd.tiles(h), tiles_w=winograd.tiles(w),
+    fields = dict(cin=cin, oh=h, ow=w, streaming=0, tiles_h=winograd.tiles(h),
+                  tiles_w=winograd.tiles(w),
                   **strides("x", xp), **strides("out", out), **strides("out2", out2), **scalars)
     for name, array in operands.items():
         if array.ndim == 4:
@@ -176,7 +177,8 @@ def test_a_staged_transform_gives_the_same_bits(dot, cache_dir):
                 call(transform, fields, dict(x=xp, out=source),
                      (first, min(first + 7, n * th * tw)), (0, cin), cache_dir)
         out = np.full(expected.shape, np.nan, np.float32).astype(kind)
-        fields = dict(cin=cin, oh=h, ow=w, tiles_h=th, tiles_w=tw, **strides("x", source),
+        fields = dict(cin=cin, oh=h, ow=w, streaming=0, tiles_h=th, tiles_w=tw, **strides("x",
+                      source),
                       **strides("out", out), **strides("e1.other", out), **scalars)
         scratch = np.full(kernel.scratch_bytes(cin) // 4, np.nan, np.float32)
         pointers = dict(x=source, w=packed, out=out, scratch=scratch, **operands)
@@ -232,7 +234,7 @@ def test_float32_error_stays_within_a_small_factor_of_the_direct_kernels(cache_d
     direct = ConvKernel("float32", host_target(), ("bias_add",))
     out = np.full(expected.shape, np.nan, np.float32)
     xp = padded(x, (1, 1, 1, 1))
-    fields = dict(cin=cin, kh=3, kw=3, stride=1, oh=12, ow=12, panels_outer=0,
+    fields = dict(cin=cin, kh=3, kw=3, stride=1, oh=12, ow=12, panels_outer=0, streaming=0,
                   **strides("x", xp), **strides("out", out))
     call(direct, fields, dict(x=xp, w=pack_weights(weights, direct.nr), out=out, **operands),
          (0, 2 * 144), (0, 64), cache_dir)
@@ -270,7 +272,8 @@ def test_pair_kernel_matches_its_roundings(case, cache_dir):
     xp = padded(x.astype(np.float32), winograd.window_pads((h, w))).astype(x.dtype)
     out, second = _bf16(np.full((n, h, w, cout), np.nan)), _bf16(np.full((n, h, w, cout),
                                                                        np.nan))
-    fields = dict(cin=cin, oh=h, ow=w, tiles_h=winograd.tiles(h), tiles_w=winograd.tiles(w),
+    fields = dict(cin=cin, oh=h, ow=w, streaming=0, tiles_h=winograd.tiles(h),
+                  tiles_w=winograd.tiles(w),
                   **strides("x", xp), **strides("out", out), **strides("out2", second),
                   **scalars)
     for name, array in operands.items():

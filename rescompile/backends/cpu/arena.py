@@ -45,7 +45,7 @@ from .llvm import sync
 from .steps import Step
 from .target import DTYPE_BYTES
 from .threads import ThreadCount
-from .tuning import CHUNK_FLOPS, CHUNKS_PER_THREAD
+from .tuning import CHUNK_FLOPS, CHUNKS_PER_THREAD, streams
 
 ALIGN = 64  # bytes: every buffer starts on a cache line (the packed weights need 32)
 
@@ -231,6 +231,8 @@ class Arena:
         a float64."""
         values = {name: value(self.n_shared) if callable(value) else value
                   for name, value in step.fields.items()}
+        if "streaming" in values:
+            values["streaming"] = int(self.streams(step))
         for role, value in step.tensors.items():
             layout, scale = self.layouts[value], step.stride_scale.get(role, 1)
             values.update({f"{role}.image": layout.image, f"{role}.row": layout.row * scale,
@@ -238,6 +240,20 @@ class Arena:
         return np.array([np.float64(values[f.name]).view(np.int64) if f.kind == "scalar"
                          else int(values[f.name]) for f in step.kernel.signature.fields],
                         np.int64)
+
+    def streams(self, step: Step) -> bool:
+        """Whether `step` stores past the caches (`tuning.streams`): only in a shared
+        schedule (training), whose outputs the backward pass reads again; inference's
+        next layer reads a step's outputs at once, from the cache."""
+        return not self.schedule.segments and streams(self.pixel_bytes(step), self.threads)
+
+    def pixel_bytes(self, step: Step) -> int:
+        """The bytes of the per-image tensors `step` reads and writes, over the images that
+        run shared: what passes through the caches with the batch (weights and slots do not
+        grow with it)."""
+        values = {use.value for use in step.uses.values()
+                  if use.how not in ("packed", "link", "scratch")}
+        return sum(self.image_bytes[v] for v in values if v in self.image_bytes) * self.n_shared
 
     def _operand(self, step: Step, role: str, placement: str, row: int) -> list[int]:
         """[base, per thread, per image] of one pointer argument (bases of fed values and

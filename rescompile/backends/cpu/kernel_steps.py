@@ -118,7 +118,7 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     size = DTYPE_BYTES[types.of(x)]
     weight_bytes = geometry.k ** 2 * cin * geometry.cout * DTYPE_BYTES[types.packed(uses["w"])]
     fields = dict(cin=cin, kh=geometry.k, kw=geometry.k, stride=geometry.stride, oh=oh, ow=ow,
-                  panels_outer=int(panels_outer(weight_bytes)))
+                  panels_outer=int(panels_outer(weight_bytes)), streaming=0)
     more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs), graph, prologue)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
@@ -183,7 +183,7 @@ def winograd_steps(node, graph, types: TensorTypes, target: Target, x: str, weig
                       layout=WEIGHT_LAYOUTS[dot]),
                 scratch=Use(f"{node.name}:scratch", "scratch"))
     tensors["x"] = source
-    fields = dict(cin=cin, oh=oh, ow=ow, **tiles)
+    fields = dict(cin=cin, oh=oh, ow=ow, streaming=0, **tiles)
     more = chain_arguments(kernel, (epi, out2), list(node.inputs), graph)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)

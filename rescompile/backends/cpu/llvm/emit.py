@@ -242,6 +242,24 @@ class Function:
         value = self.stored_form(value, ptr)
         self.b.store(value, self.vptr(ptr), align=align or self.bytes_of(ptr))
 
+    def stream_store(self, value, ptr) -> None:
+        """`vstore` past the caches (a non-temporal store: no read of the line it fills);
+        `ptr` must sit on the vector's size, which the instruction needs. (LLVM 22 stores
+        vcvtneps2bf16's results through the caches whatever the hint: it folds their cast to
+        i16 into the store, of a type it has no non-temporal store for.)"""
+        value, at = self.stored_form(value, ptr), self.vptr(ptr)
+        store = self.b.store(value, at, align=self.vector_bytes(ptr))
+        store.set_metadata("nontemporal", self.b.module.add_metadata([ir.Constant(I32, 1)]))
+
+    def vector_bytes(self, ptr) -> int:
+        """The bytes of a vector of `ptr`'s elements."""
+        return self.lanes * self.bytes_of(ptr)
+
+    def store_fence(self) -> None:
+        """Order this thread's non-temporal stores before its later stores (sfence): the
+        barrier after a kernel then publishes them like any other."""
+        self.b.call(self.intrinsic("llvm.x86.sse.sfence", VOID, []), [])
+
     def load_scalar(self, ptr, name: str = ""):
         """One element at `ptr` as a scalar of the compute type."""
         raw = self.b.load(ptr, name=f"{name}.stored" if self.narrow_at(ptr) and name else name)

@@ -52,7 +52,7 @@ from .conv import ConvEmitter, ConvKernel
 from .emit import BF16, MEMORY_TYPES, Vectors, new_module
 from .pixels import TRUE, PixelWalk, next_pixel, offset
 
-GEOMETRY = abi.sizes("cin", "oh", "ow", "tiles_h", "tiles_w")
+GEOMETRY = abi.sizes("cin", "oh", "ow", "tiles_h", "tiles_w", "streaming")
 
 
 def combine(f, coefficients, values, name: str):
@@ -185,6 +185,7 @@ class WinogradEmitter(ConvEmitter):
         b.comment("arguments: sizes, strides (in elements) and scalars; pointers by role")
         self.v, self.ptr = abi.load_arguments(f, k.signature)
         self.flush_if_rounding()
+        self.open_streams()
         v = self.v
         self.products = self.ptr["scratch"]
         if k.staged:
@@ -197,6 +198,7 @@ class WinogradEmitter(ConvEmitter):
                                     name="inputs")
             self.window = window_offsets(f, v)
         self.tiles()
+        self.close_streams()
         f.finish()
 
     def tiles(self) -> None:
