@@ -86,7 +86,7 @@ def run_eltwise(kernel, x, out, out2, operands: dict, scalars: dict, cache_dir) 
     """An elementwise kernel over every pixel and channel of x (into out and out2), with its
     epilogue operands (per-channel vectors, or tensors of x's shape) and scalars."""
     n, h, w, c = x.shape
-    fields = dict(oh=h, ow=w, **strides("x", x), **strides("out", out),
+    fields = dict(oh=h, ow=w, streaming=0, **strides("x", x), **strides("out", out),
                   **strides("out2", out2), **scalars)
     for name, array in operands.items():
         if array.ndim == 4:

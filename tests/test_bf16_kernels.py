@@ -305,7 +305,8 @@ def test_rounding_is_to_nearest_even_as_ml_dtypes_rounds(channels, cache_dir):
     kernel = EltwiseKernel("float32", HOST, storage=(("out", BF16),))
     if HOST.has("avx512_bf16"):
         assert "vcvtneps2bf16" in jit.assembly(kernel.ir(), HOST)
-    call(kernel, dict(oh=1, ow=64 // channels, **strides("x", x), **strides("out", out)),
+    call(kernel, dict(oh=1, ow=64 // channels, streaming=0, **strides("x", x),
+                      **strides("out", out)),
          {"x": x, "out": out}, (0, 64 // channels), (0, channels), cache_dir)
     expected = bf16(x)
     nan = np.isnan(expected.astype(np.float32))
@@ -374,7 +375,7 @@ def test_batch_norm_gradient_kernels(relu, cache_dir):
     dx_ref, dgamma_ref, dbeta_ref = ops.get(name).run_reference(
         attrs, *[a.astype(np.float64) for a in args])
     pointers = {"dy": dr, "x": x, "gamma": gamma, "beta": beta, "mean": mean, "var": var}
-    fields = dict(oh=5, ow=6, epsilon=1e-3, alpha=0.1, chunk=16, width=11, images=2,
+    fields = dict(oh=5, ow=6, epsilon=1e-3, alpha=0.1, chunk=16, width=11, images=2, streaming=0,
                   **strides("dy", dr), **strides("x", x))
     partial = np.full(4 * 2 * 11, np.nan)
     sums = ChannelSums("float32", HOST, f"{name}_sums", storage=(("dy", BF16), ("x", BF16)))

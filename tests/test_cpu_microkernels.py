@@ -224,7 +224,7 @@ def test_copy_into_a_bordered_buffer_keeps_the_border(cache_dir):
     kernel = EltwiseKernel("float32", host_target())
     x = np.random.default_rng(7).standard_normal((2, 3, 4, 3)).astype(np.float32)
     out = np.zeros((2, 5, 6, 3), np.float32)
-    fields = dict(oh=3, ow=4, **strides("x", x), **strides("out", out))
+    fields = dict(oh=3, ow=4, streaming=0, **strides("x", x), **strides("out", out))
     call(kernel, fields, {"x": x, "out": out.reshape(-1)[6 * 3 + 3:]}, (0, 24), (0, 3),
          cache_dir)
     np.testing.assert_array_equal(out[:, 1:4, 1:5], x)
@@ -377,7 +377,7 @@ def test_batch_norm_gradient_kernels(relu, dtype, cache_dir):
     assert close(dgamma, ref[1]) < TOL[dtype] and close(dbeta, ref[2]) < TOL[dtype]
     dx = np.empty_like(x)
     call(BatchNormGradApply(dtype, host_target(), f"{halves}_apply"),
-         dict(fields, images=2, **strides("out", dx)),
+         dict(fields, images=2, streaming=0, **strides("out", dx)),
          dict(pointers, dgamma=dgamma, dbeta=dbeta, out=dx), (0, 60), (0, 11), cache_dir)
     assert close(dx, ref[0]) < TOL[dtype]
 

@@ -1,5 +1,6 @@
 """Stores past the caches: a training step whose tensors outgrow the threads' L2s stores its
-conv outputs with non-temporal stores (`tuning.streams`, `Arena.streams`). They change where
+outputs (convs, batch norms and their gradients) with non-temporal stores (`tuning.streams`,
+`Arena.streams`). They change where
 the bytes go, never which bytes: every kernel variant stores the same bits streaming or not,
 on rows that sit on the vector's size (the instruction's need) and rows that do not (stored
 through the caches); the train step is bit-identical with every step streaming and with
@@ -14,6 +15,8 @@ from rescompile.backends.cpu import arena as arena_module
 from rescompile.backends.cpu.arena import ALIGN, aligned_empty
 from rescompile.backends.cpu.llvm import jit
 from rescompile.backends.cpu.llvm.conv import ConvKernel
+from rescompile.backends.cpu.llvm.pixelwise import EltwiseKernel
+from rescompile.backends.cpu.llvm.reduce import BatchNormGradApply
 from rescompile.backends.cpu.target import ISAS, cache_bytes, generic_target, host_target
 from rescompile.backends.cpu.tuning import streams
 from rescompile.backends.cpu.weights import pack_weights
@@ -41,30 +44,36 @@ def _aligned(shape, dtype, shift: int) -> np.ndarray:
     return raw[shift:shift + count].reshape(shape)
 
 
-def _outputs(kernel, x, weights, residual, dtype, streaming: int, shift: int):
-    n, h, w, _, cout = SHAPE
-    out = _aligned((n, h, w, cout), dtype, shift)
-    fields = dict(cin=x.shape[-1], kh=1, kw=1, stride=1, oh=h, ow=w, panels_outer=0,
-                  streaming=streaming, **strides("x", x), **strides("out", out),
-                  **strides("e0.other", residual), **{"e1.alpha": 0.0})
-    pointers = {"x": x, "w": weights, "out": out, "e0.other": residual}
-    call(kernel, fields, pointers, (0, n * h * w), (0, cout), cache_dir=_outputs.cache_dir)
+def _stored(kernel, fields, pointers, shape, dtype, streaming: int, shift: int, cache_dir):
+    """The bits `kernel` stores into an output of `shape` starting `shift` elements past a
+    cache line, with its `streaming` field set as given."""
+    n, h, w, c = shape
+    out = _aligned(shape, dtype, shift)
+    call(kernel, dict(fields, streaming=streaming, **strides("out", out)),
+         dict(pointers, out=out), (0, n * h * w), (0, c), cache_dir)
     return out.view(np.uint16 if out.dtype.itemsize == 2 else np.uint32).copy()
 
 
-def _same_bits_streaming(kernel, x, weights, residual, dtype):
+def _same_bits_streaming(kernel, fields, pointers, shape, dtype, cache_dir):
     for shift in (0, 1):  # rows on the vector's size, and rows off it
-        cached = _outputs(kernel, x, weights, residual, dtype, 0, shift)
-        streamed = _outputs(kernel, x, weights, residual, dtype, 1, shift)
+        cached = _stored(kernel, fields, pointers, shape, dtype, 0, shift, cache_dir)
+        streamed = _stored(kernel, fields, pointers, shape, dtype, 1, shift, cache_dir)
         np.testing.assert_array_equal(streamed, cached)
     assembly = jit.assembly(kernel.ir(), kernel.target)
     # (LLVM stores vcvtneps2bf16's results through the caches: `Function.stream_store`)
     assert "movnt" in assembly or "vcvtneps2bf16" in assembly
 
 
+def _conv_bits(kernel, x, weights, residual, dtype, cache_dir):
+    n, h, w, cin, cout = SHAPE
+    fields = dict(cin=cin, kh=1, kw=1, stride=1, oh=h, ow=w, panels_outer=0,
+                  **strides("x", x), **strides("e0.other", residual), **{"e1.alpha": 0.0})
+    pointers = {"x": x, "w": weights, "e0.other": residual}
+    _same_bits_streaming(kernel, fields, pointers, (n, h, w, cout), dtype, cache_dir)
+
+
 @pytest.mark.parametrize("target", F32_TARGETS, ids=lambda t: t.isa)
 def test_float32_conv_streams_the_same_bits(target, cache_dir):
-    _outputs.cache_dir = cache_dir
     n, h, w, cin, cout = SHAPE
     rng = np.random.default_rng(5)
     kernel = ConvKernel("float32", target, ("add", "relu"))
@@ -72,19 +81,39 @@ def test_float32_conv_streams_the_same_bits(target, cache_dir):
     residual = rng.standard_normal((n, h, w, cout)).astype(np.float32)
     weights = pack_weights(rng.standard_normal((1, 1, cin, cout)).astype(np.float32),
                            kernel.nr)
-    _same_bits_streaming(kernel, x, weights, residual, np.float32)
+    _conv_bits(kernel, x, weights, residual, np.float32, cache_dir)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
 def test_bfloat16_conv_streams_the_same_bits(variant, cache_dir):
-    _outputs.cache_dir = cache_dir
     n, h, w, cin, cout = SHAPE
     rng = np.random.default_rng(6)
     kernel = _conv_kernel(variant, ("add", "relu"), None, cout)
     x = bf16(stored(rng.standard_normal((n, h, w, cin))))
     residual = bf16(rng.standard_normal((n, h, w, cout)))
     weights = _packed(stored(rng.standard_normal((1, 1, cin, cout))), kernel)
-    _same_bits_streaming(kernel, x, weights, residual, numpy_dtype("bfloat16"))
+    _conv_bits(kernel, x, weights, residual, numpy_dtype("bfloat16"), cache_dir)
+
+
+@pytest.mark.parametrize("target", F32_TARGETS, ids=lambda t: t.isa)
+def test_pixel_kernels_stream_the_same_bits(target, cache_dir):
+    """The training steps' pixel-wise kernels that write a tensor: a batch norm and ReLU,
+    and a batch norm's gradient with the residual stream's other gradient added."""
+    n, h, w, _, c = SHAPE
+    rng = np.random.default_rng(8)
+    x, dy, other = (rng.standard_normal((n, h, w, c)).astype(np.float32) for _ in range(3))
+    channel = {name: rng.uniform(0.5, 1.5, c).astype(np.float32)
+               for name in ("gamma", "beta", "mean", "var", "dgamma", "dbeta")}
+    normalize = EltwiseKernel("float32", target, ("batch_normalize", "relu"))
+    fields = dict(oh=h, ow=w, **strides("x", x), **{"e0.epsilon": 1e-3, "e1.alpha": 0.0})
+    pointers = dict(x=x, **{f"e0.{name}": channel[name]
+                            for name in ("gamma", "beta", "mean", "var")})
+    _same_bits_streaming(normalize, fields, pointers, (n, h, w, c), np.float32, cache_dir)
+    apply = BatchNormGradApply("float32", target, "batch_norm_relu_grad_apply", ("add",))
+    fields = dict(oh=h, ow=w, images=n, epsilon=1e-3, alpha=0.0, **strides("dy", dy),
+                  **strides("x", x), **strides("e0.other", other))
+    pointers = dict(dy=dy, x=x, **channel, **{"e0.other": other})
+    _same_bits_streaming(apply, fields, pointers, (n, h, w, c), np.float32, cache_dir)
 
 
 def _run(mode: str, dtype: str, rule, monkeypatch):
@@ -119,7 +148,8 @@ def test_train_step_same_bits_with_every_step_streaming(dtype, monkeypatch):
     streamed, made = _run("train", dtype, lambda *_: True, monkeypatch)
     cached, reference = _run("train", dtype, lambda *_: False, monkeypatch)
     assert not cached
-    assert streamed and all(isinstance(kernel, ConvKernel) for kernel in streamed)
+    assert {type(kernel) for kernel in streamed} == {ConvKernel, EltwiseKernel,
+                                                      BatchNormGradApply}
     assert made.keys() == reference.keys()
     for name, value in reference.items():
         np.testing.assert_array_equal(made[name], value, err_msg=name)

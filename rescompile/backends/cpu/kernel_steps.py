@@ -242,7 +242,7 @@ def eltwise_step(node, graph, target, types: TensorTypes, epi, out2, inputs=None
     h, w, c = image_shape(graph, inputs[0])
     uses, tensors = output_uses(kernel, outputs)
     uses["x"], tensors["x"] = Use(inputs[0]), inputs[0]
-    fields = dict(oh=h, ow=w)
+    fields = dict(oh=h, ow=w, streaming=0)
     more = chain_arguments(kernel, (epi, out2), inputs, graph)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
@@ -268,5 +268,6 @@ def copy_step(name: str, source: str, target_value: str, shape, target: Target,
     h, w, c = shape
     return Step(name=name, op="copy", kernel=kernel,
                 uses={"x": Use(source), "out": Use(target_value)},
-                tensors={"x": source, "out": target_value}, fields=dict(oh=h, ow=w),
+                tensors={"x": source, "out": target_value},
+                fields=dict(oh=h, ow=w, streaming=0),
                 pixels=h * w, channels=c, channel_align=kernel.lanes, split=pixel_split(h * w))

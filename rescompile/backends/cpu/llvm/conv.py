@@ -85,7 +85,6 @@ The products of bfloat16 pairs are exact in float32, so every dot product is its
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -95,9 +94,9 @@ from ....precision import ITEMSIZE
 from ..target import Target
 from ..tuning import SUM_BLOCK, conv_tile, widens
 from . import abi, epilogue
-from .emit import BF16, I8, I32, I64, L1_LOCALITY, L2_LOCALITY, MEMORY_TYPES, Tiled, new_module
-from .pixels import (TRUE, PixelWalk, channel_vectors, load_vector, next_pixel, offset,
-                     store_vector)
+from .emit import BF16, I8, I32, L1_LOCALITY, L2_LOCALITY, MEMORY_TYPES, Tiled, new_module
+from .pixels import (TRUE, PixelWalk, channel_vectors, fence_streams, load_vector, next_pixel,
+                     offset, put_vector, store_vector, streaming)
 from .reduce import sum_kind, sum_operands, sum_terms
 from .slots import BlockSums, statistics_slot
 
@@ -297,14 +296,10 @@ class ConvEmitter:
         f.finish()
 
     def open_streams(self) -> None:
-        """Whether the outputs stream past the caches (`streaming`, an i1 by `store_outputs`)."""
-        self.streams = self.b.icmp_signed("!=", self.v["streaming"], self.f.i64(0),
-                                          name="streaming")
+        self.streams = streaming(self.f, self.v)
 
     def close_streams(self) -> None:
-        """After the last store: where the call streamed, its stores fenced."""
-        with self.b.if_then(self.streams):
-            self.f.store_fence()
+        fence_streams(self.f, self.streams)
 
     def finish_tiles(self) -> None:
         """After the last tile (the AMX kernel releases its tile registers here)."""
@@ -565,31 +560,12 @@ class ConvEmitter:
         stored_first = outputs.pop()
         valid = self.row_valid(m, rows)
         with b.if_then(valid):
-            self.store_outputs(m, c, dict(zip(k.outputs, outputs)), masks)
-        return stored_first, valid
-
-    def store_outputs(self, m: int, c, outputs: dict, masks) -> None:
-        """Row m's vectors of each output; past the caches where the step streams
-        (`streaming`: its tensors outgrow the last-level cache, `tuning.streams`) and the row
-        sits on the vector's size, as a non-temporal store needs."""
-        f, b, k = self.f, self.b, self.k
-        at = {out: [f.element(self.pixel(out, m, c), j * k.lanes) for j in range(k.nv)]
-              for out in outputs}
-        if any(mask is not None for mask in masks):
-            for out, vectors in outputs.items():
+            # past the caches where the step streams (`Arena.streams`)
+            for out, vectors in zip(k.outputs, outputs):
                 for j in range(k.nv):
-                    store_vector(f, vectors[j], at[out][j], masks[j])
-            return
-        aligned = [b.icmp_unsigned("==", b.and_(b.ptrtoint(at[out][0], I64),
-                                                f.i64(f.vector_bytes(at[out][0]) - 1)),
-                                   f.i64(0), name=f"{out}.row{m}_aligned") for out in outputs]
-        streams = functools.reduce(b.and_, aligned, self.streams)
-        with b.if_else(streams) as (past_caches, through_caches):
-            for store, block in ((f.stream_store, past_caches), (f.vstore, through_caches)):
-                with block:
-                    for out, vectors in outputs.items():
-                        for j in range(k.nv):
-                            store(vectors[j], at[out][j])
+                    put_vector(f, vectors[j], f.element(self.pixel(out, m, c), j * k.lanes),
+                               masks[j], self.streams)
+        return stored_first, valid
 
     def pixel(self, tensor: str, m: int, c):
         """Where row m's pixel of `tensor` holds channel c."""

@@ -255,6 +255,11 @@ class Function:
         """The bytes of a vector of `ptr`'s elements."""
         return self.lanes * self.bytes_of(ptr)
 
+    def on_vector(self, ptr):
+        """Whether `ptr` sits on its vector's size (an i1), as `stream_store` needs."""
+        low = self.b.and_(self.b.ptrtoint(ptr, I64), self.i64(self.vector_bytes(ptr) - 1))
+        return self.b.icmp_unsigned("==", low, self.i64(0), name=f"{ptr.name}.on_vector")
+
     def store_fence(self) -> None:
         """Order this thread's non-temporal stores before its later stores (sfence): the
         barrier after a kernel then publishes them like any other."""

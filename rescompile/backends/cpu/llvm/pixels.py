@@ -93,6 +93,31 @@ def store_vector(f: Function, value, ptr, mask) -> None:
         f.masked_store(value, ptr, mask)
 
 
+def streaming(f: Function, v: dict):
+    """Whether a kernel's outputs stream past the caches (an i1): its `streaming` field,
+    which the arena sets (`Arena.streams`)."""
+    return f.b.icmp_signed("!=", v["streaming"], f.i64(0), name="streaming")
+
+
+def put_vector(f: Function, value, ptr, mask, streams) -> None:
+    """`store_vector`, a whole vector past the caches where `streams` holds and `ptr` sits
+    on the vector's size."""
+    if mask is not None:
+        f.masked_store(value, ptr, mask)
+        return
+    with f.b.if_else(f.b.and_(streams, f.on_vector(ptr))) as (past_caches, through_caches):
+        with past_caches:
+            f.stream_store(value, ptr)
+        with through_caches:
+            f.vstore(value, ptr)
+
+
+def fence_streams(f: Function, streams) -> None:
+    """After a kernel's last store: where it streamed, its stores fenced."""
+    with f.b.if_then(streams):
+        f.store_fence()
+
+
 TRUE = ir.Constant(I1, 1)
 
 

@@ -17,8 +17,8 @@ from llvmlite import ir
 from ..target import Target
 from . import abi, epilogue
 from .emit import Function, Vectors, new_module
-from .pixels import (PixelWalk, channel_vectors, load_vector, offset, pooled_vector,
-                     store_vector)
+from .pixels import (PixelWalk, channel_vectors, fence_streams, load_vector, offset,
+                     pooled_vector, put_vector, store_vector, streaming)
 
 
 # A pooling window's geometry, then the input's and the output's sizes.
@@ -35,6 +35,7 @@ class PixelKernel(Vectors):
     target: Target
     storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
     kind: ClassVar[str] = ""
+    streams: ClassVar[bool] = False  # a `streaming` field: its outputs may pass the caches
     sizes: ClassVar[tuple[str, ...]] = ()
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
@@ -54,6 +55,8 @@ class PixelKernel(Vectors):
         f.b.comment(f"{self.symbol}: fields {', '.join(x.name for x in self.signature.fields)}")
         v, ptr = abi.load_arguments(f, self.signature)
         self.body(f, v, ptr)
+        if self.streams:
+            fence_streams(f, streaming(f, v))
         f.finish()
         return str(module)
 
@@ -63,6 +66,7 @@ class EltwiseKernel(epilogue.Chained, PixelKernel):
     """out = epilogue(x) per element, and out2 = out2(out); no steps is a copy."""
     epilogue: tuple[str, ...] = ()
     out2: tuple[str, ...] | None = None
+    streams: ClassVar[bool] = True
 
     @property
     def symbol(self) -> str:
@@ -71,14 +75,14 @@ class EltwiseKernel(epilogue.Chained, PixelKernel):
 
     @property
     def signature(self) -> abi.Signature:
-        signature = (abi.sizes("oh", "ow") + abi.strides("x", *self.outputs)
+        signature = (abi.sizes("oh", "ow", "streaming") + abi.strides("x", *self.outputs)
                      + abi.stored(self, "x") + abi.stored(self, *self.outputs, written=True))
         for chain in self.chains:
             signature += chain.signature(self)
         return signature
 
     def body(self, f: Function, v, ptr) -> None:
-        b = f.b
+        b, streams = f.b, streaming(f, v)
         walk = PixelWalk(f, v["oh"], v["ow"])
         with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
             at = walk.position()
@@ -94,7 +98,7 @@ class EltwiseKernel(epilogue.Chained, PixelKernel):
                 for chain, out in zip(self.chains, self.outputs):
                     value = f.stored_form(epilogue.apply_chain(f, chain, value, operand, v),
                                           ptr[out])
-                    store_vector(f, value, element(out, c), mask)
+                    put_vector(f, value, element(out, c), mask, streams)
                     value = f.read_back(value, ptr[out])  # what out2 is made of
             channel_vectors(f, vector)
             walk.advance()

@@ -18,6 +18,7 @@ blocks of SUM_BLOCK pixels, each block then added into the float64 slot.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from llvmlite import ir
 
@@ -27,7 +28,7 @@ from ..tuning import SUM_BLOCK
 from . import abi, epilogue
 from .arith import Vec, VectorArithmetic
 from .emit import Function
-from .pixels import PixelWalk, channel_vectors, load_vector, offset, store_vector
+from .pixels import PixelWalk, channel_vectors, load_vector, offset, put_vector, streaming
 from .pixelwise import PixelKernel
 from .slots import F64, add_f64, add_summands, statistics_slot
 
@@ -203,6 +204,7 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
     add, whose operand is the residual stream's other gradient)."""
     op: str = "batch_norm_relu_grad_apply"
     epilogue: tuple[str, ...] = ()
+    streams: ClassVar[bool] = True
 
     @property
     def relu(self) -> bool:
@@ -217,12 +219,12 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
     @property
     def signature(self) -> abi.Signature:
         scalars = ("epsilon", "alpha") if self.relu else ("epsilon",)
-        return (abi.sizes("oh", "ow", "images") + abi.strides("dy", "x", "out")
+        return (abi.sizes("oh", "ow", "images", "streaming") + abi.strides("dy", "x", "out")
                 + abi.scalars(*scalars) + abi.stored(self, *get(self.op).inputs)
                 + abi.stored(self, "out", written=True) + self.chains[0].signature(self))
 
     def body(self, f: Function, v, ptr) -> None:
-        b, m = f.b, VectorArithmetic(f)
+        b, m, streams = f.b, VectorArithmetic(f), streaming(f, v)
         scalars = _vecs(m, {n: v[n] for n in ("epsilon", "alpha") if n in v})
         pixels = b.mul(b.mul(v["images"], v["oh"]), v["ow"], name="pixels")
         count = Vec(f, f.splat(b.uitofp(pixels, f.scalar), name="count"))
@@ -244,6 +246,6 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
                     f, self.chains[0], dx,
                     lambda o: epilogue.read_operand(f, o, v, ptr, at, c, mask), v)
                 out = f.element(ptr["out"], b.add(offset(f, v, "out", *at), c))
-                store_vector(f, dx, out, mask)
+                put_vector(f, dx, out, mask, streams)
             channel_vectors(f, vector)
             walk.advance()
