@@ -276,7 +276,7 @@ class ConvEmitter:
         b.comment("arguments: sizes, strides (in elements) and scalars; pointers by role")
         self.v, self.ptr = abi.load_arguments(f, k.signature)
         self.flush_if_rounding()
-        self.open_streams()
+        self.streams = streaming(f, self.v)
         v = self.v
         self.k_depth = b.mul(b.mul(v["kh"], v["kw"]), v["cin"], name="k_depth")
         self.x_row_step = b.mul(v["x.row"], v["stride"], name="x_row_step")
@@ -290,16 +290,10 @@ class ConvEmitter:
             self.staged = self.staging_area()
         self.tiles()
         self.finish_tiles()
-        self.close_streams()
+        fence_streams(f, self.streams)
         if k.sums:
             self.block_sums.finish()
         f.finish()
-
-    def open_streams(self) -> None:
-        self.streams = streaming(self.f, self.v)
-
-    def close_streams(self) -> None:
-        fence_streams(self.f, self.streams)
 
     def finish_tiles(self) -> None:
         """After the last tile (the AMX kernel releases its tile registers here)."""

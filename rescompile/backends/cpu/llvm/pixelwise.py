@@ -35,7 +35,6 @@ class PixelKernel(Vectors):
     target: Target
     storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
     kind: ClassVar[str] = ""
-    streams: ClassVar[bool] = False  # a `streaming` field: its outputs may pass the caches
     sizes: ClassVar[tuple[str, ...]] = ()
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
@@ -55,7 +54,7 @@ class PixelKernel(Vectors):
         f.b.comment(f"{self.symbol}: fields {', '.join(x.name for x in self.signature.fields)}")
         v, ptr = abi.load_arguments(f, self.signature)
         self.body(f, v, ptr)
-        if self.streams:
+        if "streaming" in v:  # a kernel whose outputs may pass the caches
             fence_streams(f, streaming(f, v))
         f.finish()
         return str(module)
@@ -66,7 +65,6 @@ class EltwiseKernel(epilogue.Chained, PixelKernel):
     """out = epilogue(x) per element, and out2 = out2(out); no steps is a copy."""
     epilogue: tuple[str, ...] = ()
     out2: tuple[str, ...] | None = None
-    streams: ClassVar[bool] = True
 
     @property
     def symbol(self) -> str:

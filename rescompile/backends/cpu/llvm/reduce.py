@@ -18,7 +18,6 @@ blocks of SUM_BLOCK pixels, each block then added into the float64 slot.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from llvmlite import ir
 
@@ -204,7 +203,6 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
     add, whose operand is the residual stream's other gradient)."""
     op: str = "batch_norm_relu_grad_apply"
     epilogue: tuple[str, ...] = ()
-    streams: ClassVar[bool] = True
 
     @property
     def relu(self) -> bool:

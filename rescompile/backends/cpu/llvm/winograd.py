@@ -50,7 +50,7 @@ from ..winograd import INPUT_TRANSFORM, OUTPUT_TRANSFORM, POINTS, TILE, WINDOW
 from . import abi
 from .conv import ConvEmitter, ConvKernel
 from .emit import BF16, MEMORY_TYPES, Vectors, new_module
-from .pixels import TRUE, PixelWalk, next_pixel, offset
+from .pixels import TRUE, PixelWalk, fence_streams, next_pixel, offset, streaming
 
 GEOMETRY = abi.sizes("cin", "oh", "ow", "tiles_h", "tiles_w", "streaming")
 
@@ -185,7 +185,7 @@ class WinogradEmitter(ConvEmitter):
         b.comment("arguments: sizes, strides (in elements) and scalars; pointers by role")
         self.v, self.ptr = abi.load_arguments(f, k.signature)
         self.flush_if_rounding()
-        self.open_streams()
+        self.streams = streaming(f, self.v)
         v = self.v
         self.products = self.ptr["scratch"]
         if k.staged:
@@ -198,7 +198,7 @@ class WinogradEmitter(ConvEmitter):
                                     name="inputs")
             self.window = window_offsets(f, v)
         self.tiles()
-        self.close_streams()
+        fence_streams(f, self.streams)
         f.finish()
 
     def tiles(self) -> None:
