@@ -60,6 +60,9 @@ VARIANTS = [(f"fma-{t.isa}", ConvKernel, t, "fma", {}) for t in _fma_targets()]
 if HAS_BF16:
     VARIANTS += [("dpbf16", ConvKernel, HOST, "dpbf16", {}),
                  ("amx-emulated", AmxConvKernel, HOST, "amx", {"emulated": True})]
+# the FMA kernels a 1 x 1 conv lowers to: its rows staged widened (`ConvKernel.stages_rows`)
+STAGED = [(f"fma-{t.isa}-staged", ConvKernel, t, "fma", {"stages_rows": True})
+          for t in _fma_targets()]
 
 
 @pytest.fixture(scope="module")
@@ -102,17 +105,20 @@ def _packed(weights, kernel):
                         _layout(kernel))
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
+@pytest.mark.parametrize("variant", VARIANTS + STAGED, ids=lambda v: v[0])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"k{c[5]}s{c[6]}c{c[4]}")
 def test_conv_kernel_against_the_bf16_reference(case, variant, cache_dir):
     """Odd sizes (pixels, channels, depth), strides 1 and 2, 1x1 to 7x7, every epilogue step,
     out2: the kernel against float64 on the bfloat16 inputs and weights, rounded where it
     stores. An odd input channel count takes FMAs in the lowering; the pair kernels still
-    compute it here when the depth of a window row is even."""
+    compute it here when the depth of a window row is even. A 1 x 1 conv's FMA kernel also
+    with its rows staged widened, as the lowering makes it."""
     n, h, w, cin, cout, k, stride, pads, steps, out2 = case
     kernel = _conv_kernel(variant, steps, out2, cout)
     if kernel.dot == "dpbf16" and (k * cin) % 2:
         pytest.skip("vdpbf16ps needs pairs of inputs in each window row (lowering: FMAs)")
+    if kernel.stages_rows and k != 1:
+        pytest.skip("a kernel stages the rows of 1 x 1 windows only")
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     x = stored(rng.standard_normal((n, h, w, cin)))
     weights = stored(rng.standard_normal((k, k, cin, cout)))
@@ -133,6 +139,9 @@ def test_conv_kernel_against_the_bf16_reference(case, variant, cache_dir):
         if array.ndim == 4:
             fields.update(strides(name, array))
     pointers = dict(x=xp, w=_packed(weights, kernel), out=out, out2=out2_array, **operands)
+    if kernel.stages_rows:
+        fields["staged_offset"] = kernel.staged_offset(cout)
+        pointers["scratch"] = np.full(kernel.scratch_bytes(cin, cout) // 4, np.nan, np.float32)
     call(kernel, fields, pointers, (0, n * y.shape[1] * y.shape[2]), (0, cout), cache_dir)
     assert close(out.astype(np.float32), expected) < TOL
     if out2 is not None:

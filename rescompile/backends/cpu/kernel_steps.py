@@ -103,13 +103,14 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     h, w, cin = geometry.shape
     oh, ow = geometry.out_hw
     dot = conv_dot(types, target, x, cin)
+    # a 1 x 1 conv stages its rows where the k loop would widen them (`ConvKernel.stages_rows`)
+    stages = bool(prologue) or (geometry.k == 1 and widens(types.of(x), types.compute, dot))
     mr, nv = AMX_TILE if dot == "amx" else conv_tile(
         target, types.compute, geometry.cout,
-        widens=widens(types.of(x), types.compute, dot, staged=bool(prologue)),
-        pixels=oh * ow)
+        widens=widens(types.of(x), types.compute, dot, staged=stages), pixels=oh * ow)
     kernel = (AmxConvKernel if dot == "amx" else ConvKernel)(
         types.compute, target, chain_of(epi), None if out2 is None else chain_of(out2), mr, nv,
-        sums=sums and sums.op, dot=dot, prologue=chain_of(prologue))
+        sums=sums and sums.op, dot=dot, prologue=chain_of(prologue), stages_rows=stages)
     uses, tensors = output_uses(kernel, outputs)
     uses.update(x=Use(x, "window", geometry.pads[::2]),
                 w=Use(weights.value, "packed", nr=kernel.nr, transform=weights.transform,
@@ -122,7 +123,7 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs), graph, prologue)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
-    if prologue:
+    if stages:
         fields["staged_offset"] = kernel.staged_offset(geometry.cout)
     step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
                 fields=fields, pixels=oh * ow, channels=geometry.cout, pixel_align=kernel.mr,
@@ -131,7 +132,7 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
                 pads={x: geometry.pads})
     if sums is not None:
         _add_sums(step, sums)
-    if sums is not None or prologue:
+    if sums is not None or stages:
         step.uses["scratch"] = Use(f"{step.name}:scratch", "scratch")
         step.scratch = kernel.scratch_bytes(cin, geometry.cout)
     return step

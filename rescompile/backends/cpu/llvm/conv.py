@@ -53,9 +53,13 @@ the kernel reads its input through the chain: a 1 x 1 conv's tile first stages i
 input channels, each through the chain and rounded to the input's type, into the thread's
 scratch (`stage_rows`), and the k loop reads them there; where FMAs multiply a bfloat16 input,
 the rounded rows are staged widened (`staged_type`), so the k loop widens nothing and its
-tile needs no registers for it. A layer's chain is evaluated as the elementwise kernel (or
-the epilogue making it as a second output) evaluates it (`epilogue.apply_chain`), so its
-activation, never written, is the same bits as the tensor it replaces.
+tile needs no registers for it. A 1 x 1 conv without a prologue whose FMAs would widen its
+bfloat16 input stages its rows the same way (`stages_rows`), only widened: a vector of a
+row's channels widened once a tile, in place of a broadcast and a shift for each multiply-add
+of every panel (the shifts compete with the FMAs for their pipes). A layer's chain is
+evaluated as the elementwise kernel (or the epilogue making it as a second output) evaluates
+it (`epilogue.apply_chain`), so its activation, never written, is the same bits as the
+tensor it replaces.
 
 An epilogue operand read through a pool ("pooled", the seed's shortcut) is read at each row's
 (n, oh, ow), kept beside its window origin, as `epilogue.read_operand` reads it everywhere.
@@ -116,6 +120,7 @@ class ConvKernel(epilogue.Chained, Tiled):
     nv: int = 0
     sums: str | None = None  # an op of reduce.SUMS
     prologue: tuple[str, ...] = field(default=(), kw_only=True)
+    stages_rows: bool = field(default=False, kw_only=True)  # a 1 x 1 tile's, in the scratch
     storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
     dot: str = field(default="fma", kw_only=True)  # one of DOTS
     DOTS: ClassVar[tuple[str, ...]] = ("fma", "dpbf16")  # amx: amx.AmxConvKernel
@@ -129,6 +134,7 @@ class ConvKernel(epilogue.Chained, Tiled):
         object.__setattr__(self, "nv", self.nv or nv)
         object.__setattr__(self, "epilogue", tuple(self.epilogue))
         object.__setattr__(self, "prologue", tuple(self.prologue))
+        object.__setattr__(self, "stages_rows", self.stages_rows or bool(self.prologue))
         if self.out2 is not None:
             object.__setattr__(self, "out2", tuple(self.out2))
         self.chains  # noqa: B018 - checks every step has a rule
@@ -140,8 +146,8 @@ class ConvKernel(epilogue.Chained, Tiled):
         steps = self.chain_name("plain")
         if self.sums:
             steps += f"__sums_{sum_kind(self.sums).short}"
-        if self.prologue:
-            steps = f"in_{'_'.join(self.prologue)}__{steps}"
+        if self.stages_rows:
+            steps = f"in_{'_'.join(self.prologue or ('staged',))}__{steps}"
         return (f"conv_{self.dtype}_{self.target.isa}{self.dot_tag()}_{self.mr}x{self.nr}_"
                 f"{steps}{self.storage_tag()}")
 
@@ -176,7 +182,7 @@ class ConvKernel(epilogue.Chained, Tiled):
     @property
     def widens(self) -> bool:
         """Whether the k loop widens its broadcast input (`tuning.widens`)."""
-        return widens(self.input_type, self.dtype, self.dot, staged=bool(self.prologue))
+        return widens(self.input_type, self.dtype, self.dot, staged=self.stages_rows)
 
     @property
     def prologue_chain(self) -> epilogue.Chain:
@@ -185,13 +191,13 @@ class ConvKernel(epilogue.Chained, Tiled):
 
     def scratch_bytes(self, cin: int, channels: int) -> int:
         """The per-thread scratch: the running block sums of `channels` (with `sums`), then,
-        from `staged_offset`, the staged rows of `cin` input channels (with a prologue)."""
-        if not self.prologue:
+        from `staged_offset`, the staged rows of `cin` input channels (`stages_rows`)."""
+        if not self.stages_rows:
             return self._block_sums_bytes(channels)
         return self.staged_offset(channels) + self.mr * cin * ITEMSIZE[self.staged_type]
 
     def staged_offset(self, channels: int) -> int:
-        """Where in the scratch a prologue's staged rows start: past the block sums of
+        """Where in the scratch the staged rows start: past the block sums of
         `channels`, on a cache line."""
         return -(-self._block_sums_bytes(channels) // CACHE_LINE) * CACHE_LINE
 
@@ -222,13 +228,15 @@ class ConvKernel(epilogue.Chained, Tiled):
         for chain in self.chains:
             signature += chain.signature(self)
         if self.prologue:
-            signature += self.prologue_chain.signature(self) + abi.sizes("staged_offset")
+            signature += self.prologue_chain.signature(self)
+        if self.stages_rows:
+            signature += abi.sizes("staged_offset")
         if self.sums:
             signature += (abi.stored(self, *[f"sums.{n}" for n in self._sum_operands])
                           + abi.scalars(*[f"sums.{n}" for n in sum_kind(self.sums).scalars])
                           + abi.sizes("sums.chunk", "sums.width")
                           + abi.pointers("float64", "sums", written=True))
-        if self.sums or self.prologue:
+        if self.sums or self.stages_rows:
             signature += abi.pointers(self.dtype, "scratch")
         return signature
 
@@ -286,7 +294,7 @@ class ConvEmitter:
             slot = statistics_slot(f, self.ptr["sums"], v["sums.chunk"], v["sums.width"], 2)
             self.block_sums = BlockSums(f, slot, self.ptr["scratch"])
             self.sum_scalars = {n: v[f"sums.{n}"] for n in sum_kind(k.sums).scalars}
-        if k.prologue:
+        if k.stages_rows:
             self.staged = self.staging_area()
         self.tiles()
         self.finish_tiles()
@@ -334,7 +342,7 @@ class ConvEmitter:
         rows = self.b.sub(self.f.args["p_end"], p, name="rows_left")
         self.tile_start = p
         self.row_pointers(rows)
-        if self.k.prologue:
+        if self.k.stages_rows:
             self.stage_rows()
         return rows
 
@@ -348,12 +356,14 @@ class ConvEmitter:
                               name="staged")
 
     def stage_rows(self) -> None:
-        """Each tile row's input channels through the prologue, rounded to the input's type,
-        into the scratch in the staged type, a vector of channels at a time; the k loop then
+        """Each tile row's input channels (through the prologue and rounded to the input's
+        type, where there is one) into the scratch in the staged type, a vector of channels at
+        a time; the k loop then
         reads the staged rows. The chain's per-channel operands are loaded once a vector of
         channels for every row."""
         f, b, k, v = self.f, self.b, self.k, self.v
-        b.comment(f"prologue: the tile's {k.mr} input rows through {', '.join(k.prologue)}")
+        b.comment(f"staging: the tile's {k.mr} input rows through "
+                  f"{', '.join(k.prologue) or 'no prologue'}, in {k.staged_type}")
         staged = [f.element(self.staged, b.mul(f.i64(m), v["cin"]), name=f"staged{m}")
                   for m in range(k.mr)]
         self.prefetch_next_rows()
@@ -375,17 +385,23 @@ class ConvEmitter:
                 f.prefetch(b.gep(start, [line]), L1_LOCALITY)
 
     def stage_vector(self, staged, ci, mask) -> None:
+        """One vector of channels of every row, the rows' roundings checked once together
+        (`rounded_once`)."""
         f, k = self.f, self.k
         chain = k.prologue_chain
         channel = epilogue.channel_operands(f, chain, self.ptr, ci, mask)
-        for m in range(k.mr):
+
+        def row(m):
             x = load_vector(f, f.element(self.x_rows[m], ci), mask, name=f"x{m}")
+            if not k.prologue:
+                return x
             value = epilogue.apply_chain(f, chain, x, lambda o: channel[o.role], self.v,
                                          f".in{m}")
             # the activation as the tensor it replaces would hold it, in the staged type
             value = f.stored_form(value, self.ptr["x"])
-            if k.staged_type != k.input_type:
-                value = f.read_back(value, self.ptr["x"])
+            return value if k.staged_type == k.input_type else f.read_back(value, self.ptr["x"])
+        rows = f.rounded_once(lambda: [row(m) for m in range(k.mr)])
+        for m, value in enumerate(rows):
             store_vector(f, value, f.element(staged[m], ci), mask)
 
     def row_pointers(self, rows) -> None:
