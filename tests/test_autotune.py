@@ -103,7 +103,10 @@ def test_tuning_changes_no_number(tmp_path, dtype):
         results.append((loss, exe.state, exe.forward(images), tiles(exe), wgrad_tiles(exe)))
     (loss_a, state_a, logits_a, tiles_a, wgrad_a), \
         (loss_b, state_b, logits_b, tiles_b, wgrad_b) = results
-    assert tiles_a != tiles_b and wgrad_a != wgrad_b
+    assert tiles_a != tiles_b
+    # on 16 registers a weight gradient that widens its input has no wider tile to try
+    if dtype == "float32" or exe.program.target.registers > 16:
+        assert wgrad_a != wgrad_b
     if dtype == "bfloat16":
         widened = [s.kernel for s in exe.program.plan("train_step").schedule.kernel_steps
                    if isinstance(s.kernel, WgradKernel)]

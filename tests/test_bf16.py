@@ -11,9 +11,14 @@ Tolerances (README, Numerics), each measured here:
 - the CPU kernels against the bfloat16 reference: logits within 2e-2 as well (the two round
   at the same points; where a float32 sum lies near a rounding boundary, its different
   summation order moves it one ulp, and that spreads; measured up to 2e-3).
-- random specs against float32: 5e-2. Their smallest nets (2 x 2 images of 1 channel, 8
-  features into 2 classes) average nothing: the bfloat16 reference itself was 2.3e-2 from
-  float32 on one of them; real ResNets stay under 2e-2 (the oracle's model, above).
+- random specs: 5e-2 against the bfloat16 reference, and against float32 no further than
+  the reference is plus 5e-2. Their smallest nets (2 x 2 images of 1 channel, layers of 2 to
+  8 channels into 4 classes) average nothing: the bfloat16 reference itself was 6.0e-2 from
+  float32 on one of them (17 x 21 x 1 images, an ImageNet stem), and on another (8 x 8 x 1,
+  leaky ReLU) the AVX2 kernels were 2.7e-2 from the reference, the SSE2 kernels 2e-3: the
+  first layer where the two differ does so by one bfloat16 ulp in 3 of 32 values (a float32
+  sum's order moving it across a rounding boundary), which the next layers' few channels
+  amplify; real ResNets stay under 2e-2 (the oracle's model, above).
 - the train-mode loss within 1e-2 of float32's (relative).
 - gradients: cosine similarity to float32's of at least 0.98 for the whole gradient, and of
   at least 0.9 for every tensor. The 0.99 per tensor that was asked for does not hold for any
@@ -130,9 +135,9 @@ def test_random_specs_logits(spec, batch, seed):
     state = float32.params
     cpu = _compiled(spec, "infer", "cpu", "bfloat16", state)
     reference = _compiled(spec, "infer", "reference", "bfloat16", state)
-    logits = cpu.forward(x)
-    assert rel_err(logits, float32.forward(x)) < TINY_LOGITS_TOL
-    assert rel_err(logits, reference.forward(x)) < LOGITS_TOL
+    logits, expected, exact = cpu.forward(x), reference.forward(x), float32.forward(x)
+    assert rel_err(logits, expected) < TINY_LOGITS_TOL
+    assert rel_err(logits, exact) < rel_err(expected, exact) + TINY_LOGITS_TOL
 
 
 @pytest.mark.parametrize("isa", [None, "avx512", "avx2", "portable"])
@@ -207,6 +212,35 @@ def test_the_host_uses_its_bf16_instructions():
     float32 = rc.compile(tiny_spec(unit="bottleneck"), backend="cpu")
     assert {s.kernel.dot for s in float32.program.schedule.kernel_steps
             if isinstance(s.kernel, ConvKernel)} == {"fma"}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fma_kernels_stage_the_rows_of_bf16_one_by_one_convs(dtype):
+    """On FMA kernels (AVX2 here) every 1 x 1 conv reading a bfloat16 input stages its rows
+    widened to float32 (`ConvKernel.stages_rows`), so its k loop widens nothing; a wider
+    window widens in its k loop. A float32 model stages only the rows a prologue makes."""
+    from rescompile.backends.cpu.llvm.conv import ConvKernel
+    from rescompile.backends.cpu.target import target_for
+    try:
+        target_for("avx2")
+    except Exception:
+        pytest.skip("this CPU cannot run avx2")
+    staged = set()
+    for mode in ("infer", "train"):
+        exe = rc.compile(tiny_spec(unit="bottleneck"), mode=mode, backend="cpu", dtype=dtype,
+                         isa="avx2")
+        for plan in exe.program.plans.values():
+            for step in plan.schedule.kernel_steps:
+                kernel = step.kernel
+                if type(kernel) is not ConvKernel:
+                    continue
+                one_by_one = step.fields["kh"] == step.fields["kw"] == 1
+                widened = one_by_one and kernel.input_type == "bfloat16"
+                assert kernel.stages_rows == (widened or bool(kernel.prologue)), step.name
+                assert kernel.widens == (kernel.input_type == "bfloat16"
+                                         and not kernel.stages_rows), step.name
+                staged.add((one_by_one, kernel.stages_rows))
+    assert (True, True) in staged and (False, False) in staged
 
 
 def test_activations_take_half_the_bytes_of_float32():
