@@ -61,6 +61,24 @@ def test_check_finite_names_the_first_bad_kernel(images):
         exe.forward(images)
 
 
+def test_check_finite_reads_each_output_where_its_kernel_wrote_it(monkeypatch):
+    """Checking runs every image shared, so an output kept whole for a later segment (the
+    stem's pool here) is written to the shared region, not its batch buffer: the check reads
+    it there, the max pool of the conv output it checked before."""
+    from rescompile import ops
+    from rescompile.backends.cpu.program import CpuProgram
+    seen = {}
+    monkeypatch.setattr(CpuProgram, "_check", staticmethod(
+        lambda step, arrays: seen.update((v, np.array(a, np.float64)) for v, a in arrays.items())))
+    exe = rc.compile(tiny_spec(stem="imagenet"), mode="infer", backend="cpu", seed=1,
+                     check_finite=True)
+    exe.forward(np.random.default_rng(0).standard_normal((3, 8, 8, 3)))
+    pool = next(n for n in exe.program.graph.nodes if n.name == "init/pool")
+    assert pool.outputs[0] in exe.program.arena(exe.program.schedule, 3).batch_buffers
+    (expected,) = ops.get(pool.op).run_reference(pool.attrs, seen[pool.inputs[0]])
+    np.testing.assert_array_equal(seen[pool.outputs[0]], expected)
+
+
 def test_cache_clear_removes_only_what_rescompile_wrote(tmp_path, capsys):
     write_cache_file(tmp_path, "objects/abc.o", b"object")
     write_cache_file(tmp_path, "cuda/k_1.py", b"kernel = None\n")

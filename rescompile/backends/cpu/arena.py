@@ -344,7 +344,7 @@ class Arena:
         """The images of `value` in its batch or shared buffer, without their border (a
         tensor of no batch dimension in its graph shape)."""
         graph = self.program.graph
-        if value in self.batch_buffers:
+        if self._in_batch_buffer(value):
             raw, images = self.batch_buffers[value], self.batch
         else:
             start = self.shared_region.offsets[value]
@@ -358,6 +358,13 @@ class Arena:
         full = raw.view(self._kind(value)).reshape(images, lay.h + top + bottom,
                                                     lay.w + left + right, lay.c)
         return full[:, top:top + lay.h, left:left + lay.w, :]
+
+    def _in_batch_buffer(self, value: str) -> bool:
+        """Whether the kernels write `value`'s images to its batch buffer (`_operand`): a fetched
+        value's always, another's only from depth-first items; an arena with none (one that
+        runs every image shared, as `check_finite` does) writes them to the shared region."""
+        return value in self.batch_buffers and (value in self.schedule.fetches
+                                                or self.n_items > 0)
 
     def _kind(self, value: str) -> np.dtype:
         return numpy_dtype(self.program.types.of(value))
