@@ -84,6 +84,23 @@ def test_the_user_sees_float32():
         exe.forward(np.full((1, 8, 8, 3), 3.39999e38, np.float32))
 
 
+def test_a_call_converts_only_what_is_stored_narrower(monkeypatch):
+    """A call feeds every variable; after the first, only the fed values stored in bfloat16
+    (the images) are looked at and converted, not the hundreds of float32 variables."""
+    from rescompile.backends.cpu.program import CpuProgram
+    exe = rc.compile(tiny_spec(), backend="cpu", dtype="bfloat16")
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3))
+    exe.forward(x)
+    seen = []
+    original = CpuProgram.stored
+    monkeypatch.setattr(CpuProgram, "stored",
+                        lambda self, name, array: seen.append(name) or original(self, name, array))
+    logits = exe.forward(x)
+    assert seen and all(exe.program.types.of(name) == "bfloat16" for name in seen)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(logits, exe.forward(x))
+
+
 def test_the_reference_rounds_where_the_kernels_store():
     """Every activation the reference backend makes is a bfloat16 value (its float32 bits end
     in 16 zeros); the variables are not rounded."""
