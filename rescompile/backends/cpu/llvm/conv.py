@@ -120,7 +120,7 @@ class ConvKernel(epilogue.Chained, Tiled):
     nv: int = 0
     sums: str | None = None  # an op of reduce.SUMS
     prologue: tuple[str, ...] = field(default=(), kw_only=True)
-    stages_rows: bool = field(default=False, kw_only=True)  # a 1 x 1 tile's, in the scratch
+    stages_rows: bool = field(default=False, kw_only=True)  # into the scratch (1 x 1 only)
     storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
     dot: str = field(default="fma", kw_only=True)  # one of DOTS
     DOTS: ClassVar[tuple[str, ...]] = ("fma", "dpbf16")  # amx: amx.AmxConvKernel
