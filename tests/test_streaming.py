@@ -1,10 +1,9 @@
 """Stores past the caches: a training step whose tensors outgrow the threads' L2s stores its
 outputs (convs, batch norms and their gradients) with non-temporal stores (`tuning.streams`,
-`Arena.streams`). They change where
-the bytes go, never which bytes: every kernel variant stores the same bits streaming or not,
-on rows that sit on the vector's size (the instruction's need) and rows that do not (stored
-through the caches); the train step is bit-identical with every step streaming and with
-none; inference never streams.
+`Arena.streams`). They change where the bytes go, never which bytes: every kernel variant
+stores the same bits streaming or not, on rows that sit on the vector's size (the instruction's
+need) and rows that do not (stored through the caches); the train step is bit-identical with
+every step streaming and with none; inference never streams.
 """
 
 import numpy as np

@@ -358,9 +358,8 @@ class ConvEmitter:
     def stage_rows(self) -> None:
         """Each tile row's input channels (through the prologue and rounded to the input's
         type, where there is one) into the scratch in the staged type, a vector of channels at
-        a time; the k loop then
-        reads the staged rows. The chain's per-channel operands are loaded once a vector of
-        channels for every row."""
+        a time; the k loop then reads the staged rows. The chain's per-channel operands are
+        loaded once a vector of channels for every row."""
         f, b, k, v = self.f, self.b, self.k, self.v
         b.comment(f"staging: the tile's {k.mr} input rows through "
                   f"{', '.join(k.prologue) or 'no prologue'}, in {k.staged_type}")
