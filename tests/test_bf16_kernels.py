@@ -217,6 +217,32 @@ def test_conv_prologue_against_the_bf16_reference(variant, cache_dir):
     assert close(mean, ref_mean) < F32_TOL and close(var, ref_var) < F32_TOL
 
 
+@pytest.mark.parametrize("nan", [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
+def test_conv_prologue_keeps_a_nan_a_nan(variant, nan, cache_dir):
+    """The staged rows' roundings are checked once a vector of channels (`rounded_once`): a
+    NaN the unguarded integer rounding would carry into a zero (0x7FFFFFFF to -0,
+    0xFFFFFFFF to +0), made by the prologue's shift in one input channel, reaches the
+    multiply-adds as a NaN, so every output is NaN, as in the reference."""
+    prologue = ("affine", "relu")
+    kernel = _conv_kernel(variant, ("bias_add",), None, 20, prologue=prologue)
+    rng = np.random.default_rng(12)
+    x = bf16(rng.standard_normal((2, 3, 5, 10)))
+    weights = stored(rng.standard_normal((1, 1, 10, 20)))
+    operands, scalars = _operands(rng, prologue, 1, x.shape, np.float32)
+    more, _ = _operands(rng, ("bias_add",), 0, x.shape[:3] + (20,), np.float32)
+    scale, shift = (next(r for r in operands if r.endswith(n)) for n in (".scale", ".shift"))
+    operands[scale][3], operands[shift][3] = 0.0, np.uint32(nan).view(np.float32)
+    out = bf16(np.zeros(x.shape[:3] + (20,)))
+    fields = dict(cin=10, kh=1, kw=1, stride=1, oh=3, ow=5, panels_outer=0, streaming=0,
+                  **strides("x", x), **strides("out", out),
+                  staged_offset=kernel.staged_offset(20), **scalars)
+    pointers = {"x": x, "w": _packed(weights, kernel), "out": out, **operands, **more,
+                "scratch": np.zeros(kernel.scratch_bytes(10, 20) // 4, np.float32)}
+    call(kernel, fields, pointers, (0, 30), (0, 20), cache_dir)
+    assert np.isnan(out.astype(np.float32)).all()
+
+
 ELTWISE = [(("affine", "relu"), ("add",)), (("relu_grad", "add"), None),
            (("batch_normalize",), None), (("bias_add", "add", "relu"), ("affine", "relu"))]
 
@@ -252,17 +278,19 @@ SPECIAL_BIASES = np.array([0x7FFFFFFF, 0x7F800001, 0xFFFFFFFF, 0xFFC00001, 0x7F8
                            0xFF800000, 0x7F7FFFFF, 0x00000001, 0x80400000], np.uint32)
 
 
+@pytest.mark.parametrize("sums", [None, "batch_moments"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
-def test_conv_epilogue_rounds_special_values(variant, cache_dir):
-    """A tile row's outputs are rounded the fast way and checked once (`rounded_once`): a NaN
-    whose payload would carry into the exponent of the unguarded integer rounding, and a
-    signalling NaN, stay NaN; infinities stay infinite; the largest finite value rounds to
-    infinity; a denormal rounds as ml_dtypes rounds it. Where the kernel rounds by
-    vcvtneps2bf16 it runs with MXCSR's denormals-are-zero and flush-to-zero instead: its
-    arithmetic reads a denormal as zero (so the instruction meets none), and the caller gets
-    its MXCSR back. Every other output is the reference's, within TOL."""
+def test_conv_epilogue_rounds_special_values(variant, sums, cache_dir):
+    """A tile row's outputs are rounded the fast way and checked once (`rounded_once`), with
+    sums and without: a NaN whose payload would carry into the exponent of the unguarded
+    integer rounding, and a signalling NaN, stay NaN;
+    infinities stay infinite; the largest finite value rounds to infinity; a denormal rounds
+    as ml_dtypes rounds it. Where the kernel rounds by vcvtneps2bf16 it runs with MXCSR's
+    denormals-are-zero and flush-to-zero instead: its arithmetic reads a denormal as zero (so
+    the instruction meets none), and the caller gets its MXCSR back. Every other output is
+    the reference's, within TOL."""
     n, h, w, cin, cout = 2, 3, 5, 4, 32
-    kernel = _conv_kernel(variant, ("bias_add", "relu"), None, cout)
+    kernel = _conv_kernel(variant, ("bias_add", "relu"), None, cout, sums=sums)
     rng = np.random.default_rng(21)
     x = stored(rng.standard_normal((n, h, w, cin)))
     weights = stored(rng.standard_normal((1, 1, cin, cout)))
@@ -274,6 +302,9 @@ def test_conv_epilogue_rounds_special_values(variant, cache_dir):
     fields = dict(cin=cin, kh=1, kw=1, stride=1, oh=h, ow=w, panels_outer=0, streaming=0,
                   **strides("x", x), **strides("out", out), **{"e1.alpha": alpha})
     pointers = {"x": bf16(x), "w": _packed(weights, kernel), "out": out, "e0.bias": bias}
+    if sums:
+        fields.update({"sums.chunk": 64, "sums.width": cout})
+        pointers.update(sums=np.zeros(2 * cout), scratch=np.zeros(2 * cout, np.float32))
     call(kernel, fields, pointers, (0, n * h * w), (0, cout), cache_dir)
     got = out.astype(np.float32)
     flushes = "vcvtneps2bf16" in jit.assembly(kernel.ir(), kernel.target)
