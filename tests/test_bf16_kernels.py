@@ -18,6 +18,7 @@ of stored values are held to 1e-5, the float32 kernels' bound: they round nothin
 
 import re
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -241,6 +242,30 @@ def test_conv_prologue_keeps_a_nan_a_nan(variant, nan, cache_dir):
                 "scratch": np.zeros(kernel.scratch_bytes(10, 20) // 4, np.float32)}
     call(kernel, fields, pointers, (0, 30), (0, 20), cache_dir)
     assert np.isnan(out.astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512+avx512_bf16"])
+def test_a_kernel_without_sums_checks_its_roundings_once_a_call(isa):
+    """Generated, not run: a conv kernel rounding the fast way gathers every tile row's
+    suspects in one probe for the call and, where it took one, calls its exact twin (tiles
+    of one row, internal), so no tile row branches; a kernel with block sums, which a call
+    made twice would add twice, checks each tile row; one rounding by vcvtneps2bf16 with
+    denormals flushed checks nothing."""
+    target = generic_target(isa)
+    variant = (isa, ConvKernel, target, "fma", {})
+    for sums in (None, "batch_moments"):
+        kernel = _conv_kernel(variant, ("bias_add", "relu"), None, 32, sums=sums)
+        text = kernel.ir()
+        twins = re.findall(r'define internal void @"?([\w.]+\.exact)"?', text)
+        row_checks = len(re.findall(r'%"?any_suspect[\w.]*"? = icmp', text))
+        if target.has("avx512_bf16"):
+            assert (twins, row_checks) == ([], 0)
+        elif sums:  # each row of both loop orders' epilogues, of a whole and a masked panel
+            assert twins == [] and row_checks == 4 * kernel.mr
+        else:
+            twin = replace(kernel, mr=1)
+            assert twins == [f"{twin.symbol}.exact"] and row_checks == 1
+            assert len(re.findall(rf'call void @"?{re.escape(twins[0])}"?\(', text)) == 1
 
 
 ELTWISE = [(("affine", "relu"), ("add",)), (("relu_grad", "add"), None),

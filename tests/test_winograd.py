@@ -296,6 +296,53 @@ def test_pair_kernel_matches_its_roundings(case, cache_dir):
             assert close(second.astype(np.float32), expected2) < 2 * tol
 
 
+SPECIAL_BIASES = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7F800000, 0xFF800000],
+                          np.uint32)
+
+
+@pytest.mark.parametrize("target", RUNNABLE, ids=lambda t: t.isa)
+def test_fma_kernel_on_bfloat16_tensors(target, cache_dir):
+    """bfloat16 input and output, float32 FMAs on float32 transforms (a bfloat16 model's
+    kernel on AVX2 and AVX-512): against float64 on the bfloat16 input, rounded to bfloat16
+    where it stores (2 ULP: a float32 sum near a rounding boundary rounds the other way, and
+    the float32 transforms' error is some of it). Its first channels output their bias alone,
+    special values: a NaN that the unguarded integer rounding would carry into the sign or
+    into infinity stays NaN (the call is made again exactly, `Function.checks_by_call`), an
+    infinity stays infinite."""
+    steps = ("bias_add", "relu")
+    rng = np.random.default_rng(8)
+    n, h, w, cin, cout = 2, 9, 7, 2 * target.lanes("float32"), 21
+    x = _bf16(rng.standard_normal((n, h, w, cin))).astype(np.float64)
+    weights = _bf16(rng.standard_normal((3, 3, cin, cout))).astype(np.float64)
+    weights[..., :len(SPECIAL_BIASES)] = 0.0
+    operands, scalars = _operands(rng, steps, 0, (n, h, w, cout), "float32")
+    operands["e0.bias"][:len(SPECIAL_BIASES)] = SPECIAL_BIASES.view(np.float32)
+    kernel = WinogradKernel("float32", target, steps, None,
+                            storage=(("out", "bfloat16"), ("x", "bfloat16")))
+    xp = _bf16(padded(x, winograd.window_pads((h, w))))
+    out = _bf16(np.full((n, h, w, cout), np.nan))
+    fields = dict(cin=cin, oh=h, ow=w, streaming=0, tiles_h=winograd.tiles(h),
+                  tiles_w=winograd.tiles(w), **strides("x", xp), **strides("out", out),
+                  **scalars)
+    scratch = np.full(kernel.scratch_bytes(cin) // 4, np.nan, np.float32)
+    packed = pack_weights(transformed(weights.astype(np.float32), "winograd"), kernel.nr)
+    tiles = n * winograd.tiles(h) * winograd.tiles(w)
+    call(kernel, fields, dict(x=xp, w=packed, out=out, scratch=scratch, **operands),
+         (0, tiles), (0, cout), cache_dir)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = epilogue_reference(steps, 0, conv_reference(x, weights, 1, (1, 1, 1, 1)),
+                                      operands, scalars)
+    want = _bf16(expected)
+    special = slice(0, len(SPECIAL_BIASES))
+    nan = np.isnan(want[..., special].astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(out[..., special].astype(np.float32)), nan)
+    np.testing.assert_array_equal(out[..., special].view(np.uint16)[~nan],
+                                  want[..., special].view(np.uint16)[~nan])
+    rest = slice(len(SPECIAL_BIASES), None)
+    assert close(out[..., rest].astype(np.float32),
+                 want[..., rest].astype(np.float64)) < 2 * ULP
+
+
 def _rounded_winograd(x, w):
     """F(2x2, 3x3) in float64 with the transformed inputs and weights rounded to bfloat16."""
     n, h, wd, cin = x.shape

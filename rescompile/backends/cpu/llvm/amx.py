@@ -73,8 +73,8 @@ class AmxConvKernel(ConvKernel):
 class AmxEmitter(ConvEmitter):
     """The conv emitter with the k loop on tiles (or their emulation)."""
 
-    def __init__(self, kernel: AmxConvKernel, module: ir.Module):
-        super().__init__(kernel, module)
+    def __init__(self, kernel: AmxConvKernel, module: ir.Module, exact: bool = False):
+        super().__init__(kernel, module, exact)
         self.f.require(kernel.target.features_for(kernel.extension))
         self.tiles_ops = (_EmulatedTiles if kernel.emulated else Tiles)(self.f)
 
@@ -89,6 +89,10 @@ class AmxEmitter(ConvEmitter):
 
     def finish_tiles(self) -> None:
         self.tiles_ops.release()
+
+    def twin_kernel(self) -> AmxConvKernel:
+        """The AMX tiles fix the tile."""
+        return self.k
 
     def accumulate(self, c):
         """The 32 x 32 block of channels from c on the tiles, returned as acc[m][j] vectors

@@ -185,6 +185,7 @@ class WinogradEmitter(ConvEmitter):
         b.comment("arguments: sizes, strides (in elements) and scalars; pointers by role")
         self.v, self.ptr = abi.load_arguments(f, k.signature)
         self.flush_if_rounding()
+        self.check_rounding_by_call()
         self.streams = streaming(f, self.v)
         v = self.v
         self.products = self.ptr["scratch"]
@@ -199,6 +200,7 @@ class WinogradEmitter(ConvEmitter):
             self.window = window_offsets(f, v)
         self.tiles()
         fence_streams(f, self.streams)
+        self.remake_if_suspect()
         f.finish()
 
     def tiles(self) -> None:
