@@ -7,7 +7,7 @@ import ctypes
 
 import numpy as np
 
-from rescompile.backends.cpu.llvm import jit
+from rescompile.backends.cpu.llvm import abi, jit
 
 _SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                               ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
@@ -15,9 +15,11 @@ _SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_i
 
 def call(kernel, fields: dict, pointers: dict, pixels: tuple, channels: tuple, cache_dir):
     """Run `kernel` on pixels [p0, p1) and channels [c0, c1): the fields and pointers its
-    signature declares, by name (others in the dicts are left out); scalars are passed as
-    float64 bits, as the arena does."""
+    signature declares, by name (others in the dicts are left out), its placed fields the
+    arena's defaults unless given (`abi.placed_values`: through the caches); scalars are
+    passed as float64 bits, as the arena does."""
     signature = kernel.signature
+    fields = {**abi.placed_values(signature), **fields}
     words = [np.float64(fields[f.name]).view(np.int64) if f.kind == "scalar"
              else int(fields[f.name]) for f in signature.fields]
     consts = np.array(words, np.int64)
@@ -86,7 +88,7 @@ def run_eltwise(kernel, x, out, out2, operands: dict, scalars: dict, cache_dir) 
     """An elementwise kernel over every pixel and channel of x (into out and out2), with its
     epilogue operands (per-channel vectors, or tensors of x's shape) and scalars."""
     n, h, w, c = x.shape
-    fields = dict(oh=h, ow=w, streaming=0, **strides("x", x), **strides("out", out),
+    fields = dict(oh=h, ow=w, **strides("x", x), **strides("out", out),
                   **strides("out2", out2), **scalars)
     for name, array in operands.items():
         if array.ndim == 4:

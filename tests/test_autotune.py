@@ -10,6 +10,7 @@ import pytest
 
 import rescompile as rc
 from rescompile.backends.cpu import autotune
+from rescompile.backends.cpu.arena import Layout
 from rescompile.backends.cpu.autotune import candidates
 from rescompile.backends.cpu.llvm.conv import ConvKernel
 from rescompile.backends.cpu.llvm.wgrad import WgradKernel
@@ -228,3 +229,28 @@ def test_a_small_map_takes_rows_that_divide_its_pixels(isa):
         assert candidates(target, "float32", 512, pixels=pixels)[0] == (mr, 2)
     assert conv_tile(generic_target("avx512"), "float32", 512, pixels=16)[0] == 8
     assert conv_tile(generic_target("avx512"), "float32", 512, pixels=49)[0] == 14
+
+
+def test_the_tuner_times_a_prologue_on_vectors_of_its_input_channels(tmp_path):
+    """The tuner's arguments for a kernel with a prologue (a 1 x 1 conv, or its weight
+    gradient, reading a BN-ReLU) give the prologue's per-channel vectors its input channels,
+    as the arena does, not its output channels: reading past them it met garbage, a NaN of
+    which sent a bfloat16 kernel to its exact twin (ResNet-164's stride-2 conv1, 128 -> 64
+    channels, timed at a third of its speed). Here 64 -> 16 channels, in training."""
+    spec = tiny_spec(stem_filters=16, stages=[{"filters": 64, "units": 2, "stride": 1}],
+                     activate_before_residual=[True])
+    exe = rc.compile(spec, mode="train", backend="cpu", tune=False, cache_dir=tmp_path)
+    wider = 0
+    for plan in exe.program.plans.values():
+        schedule = plan.schedule
+        for step in schedule.kernel_steps:
+            if not getattr(step.kernel, "prologue", ()):
+                continue
+            layouts = {v: Layout(*schedule.shapes[v], schedule.pads.get(v, (0, 0, 0, 0)))
+                       for v in step.tensors.values()}
+            _, _, arrays = autotune.step_arguments(step, layouts, 1)
+            by_role = dict(zip((p.role for p in step.kernel.signature.pointers), arrays))
+            for operand in step.kernel.prologue_chain.operands:
+                assert by_role[operand.role].size == step.fields["cin"], (step.name, operand)
+            wider += step.fields["cin"] > step.channels
+    assert wider >= 2  # a conv and its weight gradient

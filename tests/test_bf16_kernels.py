@@ -134,7 +134,7 @@ def test_conv_kernel_against_the_bf16_reference(case, variant, cache_dir):
     out = bf16(np.full(y.shape, np.nan))
     out2_array = bf16(np.full(y.shape, np.nan))
     fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=y.shape[1], ow=y.shape[2],
-                  panels_outer=0, streaming=0, **strides("x", xp), **strides("out", out),
+                  panels_outer=0, **strides("x", xp), **strides("out", out),
                   **strides("out2", out2_array), **scalars)
     for name, array in operands.items():
         if array.ndim == 4:
@@ -163,7 +163,7 @@ def test_conv_statistics_are_of_the_stored_output(variant, cache_dir):
     slots = -(-pixels // chunk)
     partial = np.full(slots * 2 * 20, np.nan)
     xp = bf16(padded(x, (1, 1, 1, 1)))
-    fields = dict(cin=6, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0, streaming=0,
+    fields = dict(cin=6, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0,
                   **strides("x", xp),
                   **strides("out", out), **strides("e0.other", residual),
                   **{"sums.chunk": chunk, "sums.width": 20})
@@ -201,7 +201,7 @@ def test_conv_prologue_against_the_bf16_reference(variant, cache_dir):
     y = conv_reference(activated, weights, 2, (0, 0, 0, 0)) + residual.astype(np.float64)
     out = bf16(np.full(y.shape, np.nan))
     partial = np.full(2 * 20, np.nan)
-    fields = dict(cin=10, kh=1, kw=1, stride=2, oh=5, ow=5, panels_outer=0, streaming=0,
+    fields = dict(cin=10, kh=1, kw=1, stride=2, oh=5, ow=5, panels_outer=0,
                   **strides("x", x), **strides("out", out), **strides("e0.other", residual),
                   staged_offset=kernel.staged_offset(20), **scalars,
                   **{"sums.chunk": 64, "sums.width": 20})
@@ -235,7 +235,7 @@ def test_conv_prologue_keeps_a_nan_a_nan(variant, nan, cache_dir):
     scale, shift = (next(r for r in operands if r.endswith(n)) for n in (".scale", ".shift"))
     operands[scale][3], operands[shift][3] = 0.0, np.uint32(nan).view(np.float32)
     out = bf16(np.zeros(x.shape[:3] + (20,)))
-    fields = dict(cin=10, kh=1, kw=1, stride=1, oh=3, ow=5, panels_outer=0, streaming=0,
+    fields = dict(cin=10, kh=1, kw=1, stride=1, oh=3, ow=5, panels_outer=0,
                   **strides("x", x), **strides("out", out),
                   staged_offset=kernel.staged_offset(20), **scalars)
     pointers = {"x": x, "w": _packed(weights, kernel), "out": out, **operands, **more,
@@ -324,7 +324,7 @@ def test_conv_epilogue_rounds_special_values(variant, sums, cache_dir):
     bias[:len(SPECIAL_BIASES)] = SPECIAL_BIASES.view(np.float32)
     alpha = 0.25  # a leaky ReLU: negative values are scaled, not zeroed
     out = bf16(np.zeros((n, h, w, cout)))
-    fields = dict(cin=cin, kh=1, kw=1, stride=1, oh=h, ow=w, panels_outer=0, streaming=0,
+    fields = dict(cin=cin, kh=1, kw=1, stride=1, oh=h, ow=w, panels_outer=0,
                   **strides("x", x), **strides("out", out), **{"e1.alpha": alpha})
     pointers = {"x": bf16(x), "w": _packed(weights, kernel), "out": out, "e0.bias": bias}
     if sums:
@@ -370,7 +370,7 @@ def test_rounding_is_to_nearest_even_as_ml_dtypes_rounds(channels, cache_dir):
     kernel = EltwiseKernel("float32", HOST, storage=(("out", BF16),))
     if HOST.has("avx512_bf16"):
         assert "vcvtneps2bf16" in jit.assembly(kernel.ir(), HOST)
-    call(kernel, dict(oh=1, ow=64 // channels, streaming=0, **strides("x", x),
+    call(kernel, dict(oh=1, ow=64 // channels, **strides("x", x),
                       **strides("out", out)),
          {"x": x, "out": out}, (0, 64 // channels), (0, channels), cache_dir)
     expected = bf16(x)
@@ -440,7 +440,7 @@ def test_batch_norm_gradient_kernels(relu, cache_dir):
     dx_ref, dgamma_ref, dbeta_ref = ops.get(name).run_reference(
         attrs, *[a.astype(np.float64) for a in args])
     pointers = {"dy": dr, "x": x, "gamma": gamma, "beta": beta, "mean": mean, "var": var}
-    fields = dict(oh=5, ow=6, epsilon=1e-3, alpha=0.1, chunk=16, width=11, images=2, streaming=0,
+    fields = dict(oh=5, ow=6, epsilon=1e-3, alpha=0.1, chunk=16, width=11, images=2,
                   **strides("dy", dr), **strides("x", x))
     partial = np.full(4 * 2 * 11, np.nan)
     sums = ChannelSums("float32", HOST, f"{name}_sums", storage=(("dy", BF16), ("x", BF16)))

@@ -91,7 +91,7 @@ def test_conv_kernel_matches_numpy(case, dtype, panels_outer, cache_dir):
     out = np.full(y.shape, np.nan, dtype)
     out2_array = np.full(y.shape, np.nan, dtype)
     fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=y.shape[1], ow=y.shape[2],
-                  panels_outer=panels_outer, streaming=0, **strides("x", xp),
+                  panels_outer=panels_outer, **strides("x", xp),
                   **strides("out", out), **strides("out2", out2_array), **scalars)
     for name, array in operands.items():
         if array.ndim == 4:
@@ -116,7 +116,7 @@ def test_conv_kernel_covers_exactly_its_pixel_and_channel_range(cache_dir):
     pads = (1, 1, 1, 1)
     expected = conv_reference(x, weights, 1, pads) + bias
     out = np.full(expected.shape, np.nan, np.float32)
-    fields = dict(cin=6, kh=3, kw=3, stride=1, oh=5, ow=4, panels_outer=1, streaming=0,
+    fields = dict(cin=6, kh=3, kw=3, stride=1, oh=5, ow=4, panels_outer=1,
                   **strides("x", padded(x, pads)), **strides("out", out))
     pointers = {"x": padded(x, pads), "w": pack_weights(weights, kernel.nr), "out": out,
                 "e0.bias": bias}
@@ -139,7 +139,7 @@ def test_conv_kernel_writes_the_interior_of_a_bordered_buffer(cache_dir):
         x, weights, 1, (0,) * 4))
     out = np.zeros((2, 8, 9, 5))  # borders: 1 row above and below, 1 left, 2 right
     interior = out[:, 1:7, 1:7, :]
-    fields = dict(cin=4, kh=1, kw=1, stride=1, oh=6, ow=6, panels_outer=0, streaming=0,
+    fields = dict(cin=4, kh=1, kw=1, stride=1, oh=6, ow=6, panels_outer=0,
                   **strides("x", x),
                   **strides("out", out), **{"e0.alpha": 0.25})
     pointers = {"x": x, "w": pack_weights(weights, kernel.nr),
@@ -164,7 +164,7 @@ def test_every_runnable_instruction_set(target, cache_dir):
     expected2 = epilogue_reference(("affine", "relu"), 1, expected, operands, scalars)
     xp = padded(x, (1, 1, 1, 1))
     out, out2 = np.empty(y.shape, np.float32), np.empty(y.shape, np.float32)
-    fields = dict(cin=9, kh=3, kw=3, stride=1, oh=5, ow=7, panels_outer=0, streaming=0,
+    fields = dict(cin=9, kh=3, kw=3, stride=1, oh=5, ow=7, panels_outer=0,
                   **strides("x", xp),
                   **strides("out", out), **strides("out2", out2), **strides("e0.other", out),
                   **scalars)
@@ -224,7 +224,7 @@ def test_copy_into_a_bordered_buffer_keeps_the_border(cache_dir):
     kernel = EltwiseKernel("float32", host_target())
     x = np.random.default_rng(7).standard_normal((2, 3, 4, 3)).astype(np.float32)
     out = np.zeros((2, 5, 6, 3), np.float32)
-    fields = dict(oh=3, ow=4, streaming=0, **strides("x", x), **strides("out", out))
+    fields = dict(oh=3, ow=4, **strides("x", x), **strides("out", out))
     call(kernel, fields, {"x": x, "out": out.reshape(-1)[6 * 3 + 3:]}, (0, 24), (0, 3),
          cache_dir)
     np.testing.assert_array_equal(out[:, 1:4, 1:5], x)
@@ -335,7 +335,7 @@ def test_conv_statistics_over_fixed_chunks(dtype, cache_dir):
         kernel = ConvKernel(dtype, host_target(), ("add",), mr=mr, sums="batch_moments")
         out = np.empty(y.shape, dtype)
         partial = np.full(slots * 2 * 20, np.nan)
-        fields = dict(cin=5, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0, streaming=0,
+        fields = dict(cin=5, kh=3, kw=3, stride=1, oh=6, ow=7, panels_outer=0,
                       **strides("x", xp), **strides("out", out), **strides("e0.other", residual),
                       **{"sums.chunk": chunk, "sums.width": 20})
         _chunked(kernel, fields, {"x": xp, "w": pack_weights(weights, kernel.nr), "out": out,
@@ -377,7 +377,7 @@ def test_batch_norm_gradient_kernels(relu, dtype, cache_dir):
     assert close(dgamma, ref[1]) < TOL[dtype] and close(dbeta, ref[2]) < TOL[dtype]
     dx = np.empty_like(x)
     call(BatchNormGradApply(dtype, host_target(), f"{halves}_apply"),
-         dict(fields, images=2, streaming=0, **strides("out", dx)),
+         dict(fields, images=2, **strides("out", dx)),
          dict(pointers, dgamma=dgamma, dbeta=dbeta, out=dx), (0, 60), (0, 11), cache_dir)
     assert close(dx, ref[0]) < TOL[dtype]
 

@@ -77,7 +77,7 @@ def _run(kernel, x, weights, operands, scalars, tiles, channels, cache_dir):
     out = np.full((n, h, w, cout), np.nan, x.dtype)
     out2 = np.full_like(out, np.nan)
     xp = padded(x, winograd.window_pads((h, w)))
-    fields = dict(cin=cin, oh=h, ow=w, streaming=0, tiles_h=winograd.tiles(h),
+    fields = dict(cin=cin, oh=h, ow=w, tiles_h=winograd.tiles(h),
                   tiles_w=winograd.tiles(w),
                   **strides("x", xp), **strides("out", out), **strides("out2", out2), **scalars)
     for name, array in operands.items():
@@ -177,7 +177,7 @@ def test_a_staged_transform_gives_the_same_bits(dot, cache_dir):
                 call(transform, fields, dict(x=xp, out=source),
                      (first, min(first + 7, n * th * tw)), (0, cin), cache_dir)
         out = np.full(expected.shape, np.nan, np.float32).astype(kind)
-        fields = dict(cin=cin, oh=h, ow=w, streaming=0, tiles_h=th, tiles_w=tw, **strides("x",
+        fields = dict(cin=cin, oh=h, ow=w, tiles_h=th, tiles_w=tw, **strides("x",
                       source),
                       **strides("out", out), **strides("e1.other", out), **scalars)
         scratch = np.full(kernel.scratch_bytes(cin) // 4, np.nan, np.float32)
@@ -234,7 +234,7 @@ def test_float32_error_stays_within_a_small_factor_of_the_direct_kernels(cache_d
     direct = ConvKernel("float32", host_target(), ("bias_add",))
     out = np.full(expected.shape, np.nan, np.float32)
     xp = padded(x, (1, 1, 1, 1))
-    fields = dict(cin=cin, kh=3, kw=3, stride=1, oh=12, ow=12, panels_outer=0, streaming=0,
+    fields = dict(cin=cin, kh=3, kw=3, stride=1, oh=12, ow=12, panels_outer=0,
                   **strides("x", xp), **strides("out", out))
     call(direct, fields, dict(x=xp, w=pack_weights(weights, direct.nr), out=out, **operands),
          (0, 2 * 144), (0, 64), cache_dir)
@@ -272,7 +272,7 @@ def test_pair_kernel_matches_its_roundings(case, cache_dir):
     xp = padded(x.astype(np.float32), winograd.window_pads((h, w))).astype(x.dtype)
     out, second = _bf16(np.full((n, h, w, cout), np.nan)), _bf16(np.full((n, h, w, cout),
                                                                        np.nan))
-    fields = dict(cin=cin, oh=h, ow=w, streaming=0, tiles_h=winograd.tiles(h),
+    fields = dict(cin=cin, oh=h, ow=w, tiles_h=winograd.tiles(h),
                   tiles_w=winograd.tiles(w),
                   **strides("x", xp), **strides("out", out), **strides("out2", second),
                   **scalars)
@@ -321,7 +321,7 @@ def test_fma_kernel_on_bfloat16_tensors(target, cache_dir):
                             storage=(("out", "bfloat16"), ("x", "bfloat16")))
     xp = _bf16(padded(x, winograd.window_pads((h, w))))
     out = _bf16(np.full((n, h, w, cout), np.nan))
-    fields = dict(cin=cin, oh=h, ow=w, streaming=0, tiles_h=winograd.tiles(h),
+    fields = dict(cin=cin, oh=h, ow=w, tiles_h=winograd.tiles(h),
                   tiles_w=winograd.tiles(w), **strides("x", xp), **strides("out", out),
                   **scalars)
     scratch = np.full(kernel.scratch_bytes(cin) // 4, np.nan, np.float32)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ...precision import numpy_dtype, round_bf16
 from .amx import request_tile_state
-from .llvm import jit
+from .llvm import abi, jit
 from .llvm.amx import AmxConvKernel
 from .target import Target
 from .weights import pack_weights
@@ -33,10 +33,9 @@ def smoke(cpu: str, features: str) -> None:
     w = rng.standard_normal((1, 1, cin, cout)).astype(np.float32)
     out = np.zeros((pixels, cout), numpy_dtype(bf16))
     fields = {"cin": cin, "kh": 1, "kw": 1, "stride": 1, "oh": 1, "ow": pixels,
-              "panels_outer": 0, "streaming": 0, "x.image": pixels * cin,
-              "x.row": pixels * cin,
+              "panels_outer": 0, "x.image": pixels * cin, "x.row": pixels * cin,
               "x.pixel": cin, "out.image": pixels * cout, "out.row": pixels * cout,
-              "out.pixel": cout}
+              "out.pixel": cout, **abi.placed_values(kernel.signature)}
     arrays = {"x": x.astype(numpy_dtype(bf16)), "w": pack_weights(w, 32, None, bf16, "amx"),
               "out": out}
     consts = np.array([int(fields[f.name]) for f in kernel.signature.fields], np.int64)

@@ -41,7 +41,7 @@ from ...precision import numpy_dtype
 from ...resources import check_fits
 from . import driver, pool
 from .kernel_steps import pixel_split
-from .llvm import sync
+from .llvm import abi, sync
 from .steps import Step
 from .target import DTYPE_BYTES
 from .threads import ThreadCount
@@ -231,8 +231,8 @@ class Arena:
         a float64."""
         values = {name: value(self.n_shared) if callable(value) else value
                   for name, value in step.fields.items()}
-        if "streaming" in values:
-            values["streaming"] = int(self.streams(step))
+        values.update(abi.placed_values(step.kernel.signature,
+                                        streaming=lambda: self.streams(step)))
         for role, value in step.tensors.items():
             layout, scale = self.layouts[value], step.stride_scale.get(role, 1)
             values.update({f"{role}.image": layout.image, f"{role}.row": layout.row * scale,

@@ -38,6 +38,7 @@ from ...errors import ResourceError
 from ...kernel_cache import cache_root, write_cache_file
 from ...precision import ITEMSIZE, numpy_dtype
 from .arena import Layout, aligned_empty
+from .llvm import abi
 from .llvm.conv import ConvKernel
 from .llvm.wgrad import WgradKernel
 from .steps import Step
@@ -185,7 +186,7 @@ class Tuner:
         return flops / seconds / 1e9
 
     def _best(self, step: Step, layouts, images: int, pixels: int) -> float:
-        consts, pointers, keep = _arguments(step, layouts, images)
+        consts, pointers, keep = step_arguments(step, layouts, images)
         call = _CALL(self.address(step.kernel))
         args = (consts.ctypes.data, pointers.ctypes.data, 0, pixels, 0, step.channels)
         call(*args)
@@ -241,11 +242,16 @@ def _valid(choices) -> dict:
     return dict(choices)
 
 
-def _arguments(step: Step, layouts, images: int):
-    """Random tensors for the step's signature, its fields, and the pointer block."""
+def step_arguments(step: Step, layouts, images: int):
+    """Random tensors for the step's signature, its fields, and the pointer block. A
+    per-channel vector is of the step's channels, or a prologue's of its input channels."""
     rng = np.random.default_rng(0)
+    kernel = step.kernel
+    of_inputs = {o.role for o in kernel.prologue_chain.operands} \
+        if getattr(kernel, "prologue", ()) else set()
     keep, addresses, words = [], [], []
     values = {n: v(images) if callable(v) else v for n, v in step.fields.items()}
+    values.update(abi.placed_values(step.kernel.signature))  # through the caches
     for role, value in step.tensors.items():
         lay = layouts[value]
         values.update({f"{role}.image": lay.image, f"{role}.row": lay.row,
@@ -267,7 +273,8 @@ def _arguments(step: Step, layouts, images: int):
             array[:] = rng.standard_normal(array.size)
             start = lay.window(*use.pads) if use.how == "window" else lay.data
         else:  # a per-channel vector
-            array = rng.uniform(0.5, 1.5, step.channels).astype(kind)
+            channels = values["cin"] if pointer.role in of_inputs else step.channels
+            array = rng.uniform(0.5, 1.5, channels).astype(kind)
         keep.append(array)
         addresses.append(array.ctypes.data + start * kind.itemsize)
     for f in step.kernel.signature.fields:

@@ -119,7 +119,7 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     size = DTYPE_BYTES[types.of(x)]
     weight_bytes = geometry.k ** 2 * cin * geometry.cout * DTYPE_BYTES[types.packed(uses["w"])]
     fields = dict(cin=cin, kh=geometry.k, kw=geometry.k, stride=geometry.stride, oh=oh, ow=ow,
-                  panels_outer=int(panels_outer(weight_bytes)), streaming=0)
+                  panels_outer=int(panels_outer(weight_bytes)))
     more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs), graph, prologue)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
@@ -184,7 +184,7 @@ def winograd_steps(node, graph, types: TensorTypes, target: Target, x: str, weig
                       layout=WEIGHT_LAYOUTS[dot]),
                 scratch=Use(f"{node.name}:scratch", "scratch"))
     tensors["x"] = source
-    fields = dict(cin=cin, oh=oh, ow=ow, streaming=0, **tiles)
+    fields = dict(cin=cin, oh=oh, ow=ow, **tiles)
     more = chain_arguments(kernel, (epi, out2), list(node.inputs), graph)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
@@ -243,7 +243,7 @@ def eltwise_step(node, graph, target, types: TensorTypes, epi, out2, inputs=None
     h, w, c = image_shape(graph, inputs[0])
     uses, tensors = output_uses(kernel, outputs)
     uses["x"], tensors["x"] = Use(inputs[0]), inputs[0]
-    fields = dict(oh=h, ow=w, streaming=0)
+    fields = dict(oh=h, ow=w)
     more = chain_arguments(kernel, (epi, out2), inputs, graph)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
@@ -270,5 +270,5 @@ def copy_step(name: str, source: str, target_value: str, shape, target: Target,
     return Step(name=name, op="copy", kernel=kernel,
                 uses={"x": Use(source), "out": Use(target_value)},
                 tensors={"x": source, "out": target_value},
-                fields=dict(oh=h, ow=w, streaming=0),
+                fields=dict(oh=h, ow=w),
                 pixels=h * w, channels=c, channel_align=kernel.lanes, split=pixel_split(h * w))

@@ -168,7 +168,7 @@ def _bn_grad_apply(node, graph, target, types):
     h, w, c = image_shape(graph, roles["x"])
     uses = {**{r: Use(v) for r, v in roles.items()}, "out": Use(dx)}
     tensors = {"dy": roles["dy"], "x": roles["x"], "out": dx}
-    fields = dict(oh=h, ow=w, images=lambda n: n, streaming=0,
+    fields = dict(oh=h, ow=w, images=lambda n: n,
                   **{n: float(node.attrs[n]) for n in ("epsilon", "alpha") if n in node.attrs})
     more = chain_arguments(kernel, [node.attrs.get("epilogue", ())], list(node.inputs),
                            graph)

@@ -10,6 +10,9 @@ arguments, in declaration order. A field is
             from where the tensor lives; the step names the tensor of each role
     scalar  a float the step gives (an epilogue step's alpha, a batch norm's epsilon), stored
             as float64 bits and read in the kernel's compute type
+    placed  an integer the arena gives where it places the step (`PLACED`: whether its
+            outputs stream past the caches); a caller without an arena, which measures or
+            tests a kernel, gives `placed_values`' defaults
 
 and a pointer has a role (what the step points it at), the element type it points to (the
 type its tensor is stored in: the kernel's dtype, bfloat16 for a mixed-precision model's
@@ -33,7 +36,8 @@ from .emit import CONVERTED_LANES, MEMORY_TYPES, I64, Function
 
 CALL_PARAMS = [("consts", I64.as_pointer()), ("ptrs", I64.as_pointer()), ("p_begin", I64),
                ("p_end", I64), ("c_begin", I64), ("c_end", I64)]
-FIELD_KINDS = ("size", "stride", "scalar")
+FIELD_KINDS = ("size", "stride", "scalar", "placed")
+PLACED = {"streaming": 0}  # the placed fields, each with its value off an arena
 # What a pointer may point to: a tensor's stored type, or int64 words (the link to the ranks
 # of a job, `exchange.py`).
 POINTER_TYPES = {**MEMORY_TYPES, "int64": I64}
@@ -78,7 +82,7 @@ class Signature:
         where = f"node {step.origin or step.name!r}: kernel {step.kernel.symbol}"
         given = dict(step.fields)
         for f in self.fields:
-            if f.kind == "stride":
+            if f.kind in ("stride", "placed"):
                 continue
             if f.name not in given:
                 raise GraphError(f"{where}: no value for {f.kind} field {f.name!r}")
@@ -110,6 +114,19 @@ def sizes(*names: str) -> Signature:
 
 def strides(*tensors: str) -> Signature:
     return Signature(tuple(Field(f"{t}.{s}", "stride") for t in tensors for s in STRIDES), ())
+
+
+def placed(*names: str) -> Signature:
+    assert set(names) <= set(PLACED), names
+    return Signature(tuple(Field(n, "placed") for n in names), ())
+
+
+def placed_values(signature: Signature, **place) -> dict:
+    """The signature's placed fields: where `place` has a function for one (the arena's),
+    what it returns, else its default (`PLACED`). A function is called only for a field
+    the signature has."""
+    return {f.name: int(place[f.name]()) if f.name in place else PLACED[f.name]
+            for f in signature.fields if f.kind == "placed"}
 
 
 def scalars(*names: str) -> Signature:

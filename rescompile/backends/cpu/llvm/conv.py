@@ -104,7 +104,8 @@ from .pixels import (TRUE, PixelWalk, channel_vectors, fence_streams, load_vecto
 from .reduce import sum_kind, sum_operands, sum_terms
 from .slots import BlockSums, statistics_slot
 
-GEOMETRY = abi.sizes("cin", "kh", "kw", "stride", "oh", "ow", "panels_outer", "streaming")
+GEOMETRY = abi.sizes("cin", "kh", "kw", "stride", "oh", "ow", "panels_outer") \
+    + abi.placed("streaming")
 PAIR = 2  # input channels per vdpbf16ps (and per AMX tile element pair)
 CACHE_LINE = 64  # bytes, on every x86-64
 

@@ -73,7 +73,8 @@ class EltwiseKernel(epilogue.Chained, PixelKernel):
 
     @property
     def signature(self) -> abi.Signature:
-        signature = (abi.sizes("oh", "ow", "streaming") + abi.strides("x", *self.outputs)
+        signature = (abi.sizes("oh", "ow") + abi.placed("streaming")
+                     + abi.strides("x", *self.outputs)
                      + abi.stored(self, "x") + abi.stored(self, *self.outputs, written=True))
         for chain in self.chains:
             signature += chain.signature(self)

@@ -217,7 +217,8 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
     @property
     def signature(self) -> abi.Signature:
         scalars = ("epsilon", "alpha") if self.relu else ("epsilon",)
-        return (abi.sizes("oh", "ow", "images", "streaming") + abi.strides("dy", "x", "out")
+        return (abi.sizes("oh", "ow", "images") + abi.placed("streaming")
+                + abi.strides("dy", "x", "out")
                 + abi.scalars(*scalars) + abi.stored(self, *get(self.op).inputs)
                 + abi.stored(self, "out", written=True) + self.chains[0].signature(self))
 

@@ -52,7 +52,7 @@ from .conv import ConvEmitter, ConvKernel
 from .emit import BF16, MEMORY_TYPES, Vectors, new_module
 from .pixels import TRUE, PixelWalk, fence_streams, next_pixel, offset, streaming
 
-GEOMETRY = abi.sizes("cin", "oh", "ow", "tiles_h", "tiles_w", "streaming")
+GEOMETRY = abi.sizes("cin", "oh", "ow", "tiles_h", "tiles_w") + abi.placed("streaming")
 
 
 def combine(f, coefficients, values, name: str):
