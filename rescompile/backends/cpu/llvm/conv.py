@@ -98,7 +98,7 @@ from ....precision import ITEMSIZE
 from ..target import Target
 from ..tuning import SUM_BLOCK, conv_tile, widens
 from . import abi, epilogue
-from .emit import BF16, I8, I32, L1_LOCALITY, L2_LOCALITY, MEMORY_TYPES, Tiled, new_module
+from .emit import BF16, I8, I16, I32, L1_LOCALITY, L2_LOCALITY, MEMORY_TYPES, Tiled, new_module
 from .pixels import (TRUE, PixelWalk, channel_vectors, fence_streams, load_vector, next_pixel,
                      offset, put_vector, store_vector, streaming)
 from .reduce import sum_kind, sum_operands, sum_terms
@@ -599,10 +599,20 @@ class ConvEmitter:
         with b.if_then(valid):
             # past the caches where the step streams (`Arena.streams`)
             for out, vectors in zip(k.outputs, outputs):
-                for j in range(k.nv):
-                    put_vector(f, vectors[j], f.element(self.pixel(out, m, c), j * k.lanes),
-                               masks[j], self.streams)
+                for j, vector, mask in self.stores(vectors, masks):
+                    put_vector(f, vector, f.element(self.pixel(out, m, c), j * k.lanes), mask,
+                               self.streams)
         return stored_first, valid
+
+    def stores(self, vectors, masks) -> list:
+        """(first vector, value, mask) of each store of a row's vectors of one output: a
+        whole panel's integer-rounded bfloat16 vectors two at a time, one store for both
+        (LLVM packs two vectors' roundings into one register in two instructions, where it
+        narrows each alone in two)."""
+        f = self.f
+        if masks[0] is not None or vectors[0].type.element != I16 or f.converts_bf16:
+            return list(zip(range(len(vectors)), vectors, masks))
+        return [(j, f.joined(vectors[j:j + 2]), None) for j in range(0, len(vectors), 2)]
 
     def pixel(self, tensor: str, m: int, c):
         """Where row m's pixel of `tensor` holds channel c."""

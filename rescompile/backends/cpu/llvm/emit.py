@@ -225,9 +225,10 @@ class Function:
         """Address of element `offset` of a pointer (named after the pointer)."""
         return self.b.gep(ptr, [self._as_i64(offset)], name=name or f"{ptr.name or 'ptr'}+")
 
-    def vptr(self, ptr):
-        """`ptr` as a pointer to a vector of its elements."""
-        vec = ir.VectorType(ptr.type.pointee, self.lanes)
+    def vptr(self, ptr, lanes: int | None = None):
+        """`ptr` as a pointer to a vector of its elements (of `lanes`, the function's by
+        default)."""
+        vec = ir.VectorType(ptr.type.pointee, lanes or self.lanes)
         return self.b.bitcast(ptr, vec.as_pointer(), name=f"{ptr.name or 'at'}.vector")
 
     def vload(self, ptr, align: int | None = None, name: str = ""):
@@ -239,26 +240,35 @@ class Function:
 
     def vstore(self, value, ptr, align: int | None = None) -> None:
         """Store a vector of the compute type as `ptr`'s elements (narrowed, rounded to
-        nearest even, if stored narrower; `value` may be `stored_form` already)."""
+        nearest even, if stored narrower; `value` may be `stored_form` already, and of any
+        number of lanes)."""
         value = self.stored_form(value, ptr)
-        self.b.store(value, self.vptr(ptr), align=align or self.bytes_of(ptr))
+        self.b.store(value, self.vptr(ptr, value.type.count),
+                     align=align or self.bytes_of(ptr))
 
     def stream_store(self, value, ptr) -> None:
         """`vstore` past the caches (a non-temporal store: no read of the line it fills);
-        `ptr` must sit on the vector's size, which the instruction needs. (LLVM 22 stores
-        vcvtneps2bf16's results through the caches whatever the hint: it folds their cast to
-        i16 into the store, of a type it has no non-temporal store for.)"""
-        value, at = self.stored_form(value, ptr), self.vptr(ptr)
-        store = self.b.store(value, at, align=self.vector_bytes(ptr))
+        `ptr` must sit on the value's size (`on_vector`), which the instruction needs. (LLVM
+        22 stores vcvtneps2bf16's results through the caches whatever the hint: it folds
+        their cast to i16 into the store, of a type it has no non-temporal store for.)"""
+        value = self.stored_form(value, ptr)
+        store = self.b.store(value, self.vptr(ptr, value.type.count),
+                             align=value.type.count * self.bytes_of(ptr))
         store.set_metadata("nontemporal", self.b.module.add_metadata([ir.Constant(I32, 1)]))
 
-    def vector_bytes(self, ptr) -> int:
-        """The bytes of a vector of `ptr`'s elements."""
-        return self.lanes * self.bytes_of(ptr)
+    def joined(self, vectors):
+        """One vector of the lanes of `vectors` (one, or two of a type), in order."""
+        if len(vectors) == 1:
+            return vectors[0]
+        lanes = 2 * vectors[0].type.count
+        return self.b.shuffle_vector(*vectors, ir.Constant(ir.VectorType(I32, lanes),
+                                                           list(range(lanes))), name="joined")
 
-    def on_vector(self, ptr):
-        """Whether `ptr` sits on its vector's size (an i1), as `stream_store` needs."""
-        low = self.b.and_(self.b.ptrtoint(ptr, I64), self.i64(self.vector_bytes(ptr) - 1))
+    def on_vector(self, ptr, lanes: int | None = None):
+        """Whether `ptr` sits on the size of a vector of `lanes` of its elements (the
+        function's by default; an i1), as `stream_store` needs."""
+        size = (lanes or self.lanes) * self.bytes_of(ptr)
+        low = self.b.and_(self.b.ptrtoint(ptr, I64), self.i64(size - 1))
         return self.b.icmp_unsigned("==", low, self.i64(0), name=f"{ptr.name}.on_vector")
 
     def store_fence(self) -> None:

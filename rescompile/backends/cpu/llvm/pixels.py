@@ -100,12 +100,13 @@ def streaming(f: Function, v: dict):
 
 
 def put_vector(f: Function, value, ptr, mask, streams) -> None:
-    """`store_vector`, a whole vector past the caches where `streams` holds and `ptr` sits
-    on the vector's size."""
+    """`store_vector`, a whole vector (of any number of lanes) past the caches where
+    `streams` holds and `ptr` sits on the vector's size."""
     if mask is not None:
         f.masked_store(value, ptr, mask)
         return
-    with f.b.if_else(f.b.and_(streams, f.on_vector(ptr))) as (past_caches, through_caches):
+    aligned = f.on_vector(ptr, value.type.count)
+    with f.b.if_else(f.b.and_(streams, aligned)) as (past_caches, through_caches):
         with past_caches:
             f.stream_store(value, ptr)
         with through_caches:
