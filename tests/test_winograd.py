@@ -319,16 +319,9 @@ def test_fma_kernel_on_bfloat16_tensors(target, cache_dir):
     operands["e0.bias"][:len(SPECIAL_BIASES)] = SPECIAL_BIASES.view(np.float32)
     kernel = WinogradKernel("float32", target, steps, None,
                             storage=(("out", "bfloat16"), ("x", "bfloat16")))
-    xp = _bf16(padded(x, winograd.window_pads((h, w))))
-    out = _bf16(np.full((n, h, w, cout), np.nan))
-    fields = dict(cin=cin, oh=h, ow=w, tiles_h=winograd.tiles(h),
-                  tiles_w=winograd.tiles(w), **strides("x", xp), **strides("out", out),
-                  **scalars)
-    scratch = np.full(kernel.scratch_bytes(cin) // 4, np.nan, np.float32)
-    packed = pack_weights(transformed(weights.astype(np.float32), "winograd"), kernel.nr)
     tiles = n * winograd.tiles(h) * winograd.tiles(w)
-    call(kernel, fields, dict(x=xp, w=packed, out=out, scratch=scratch, **operands),
-         (0, tiles), (0, cout), cache_dir)
+    out, _ = _run(kernel, _bf16(x), weights.astype(np.float32), operands, scalars,
+                  (0, tiles), (0, cout), cache_dir)
     with np.errstate(invalid="ignore", over="ignore"):
         expected = epilogue_reference(steps, 0, conv_reference(x, weights, 1, (1, 1, 1, 1)),
                                       operands, scalars)

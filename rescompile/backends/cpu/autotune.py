@@ -251,12 +251,12 @@ def step_arguments(step: Step, layouts, images: int):
         if getattr(kernel, "prologue", ()) else set()
     keep, addresses, words = [], [], []
     values = {n: v(images) if callable(v) else v for n, v in step.fields.items()}
-    values.update(abi.placed_values(step.kernel.signature))  # through the caches
+    values.update(abi.placed_values(kernel.signature))  # through the caches
     for role, value in step.tensors.items():
         lay = layouts[value]
         values.update({f"{role}.image": lay.image, f"{role}.row": lay.row,
                        f"{role}.pixel": lay.c})
-    for pointer in step.kernel.signature.pointers:
+    for pointer in kernel.signature.pointers:
         use, kind, start = step.uses[pointer.role], numpy_dtype(pointer.dtype), 0
         if use.how == "packed":
             k = WEIGHT_TAPS if "winograd" in use.transform else values["kh"]
@@ -277,7 +277,7 @@ def step_arguments(step: Step, layouts, images: int):
             array = rng.uniform(0.5, 1.5, channels).astype(kind)
         keep.append(array)
         addresses.append(array.ctypes.data + start * kind.itemsize)
-    for f in step.kernel.signature.fields:
+    for f in kernel.signature.fields:
         value = values[f.name]
         words.append(np.float64(value).view(np.int64) if f.kind == "scalar" else int(value))
     return np.array(words, np.int64), np.array(addresses, np.int64), keep

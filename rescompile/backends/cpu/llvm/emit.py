@@ -417,9 +417,9 @@ class Function:
             name = "denormal_probe" if typ.element == I1 else "nan_probe"
             probe = self._call_probes.get(typ)
             if probe is None:
+                probe = self._call_probes[typ] = self.slot(typ, name)
                 with b.goto_block(self._entry):
-                    probe = self._call_probes[typ] = b.alloca(typ, name=name)
-                    b.store(ir.Constant(typ, None), probe)
+                    self.set(probe, ir.Constant(typ, None))
             gather = b.or_ if typ.element == I1 else b.fadd
             batch = functools.reduce(lambda x, y: gather(x, y, name=f"batch_{name}"),
                                      [suspect for suspect in suspects if suspect.type == typ])
