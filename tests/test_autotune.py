@@ -50,6 +50,31 @@ def test_a_second_compile_reuses_the_choices(tmp_path):
     assert any("measured:" in why and "GFLOP/s" in why for why in remarks)
 
 
+def test_the_candidates_are_timed_in_turns(tmp_path, monkeypatch):
+    """Each round calls every candidate once, in one order, TIMED_ROUNDS rounds after one to
+    warm them: a burst of other load on the shared machine then slows every candidate alike."""
+    timed, seconds, rates = [], autotune._TimedCall.seconds, autotune.Tuner._rates
+    monkeypatch.setattr(autotune._TimedCall, "seconds",
+                        lambda call: timed[-1].append(call) or seconds(call))
+    monkeypatch.setattr(autotune.Tuner, "_rates",
+                        lambda tuner, steps, layouts: timed.append([]) or rates(tuner, steps,
+                                                                                 layouts))
+    compiled(tmp_path)
+    assert timed
+    for calls in timed:
+        turn = list(dict.fromkeys(calls))
+        assert len(turn) >= 2
+        assert calls == turn * (autotune.TIMED_ROUNDS + 1)
+
+
+def test_a_tile_replaces_the_derived_one_only_where_clearly_faster():
+    derived, other = (6, 2), (4, 3)
+    margin = autotune.TILE_MARGIN
+    assert autotune.chosen({derived: 100.0, other: 100.0 * (1 + margin / 2)}, derived) == derived
+    assert autotune.chosen({derived: 100.0, other: 100.0 * (1 + 2 * margin)}, derived) == other
+    assert autotune.chosen({other: 90.0, derived: 100.0}, derived) == derived
+
+
 def test_choices_of_another_cpu_are_never_read(tmp_path):
     first = compiled(tmp_path)
     path = first.program.tuner.path

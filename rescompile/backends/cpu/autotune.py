@@ -8,7 +8,8 @@ uses the host's registers and load ports, which the instruction set alone does n
 6 x 64 tile of AVX-512 loads fewer broadcasts per multiply-add than a 14 x 32 one but keeps
 fewer rows in flight. Lowering gives every conv the derived tile (`tuning.conv_tile`). Where a
 layer admits other tiles (`candidates`), `Tuner.retile` times each on the layer's own shape,
-one work item of synthetic data on one thread, and keeps the fastest. The choice is cached
+one work item of synthetic data on one thread, the candidates taking turns, and keeps the
+fastest where it beats the derived tile by a margin (`chosen`). The choice is cached
 beside the kernel cache, in `tuning/<target fingerprint>.json` under the dtype, so it costs
 once per machine, and a choice made on another CPU (another fingerprint) is never read; a
 file that cannot be parsed is measured again, with a warning.
@@ -53,9 +54,15 @@ _CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
 MAX_VECTORS = 4  # the widest tile tried: 4 vectors of channels
 # What the choices in a file were measured on. A file of another format holds choices an
 # older tuner made (format 1 timed a small map's layers on calls of more images than the
-# schedule gives them), so its layers are measured again.
-FORMAT = 2
-TIMED_CALLS = 5  # the best of these is a candidate's time
+# schedule gives them; format 2 timed candidates one after the other and took the fastest
+# by any margin), so its layers are measured again.
+FORMAT = 3
+TIMED_ROUNDS = 15  # rounds of one call of every candidate; a candidate's best is its time
+# A tile other than the derived one is kept only where it is this much faster: timed in turns,
+# one layer's rate of 4x24 over 6x16 still spread 2-5% either side of its median (10th to
+# 90th percentile over 36 timings of each of ResNet-164's layers, Zen 3), where candidates
+# that close made a whole model's time move by several percent from one compile to the next.
+TILE_MARGIN = 0.05
 
 
 def tuning_enabled(tune: bool | None) -> bool:
@@ -127,14 +134,17 @@ class Tuner:
         choices = self._cached()
         if self.fresh or key not in choices:
             lanes = self.target.lanes(self.dtype)
-            rates = {tile: self._gflops(retiled(step, *tile), layouts) for tile in tiles}
-            choices[key] = {"tile": list(max(rates, key=rates.get)),
+            rates = self._rates({tile: retiled(step, *tile) for tile in tiles}, layouts)
+            choices[key] = {"tile": list(chosen(rates, derived)),
                             "gflops": {f"{m}x{n * lanes}": round(r, 1)
                                        for (m, n), r in rates.items()}}
             self._store()
-        chosen = choices[key]
-        rates = ", ".join(f"{t} {g} GFLOP/s" for t, g in chosen["gflops"].items())
-        return tuple(chosen["tile"]), f"measured: {rates}"
+        choice = choices[key]
+        rates = ", ".join(f"{t} {g} GFLOP/s" for t, g in choice["gflops"].items())
+        tile = tuple(choice["tile"])
+        kept = f" (the derived tile: no other {TILE_MARGIN:.0%} faster)" \
+            if tile == derived and len(choice["gflops"]) > 1 else ""
+        return tile, f"measured: {rates}{kept}"
 
     # -- the cache of choices -----------------------------------------------------------------
     def _cached(self) -> dict:
@@ -170,33 +180,59 @@ class Tuner:
             warnings.warn(f"tuning choices not kept: {exc}", RuntimeWarning, stacklevel=2)
 
     # -- measuring ----------------------------------------------------------------------------
-    def _gflops(self, step: Step, layouts) -> float:
-        """The step's kernel on random data, its best of TIMED_CALLS: on one work item (a
-        reduction's: one chunk) and, where a work item is several images, on one image too
-        (batch 1's calls), the rate over both."""
-        self.measured += 1
-        if step.fixed_chunk:
-            images = -(-step.fixed_chunk // step.pixels)
-            calls = [(images, min(images * step.pixels, step.fixed_chunk))]
-        else:
-            calls = [(images, images * step.pixels)
-                     for images in sorted({1, images_per_item(step.output_pixels)})]
-        seconds = sum(self._best(step, layouts, images, pixels) for images, pixels in calls)
-        flops = sum(step.flops * pixels / step.pixels for _, pixels in calls)
-        return flops / seconds / 1e9
+    def _rates(self, steps: dict, layouts) -> dict:
+        """GFLOP/s of each tile's step (`steps`: tile -> the step retiled) on random data: on
+        one work item (a reduction's: one chunk) and, where a work item is several images,
+        on one image too (batch 1's calls), the rate over both. The candidates take turns,
+        one call each a round for TIMED_ROUNDS rounds, and each call's best time counts: a
+        burst of other load on the shared machine then slows every candidate alike, where
+        candidates timed one after the other took it whole (ResNet-164's layers on a Zen 3:
+        one layer's rate of 4x24 over 6x16 ranged 0.6x-1.5x from one timing to the next,
+        and 0.86x-1.08x timed in turns)."""
+        self.measured += len(steps)
+        calls = {tile: [_TimedCall(step, layouts, images, pixels, self.address(step.kernel))
+                        for images, pixels in _call_sizes(step)]
+                 for tile, step in steps.items()}
+        for call in (call for every in calls.values() for call in every):
+            call.seconds()  # its code and data into the caches
+        best = {tile: [float("inf")] * len(every) for tile, every in calls.items()}
+        for _ in range(TIMED_ROUNDS):
+            for tile, every in calls.items():
+                best[tile] = [min(b, call.seconds()) for b, call in zip(best[tile], every)]
+        return {tile: sum(call.flops for call in calls[tile]) / sum(best[tile]) / 1e9
+                for tile in steps}
 
-    def _best(self, step: Step, layouts, images: int, pixels: int) -> float:
-        consts, pointers, keep = step_arguments(step, layouts, images)
-        call = _CALL(self.address(step.kernel))
-        args = (consts.ctypes.data, pointers.ctypes.data, 0, pixels, 0, step.channels)
-        call(*args)
-        best = float("inf")
-        for _ in range(TIMED_CALLS):
-            start = time.perf_counter()
-            call(*args)
-            best = min(best, time.perf_counter() - start)
-        del keep
-        return best
+
+def chosen(rates: dict, derived: tuple[int, int]) -> tuple[int, int]:
+    """The fastest tile where it beats the derived one by more than TILE_MARGIN, else the
+    derived one: near-equal tiles then never trade places from one compile to the next."""
+    fastest = max(rates, key=rates.get)
+    return fastest if rates[fastest] > rates[derived] * (1 + TILE_MARGIN) else derived
+
+
+def _call_sizes(step: Step) -> list[tuple[int, int]]:
+    """(images, pixels) of each call a step's tile is timed on (`Tuner._rates`)."""
+    if step.fixed_chunk:
+        images = -(-step.fixed_chunk // step.pixels)
+        return [(images, min(images * step.pixels, step.fixed_chunk))]
+    return [(images, images * step.pixels)
+            for images in sorted({1, images_per_item(step.output_pixels)})]
+
+
+class _TimedCall:
+    """One call of a step's kernel on `images` images of random data, `pixels` of them."""
+
+    def __init__(self, step: Step, layouts, images: int, pixels: int, address: int):
+        consts, pointers, self._keep = step_arguments(step, layouts, images)
+        self._call = _CALL(address)
+        self._args = (consts.ctypes.data, pointers.ctypes.data, 0, pixels, 0, step.channels)
+        self._keep += [consts, pointers]
+        self.flops = step.flops * pixels / step.pixels
+
+    def seconds(self) -> float:
+        start = time.perf_counter()
+        self._call(*self._args)
+        return time.perf_counter() - start
 
 
 def retiled(step: Step, mr: int, nv: int) -> Step:
