@@ -167,6 +167,7 @@ def new_function(module: ir.Module, name: str, dtype: str, lanes: int,
     has AVX512-BF16 a float32 kernel's conversion to bfloat16 by instruction (None: a scalar
     function, with neither)."""
     f = Function(module, name, CALL_PARAMS, dtype, lanes, target is not None and target.fma)
+    f.masks_words = target is not None and target.isa == "avx512"  # AVX512BW's masked moves
     if target is not None and target.has("avx512_bf16") and dtype == "float32" \
             and lanes == CONVERTED_LANES:
         f.convert_bf16(target.features_for("avx512_bf16"))
