@@ -11,10 +11,10 @@ from rescompile.compiler import lower
 from rescompile.entries import make_entries
 
 
-def _schedule(preset):
-    lowered = lower(rc.preset(preset), "infer", "float32")
+def _schedule(preset, dtype="float32"):
+    lowered = lower(rc.preset(preset), "infer", dtype)
     entry = make_entries(lowered.graph, "infer")["forward"]
-    return lowered, build_schedule(lowered.graph, entry, generic_target("avx2"), "float32")
+    return lowered, build_schedule(lowered.graph, entry, generic_target("avx2"), dtype)
 
 
 def test_resnet164_is_one_call_per_fused_node():
@@ -47,6 +47,17 @@ def test_resnet50_takes_several_7x7_images_per_call():
     # stage 4 starts at its first 7x7 layer (conv2, stride 2): what it reads from before
     assert crossing == {"unit_4_0/sub1/relu", "unit_3_5/sub_add/relu"}
     assert any("starts a segment" in text for _, text in schedule.remarks)
+
+
+def test_a_conv_that_stages_its_rows_runs_tiles_outer():
+    """ResNet-50's widest 1 x 1 layer (2048 -> 512 channels, 4 MiB of weights, past any
+    core's L2) runs panel by panel in float32; in bfloat16 on AVX2 it stages each tile's rows
+    widened, which panel by panel it would do once a panel, so it runs tile by tile."""
+    for dtype, staged in (("float32", False), ("bfloat16", True)):
+        _, schedule = _schedule("resnet50_imagenet", dtype)
+        step = next(s for s in schedule.steps if s.name == "unit_4_1/sub1/conv1")
+        assert step.kernel.stages_rows == staged
+        assert step.fields["panels_outer"] == int(not staged), dtype
 
 
 @pytest.mark.parametrize("preset, layer, split", [

@@ -257,7 +257,9 @@ def _panel_order(step: Step) -> str:
     weights = fields["kh"] * fields["kw"] * fields["cin"] * step.channels \
         * ITEMSIZE[step.kernel.element("w")]
     order = "panels outer" if fields["panels_outer"] else "tiles outer"
-    return f"; {order} (weights {weights >> 10} KiB, L2 {cache_bytes(2) >> 10} KiB)"
+    staged = ", its rows staged once a tile" if getattr(step.kernel, "stages_rows", False) \
+        else ""
+    return f"; {order} (weights {weights >> 10} KiB, L2 {cache_bytes(2) >> 10} KiB{staged})"
 
 
 def _layer_key(step: Step, layouts) -> str:

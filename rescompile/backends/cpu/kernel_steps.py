@@ -119,7 +119,7 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     size = DTYPE_BYTES[types.of(x)]
     weight_bytes = geometry.k ** 2 * cin * geometry.cout * DTYPE_BYTES[types.packed(uses["w"])]
     fields = dict(cin=cin, kh=geometry.k, kw=geometry.k, stride=geometry.stride, oh=oh, ow=ow,
-                  panels_outer=int(panels_outer(weight_bytes)))
+                  panels_outer=int(panels_outer(weight_bytes, stages)))
     more = chain_arguments(kernel, (epi, out2), list(inputs or node.inputs), graph, prologue)
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)

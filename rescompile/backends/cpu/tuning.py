@@ -59,12 +59,16 @@ def streams(pixel_bytes: int, threads: int) -> bool:
     return pixel_bytes > cache_bytes(2) * threads
 
 
-def panels_outer(weight_bytes: int) -> bool:
+def panels_outer(weight_bytes: int, stages: bool = False) -> bool:
     """Whether a conv runs panel by panel: weights up to the size of a core's L2 stay there
     while every tile passes them (tiles outer); larger ones are run panel by panel, so each
     panel comes from memory once, not once per tile (measured on a Zen 3, whose L2 is 512 KiB:
-    the turn comes at the L2's size)."""
-    return weight_bytes > cache_bytes(2)
+    the turn comes at the L2's size). A conv that `stages` its tiles' rows runs tiles outer
+    whatever its weights: panel by panel it would stage each tile's rows once a panel, where
+    tile by tile it reads its weights from L3 again (ResNet-50's 1 x 1 layers of 512 to 2048
+    channels in bfloat16, one core of a Zen 3: 48-70 GFLOP/s panels outer, 84-90 tiles outer;
+    the model's batch-1 call from 1.08-1.13x float32's time to 1.03-1.04x)."""
+    return weight_bytes > cache_bytes(2) and not stages
 
 
 # A Winograd layer cut by output channels runs its input transform as a step of its own (once
