@@ -118,8 +118,6 @@ def test_conv_kernel_against_the_bf16_reference(case, variant, cache_dir):
     kernel = _conv_kernel(variant, steps, out2, cout)
     if kernel.dot == "dpbf16" and (k * cin) % 2:
         pytest.skip("vdpbf16ps needs pairs of inputs in each window row (lowering: FMAs)")
-    if kernel.stages_rows and k != 1:
-        pytest.skip("a kernel stages the rows of 1 x 1 windows only")
     rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
     x = stored(rng.standard_normal((n, h, w, cin)))
     weights = stored(rng.standard_normal((k, k, cin, cout)))
@@ -142,7 +140,8 @@ def test_conv_kernel_against_the_bf16_reference(case, variant, cache_dir):
     pointers = dict(x=xp, w=_packed(weights, kernel), out=out, out2=out2_array, **operands)
     if kernel.stages_rows:
         fields["staged_offset"] = kernel.staged_offset(cout)
-        pointers["scratch"] = np.full(kernel.scratch_bytes(cin, cout) // 4, np.nan, np.float32)
+        pointers["scratch"] = np.full(kernel.scratch_bytes(k * k * cin, cout) // 4, np.nan,
+                                      np.float32)
     call(kernel, fields, pointers, (0, n * y.shape[1] * y.shape[2]), (0, cout), cache_dir)
     assert close(out.astype(np.float32), expected) < TOL
     if out2 is not None:

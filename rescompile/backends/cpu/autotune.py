@@ -243,10 +243,10 @@ def retiled(step: Step, mr: int, nv: int) -> Step:
         return dataclasses.replace(step, kernel=kernel, channel_align=kernel.nr,
                                    groups=min(-(-step.channels // kernel.nr), WGRAD_GROUPS))
     uses = dict(step.uses, w=dataclasses.replace(step.uses["w"], nr=kernel.nr))
-    # a Winograd tile's scratch, and a prologue's staged rows, grow with the tile
-    scratch = kernel.scratch_bytes(step.fields["cin"], step.channels)
+    # a Winograd tile's scratch, and staged rows, grow with the tile
     return dataclasses.replace(step, kernel=kernel, uses=uses, pixel_align=mr,
-                               channel_align=kernel.nr, scratch=scratch)
+                               channel_align=kernel.nr,
+                               scratch=kernel.scratch_for(step.fields, step.channels))
 
 
 def _panel_order(step: Step) -> str:

@@ -19,7 +19,7 @@ from .llvm.reduce import SlotSum, sum_kind
 from .steps import Slots, Step, TensorTypes, Use, image_shape
 from .target import DTYPE_BYTES, Target
 from .tuning import (AMX_TILE, PIXEL_SPLIT_MIN, REDUCE_CHUNK, STAGED_MIN_PANELS, conv_tile,
-                     panels_outer, widens)
+                     panels_outer, stages_windows, widens)
 from . import winograd
 
 # How each way of multiplying reads its packed weights (`weights.pack_weights`).
@@ -103,8 +103,8 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     h, w, cin = geometry.shape
     oh, ow = geometry.out_hw
     dot = conv_dot(types, target, x, cin)
-    # a 1 x 1 conv stages its rows where the k loop would widen them (`ConvKernel.stages_rows`)
-    stages = bool(prologue) or (geometry.k == 1 and widens(types.of(x), types.compute, dot))
+    stages = bool(prologue) or (widens(types.of(x), types.compute, dot)
+                                 and stages_windows(geometry.k, cin, target.lanes(types.compute)))
     mr, nv = AMX_TILE if dot == "amx" else conv_tile(
         target, types.compute, geometry.cout,
         widens=widens(types.of(x), types.compute, dot, staged=stages), pixels=oh * ow)
@@ -134,7 +134,7 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
         _add_sums(step, sums)
     if sums is not None or stages:
         step.uses["scratch"] = Use(f"{step.name}:scratch", "scratch")
-        step.scratch = kernel.scratch_bytes(cin, geometry.cout)
+        step.scratch = kernel.scratch_for(fields, geometry.cout)
     return step
 
 
@@ -193,7 +193,7 @@ def winograd_steps(node, graph, types: TensorTypes, target: Target, x: str, weig
                       channel_align=kernel.nr, split=split,
                       flops=2.0 * oh * ow * geometry.cout * geometry.k ** 2 * cin,
                       pads={} if staged else {x: winograd.window_pads((oh, ow))},
-                      scratch=kernel.scratch_bytes(cin),
+                      scratch=kernel.scratch_for(fields),
                       map_pixels=oh * ow))
     return steps
 

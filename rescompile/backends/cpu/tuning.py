@@ -118,6 +118,19 @@ def widens(input_type: str, compute: str, dot: str = "fma", staged: bool = False
     return dot == "fma" and input_type != compute and not staged
 
 
+def stages_windows(k: int, cin: int, lanes: int) -> bool:
+    """Whether a conv whose k loop would widen its input (`widens`) stages each tile's windows
+    widened instead (`ConvKernel.stages_rows`): a widening per vector of inputs once a tile,
+    where the k loop paid a broadcast and a shift per multiply-add of every panel, on a tile
+    two registers narrower. A 1 x 1 window always (ResNet-164 at batch 128 in bfloat16 on a
+    Zen 3: 1.19x float32's time to 1.12x); a wider one where its rows are whole vectors (kw *
+    cin a multiple of the `lanes`): ResNet-50's 3 x 3 stride-2 layers of 128 to 512 channels,
+    one Zen 3 core, from 1.08-1.33x float32's time to 0.84-1.00x (run tile by tile,
+    `panels_outer`), where its 7 x 7 first conv, a masked vector in each of its rows of 21
+    inputs, went from 1.18x to 1.45x."""
+    return k == 1 or (k * cin) % lanes == 0
+
+
 def tile_rows(target: Target, nv: int, depth: int | None = None, widens: bool = False,
               pixels: int | None = None) -> int:
     """The rows of a tile NV vectors wide: as many as leave registers for the NV weight

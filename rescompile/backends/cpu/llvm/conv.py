@@ -53,10 +53,12 @@ the kernel reads its input through the chain: a 1 x 1 conv's tile first stages i
 input channels, each through the chain and rounded to the input's type, into the thread's
 scratch (`stage_rows`), and the k loop reads them there; where FMAs multiply a bfloat16 input,
 the rounded rows are staged widened (`staged_type`), so the k loop widens nothing and its
-tile needs no registers for it. A 1 x 1 conv without a prologue whose FMAs would widen its
-bfloat16 input stages its rows the same way (`stages_rows`), only widened: a vector of a
-row's channels widened once a tile, in place of a broadcast and a shift for each multiply-add
-of every panel (the shifts compete with the FMAs for their pipes). A layer's chain is
+tile needs no registers for it. A conv without a prologue whose FMAs would widen its
+bfloat16 input stages each tile row's window the same way (`stages_rows`), only widened: its
+kh runs of kw * cin inputs one after the other, widened a vector at a time once a tile, in
+place of a broadcast and a shift for each multiply-add of every panel (the shifts compete
+with the FMAs for their pipes); the k loop reads a staged window as one run of kh * kw * cin
+(`tuning.stages_windows` says which windows stage). A layer's chain is
 evaluated as the elementwise kernel (or the epilogue making it as a second output) evaluates
 it (`epilogue.apply_chain`), so its activation, never written, is the same bits as the
 tensor it replaces.
@@ -121,7 +123,7 @@ class ConvKernel(epilogue.Chained, Tiled):
     nv: int = 0
     sums: str | None = None  # an op of reduce.SUMS
     prologue: tuple[str, ...] = field(default=(), kw_only=True)
-    stages_rows: bool = field(default=False, kw_only=True)  # into the scratch (1 x 1 only)
+    stages_rows: bool = field(default=False, kw_only=True)  # into the scratch
     storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
     dot: str = field(default="fma", kw_only=True)  # one of DOTS
     DOTS: ClassVar[tuple[str, ...]] = ("fma", "dpbf16")  # amx: amx.AmxConvKernel
@@ -190,12 +192,17 @@ class ConvKernel(epilogue.Chained, Tiled):
         """The prologue's steps, numbered after the epilogue chains'."""
         return epilogue.Chain(self.prologue, self.chains[-1].end)
 
-    def scratch_bytes(self, cin: int, channels: int) -> int:
+    def scratch_bytes(self, window: int, channels: int) -> int:
         """The per-thread scratch: the running block sums of `channels` (with `sums`), then,
-        from `staged_offset`, the staged rows of `cin` input channels (`stages_rows`)."""
+        from `staged_offset`, the staged rows of a `window` of inputs each (kh * kw * cin:
+        `stages_rows`)."""
         if not self.stages_rows:
             return self._block_sums_bytes(channels)
-        return self.staged_offset(channels) + self.mr * cin * ITEMSIZE[self.staged_type]
+        return self.staged_offset(channels) + self.mr * window * ITEMSIZE[self.staged_type]
+
+    def scratch_for(self, fields: dict, channels: int) -> int:
+        """`scratch_bytes` for a step's sizes (`fields`)."""
+        return self.scratch_bytes(fields["kh"] * fields["kw"] * fields["cin"], channels)
 
     def staged_offset(self, channels: int) -> int:
         """Where in the scratch the staged rows start: past the block sums of
@@ -384,19 +391,36 @@ class ConvEmitter:
                               name="staged")
 
     def stage_rows(self) -> None:
-        """Each tile row's input channels (through the prologue and rounded to the input's
-        type, where there is one) into the scratch in the staged type, a vector of channels at
-        a time; the k loop then reads the staged rows. The chain's per-channel operands are
-        loaded once a vector of channels for every row."""
+        """Each tile row's input into the scratch in the staged type, a vector at a time: a
+        1 x 1 window's channels through the prologue, rounded to the input's type, or a
+        window widened (`stage_windows`); the k loop then reads the staged rows."""
         f, b, k, v = self.f, self.b, self.k, self.v
         b.comment(f"staging: the tile's {k.mr} input rows through "
                   f"{', '.join(k.prologue) or 'no prologue'}, in {k.staged_type}")
-        staged = [f.element(self.staged, b.mul(f.i64(m), v["cin"]), name=f"staged{m}")
+        staged = [f.element(self.staged, b.mul(f.i64(m), self.k_depth), name=f"staged{m}")
                   for m in range(k.mr)]
         self.prefetch_next_rows()
-        channel_vectors(f, lambda ci, mask: self.stage_vector(staged, ci, mask), f.i64(0),
-                        v["cin"])
+        if k.prologue:
+            channel_vectors(f, lambda ci, mask: self.stage_vector(staged, ci, mask), f.i64(0),
+                            v["cin"])
+        else:
+            self.stage_windows(staged)
         self.x_rows = staged
+
+    def stage_windows(self, staged) -> None:
+        """Each tile row's window, widened: its kh runs of kw * cin inputs one after the
+        other, as the k loop reads them."""
+        f, b, v = self.f, self.b, self.v
+        with f.loop(0, v["kh"], 1, "si") as i:
+            source = b.mul(i, v["x.row"], name="window_row")
+            into = b.mul(i, self.row_depth, name="staged_row")
+
+            def widen(ci, mask):
+                for m, row in enumerate(staged):
+                    x = load_vector(f, f.element(self.x_rows[m], b.add(source, ci)), mask,
+                                    name=f"x{m}")
+                    store_vector(f, x, f.element(row, b.add(into, ci)), mask)
+            channel_vectors(f, widen, f.i64(0), self.row_depth)
 
     def prefetch_next_rows(self) -> None:
         """Into L1, the next tile's input rows (where the pixels run on: a guess past a row's
@@ -412,16 +436,14 @@ class ConvEmitter:
                 f.prefetch(b.gep(start, [line]), L1_LOCALITY)
 
     def stage_vector(self, staged, ci, mask) -> None:
-        """One vector of channels of every row, the rows' roundings checked once together
-        (`rounded_once`)."""
+        """One vector of channels of every row through the prologue, the rows' roundings
+        checked once together (`rounded_once`)."""
         f, k = self.f, self.k
         chain = k.prologue_chain
         channel = epilogue.channel_operands(f, chain, self.ptr, ci, mask)
 
         def row(m):
             x = load_vector(f, f.element(self.x_rows[m], ci), mask, name=f"x{m}")
-            if not k.prologue:
-                return x
             value = epilogue.apply_chain(f, chain, x, lambda o: channel[o.role], self.v,
                                          f".in{m}")
             # the activation as the tensor it replaces would hold it, in the staged type
@@ -468,7 +490,8 @@ class ConvEmitter:
         steps = self.row_depth if k.pairs == 1 else b.udiv(self.row_depth, f.i64(k.pairs),
                                                              name="row_pairs")
         with f.loop(0, v["kh"], 1, "i") as i:
-            window_row = b.mul(i, v["x.row"], name="window_row")
+            window_row = b.mul(i, self.row_depth if k.stages_rows else v["x.row"],
+                               name="window_row")
             for m in range(k.mr):
                 f.set(a_ptr[m], f.element(self.x_rows[m], window_row))
             with f.loop(0, steps, 1, "kc"):

@@ -164,6 +164,9 @@ class WinogradKernel(ConvKernel):
         scratch."""
         return GEOMETRY + self.tensors_signature() + abi.pointers(self.dtype, "scratch")
 
+    def scratch_for(self, fields: dict, channels: int = 0) -> int:
+        return self.scratch_bytes(fields["cin"])
+
     def scratch_bytes(self, cin: int, channels: int = 0) -> int:
         """The per-thread scratch this tile needs on `cin` input channels: the products of MR
         tiles by a panel, and unless `staged` the transformed inputs of those tiles."""
