@@ -114,7 +114,7 @@ WIDENING_REGISTERS = 2
 def widens(input_type: str, compute: str, dot: str = "fma", staged: bool = False) -> bool:
     """Whether a tile widens its broadcast input in the k loop: an input stored narrower than
     the compute type, multiplied one channel at a time by FMAs (`dot`, `ConvKernel.dot`), and
-    not `staged` (a prologue's rows are staged in the compute type, `ConvKernel.staged_type`)."""
+    not `staged` (staged rows are in the compute type, `ConvKernel.staged_type`)."""
     return dot == "fma" and input_type != compute and not staged
 
 
