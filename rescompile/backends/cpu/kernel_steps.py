@@ -103,11 +103,11 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     h, w, cin = geometry.shape
     oh, ow = geometry.out_hw
     dot = conv_dot(types, target, x, cin)
-    stages = bool(prologue) or (widens(types.of(x), types.compute, dot)
-                                 and stages_windows(geometry.k, cin, target.lanes(types.compute)))
+    widening = widens(types.of(x), types.compute, dot)
+    stages = bool(prologue) or (widening and stages_windows(geometry.k, cin,
+                                                            target.lanes(types.compute)))
     mr, nv = AMX_TILE if dot == "amx" else conv_tile(
-        target, types.compute, geometry.cout,
-        widens=widens(types.of(x), types.compute, dot, staged=stages), pixels=oh * ow)
+        target, types.compute, geometry.cout, widens=widening and not stages, pixels=oh * ow)
     kernel = (AmxConvKernel if dot == "amx" else ConvKernel)(
         types.compute, target, chain_of(epi), None if out2 is None else chain_of(out2), mr, nv,
         sums=sums and sums.op, dot=dot, prologue=chain_of(prologue), stages_rows=stages)
