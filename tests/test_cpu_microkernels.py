@@ -27,6 +27,7 @@ from rescompile.backends.cpu.llvm import epilogue, jit
 from rescompile.backends.cpu.llvm.conv import ConvKernel
 from rescompile.backends.cpu.llvm.pixelwise import (EltwiseKernel, MaxPoolGradKernel,
                                                     MaxPoolKernel, MeanGradKernel, MeanKernel)
+from rescompile.backends.cpu.llvm.pixels import TABLE_BYTES
 from rescompile.backends.cpu.llvm.reduce import BatchNormGradApply, ChannelSums, SlotSum
 from rescompile.backends.cpu.llvm.wgrad import WgradKernel
 from rescompile.backends.cpu.weights import pack_weights
@@ -353,13 +354,20 @@ def test_conv_statistics_over_fixed_chunks(dtype, cache_dir):
     assert close(mean, ref_mean) < TOL[dtype] and close(var, ref_var) < TOL[dtype]
 
 
+# 11 channels; 1501, more than one block of the apply kernel's per-channel table (five
+# vectors a channel at least) and a partial vector, its calls cut at channel 700.
+BN_CHANNELS = {11: ((0, 11),), 1501: ((0, 700), (700, 1501))}
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("relu", [True, False])
-def test_batch_norm_gradient_kernels(relu, dtype, cache_dir):
+@pytest.mark.parametrize("channels", sorted(BN_CHANNELS))
+def test_batch_norm_gradient_kernels(channels, relu, dtype, cache_dir):
     rng = np.random.default_rng(11)
-    x = rng.standard_normal((2, 5, 6, 11)).astype(dtype)
+    x = rng.standard_normal((2, 5, 6, channels)).astype(dtype)
     dr = rng.standard_normal(x.shape).astype(dtype)
-    gamma, beta = rng.uniform(0.5, 1.5, 11).astype(dtype), rng.normal(0, 0.3, 11).astype(dtype)
+    gamma = rng.uniform(0.5, 1.5, channels).astype(dtype)
+    beta = rng.normal(0, 0.3, channels).astype(dtype)
     mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
     attrs = {"epsilon": 1e-3, "alpha": 0.1}
     if relu:
@@ -368,18 +376,20 @@ def test_batch_norm_gradient_kernels(relu, dtype, cache_dir):
         ref = ops.get("batch_norm_grad").run_reference(attrs, dr, x, gamma, mean, var)
     halves = "batch_norm_relu_grad" if relu else "batch_norm_grad"
     pointers = {"dy": dr, "x": x, "gamma": gamma, "beta": beta, "mean": mean, "var": var}
-    fields = dict(oh=5, ow=6, epsilon=1e-3, alpha=0.1, chunk=16, width=11,
+    fields = dict(oh=5, ow=6, epsilon=1e-3, alpha=0.1, chunk=16, width=channels,
                   **strides("dy", dr), **strides("x", x))
-    partial = np.full(4 * 2 * 11, np.nan)
+    partial = np.full(4 * 2 * channels, np.nan)
     _chunked(ChannelSums(dtype, host_target(), f"{halves}_sums"), fields,
-             dict(pointers, partial=partial), 60, (0, 11), 16, cache_dir)
-    dbeta, dgamma = _combine(dtype, partial, 4, 11, 2, "sums", 2, 30, cache_dir)
+             dict(pointers, partial=partial), 60, (0, channels), 16, cache_dir)
+    dbeta, dgamma = _combine(dtype, partial, 4, channels, 2, "sums", 2, 30, cache_dir)
     assert close(dgamma, ref[1]) < TOL[dtype] and close(dbeta, ref[2]) < TOL[dtype]
-    dx = np.empty_like(x)
-    call(BatchNormGradApply(dtype, host_target(), f"{halves}_apply"),
-         dict(fields, images=2, **strides("out", dx)),
-         dict(pointers, dgamma=dgamma, dbeta=dbeta, out=dx), (0, 60), (0, 11), cache_dir)
+    dx = np.full_like(x, np.nan)
+    kernel = BatchNormGradApply(dtype, host_target(), f"{halves}_apply")
+    for cut in BN_CHANNELS[channels]:
+        call(kernel, dict(fields, images=2, **strides("out", dx)),
+             dict(pointers, dgamma=dgamma, dbeta=dbeta, out=dx), (0, 60), cut, cache_dir)
     assert close(dx, ref[0]) < TOL[dtype]
+    assert len(BN_CHANNELS[channels]) == 1 or channels * 5 * x.itemsize > TABLE_BYTES
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

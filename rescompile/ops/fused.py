@@ -20,7 +20,7 @@ import numpy as np
 from .channels import pad_channels_reference
 from .conv import conv_reference, conv_shape, conv_flops
 from ..precision import stored
-from .norm import NUMPY, batch_moments, bn_inv, bn_shift, check_channels
+from .norm import NUMPY, batch_moments, bn_affine, check_channels
 from .pool import avg_pool_reference
 from .registry import define, get, numel, ops_of_kind, require
 
@@ -93,8 +93,7 @@ def _fused_elementwise_ref(attrs, x, *rest):
 def bn_scale_shift(gamma, beta, mean, var, eps):
     """The affine a batch_norm with fixed statistics is, computed in float64."""
     gamma, beta, mean, var = (v.astype(np.float64) for v in (gamma, beta, mean, var))
-    scale = bn_inv(NUMPY, gamma, var, np.float64(eps))
-    return scale, bn_shift(beta, mean, scale)
+    return bn_affine(NUMPY, gamma, beta, mean, var, np.float64(eps))
 
 
 def _fold_ref(attrs, w, gamma, beta, mean, var):

@@ -65,10 +65,20 @@ def bn_shift(beta, mean, inv):
     return beta - mean * inv
 
 
-def bn_apply(m, x, gamma, beta, mean, var, eps):
-    """y = x * inv + (beta - mean * inv), inv = bn_inv."""
+def bn_affine(m, gamma, beta, mean, var, eps):
+    """The per-channel (inv, shift) of batch normalisation: inv = bn_inv, shift = beta -
+    mean * inv."""
     inv = m.let(bn_inv(m, gamma, var, eps))
-    return m.muladd(x, inv, bn_shift(beta, mean, inv))
+    return inv, bn_shift(beta, mean, inv)
+
+
+def bn_scaled(m, x, inv, shift):
+    """y = x * inv + shift, given bn_affine's (inv, shift)."""
+    return m.muladd(x, inv, shift)
+
+
+def bn_apply(m, x, gamma, beta, mean, var, eps):
+    return bn_scaled(m, x, *bn_affine(m, gamma, beta, mean, var, eps))
 
 
 def bn_inv_std(m, var, eps, one):
@@ -80,10 +90,16 @@ def bn_xhat(x, mean, inv_std):
     return (x - mean) * inv_std
 
 
-def bn_dx(dy, xhat, gamma, inv_std, count, dgamma, dbeta):
-    """dx of batch normalisation through the batch statistics, given its two sums dgamma =
-    sum(dy * xhat) and dbeta = sum(dy) over `count` values."""
-    return (gamma * inv_std / count) * (count * dy - dbeta - xhat * dgamma)
+def bn_dx_scale(gamma, inv_std, count):
+    """bn_dx's per-channel factor."""
+    return gamma * inv_std / count
+
+
+def bn_dx(dy, xhat, scale, count, dgamma, dbeta):
+    """dx of batch normalisation through the batch statistics, given its factor `scale`
+    (bn_dx_scale) and its two sums dgamma = sum(dy * xhat) and dbeta = sum(dy) over `count`
+    values."""
+    return scale * (count * dy - dbeta - xhat * dgamma)
 
 
 def normalize(x, gamma, beta, mean, var, eps):
@@ -128,7 +144,8 @@ def _inv_std(x, var, attrs):
 def bn_grad_apply_reference(attrs, dy, x, gamma, mean, var, dgamma, dbeta):
     count = x.dtype.type(x.shape[0] * x.shape[1] * x.shape[2])
     inv_std = _inv_std(x, var, attrs)
-    return (bn_dx(dy, bn_xhat(x, mean, inv_std), gamma, inv_std, count, dgamma, dbeta),)
+    return (bn_dx(dy, bn_xhat(x, mean, inv_std), bn_dx_scale(gamma, inv_std, count), count,
+                  dgamma, dbeta),)
 
 
 def bn_grad_reference(attrs, dy, x, gamma, mean, var):

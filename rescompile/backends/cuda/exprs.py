@@ -154,7 +154,8 @@ def _bn_dx(e, a, dy, x, gamma, mean, var, dgamma, dbeta):
     m = e.arithmetic()
     inv_std, xhat = bn_xhat(e, a, x, mean, var)
     dy, gamma, dgamma, dbeta = m.values(dy, gamma, dgamma, dbeta)
-    dx = norm.bn_dx(dy, xhat, gamma, inv_std, m.const(a["count"]), dgamma, dbeta)
+    count = m.const(a["count"])
+    dx = norm.bn_dx(dy, xhat, norm.bn_dx_scale(gamma, inv_std, count), count, dgamma, dbeta)
     return [str(m.let(dx))]
 
 
@@ -227,8 +228,8 @@ def _bn_scale_shift(e, a, gamma, beta, mean, var):
     """ops/fused.py bn_scale_shift: in float64."""
     m = e.arithmetic("float64")
     gamma, beta, mean, var = m.values(*(f"np.float64({v})" for v in (gamma, beta, mean, var)))
-    scale = m.let(norm.bn_inv(m, gamma, var, m.const(a["epsilon"])))
-    return scale, m.let(norm.bn_shift(beta, mean, scale))
+    scale, shift = norm.bn_affine(m, gamma, beta, mean, var, m.const(a["epsilon"]))
+    return scale, m.let(shift)
 
 
 @rule("bn_affine_params")

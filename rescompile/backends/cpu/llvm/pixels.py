@@ -82,6 +82,42 @@ def channel_vectors(f: Function, body, start=None, stop=None) -> None:
                 body(c, f.mask(0, width))
 
 
+# Bytes of the per-channel vectors a kernel derives once a call (`channel_table`): half of
+# every target's L1d, so the table stays there beside the pixels it is applied to.
+TABLE_BYTES = 16 * 1024
+
+
+def channel_table(f: Function, names: tuple[str, ...], derive, body) -> None:
+    """Per-channel vectors derived once a call, not once a pixel (a batch norm's 1 / sqrt(var
+    + eps) and its like, which a pixel loop over channel vectors would compute again at every
+    pixel): for each block of the call's channels whose `names` vectors fit TABLE_BYTES,
+    derive(c, mask) (a vector by name) for each vector of the block's channels into a stack
+    table, then body(c0, c1, derived) for the block [c0, c1), derived(c) reading the vectors
+    at channel c back."""
+    b = f.b
+    vectors = max(1, TABLE_BYTES // (len(names) * f.lanes * f.scalar_bytes))
+    table = b.bitcast(f.slot(ir.ArrayType(f.vector, vectors * len(names)), "channel_table"),
+                      f.vector.as_pointer(), name="table")
+    span = f.i64(vectors * f.lanes)
+
+    with f.loop(f.args["c_begin"], f.args["c_end"], span, "c_block") as c0:
+        c1 = b.add(c0, span)
+        c1 = b.select(b.icmp_signed("<", c1, f.args["c_end"]), c1, f.args["c_end"], name="c1")
+
+        def entry(c, name):
+            vector = b.udiv(b.sub(c, c0), f.i64(f.lanes))
+            at = b.add(b.mul(vector, f.i64(len(names))), f.i64(names.index(name)))
+            return b.gep(table, [at], name=f"table.{name}")
+
+        def fill(c, mask):
+            values = derive(c, mask)
+            for name in names:
+                b.store(values[name], entry(c, name))
+
+        channel_vectors(f, fill, c0, c1)
+        body(c0, c1, lambda c: {name: b.load(entry(c, name), name=name) for name in names})
+
+
 def load_vector(f: Function, ptr, mask, name: str = ""):
     return f.vload(ptr, name=name) if mask is None else f.masked_load(ptr, mask, name=name)
 

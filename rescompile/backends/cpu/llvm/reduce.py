@@ -11,8 +11,9 @@ combination, and the batch-norm gradient's elementwise half.
 A reduction is named by the op it computes (`SUMS`); it reads that op's inputs by role (the
 summed tensor first). The batch-norm arithmetic is `ops/norm.py`'s, on vectors (arith.py):
 xhat = bn_xhat, and for the fused ReLU the normalised value recomputed from x by bn_apply, its
-gradient the epilogue's relu_grad rule. A chunk's pixels are summed in the kernel's dtype over
-blocks of SUM_BLOCK pixels, each block then added into the float64 slot.
+gradient the epilogue's relu_grad rule; the apply half derives its per-channel factors once a
+call (`pixels.channel_table`), not once a pixel. A chunk's pixels are summed in the kernel's
+dtype over blocks of SUM_BLOCK pixels, each block then added into the float64 slot.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from ..tuning import SUM_BLOCK
 from . import abi, epilogue
 from .arith import Vec, VectorArithmetic
 from .emit import Function
-from .pixels import PixelWalk, channel_vectors, load_vector, offset, put_vector, streaming
+from .pixels import (PixelWalk, channel_table, channel_vectors, load_vector, offset, put_vector,
+                     streaming)
 from .pixelwise import PixelKernel
 from .slots import F64, add_f64, add_summands, statistics_slot
 
@@ -68,13 +70,10 @@ def _inv_std(m: VectorArithmetic, var: Vec, epsilon: Vec) -> Vec:
     return norm.bn_inv_std(m, var, epsilon, m.const(1.0))
 
 
-def _gradient(m: VectorArithmetic, relu: bool, x: Vec, dy: Vec, ch: dict, scalars: dict) -> Vec:
-    """g of the batch-norm gradient: dy, or dy through the leaky ReLU of the normalised x."""
-    if not relu:
-        return dy
-    y = norm.bn_apply(m, x, ch["gamma"], ch["beta"], ch["mean"], ch["var"], scalars["epsilon"])
+def _relu_gradient(m: VectorArithmetic, dy: Vec, y: Vec, alpha: Vec) -> Vec:
+    """dy through the leaky ReLU of y (the normalised x)."""
     relu_grad = epilogue.rule("relu_grad").apply
-    return Vec(m.f, relu_grad(m.f, dy.value, [y.value], [scalars["alpha"].value]))
+    return Vec(m.f, relu_grad(m.f, dy.value, [y.value], [alpha.value]))
 
 
 def sum_terms(f: Function, op: str, value, x, ch: dict, scalars: dict):
@@ -85,7 +84,11 @@ def sum_terms(f: Function, op: str, value, x, ch: dict, scalars: dict):
     m = VectorArithmetic(f)
     x, value = m.values(x, value)
     ch, scalars = _vecs(m, ch), _vecs(m, scalars)
-    g = _gradient(m, "alpha" in sum_kind(op).scalars, x, value, ch, scalars)
+    g = value
+    if "alpha" in sum_kind(op).scalars:
+        y = norm.bn_apply(m, x, ch["gamma"], ch["beta"], ch["mean"], ch["var"],
+                          scalars["epsilon"])
+        g = _relu_gradient(m, value, y, scalars["alpha"])
     xhat = norm.bn_xhat(x, ch["mean"], _inv_std(m, ch["var"], scalars["epsilon"]))
     return g.value, xhat.value
 
@@ -215,6 +218,11 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
                 f"{self.storage_tag()}")
 
     @property
+    def channels(self) -> list[str]:
+        """The op's per-channel inputs (all but x and dy)."""
+        return [n for n in get(self.op).inputs if n not in ("x", "dy")]
+
+    @property
     def signature(self) -> abi.Signature:
         scalars = ("epsilon", "alpha") if self.relu else ("epsilon",)
         return (abi.sizes("oh", "ow", "images") + abi.placed("streaming")
@@ -227,24 +235,40 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
         scalars = _vecs(m, {n: v[n] for n in ("epsilon", "alpha") if n in v})
         pixels = b.mul(b.mul(v["images"], v["oh"]), v["ow"], name="pixels")
         count = Vec(f, f.splat(b.uitofp(pixels, f.scalar), name="count"))
-        channels = [n for n in get(self.op).inputs if n not in ("x", "dy")]
-        walk = PixelWalk(f, v["oh"], v["ow"])
-        with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
-            at = walk.position()
 
-            def vector(c, mask):
-                ch = _vecs(m, _channel(f, ptr, channels, c, mask))
-                inv_std = _inv_std(m, ch["var"], scalars["epsilon"])
-                x, dy = m.values(*(_pixel(f, v, ptr, t, at, c, mask) for t in ("x", "dy")))
-                g = _gradient(m, self.relu, x, dy, ch, scalars)
-                xhat = norm.bn_xhat(x, ch["mean"], inv_std)
-                dx = norm.bn_dx(g, xhat, ch["gamma"], inv_std, count, ch["dgamma"],
-                                ch["dbeta"]).value
-                dx.name = "dx"
-                dx = epilogue.apply_chain(
-                    f, self.chains[0], dx,
-                    lambda o: epilogue.read_operand(f, o, v, ptr, at, c, mask), v)
-                out = f.element(ptr["out"], b.add(offset(f, v, "out", *at), c))
-                put_vector(f, dx, out, mask, streams)
-            channel_vectors(f, vector)
-            walk.advance()
+        def derive(c, mask):
+            ch = _vecs(m, _channel(f, ptr, self.channels, c, mask))
+            inv_std = _inv_std(m, ch["var"], scalars["epsilon"])
+            derived = {"mean": ch["mean"], "dgamma": ch["dgamma"], "dbeta": ch["dbeta"],
+                       "inv_std": inv_std,
+                       "scale": norm.bn_dx_scale(ch["gamma"], inv_std, count)}
+            if self.relu:
+                derived["inv"], derived["shift"] = norm.bn_affine(
+                    m, ch["gamma"], ch["beta"], ch["mean"], ch["var"], scalars["epsilon"])
+            return {name: value.value for name, value in derived.items()}
+
+        def apply(c0, c1, derived):
+            walk = PixelWalk(f, v["oh"], v["ow"])
+            with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
+                at = walk.position()
+
+                def vector(c, mask):
+                    ch = _vecs(m, derived(c))
+                    x, dy = m.values(*(_pixel(f, v, ptr, t, at, c, mask) for t in ("x", "dy")))
+                    g = _relu_gradient(m, dy, norm.bn_scaled(m, x, ch["inv"], ch["shift"]),
+                                       scalars["alpha"]) if self.relu else dy
+                    xhat = norm.bn_xhat(x, ch["mean"], ch["inv_std"])
+                    dx = norm.bn_dx(g, xhat, ch["scale"], count, ch["dgamma"],
+                                    ch["dbeta"]).value
+                    dx.name = "dx"
+                    dx = epilogue.apply_chain(
+                        f, self.chains[0], dx,
+                        lambda o: epilogue.read_operand(f, o, v, ptr, at, c, mask), v)
+                    out = f.element(ptr["out"], b.add(offset(f, v, "out", *at), c))
+                    put_vector(f, dx, out, mask, streams)
+                channel_vectors(f, vector, c0, c1)
+                walk.advance()
+
+        names = ("mean", "dgamma", "dbeta", "inv_std", "scale") + (
+            ("inv", "shift") if self.relu else ())
+        channel_table(f, names, derive, apply)
