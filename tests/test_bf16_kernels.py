@@ -29,9 +29,9 @@ from rescompile.backends.cpu.llvm.amx import AmxConvKernel
 from rescompile.backends.cpu.llvm.conv import ConvKernel
 from rescompile.backends.cpu.llvm.pixelwise import EltwiseKernel, MeanGradKernel, MeanKernel
 from rescompile.backends.cpu.llvm.reduce import BatchNormGradApply, ChannelSums, SlotSum
-from rescompile.backends.cpu.llvm.wgrad import WgradKernel
+from rescompile.backends.cpu.llvm.wgrad import WgradKernel, slab_rows
 from rescompile.backends.cpu.target import generic_target, host_target, target_for
-from rescompile.backends.cpu.tuning import AMX_TILE, conv_tile
+from rescompile.backends.cpu.tuning import AMX_TILE, WGRAD_BLOCK, conv_tile
 from rescompile.backends.cpu.weights import pack_weights
 from rescompile.precision import numpy_dtype, round_bf16
 from microkernels import (call, close, conv_reference, epilogue_reference, padded,
@@ -417,30 +417,73 @@ def test_mean_and_its_gradient_cross_types(cache_dir):
     assert close(grad.astype(np.float32), stored(expected)) < 1e-7
 
 
+# (n, h, w, cin, cout, k, stride, pads, chunk): blocks starting inside a row (chunks of 23),
+# blocks of WGRAD_BLOCK pixels across images (700), stride 2, 1 x 1, the 7 x 7 stem's 3 channels
+BF16_WGRAD_CASES = [
+    (2, 7, 6, 5, 20, 3, 1, (1, 1, 1, 1), 23),
+    (3, 14, 14, 8, 16, 3, 1, (1, 1, 1, 1), 700),
+    (3, 8, 8, 6, 10, 3, 2, (0, 1, 0, 1), 23),
+    (2, 9, 9, 17, 33, 1, 1, (0, 0, 0, 0), 100),
+    (1, 10, 11, 3, 8, 7, 2, (2, 3, 3, 3), 40),
+]
+
+
+@pytest.mark.parametrize("case", BF16_WGRAD_CASES, ids=lambda c: f"k{c[5]}s{c[6]}c{c[3]}b{c[8]}")
 @pytest.mark.parametrize("target", _fma_targets(), ids=lambda t: t.isa)
-def test_weight_gradient_reads_bf16_and_sums_in_float32(target, cache_dir):
-    """dW of bfloat16 x and dy, accumulated in float32 registers and float64 slots: the
-    exact products of bfloat16 values summed, so float32's bound holds (1e-5)."""
+def test_weight_gradient_reads_bf16_and_sums_in_float32(target, case, cache_dir):
+    """dW of bfloat16 x and dy, staged widened a block at a time (the input rows its windows
+    cover, read from a buffer padded wider than the conv needs, and dy of the call's
+    channels), accumulated in float32 registers and float64 slots: the exact products of
+    bfloat16 values summed, so float32's bound holds (1e-5)."""
+    n, h, w, cin, cout, k, stride, pads, chunk = case
     rng = np.random.default_rng(16)
-    n, h, w, cin, cout, k = 2, 7, 6, 5, 20, 3
-    xp = bf16(padded(rng.standard_normal((n, h, w, cin)), (1, 1, 1, 1)))
-    dy = bf16(rng.standard_normal((n, h, w, cout)))
+    wider = bf16(padded(rng.standard_normal((n, h, w, cin)), [p + 1 for p in pads]))
+    xp = wider[:, 1:-1, 1:-1]  # the conv's window, inside the buffer
+    oh, ow = (xp.shape[1] - k) // stride + 1, (xp.shape[2] - k) // stride + 1
+    dy = bf16(rng.standard_normal((n, oh, ow, cout)))
     kernel = WgradKernel("float32", target, storage=(("dy", BF16), ("x", BF16)))
-    pixels, chunk = n * h * w, 23
+    assert kernel.staged and not kernel.widens
+    pixels, depth = n * oh * ow, k * k * cin
     slots = -(-pixels // chunk)
-    partial = np.full(slots * k * k * cin * cout, np.nan)
-    fields = dict(cin=cin, kh=k, kw=k, stride=1, oh=h, ow=w, chunk=chunk, width=cout,
-                  **strides("x", xp), **strides("dy", dy))
+    partial = np.full(slots * depth * cout, np.nan)
+    fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=oh, ow=ow, chunk=chunk, width=cout,
+                  **strides("x", wider), **strides("dy", dy))
+    fields["dy_offset"] = kernel.dy_offset(fields)
+    scratch = np.full(kernel.scratch_for(fields, cout) // 4, np.nan, np.float32)
+    split = min(kernel.nr, cout)
     for start in range(0, pixels, chunk):
-        call(kernel, fields, {"x": xp, "dy": dy, "partial": partial},
-             (start, min(pixels, start + chunk)), (0, cout), cache_dir)
+        for channels in ((0, split), (split, cout)):
+            if channels[0] < channels[1]:
+                call(kernel, fields, {"x": xp, "dy": dy, "partial": partial,
+                                      "scratch": scratch},
+                     (start, min(pixels, start + chunk)), channels, cache_dir)
     dw = partial.reshape(slots, -1).sum(axis=0).reshape(k, k, cin, cout)
     x64, dy64 = xp.astype(np.float64), dy.astype(np.float64)
     expected = np.zeros((k, k, cin, cout))
     for i in range(k):
         for j in range(k):
-            expected[i, j] = np.einsum("nhwc,nhwo->co", x64[:, i:i + h, j:j + w], dy64)
+            taps = x64[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+            expected[i, j] = np.einsum("nhwc,nhwo->co", taps, dy64)
     assert close(dw, expected) < F32_TOL
+
+
+@pytest.mark.parametrize("geometry", [(32, 32, 1, 3), (8, 8, 1, 3), (7, 5, 2, 1), (112, 112, 2, 7),
+                                      (3, 200, 1, 3), (1, 1, 1, 1)])
+def test_a_staged_block_fits_the_slab_it_is_given(geometry):
+    """`slab_rows` bounds the input rows the windows of every block of WGRAD_BLOCK pixels
+    cover (from its first window row, through the images' rows between, to its last), for
+    blocks starting at every pixel of as many images as two blocks cross, and is no more
+    than one image boundary's rows above the most of them."""
+    oh, ow, stride, kh = geometry
+    fields = dict(oh=oh, ow=ow, stride=stride, kh=kh)
+    height, total = (oh - 1) * stride + kh, (2 * WGRAD_BLOCK // (oh * ow) + 3) * oh * ow
+
+    def row(pixel, last):  # a pixel's first window row, or one past its last
+        n, i = divmod(pixel, oh * ow)
+        return n * height + i // ow * stride + (kh if last else 0)
+    covered = [row(min(start + WGRAD_BLOCK, total) - 1, True) - row(start, False)
+               for start in range(total)]
+    assert max(covered) <= slab_rows(fields) <= max(covered) + max(0, kh - stride)
 
 
 @pytest.mark.parametrize("relu", [True, False])

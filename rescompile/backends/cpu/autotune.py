@@ -302,7 +302,7 @@ def step_arguments(step: Step, layouts, images: int):
             array = pack_weights(transformed(weights, use.transform), use.nr,
                                  dtype=pointer.dtype, layout=use.layout)
         elif use.how == "scratch":
-            array = np.zeros(step.scratch // kind.itemsize, kind)
+            array = aligned_empty(step.scratch).view(kind)  # on a line, as the arena's
         elif use.value in step.slots:  # a reduction's float64 slots
             array = np.zeros(step.slots[use.value].slot_bytes // 8)
         elif pointer.role in step.tensors:  # where the arena would point: data, or window

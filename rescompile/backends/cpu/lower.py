@@ -35,7 +35,7 @@ from .llvm.wgrad import WgradKernel
 from .steps import (HOST_KINDS, HostStep, Slots, Step, TensorTypes, Use, image_shape,
                     is_host, tensor_types)
 from .target import Target
-from .tuning import REDUCE_CHUNK, WGRAD_CHUNK, WGRAD_GROUPS, conv_tile, widens
+from .tuning import REDUCE_CHUNK, WGRAD_CHUNK, WGRAD_GROUPS, conv_tile
 
 
 # -- convolutions ---------------------------------------------------------------------------
@@ -113,8 +113,7 @@ def _grad_filter(node, graph, target, types):
     h, w, cin = image_shape(graph, x)
     oh, ow, cout = image_shape(graph, dy)
     pads = pads_2d(h, w, k, stride, node.attrs["padding"])
-    tile = conv_tile(target, types.compute, cout, depth=k * k * cin,
-                     widens=widens(types.of(x), types.compute))
+    tile = conv_tile(target, types.compute, cout, depth=k * k * cin)  # its k loop: no widening
     kernel = WgradKernel(types.compute, target, *tile, prologue=chain_of(prologue))
     partial = f"{node.name}:partial"
     slots = Slots(8 * k * k * cin * cout, oh * ow, WGRAD_CHUNK)
@@ -122,18 +121,22 @@ def _grad_filter(node, graph, target, types):
     tensors = {"x": x, "dy": dy}
     fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=oh, ow=ow, chunk=WGRAD_CHUNK,
                   width=cout)
+    scratch = Use(f"{node.name}:scratch", "scratch")
     if prologue:
         more = chain_arguments(kernel, (), list(node.inputs), graph, prologue)
         for have, extra in zip((uses, tensors, fields), more):
             have.update(extra)
-        uses["scratch"] = Use(f"{node.name}:scratch", "scratch")
-    step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
-                fields=fields,
-                scratch=kernel.scratch_bytes(cin),
-                pixels=oh * ow, channels=cout, channel_align=kernel.nr, split="both",
-                flops=2.0 * oh * ow * cout * k * k * cin, pads={x: pads},
-                fixed_chunk=WGRAD_CHUNK, groups=min(-(-cout // kernel.nr), WGRAD_GROUPS),
-                slots={partial: slots})
+        uses["scratch"] = scratch
+    step = types.typed(Step(
+        name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors, fields=fields,
+        pixels=oh * ow, channels=cout, channel_align=kernel.nr, split="both",
+        flops=2.0 * oh * ow * cout * k * k * cin, pads={x: pads}, fixed_chunk=WGRAD_CHUNK,
+        groups=min(-(-cout // kernel.nr), WGRAD_GROUPS), slots={partial: slots}))
+    if step.kernel.staged:  # its x and dy stored narrower: widened in the scratch
+        fields["dy_offset"] = step.kernel.dy_offset(fields)
+        uses["scratch"] = scratch
+    if "scratch" in uses:
+        step.scratch = step.kernel.scratch_for(fields, cout)
     return [step, slot_sum(f"{node.name}/sum", None, partial, slots, list(node.outputs),
                            k * k * cin * cout, types, target)]
 

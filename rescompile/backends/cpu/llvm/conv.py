@@ -100,7 +100,8 @@ from ....precision import ITEMSIZE
 from ..target import Target
 from ..tuning import SUM_BLOCK, conv_tile, widens
 from . import abi, epilogue
-from .emit import BF16, I8, I16, I32, L1_LOCALITY, L2_LOCALITY, MEMORY_TYPES, Tiled, new_module
+from .emit import (BF16, CACHE_LINE, I8, I16, I32, L1_LOCALITY, L2_LOCALITY, MEMORY_TYPES,
+                   Tiled, new_module)
 from .pixels import (TRUE, PixelWalk, channel_vectors, fence_streams, load_vector, next_pixel,
                      offset, put_vector, store_vector, streaming)
 from .reduce import sum_kind, sum_operands, sum_terms
@@ -109,7 +110,6 @@ from .slots import BlockSums, statistics_slot
 GEOMETRY = abi.sizes("cin", "kh", "kw", "stride", "oh", "ow", "panels_outer") \
     + abi.placed("streaming")
 PAIR = 2  # input channels per vdpbf16ps (and per AMX tile element pair)
-CACHE_LINE = 64  # bytes, on every x86-64
 
 
 @dataclass(frozen=True)

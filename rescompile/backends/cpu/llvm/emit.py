@@ -29,6 +29,7 @@ I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 VOID = ir.VoidType()
 L1_LOCALITY, L2_LOCALITY = 3, 2  # llvm.prefetch's locality: prefetcht0 (L1), prefetcht1 (L2)
+CACHE_LINE = 64  # bytes, on every x86-64
 FLOAT_TYPES = {"float32": ir.FloatType(), "float64": ir.DoubleType()}  # compute types
 MEMORY_TYPES = {**FLOAT_TYPES, "bfloat16": I16}  # stored types, as they sit in memory
 CONVERTED_LANES = 16  # float32 lanes vcvtneps2bf16 narrows (a zmm register)

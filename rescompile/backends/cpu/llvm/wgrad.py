@@ -21,9 +21,16 @@ adds masked.
 
 With a `prologue` (a 1 x 1 layer's batch norm and ReLU, `passes/prologue.py`), each block's
 pixels are first staged into the thread's scratch, every input channel through the chain and
-stored in the input's type (`stage_block`: a vector of channels at a time over the block's
+rounded to the input's type (`stage_block`: a vector of channels at a time over the block's
 pixels, so the chain's per-channel arithmetic is done once a vector), and the tiles read the
 block there, contiguous.
+
+Where x and dy are stored narrower than the compute type (bfloat16 on fused multiply-adds),
+the tile would widen MR broadcasts and NV vectors a pixel, on the shift and shuffle ports its
+FMAs share; it is `staged` instead: each block's input rows (`stage_rows`: the input rows its
+pixels' windows cover, (ow - 1) * stride + kw columns each, the slab `slab_rows` bounds) and
+its dy (`stage_dy`) are widened into the scratch once, and every (depth tile, channel panel)
+pair reads them there in the compute type.
 """
 
 from __future__ import annotations
@@ -32,12 +39,29 @@ from dataclasses import dataclass, field
 
 from ....precision import ITEMSIZE
 from ..target import Target
-from ..tuning import WGRAD_BLOCK as BLOCK, conv_tile
+from ..tuning import WGRAD_BLOCK as BLOCK, conv_tile, widens
 from . import abi
-from .emit import L2_LOCALITY, Function, Tiled, new_module
+from .emit import CACHE_LINE, L2_LOCALITY, Function, Tiled, new_module
 from .epilogue import Chain, apply_chain, channel_operands
-from .pixels import PixelWalk, channel_vectors, load_vector, offset, store_vector
+from .pixels import TRUE, PixelWalk, channel_vectors, load_vector, offset, store_vector
 from .slots import add_f64, statistics_slot
+
+
+def slab_columns(fields: dict) -> int:
+    """The input columns a row of output pixels' windows cover."""
+    return (fields["ow"] - 1) * fields["stride"] + fields["kw"]
+
+
+def slab_rows(fields: dict) -> int:
+    """The most input rows the windows of a block's pixels cover, counted from the block's
+    first window row to its last through the images between (each image's rows up to the
+    last any window reads): the T output rows a run of BLOCK pixels touches, each `stride`
+    rows on, the last one's kh, and at each of the images' boundaries among them kh - stride
+    rows more (as many boundaries as T rows can cross, or as few where that is negative)."""
+    oh, ow, stride, kh = fields["oh"], fields["ow"], fields["stride"], fields["kh"]
+    touched = -(-(BLOCK + ow - 1) // ow)
+    boundaries = (touched + oh - 2) // oh if kh >= stride else (touched - 1) // oh
+    return (touched - 1) * stride + kh + boundaries * (kh - stride)
 
 
 @dataclass(frozen=True)
@@ -65,11 +89,42 @@ class WgradKernel(Tiled):
     def prologue_chain(self) -> Chain:
         return Chain(self.prologue)
 
-    def scratch_bytes(self, cin: int) -> int:
-        """A block of staged pixels of `cin` channels (whole vectors), with a prologue."""
-        vectors = -(-cin // self.lanes)
-        return vectors * self.lanes * BLOCK * ITEMSIZE[self.element("x")] if self.prologue \
-            else 0
+    @property
+    def staged(self) -> bool:
+        """Whether each block's x and dy are widened into the scratch (stored narrower)."""
+        return widens(self.element("x"), self.dtype)
+
+    @property
+    def widens(self) -> bool:
+        return False  # a narrower x is staged widened
+
+    @property
+    def staged_type(self) -> str:
+        """The type of x staged through a prologue: the compute type where the block is
+        `staged` (rounded to x's type first), else x's."""
+        return self.dtype if self.staged else self.element("x")
+
+    def scratch_for(self, fields: dict, channels: int) -> int:
+        """The per-thread scratch for a step's sizes (`fields`): a block of x through the
+        prologue, or its `slab_rows` widened; then, `staged`, its dy of `channels`."""
+        dy_bytes = self._vectors(channels) * BLOCK * ITEMSIZE[self.dtype] if self.staged else 0
+        return self.dy_offset(fields) * ITEMSIZE[self.dtype] + dy_bytes
+
+    def dy_offset(self, fields: dict) -> int:
+        """Where the staged dy starts in the scratch, in elements of the compute type: past
+        the staged x, on a cache line."""
+        if self.prologue:
+            x_bytes = self._vectors(fields["cin"]) * BLOCK * ITEMSIZE[self.staged_type]
+        elif self.staged:
+            x_bytes = slab_rows(fields) * slab_columns(fields) * fields["cin"] \
+                * ITEMSIZE[self.dtype]
+        else:
+            return 0
+        return -(-x_bytes // CACHE_LINE) * CACHE_LINE // ITEMSIZE[self.dtype]
+
+    def _vectors(self, channels: int) -> int:
+        """`channels` as whole vectors' elements."""
+        return -(-channels // self.lanes) * self.lanes
 
     @property
     def signature(self) -> abi.Signature:
@@ -78,8 +133,11 @@ class WgradKernel(Tiled):
                      + abi.stored(self, "x", "dy")
                      + abi.pointers("float64", "partial", written=True))
         if self.prologue:
-            signature += (self.prologue_chain.signature(self)
-                          + abi.pointers(self.dtype, "scratch"))
+            signature += self.prologue_chain.signature(self)
+        if self.staged:
+            signature += abi.sizes("dy_offset")
+        if self.prologue or self.staged:
+            signature += abi.pointers(self.dtype, "scratch")
         return signature
 
     def ir(self) -> str:
@@ -102,10 +160,18 @@ class _Emitter:
         self.depth = b.mul(v["kh"], self.row_depth, name="depth")
         self.slot = statistics_slot(f, self.ptr["partial"], v["chunk"], v["width"], self.depth)
         self.pixel_step = b.mul(v["x.pixel"], v["stride"], name="x_pixel_step")
-        x_rows = b.and_(b.icmp_signed("==", v["x.row"], b.mul(v["ow"], self.pixel_step)),
-                        b.icmp_signed("==", v["x.image"], b.mul(v["oh"], v["x.row"])))
+        self.x_base, self.x_row, self.x_image = self.ptr["x"], v["x.row"], v["x.image"]
+        if k.staged and not k.prologue:
+            self.slab_geometry()
+        x_rows = b.and_(b.icmp_signed("==", self.x_row, b.mul(v["ow"], self.pixel_step)),
+                        b.icmp_signed("==", self.x_image, b.mul(v["oh"], self.x_row)))
         dy_rows = b.and_(b.icmp_signed("==", v["dy.row"], b.mul(v["ow"], v["dy.pixel"])),
                          b.icmp_signed("==", v["dy.image"], b.mul(v["oh"], v["dy.row"])))
+        if k.staged:  # staged dy is contiguous, pixel after pixel
+            dy_rows = TRUE
+            self.dy_row = b.mul(b.udiv(b.add(b.sub(f.args["c_end"], f.args["c_begin"]),
+                                             f.i64(k.lanes - 1)), f.i64(k.lanes)),
+                                f.i64(k.lanes), name="staged_dy_row")
         self.contiguous = b.and_(b.and_(x_rows, dy_rows),
                                  b.icmp_signed("==", v["stride"], f.i64(1)), name="contiguous")
         self.walk = PixelWalk(f, v["oh"], v["ow"])
@@ -115,6 +181,10 @@ class _Emitter:
             origin = self.walk.position()
             if k.prologue:
                 self.stage_block(start, end, origin)
+            elif k.staged:
+                self.stage_rows(end, origin)
+            if k.staged:
+                self.stage_dy(start, end, origin)
             with f.loop(0, self.depth, k.mr, "k0") as k0:
                 offsets = self.depth_offsets(k0)
                 with f.loop(f.args["c_begin"], f.args["c_end"], k.nr, "c") as c:
@@ -128,6 +198,60 @@ class _Emitter:
                             masks = [f.mask(j * k.lanes, width) for j in range(k.nv)]
                             self.block(start, end, k0, offsets, c, width, masks)
             # the next block starts where this one ended: the walk is there after the last pair
+
+    def slab_geometry(self) -> None:
+        """The staged input rows' strides (`slab_columns` pixels a row, each image's rows up
+        to the last a window reads): the tiles read x there as in the tensor."""
+        f, b, v = self.f, self.b, self.v
+        columns = b.add(b.mul(b.sub(v["ow"], f.i64(1)), v["stride"]), v["kw"])
+        self.slab_height = b.add(b.mul(b.sub(v["oh"], f.i64(1)), v["stride"]), v["kh"],
+                                 name="slab_height")
+        self.x_row = b.mul(columns, v["x.pixel"], name="slab_row")
+        self.x_image = b.mul(self.slab_height, self.x_row, name="slab_image")
+
+    def stage_rows(self, end, origin) -> None:
+        """The input rows the block's windows cover, widened into the scratch: from the
+        first pixel's first window row to the last pixel's last, each a run of the slab's
+        row; `x_base` then addresses them as the tensor's pixels."""
+        f, b, v = self.f, self.b, self.v
+        b.comment("the block's input rows, widened")
+        n, oh, _ = origin
+        per_image = b.mul(v["oh"], v["ow"])
+        last = b.sub(end, f.i64(1), name="last_pixel")
+        last_n, last_oh = b.udiv(last, per_image), b.udiv(b.urem(last, per_image), v["ow"])
+        first = b.add(b.mul(n, self.slab_height), b.mul(oh, v["stride"]), name="first_row")
+        stop = b.add(b.add(b.mul(last_n, self.slab_height), b.mul(last_oh, v["stride"])),
+                     v["kh"], name="end_row")
+        slab = self.ptr["scratch"]
+        self.x_base = f.element(slab, b.neg(b.mul(first, self.x_row)), name="slab_base")
+        with f.loop(first, stop, 1, "slab_row") as row:
+            image, i = b.udiv(row, self.slab_height), b.urem(row, self.slab_height)
+            source = f.element(self.ptr["x"], b.add(b.mul(image, v["x.image"]),
+                                                    b.mul(i, v["x.row"])), name="x_row")
+            into = f.element(self.x_base, b.mul(row, self.x_row), name="slab_row")
+
+            def widen(at, mask):
+                x = load_vector(f, f.element(source, at), mask, name="x")
+                store_vector(f, x, f.element(into, at), mask)
+            channel_vectors(f, widen, f.i64(0), self.x_row)
+
+    def stage_dy(self, start, end, origin) -> None:
+        """The block's dy of the call's channels, widened into the scratch: pixel after pixel,
+        `dy_row` apart."""
+        f, b, v = self.f, self.b, self.v
+        b.comment("the block's dy, widened")
+        self.staged_dy = f.element(self.ptr["scratch"], v["dy_offset"], name="staged_dy")
+        self.walk.move_to(*origin)
+        with f.loop(start, end, 1, "dy_pixel") as p:
+            source = f.element(self.ptr["dy"], offset(f, v, "dy", *self.walk.position()))
+            into = f.element(self.staged_dy, b.sub(b.mul(b.sub(p, start), self.dy_row),
+                                                   f.args["c_begin"]))
+
+            def widen(c, mask):
+                dy = load_vector(f, f.element(source, c), mask, name="dy")
+                store_vector(f, dy, f.element(into, c), mask)
+            channel_vectors(f, widen)
+            self.walk.advance()
 
     def skip(self, run) -> None:
         """Move the walk past `run` pixels: within a row, its last pixel's successor; a
@@ -152,9 +276,9 @@ class _Emitter:
         n, oh, ow = self.walk.position()
         run = b.select(self.contiguous, b.sub(end, p), b.sub(v["ow"], ow))
         run = b.select(b.icmp_signed("<", b.add(p, run), end), run, b.sub(end, p))
-        x_at = f.element(self.ptr["x"], b.add(b.add(b.mul(n, v["x.image"]),
-                                                    b.mul(b.mul(oh, v["stride"]), v["x.row"])),
-                                              b.mul(ow, self.pixel_step)))
+        x_at = f.element(self.x_base, b.add(b.add(b.mul(n, self.x_image),
+                                                   b.mul(b.mul(oh, v["stride"]), self.x_row)),
+                                             b.mul(ow, self.pixel_step)))
         return run, x_at
 
     def stage_block(self, start, end, origin) -> None:
@@ -163,7 +287,8 @@ class _Emitter:
         channels at a time over every pixel, prefetching the next block's."""
         f, b, k, v = self.f, self.b, self.k, self.v
         b.comment(f"prologue: the block's pixels through {', '.join(k.prologue)}")
-        staged = b.bitcast(self.ptr["scratch"], self.ptr["x"].type, name="staged")
+        staged = self.ptr["scratch"] if k.staged else b.bitcast(
+            self.ptr["scratch"], self.ptr["x"].type, name="staged")
         next_block = b.mul(self.pixel_step, f.i64(BLOCK), name="next_block")
 
         def channels(ci, mask):
@@ -180,6 +305,8 @@ class _Emitter:
                     f.prefetch(f.element(at, next_block, name="x.next_block"), L2_LOCALITY)
                     x = load_vector(f, at, mask, name="x")
                     value = apply_chain(f, chain, x, lambda o: operand[o.role], v)
+                    if k.staged:  # rounded to x's type, as the graph would store it
+                        value = f.read_back(f.stored_form(value, self.ptr["x"]), self.ptr["x"])
                     store_vector(f, value, f.element(into, b.mul(q, f.i64(k.lanes))), mask)
                 self.skip(run)
                 step(run)
@@ -190,7 +317,7 @@ class _Emitter:
     def depth_offsets(self, k0) -> list:
         """Element offsets, from a pixel's window origin, of the tile's depth rows (rows past K
         repeat the last)."""
-        f, b, k, v = self.f, self.b, self.k, self.v
+        f, b, k = self.f, self.b, self.k
         last = b.sub(self.depth, f.i64(1))
         offsets = []
         for m in range(k.mr):
@@ -201,7 +328,7 @@ class _Emitter:
                 offsets.append(b.add(b.mul(b.udiv(depth, lanes), f.i64(BLOCK * k.lanes)),
                                      b.urem(depth, lanes)))
                 continue
-            offsets.append(b.add(b.mul(b.udiv(depth, self.row_depth), v["x.row"]),
+            offsets.append(b.add(b.mul(b.udiv(depth, self.row_depth), self.x_row),
                                  b.urem(depth, self.row_depth)))
         return offsets
 
@@ -218,7 +345,11 @@ class _Emitter:
             run, x_at = self.run_from(p, end)
             if k.prologue:  # the block's staged pixels (`depth_offsets` picks the vector)
                 x_at = f.element(self.staged, b.mul(b.sub(p, start), f.i64(k.lanes)))
-            dy_at = f.element(self.ptr["dy"], b.add(offset(f, v, "dy", n, oh, ow), c))
+            if k.staged:
+                dy_at = f.element(self.staged_dy, b.add(b.mul(b.sub(p, start), self.dy_row),
+                                                        b.sub(c, f.args["c_begin"])))
+            else:
+                dy_at = f.element(self.ptr["dy"], b.add(offset(f, v, "dy", n, oh, ow), c))
             x_ptr = f.slot(x_at.type, "x_at", x_at)
             dy_ptr = f.slot(dy_at.type, "dy_at", dy_at)
             with f.loop(0, run, 1, "q"):
@@ -230,7 +361,7 @@ class _Emitter:
                     for j in range(k.nv):
                         f.set(acc[m][j], f.fma(a, dy[j], f.get(acc[m][j])))
                 f.set(x_ptr, f.element(here, x_step))
-                f.set(dy_ptr, f.element(grads, v["dy.pixel"]))
+                f.set(dy_ptr, f.element(grads, self.dy_row if k.staged else v["dy.pixel"]))
             self.skip(run)
             step(run)
         b.comment("the tile into the slot (rows past K and lanes past the panel left out)")
