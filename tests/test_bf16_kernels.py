@@ -139,9 +139,8 @@ def test_conv_kernel_against_the_bf16_reference(case, variant, cache_dir):
             fields.update(strides(name, array))
     pointers = dict(x=xp, w=_packed(weights, kernel), out=out, out2=out2_array, **operands)
     if kernel.stages_rows:
-        fields["staged_offset"] = kernel.staged_offset(cout)
-        pointers["scratch"] = np.full(kernel.scratch_bytes(k * k * cin, cout) // 4, np.nan,
-                                      np.float32)
+        fields.update(kernel.scratch_fields(fields, cout))
+        pointers["scratch"] = np.full(kernel.scratch_for(fields, cout) // 4, np.nan, np.float32)
     call(kernel, fields, pointers, (0, n * y.shape[1] * y.shape[2]), (0, cout), cache_dir)
     assert close(out.astype(np.float32), expected) < TOL
     if out2 is not None:
@@ -202,11 +201,11 @@ def test_conv_prologue_against_the_bf16_reference(variant, cache_dir):
     partial = np.full(2 * 20, np.nan)
     fields = dict(cin=10, kh=1, kw=1, stride=2, oh=5, ow=5, panels_outer=0,
                   **strides("x", x), **strides("out", out), **strides("e0.other", residual),
-                  staged_offset=kernel.staged_offset(20), **scalars,
-                  **{"sums.chunk": 64, "sums.width": 20})
+                  **scalars, **{"sums.chunk": 64, "sums.width": 20})
+    fields.update(kernel.scratch_fields(fields, 20))
     pointers = {"x": x, "w": _packed(weights, kernel), "out": out, "e0.other": residual,
                 "sums": partial, **operands,
-                "scratch": np.full(kernel.scratch_bytes(10, 20) // 4, np.nan, np.float32)}
+                "scratch": np.full(kernel.scratch_for(fields, 20) // 4, np.nan, np.float32)}
     call(kernel, fields, pointers, (0, 50), (0, 20), cache_dir)
     assert close(out.astype(np.float32), stored(y)) < TOL
     combine = SlotSum("float32", HOST, 2, "moments")
@@ -235,10 +234,10 @@ def test_conv_prologue_keeps_a_nan_a_nan(variant, nan, cache_dir):
     operands[scale][3], operands[shift][3] = 0.0, np.uint32(nan).view(np.float32)
     out = bf16(np.zeros(x.shape[:3] + (20,)))
     fields = dict(cin=10, kh=1, kw=1, stride=1, oh=3, ow=5, panels_outer=0,
-                  **strides("x", x), **strides("out", out),
-                  staged_offset=kernel.staged_offset(20), **scalars)
+                  **strides("x", x), **strides("out", out), **scalars)
+    fields.update(kernel.scratch_fields(fields, 20))
     pointers = {"x": x, "w": _packed(weights, kernel), "out": out, **operands, **more,
-                "scratch": np.zeros(kernel.scratch_bytes(10, 20) // 4, np.float32)}
+                "scratch": np.zeros(kernel.scratch_for(fields, 20) // 4, np.float32)}
     call(kernel, fields, pointers, (0, 30), (0, 20), cache_dir)
     assert np.isnan(out.astype(np.float32)).all()
 

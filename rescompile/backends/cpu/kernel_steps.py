@@ -124,7 +124,7 @@ def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: 
     for have, extra in zip((uses, tensors, fields), more):
         have.update(extra)
     if stages:
-        fields["staged_offset"] = kernel.staged_offset(geometry.cout)
+        fields.update(kernel.scratch_fields(fields, geometry.cout))
     step = Step(name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors,
                 fields=fields, pixels=oh * ow, channels=geometry.cout, pixel_align=kernel.mr,
                 channel_align=kernel.nr, split=_split(weight_bytes, h * w * cin * size),

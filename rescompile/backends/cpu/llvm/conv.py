@@ -102,14 +102,19 @@ from ..tuning import SUM_BLOCK, conv_tile, widens
 from . import abi, epilogue
 from .emit import (BF16, CACHE_LINE, I8, I16, I32, L1_LOCALITY, L2_LOCALITY, MEMORY_TYPES,
                    Tiled, new_module)
-from .pixels import (TRUE, PixelWalk, channel_vectors, fence_streams, load_vector, next_pixel,
-                     offset, put_vector, store_vector, streaming)
+from .pixels import (TRUE, ChannelTable, PixelWalk, channel_vectors, fence_streams, load_vector,
+                     next_pixel, offset, put_vector, store_vector, streaming)
 from .reduce import sum_kind, sum_operands, sum_terms
 from .slots import BlockSums, statistics_slot
 
 GEOMETRY = abi.sizes("cin", "kh", "kw", "stride", "oh", "ow", "panels_outer") \
     + abi.placed("streaming")
 PAIR = 2  # input channels per vdpbf16ps (and per AMX tile element pair)
+
+
+def _on_line(nbytes: int) -> int:
+    """`nbytes` rounded up to whole cache lines."""
+    return -(-nbytes // CACHE_LINE) * CACHE_LINE
 
 
 @dataclass(frozen=True)
@@ -192,26 +197,32 @@ class ConvKernel(epilogue.Chained, Tiled):
         """The prologue's steps, numbered after the epilogue chains'."""
         return epilogue.Chain(self.prologue, self.chains[-1].end)
 
-    def scratch_bytes(self, window: int, channels: int) -> int:
-        """The per-thread scratch: the running block sums of `channels` (with `sums`), then,
-        from `staged_offset`, the staged rows of a `window` of inputs each (kh * kw * cin:
+    def scratch_for(self, fields: dict, channels: int) -> int:
+        """The per-thread scratch for a step's sizes (`fields`): the running block sums of
+        `channels` (with `sums`), then, from `table_offset`, what the prologue derives of its
+        operands for each of the cin input channels (`Chain.derive`), and, from
+        `staged_offset`, the staged rows of a window of inputs each (kh * kw * cin:
         `stages_rows`)."""
         if not self.stages_rows:
             return self._block_sums_bytes(channels)
-        return self.staged_offset(channels) + self.mr * window * ITEMSIZE[self.staged_type]
+        window = fields["kh"] * fields["kw"] * fields["cin"]
+        return self.scratch_fields(fields, channels)["staged_offset"] \
+            + self.mr * window * ITEMSIZE[self.staged_type]
 
-    def scratch_for(self, fields: dict, channels: int) -> int:
-        """`scratch_bytes` for a step's sizes (`fields`)."""
-        return self.scratch_bytes(fields["kh"] * fields["kw"] * fields["cin"], channels)
-
-    def staged_offset(self, channels: int) -> int:
-        """Where in the scratch the staged rows start: past the block sums of
-        `channels`, on a cache line."""
-        return -(-self._block_sums_bytes(channels) // CACHE_LINE) * CACHE_LINE
+    def scratch_fields(self, fields: dict, channels: int) -> dict:
+        """Where the scratch's parts start, in bytes, as the step's fields
+        (`scratch_for`)."""
+        table = _on_line(self._block_sums_bytes(channels))
+        derived = len(self.prologue_chain.derived_names)
+        staged = table + _on_line(-(-fields["cin"] // self.lanes) * self.lanes * derived
+                                  * ITEMSIZE[self.dtype])
+        return {"table_offset": table, "staged_offset": staged} if derived \
+            else {"staged_offset": staged}
 
     def _block_sums_bytes(self, channels: int) -> int:
         """Two rows of running sums (`slots.BlockSums`), with `sums`."""
         return 2 * channels * ITEMSIZE[self.dtype] if self.sums else 0
+
 
     @property
     def sum_against(self) -> list[str]:
@@ -239,6 +250,8 @@ class ConvKernel(epilogue.Chained, Tiled):
             signature += self.prologue_chain.signature(self)
         if self.stages_rows:
             signature += abi.sizes("staged_offset")
+        if self.prologue_chain.derived_names:
+            signature += abi.sizes("table_offset")
         if self.sums:
             signature += (abi.stored(self, *[f"sums.{n}" for n in self._sum_operands])
                           + abi.scalars(*[f"sums.{n}" for n in sum_kind(self.sums).scalars])
@@ -330,6 +343,7 @@ class ConvEmitter:
             self.sum_scalars = {n: v[f"sums.{n}"] for n in sum_kind(k.sums).scalars}
         if k.stages_rows:
             self.staged = self.staging_area()
+        self.derive_prologue()
         self.tiles()
         self.finish_tiles()
         fence_streams(f, self.streams)
@@ -390,6 +404,22 @@ class ConvEmitter:
         return self.b.bitcast(raw, MEMORY_TYPES[self.k.staged_type].as_pointer(),
                               name="staged")
 
+    def derive_prologue(self) -> None:
+        """What the prologue's steps make of their per-channel operands (a batch norm's
+        scale and shift), once a call for every input channel, into the scratch's table;
+        the staging reads it there."""
+        f, b, k, v = self.f, self.b, self.k, self.v
+        names = k.prologue_chain.derived_names
+        self.prologue_table = None
+        if not names:
+            return
+        b.comment(f"the prologue's {', '.join(names)} of every input channel, once a call")
+        base = b.gep(b.bitcast(self.ptr["scratch"], I8.as_pointer()), [v["table_offset"]])
+        self.prologue_table = ChannelTable(f, names, base, f.i64(0))
+        self.prologue_table.fill(lambda ci, mask: k.prologue_chain.derive(
+            f, lambda o: load_vector(f, f.element(self.ptr[o.role], ci), mask, name=o.role),
+            v), v["cin"])
+
     def stage_rows(self) -> None:
         """Each tile row's input into the scratch in the staged type, a vector at a time: a
         1 x 1 window's channels through the prologue, rounded to the input's type, or a
@@ -441,11 +471,12 @@ class ConvEmitter:
         f, k = self.f, self.k
         chain = k.prologue_chain
         channel = epilogue.channel_operands(f, chain, self.ptr, ci, mask)
+        derived = self.prologue_table.read(ci) if self.prologue_table else None
 
         def row(m):
             x = load_vector(f, f.element(self.x_rows[m], ci), mask, name=f"x{m}")
             value = epilogue.apply_chain(f, chain, x, lambda o: channel[o.role], self.v,
-                                         f".in{m}")
+                                         f".in{m}", derived)
             # the activation as the tensor it replaces would hold it, in the staged type
             value = f.stored_form(value, self.ptr["x"])
             return value if k.staged_type == k.input_type else f.read_back(value, self.ptr["x"])

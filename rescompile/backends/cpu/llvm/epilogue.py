@@ -19,7 +19,8 @@ The arithmetic is each op's reference (`ops/`), written on vectors:
 - relu:      v < 0 ? v * alpha : v   (NaN is not < 0, so it passes through, as in the reference)
 - add:       v + other
 - add_pooled: v + pooled(shortcut)   (pixels.pooled_vector)
-- batch_normalize: ops/norm.py bn_apply, on vectors (arith.py)
+- batch_normalize: ops/norm.py bn_apply, on vectors (arith.py): its per-channel (inv, shift)
+  derived from gamma, beta, mean and var (`Rule.derive`), then v * inv + shift
 - relu_grad: x < 0 ? v * alpha : v   (v is the gradient, x the relu's input)
 """
 
@@ -40,6 +41,11 @@ class Rule:
     scalars: tuple[str, ...]
     apply: Callable  # (Function, value, operand vectors, scalar vectors) -> value
     sizes: tuple[str, ...] = ()  # integer attributes, read at run time
+    # What the step computes of its per-channel operands alone: (Function, operand vectors,
+    # scalar vectors) -> the `derived` vectors `apply` then takes in their place. A kernel
+    # may derive them once a call (`Chain.derive`, `pixels.channel_table`), not once a pixel.
+    derive: Callable | None = None
+    derived: tuple[str, ...] = ()
 
 
 def _relu(f, v, operands, scalars):
@@ -54,10 +60,14 @@ def _relu_grad(f, v, operands, scalars):
     return f.b.select(negative, f.b.fmul(v, alpha, name="leak"), v)
 
 
-def _normalize(f, v, operands, scalars):
+def _bn_affine(f, operands, scalars):
     m = VectorArithmetic(f)
-    x, gamma, beta, mean, var, epsilon = m.values(v, *operands, *scalars)
-    return norm.bn_apply(m, x, gamma, beta, mean, var, epsilon).value
+    return [d.value for d in norm.bn_affine(m, *m.values(*operands, *scalars))]
+
+
+def _normalize(f, v, derived, scalars):
+    m = VectorArithmetic(f)
+    return norm.bn_scaled(m, *m.values(v, *derived)).value
 
 
 def _add(f, v, operands, scalars):
@@ -73,7 +83,8 @@ RULES = {
     "add": Rule((("other", PIXEL),), (), _add),
     "add_pooled": Rule((("shortcut", POOLED),), (), _add, sizes=("k", "before")),
     "batch_normalize": Rule(tuple((n, CHANNEL) for n in ("gamma", "beta", "mean", "var")),
-                            ("epsilon",), _normalize),
+                            ("epsilon",), _normalize, derive=_bn_affine,
+                            derived=("inv", "shift")),
     "relu_grad": Rule((("x", PIXEL),), ("alpha",), _relu_grad),
 }
 
@@ -151,6 +162,23 @@ class Chain:
     def pooled_roles(self) -> list[str]:
         return [o.role for o in self.operands if o.kind == POOLED]
 
+    @property
+    def derived_names(self) -> tuple[str, ...]:
+        """The per-channel vectors its steps derive (`Rule.derive`): e<step>.<name>."""
+        return tuple(scalar_field(i, n) for i, op in self.numbered() for n in rule(op).derived)
+
+    def derive(self, f, operand, scalars: dict) -> dict:
+        """Those vectors at one vector of channels, by name, `operand(Operand)` giving each
+        per-channel operand's vector there and `scalars` each scalar field's."""
+        derived = {}
+        for index, op in self.numbered():
+            r = rule(op)
+            if r.derive is not None:
+                values = r.derive(f, [operand(o) for o in self.operands if o.step == index],
+                                  _scalars(r, index, scalars))
+                derived.update(zip((scalar_field(index, n) for n in r.derived), values))
+        return derived
+
     def signature(self, kernel) -> abi.Signature:
         """Its operands' pointers (of the types `kernel` stores them in), the strides of its
         pixel and pooled operands, its scalars and sizes, and each pooled operand's channel
@@ -203,16 +231,28 @@ class Chained:
         return name + ("__out2_" + "_".join(self.out2) if self.out2 is not None else "")
 
 
-def apply_chain(f, chain: Chain, value, operand, scalars: dict, suffix: str = ""):
+def apply_chain(f, chain: Chain, value, operand, scalars: dict, suffix: str = "",
+                derived: dict | None = None):
     """`value` through the chain's steps: `operand(Operand)` gives each operand's vector,
-    `scalars` each scalar field's; each step's result is named after it (plus `suffix`)."""
+    `scalars` each scalar field's, `derived` (by name) the vectors `Chain.derive` made of
+    them, where the kernel made them already; each step's result is named after it (plus
+    `suffix`)."""
     for index, op in chain.numbered():
         f.b.comment(f"epilogue step {index}: {op}{suffix}")
-        r = rule(op)
-        operands = [operand(o) for o in chain.operands if o.step == index]
-        value = r.apply(f, value, operands, [scalars[scalar_field(index, s)] for s in r.scalars])
+        r, step_scalars = rule(op), _scalars(rule(op), index, scalars)
+        if r.derive is not None and derived is not None:
+            operands = [derived[scalar_field(index, n)] for n in r.derived]
+        else:
+            operands = [operand(o) for o in chain.operands if o.step == index]
+            if r.derive is not None:
+                operands = r.derive(f, operands, step_scalars)
+        value = r.apply(f, value, operands, step_scalars)
         value.name = f"{op}{index}{suffix}"
     return value
+
+
+def _scalars(r: Rule, index: int, scalars: dict) -> list:
+    return [scalars[scalar_field(index, s)] for s in r.scalars]
 
 
 def chain_of(steps) -> tuple[str, ...]:

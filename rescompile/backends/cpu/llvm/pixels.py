@@ -87,35 +87,54 @@ def channel_vectors(f: Function, body, start=None, stop=None) -> None:
 TABLE_BYTES = 16 * 1024
 
 
+class ChannelTable:
+    """Named per-channel vectors of the compute type at `base` (on an element: moved
+    unaligned), a vector of channels after another from channel `first`: `fill` them once,
+    `read` them back at any channel."""
+
+    def __init__(self, f: Function, names: tuple[str, ...], base, first):
+        self.f, self.names, self.first = f, names, first
+        self.base = f.b.bitcast(base, f.vector.as_pointer(), name="table")
+
+    def entry(self, c, name: str):
+        b, f = self.f.b, self.f
+        vector = b.udiv(b.sub(c, self.first), f.i64(f.lanes))
+        at = b.add(b.mul(vector, f.i64(len(self.names))), f.i64(self.names.index(name)))
+        return b.gep(self.base, [at], name=f"table.{name}")
+
+    def fill(self, derive, stop) -> None:
+        """derive(c, mask) (a vector by name) at every vector of channels [first, stop)."""
+        def store(c, mask):
+            values = derive(c, mask)
+            for name in self.names:
+                self.f.b.store(values[name], self.entry(c, name), align=self.f.scalar_bytes)
+        channel_vectors(self.f, store, self.first, stop)
+
+    def read(self, c) -> dict:
+        return {name: self.f.b.load(self.entry(c, name), name=name, align=self.f.scalar_bytes)
+                for name in self.names}
+
+
 def channel_table(f: Function, names: tuple[str, ...], derive, body) -> None:
     """Per-channel vectors derived once a call, not once a pixel (a batch norm's 1 / sqrt(var
     + eps) and its like, which a pixel loop over channel vectors would compute again at every
     pixel): for each block of the call's channels whose `names` vectors fit TABLE_BYTES,
     derive(c, mask) (a vector by name) for each vector of the block's channels into a stack
-    table, then body(c0, c1, derived) for the block [c0, c1), derived(c) reading the vectors
-    at channel c back."""
+    `ChannelTable`, then body(c0, c1, derived) for the block [c0, c1), derived(c) reading the
+    vectors at channel c back (with no `names`, body(c_begin, c_end, ...) alone)."""
     b = f.b
+    if not names:
+        body(f.args["c_begin"], f.args["c_end"], lambda c: {})
+        return
     vectors = max(1, TABLE_BYTES // (len(names) * f.lanes * f.scalar_bytes))
-    table = b.bitcast(f.slot(ir.ArrayType(f.vector, vectors * len(names)), "channel_table"),
-                      f.vector.as_pointer(), name="table")
+    stack = f.slot(ir.ArrayType(f.vector, vectors * len(names)), "channel_table")
     span = f.i64(vectors * f.lanes)
-
     with f.loop(f.args["c_begin"], f.args["c_end"], span, "c_block") as c0:
         c1 = b.add(c0, span)
         c1 = b.select(b.icmp_signed("<", c1, f.args["c_end"]), c1, f.args["c_end"], name="c1")
-
-        def entry(c, name):
-            vector = b.udiv(b.sub(c, c0), f.i64(f.lanes))
-            at = b.add(b.mul(vector, f.i64(len(names))), f.i64(names.index(name)))
-            return b.gep(table, [at], name=f"table.{name}")
-
-        def fill(c, mask):
-            values = derive(c, mask)
-            for name in names:
-                b.store(values[name], entry(c, name))
-
-        channel_vectors(f, fill, c0, c1)
-        body(c0, c1, lambda c: {name: b.load(entry(c, name), name=name) for name in names})
+        table = ChannelTable(f, names, stack, c0)
+        table.fill(derive, c1)
+        body(c0, c1, table.read)
 
 
 def load_vector(f: Function, ptr, mask, name: str = ""):

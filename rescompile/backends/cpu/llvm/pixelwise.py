@@ -17,8 +17,8 @@ from llvmlite import ir
 from ..target import Target
 from . import abi, epilogue
 from .emit import Function, Vectors, new_module
-from .pixels import (PixelWalk, channel_vectors, fence_streams, load_vector, offset,
-                     pooled_vector, put_vector, store_vector, streaming)
+from .pixels import (PixelWalk, channel_table, channel_vectors, fence_streams, load_vector,
+                     offset, pooled_vector, put_vector, store_vector, streaming)
 
 
 # A pooling window's geometry, then the input's and the output's sizes.
@@ -82,25 +82,37 @@ class EltwiseKernel(epilogue.Chained, PixelKernel):
 
     def body(self, f: Function, v, ptr) -> None:
         b, streams = f.b, streaming(f, v)
-        walk = PixelWalk(f, v["oh"], v["ow"])
-        with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
-            at = walk.position()
 
-            def element(tensor, c):
-                return f.element(ptr[tensor], b.add(offset(f, v, tensor, *at), c))
+        def derive(c, mask):  # once a call: what the chains' steps make of their operands
+            derived = {}
+            for chain in self.chains:
+                derived.update(chain.derive(f, lambda o: epilogue.read_operand(
+                    f, o, v, ptr, None, c, mask), v))
+            return derived
 
-            def vector(c, mask):
-                def operand(o: epilogue.Operand):
-                    return epilogue.read_operand(f, o, v, ptr, at, c, mask)
+        def pixels(c0, c1, derived):
+            walk = PixelWalk(f, v["oh"], v["ow"])
+            with f.loop(f.args["p_begin"], f.args["p_end"], 1, "p"):
+                at = walk.position()
 
-                value = load_vector(f, element("x", c), mask, name="x")
-                for chain, out in zip(self.chains, self.outputs):
-                    value = f.stored_form(epilogue.apply_chain(f, chain, value, operand, v),
-                                          ptr[out])
-                    put_vector(f, value, element(out, c), mask, streams)
-                    value = f.read_back(value, ptr[out])  # what out2 is made of
-            channel_vectors(f, vector)
-            walk.advance()
+                def element(tensor, c):
+                    return f.element(ptr[tensor], b.add(offset(f, v, tensor, *at), c))
+
+                def vector(c, mask):
+                    def operand(o: epilogue.Operand):
+                        return epilogue.read_operand(f, o, v, ptr, at, c, mask)
+
+                    value, made = load_vector(f, element("x", c), mask, name="x"), derived(c)
+                    for chain, out in zip(self.chains, self.outputs):
+                        value = f.stored_form(epilogue.apply_chain(
+                            f, chain, value, operand, v, derived=made), ptr[out])
+                        put_vector(f, value, element(out, c), mask, streams)
+                        value = f.read_back(value, ptr[out])  # what out2 is made of
+                channel_vectors(f, vector, c0, c1)
+                walk.advance()
+
+        names = tuple(n for chain in self.chains for n in chain.derived_names)
+        channel_table(f, names, derive, pixels)
 
 
 @dataclass(frozen=True)
