@@ -294,6 +294,7 @@ class _Emitter:
         def channels(ci, mask):
             chain = k.prologue_chain
             operand = channel_operands(f, chain, self.ptr, ci, mask)
+            derived = chain.derive(f, lambda o: operand[o.role], v)  # once a block's vector
             self.walk.move_to(*origin)
             with f.runs(start, end, "stage_row") as (p, step):
                 run, x_at = self.run_from(p, end)
@@ -304,7 +305,8 @@ class _Emitter:
                     # the next block's same channels into L2, where its staging will read them
                     f.prefetch(f.element(at, next_block, name="x.next_block"), L2_LOCALITY)
                     x = load_vector(f, at, mask, name="x")
-                    value = apply_chain(f, chain, x, lambda o: operand[o.role], v)
+                    value = apply_chain(f, chain, x, lambda o: operand[o.role], v,
+                                        derived=derived)
                     if k.staged:  # rounded to x's type, as the graph would store it
                         value = f.read_back(f.stored_form(value, self.ptr["x"]), self.ptr["x"])
                     store_vector(f, value, f.element(into, b.mul(q, f.i64(k.lanes))), mask)
