@@ -101,7 +101,7 @@ from ..target import Target
 from ..tuning import SUM_BLOCK, conv_tile, widens
 from . import abi, epilogue
 from .emit import (BF16, CACHE_LINE, I8, I16, I32, L1_LOCALITY, L2_LOCALITY, MEMORY_TYPES,
-                   Tiled, new_module)
+                   Tiled, new_module, on_line)
 from .pixels import (TRUE, ChannelTable, PixelWalk, channel_vectors, fence_streams, load_vector,
                      next_pixel, offset, put_vector, store_vector, streaming)
 from .reduce import sum_kind, sum_operands, sum_terms
@@ -110,11 +110,6 @@ from .slots import BlockSums, statistics_slot
 GEOMETRY = abi.sizes("cin", "kh", "kw", "stride", "oh", "ow", "panels_outer") \
     + abi.placed("streaming")
 PAIR = 2  # input channels per vdpbf16ps (and per AMX tile element pair)
-
-
-def _on_line(nbytes: int) -> int:
-    """`nbytes` rounded up to whole cache lines."""
-    return -(-nbytes // CACHE_LINE) * CACHE_LINE
 
 
 @dataclass(frozen=True)
@@ -212,9 +207,9 @@ class ConvKernel(epilogue.Chained, Tiled):
     def scratch_fields(self, fields: dict, channels: int) -> dict:
         """Where the scratch's parts start, in bytes, as the step's fields
         (`scratch_for`)."""
-        table = _on_line(self._block_sums_bytes(channels))
+        table = on_line(self._block_sums_bytes(channels))
         derived = len(self.prologue_chain.derived_names)
-        staged = table + _on_line(-(-fields["cin"] // self.lanes) * self.lanes * derived
+        staged = table + on_line(-(-fields["cin"] // self.lanes) * self.lanes * derived
                                   * ITEMSIZE[self.dtype])
         return {"table_offset": table, "staged_offset": staged} if derived \
             else {"staged_offset": staged}

@@ -658,6 +658,11 @@ class Function:
                                                                        name=name)
 
 
+def on_line(nbytes: int) -> int:
+    """`nbytes` rounded up to whole cache lines."""
+    return -(-nbytes // CACHE_LINE) * CACHE_LINE
+
+
 def new_module(name: str) -> ir.Module:
     module = ir.Module(name=name)
     module.triple = llvm.get_process_triple()

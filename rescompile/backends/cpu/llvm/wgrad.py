@@ -41,7 +41,7 @@ from ....precision import ITEMSIZE
 from ..target import Target
 from ..tuning import WGRAD_BLOCK as BLOCK, conv_tile, widens
 from . import abi
-from .emit import CACHE_LINE, L2_LOCALITY, Function, Tiled, new_module
+from .emit import L2_LOCALITY, Function, Tiled, new_module, on_line
 from .epilogue import Chain, apply_chain, channel_operands
 from .pixels import TRUE, PixelWalk, channel_vectors, load_vector, offset, store_vector
 from .slots import add_f64, statistics_slot
@@ -120,7 +120,7 @@ class WgradKernel(Tiled):
                 * ITEMSIZE[self.dtype]
         else:
             return 0
-        return -(-x_bytes // CACHE_LINE) * CACHE_LINE // ITEMSIZE[self.dtype]
+        return on_line(x_bytes) // ITEMSIZE[self.dtype]
 
     def _vectors(self, channels: int) -> int:
         """`channels` as whole vectors' elements."""
