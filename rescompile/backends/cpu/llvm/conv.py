@@ -218,7 +218,6 @@ class ConvKernel(epilogue.Chained, Tiled):
         """Two rows of running sums (`slots.BlockSums`), with `sums`."""
         return 2 * channels * ITEMSIZE[self.dtype] if self.sums else 0
 
-
     @property
     def sum_against(self) -> list[str]:
         """The batch norm's input the sums read (`sums.x`), if they read one."""
