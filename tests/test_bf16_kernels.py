@@ -447,7 +447,7 @@ def test_weight_gradient_reads_bf16_and_sums_in_float32(target, case, cache_dir)
     partial = np.full(slots * depth * cout, np.nan)
     fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=oh, ow=ow, chunk=chunk, width=cout,
                   **strides("x", wider), **strides("dy", dy))
-    fields["dy_offset"] = kernel.dy_offset(fields)
+    fields.update(kernel.scratch_fields(fields))
     scratch = np.full(kernel.scratch_for(fields, cout) // 4, np.nan, np.float32)
     split = min(kernel.nr, cout)
     for start in range(0, pixels, chunk):

@@ -133,7 +133,7 @@ def _grad_filter(node, graph, target, types):
         flops=2.0 * oh * ow * cout * k * k * cin, pads={x: pads}, fixed_chunk=WGRAD_CHUNK,
         groups=min(-(-cout // kernel.nr), WGRAD_GROUPS), slots={partial: slots}))
     if step.kernel.staged:  # its x and dy stored narrower: widened in the scratch
-        fields["dy_offset"] = step.kernel.dy_offset(fields)
+        fields.update(step.kernel.scratch_fields(fields))
         uses["scratch"] = scratch
     if "scratch" in uses:
         step.scratch = step.kernel.scratch_for(fields, cout)

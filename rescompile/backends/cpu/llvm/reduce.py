@@ -223,6 +223,12 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
         return [n for n in get(self.op).inputs if n not in ("x", "dy")]
 
     @property
+    def factors(self) -> tuple[str, ...]:
+        """The per-channel vectors the apply reads at every pixel, derived once a call."""
+        return ("mean", "dgamma", "dbeta", "inv_std", "scale") + (
+            ("inv", "shift") if self.relu else ())
+
+    @property
     def signature(self) -> abi.Signature:
         scalars = ("epsilon", "alpha") if self.relu else ("epsilon",)
         return (abi.sizes("oh", "ow", "images") + abi.placed("streaming")
@@ -245,7 +251,7 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
             if self.relu:
                 derived["inv"], derived["shift"] = norm.bn_affine(
                     m, ch["gamma"], ch["beta"], ch["mean"], ch["var"], scalars["epsilon"])
-            return {name: value.value for name, value in derived.items()}
+            return {name: derived[name].value for name in self.factors}
 
         def apply(c0, c1, derived):
             walk = PixelWalk(f, v["oh"], v["ow"])
@@ -269,6 +275,4 @@ class BatchNormGradApply(epilogue.Chained, PixelKernel):
                 channel_vectors(f, vector, c0, c1)
                 walk.advance()
 
-        names = ("mean", "dgamma", "dbeta", "inv_std", "scale") + (
-            ("inv", "shift") if self.relu else ())
-        channel_table(f, names, derive, apply)
+        channel_table(f, self.factors, derive, apply)

@@ -52,6 +52,11 @@ def slab_columns(fields: dict) -> int:
     return (fields["ow"] - 1) * fields["stride"] + fields["kw"]
 
 
+def slab_height(fields: dict) -> int:
+    """An image's input rows up to the last a window reads."""
+    return (fields["oh"] - 1) * fields["stride"] + fields["kh"]
+
+
 def slab_rows(fields: dict) -> int:
     """The most input rows the windows of a block's pixels cover, counted from the block's
     first window row to its last through the images between (each image's rows up to the
@@ -107,20 +112,29 @@ class WgradKernel(Tiled):
     def scratch_for(self, fields: dict, channels: int) -> int:
         """The per-thread scratch for a step's sizes (`fields`): a block of x through the
         prologue, or its `slab_rows` widened; then, `staged`, its dy of `channels`."""
-        dy_bytes = self._vectors(channels) * BLOCK * ITEMSIZE[self.dtype] if self.staged else 0
-        return self.dy_offset(fields) * ITEMSIZE[self.dtype] + dy_bytes
+        if not self.staged:
+            return on_line(self._x_bytes(fields))
+        dy_offset = self.scratch_fields(fields)["dy_offset"]
+        return (dy_offset + self._vectors(channels) * BLOCK) * ITEMSIZE[self.dtype]
 
-    def dy_offset(self, fields: dict) -> int:
-        """Where the staged dy starts in the scratch, in elements of the compute type: past
-        the staged x, on a cache line."""
+    def scratch_fields(self, fields: dict) -> dict:
+        """What a `staged` kernel is told of its scratch, as the step's fields: where the
+        staged dy starts, in elements of the compute type (past the staged x, on a cache
+        line), and without a prologue the slab's row (elements) and image (rows) strides."""
+        offset = {"dy_offset": on_line(self._x_bytes(fields)) // ITEMSIZE[self.dtype]}
         if self.prologue:
-            x_bytes = self._vectors(fields["cin"]) * BLOCK * ITEMSIZE[self.staged_type]
-        elif self.staged:
-            x_bytes = slab_rows(fields) * slab_columns(fields) * fields["cin"] \
+            return offset
+        return dict(offset, slab_row=slab_columns(fields) * fields["cin"],
+                    slab_height=slab_height(fields))
+
+    def _x_bytes(self, fields: dict) -> int:
+        """The staged x: a block of pixels through the prologue, or the slab."""
+        if self.prologue:
+            return self._vectors(fields["cin"]) * BLOCK * ITEMSIZE[self.staged_type]
+        if self.staged:
+            return slab_rows(fields) * slab_columns(fields) * fields["cin"] \
                 * ITEMSIZE[self.dtype]
-        else:
-            return 0
-        return on_line(x_bytes) // ITEMSIZE[self.dtype]
+        return 0
 
     def _vectors(self, channels: int) -> int:
         """`channels` as whole vectors' elements."""
@@ -135,7 +149,8 @@ class WgradKernel(Tiled):
         if self.prologue:
             signature += self.prologue_chain.signature(self)
         if self.staged:
-            signature += abi.sizes("dy_offset")
+            signature += abi.sizes("dy_offset", *(() if self.prologue
+                                                  else ("slab_row", "slab_height")))
         if self.prologue or self.staged:
             signature += abi.pointers(self.dtype, "scratch")
         return signature
@@ -161,8 +176,9 @@ class _Emitter:
         self.slot = statistics_slot(f, self.ptr["partial"], v["chunk"], v["width"], self.depth)
         self.pixel_step = b.mul(v["x.pixel"], v["stride"], name="x_pixel_step")
         self.x_base, self.x_row, self.x_image = self.ptr["x"], v["x.row"], v["x.image"]
-        if k.staged and not k.prologue:
-            self.slab_geometry()
+        if k.staged and not k.prologue:  # the slab's strides (`WgradKernel.scratch_fields`)
+            self.x_row, self.slab_height = v["slab_row"], v["slab_height"]
+            self.x_image = b.mul(self.slab_height, self.x_row, name="slab_image")
         x_rows = b.and_(b.icmp_signed("==", self.x_row, b.mul(v["ow"], self.pixel_step)),
                         b.icmp_signed("==", self.x_image, b.mul(v["oh"], self.x_row)))
         dy_rows = b.and_(b.icmp_signed("==", v["dy.row"], b.mul(v["ow"], v["dy.pixel"])),
@@ -198,16 +214,6 @@ class _Emitter:
                             masks = [f.mask(j * k.lanes, width) for j in range(k.nv)]
                             self.block(start, end, k0, offsets, c, width, masks)
             # the next block starts where this one ended: the walk is there after the last pair
-
-    def slab_geometry(self) -> None:
-        """The staged input rows' strides (`slab_columns` pixels a row, each image's rows up
-        to the last a window reads): the tiles read x there as in the tensor."""
-        f, b, v = self.f, self.b, self.v
-        columns = b.add(b.mul(b.sub(v["ow"], f.i64(1)), v["stride"]), v["kw"])
-        self.slab_height = b.add(b.mul(b.sub(v["oh"], f.i64(1)), v["stride"]), v["kh"],
-                                 name="slab_height")
-        self.x_row = b.mul(columns, v["x.pixel"], name="slab_row")
-        self.x_image = b.mul(self.slab_height, self.x_row, name="slab_image")
 
     def stage_rows(self, end, origin) -> None:
         """The input rows the block's windows cover, widened into the scratch: from the
