@@ -427,21 +427,28 @@ BF16_WGRAD_CASES = [
 ]
 
 
+# (name, target, dot): the weight gradients this host runs on bfloat16
+WGRAD_VARIANTS = [(f"fma-{t.isa}", t, "fma") for t in _fma_targets()] \
+    + ([("dpbf16", HOST, "dpbf16")] if HAS_BF16 else [])
+
+
 @pytest.mark.parametrize("case", BF16_WGRAD_CASES, ids=lambda c: f"k{c[5]}s{c[6]}c{c[3]}b{c[8]}")
-@pytest.mark.parametrize("target", _fma_targets(), ids=lambda t: t.isa)
-def test_weight_gradient_reads_bf16_and_sums_in_float32(target, case, cache_dir):
-    """dW of bfloat16 x and dy, staged widened a block at a time (the input rows its windows
-    cover, read from a buffer padded wider than the conv needs, and dy of the call's
-    channels), accumulated in float32 registers and float64 slots: the exact products of
-    bfloat16 values summed, so float32's bound holds (1e-5)."""
+@pytest.mark.parametrize("variant", WGRAD_VARIANTS, ids=lambda v: v[0])
+def test_weight_gradient_reads_bf16_and_sums_in_float32(variant, case, cache_dir):
+    """dW of bfloat16 x and dy, staged a block at a time (the input rows its windows cover,
+    read from a buffer padded wider than the conv needs, and dy of the call's channels),
+    widened for FMAs or in pairs of pixels for vdpbf16ps (runs of odd length among them),
+    accumulated in float32 registers and float64 slots: the exact products of bfloat16
+    values summed, so float32's bound holds (1e-5)."""
+    _, target, dot = variant
     n, h, w, cin, cout, k, stride, pads, chunk = case
     rng = np.random.default_rng(16)
     wider = bf16(padded(rng.standard_normal((n, h, w, cin)), [p + 1 for p in pads]))
     xp = wider[:, 1:-1, 1:-1]  # the conv's window, inside the buffer
     oh, ow = (xp.shape[1] - k) // stride + 1, (xp.shape[2] - k) // stride + 1
     dy = bf16(rng.standard_normal((n, oh, ow, cout)))
-    kernel = WgradKernel("float32", target, storage=(("dy", BF16), ("x", BF16)))
-    assert kernel.staged and not kernel.widens
+    kernel = WgradKernel("float32", target, storage=(("dy", BF16), ("x", BF16)), dot=dot)
+    assert kernel.staged and not kernel.widens and kernel.paired == (dot == "dpbf16")
     pixels, depth = n * oh * ow, k * k * cin
     slots = -(-pixels // chunk)
     partial = np.full(slots * depth * cout, np.nan)
@@ -464,6 +471,67 @@ def test_weight_gradient_reads_bf16_and_sums_in_float32(target, case, cache_dir)
             taps = x64[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
             expected[i, j] = np.einsum("nhwc,nhwo->co", taps, dy64)
     assert close(dw, expected) < F32_TOL
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("variant", WGRAD_VARIANTS, ids=lambda v: v[0])
+def test_weight_gradient_prologue_against_the_bf16_reference(variant, stride, cache_dir):
+    """A 1 x 1 weight gradient reading x through a batch norm and ReLU (`fuse_prologues`):
+    20 input channels (a masked vector on every width), calls of 23 pixels (blocks of odd
+    length, which pairs of pixels end with a pixel of zeros). Against float64 on the
+    activation as a bfloat16 tensor stores it: the products of bfloat16 values are exact, so
+    float32's bound holds (1e-5), but for an activation a float32 rounding moves across a
+    bfloat16 tie (one unit of 2^-8 in a sum: 1e-2, as the conv's prologue)."""
+    _, target, dot = variant
+    prologue = ("batch_normalize", "relu")
+    kernel = WgradKernel("float32", target, prologue=prologue, dot=dot,
+                         storage=(("dy", BF16), ("x", BF16)))
+    rng = np.random.default_rng(17)
+    x = bf16(rng.standard_normal((2, 9, 9, 20)))
+    oh = ow = (9 - 1) // stride + 1
+    dy = bf16(rng.standard_normal((2, oh, ow, 12)))
+    operands, scalars = _operands(rng, prologue, 0, x.shape, np.float32)
+    activated = stored(epilogue_reference(prologue, 0, x.astype(np.float64), operands,
+                                          scalars))[:, ::stride, ::stride]
+    expected = np.einsum("nhwc,nhwo->co", activated, dy.astype(np.float64))
+    pixels, chunk = 2 * oh * ow, 23
+    slots = -(-pixels // chunk)
+    partial = np.full(slots * 20 * 12, np.nan)
+    fields = dict(cin=20, kh=1, kw=1, stride=stride, oh=oh, ow=ow, chunk=chunk, width=12,
+                  **strides("x", x), **strides("dy", dy), **scalars)
+    fields.update(kernel.scratch_fields(fields) if kernel.staged else {})
+    scratch = np.full(kernel.scratch_for(fields, 12) // 4, np.nan, np.float32)
+    for start in range(0, pixels, chunk):
+        call(kernel, fields, {"x": x, "dy": dy, "partial": partial, "scratch": scratch,
+                              **operands}, (start, min(pixels, start + chunk)), (0, 12),
+             cache_dir)
+    dw = partial.reshape(slots, -1).sum(axis=0).reshape(20, 12)
+    assert close(dw, expected) < TOL
+
+
+def test_a_weight_gradient_pairs_pixels_where_the_target_has_avx512_bf16():
+    """Generated, not run (any host): a bfloat16 weight gradient on AVX512-BF16, staged from
+    the slab or through a prologue, multiplies pairs of pixels by vdpbf16ps, each x pair
+    broadcast (in a tile one vector wide, the instruction's memory operand), by no FMA;
+    the kernel carries the feature, and refuses a target without it or operands stored
+    otherwise."""
+    target = generic_target("avx512+avx512_bf16")
+    storage = (("dy", BF16), ("x", BF16))
+    for prologue, nv in (((), 2), (("batch_normalize", "relu"), 2), ((), 1)):
+        kernel = WgradKernel("float32", target, 8, nv, storage=storage, dot="dpbf16",
+                             prologue=prologue)
+        text = kernel.ir()
+        assert "+avx512bf16" in function_features(text)
+        assembly = jit.assembly(text, target)
+        dots = re.findall(r"^\s*vdpbf16ps\s.*$", assembly, re.M)
+        assert len(dots) >= kernel.mr * nv
+        assert prologue or "vfmadd" not in assembly  # (a prologue's batch norm has its own)
+        if nv == 1:
+            assert all("{1to16}" in dot for dot in dots)
+    with pytest.raises(ValueError, match="needs a target with avx512_bf16"):
+        WgradKernel("float32", generic_target("avx512"), storage=storage, dot="dpbf16").ir()
+    with pytest.raises(ValueError, match="needs bfloat16 x and dy"):
+        WgradKernel("float32", target, storage=(("x", BF16),), dot="dpbf16").ir()
 
 
 @pytest.mark.parametrize("geometry", [(32, 32, 1, 3), (8, 8, 1, 3), (7, 5, 2, 1), (112, 112, 2, 7),

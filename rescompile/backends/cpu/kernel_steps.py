@@ -94,6 +94,14 @@ def conv_dot(types: TensorTypes, target: Target, x: str, cin: int) -> str:
     return "dpbf16" if target.has("avx512_bf16") and cin % 2 == 0 else "fma"
 
 
+def wgrad_dot(types: TensorTypes, target: Target, x: str, dy: str) -> str:
+    """How a weight gradient multiplies (`WgradKernel.dot`): pairs of pixels by vdpbf16ps
+    where x and dy are bfloat16 and the target has AVX512-BF16 (an AMX host's weight
+    gradients too: no AMX tiles of their own yet), else fused multiply-adds."""
+    bf16 = (types.of(x), types.of(dy)) == (BFLOAT16, BFLOAT16)
+    return "dpbf16" if bf16 and target.has("avx512_bf16") else "fma"
+
+
 def conv_step(node, graph, types: TensorTypes, target: Target, x: str, weights: Use,
               geometry: ConvGeometry, outputs, epi=(), out2=None, sums: Sums | None = None,
               inputs=None, prologue=()) -> Step:

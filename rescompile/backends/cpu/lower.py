@@ -25,7 +25,7 @@ from ...ops.registry import get, kind_of
 from ...padding import pads_2d
 from .kernel_steps import (ConvGeometry, Sums, chain_arguments, conv_step, copy_step,
                            eltwise_step, pixel_split, pixel_step, slot_sum, takes_winograd,
-                           winograd_steps, with_sums)
+                           wgrad_dot, winograd_steps, with_sums)
 from .llvm.epilogue import RULES, chain_of
 from .llvm.exchange import LINK_VALUE, RankExchange
 from .llvm.pixelwise import (MaxPoolGradKernel, MaxPoolKernel, MeanGradKernel, MeanKernel,
@@ -114,7 +114,8 @@ def _grad_filter(node, graph, target, types):
     oh, ow, cout = image_shape(graph, dy)
     pads = pads_2d(h, w, k, stride, node.attrs["padding"])
     tile = conv_tile(target, types.compute, cout, depth=k * k * cin)  # its k loop: no widening
-    kernel = WgradKernel(types.compute, target, *tile, prologue=chain_of(prologue))
+    kernel = WgradKernel(types.compute, target, *tile, prologue=chain_of(prologue),
+                         dot=wgrad_dot(types, target, x, dy))
     partial = f"{node.name}:partial"
     slots = Slots(8 * k * k * cin * cout, oh * ow, WGRAD_CHUNK)
     uses = {"x": Use(x, "window", pads[::2]), "dy": Use(dy), "partial": Use(partial)}
@@ -122,6 +123,8 @@ def _grad_filter(node, graph, target, types):
     fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=oh, ow=ow, chunk=WGRAD_CHUNK,
                   width=cout)
     scratch = Use(f"{node.name}:scratch", "scratch")
+    if kernel.paired:  # staged in pairs, whatever the storage
+        uses["scratch"] = scratch
     if prologue:
         more = chain_arguments(kernel, (), list(node.inputs), graph, prologue)
         for have, extra in zip((uses, tensors, fields), more):

@@ -237,9 +237,30 @@ class Function:
     def vload(self, ptr, align: int | None = None, name: str = ""):
         """A vector of the compute type from `lanes` elements at `ptr` (widened if stored
         narrower)."""
-        raw = self.b.load(self.vptr(ptr), align=align or self.bytes_of(ptr),
-                          name=f"{name}.stored" if self.narrow_at(ptr) and name else name)
+        raw = self.load_bits(ptr, align=align,
+                             name=f"{name}.stored" if self.narrow_at(ptr) and name else name)
         return self.widen(raw, name) if self.narrow_at(ptr) else raw
+
+    def load_bits(self, ptr, mask=None, lanes: int | None = None, align: int | None = None,
+                  name: str = ""):
+        """`lanes` elements at `ptr` (the function's vector by default, else the mask's) as
+        they are stored, bfloat16 as its i16 bits; zero where `mask` is off."""
+        count = lanes or (mask.type.count if mask is not None else self.lanes)
+        vec = ir.VectorType(ptr.type.pointee, count)
+        at = self.b.bitcast(ptr, vec.as_pointer(), name=f"{ptr.name or 'at'}.vector")
+        if mask is None:
+            return self.b.load(at, align=align or self.bytes_of(ptr), name=name)
+        return self.b.call(self._masked("load", vec), [at, ir.Constant(I32, self.bytes_of(ptr)),
+                                                       mask, ir.Constant(vec, None)], name=name)
+
+    def paired(self, first, second, name: str = ""):
+        """Two vectors of bfloat16 bits as one of their lanes' pairs, i32 lanes with the first's
+        word low: what vdpbf16ps multiplies (each pair's products summed)."""
+        count = first.type.count
+        order = [lane for i in range(count) for lane in (i, count + i)]
+        words = self.b.shuffle_vector(first, second, ir.Constant(ir.VectorType(I32, 2 * count),
+                                                                  order))
+        return self.b.bitcast(words, ir.VectorType(I32, count), name=name)
 
     def vstore(self, value, ptr, align: int | None = None) -> None:
         """Store a vector of the compute type as `ptr`'s elements (narrowed, rounded to
@@ -539,11 +560,7 @@ class Function:
         """The lanes of `mask` (as many as it has) from `ptr` on, zero where it is off."""
         if self.in_pairs(ptr, mask):
             return self.widen(self._load_pairs(ptr, mask), name)
-        vec = ir.VectorType(ptr.type.pointee, mask.type.count)
-        raw = self.b.call(self._masked("load", vec),
-                          [self.b.bitcast(ptr, vec.as_pointer()),
-                           ir.Constant(I32, self.bytes_of(ptr)), mask, ir.Constant(vec, None)],
-                          name=name)
+        raw = self.load_bits(ptr, mask, name=name)
         return self.widen(raw, name) if self.narrow_at(ptr) else raw
 
     def masked_store(self, value, ptr, mask) -> None:

@@ -174,7 +174,7 @@ def fence_streams(f: Function, streams) -> None:
         f.store_fence()
 
 
-TRUE = ir.Constant(I1, 1)
+TRUE, FALSE = ir.Constant(I1, 1), ir.Constant(I1, 0)
 
 
 def lanes_within(f: Function, first, low, high):

@@ -31,19 +31,34 @@ FMAs share; it is `staged` instead: each block's input rows (`stage_rows`: the i
 pixels' windows cover, (ow - 1) * stride + kw columns each, the slab `slab_rows` bounds) and
 its dy (`stage_dy`) are widened into the scratch once, and every (depth tile, channel panel)
 pair reads them there in the compute type.
+
+With `dot="dpbf16"` (bfloat16 x and dy, a target with AVX512-BF16) the tile multiplies pairs of
+pixels: vdpbf16ps sums two products a lane, so each step takes two pixels' dy (NV vectors of
+16 channels' pairs) and the two pixels' x at one depth (a broadcast pair). The block is
+`staged` in that layout: dy pair after pair (`stage_dy_pairs`); x either as the slab's
+elements each beside the one a pixel on (`stage_slab_pairs`: a pixel's window element and its
+right neighbour's, so a pair of pixels of one output row reads one pair at its window
+offsets), or through the prologue a vector of channels of two pixels interleaved
+(`stage_block`, then `interleave_block`). Pairs lie within an output row (a run of the slab),
+or anywhere in the block where the prologue staged it; a run of odd length pairs its last pixel
+with a dy of zeros.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+
+from llvmlite import ir
 
 from ....precision import ITEMSIZE
 from ..target import Target
 from ..tuning import WGRAD_BLOCK as BLOCK, conv_tile, widens
 from . import abi
-from .emit import L2_LOCALITY, Function, Tiled, new_module, on_line
+from .emit import BF16, I32, L2_LOCALITY, Function, Tiled, new_module, on_line
 from .epilogue import Chain, apply_chain, channel_operands
-from .pixels import TRUE, PixelWalk, channel_vectors, load_vector, offset, store_vector
+from .pixels import (FALSE, TRUE, PixelWalk, channel_vectors, load_vector, next_pixel, offset,
+                     store_vector)
 from .slots import add_f64, statistics_slot
 
 
@@ -77,6 +92,7 @@ class WgradKernel(Tiled):
     nv: int = 0
     prologue: tuple[str, ...] = field(default=(), kw_only=True)
     storage: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
+    dot: str = field(default="fma", kw_only=True)  # or "dpbf16": pairs of pixels
 
     def __post_init__(self):
         mr, nv = conv_tile(self.target, self.dtype)
@@ -87,7 +103,8 @@ class WgradKernel(Tiled):
     @property
     def symbol(self) -> str:
         steps = f"_in_{'_'.join(self.prologue)}" if self.prologue else ""
-        return (f"wgrad_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}{steps}"
+        pairs = "_pairs" if self.paired else ""
+        return (f"wgrad_{self.dtype}_{self.target.isa}_{self.mr}x{self.nr}{pairs}{steps}"
                 f"{self.storage_tag()}")
 
     @property
@@ -95,9 +112,20 @@ class WgradKernel(Tiled):
         return Chain(self.prologue)
 
     @property
+    def paired(self) -> bool:
+        """Whether the tile multiplies pairs of pixels (vdpbf16ps)."""
+        return self.dot == "dpbf16"
+
+    @property
+    def widened(self) -> bool:
+        """Whether each block's x and dy are widened into the scratch (stored narrower, and
+        multiplied by FMAs)."""
+        return widens(self.element("x"), self.dtype) and not self.paired
+
+    @property
     def staged(self) -> bool:
-        """Whether each block's x and dy are widened into the scratch (stored narrower)."""
-        return widens(self.element("x"), self.dtype)
+        """Whether each block's x and dy are in the scratch: widened, or in pairs."""
+        return self.widened or self.paired
 
     @property
     def widens(self) -> bool:
@@ -106,12 +134,13 @@ class WgradKernel(Tiled):
     @property
     def staged_type(self) -> str:
         """The type of x staged through a prologue: the compute type where the block is
-        `staged` (rounded to x's type first), else x's."""
-        return self.dtype if self.staged else self.element("x")
+        `widened` (rounded to x's type first), else x's."""
+        return self.dtype if self.widened else self.element("x")
 
     def scratch_for(self, fields: dict, channels: int) -> int:
         """The per-thread scratch for a step's sizes (`fields`): a block of x through the
-        prologue, or its `slab_rows` widened; then, `staged`, its dy of `channels`."""
+        prologue, or its `slab_rows` widened or in pairs (an element and its pair, 4 bytes,
+        as a float32); then, `staged`, its dy of `channels` (no more pairs than pixels)."""
         if not self.staged:
             return on_line(self._x_bytes(fields))
         dy_offset = self.scratch_fields(fields)["dy_offset"]
@@ -155,9 +184,21 @@ class WgradKernel(Tiled):
             signature += abi.pointers(self.dtype, "scratch")
         return signature
 
+    def check_types(self) -> None:
+        """Pairs of pixels need bfloat16 x and dy, float32 sums and AVX512-BF16."""
+        if not self.paired:
+            return
+        if (self.element("x"), self.element("dy"), self.dtype) != (BF16, BF16, "float32"):
+            raise ValueError(f"{self.symbol}: dpbf16 needs bfloat16 x and dy, float32 sums")
+        if not self.target.has("avx512_bf16"):
+            raise ValueError(f"{self.symbol}: dpbf16 needs a target with avx512_bf16")
+
     def ir(self) -> str:
+        self.check_types()
         module = new_module(self.symbol)
         f = abi.new_function(module, self.symbol, self.dtype, self.lanes, self.target)
+        if self.paired:
+            f.require(self.target.features_for("avx512_bf16"))
         f.b.comment(f"{self.symbol}: a {self.mr} x {self.nr} tile of depth by output channels")
         v, ptr = abi.load_arguments(f, self.signature)
         _Emitter(self, f, v, ptr).emit()
@@ -183,13 +224,16 @@ class _Emitter:
                         b.icmp_signed("==", self.x_image, b.mul(v["oh"], self.x_row)))
         dy_rows = b.and_(b.icmp_signed("==", v["dy.row"], b.mul(v["ow"], v["dy.pixel"])),
                          b.icmp_signed("==", v["dy.image"], b.mul(v["oh"], v["dy.row"])))
-        if k.staged:  # staged dy is contiguous, pixel after pixel
+        if k.staged:  # staged dy is contiguous, pixel (or pair) after pixel
             dy_rows = TRUE
             self.dy_row = b.mul(b.udiv(b.add(b.sub(f.args["c_end"], f.args["c_begin"]),
                                              f.i64(k.lanes - 1)), f.i64(k.lanes)),
                                 f.i64(k.lanes), name="staged_dy_row")
         self.contiguous = b.and_(b.and_(x_rows, dy_rows),
                                  b.icmp_signed("==", v["stride"], f.i64(1)), name="contiguous")
+        # the tile's runs of pixels: pairs lie within an output row of the slab, or anywhere
+        # in a block the prologue staged
+        self.across = (TRUE if k.prologue else FALSE) if k.paired else self.contiguous
         self.walk = PixelWalk(f, v["oh"], v["ow"])
         with f.loop(f.args["p_begin"], f.args["p_end"], BLOCK, "block") as start:
             end = b.add(start, f.i64(BLOCK))
@@ -197,9 +241,15 @@ class _Emitter:
             origin = self.walk.position()
             if k.prologue:
                 self.stage_block(start, end, origin)
+                if k.paired:
+                    self.interleave_block(start, end)
+            elif k.paired:
+                self.stage_slab_pairs(end, origin)
             elif k.staged:
                 self.stage_rows(end, origin)
-            if k.staged:
+            if k.paired:
+                self.stage_dy_pairs(start, end, origin)
+            elif k.staged:
                 self.stage_dy(start, end, origin)
             with f.loop(0, self.depth, k.mr, "k0") as k0:
                 offsets = self.depth_offsets(k0)
@@ -215,31 +265,67 @@ class _Emitter:
                             self.block(start, end, k0, offsets, c, width, masks)
             # the next block starts where this one ended: the walk is there after the last pair
 
+    def first_slab_row(self, origin):
+        """The slab row of the first window row of the pixel at `origin`."""
+        b, v = self.b, self.v
+        n, oh, _ = origin
+        return b.add(b.mul(n, self.slab_height), b.mul(oh, v["stride"]), name="first_row")
+
+    def end_slab_row(self, end):
+        """One past the slab row of the last window row of the pixel before `end`."""
+        f, b, v = self.f, self.b, self.v
+        per_image = b.mul(v["oh"], v["ow"])
+        last = b.sub(end, f.i64(1), name="last_pixel")
+        last_n, last_oh = b.udiv(last, per_image), b.udiv(b.urem(last, per_image), v["ow"])
+        return b.add(b.add(b.mul(last_n, self.slab_height), b.mul(last_oh, v["stride"])),
+                     v["kh"], name="end_row")
+
+    def slab_source(self, row):
+        """Where slab row `row` starts in x."""
+        f, b, v = self.f, self.b, self.v
+        image, i = b.udiv(row, self.slab_height), b.urem(row, self.slab_height)
+        return f.element(self.ptr["x"], b.add(b.mul(image, v["x.image"]), b.mul(i, v["x.row"])),
+                         name="x_row")
+
     def stage_rows(self, end, origin) -> None:
         """The input rows the block's windows cover, widened into the scratch: from the
         first pixel's first window row to the last pixel's last, each a run of the slab's
         row; `x_base` then addresses them as the tensor's pixels."""
-        f, b, v = self.f, self.b, self.v
+        f, b = self.f, self.b
         b.comment("the block's input rows, widened")
-        n, oh, _ = origin
-        per_image = b.mul(v["oh"], v["ow"])
-        last = b.sub(end, f.i64(1), name="last_pixel")
-        last_n, last_oh = b.udiv(last, per_image), b.udiv(b.urem(last, per_image), v["ow"])
-        first = b.add(b.mul(n, self.slab_height), b.mul(oh, v["stride"]), name="first_row")
-        stop = b.add(b.add(b.mul(last_n, self.slab_height), b.mul(last_oh, v["stride"])),
-                     v["kh"], name="end_row")
+        first = self.first_slab_row(origin)
         slab = self.ptr["scratch"]
         self.x_base = f.element(slab, b.neg(b.mul(first, self.x_row)), name="slab_base")
-        with f.loop(first, stop, 1, "slab_row") as row:
-            image, i = b.udiv(row, self.slab_height), b.urem(row, self.slab_height)
-            source = f.element(self.ptr["x"], b.add(b.mul(image, v["x.image"]),
-                                                    b.mul(i, v["x.row"])), name="x_row")
+        with f.loop(first, self.end_slab_row(end), 1, "slab_row") as row:
+            source = self.slab_source(row)
             into = f.element(self.x_base, b.mul(row, self.x_row), name="slab_row")
 
             def widen(at, mask):
                 x = load_vector(f, f.element(source, at), mask, name="x")
                 store_vector(f, x, f.element(into, at), mask)
             channel_vectors(f, widen, f.i64(0), self.x_row)
+
+    def stage_slab_pairs(self, end, origin) -> None:
+        """The input rows the block's windows cover, as `stage_rows`, each element paired
+        with the one a pixel on in its row (the next pixel's window element), zero past the
+        row; `x_base` then addresses the pairs as the tensor's pixels."""
+        f, b = self.f, self.b
+        b.comment("the block's input rows, each element beside its next pixel's")
+        first = self.first_slab_row(origin)
+        slab = b.bitcast(self.ptr["scratch"], I32.as_pointer(), name="slab_pairs")
+        self.x_base = f.element(slab, b.neg(b.mul(first, self.x_row)), name="slab_base")
+        neighbour = self.pixel_step
+        with f.loop(first, self.end_slab_row(end), 1, "slab_row") as row:
+            source = self.slab_source(row)
+            into = f.element(self.x_base, b.mul(row, self.x_row), name="slab_row")
+
+            def pair(at, mask):
+                beyond = b.sub(b.sub(self.x_row, at), neighbour, name="neighbours_left")
+                x = f.load_bits(f.element(source, at), mask, name="x")
+                right = f.load_bits(f.element(source, b.add(at, neighbour)),
+                                    f.mask(0, beyond), name="x_right")
+                store_vector(f, f.paired(x, right), f.element(into, at), mask)
+            channel_vectors(f, pair, f.i64(0), self.x_row)
 
     def stage_dy(self, start, end, origin) -> None:
         """The block's dy of the call's channels, widened into the scratch: pixel after pixel,
@@ -259,13 +345,80 @@ class _Emitter:
             channel_vectors(f, widen)
             self.walk.advance()
 
-    def skip(self, run) -> None:
-        """Move the walk past `run` pixels: within a row, its last pixel's successor; a
-        contiguous run may cross rows and images (once per block: a division)."""
+    def stage_dy_pairs(self, start, end, origin) -> None:
+        """The block's dy of the call's channels in the tile's pairs of pixels (`tile_runs`):
+        each pair's channels interleaved, `dy_row` apart; a run's odd last pixel beside
+        zeros."""
+        f, b, v = self.f, self.b, self.v
+        b.comment("the block's dy, pixels in pairs")
+        self.staged_dy = b.bitcast(f.element(self.ptr["scratch"], v["dy_offset"]),
+                                   I32.as_pointer(), name="staged_dy")
+        self.walk.move_to(*origin)
+        with self.tile_runs(start, end) as (p, run, pair):
+            run_start = self.walk.position()
+            with f.loop(0, b.lshr(b.add(run, f.i64(1)), f.i64(1)), 1, "dy_pair") as q:
+                second = b.icmp_signed("<", b.add(b.mul(q, f.i64(2)), f.i64(1)), run,
+                                       name="second")
+                first_at = f.element(self.ptr["dy"], offset(f, v, "dy", *self.walk.position()))
+                self.walk.move_to(*next_pixel(f, v["oh"], v["ow"], *self.walk.position()))
+                second_at = f.element(self.ptr["dy"], offset(f, v, "dy", *self.walk.position()))
+                self.walk.move_to(*next_pixel(f, v["oh"], v["ow"], *self.walk.position(),
+                                              second))
+                into = f.element(self.staged_dy, b.sub(b.mul(b.add(pair, q), self.dy_row),
+                                                       f.args["c_begin"]))
+
+                def pair_up(c, mask):
+                    present = f.splat_flag(second)
+                    dy = f.load_bits(f.element(first_at, c), mask, name="dy")
+                    dy_next = f.load_bits(f.element(second_at, c), present if mask is None
+                                          else b.and_(mask, present), name="dy_next")
+                    store_vector(f, f.paired(dy, dy_next), f.element(into, c), mask)
+                channel_vectors(f, pair_up)
+            self.walk.move_to(*run_start)  # where `tile_runs` moves it on from
+
+    def interleave_block(self, start, end) -> None:
+        """The block staged through the prologue ([vector][pixel][lane], bfloat16) in pairs of
+        pixels, in place ([vector][pair][lane], each lane the two pixels' channel): a zero
+        pixel past an odd count first."""
+        f, b, k, v = self.f, self.b, self.k, self.v
+        b.comment("the staged block, pixels in pairs")
+        count = b.sub(end, start, name="staged_pixels")
+        words = self.staged
+        with f.loop(0, v["cin"], k.lanes, "pair_vector") as ci:
+            base = f.element(words, b.mul(ci, f.i64(BLOCK)))
+            with b.if_then(b.icmp_unsigned("!=", b.and_(count, f.i64(1)), f.i64(0))):
+                zeros = ir.Constant(ir.VectorType(self.staged.type.pointee, k.lanes), None)
+                b.store(zeros, f.vptr(f.element(base, b.mul(count, f.i64(k.lanes)))), align=2)
+            with f.loop(0, count, 2, "pixel_pair") as p:
+                at = f.element(base, b.mul(p, f.i64(k.lanes)))
+                both = f.load_bits(at, lanes=2 * k.lanes, name="two_pixels")
+                halves = [b.shuffle_vector(both, both, ir.Constant(
+                    ir.VectorType(I32, k.lanes), list(range(h * k.lanes, (h + 1) * k.lanes))))
+                    for h in range(2)]
+                f.vstore(f.paired(*halves), b.bitcast(at, I32.as_pointer()))
+        self.staged = b.bitcast(self.staged, I32.as_pointer(), name="staged_pairs")
+
+    @contextlib.contextmanager
+    def tile_runs(self, start, end):
+        """The tile's runs over the block from the walk's position (`across` rows or not):
+        yields each run's first pixel, its length and, paired, its first pair (odd runs
+        take a pair more than half their pixels); moves the walk past the run after."""
+        f, b = self.f, self.b
+        pair = f.slot(ir.IntType(64), "first_pair", f.i64(0))
+        with f.runs(start, end, "run") as (p, step):
+            run, _ = self.run_from(p, end, self.across)
+            yield p, run, f.get(pair)
+            f.set(pair, b.add(f.get(pair), b.lshr(b.add(run, f.i64(1)), f.i64(1))))
+            self.skip(run, self.across)
+            step(run)
+
+    def skip(self, run, across) -> None:
+        """Move the walk past `run` pixels: within a row, its last pixel's successor; a run
+        `across` rows may cross rows and images (once per block: a division)."""
         f, b, v = self.f, self.b, self.v
         n, oh, ow = self.walk.position()
-        with b.if_else(self.contiguous) as (across, within):
-            with across:
+        with b.if_else(across) as (over, within):
+            with over:
                 per_image = b.mul(v["oh"], v["ow"])
                 at = b.add(b.add(b.mul(n, per_image), b.mul(oh, v["ow"])), b.add(ow, run))
                 rest = b.urem(at, per_image)
@@ -275,12 +428,12 @@ class _Emitter:
                 self.walk.move_to(n, oh, b.add(ow, b.sub(run, f.i64(1))))
                 self.walk.advance()
 
-    def run_from(self, p, end):
+    def run_from(self, p, end, across):
         """The pixels from p (the walk's position) to its output row's end, or to `end`
-        (across rows where x and dy are contiguous), and where x holds p's window origin."""
+        (`across` rows), and where x holds p's window origin."""
         f, b, v = self.f, self.b, self.v
         n, oh, ow = self.walk.position()
-        run = b.select(self.contiguous, b.sub(end, p), b.sub(v["ow"], ow))
+        run = b.select(across, b.sub(end, p), b.sub(v["ow"], ow))
         run = b.select(b.icmp_signed("<", b.add(p, run), end), run, b.sub(end, p))
         x_at = f.element(self.x_base, b.add(b.add(b.mul(n, self.x_image),
                                                    b.mul(b.mul(oh, v["stride"]), self.x_row)),
@@ -293,7 +446,7 @@ class _Emitter:
         channels at a time over every pixel, prefetching the next block's."""
         f, b, k, v = self.f, self.b, self.k, self.v
         b.comment(f"prologue: the block's pixels through {', '.join(k.prologue)}")
-        staged = self.ptr["scratch"] if k.staged else b.bitcast(
+        staged = self.ptr["scratch"] if k.widened else b.bitcast(
             self.ptr["scratch"], self.ptr["x"].type, name="staged")
         next_block = b.mul(self.pixel_step, f.i64(BLOCK), name="next_block")
 
@@ -303,7 +456,7 @@ class _Emitter:
             derived = chain.derive(f, lambda o: operand[o.role], v)  # once a block's vector
             self.walk.move_to(*origin)
             with f.runs(start, end, "stage_row") as (p, step):
-                run, x_at = self.run_from(p, end)
+                run, x_at = self.run_from(p, end, self.contiguous)
                 into = f.element(staged, b.add(b.mul(ci, f.i64(BLOCK)),
                                                b.mul(b.sub(p, start), f.i64(k.lanes))))
                 with f.loop(0, run, 1, "q") as q:
@@ -313,27 +466,28 @@ class _Emitter:
                     x = load_vector(f, at, mask, name="x")
                     value = apply_chain(f, chain, x, lambda o: operand[o.role], v,
                                         derived=derived)
-                    if k.staged:  # rounded to x's type, as the graph would store it
+                    if k.widened:  # rounded to x's type, as the graph would store it
                         value = f.read_back(f.stored_form(value, self.ptr["x"]), self.ptr["x"])
                     store_vector(f, value, f.element(into, b.mul(q, f.i64(k.lanes))), mask)
-                self.skip(run)
+                self.skip(run, self.contiguous)
                 step(run)
 
         channel_vectors(f, channels, f.i64(0), v["cin"])
         self.staged = staged
 
     def depth_offsets(self, k0) -> list:
-        """Element offsets, from a pixel's window origin, of the tile's depth rows (rows past K
-        repeat the last)."""
+        """Element offsets (pairs, `paired`), from a pixel's window origin, of the tile's
+        depth rows (rows past K repeat the last)."""
         f, b, k = self.f, self.b, self.k
         last = b.sub(self.depth, f.i64(1))
+        per_vector = f.i64(BLOCK * k.lanes // (2 if k.paired else 1))
         offsets = []
         for m in range(k.mr):
             depth = b.add(k0, f.i64(m))
             depth = b.select(b.icmp_signed("<", depth, self.depth), depth, last)
             if k.prologue:  # a 1 x 1 window: the depth is the channel, staged by vectors
                 lanes = f.i64(k.lanes)
-                offsets.append(b.add(b.mul(b.udiv(depth, lanes), f.i64(BLOCK * k.lanes)),
+                offsets.append(b.add(b.mul(b.udiv(depth, lanes), per_vector),
                                      b.urem(depth, lanes)))
                 continue
             offsets.append(b.add(b.mul(b.udiv(depth, self.row_depth), self.x_row),
@@ -346,32 +500,29 @@ class _Emitter:
         f, b, k, v = self.f, self.b, self.k, self.v
         acc = [[f.slot(f.vector, f"acc{m}_{j}", f.vconst(0.0)) for j in range(k.nv)]
                for m in range(k.mr)]
-        x_step = f.i64(k.lanes) if k.prologue else self.pixel_step
-        with f.runs(start, end, "row") as (p, step):
-            # one output row's run of pixels: from the walk's position to the row's end
+        x_step = f.i64(k.lanes) if k.prologue else b.mul(
+            self.pixel_step, f.i64(2 if k.paired else 1), name="x_step")
+        with self.tile_runs(start, end) as (p, run, pair):
+            # one output row's run of pixels (or pairs): from the walk's position on
             n, oh, ow = self.walk.position()
-            run, x_at = self.run_from(p, end)
+            _, x_at = self.run_from(p, end, self.across)
+            index = pair if k.paired else b.sub(p, start)
             if k.prologue:  # the block's staged pixels (`depth_offsets` picks the vector)
-                x_at = f.element(self.staged, b.mul(b.sub(p, start), f.i64(k.lanes)))
+                x_at = f.element(self.staged, b.mul(index, f.i64(k.lanes)))
             if k.staged:
-                dy_at = f.element(self.staged_dy, b.add(b.mul(b.sub(p, start), self.dy_row),
+                dy_at = f.element(self.staged_dy, b.add(b.mul(index, self.dy_row),
                                                         b.sub(c, f.args["c_begin"])))
             else:
                 dy_at = f.element(self.ptr["dy"], b.add(offset(f, v, "dy", n, oh, ow), c))
             x_ptr = f.slot(x_at.type, "x_at", x_at)
             dy_ptr = f.slot(dy_at.type, "dy_at", dy_at)
-            with f.loop(0, run, 1, "q"):
+            steps = b.lshr(b.add(run, f.i64(1)), f.i64(1)) if k.paired else run
+            with f.loop(0, steps, 1, "q"):
                 here, grads = f.get(x_ptr), f.get(dy_ptr)
-                dy = [load_vector(f, f.element(grads, j * k.lanes),
-                                  None if masks is None else masks[j]) for j in range(k.nv)]
-                for m in range(k.mr):
-                    a = f.splat_element(f.element(here, offsets[m]), name=f"x{m}")
-                    for j in range(k.nv):
-                        f.set(acc[m][j], f.fma(a, dy[j], f.get(acc[m][j])))
+                (self.pair_step if k.paired else self.fma_step)(acc, here, grads, offsets,
+                                                                masks)
                 f.set(x_ptr, f.element(here, x_step))
                 f.set(dy_ptr, f.element(grads, self.dy_row if k.staged else v["dy.pixel"]))
-            self.skip(run)
-            step(run)
         b.comment("the tile into the slot (rows past K and lanes past the panel left out)")
         for m in range(k.mr):
             row = b.add(k0, f.i64(m))
@@ -380,3 +531,27 @@ class _Emitter:
                     column = b.add(c, f.i64(j * k.lanes))
                     left = None if masks is None else b.sub(width, f.i64(j * k.lanes))
                     add_f64(f, self.slot, row, column, f.get(acc[m][j]), left)
+
+    def fma_step(self, acc, here, grads, offsets, masks) -> None:
+        """One pixel: NV vectors of dy, MR broadcasts of x, MR x NV FMAs."""
+        f, k = self.f, self.k
+        dy = [load_vector(f, f.element(grads, j * k.lanes),
+                          None if masks is None else masks[j]) for j in range(k.nv)]
+        for m in range(k.mr):
+            a = f.splat_element(f.element(here, offsets[m]), name=f"x{m}")
+            for j in range(k.nv):
+                f.set(acc[m][j], f.fma(a, dy[j], f.get(acc[m][j])))
+
+    def pair_step(self, acc, here, grads, offsets, masks) -> None:
+        """Two pixels: NV vectors of dy's channel pairs, MR broadcast pairs of x (the
+        instruction's memory operand, as the conv's `_pair_step`), MR x NV vdpbf16ps."""
+        f, b, k = self.f, self.b, self.k
+        pairs = ir.VectorType(I32, k.lanes)
+        dot = f.intrinsic("llvm.x86.avx512bf16.dpbf16ps.512", f.vector, [f.vector, pairs, pairs])
+        dy = [f.load_bits(f.element(grads, j * k.lanes), None if masks is None else masks[j],
+                          name=f"dy{j}") for j in range(k.nv)]
+        for m in range(k.mr):
+            a = f.splat_int32(b.load(f.element(here, offsets[m]), name=f"x{m}.pair"),
+                              name=f"x{m}")
+            for j in range(k.nv):
+                f.set(acc[m][j], b.call(dot, [f.get(acc[m][j]), dy[j], a]))
