@@ -55,7 +55,7 @@ from ....precision import ITEMSIZE
 from ..target import Target
 from ..tuning import WGRAD_BLOCK as BLOCK, conv_tile, widens
 from . import abi
-from .emit import BF16, I32, L2_LOCALITY, Function, Tiled, new_module, on_line
+from .emit import BF16, I32, I64, L2_LOCALITY, Function, Tiled, new_module, on_line
 from .epilogue import Chain, apply_chain, channel_operands
 from .pixels import (FALSE, TRUE, PixelWalk, channel_vectors, load_vector, next_pixel, offset,
                      store_vector)
@@ -401,14 +401,16 @@ class _Emitter:
     @contextlib.contextmanager
     def tile_runs(self, start, end):
         """The tile's runs over the block from the walk's position (`across` rows or not):
-        yields each run's first pixel, its length and, paired, its first pair (odd runs
-        take a pair more than half their pixels); moves the walk past the run after."""
+        yields each run's first pixel, its length and, `paired`, its first pair (an odd run
+        takes a pair more than half its pixels), else None; moves the walk past the run
+        after."""
         f, b = self.f, self.b
-        pair = f.slot(ir.IntType(64), "first_pair", f.i64(0))
+        pair = f.slot(I64, "first_pair", f.i64(0)) if self.k.paired else None
         with f.runs(start, end, "run") as (p, step):
             run, _ = self.run_from(p, end, self.across)
-            yield p, run, f.get(pair)
-            f.set(pair, b.add(f.get(pair), b.lshr(b.add(run, f.i64(1)), f.i64(1))))
+            yield p, run, None if pair is None else f.get(pair)
+            if pair is not None:
+                f.set(pair, b.add(f.get(pair), b.lshr(b.add(run, f.i64(1)), f.i64(1))))
             self.skip(run, self.across)
             step(run)
 
