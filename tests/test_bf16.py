@@ -231,6 +231,24 @@ def test_the_host_uses_its_bf16_instructions():
             if isinstance(s.kernel, ConvKernel)} == {"fma"}
 
 
+def test_the_host_pairs_the_pixels_of_bf16_weight_gradients():
+    """Where the host has AVX512-BF16, every weight gradient of a bfloat16 train step (the
+    stem's, on the 3-channel images, too) multiplies pairs of pixels with vdpbf16ps, with a
+    prologue or without; a float32 step's never."""
+    from rescompile.backends.cpu.llvm.wgrad import WgradKernel
+    from rescompile.backends.cpu.target import host_target
+    if not host_target().has("avx512_bf16"):
+        pytest.skip("the host has no AVX512-BF16")
+    dots = {}
+    for dtype in ("bfloat16", "float32"):
+        exe = rc.compile(tiny_spec(unit="bottleneck"), mode="train", backend="cpu", dtype=dtype)
+        wgrads = [s.kernel for s in exe.program.plan("train_step").schedule.kernel_steps
+                  if isinstance(s.kernel, WgradKernel)]
+        assert any(k.prologue for k in wgrads) and any(not k.prologue for k in wgrads)
+        dots[dtype] = {k.dot for k in wgrads}
+    assert dots == {"bfloat16": {"dpbf16"}, "float32": {"fma"}}
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_fma_kernels_stage_the_rows_of_bf16_one_by_one_convs(dtype):
     """On FMA kernels (AVX2 here) every 1 x 1 conv reading a bfloat16 input stages its rows
