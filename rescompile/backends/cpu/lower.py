@@ -123,19 +123,18 @@ def _grad_filter(node, graph, target, types):
     fields = dict(cin=cin, kh=k, kw=k, stride=stride, oh=oh, ow=ow, chunk=WGRAD_CHUNK,
                   width=cout)
     scratch = Use(f"{node.name}:scratch", "scratch")
-    if kernel.paired:  # staged in pairs, whatever the storage
-        uses["scratch"] = scratch
     if prologue:
         more = chain_arguments(kernel, (), list(node.inputs), graph, prologue)
         for have, extra in zip((uses, tensors, fields), more):
             have.update(extra)
+    if prologue or kernel.paired:  # staged through the prologue, or in pairs whatever stored
         uses["scratch"] = scratch
     step = types.typed(Step(
         name=node.name, op=node.op, kernel=kernel, uses=uses, tensors=tensors, fields=fields,
         pixels=oh * ow, channels=cout, channel_align=kernel.nr, split="both",
         flops=2.0 * oh * ow * cout * k * k * cin, pads={x: pads}, fixed_chunk=WGRAD_CHUNK,
         groups=min(-(-cout // kernel.nr), WGRAD_GROUPS), slots={partial: slots}))
-    if step.kernel.staged:  # its x and dy stored narrower: widened in the scratch
+    if step.kernel.staged:  # its x and dy in the scratch: stored narrower, widened, or in pairs
         fields.update(step.kernel.scratch_fields(fields))
         uses["scratch"] = scratch
     if "scratch" in uses:

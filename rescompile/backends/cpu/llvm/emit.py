@@ -245,11 +245,10 @@ class Function:
                   name: str = ""):
         """`lanes` elements at `ptr` (the function's vector by default, else the mask's) as
         they are stored, bfloat16 as its i16 bits; zero where `mask` is off."""
-        count = lanes or (mask.type.count if mask is not None else self.lanes)
-        vec = ir.VectorType(ptr.type.pointee, count)
-        at = self.b.bitcast(ptr, vec.as_pointer(), name=f"{ptr.name or 'at'}.vector")
+        at = self.vptr(ptr, lanes or (mask.type.count if mask is not None else self.lanes))
         if mask is None:
             return self.b.load(at, align=align or self.bytes_of(ptr), name=name)
+        vec = at.type.pointee
         return self.b.call(self._masked("load", vec), [at, ir.Constant(I32, self.bytes_of(ptr)),
                                                        mask, ir.Constant(vec, None)], name=name)
 

@@ -354,7 +354,7 @@ class _Emitter:
         self.staged_dy = b.bitcast(f.element(self.ptr["scratch"], v["dy_offset"]),
                                    I32.as_pointer(), name="staged_dy")
         self.walk.move_to(*origin)
-        with self.tile_runs(start, end) as (p, run, pair):
+        with self.tile_runs(start, end) as (_, run, _, pair):
             run_start = self.walk.position()
             with f.loop(0, b.lshr(b.add(run, f.i64(1)), f.i64(1)), 1, "dy_pair") as q:
                 second = b.icmp_signed("<", b.add(b.mul(q, f.i64(2)), f.i64(1)), run,
@@ -387,28 +387,26 @@ class _Emitter:
         with f.loop(0, v["cin"], k.lanes, "pair_vector") as ci:
             base = f.element(words, b.mul(ci, f.i64(BLOCK)))
             with b.if_then(b.icmp_unsigned("!=", b.and_(count, f.i64(1)), f.i64(0))):
-                zeros = ir.Constant(ir.VectorType(self.staged.type.pointee, k.lanes), None)
+                zeros = ir.Constant(ir.VectorType(words.type.pointee, k.lanes), None)
                 b.store(zeros, f.vptr(f.element(base, b.mul(count, f.i64(k.lanes)))), align=2)
             with f.loop(0, count, 2, "pixel_pair") as p:
                 at = f.element(base, b.mul(p, f.i64(k.lanes)))
-                both = f.load_bits(at, lanes=2 * k.lanes, name="two_pixels")
-                halves = [b.shuffle_vector(both, both, ir.Constant(
-                    ir.VectorType(I32, k.lanes), list(range(h * k.lanes, (h + 1) * k.lanes))))
-                    for h in range(2)]
-                f.vstore(f.paired(*halves), b.bitcast(at, I32.as_pointer()))
-        self.staged = b.bitcast(self.staged, I32.as_pointer(), name="staged_pairs")
+                pixel = f.load_bits(at, name="pixel")
+                next_one = f.load_bits(f.element(at, k.lanes), name="next_pixel")
+                f.vstore(f.paired(pixel, next_one), b.bitcast(at, I32.as_pointer()))
+        self.staged = b.bitcast(words, I32.as_pointer(), name="staged_pairs")
 
     @contextlib.contextmanager
     def tile_runs(self, start, end):
         """The tile's runs over the block from the walk's position (`across` rows or not):
-        yields each run's first pixel, its length and, `paired`, its first pair (an odd run
-        takes a pair more than half its pixels), else None; moves the walk past the run
-        after."""
+        yields each run's first pixel, its length, where x holds that pixel's window origin
+        (`run_from`) and, `paired`, its first pair (an odd run takes a pair more than half
+        its pixels), else None; moves the walk past the run after."""
         f, b = self.f, self.b
         pair = f.slot(I64, "first_pair", f.i64(0)) if self.k.paired else None
         with f.runs(start, end, "run") as (p, step):
-            run, _ = self.run_from(p, end, self.across)
-            yield p, run, None if pair is None else f.get(pair)
+            run, x_at = self.run_from(p, end, self.across)
+            yield p, run, x_at, None if pair is None else f.get(pair)
             if pair is not None:
                 f.set(pair, b.add(f.get(pair), b.lshr(b.add(run, f.i64(1)), f.i64(1))))
             self.skip(run, self.across)
@@ -504,10 +502,9 @@ class _Emitter:
                for m in range(k.mr)]
         x_step = f.i64(k.lanes) if k.prologue else b.mul(
             self.pixel_step, f.i64(2 if k.paired else 1), name="x_step")
-        with self.tile_runs(start, end) as (p, run, pair):
+        with self.tile_runs(start, end) as (p, run, x_at, pair):
             # one output row's run of pixels (or pairs): from the walk's position on
             n, oh, ow = self.walk.position()
-            _, x_at = self.run_from(p, end, self.across)
             index = pair if k.paired else b.sub(p, start)
             if k.prologue:  # the block's staged pixels (`depth_offsets` picks the vector)
                 x_at = f.element(self.staged, b.mul(index, f.i64(k.lanes)))
